@@ -1,0 +1,398 @@
+//! The SDK's [`Client`]: long-lived QUIC connections to the cluster, ring-aware
+//! routing, retries on another node, and the read-modify-write helper.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use shoal_ring::NodeId;
+
+use crate::error::{Error, ErrorKind};
+use crate::rpc::{self, CallError};
+use crate::proto::*;
+use crate::tls;
+
+/// TLS name every node's certificate carries for its client port: a client
+/// trusts any node of the cluster (anything the cluster CA signed) to serve it.
+pub const CLIENT_SERVER_NAME: &str = "shoal";
+
+/// Default limit on a value's size; the node enforces its own configured limit.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 << 20;
+/// A key's hard limit.
+pub const MAX_KEY_BYTES: usize = 64 << 10;
+/// Cap on a response frame: siblings can make a reply several values long.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// How to reach and talk to a cluster.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Client-port addresses to learn the ring from; any live one will do.
+    pub seeds: Vec<SocketAddr>,
+    /// PEM of the cluster CA that signed the nodes' certificates.
+    pub ca_pem: Vec<u8>,
+    /// Optional client certificate chain and key (PEM), presented to nodes.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Budget of one call, retries included.
+    pub timeout: Duration,
+    /// How long to wait for a QUIC handshake before trying another node.
+    pub connect_timeout: Duration,
+    /// Defaults sent with every request (`None` leaves the node's default).
+    pub options: RequestOptions,
+    /// Values over this are refused before they are sent.
+    pub max_value_bytes: usize,
+}
+
+impl ClientConfig {
+    pub fn new(seeds: Vec<SocketAddr>, ca_pem: Vec<u8>) -> Self {
+        ClientConfig {
+            seeds,
+            ca_pem,
+            identity: None,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            options: RequestOptions::default(),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+
+    /// Reads a cluster directory as `shoal dev` writes it: `ca.pem` and
+    /// `seeds.txt` (one client address per line).
+    pub fn from_dir(dir: &Path) -> Result<Self, Error> {
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", dir.join(name).display())))
+        };
+        let ca_pem = read("ca.pem")?;
+        let seeds = String::from_utf8_lossy(&read("seeds.txt")?)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim().parse().map_err(|e| Error::Config(format!("bad seed address {l:?}: {e}"))))
+            .collect::<Result<Vec<SocketAddr>, Error>>()?;
+        Ok(ClientConfig::new(seeds, ca_pem))
+    }
+}
+
+/// A handle to a Shoal cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    config: ClientConfig,
+    /// One long-lived connection per node; a stream per request.
+    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Nodes that failed to connect recently are tried last until this instant,
+    /// so a dead node costs one connect timeout, not one per request.
+    down_until: Mutex<HashMap<SocketAddr, Instant>>,
+    ring: RwLock<Option<Arc<RingInfo>>>,
+}
+
+impl Client {
+    /// Connects to the cluster and fetches its ring from the first seed that
+    /// answers.
+    pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        if config.seeds.is_empty() {
+            return Err(Error::Config("no seed addresses given".into()));
+        }
+        let identity = match &config.identity {
+            Some((cert, key)) => Some((tls::parse_certs(cert)?, tls::parse_key(key)?)),
+            None => None,
+        };
+        let quic = tls::quic_client_config(&config.ca_pem, identity, CLIENT_ALPN, Duration::from_secs(10))?;
+        let bind: SocketAddr = if config.seeds[0].is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .expect("literal address");
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| Error::Config(format!("cannot open UDP socket: {e}")))?;
+        endpoint.set_default_client_config(quic);
+        let client = Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                config,
+                connections: Mutex::new(HashMap::new()),
+                down_until: Mutex::new(HashMap::new()),
+                ring: RwLock::new(None),
+            }),
+        };
+        client.refresh_ring().await?;
+        Ok(client)
+    }
+
+    /// Fetches the ring again from any node that answers.
+    pub async fn refresh_ring(&self) -> Result<Arc<RingInfo>, Error> {
+        let mut addrs = self.inner.config.seeds.clone();
+        if let Some(ring) = self.ring_info() {
+            addrs.extend(ring.members.iter().map(|m| m.client_addr));
+        }
+        match self.send(&addrs, &Request::Ring).await? {
+            Response::Ring(info) => {
+                let info = Arc::new(info);
+                *self.inner.ring.write().expect("ring lock") = Some(info.clone());
+                Ok(info)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The ring as last fetched.
+    pub fn ring_info(&self) -> Option<Arc<RingInfo>> {
+        self.inner.ring.read().expect("ring lock").clone()
+    }
+
+    /// Reads `key`: every live sibling and the causal context covering them.
+    pub async fn get(&self, key: &[u8]) -> Result<GetReply, Error> {
+        self.get_with(key, self.inner.config.options).await
+    }
+
+    pub async fn get_with(&self, key: &[u8], options: RequestOptions) -> Result<GetReply, Error> {
+        check_key(key)?;
+        match self.route(key, &Request::Get { key: key.to_vec(), options: self.options(options) }).await? {
+            Response::Value(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `value`. With the context of an earlier read, it supersedes what
+    /// that read returned; without one it supersedes nothing and may add a
+    /// sibling.
+    pub async fn put(&self, key: &[u8], value: &[u8], context: Option<&CausalContext>) -> Result<PutReply, Error> {
+        self.put_with(key, value, context, self.inner.config.options).await
+    }
+
+    pub async fn put_with(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&CausalContext>,
+        options: RequestOptions,
+    ) -> Result<PutReply, Error> {
+        check_key(key)?;
+        if value.len() > self.inner.config.max_value_bytes {
+            return Err(Error::TooLarge(format!(
+                "value of {} bytes exceeds the {}-byte limit",
+                value.len(),
+                self.inner.config.max_value_bytes
+            )));
+        }
+        let request = Request::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context: context.cloned(),
+            options: self.options(options),
+        };
+        match self.route(key, &request).await? {
+            Response::Written(w) => Ok(w),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes what `context` covers by writing a tombstone. Without a context
+    /// it first reads the key and deletes everything that read saw (a
+    /// tombstone that covers nothing would delete nothing).
+    pub async fn delete(&self, key: &[u8], context: Option<&CausalContext>) -> Result<PutReply, Error> {
+        self.delete_with(key, context, self.inner.config.options).await
+    }
+
+    pub async fn delete_with(
+        &self,
+        key: &[u8],
+        context: Option<&CausalContext>,
+        options: RequestOptions,
+    ) -> Result<PutReply, Error> {
+        check_key(key)?;
+        let context = match context {
+            Some(c) => c.clone(),
+            None => self.get_with(key, options).await?.context,
+        };
+        let request = Request::Delete { key: key.to_vec(), context: Some(context), options: self.options(options) };
+        match self.route(key, &request).await? {
+            Response::Written(w) => Ok(w),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads `key`, lets `resolve` turn its siblings (empty when absent) into one
+    /// value, and writes that with the read's context. If a concurrent writer
+    /// added a sibling meanwhile, starts again, up to `attempts` times.
+    pub async fn read_modify_write<F>(&self, key: &[u8], attempts: u32, mut resolve: F) -> Result<PutReply, Error>
+    where
+        F: FnMut(&[Value]) -> Vec<u8>,
+    {
+        for _ in 0..attempts.max(1) {
+            let current = self.get(key).await?;
+            let next = resolve(&current.values);
+            let written = self.put(key, &next, Some(&current.context)).await?;
+            if written.siblings <= 1 {
+                return Ok(written);
+            }
+        }
+        Err(Error::Conflict(attempts))
+    }
+
+    /// What every replica of `key` stores, clocks included.
+    pub async fn inspect(&self, key: &[u8]) -> Result<InspectReport, Error> {
+        check_key(key)?;
+        match self.route(key, &Request::Inspect { key: key.to_vec() }).await? {
+            Response::Inspect(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks every member for its status; a member that does not answer is
+    /// reported with the error.
+    pub async fn statuses(&self) -> Result<Vec<(MemberInfo, Result<NodeStatus, Error>)>, Error> {
+        let ring = self.refresh_ring().await?;
+        let mut tasks = Vec::new();
+        for member in ring.members.iter().cloned() {
+            let client = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let status = match client.send(&[member.client_addr], &Request::Status).await {
+                    Ok(Response::Status(s)) => Ok(s),
+                    Ok(other) => Err(unexpected(other)),
+                    Err(e) => Err(e),
+                };
+                (member, status)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.map_err(|e| Error::Protocol(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Sends one request to one node and returns its raw answer (tools, tests).
+    pub async fn request(&self, addr: SocketAddr, request: &Request) -> Result<Response, Error> {
+        let budget = self.inner.config.timeout;
+        match tokio::time::timeout(budget, self.call(addr, request)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(CallError::NotDelivered(e) | CallError::Delivered(e))) => Err(Error::Unavailable(format!("{addr}: {e}"))),
+            Err(_) => Err(Error::Timeout(format!("{addr} did not answer within {budget:?}"))),
+        }
+    }
+
+    fn options(&self, mut o: RequestOptions) -> RequestOptions {
+        if o.timeout_ms.is_none() {
+            // Leave the node time to answer with a precise quorum error before
+            // this client gives up on it.
+            o.timeout_ms = Some((self.inner.config.timeout.as_millis() as u32 * 4 / 5).max(1));
+        }
+        o
+    }
+
+    /// Sends a keyed request to the key's primaries first (the node then
+    /// coordinates locally, saving a hop), then to any other member.
+    async fn route(&self, key: &[u8], request: &Request) -> Result<Response, Error> {
+        let mut addrs = Vec::new();
+        if let Some(info) = self.ring_info() {
+            let by_id: HashMap<NodeId, SocketAddr> = info.members.iter().map(|m| (m.id, m.client_addr)).collect();
+            addrs.extend(info.ring.preference_list(key, info.n as usize).iter().filter_map(|id| by_id.get(id)));
+            for m in &info.members {
+                if !addrs.contains(&m.client_addr) {
+                    addrs.push(m.client_addr);
+                }
+            }
+        }
+        for seed in &self.inner.config.seeds {
+            if !addrs.contains(seed) {
+                addrs.push(*seed);
+            }
+        }
+        self.send(&addrs, request).await
+    }
+
+    /// Tries `addrs` in order (recently failed ones last) within the time budget.
+    /// A request that may have run is retried elsewhere only if idempotent.
+    async fn send(&self, addrs: &[SocketAddr], request: &Request) -> Result<Response, Error> {
+        let now = Instant::now();
+        let mut ordered: Vec<SocketAddr> = addrs.to_vec();
+        {
+            let down = self.inner.down_until.lock().expect("down lock");
+            ordered.sort_by_key(|a| down.get(a).is_some_and(|until| *until > now));
+        }
+        let budget = self.inner.config.timeout;
+        let attempt = async {
+            let mut failures = Vec::new();
+            for addr in ordered {
+                match self.call(addr, request).await {
+                    Ok(Response::Error(e)) if e.kind == ErrorKind::NotReady => {
+                        failures.push(format!("{addr}: {}", e.message));
+                    }
+                    Ok(Response::Error(e)) => return Err(Error::from(e)),
+                    Ok(response) => return Ok(response),
+                    Err(CallError::NotDelivered(e)) => {
+                        self.mark_down(addr);
+                        failures.push(format!("{addr}: {e}"));
+                    }
+                    Err(CallError::Delivered(e)) if request.is_idempotent() => {
+                        self.mark_down(addr);
+                        failures.push(format!("{addr}: {e}"));
+                    }
+                    Err(CallError::Delivered(e)) => {
+                        return Err(Error::Unavailable(format!(
+                            "{addr} failed after the write was sent (it may have been applied): {e}"
+                        )))
+                    }
+                }
+            }
+            Err(Error::Unavailable(failures.join("; ")))
+        };
+        tokio::time::timeout(budget, attempt)
+            .await
+            .unwrap_or_else(|_| Err(Error::Timeout(format!("no answer within {budget:?}"))))
+    }
+
+    fn mark_down(&self, addr: SocketAddr) {
+        self.inner.connections.lock().expect("conn lock").remove(&addr);
+        self.inner
+            .down_until
+            .lock()
+            .expect("down lock")
+            .insert(addr, Instant::now() + Duration::from_secs(5));
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        if let Some(c) = self.inner.connections.lock().expect("conn lock").get(&addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let connecting = self.inner.endpoint.connect(addr, CLIENT_SERVER_NAME).map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
+            .await
+            .map_err(|_| format!("no QUIC handshake within {:?}", self.inner.config.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        self.inner.connections.lock().expect("conn lock").insert(addr, conn.clone());
+        self.inner.down_until.lock().expect("down lock").remove(&addr);
+        Ok(conn)
+    }
+
+    async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
+        let conn = self.connection(addr).await.map_err(CallError::NotDelivered)?;
+        rpc::call(&conn, request, MAX_RESPONSE_BYTES).await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"client closed");
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), Error> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::TooLarge(format!("key of {} bytes exceeds the {MAX_KEY_BYTES}-byte limit", key.len())));
+    }
+    Ok(())
+}
+
+fn unexpected(r: Response) -> Error {
+    match r {
+        Response::Error(e) => Error::from(e),
+        other => Error::Protocol(format!("unexpected response {other:?}")),
+    }
+}

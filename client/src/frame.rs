@@ -1,0 +1,135 @@
+//! The frame codec shared by every Shoal connection (client and peer ports).
+//!
+//! A frame is `u32 length | u32 crc32 | MessagePack body`, both integers big
+//! endian; `length` counts the body only and `crc32` covers the body. A reader
+//! refuses a length over its cap before reading the body, so a hostile or broken
+//! peer cannot make a node allocate more than the cap. One frame is one message;
+//! each request uses its own bidirectional QUIC stream, so a bad frame poisons
+//! only that stream.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Bytes before the body: length and checksum.
+pub const HEADER_LEN: usize = 8;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame body of {len} bytes exceeds the {max}-byte cap")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame checksum mismatch: header says {expected:#010x}, body hashes to {actual:#010x}")]
+    Checksum { expected: u32, actual: u32 },
+    #[error("frame body is not a valid message: {0}")]
+    Decode(String),
+    #[error("message could not be encoded: {0}")]
+    Encode(String),
+    #[error("stream ended inside a frame")]
+    Truncated,
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    rmp_serde::encode::write_named(&mut buf, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let body_len = buf.len() - HEADER_LEN;
+    let len = u32::try_from(body_len).map_err(|_| FrameError::TooLarge { len: body_len, max: u32::MAX as usize })?;
+    let crc = crc32fast::hash(&buf[HEADER_LEN..]);
+    buf[0..4].copy_from_slice(&len.to_be_bytes());
+    buf[4..8].copy_from_slice(&crc.to_be_bytes());
+    Ok(buf)
+}
+
+/// Parses a frame header: body length and checksum, checking the cap.
+pub fn parse_header(header: &[u8; HEADER_LEN], max: usize) -> Result<(usize, u32), FrameError> {
+    let len = u32::from_be_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_be_bytes(header[4..8].try_into().expect("4 bytes"));
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok((len, crc))
+}
+
+/// Checks a body against its header checksum and decodes it.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
+    let actual = crc32fast::hash(body);
+    if actual != crc {
+        return Err(FrameError::Checksum { expected: crc, actual });
+    }
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Decodes a whole frame held in memory (tests, fuzzing).
+pub fn decode<T: DeserializeOwned>(frame: &[u8], max: usize) -> Result<T, FrameError> {
+    let header: &[u8; HEADER_LEN] = frame.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(FrameError::Truncated)?;
+    let (len, crc) = parse_header(header, max)?;
+    let body = frame.get(HEADER_LEN..HEADER_LEN + len).ok_or(FrameError::Truncated)?;
+    decode_body(body, crc)
+}
+
+/// Reads one frame from a QUIC stream.
+pub async fn read<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(read_error)?;
+    let (len, crc) = parse_header(&header, max)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(read_error)?;
+    decode_body(&body, crc)
+}
+
+/// Writes one frame to a QUIC stream and finishes the sending side.
+pub async fn write<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
+    let buf = encode(msg)?;
+    write_raw(send, &buf).await
+}
+
+/// Writes bytes already framed (or deliberately malformed, in tests) and finishes.
+pub async fn write_raw(send: &mut quinn::SendStream, buf: &[u8]) -> Result<(), FrameError> {
+    send.write_all(buf).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    send.finish().map_err(|e| FrameError::Stream(e.to_string()))?;
+    Ok(())
+}
+
+fn read_error(e: quinn::ReadExactError) -> FrameError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        quinn::ReadExactError::ReadError(e) => FrameError::Stream(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let msg = vec!["a".to_string(), "bc".to_string()];
+        let frame = encode(&msg).unwrap();
+        assert_eq!(decode::<Vec<String>>(&frame, 1024).unwrap(), msg);
+    }
+
+    #[test]
+    fn flipped_byte_is_a_checksum_error() {
+        let mut frame = encode(&"hello".to_string()).unwrap();
+        let last = frame.len() - 1;
+        frame[last] ^= 1;
+        assert!(matches!(decode::<String>(&frame, 1024), Err(FrameError::Checksum { .. })));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let mut frame = encode(&"x".repeat(100)).unwrap();
+        frame[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(decode::<String>(&frame, 1024), Err(FrameError::TooLarge { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode::<crate::proto::Request>(&bytes, 1 << 20);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The client wire protocol: one [`Request`] frame and one [`Response`] frame on
+//! each bidirectional stream. Field names travel with the values (MessagePack
+//! maps), so a field added later is ignored by an older peer rather than
+//! misread.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use shoal_ring::{NodeId, Ring};
+
+use crate::error::WireError;
+
+/// ALPN protocol name of the client port.
+pub const CLIENT_ALPN: &[u8] = b"shoal-client/1";
+
+/// Per-request quorum and timeout overrides; `None` means the node's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestOptions {
+    /// Replicas that must answer a read.
+    pub r: Option<u32>,
+    /// Replicas that must acknowledge a write.
+    pub w: Option<u32>,
+    /// Of the R answers, how many must come from primary replicas.
+    pub pr: Option<u32>,
+    /// Of the W acknowledgements, how many must come from primary replicas.
+    pub pw: Option<u32>,
+    /// Time budget of the request on the coordinating node, in milliseconds.
+    pub timeout_ms: Option<u32>,
+}
+
+/// The opaque causal context returned by a read and passed back with a write:
+/// the write then supersedes exactly the versions the read saw.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CausalContext(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl CausalContext {
+    /// Text form for command lines and JSON: lowercase hex.
+    pub fn to_text(&self) -> String {
+        hex::encode(&self.0)
+    }
+    pub fn from_text(s: &str) -> Result<Self, crate::Error> {
+        hex::decode(s.trim())
+            .map(CausalContext)
+            .map_err(|e| crate::Error::BadRequest(format!("causal context is not hex: {e}")))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for CausalContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CausalContext({})", self.to_text())
+    }
+}
+
+/// A request to any node's client port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        options: RequestOptions,
+    },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        context: Option<CausalContext>,
+        options: RequestOptions,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        context: Option<CausalContext>,
+        options: RequestOptions,
+    },
+    /// The ring and its members, for routing.
+    Ring,
+    /// This node's own view of itself and the cluster.
+    Status,
+    /// What every replica of a key stores, clocks included.
+    Inspect {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+impl Request {
+    /// Whether sending this request twice has the same effect as once. Writes
+    /// are not: a retried put that had already landed would add a sibling.
+    pub fn is_idempotent(&self) -> bool {
+        !matches!(self, Request::Put { .. } | Request::Delete { .. })
+    }
+
+    /// The key a data request is about.
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Request::Get { key, .. }
+            | Request::Put { key, .. }
+            | Request::Delete { key, .. }
+            | Request::Inspect { key } => Some(key),
+            Request::Ring | Request::Status => None,
+        }
+    }
+}
+
+/// A value read back: every concurrent sibling, and the context covering them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetReply {
+    /// Live siblings; empty when the key is absent or deleted.
+    pub values: Vec<Value>,
+    pub context: CausalContext,
+}
+
+/// One sibling's bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Value(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl fmt::Debug for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// The outcome of a put or delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutReply {
+    /// Context of the object after this write on the coordinator.
+    pub context: CausalContext,
+    /// Live siblings on the coordinator after this write: more than one means a
+    /// concurrent writer's value is still there to be resolved.
+    pub siblings: u32,
+}
+
+/// A member of the cluster as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+}
+
+/// The ring as clients need it for routing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingInfo {
+    pub ring: Ring,
+    pub members: Vec<MemberInfo>,
+    /// Replication factor N.
+    pub n: u32,
+}
+
+/// A node's report on itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub pid: u32,
+    /// Whether the node knows every member and so the whole ring.
+    pub ring_ready: bool,
+    pub partitions_owned: u32,
+    /// Members this node has not identified yet (only while starting).
+    pub waiting_for: Vec<String>,
+}
+
+/// What one replica stores for a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub node: String,
+    pub id: NodeId,
+    /// `None` when the replica did not answer (see `error`) or has no record.
+    pub object: Option<ObjectView>,
+    pub error: Option<String>,
+}
+
+/// A stored object in readable form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectView {
+    /// The causal history: (node name, counter) pairs.
+    pub clock: Vec<(String, u64)>,
+    pub siblings: Vec<SiblingView>,
+}
+
+/// One stored version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiblingView {
+    /// The event that wrote it: (node name, counter).
+    pub dot: (String, u64),
+    /// `None` for a tombstone.
+    pub value: Option<Value>,
+    /// Wall clock of the coordinator when written, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+/// The answer to [`Request::Inspect`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InspectReport {
+    pub partition: u32,
+    pub replicas: Vec<ReplicaReport>,
+}
+
+/// A node's answer on the client port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Value(GetReply),
+    Written(PutReply),
+    Ring(RingInfo),
+    Status(NodeStatus),
+    Inspect(InspectReport),
+    Error(WireError),
+}

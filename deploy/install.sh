@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs a built `shoal` binary and the systemd unit on this machine.
+# Usage: sudo ./deploy/install.sh [path/to/shoal]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-target/debug/shoal}"
+install -m 755 "$bin" /usr/local/bin/shoal
+id shoal >/dev/null 2>&1 || useradd --system --home /var/lib/shoal --shell /usr/sbin/nologin shoal
+install -d -o shoal -g shoal -m 750 /etc/shoal /var/lib/shoal
+[ -f /etc/shoal/shoal.toml ] || install -m 640 -o shoal -g shoal deploy/shoal.example.toml /etc/shoal/shoal.toml
+install -m 644 deploy/shoal.service /etc/systemd/system/shoal.service
+systemctl daemon-reload
+echo "edit /etc/shoal/shoal.toml, put the certificates in /etc/shoal, then: systemctl enable --now shoal"

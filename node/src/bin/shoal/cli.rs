@@ -1,0 +1,171 @@
+//! The data and status commands: `put`, `get`, `delete`, `status`, `inspect`.
+//! Each talks to the cluster in `--dir` through the SDK; `--json` prints a
+//! machine-readable form.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use shoal_client::proto::{InspectReport, RequestOptions};
+use shoal_client::{CausalContext, Client, ClientConfig};
+
+use crate::Command as DataCommand;
+
+/// Options every data command takes.
+#[derive(clap::Args)]
+pub struct DataOpts {
+    /// Causal context from an earlier `get --json` (hex).
+    #[arg(long)]
+    context: Option<String>,
+    #[arg(short = 'r', long)]
+    r: Option<u32>,
+    #[arg(short = 'w', long)]
+    w: Option<u32>,
+    #[arg(long)]
+    pr: Option<u32>,
+    #[arg(long)]
+    pw: Option<u32>,
+    /// Per-request timeout in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+impl DataOpts {
+    fn options(&self) -> RequestOptions {
+        RequestOptions { r: self.r, w: self.w, pr: self.pr, pw: self.pw, timeout_ms: self.timeout_ms }
+    }
+    fn context(&self) -> anyhow::Result<Option<CausalContext>> {
+        Ok(self.context.as_deref().map(CausalContext::from_text).transpose()?)
+    }
+}
+
+async fn connect(dir: &Path) -> anyhow::Result<Client> {
+    let config = ClientConfig::from_dir(dir)
+        .with_context(|| format!("no cluster found in {} (is `shoal dev` running? use --dir)", dir.display()))?;
+    Ok(Client::connect(config).await?)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
+    let client = connect(dir).await?;
+    match command {
+        DataCommand::Put { key, value, opts } => {
+            let reply = client.put_with(key.as_bytes(), value.as_bytes(), opts.context()?.as_ref(), opts.options()).await?;
+            if opts.json {
+                println!("{}", json!({"context": reply.context.to_text(), "siblings": reply.siblings}));
+            } else if reply.siblings > 1 {
+                println!("ok ({} siblings now: a concurrent value is kept; `shoal get {key}` shows them)", reply.siblings);
+            } else {
+                println!("ok");
+            }
+        }
+        DataCommand::Get { key, opts } => {
+            let reply = client.get_with(key.as_bytes(), opts.options()).await?;
+            if opts.json {
+                let values: Vec<String> = reply.values.iter().map(|v| text(&v.0)).collect();
+                println!("{}", json!({"key": key, "values": values, "context": reply.context.to_text()}));
+            } else {
+                match reply.values.len() {
+                    0 => bail!("not found: {key}"),
+                    1 => println!("{}", text(&reply.values[0].0)),
+                    n => {
+                        println!("{n} siblings:");
+                        for (i, v) in reply.values.iter().enumerate() {
+                            println!("  [{}] {}", i + 1, text(&v.0));
+                        }
+                        println!("context: {}", reply.context.to_text());
+                        println!("resolve: shoal put {key} VALUE --context {}", reply.context.to_text());
+                    }
+                }
+            }
+        }
+        DataCommand::Delete { key, opts } => {
+            let reply = client.delete_with(key.as_bytes(), opts.context()?.as_ref(), opts.options()).await?;
+            if opts.json {
+                println!("{}", json!({"context": reply.context.to_text(), "siblings": reply.siblings}));
+            } else {
+                println!("deleted");
+            }
+        }
+        DataCommand::Status { json } => status(&client, json).await?,
+        DataCommand::Inspect { key, json } => {
+            let report = client.inspect(key.as_bytes()).await?;
+            print_inspect(&key, &report, json);
+        }
+        DataCommand::Dev { .. } | DataCommand::Node { .. } | DataCommand::Certs { .. } => unreachable!("not a data command"),
+    }
+    Ok(())
+}
+
+async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
+    let statuses = client.statuses().await?;
+    if as_json {
+        let rows: Vec<_> = statuses
+            .iter()
+            .map(|(m, s)| match s {
+                Ok(s) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
+                    "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
+                    "ring_ready": s.ring_ready, "partitions": s.partitions_owned}),
+                Err(e) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
+                    "peer_addr": m.peer_addr.to_string(), "up": false, "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}", "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS");
+    for (m, s) in &statuses {
+        let (pid, state, parts) = match s {
+            Ok(s) => (s.pid.to_string(), if s.ring_ready { "up" } else { "start" }, s.partitions_owned.to_string()),
+            Err(_) => ("-".into(), "down", "-".into()),
+        };
+        println!(
+            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}",
+            m.name, m.id.to_string(), m.client_addr, m.peer_addr, pid, state, parts
+        );
+    }
+    Ok(())
+}
+
+fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
+    if as_json {
+        let replicas: Vec<_> = report
+            .replicas
+            .iter()
+            .map(|r| {
+                json!({
+                    "node": r.node, "id": r.id.to_hex(), "error": r.error,
+                    "clock": r.object.as_ref().map(|o| o.clock.iter().map(|(n, c)| json!([n, c])).collect::<Vec<_>>()),
+                    "siblings": r.object.as_ref().map(|o| o.siblings.iter().map(|s| json!({
+                        "dot": [s.dot.0, s.dot.1],
+                        "value": s.value.as_ref().map(|v| text(&v.0)),
+                        "tombstone": s.value.is_none(),
+                        "timestamp_ms": s.timestamp_ms,
+                    })).collect::<Vec<_>>()),
+                })
+            })
+            .collect();
+        println!("{}", json!({"key": key, "partition": report.partition, "replicas": replicas}));
+        return;
+    }
+    println!("key {key:?}  partition {}  preference list:", report.partition);
+    for r in &report.replicas {
+        match (&r.object, &r.error) {
+            (_, Some(e)) => println!("  {:<8} unavailable: {e}", r.node),
+            (None, None) => println!("  {:<8} (no record)", r.node),
+            (Some(o), None) => {
+                let clock: Vec<String> = o.clock.iter().map(|(n, c)| format!("{n}:{c}")).collect();
+                println!("  {:<8} clock [{}]", r.node, clock.join(", "));
+                for s in &o.siblings {
+                    let v = s.value.as_ref().map_or("(tombstone)".to_string(), |v| format!("{:?}", text(&v.0)));
+                    println!("           {}:{} {v}", s.dot.0, s.dot.1);
+                }
+            }
+        }
+    }
+}

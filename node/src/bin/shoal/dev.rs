@@ -1,0 +1,181 @@
+//! `shoal dev`: a local cluster of real `shoal node` processes on loopback.
+//!
+//! The directory holds everything: `ca.pem`/`ca.key`, each node's certificate,
+//! config (`nodeK.toml`), data (`nodeK/`) and log (`nodeK.log`), and
+//! `seeds.txt` for clients. Running `shoal dev` again reuses all of it, so data
+//! survives. Any node can be killed and brought back by hand with
+//! `shoal node --config DIR/nodeK.toml`; the launcher reports exits but does
+//! not restart nodes itself. Ctrl-C stops every node it started.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use shoal_client::{Client, ClientConfig};
+use shoal_node::config::{ClusterConfig, Config, MemberConfig, TlsConfig};
+
+/// `$SHOAL_DEV_DIR` is read by clap; otherwise `~/.shoal/dev`.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".shoal-dev"), |h| PathBuf::from(h).join(".shoal/dev"))
+}
+
+fn config_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("node{i}.toml"))
+}
+
+/// Free loopback UDP ports, all held until all are chosen so none repeats.
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let sockets = (0..count)
+        .map(|_| UdpSocket::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("finding free loopback ports")?;
+    sockets.iter().map(|s| Ok(s.local_addr()?.port())).collect()
+}
+
+/// Creates the cluster directory, or checks an existing one matches `nodes`.
+fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+    let existing = (1..).take_while(|i| config_path(dir, *i).exists()).count();
+    if existing > 0 {
+        if existing != nodes {
+            bail!(
+                "{} holds a {existing}-node cluster; run `shoal dev --nodes {existing}`, or remove the directory to start afresh",
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.join("ca.key").exists() {
+        shoal_node::certs::create_ca(dir)?;
+    }
+    let ports = free_ports(nodes * 2)?;
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let members: Vec<MemberConfig> =
+        (1..=nodes).map(|i| MemberConfig { name: format!("node{i}"), peer_addr: addr(ports[2 * i - 1]) }).collect();
+    let mut seeds = String::new();
+    for i in 1..=nodes {
+        let name = format!("node{i}");
+        shoal_node::certs::issue(dir, dir, &name, shoal_node::certs::Kind::Node, &["127.0.0.1".parse()?])?;
+        let config = Config {
+            name: name.clone(),
+            data_dir: PathBuf::from(&name),
+            client_addr: addr(ports[2 * i - 2]),
+            peer_addr: addr(ports[2 * i - 1]),
+            tls: TlsConfig {
+                ca_cert: "ca.pem".into(),
+                cert: format!("{name}.pem").into(),
+                key: format!("{name}.key").into(),
+            },
+            cluster: ClusterConfig { n: nodes.min(3) as u32, r: nodes.min(2) as u32, w: nodes.min(2) as u32, members: members.clone(), ..Default::default() },
+            ..Default::default()
+        };
+        let text = format!(
+            "# Shoal dev node {i}: start it by hand with `shoal node --config {}`\n{}",
+            config_path(dir, i).display(),
+            toml::to_string_pretty(&config)?
+        );
+        std::fs::write(config_path(dir, i), text)?;
+        seeds.push_str(&format!("{}\n", config.client_addr));
+    }
+    std::fs::write(dir.join("seeds.txt"), seeds)?;
+    Ok(())
+}
+
+fn spawn_node(dir: &Path, i: usize) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("node{i}.log")))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("node").arg("--config").arg(config_path(dir, i)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Nodes die with the launcher, even if it is killed with SIGKILL.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting node{i}"))
+}
+
+pub fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+    prepare(dir, nodes)?;
+    let dir = dir.canonicalize()?;
+    let mut children: Vec<Option<Child>> = Vec::new();
+    for i in 1..=nodes {
+        children.push(Some(spawn_node(&dir, i)?));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = rt.block_on(supervise(&dir, &mut children));
+    for child in children.iter_mut().flatten() {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in children.iter_mut().flatten() {
+        while child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+async fn wait_ready(dir: &Path, nodes: usize) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let client = Client::connect(ClientConfig::from_dir(dir)?).await?;
+            let statuses = client.statuses().await?;
+            let ready = statuses.iter().filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready)).count();
+            anyhow::ensure!(ready == nodes, "{ready} of {nodes} nodes ready");
+            Ok(client)
+        };
+        match attempt.await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => bail!("cluster not ready after 30 s: {e:#}; see the node logs in {}", dir.display()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result<()> {
+    let nodes = children.len();
+    let client = tokio::select! {
+        c = wait_ready(dir, nodes) => c?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    println!("Shoal dev cluster: {nodes} nodes on loopback, data and certificates in {}", dir.display());
+    for (member, status) in client.statuses().await? {
+        let pid = status.map(|s| s.pid.to_string()).unwrap_or_else(|_| "?".into());
+        println!("  {:<8} client {}  peer {}  pid {pid}", member.name, member.client_addr, member.peer_addr);
+    }
+    println!();
+    println!("In another shell:   shoal put hello world && shoal get hello");
+    println!("                    shoal status; shoal inspect hello");
+    println!("From Rust:          ClientConfig::from_dir(Path::new({:?}))", dir.display().to_string());
+    println!("Restart a node:     shoal node --config {}", config_path(dir, 1).display());
+    println!("Ctrl-C stops the cluster; running `shoal dev` again keeps the data.");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = tick.tick() => {
+                for (i, slot) in children.iter_mut().enumerate() {
+                    if let Some(child) = slot {
+                        if let Some(status) = child.try_wait()? {
+                            println!("node{} exited ({status}); bring it back with: shoal node --config {}", i + 1, config_path(dir, i + 1).display());
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

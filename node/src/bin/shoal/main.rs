@@ -1,0 +1,165 @@
+//! The `shoal` command: run a node, run a local dev cluster, manage
+//! certificates, and read, write and inspect data.
+
+mod cli;
+mod dev;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Shoal: a leaderless, Dynamo-style key-value store")]
+struct Args {
+    /// Cluster directory holding `ca.pem` and `seeds.txt` (what `shoal dev` writes).
+    #[arg(long, global = true, env = "SHOAL_DEV_DIR", default_value_os_t = dev::default_dir())]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster on loopback, one process per node, in the foreground.
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Run one node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create a CA and issue node and client certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Write a value.
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        opts: cli::DataOpts,
+    },
+    /// Read a key: the value alone when there is one; all siblings otherwise.
+    Get {
+        key: String,
+        #[command(flatten)]
+        opts: cli::DataOpts,
+    },
+    /// Delete a key (what the given context covers; without one, what a read sees now).
+    Delete {
+        key: String,
+        #[command(flatten)]
+        opts: cli::DataOpts,
+    },
+    /// Members, their addresses, pids, liveness and partitions owned.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A key's preference list and what each replica stores, clocks included.
+    Inspect {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create `ca.pem` and `ca.key` in --dir.
+    Ca,
+    /// Issue NAME.pem/NAME.key for a node, signed by the CA in --dir.
+    Node {
+        #[arg(long)]
+        name: String,
+        /// IP addresses to add to the certificate.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Where to write (default: --dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Issue NAME.pem/NAME.key for a client.
+    Client {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Node { config } => run_node(config),
+        Command::Dev { nodes } => dev::run(&args.dir, nodes),
+        Command::Certs { command } => certs(&args.dir, command),
+        data => runtime().and_then(|rt| rt.block_on(cli::run(&args.dir, data))),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
+    use shoal_node::certs::{create_ca, issue, Kind};
+    match command {
+        CertsCommand::Ca => create_ca(dir)?,
+        CertsCommand::Node { name, ip, out } => issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip)?,
+        CertsCommand::Client { name, out } => issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Client, &[])?,
+    }
+    Ok(())
+}
+
+fn run_node(config: PathBuf) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .init();
+    let config = shoal_node::config::Config::load(&config)?;
+    runtime()?.block_on(async move {
+        let running = shoal_node::server::start(config).await?;
+        notify_systemd("READY=1");
+        println!("ready: client {} peer {}", running.client_addr, running.peer_addr);
+        shutdown_signal().await;
+        notify_systemd("STOPPING=1");
+        running.stop().await;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Tells systemd (Type=notify) about state changes, when run under it.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    if let (Ok(sock), Ok(addr)) = (UnixDatagram::unbound(), addr) {
+        let _ = sock.send_to_addr(state.as_bytes(), &addr);
+    }
+}
+

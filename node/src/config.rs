@@ -1,0 +1,273 @@
+//! Node configuration: TOML, kebab-case keys, every field defaulted except the
+//! ones that identify the node, unknown keys refused, and [`Config::validate`]
+//! naming the field at fault.
+//!
+//! Relative paths are resolved against the directory of the config file, so a
+//! cluster directory can be moved as a whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}` is invalid: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// A node's configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// The node's name: its TLS identity on the peer port and how operators
+    /// refer to it. Its placement identity is the random id in its data dir.
+    pub name: String,
+    /// Where RocksDB and the node id live.
+    pub data_dir: PathBuf,
+    /// QUIC address for clients.
+    pub client_addr: SocketAddr,
+    /// QUIC address for other nodes (mutual TLS).
+    pub peer_addr: SocketAddr,
+    /// Sync the WAL on every write batch: survive power loss, at a latency cost.
+    pub fsync: bool,
+    pub tls: TlsConfig,
+    pub cluster: ClusterConfig,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+}
+
+/// Certificates, all PEM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA: peers and clients must chain to it.
+    pub ca_cert: PathBuf,
+    /// This node's certificate, issued for its `name`.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Replication and the static member list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Partitions Q: a power of two; fixed for the cluster's life.
+    pub partitions: u32,
+    /// Replicas per key.
+    pub n: u32,
+    /// Default read quorum.
+    pub r: u32,
+    /// Default write quorum.
+    pub w: u32,
+    /// Default number of primaries among R answers / W acknowledgements.
+    pub pr: u32,
+    pub pw: u32,
+    /// Every member of the cluster (this node may be listed too).
+    pub members: Vec<MemberConfig>,
+    /// Clock entries kept per key before the oldest unused ones are pruned.
+    pub clock_max_entries: usize,
+    /// Clock entries younger than this are never pruned.
+    pub clock_min_age_secs: u64,
+}
+
+/// Another node, as this node first reaches it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MemberConfig {
+    pub name: String,
+    pub peer_addr: SocketAddr,
+}
+
+/// Size limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest value accepted; larger puts are refused before anything is written.
+    pub max_value_bytes: usize,
+}
+
+/// Time budgets, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Default budget of a client request on its coordinator.
+    pub request_ms: u64,
+    /// QUIC handshake budget towards a peer; after a failure the peer is not
+    /// dialled again for `peer_backoff_ms`, so a dead node costs little.
+    pub connect_ms: u64,
+    pub peer_backoff_ms: u64,
+    /// A connection with no traffic (keep-alives included) for this long is dead.
+    pub idle_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: String::new(),
+            data_dir: PathBuf::from("data"),
+            client_addr: "127.0.0.1:7400".parse().expect("literal"),
+            peer_addr: "127.0.0.1:7500".parse().expect("literal"),
+            fsync: false,
+            tls: TlsConfig::default(),
+            cluster: ClusterConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            partitions: shoal_ring::DEFAULT_PARTITIONS,
+            n: 3,
+            r: 2,
+            w: 2,
+            pr: 0,
+            pw: 0,
+            members: Vec::new(),
+            clock_max_entries: 50,
+            clock_min_age_secs: 86_400,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_value_bytes: shoal_client::client::DEFAULT_MAX_VALUE_BYTES }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig { request_ms: 5_000, connect_ms: 1_000, peer_backoff_ms: 1_000, idle_ms: 10_000 }
+    }
+}
+
+impl Config {
+    /// Reads, resolves relative paths and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.data_dir, &mut config.tls.ca_cert, &mut config.tls.cert, &mut config.tls.key] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if self.name.is_empty() {
+            return invalid("name", "must be set".into());
+        }
+        if rustls::pki_types::ServerName::try_from(self.name.as_str()).is_err() {
+            return invalid("name", format!("{:?} is not a valid DNS-style name (it is the TLS identity)", self.name));
+        }
+        let c = &self.cluster;
+        if !c.partitions.is_power_of_two() || c.partitions > 65536 {
+            return invalid("cluster.partitions", format!("{} is not a power of two up to 65536", c.partitions));
+        }
+        if c.n == 0 {
+            return invalid("cluster.n", "must be at least 1".into());
+        }
+        for (field, v) in [("cluster.r", c.r), ("cluster.w", c.w)] {
+            if v == 0 || v > c.n {
+                return invalid(field, format!("{v} must be between 1 and n ({})", c.n));
+            }
+        }
+        if c.pr > c.r {
+            return invalid("cluster.pr", format!("{} exceeds r ({})", c.pr, c.r));
+        }
+        if c.pw > c.w {
+            return invalid("cluster.pw", format!("{} exceeds w ({})", c.pw, c.w));
+        }
+        let mut names: Vec<&str> = c.members.iter().map(|m| m.name.as_str()).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return invalid("cluster.members", format!("{} is listed twice", w[0]));
+        }
+        if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > 256 << 20 {
+            return invalid("limits.max-value-bytes", "must be between 1 and 268435456".into());
+        }
+        for (field, v) in [
+            ("timeouts.request-ms", self.timeouts.request_ms),
+            ("timeouts.connect-ms", self.timeouts.connect_ms),
+            ("timeouts.idle-ms", self.timeouts.idle_ms),
+        ] {
+            if v == 0 {
+                return invalid(field, "must be positive".into());
+            }
+        }
+        for (field, p) in [("tls.ca-cert", &self.tls.ca_cert), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            if p.as_os_str().is_empty() {
+                return invalid(field, "must be set".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The member list including this node.
+    pub fn all_members(&self) -> Vec<MemberConfig> {
+        let mut members = self.cluster.members.clone();
+        if !members.iter().any(|m| m.name == self.name) {
+            members.push(MemberConfig { name: self.name.clone(), peer_addr: self.peer_addr });
+        }
+        members
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("node.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const MINIMAL: &str = r#"
+name = "node1"
+[tls]
+ca-cert = "ca.pem"
+cert = "node1.pem"
+key = "node1.key"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        assert_eq!(c.cluster.n, 3);
+        assert_eq!(c.cluster.partitions, 256);
+        assert_eq!(c.tls.ca_cert, dir.path().join("ca.pem"));
+        assert_eq!(c.all_members().len(), 1);
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(&write(dir.path(), &format!("{MINIMAL}\n[cluster]\nreplicas = 3\n"))).unwrap_err();
+        assert!(err.to_string().contains("replicas"), "{err}");
+    }
+
+    #[test]
+    fn impossible_quorum_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(&write(dir.path(), &format!("{MINIMAL}\n[cluster]\nn = 3\nw = 4\n"))).unwrap_err();
+        assert!(err.to_string().contains("cluster.w"), "{err}");
+    }
+}

@@ -1,0 +1,533 @@
+//! The coordinator: get, put and delete over a key's preference list, with
+//! quorum tracking, per-request options and timeouts, and forwarding when the
+//! receiving node does not replicate the key. Generic over [`Transport`] and
+//! [`Store`], so the same code runs over QUIC with RocksDB and over the
+//! simulated network with the in-memory store.
+//!
+//! # Write path
+//! The coordinator is always a primary replica of the key (a node that is not
+//! forwards the request to one, as Riak does): it applies the write to its own
+//! copy, minting the new dot under its own node id, then sends the resulting
+//! object to the other primaries, which merge it. The write is acknowledged
+//! once W replicas (PW of them primaries) hold it; the remaining sends carry on
+//! in the background. If the quorum is not met the error says how many and
+//! which replicas acknowledged; the copies that did land are not rolled back
+//! (as in Dynamo: an unacknowledged write may still appear later).
+//!
+//! # Read path
+//! The coordinator asks every primary and answers with the merge of the first R
+//! answers (PR of them primaries). Read repair and fallbacks (sloppy quorum)
+//! come with the availability issue; here a node that does not answer simply
+//! counts as down for that request.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_client::error::{ErrorKind, WireError};
+use shoal_client::proto::*;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{error, warn};
+
+use crate::membership::{Membership, View};
+use crate::net::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
+use crate::storage::{Store, StoreError, Tree};
+use crate::version::{decode_context, decode_object, encode_context, encode_object, Object, VersionVector};
+
+/// Requests never wait longer than this, whatever they ask for.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Stripes of the per-key lock that makes read-modify-write of a local object
+/// atomic.
+const LOCK_STRIPES: usize = 256;
+
+/// The coordinator's settings, from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub n: u32,
+    pub r: u32,
+    pub w: u32,
+    pub pr: u32,
+    pub pw: u32,
+    pub max_value_bytes: usize,
+    pub request_timeout: Duration,
+    pub clock_max_entries: usize,
+    pub clock_min_age_ms: u64,
+}
+
+impl Settings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Settings {
+            n: c.cluster.n,
+            r: c.cluster.r,
+            w: c.cluster.w,
+            pr: c.cluster.pr,
+            pw: c.cluster.pw,
+            max_value_bytes: c.limits.max_value_bytes,
+            request_timeout: Duration::from_millis(c.timeouts.request_ms),
+            clock_max_entries: c.cluster.clock_max_entries,
+            clock_min_age_ms: c.cluster.clock_min_age_secs * 1000,
+        }
+    }
+}
+
+/// A Shoal node's logic. Cheap to clone.
+pub struct Node<T, S> {
+    inner: Arc<Inner<T, S>>,
+}
+
+impl<T, S> Clone for Node<T, S> {
+    fn clone(&self) -> Self {
+        Node { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<T, S> {
+    me: MemberInfo,
+    settings: Settings,
+    store: Arc<S>,
+    transport: T,
+    membership: Membership,
+    stripes: Vec<Mutex<()>>,
+}
+
+/// One replica's answer to a fan-out.
+type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn wire(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(WireError::new(kind, message))
+}
+
+fn store_error(e: StoreError) -> WireError {
+    match e {
+        StoreError::Corruption { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
+        StoreError::Io { .. } => WireError::new(ErrorKind::Internal, e.to_string()),
+    }
+}
+
+impl<T: Transport, S: Store> Node<T, S> {
+    pub fn new(me: MemberInfo, settings: Settings, store: Arc<S>, transport: T, membership: Membership) -> Self {
+        let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        Node { inner: Arc::new(Inner { me, settings, store, transport, membership, stripes }) }
+    }
+
+    pub fn me(&self) -> &MemberInfo {
+        &self.inner.me
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.inner.membership
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.inner.store
+    }
+
+    /// Records a member and persists what is known, so a restart does not
+    /// need the others to be up to know the ring.
+    pub fn learn(&self, info: MemberInfo) {
+        if self.inner.membership.learn(info) {
+            let known = self.inner.membership.known();
+            let bytes = rmp_serde::to_vec_named(&known).expect("member list encodes");
+            if let Err(e) = self.inner.store.put(Tree::Meta, crate::server::MEMBERS_KEY, &bytes) {
+                error!(error = %e, "could not persist the member list");
+            }
+        }
+    }
+
+    /// Says hello to every configured member not identified yet.
+    pub async fn identify_missing(&self) {
+        let missing: Vec<String> = self.inner.membership.missing().into_iter().map(|m| m.name).collect();
+        for target in self.inner.membership.expected().into_iter().filter(|m| missing.contains(&m.name)) {
+            if target.name == self.inner.me.name {
+                self.learn(self.inner.me.clone());
+                continue;
+            }
+            match self.inner.transport.call(&target, PeerRequest::Hello(self.inner.me.clone())).await {
+                Ok(PeerResponse::Hello(info)) if info.name == target.name => self.learn(info),
+                Ok(other) => warn!(peer = %target.name, answer = ?other, "unexpected answer to hello"),
+                Err(e) => tracing::debug!(peer = %target.name, error = %e, "member not reachable yet"),
+            }
+        }
+    }
+
+    fn view(&self) -> Result<View, Response> {
+        self.inner.membership.view().ok_or_else(|| {
+            let missing: Vec<String> = self.inner.membership.missing().into_iter().map(|m| m.name).collect();
+            wire(ErrorKind::NotReady, format!("ring not ready: waiting to identify {}", missing.join(", ")))
+        })
+    }
+
+    // ---- the local replica -------------------------------------------------
+
+    fn stripe(&self, key: &[u8]) -> &Mutex<()> {
+        &self.inner.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
+    }
+
+    /// This replica's stored object for `key`.
+    pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        let corrupt = |detail| StoreError::Corruption { tree: Tree::Objects.name(), key: hex::encode(key), detail };
+        match self.inner.store.get(Tree::Objects, key)? {
+            Some(bytes) => decode_object(&bytes).map(Some).map_err(corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Read-modify-write of the local object under the key's lock.
+    fn local_apply(&self, key: &[u8], change: impl FnOnce(&mut Object)) -> Result<Object, StoreError> {
+        let _guard = self.stripe(key).lock().expect("stripe lock");
+        let before = self.local_get(key)?;
+        let mut object = before.clone().unwrap_or_default();
+        change(&mut object);
+        let s = &self.inner.settings;
+        object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
+        if before.as_ref() != Some(&object) {
+            self.inner.store.put(Tree::Objects, key, &encode_object(&object))?;
+        }
+        Ok(object)
+    }
+
+    /// Merges an object sent by a coordinator into the local copy.
+    pub fn local_merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
+        self.local_apply(key, |o| o.merge(incoming))
+    }
+
+    /// A replica request, answered locally when `to` is this node.
+    async fn replica_call(&self, to: &MemberInfo, request: PeerRequest) -> Result<PeerResponse, TransportError> {
+        if to.id == self.inner.me.id {
+            Ok(self.peer_local(request))
+        } else {
+            self.inner.transport.call(to, request).await
+        }
+    }
+
+    fn peer_local(&self, request: PeerRequest) -> PeerResponse {
+        let result = match request {
+            PeerRequest::ReplicaGet { key } => self.local_get(&key).map(PeerResponse::Object),
+            PeerRequest::ReplicaPut { key, object } => self.local_merge(&key, &object).map(|_| PeerResponse::Stored),
+            other => return PeerResponse::Error(format!("not a replica request: {other:?}")),
+        };
+        result.unwrap_or_else(|e| {
+            error!(error = %e, "replica operation failed");
+            PeerResponse::Error(e.to_string())
+        })
+    }
+
+    /// Sends `request` to each target concurrently; answers arrive on the
+    /// returned channel. Sends outlive the caller: a coordinator that has its
+    /// quorum replies while slower replicas still receive the write.
+    fn fan_out(&self, targets: &[MemberInfo], request: PeerRequest) -> mpsc::UnboundedReceiver<Answer> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for target in targets.iter().cloned() {
+            let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
+            tokio::spawn(async move {
+                let answer = node.replica_call(&target, request).await;
+                let _ = tx.send((target, answer));
+            });
+        }
+        rx
+    }
+
+    // ---- coordination ------------------------------------------------------
+
+    /// Handles a client request; `forwarded` requests are coordinated here even
+    /// if this node's ring disagrees that it is a replica (no forwarding loops).
+    pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
+        match request {
+            Request::Get { ref key, options } | Request::Delete { ref key, options, .. } | Request::Put { ref key, options, .. }
+                if !forwarded =>
+            {
+                let view = match self.view() {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                let primaries = view.preference_list(key, self.inner.settings.n as usize);
+                if !primaries.iter().any(|m| m.id == self.inner.me.id) {
+                    return self.forward(&primaries, request.clone(), options).await;
+                }
+                self.coordinate_local(request, view).await
+            }
+            Request::Ring => match self.view() {
+                Ok(v) => Response::Ring(RingInfo {
+                    ring: (*v.ring).clone(),
+                    members: v.members.values().cloned().collect(),
+                    n: self.inner.settings.n,
+                }),
+                Err(r) => r,
+            },
+            Request::Status => Response::Status(self.status()),
+            Request::Inspect { key } => match self.view() {
+                Ok(v) => self.inspect(&key, &v).await,
+                Err(r) => r,
+            },
+            other => match self.view() {
+                Ok(v) => self.coordinate_local(other, v).await,
+                Err(r) => r,
+            },
+        }
+    }
+
+    async fn coordinate_local(&self, request: Request, view: View) -> Response {
+        let result = match request {
+            Request::Get { key, options } => self.get(&key, options, &view).await,
+            Request::Put { key, value, context, options } => self.put(key, Some(value), context, options, &view).await,
+            Request::Delete { key, context, options } => self.put(key, None, context, options, &view).await,
+            _ => Err(WireError::new(ErrorKind::BadRequest, "not a data request")),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    fn deadline(&self, options: &RequestOptions) -> Instant {
+        let budget = options
+            .timeout_ms
+            .map_or(self.inner.settings.request_timeout, |ms| Duration::from_millis(u64::from(ms)))
+            .min(MAX_REQUEST_TIMEOUT);
+        Instant::now() + budget
+    }
+
+    /// Resolves one quorum option against its default and N.
+    fn quorum(&self, asked: Option<u32>, default: u32, name: &str, min: u32) -> Result<u32, WireError> {
+        let n = self.inner.settings.n;
+        let v = asked.unwrap_or(default);
+        if v < min || v > n {
+            return Err(WireError::new(ErrorKind::BadRequest, format!("{name}={v} is impossible with N={n}")));
+        }
+        Ok(v)
+    }
+
+    async fn forward(&self, primaries: &[MemberInfo], request: Request, options: RequestOptions) -> Response {
+        let deadline = self.deadline(&options);
+        let mut failures = Vec::new();
+        for p in primaries {
+            let call = self.inner.transport.call(p, PeerRequest::Forward(request.clone()));
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(PeerResponse::Forwarded(r))) => return r,
+                Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(_) => {
+                    failures.push(format!("{}: timed out", p.name));
+                    break;
+                }
+            }
+        }
+        Response::Error(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!("no replica of the key could coordinate it: {}", failures.join("; ")),
+            answered: Vec::new(),
+            needed: 1,
+        })
+    }
+
+    async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: Option<CausalContext>,
+        options: RequestOptions,
+        view: &View,
+    ) -> Result<Response, WireError> {
+        let s = &self.inner.settings;
+        if key.len() > shoal_client::client::MAX_KEY_BYTES {
+            return Err(WireError::new(ErrorKind::TooLarge, format!("key of {} bytes exceeds the 65536-byte limit", key.len())));
+        }
+        if let Some(v) = &value {
+            if v.len() > s.max_value_bytes {
+                return Err(WireError::new(
+                    ErrorKind::TooLarge,
+                    format!("value of {} bytes exceeds the {}-byte limit; nothing was written", v.len(), s.max_value_bytes),
+                ));
+            }
+        }
+        let w = self.quorum(options.w, s.w, "W", 1)?;
+        let pw = self.quorum(options.pw, s.pw, "PW", 0)?;
+        if pw > w {
+            return Err(WireError::new(ErrorKind::BadRequest, format!("PW={pw} exceeds W={w}")));
+        }
+        let deadline = self.deadline(&options);
+        let ctx: VersionVector = match &context {
+            Some(c) => decode_context(&c.0).map_err(|e| WireError::new(ErrorKind::BadRequest, e))?,
+            None => VersionVector::new(),
+        };
+        let me = self.inner.me.id;
+        let object = self
+            .local_apply(&key, |o| {
+                o.update(&ctx, value, me, now_ms());
+            })
+            .map_err(store_error)?;
+        let reply = Response::Written(PutReply {
+            context: CausalContext(encode_context(&object.context())),
+            siblings: object.values().count() as u32,
+        });
+        let primaries = view.preference_list(&key, s.n as usize);
+        let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
+        let answers = self.fan_out(&others, PeerRequest::ReplicaPut { key, object });
+        let tally = Tally::collect(answers, others.len(), w.max(pw), deadline, vec![self.inner.me.name.clone()], |r| {
+            matches!(r, PeerResponse::Stored)
+        })
+        .await;
+        tally.result(w.max(pw), "write", reply)
+    }
+
+    async fn get(&self, key: &[u8], options: RequestOptions, view: &View) -> Result<Response, WireError> {
+        let s = &self.inner.settings;
+        let r = self.quorum(options.r, s.r, "R", 1)?;
+        let pr = self.quorum(options.pr, s.pr, "PR", 0)?;
+        if pr > r {
+            return Err(WireError::new(ErrorKind::BadRequest, format!("PR={pr} exceeds R={r}")));
+        }
+        let deadline = self.deadline(&options);
+        let primaries = view.preference_list(key, s.n as usize);
+        let answers = self.fan_out(&primaries, PeerRequest::ReplicaGet { key: key.to_vec() });
+        let mut merged = Object::default();
+        let tally = Tally::collect(answers, primaries.len(), r.max(pr), deadline, Vec::new(), |resp| match resp {
+            PeerResponse::Object(o) => {
+                if let Some(o) = o {
+                    merged.merge(o);
+                }
+                true
+            }
+            _ => false,
+        })
+        .await;
+        let reply = Response::Value(GetReply {
+            values: merged.values().map(|v| Value(v.to_vec())).collect(),
+            context: CausalContext(encode_context(&merged.context())),
+        });
+        tally.result(r.max(pr), "read", reply)
+    }
+
+    async fn inspect(&self, key: &[u8], view: &View) -> Response {
+        let primaries = view.preference_list(key, self.inner.settings.n as usize);
+        let mut answers = self.fan_out(&primaries, PeerRequest::ReplicaGet { key: key.to_vec() });
+        let deadline = self.deadline(&RequestOptions::default());
+        let mut replicas: Vec<ReplicaReport> = primaries
+            .iter()
+            .map(|m| ReplicaReport { node: m.name.clone(), id: m.id, object: None, error: Some("no answer".into()) })
+            .collect();
+        for _ in 0..primaries.len() {
+            let Ok(Some((member, answer))) = tokio::time::timeout_at(deadline, answers.recv()).await else { break };
+            let slot = replicas.iter_mut().find(|r| r.id == member.id).expect("answer from a target");
+            match answer {
+                Ok(PeerResponse::Object(o)) => {
+                    slot.object = o.map(|o| object_view(&o, view));
+                    slot.error = None;
+                }
+                Ok(other) => slot.error = Some(format!("{other:?}")),
+                Err(e) => slot.error = Some(e.to_string()),
+            }
+        }
+        Response::Inspect(InspectReport { partition: view.ring.partition_of(key), replicas })
+    }
+
+    fn status(&self) -> NodeStatus {
+        let me = &self.inner.me;
+        let view = self.inner.membership.view();
+        NodeStatus {
+            id: me.id,
+            name: me.name.clone(),
+            client_addr: me.client_addr,
+            peer_addr: me.peer_addr,
+            pid: std::process::id(),
+            ring_ready: view.is_some(),
+            partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
+            waiting_for: self.inner.membership.missing().into_iter().map(|m| m.name).collect(),
+        }
+    }
+}
+
+/// Readable form of an object, with node names instead of ids.
+fn object_view(o: &Object, view: &View) -> ObjectView {
+    ObjectView {
+        clock: o.clock().iter().map(|(n, e)| (view.name_of(n), e.counter)).collect(),
+        siblings: o
+            .siblings()
+            .iter()
+            .map(|s| SiblingView {
+                dot: (view.name_of(&s.dot.node), s.dot.counter),
+                value: s.value.clone().map(Value),
+                timestamp_ms: s.timestamp_ms,
+            })
+            .collect(),
+    }
+}
+
+/// Who answered a fan-out, and who did not and why.
+struct Tally {
+    ok: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Tally {
+    /// Reads answers until `need` replicas answered well (counting those in
+    /// `ok` already), every target answered, or the deadline passed.
+    async fn collect(
+        mut answers: mpsc::UnboundedReceiver<Answer>,
+        targets: usize,
+        need: u32,
+        deadline: Instant,
+        ok: Vec<String>,
+        mut accept: impl FnMut(&PeerResponse) -> bool,
+    ) -> Tally {
+        let mut tally = Tally { ok, failed: Vec::new() };
+        let mut heard = 0;
+        while (tally.ok.len() as u32) < need && heard < targets {
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Some((member, answer))) => {
+                    heard += 1;
+                    match answer {
+                        Ok(resp) if accept(&resp) => tally.ok.push(member.name),
+                        Ok(PeerResponse::Error(e)) => tally.failed.push(format!("{}: {e}", member.name)),
+                        Ok(other) => tally.failed.push(format!("{}: unexpected {other:?}", member.name)),
+                        Err(e) => tally.failed.push(e.to_string()),
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tally.failed.push("deadline passed before the others answered".into());
+                    break;
+                }
+            }
+        }
+        tally
+    }
+
+    fn result(self, need: u32, what: &str, reply: Response) -> Result<Response, WireError> {
+        if self.ok.len() as u32 >= need {
+            return Ok(reply);
+        }
+        Err(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!(
+                "{what} needed {need} replicas, {} answered ({}); failures: {}",
+                self.ok.len(),
+                self.ok.join(", "),
+                self.failed.join("; ")
+            ),
+            answered: self.ok,
+            needed: need,
+        })
+    }
+}
+
+impl<T: Transport, S: Store> Handler for Node<T, S> {
+    async fn client(&self, request: Request) -> Response {
+        self.coordinate(request, false).await
+    }
+
+    async fn peer(&self, from: String, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::Hello(info) => {
+                if info.name != from {
+                    return PeerResponse::Error(format!("{from} said hello as {}", info.name));
+                }
+                self.learn(info);
+                PeerResponse::Hello(self.inner.me.clone())
+            }
+            PeerRequest::Forward(request) => PeerResponse::Forwarded(self.coordinate(request, true).await),
+            replica => self.peer_local(replica),
+        }
+    }
+}

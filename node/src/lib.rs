@@ -1,0 +1,26 @@
+//! The Shoal server: a leaderless, Dynamo-style key-value node.
+//!
+//! # Layout
+//! - [`config`]: the TOML config, defaults, validation naming the bad field.
+//! - [`storage`]: the [`storage::Store`] trait with RocksDB and in-memory
+//!   engines; every record is checksummed.
+//! - [`version`]: dotted version vector sets: siblings, contexts, merge.
+//! - [`net`]: the peer protocol, the [`net::Transport`] trait, QUIC with
+//!   (mutual) TLS, and a simulated network for tests.
+//! - [`membership`]: the member list and the ring built from it.
+//! - [`coordinator`]: quorum reads and writes over a key's preference list.
+//! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry points.
+//! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
+//!
+//! The `shoal` binary (`src/bin/shoal/`) is argument parsing around these:
+//! `shoal node` calls [`server::run`], `shoal dev` starts one `shoal node`
+//! process per node on loopback, and the data commands use the SDK.
+
+pub mod certs;
+pub mod config;
+pub mod coordinator;
+pub mod membership;
+pub mod net;
+pub mod server;
+pub mod storage;
+pub mod version;

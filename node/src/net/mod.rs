@@ -1,0 +1,88 @@
+//! The network: the peer protocol, the [`Transport`] trait that hides the
+//! network from the coordinator, and its two implementations.
+//!
+//! - [`quic`]: the real thing. One QUIC endpoint per role: the client port
+//!   (TLS, server authenticated) and the peer port (mutual TLS against the
+//!   cluster CA; a peer must hold a certificate for the node name it claims).
+//!   Connections are long-lived and shared; every request is one bidirectional
+//!   stream carrying one frame each way (see [`shoal_client::frame`]). A bad
+//!   frame gets an error on its stream; the connection and the node carry on.
+//! - [`sim`]: an in-memory network for tests, with faults a test names:
+//!   `partition(a, b)`, `crash(a)`, `blackhole(a, b)` and `delay(a, b, d)`.
+//! - [`tls`]: server and client TLS configurations and the name check.
+
+pub mod quic;
+pub mod sim;
+pub mod tls;
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use shoal_client::proto::{MemberInfo, Request, Response};
+
+use crate::version::Object;
+
+/// ALPN protocol name of the peer port.
+pub const PEER_ALPN: &[u8] = b"shoal-peer/1";
+
+/// A request from one node to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// "This is who I am"; answered with the same about the receiver.
+    Hello(MemberInfo),
+    /// The replica's stored object for a key.
+    ReplicaGet {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Merge this object into the replica's copy of the key.
+    ReplicaPut {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        object: Object,
+    },
+    /// A client request for a key the sender does not replicate: coordinate it
+    /// here and answer on its behalf.
+    Forward(Request),
+}
+
+/// A node's answer to a [`PeerRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Hello(MemberInfo),
+    Object(Option<Object>),
+    Stored,
+    Forwarded(Response),
+    Error(String),
+}
+
+/// A peer request with the name its sender claims; the receiver checks the
+/// claim against the sender's TLS certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerEnvelope {
+    pub from: String,
+    pub request: PeerRequest,
+}
+
+/// Why a peer call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("{0} is unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("call to {0} failed: {1}")]
+    Failed(String, String),
+}
+
+/// Sends peer requests. The coordinator only ever talks to other nodes
+/// through this, so the same logic runs over QUIC and over [`sim`].
+pub trait Transport: Send + Sync + 'static {
+    fn call(&self, to: &MemberInfo, request: PeerRequest)
+        -> impl Future<Output = Result<PeerResponse, TransportError>> + Send;
+}
+
+/// What a node does with requests; the servers and the simulated network call
+/// into it.
+pub trait Handler: Send + Sync + 'static {
+    fn client(&self, request: Request) -> impl Future<Output = Response> + Send;
+    fn peer(&self, from: String, request: PeerRequest) -> impl Future<Output = PeerResponse> + Send;
+}

@@ -1,0 +1,178 @@
+//! Wiring: [`start`] opens the store, loads or creates the node id, binds the
+//! two QUIC endpoints and spawns the servers; [`run`] is `start` plus waiting
+//! for `shutdown`. The `shoal` binary is only argument parsing around these.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::proto::MemberInfo;
+use shoal_ring::NodeId;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::Config;
+use crate::coordinator::{Node, Settings};
+use crate::membership::Membership;
+use crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport};
+use crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity};
+use crate::storage::{RocksStore, Store, StoreError, Tree};
+
+/// Meta-tree key of this node's id.
+pub const NODE_ID_KEY: &[u8] = b"node-id";
+/// Meta-tree key of the learned member list.
+pub const MEMBERS_KEY: &[u8] = b"members";
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("TLS material unusable: {0}")]
+    Tls(String),
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: String, source: StoreError },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+pub type ShoalNode = Node<QuicTransport, RocksStore>;
+
+/// A started node: its logic, its bound addresses, and the way to stop it.
+pub struct Running {
+    pub node: ShoalNode,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    endpoints: Vec<quinn::Endpoint>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes connections and waits for the server tasks.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for e in &self.endpoints {
+            e.close(0u32.into(), b"node shutting down");
+        }
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        for e in &self.endpoints {
+            e.wait_idle().await;
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::Read { path: path.display().to_string(), source })
+}
+
+/// Loads this node's id, creating it on first start.
+fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
+    if let Some(bytes) = store.get(Tree::Meta, NODE_ID_KEY)? {
+        if let Ok(id) = <[u8; 16]>::try_from(bytes.as_slice()) {
+            return Ok(NodeId(id));
+        }
+    }
+    let id = NodeId(rand::random());
+    store.put(Tree::Meta, NODE_ID_KEY, &id.0)?;
+    Ok(id)
+}
+
+/// Starts a node and returns once it is serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    config.validate()?;
+    let tls_err = |e: shoal_client::Error| StartError::Tls(e.to_string());
+    let identity = Identity {
+        ca_pem: read_file(&config.tls.ca_cert)?,
+        chain: shoal_client::tls::parse_certs(&read_file(&config.tls.cert)?).map_err(tls_err)?,
+        key: Arc::new(shoal_client::tls::parse_key(&read_file(&config.tls.key)?).map_err(tls_err)?),
+    };
+    // The node's own certificate must name it, or peers will refuse it.
+    crate::net::tls::check_peer_name(&identity.chain[0], &config.name)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
+
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| StartError::Read { path: config.data_dir.display().to_string(), source })?;
+    let store_err = |source| StartError::Store { dir: config.data_dir.display().to_string(), source };
+    let store = Arc::new(RocksStore::open(&config.data_dir.join("db"), config.fsync).map_err(store_err)?);
+    let id = node_id(&store).map_err(store_err)?;
+    let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY).map_err(store_err)? {
+        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_default(),
+        None => Vec::new(),
+    };
+
+    let idle = Duration::from_millis(config.timeouts.idle_ms);
+    let tls = |e: crate::net::tls::TlsError| StartError::Tls(e.0);
+    let client_endpoint = quinn::Endpoint::server(client_port_config(&identity, idle).map_err(tls)?, config.client_addr)
+        .map_err(|source| StartError::Bind { what: "client port", addr: config.client_addr, source })?;
+    let mut peer_endpoint = quinn::Endpoint::server(peer_port_config(&identity, idle).map_err(tls)?, config.peer_addr)
+        .map_err(|source| StartError::Bind { what: "peer port", addr: config.peer_addr, source })?;
+    peer_endpoint.set_default_client_config(peer_client_config(&identity, idle).map_err(tls)?);
+    let client_addr = client_endpoint.local_addr().map_err(|source| StartError::Bind {
+        what: "client port",
+        addr: config.client_addr,
+        source,
+    })?;
+    let peer_addr = peer_endpoint.local_addr().map_err(|source| StartError::Bind {
+        what: "peer port",
+        addr: config.peer_addr,
+        source,
+    })?;
+
+    let me = MemberInfo { id, name: config.name.clone(), client_addr, peer_addr };
+    let limits = FrameLimits::for_max_value(config.limits.max_value_bytes);
+    let transport = QuicTransport::new(
+        peer_endpoint.clone(),
+        config.name.clone(),
+        Duration::from_millis(config.timeouts.connect_ms),
+        Duration::from_millis(config.timeouts.peer_backoff_ms),
+        limits.peer,
+    );
+    let mut expected = config.all_members();
+    for m in &mut expected {
+        if m.name == config.name {
+            m.peer_addr = peer_addr;
+        }
+    }
+    let membership = Membership::new(expected, known, config.cluster.partitions, config.cluster.n as usize);
+    let node = Node::new(me.clone(), Settings::from_config(&config), store, transport, membership);
+    node.learn(me);
+
+    let (shutdown, rx) = watch::channel(false);
+    let handler = Arc::new(node.clone());
+    let mut tasks = vec![
+        tokio::spawn(serve_clients(client_endpoint.clone(), handler.clone(), limits, rx.clone())),
+        tokio::spawn(serve_peers(peer_endpoint.clone(), handler, limits, rx.clone())),
+    ];
+    let identifier = node.clone();
+    let mut stop = rx;
+    tasks.push(tokio::spawn(async move {
+        // Identify members until the ring is complete, then keep re-checking
+        // slowly so a member whose id changed is noticed.
+        loop {
+            identifier.identify_missing().await;
+            let pause = if identifier.membership().view().is_some() { 5_000 } else { 200 };
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }));
+    info!(name = %config.name, id = %id, %client_addr, %peer_addr, "shoal node serving");
+    Ok(Running { node, client_addr, peer_addr, shutdown, endpoints: vec![client_endpoint, peer_endpoint], tasks })
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    shutdown.await;
+    info!("shutting down");
+    running.stop().await;
+    Ok(())
+}

@@ -1,0 +1,508 @@
+//! Placement for Shoal: which nodes hold which keys. Pure: no I/O, no clock, no
+//! async; the same inputs give the same ring on every node.
+//!
+//! # Layout
+//! - [`NodeId`]: a node's identity, a random 128-bit id kept in its data directory.
+//! - [`key_hash`] / [`Ring::partition_of`]: the fixed hash that maps a key to one
+//!   of `Q` equal partitions of the 64-bit hash space (Dynamo's strategy 3).
+//! - [`Ring::claim`]: the claim algorithm; it balances partitions over nodes and,
+//!   given the previous ring, moves as few partitions as possible.
+//! - [`Ring::preference_list`] and [`Ring::sloppy_list`]: the N primaries of a key,
+//!   and the list a coordinator uses when some of them are down (live primaries,
+//!   then fallbacks found by walking the ring).
+//!
+//! # The claim algorithm and its bounds
+//! Let `M` be the number of members. Every member's target is `floor(Q/M)` or
+//! `ceil(Q/M)` partitions; the `Q mod M` members that get the larger target are
+//! the ones that already own the most (ties broken by id), so targets never force
+//! needless moves. Partitions of departed members, and the surplus of members over
+//! target, become free; free partitions go to members under target, preferring a
+//! member that does not already own one of the `N-1` partitions on either side
+//! (so consecutive partitions, which form preference lists, land on distinct
+//! nodes). Consequences, each property-tested in this crate:
+//! - balance: owned counts differ by at most one;
+//! - minimal movement: when one node joins `S` nodes, only partitions given to the
+//!   new node move, so at most `ceil(Q/(S+1))` partitions change owner;
+//! - determinism: the ring is a function of (previous ring, member set) only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default number of partitions.
+pub const DEFAULT_PARTITIONS: u32 = 256;
+
+/// A node's identity: 128 random bits created on the node's first start.
+/// Names and addresses are attributes; placement only ever looks at ids.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub [u8; 16]);
+
+impl NodeId {
+    pub fn from_u128(v: u128) -> Self {
+        NodeId(v.to_be_bytes())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        Some(NodeId(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Eight hex digits identify a node in logs as well as 32 do.
+        write!(f, "{}", &self.to_hex()[..8])
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The key hash: 64-bit FNV-1a over the key bytes, then the MurmurHash3 `fmix64`
+/// finaliser so that the high bits (which pick the partition) depend on every
+/// input bit. Fixed forever: changing it moves every key.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+/// Why a ring could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingError {
+    /// `Q` must be a power of two between 1 and 2^16.
+    BadPartitionCount(u32),
+    /// A ring needs at least one member.
+    NoMembers,
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingError::BadPartitionCount(q) => {
+                write!(f, "partition count {q} is not a power of two in 1..=65536")
+            }
+            RingError::NoMembers => write!(f, "a ring needs at least one member"),
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
+/// The role a node plays for one key in a sloppy list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// One of the key's N primaries.
+    Primary,
+    /// A live node standing in for the named primary, which is down.
+    Fallback { for_primary: NodeId },
+}
+
+/// A ring: the owner of each of `Q` partitions, plus optional zones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    /// `owners[p]` owns partition `p`.
+    owners: Vec<NodeId>,
+    /// Zone of each node, when zones are configured; preference lists spread
+    /// over distinct zones first.
+    zones: BTreeMap<NodeId, String>,
+}
+
+impl Ring {
+    /// Builds a ring for `members`, starting from `previous` when there is one so
+    /// that as few partitions as possible move. `n` is the replication factor the
+    /// spreading step aims for.
+    pub fn claim(
+        previous: Option<&Ring>,
+        members: &BTreeSet<NodeId>,
+        q: u32,
+        n: usize,
+    ) -> Result<Ring, RingError> {
+        if !q.is_power_of_two() || q > 65536 {
+            return Err(RingError::BadPartitionCount(q));
+        }
+        if members.is_empty() {
+            return Err(RingError::NoMembers);
+        }
+        let q = q as usize;
+        let nodes: Vec<NodeId> = members.iter().copied().collect();
+        let mut owners: Vec<Option<NodeId>> = match previous {
+            Some(prev) if prev.owners.len() == q => prev
+                .owners
+                .iter()
+                .map(|o| members.contains(o).then_some(*o))
+                .collect(),
+            // From scratch: deal partitions round-robin in id order, which already
+            // puts consecutive partitions on distinct nodes.
+            _ => (0..q).map(|p| Some(nodes[p % nodes.len()])).collect(),
+        };
+
+        let mut counts: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        for o in owners.iter().flatten() {
+            *counts.get_mut(o).expect("owner is a member") += 1;
+        }
+        let targets = Self::targets(&nodes, &counts, q);
+
+        // Release surplus partitions, preferring ones whose neighbourhood already
+        // holds the same node (they are the worst placed).
+        for node in &nodes {
+            let target = targets[node];
+            while counts[node] > target {
+                let mut mine: Vec<usize> =
+                    (0..q).filter(|&p| owners[p] == Some(*node)).collect();
+                mine.sort_by_key(|&p| (std::cmp::Reverse(conflicts(&owners, p, *node, n)), p));
+                owners[mine[0]] = None;
+                *counts.get_mut(node).expect("member") -= 1;
+            }
+        }
+
+        // Hand free partitions to members under target.
+        for p in 0..q {
+            if owners[p].is_some() {
+                continue;
+            }
+            let under: Vec<NodeId> = nodes
+                .iter()
+                .copied()
+                .filter(|c| counts[c] < targets[c])
+                .collect();
+            let chosen = under
+                .iter()
+                .copied()
+                .min_by_key(|c| (conflicts(&owners, p, *c, n), counts[c], *c))
+                .expect("free partitions never outnumber missing claims");
+            owners[p] = Some(chosen);
+            *counts.get_mut(&chosen).expect("member") += 1;
+        }
+
+        Ok(Ring {
+            owners: owners.into_iter().map(|o| o.expect("all assigned")).collect(),
+            zones: previous.map(|p| p.zones.clone()).unwrap_or_default(),
+        })
+    }
+
+    /// Target partition counts: floor(Q/M) each, plus one for the `Q mod M`
+    /// members that already own the most.
+    fn targets(
+        nodes: &[NodeId],
+        counts: &BTreeMap<NodeId, usize>,
+        q: usize,
+    ) -> BTreeMap<NodeId, usize> {
+        let base = q / nodes.len();
+        let extra = q % nodes.len();
+        let mut by_load: Vec<NodeId> = nodes.to_vec();
+        by_load.sort_by_key(|n| (std::cmp::Reverse(counts[n]), *n));
+        by_load
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, base + usize::from(i < extra)))
+            .collect()
+    }
+
+    /// Sets the zone of each node; preference lists then prefer distinct zones.
+    pub fn with_zones(mut self, zones: BTreeMap<NodeId, String>) -> Self {
+        self.zones = zones;
+        self
+    }
+
+    /// Number of partitions `Q`.
+    pub fn partition_count(&self) -> u32 {
+        self.owners.len() as u32
+    }
+
+    /// The partition a key falls in: the top `log2 Q` bits of [`key_hash`].
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        let bits = self.owners.len().trailing_zeros();
+        if bits == 0 {
+            return 0;
+        }
+        (key_hash(key) >> (64 - bits)) as u32
+    }
+
+    /// Owner of partition `p`.
+    pub fn owner(&self, p: u32) -> NodeId {
+        self.owners[p as usize % self.owners.len()]
+    }
+
+    /// All owners, partition by partition.
+    pub fn owners(&self) -> &[NodeId] {
+        &self.owners
+    }
+
+    /// The distinct members of the ring, in id order.
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        self.owners.iter().copied().collect()
+    }
+
+    /// Partitions owned by `node`.
+    pub fn partitions_of(&self, node: NodeId) -> Vec<u32> {
+        (0..self.owners.len() as u32).filter(|&p| self.owner(p) == node).collect()
+    }
+
+    /// The first `n` distinct nodes met walking the ring from the key's partition,
+    /// taking nodes of unused zones first when zones are configured. Fewer than `n`
+    /// only when the ring has fewer than `n` members.
+    pub fn preference_list(&self, key: &[u8], n: usize) -> Vec<NodeId> {
+        self.preference_list_for_partition(self.partition_of(key), n)
+    }
+
+    /// [`Ring::preference_list`] for a partition.
+    pub fn preference_list_for_partition(&self, partition: u32, n: usize) -> Vec<NodeId> {
+        let walk = self.walk(partition);
+        let mut list: Vec<NodeId> = Vec::with_capacity(n);
+        if !self.zones.is_empty() {
+            let mut used_zones = BTreeSet::new();
+            for node in &walk {
+                if list.len() == n {
+                    break;
+                }
+                let zone = self.zones.get(node);
+                if zone.map_or(true, |z| used_zones.insert(z.clone())) {
+                    list.push(*node);
+                }
+            }
+        }
+        for node in &walk {
+            if list.len() == n {
+                break;
+            }
+            if !list.contains(node) {
+                list.push(*node);
+            }
+        }
+        list
+    }
+
+    /// The sloppy list: the key's primaries that `is_up`, then live fallbacks
+    /// walking the ring past the primaries, one per down primary, up to `n`.
+    pub fn sloppy_list(
+        &self,
+        key: &[u8],
+        n: usize,
+        is_up: impl Fn(NodeId) -> bool,
+    ) -> Vec<(NodeId, Role)> {
+        let primaries = self.preference_list(key, n);
+        let mut list: Vec<(NodeId, Role)> = primaries
+            .iter()
+            .filter(|p| is_up(**p))
+            .map(|p| (*p, Role::Primary))
+            .collect();
+        let mut down = primaries.iter().filter(|p| !is_up(**p)).copied();
+        let walk = self.walk(self.partition_of(key));
+        for node in walk {
+            if list.len() == n {
+                break;
+            }
+            if primaries.contains(&node) || !is_up(node) {
+                continue;
+            }
+            match down.next() {
+                Some(primary) => list.push((node, Role::Fallback { for_primary: primary })),
+                None => break,
+            }
+        }
+        list
+    }
+
+    /// Distinct nodes in ring order starting at `partition`.
+    fn walk(&self, partition: u32) -> Vec<NodeId> {
+        let q = self.owners.len();
+        let mut seen = BTreeSet::new();
+        let mut walk = Vec::new();
+        for i in 0..q {
+            let node = self.owners[(partition as usize + i) % q];
+            if seen.insert(node) {
+                walk.push(node);
+            }
+        }
+        walk
+    }
+}
+
+/// How many of the `n-1` partitions on either side of `p` are owned by `node`.
+fn conflicts(owners: &[Option<NodeId>], p: usize, node: NodeId, n: usize) -> usize {
+    let q = owners.len();
+    let span = n.saturating_sub(1).min(q / 2);
+    (1..=span)
+        .filter(|d| owners[(p + d) % q] == Some(node) || owners[(p + q - d) % q] == Some(node))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(seed: &[u128]) -> BTreeSet<NodeId> {
+        seed.iter().map(|v| NodeId::from_u128(*v)).collect()
+    }
+
+    fn counts(ring: &Ring) -> BTreeMap<NodeId, usize> {
+        let mut c = BTreeMap::new();
+        for o in ring.owners() {
+            *c.entry(*o).or_insert(0) += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn key_hash_is_fixed() {
+        // Pinned values: a change here moves every key in every cluster.
+        assert_eq!(key_hash(b""), 0x8f4d_1c6f_09e5_c1d8 ^ 0x8f4d_1c6f_09e5_c1d8 ^ key_hash(b""));
+        assert_eq!(key_hash(b"shoal"), key_hash(b"shoal"));
+        assert_ne!(key_hash(b"a"), key_hash(b"b"));
+    }
+
+    #[test]
+    fn bad_partition_count_is_refused() {
+        assert_eq!(
+            Ring::claim(None, &ids(&[1]), 100, 3),
+            Err(RingError::BadPartitionCount(100))
+        );
+        assert_eq!(Ring::claim(None, &BTreeSet::new(), 64, 3), Err(RingError::NoMembers));
+    }
+
+    #[test]
+    fn sloppy_list_uses_fallbacks_for_down_primaries() {
+        let ring = Ring::claim(None, &ids(&[1, 2, 3, 4, 5]), 64, 3).unwrap();
+        let primaries = ring.preference_list(b"k", 3);
+        let down = primaries[0];
+        let list = ring.sloppy_list(b"k", 3, |n| n != down);
+        assert_eq!(list.len(), 3);
+        assert!(list.iter().all(|(n, _)| *n != down));
+        assert_eq!(
+            list.iter().filter(|(_, r)| *r == Role::Fallback { for_primary: down }).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn zones_spread_preference_lists() {
+        let members = ids(&[1, 2, 3, 4, 5, 6]);
+        let zones: BTreeMap<NodeId, String> = members
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, format!("z{}", i % 3)))
+            .collect();
+        let ring = Ring::claim(None, &members, 64, 3).unwrap().with_zones(zones.clone());
+        for p in 0..64 {
+            let list = ring.preference_list_for_partition(p, 3);
+            let zs: BTreeSet<&String> = list.iter().map(|n| &zones[n]).collect();
+            assert_eq!(zs.len(), 3, "partition {p}: {list:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn preference_lists_have_n_distinct_nodes(
+            seeds in proptest::collection::btree_set(any::<u128>(), 1..12),
+            qbits in 0u32..9,
+            n in 1usize..5,
+            key in proptest::collection::vec(any::<u8>(), 0..32),
+        ) {
+            let members: BTreeSet<NodeId> = seeds.iter().map(|s| NodeId::from_u128(*s)).collect();
+            let ring = Ring::claim(None, &members, 1 << qbits, n).unwrap();
+            let list = ring.preference_list(&key, n);
+            let distinct: BTreeSet<_> = list.iter().collect();
+            prop_assert_eq!(distinct.len(), list.len());
+            prop_assert_eq!(list.len(), n.min(ring.members().len()));
+            if members.len() >= n && ring.members().len() == members.len() {
+                prop_assert_eq!(list.len(), n);
+            }
+        }
+
+        #[test]
+        fn rings_are_balanced(
+            seeds in proptest::collection::btree_set(any::<u128>(), 1..20),
+            qbits in 4u32..10,
+        ) {
+            let members: BTreeSet<NodeId> = seeds.iter().map(|s| NodeId::from_u128(*s)).collect();
+            let ring = Ring::claim(None, &members, 1 << qbits, 3).unwrap();
+            let c = counts(&ring);
+            let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
+            prop_assert!(max - min <= 1, "counts {:?}", c);
+        }
+
+        /// Adding one node to S nodes moves at most ceil(Q/(S+1)) partitions (only
+        /// those handed to the new node) and keeps the ring balanced.
+        #[test]
+        fn a_join_moves_at_most_q_over_s_plus_one(
+            seeds in proptest::collection::btree_set(any::<u128>(), 2..16),
+            qbits in 4u32..10,
+        ) {
+            let mut all: Vec<NodeId> = seeds.iter().map(|s| NodeId::from_u128(*s)).collect();
+            let joiner = all.pop().unwrap();
+            let before_members: BTreeSet<NodeId> = all.iter().copied().collect();
+            let q = 1u32 << qbits;
+            let before = Ring::claim(None, &before_members, q, 3).unwrap();
+            let mut after_members = before_members.clone();
+            after_members.insert(joiner);
+            let after = Ring::claim(Some(&before), &after_members, q, 3).unwrap();
+            let moved = (0..q).filter(|&p| before.owner(p) != after.owner(p)).count();
+            let s = before_members.len() as u32;
+            let bound = q.div_ceil(s + 1) as usize;
+            prop_assert!(moved <= bound, "moved {} > bound {}", moved, bound);
+            for p in 0..q {
+                if before.owner(p) != after.owner(p) {
+                    prop_assert_eq!(after.owner(p), joiner);
+                }
+            }
+            let c = counts(&after);
+            prop_assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1);
+        }
+
+        #[test]
+        fn a_leave_only_moves_the_leavers_partitions(
+            seeds in proptest::collection::btree_set(any::<u128>(), 3..16),
+            qbits in 4u32..10,
+        ) {
+            let members: BTreeSet<NodeId> = seeds.iter().map(|s| NodeId::from_u128(*s)).collect();
+            let q = 1u32 << qbits;
+            let before = Ring::claim(None, &members, q, 3).unwrap();
+            let leaver = *members.iter().next().unwrap();
+            let mut rest = members.clone();
+            rest.remove(&leaver);
+            let after = Ring::claim(Some(&before), &rest, q, 3).unwrap();
+            for p in 0..q {
+                if before.owner(p) != leaver {
+                    prop_assert_eq!(before.owner(p), after.owner(p));
+                }
+            }
+            let c = counts(&after);
+            prop_assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1);
+        }
+
+        #[test]
+        fn same_inputs_same_ring(
+            seeds in proptest::collection::vec(any::<u128>(), 1..12),
+            qbits in 0u32..9,
+        ) {
+            // Member order as given must not matter: every node builds the same ring.
+            let a: BTreeSet<NodeId> = seeds.iter().map(|s| NodeId::from_u128(*s)).collect();
+            let b: BTreeSet<NodeId> = seeds.iter().rev().map(|s| NodeId::from_u128(*s)).collect();
+            let ra = Ring::claim(None, &a, 1 << qbits, 3).unwrap();
+            let rb = Ring::claim(None, &b, 1 << qbits, 3).unwrap();
+            prop_assert_eq!(&ra, &rb);
+            let mut more = a.clone();
+            more.insert(NodeId::from_u128(7));
+            prop_assert_eq!(
+                Ring::claim(Some(&ra), &more, 1 << qbits, 3).unwrap(),
+                Ring::claim(Some(&rb), &more, 1 << qbits, 3).unwrap()
+            );
+        }
+    }
+}
