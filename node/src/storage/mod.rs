@@ -161,7 +161,7 @@ mod conformance {
     fn rocks_store_reports_a_byte_flipped_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         // Random bytes do not compress, so they appear verbatim in the file.
-        let value: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let value: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
         {
             let s = RocksStore::open(dir.path(), false).unwrap();
             s.put(Tree::Objects, b"victim", &value).unwrap();
