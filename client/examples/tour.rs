@@ -5,7 +5,9 @@ use shoal_client::{Client, ClientConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), shoal_client::Error> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| ".shoal-dev".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| ".shoal-dev".into());
     let client = Client::connect(ClientConfig::from_dir(std::path::Path::new(&dir))?).await?;
 
     client.put(b"greeting", b"hello", None).await?;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use shoal_ring::NodeId;
 
 use crate::error::{Error, ErrorKind};
-use crate::rpc::{self, CallError};
 use crate::proto::*;
+use crate::rpc::{self, CallError};
 use crate::tls;
 
 /// TLS name every node's certificate carries for its client port: a client
@@ -61,14 +61,19 @@ impl ClientConfig {
     /// `seeds.txt` (one client address per line).
     pub fn from_dir(dir: &Path) -> Result<Self, Error> {
         let read = |name: &str| {
-            std::fs::read(dir.join(name))
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", dir.join(name).display())))
+            std::fs::read(dir.join(name)).map_err(|e| {
+                Error::Config(format!("cannot read {}: {e}", dir.join(name).display()))
+            })
         };
         let ca_pem = read("ca.pem")?;
         let seeds = String::from_utf8_lossy(&read("seeds.txt")?)
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| l.trim().parse().map_err(|e| Error::Config(format!("bad seed address {l:?}: {e}"))))
+            .map(|l| {
+                l.trim()
+                    .parse()
+                    .map_err(|e| Error::Config(format!("bad seed address {l:?}: {e}")))
+            })
             .collect::<Result<Vec<SocketAddr>, Error>>()?;
         Ok(ClientConfig::new(seeds, ca_pem))
     }
@@ -102,12 +107,21 @@ impl Client {
             Some((cert, key)) => Some((tls::parse_certs(cert)?, tls::parse_key(key)?)),
             None => None,
         };
-        let quic = tls::quic_client_config(&config.ca_pem, identity, CLIENT_ALPN, Duration::from_secs(10))?;
-        let bind: SocketAddr = if config.seeds[0].is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .expect("literal address");
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| Error::Config(format!("cannot open UDP socket: {e}")))?;
+        let quic = tls::quic_client_config(
+            &config.ca_pem,
+            identity,
+            CLIENT_ALPN,
+            Duration::from_secs(10),
+        )?;
+        let bind: SocketAddr = if config.seeds[0].is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| Error::Config(format!("cannot open UDP socket: {e}")))?;
         endpoint.set_default_client_config(quic);
         let client = Client {
             inner: Arc::new(Inner {
@@ -150,7 +164,16 @@ impl Client {
 
     pub async fn get_with(&self, key: &[u8], options: RequestOptions) -> Result<GetReply, Error> {
         check_key(key)?;
-        match self.route(key, &Request::Get { key: key.to_vec(), options: self.options(options) }).await? {
+        match self
+            .route(
+                key,
+                &Request::Get {
+                    key: key.to_vec(),
+                    options: self.options(options),
+                },
+            )
+            .await?
+        {
             Response::Value(v) => Ok(v),
             other => Err(unexpected(other)),
         }
@@ -159,8 +182,14 @@ impl Client {
     /// Writes `value`. With the context of an earlier read, it supersedes what
     /// that read returned; without one it supersedes nothing and may add a
     /// sibling.
-    pub async fn put(&self, key: &[u8], value: &[u8], context: Option<&CausalContext>) -> Result<PutReply, Error> {
-        self.put_with(key, value, context, self.inner.config.options).await
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&CausalContext>,
+    ) -> Result<PutReply, Error> {
+        self.put_with(key, value, context, self.inner.config.options)
+            .await
     }
 
     pub async fn put_with(
@@ -193,8 +222,13 @@ impl Client {
     /// Deletes what `context` covers by writing a tombstone. Without a context
     /// it first reads the key and deletes everything that read saw (a
     /// tombstone that covers nothing would delete nothing).
-    pub async fn delete(&self, key: &[u8], context: Option<&CausalContext>) -> Result<PutReply, Error> {
-        self.delete_with(key, context, self.inner.config.options).await
+    pub async fn delete(
+        &self,
+        key: &[u8],
+        context: Option<&CausalContext>,
+    ) -> Result<PutReply, Error> {
+        self.delete_with(key, context, self.inner.config.options)
+            .await
     }
 
     pub async fn delete_with(
@@ -208,7 +242,11 @@ impl Client {
             Some(c) => c.clone(),
             None => self.get_with(key, options).await?.context,
         };
-        let request = Request::Delete { key: key.to_vec(), context: Some(context), options: self.options(options) };
+        let request = Request::Delete {
+            key: key.to_vec(),
+            context: Some(context),
+            options: self.options(options),
+        };
         match self.route(key, &request).await? {
             Response::Written(w) => Ok(w),
             other => Err(unexpected(other)),
@@ -218,7 +256,12 @@ impl Client {
     /// Reads `key`, lets `resolve` turn its siblings (empty when absent) into one
     /// value, and writes that with the read's context. If a concurrent writer
     /// added a sibling meanwhile, starts again, up to `attempts` times.
-    pub async fn read_modify_write<F>(&self, key: &[u8], attempts: u32, mut resolve: F) -> Result<PutReply, Error>
+    pub async fn read_modify_write<F>(
+        &self,
+        key: &[u8],
+        attempts: u32,
+        mut resolve: F,
+    ) -> Result<PutReply, Error>
     where
         F: FnMut(&[Value]) -> Vec<u8>,
     {
@@ -236,7 +279,10 @@ impl Client {
     /// What every replica of `key` stores, clocks included.
     pub async fn inspect(&self, key: &[u8]) -> Result<InspectReport, Error> {
         check_key(key)?;
-        match self.route(key, &Request::Inspect { key: key.to_vec() }).await? {
+        match self
+            .route(key, &Request::Inspect { key: key.to_vec() })
+            .await?
+        {
             Response::Inspect(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -262,6 +308,7 @@ impl Client {
         for t in tasks {
             out.push(t.await.map_err(|e| Error::Protocol(e.to_string()))?);
         }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         Ok(out)
     }
 
@@ -270,8 +317,12 @@ impl Client {
         let budget = self.inner.config.timeout;
         match tokio::time::timeout(budget, self.call(addr, request)).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(CallError::NotDelivered(e) | CallError::Delivered(e))) => Err(Error::Unavailable(format!("{addr}: {e}"))),
-            Err(_) => Err(Error::Timeout(format!("{addr} did not answer within {budget:?}"))),
+            Ok(Err(CallError::NotDelivered(e) | CallError::Delivered(e))) => {
+                Err(Error::Unavailable(format!("{addr}: {e}")))
+            }
+            Err(_) => Err(Error::Timeout(format!(
+                "{addr} did not answer within {budget:?}"
+            ))),
         }
     }
 
@@ -289,8 +340,14 @@ impl Client {
     async fn route(&self, key: &[u8], request: &Request) -> Result<Response, Error> {
         let mut addrs = Vec::new();
         if let Some(info) = self.ring_info() {
-            let by_id: HashMap<NodeId, SocketAddr> = info.members.iter().map(|m| (m.id, m.client_addr)).collect();
-            addrs.extend(info.ring.preference_list(key, info.n as usize).iter().filter_map(|id| by_id.get(id)));
+            let by_id: HashMap<NodeId, SocketAddr> =
+                info.members.iter().map(|m| (m.id, m.client_addr)).collect();
+            addrs.extend(
+                info.ring
+                    .preference_list(key, info.n as usize)
+                    .iter()
+                    .filter_map(|id| by_id.get(id)),
+            );
             for m in &info.members {
                 if !addrs.contains(&m.client_addr) {
                     addrs.push(m.client_addr);
@@ -347,7 +404,11 @@ impl Client {
     }
 
     fn mark_down(&self, addr: SocketAddr) {
-        self.inner.connections.lock().expect("conn lock").remove(&addr);
+        self.inner
+            .connections
+            .lock()
+            .expect("conn lock")
+            .remove(&addr);
         self.inner
             .down_until
             .lock()
@@ -361,18 +422,38 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let connecting = self.inner.endpoint.connect(addr, CLIENT_SERVER_NAME).map_err(|e| e.to_string())?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(addr, CLIENT_SERVER_NAME)
+            .map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
             .await
-            .map_err(|_| format!("no QUIC handshake within {:?}", self.inner.config.connect_timeout))?
+            .map_err(|_| {
+                format!(
+                    "no QUIC handshake within {:?}",
+                    self.inner.config.connect_timeout
+                )
+            })?
             .map_err(|e| e.to_string())?;
-        self.inner.connections.lock().expect("conn lock").insert(addr, conn.clone());
-        self.inner.down_until.lock().expect("down lock").remove(&addr);
+        self.inner
+            .connections
+            .lock()
+            .expect("conn lock")
+            .insert(addr, conn.clone());
+        self.inner
+            .down_until
+            .lock()
+            .expect("down lock")
+            .remove(&addr);
         Ok(conn)
     }
 
     async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
-        let conn = self.connection(addr).await.map_err(CallError::NotDelivered)?;
+        let conn = self
+            .connection(addr)
+            .await
+            .map_err(CallError::NotDelivered)?;
         rpc::call(&conn, request, MAX_RESPONSE_BYTES).await
     }
 }
@@ -385,7 +466,10 @@ impl Drop for Inner {
 
 fn check_key(key: &[u8]) -> Result<(), Error> {
     if key.len() > MAX_KEY_BYTES {
-        return Err(Error::TooLarge(format!("key of {} bytes exceeds the {MAX_KEY_BYTES}-byte limit", key.len())));
+        return Err(Error::TooLarge(format!(
+            "key of {} bytes exceeds the {MAX_KEY_BYTES}-byte limit",
+            key.len()
+        )));
     }
     Ok(())
 }

@@ -36,7 +36,12 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        WireError { kind, message: message.into(), answered: Vec::new(), needed: 0 }
+        WireError {
+            kind,
+            message: message.into(),
+            answered: Vec::new(),
+            needed: 0,
+        }
     }
 }
 
@@ -44,7 +49,11 @@ impl WireError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("quorum not reached: needed {needed}, {} answered [{}]: {message}", answered.len(), answered.join(", "))]
-    Quorum { needed: u32, answered: Vec<String>, message: String },
+    Quorum {
+        needed: u32,
+        answered: Vec<String>,
+        message: String,
+    },
     #[error("request timed out: {0}")]
     Timeout(String),
     #[error("too large: {0}")]
@@ -70,7 +79,11 @@ pub enum Error {
 impl From<WireError> for Error {
     fn from(e: WireError) -> Self {
         match e.kind {
-            ErrorKind::Quorum => Error::Quorum { needed: e.needed, answered: e.answered, message: e.message },
+            ErrorKind::Quorum => Error::Quorum {
+                needed: e.needed,
+                answered: e.answered,
+                message: e.message,
+            },
             ErrorKind::Timeout => Error::Timeout(e.message),
             ErrorKind::TooLarge => Error::TooLarge(e.message),
             ErrorKind::BadRequest => Error::BadRequest(e.message),

@@ -18,7 +18,9 @@ pub const HEADER_LEN: usize = 8;
 pub enum FrameError {
     #[error("frame body of {len} bytes exceeds the {max}-byte cap")]
     TooLarge { len: usize, max: usize },
-    #[error("frame checksum mismatch: header says {expected:#010x}, body hashes to {actual:#010x}")]
+    #[error(
+        "frame checksum mismatch: header says {expected:#010x}, body hashes to {actual:#010x}"
+    )]
     Checksum { expected: u32, actual: u32 },
     #[error("frame body is not a valid message: {0}")]
     Decode(String),
@@ -35,7 +37,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; HEADER_LEN];
     rmp_serde::encode::write_named(&mut buf, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
     let body_len = buf.len() - HEADER_LEN;
-    let len = u32::try_from(body_len).map_err(|_| FrameError::TooLarge { len: body_len, max: u32::MAX as usize })?;
+    let len = u32::try_from(body_len).map_err(|_| FrameError::TooLarge {
+        len: body_len,
+        max: u32::MAX as usize,
+    })?;
     let crc = crc32fast::hash(&buf[HEADER_LEN..]);
     buf[0..4].copy_from_slice(&len.to_be_bytes());
     buf[4..8].copy_from_slice(&crc.to_be_bytes());
@@ -56,21 +61,32 @@ pub fn parse_header(header: &[u8; HEADER_LEN], max: usize) -> Result<(usize, u32
 pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
     let actual = crc32fast::hash(body);
     if actual != crc {
-        return Err(FrameError::Checksum { expected: crc, actual });
+        return Err(FrameError::Checksum {
+            expected: crc,
+            actual,
+        });
     }
     rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
 /// Decodes a whole frame held in memory (tests, fuzzing).
 pub fn decode<T: DeserializeOwned>(frame: &[u8], max: usize) -> Result<T, FrameError> {
-    let header: &[u8; HEADER_LEN] = frame.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(FrameError::Truncated)?;
+    let header: &[u8; HEADER_LEN] = frame
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(FrameError::Truncated)?;
     let (len, crc) = parse_header(header, max)?;
-    let body = frame.get(HEADER_LEN..HEADER_LEN + len).ok_or(FrameError::Truncated)?;
+    let body = frame
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .ok_or(FrameError::Truncated)?;
     decode_body(body, crc)
 }
 
 /// Reads one frame from a QUIC stream.
-pub async fn read<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, FrameError> {
+pub async fn read<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(read_error)?;
     let (len, crc) = parse_header(&header, max)?;
@@ -87,8 +103,11 @@ pub async fn write<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Resul
 
 /// Writes bytes already framed (or deliberately malformed, in tests) and finishes.
 pub async fn write_raw(send: &mut quinn::SendStream, buf: &[u8]) -> Result<(), FrameError> {
-    send.write_all(buf).await.map_err(|e| FrameError::Stream(e.to_string()))?;
-    send.finish().map_err(|e| FrameError::Stream(e.to_string()))?;
+    send.write_all(buf)
+        .await
+        .map_err(|e| FrameError::Stream(e.to_string()))?;
+    send.finish()
+        .map_err(|e| FrameError::Stream(e.to_string()))?;
     Ok(())
 }
 
@@ -116,14 +135,20 @@ mod tests {
         let mut frame = encode(&"hello".to_string()).unwrap();
         let last = frame.len() - 1;
         frame[last] ^= 1;
-        assert!(matches!(decode::<String>(&frame, 1024), Err(FrameError::Checksum { .. })));
+        assert!(matches!(
+            decode::<String>(&frame, 1024),
+            Err(FrameError::Checksum { .. })
+        ));
     }
 
     #[test]
     fn oversized_length_is_refused_before_reading() {
         let mut frame = encode(&"x".repeat(100)).unwrap();
         frame[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(decode::<String>(&frame, 1024), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode::<String>(&frame, 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     proptest! {

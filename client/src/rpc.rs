@@ -47,11 +47,21 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Result<Resp, CallError> {
     let acks_before = conn.stats().frame_rx.acks;
     let heard_back = || conn.stats().frame_rx.acks != acks_before;
-    let classify = |e: String| if heard_back() { CallError::Delivered(e) } else { CallError::NotDelivered(e) };
+    let classify = |e: String| {
+        if heard_back() {
+            CallError::Delivered(e)
+        } else {
+            CallError::NotDelivered(e)
+        }
+    };
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        frame::write(&mut send, request).await.map_err(|e| e.to_string())?;
-        frame::read::<Resp>(&mut recv, max_response).await.map_err(|e| e.to_string())
+        frame::write(&mut send, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        frame::read::<Resp>(&mut recv, max_response)
+            .await
+            .map_err(|e| e.to_string())
     };
     tokio::pin!(exchange);
     let probe = (conn.rtt() * 3).max(MIN_PROBE);
@@ -61,7 +71,9 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     }
     if !heard_back() {
         conn.close(0u32.into(), b"peer presumed down");
-        return Err(CallError::NotDelivered(format!("no acknowledgement within {probe:?}: peer presumed down")));
+        return Err(CallError::NotDelivered(format!(
+            "no acknowledgement within {probe:?}: peer presumed down"
+        )));
     }
     exchange.await.map_err(classify)
 }

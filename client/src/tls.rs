@@ -35,7 +35,9 @@ pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, Error> {
 pub fn root_store(ca_pem: &[u8]) -> Result<rustls::RootCertStore, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
-        roots.add(cert).map_err(|e| Error::Config(format!("CA certificate rejected: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Config(format!("CA certificate rejected: {e}")))?;
     }
     Ok(roots)
 }

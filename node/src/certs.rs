@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,10 @@ pub enum CertError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -30,12 +33,19 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::CommonName, "Shoal cluster CA");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
-    let io = |source| CertError::Io { path: path.to_path_buf(), source };
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::write(path, contents).map_err(io)?;
     if private {
         use std::os::unix::fs::PermissionsExt;
@@ -45,15 +55,24 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    std::fs::read_to_string(path).map_err(|source| CertError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Creates `ca.pem` and `ca.key` in `dir`, refusing to overwrite a CA.
 pub fn create_ca(dir: &Path) -> Result<(), CertError> {
     if dir.join("ca.key").exists() {
-        return Err(CertError::Invalid(format!("{} already holds a CA key; not overwriting it", dir.display())));
+        return Err(CertError::Invalid(format!(
+            "{} already holds a CA key; not overwriting it",
+            dir.display()
+        )));
     }
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let key = KeyPair::generate()?;
     let cert = ca_params().self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem(), false)?;
@@ -70,9 +89,17 @@ pub enum Kind {
 }
 
 /// Issues `NAME.pem` and `NAME.key` in `out_dir`, signed by the CA in `ca_dir`.
-pub fn issue(ca_dir: &Path, out_dir: &Path, name: &str, kind: Kind, ips: &[IpAddr]) -> Result<(), CertError> {
+pub fn issue(
+    ca_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    kind: Kind,
+    ips: &[IpAddr],
+) -> Result<(), CertError> {
     if rustls::pki_types::ServerName::try_from(name).is_err() || name.contains('/') {
-        return Err(CertError::Invalid(format!("{name:?} is not a valid DNS-style name")));
+        return Err(CertError::Invalid(format!(
+            "{name:?} is not a valid DNS-style name"
+        )));
     }
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
     let issuer = Issuer::new(ca_params(), ca_key);
@@ -88,12 +115,22 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, name: &str, kind: Kind, ips: &[IpAdd
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match kind {
-        Kind::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        Kind::Node => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         Kind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io { path: out_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
     write(&out_dir.join(format!("{name}.pem")), &cert.pem(), false)?;
-    write(&out_dir.join(format!("{name}.key")), &key.serialize_pem(), true)
+    write(
+        &out_dir.join(format!("{name}.key")),
+        &key.serialize_pem(),
+        true,
+    )
 }

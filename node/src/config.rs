@@ -14,11 +14,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}` is invalid: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// A node's configuration file.
@@ -140,25 +146,41 @@ impl Default for ClusterConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_value_bytes: shoal_client::client::DEFAULT_MAX_VALUE_BYTES }
+        LimitsConfig {
+            max_value_bytes: shoal_client::client::DEFAULT_MAX_VALUE_BYTES,
+        }
     }
 }
 
 impl Default for TimeoutsConfig {
     fn default() -> Self {
-        TimeoutsConfig { request_ms: 5_000, connect_ms: 1_000, peer_backoff_ms: 1_000, idle_ms: 10_000 }
+        TimeoutsConfig {
+            request_ms: 5_000,
+            connect_ms: 1_000,
+            peer_backoff_ms: 1_000,
+            idle_ms: 10_000,
+        }
     }
 }
 
 impl Config {
     /// Reads, resolves relative paths and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut config: Config = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.data_dir, &mut config.tls.ca_cert, &mut config.tls.cert, &mut config.tls.key] {
+        for p in [
+            &mut config.data_dir,
+            &mut config.tls.ca_cert,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+        ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
@@ -174,11 +196,20 @@ impl Config {
             return invalid("name", "must be set".into());
         }
         if rustls::pki_types::ServerName::try_from(self.name.as_str()).is_err() {
-            return invalid("name", format!("{:?} is not a valid DNS-style name (it is the TLS identity)", self.name));
+            return invalid(
+                "name",
+                format!(
+                    "{:?} is not a valid DNS-style name (it is the TLS identity)",
+                    self.name
+                ),
+            );
         }
         let c = &self.cluster;
         if !c.partitions.is_power_of_two() || c.partitions > 65536 {
-            return invalid("cluster.partitions", format!("{} is not a power of two up to 65536", c.partitions));
+            return invalid(
+                "cluster.partitions",
+                format!("{} is not a power of two up to 65536", c.partitions),
+            );
         }
         if c.n == 0 {
             return invalid("cluster.n", "must be at least 1".into());
@@ -200,7 +231,10 @@ impl Config {
             return invalid("cluster.members", format!("{} is listed twice", w[0]));
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > 256 << 20 {
-            return invalid("limits.max-value-bytes", "must be between 1 and 268435456".into());
+            return invalid(
+                "limits.max-value-bytes",
+                "must be between 1 and 268435456".into(),
+            );
         }
         for (field, v) in [
             ("timeouts.request-ms", self.timeouts.request_ms),
@@ -211,7 +245,11 @@ impl Config {
                 return invalid(field, "must be positive".into());
             }
         }
-        for (field, p) in [("tls.ca-cert", &self.tls.ca_cert), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+        for (field, p) in [
+            ("tls.ca-cert", &self.tls.ca_cert),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
             if p.as_os_str().is_empty() {
                 return invalid(field, "must be set".into());
             }
@@ -223,7 +261,10 @@ impl Config {
     pub fn all_members(&self) -> Vec<MemberConfig> {
         let mut members = self.cluster.members.clone();
         if !members.iter().any(|m| m.name == self.name) {
-            members.push(MemberConfig { name: self.name.clone(), peer_addr: self.peer_addr });
+            members.push(MemberConfig {
+                name: self.name.clone(),
+                peer_addr: self.peer_addr,
+            });
         }
         members
     }
@@ -260,14 +301,22 @@ key = "node1.key"
     #[test]
     fn unknown_field_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(&write(dir.path(), &format!("{MINIMAL}\n[cluster]\nreplicas = 3\n"))).unwrap_err();
+        let err = Config::load(&write(
+            dir.path(),
+            &format!("{MINIMAL}\n[cluster]\nreplicas = 3\n"),
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("replicas"), "{err}");
     }
 
     #[test]
     fn impossible_quorum_names_the_field() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(&write(dir.path(), &format!("{MINIMAL}\n[cluster]\nn = 3\nw = 4\n"))).unwrap_err();
+        let err = Config::load(&write(
+            dir.path(),
+            &format!("{MINIMAL}\n[cluster]\nn = 3\nw = 4\n"),
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("cluster.w"), "{err}");
     }
 }

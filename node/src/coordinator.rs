@@ -32,7 +32,9 @@ use tracing::{error, warn};
 use crate::membership::{Membership, View};
 use crate::net::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::storage::{Store, StoreError, Tree};
-use crate::version::{decode_context, decode_object, encode_context, encode_object, Object, VersionVector};
+use crate::version::{
+    decode_context, decode_object, encode_context, encode_object, Object, VersionVector,
+};
 
 /// Requests never wait longer than this, whatever they ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -77,7 +79,9 @@ pub struct Node<T, S> {
 
 impl<T, S> Clone for Node<T, S> {
     fn clone(&self) -> Self {
-        Node { inner: self.inner.clone() }
+        Node {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -94,7 +98,9 @@ struct Inner<T, S> {
 type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn wire(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -109,9 +115,24 @@ fn store_error(e: StoreError) -> WireError {
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
-    pub fn new(me: MemberInfo, settings: Settings, store: Arc<S>, transport: T, membership: Membership) -> Self {
+    pub fn new(
+        me: MemberInfo,
+        settings: Settings,
+        store: Arc<S>,
+        transport: T,
+        membership: Membership,
+    ) -> Self {
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Node { inner: Arc::new(Inner { me, settings, store, transport, membership, stripes }) }
+        Node {
+            inner: Arc::new(Inner {
+                me,
+                settings,
+                store,
+                transport,
+                membership,
+                stripes,
+            }),
+        }
     }
 
     pub fn me(&self) -> &MemberInfo {
@@ -132,7 +153,11 @@ impl<T: Transport, S: Store> Node<T, S> {
         if self.inner.membership.learn(info) {
             let known = self.inner.membership.known();
             let bytes = rmp_serde::to_vec_named(&known).expect("member list encodes");
-            if let Err(e) = self.inner.store.put(Tree::Meta, crate::server::MEMBERS_KEY, &bytes) {
+            if let Err(e) = self
+                .inner
+                .store
+                .put(Tree::Meta, crate::server::MEMBERS_KEY, &bytes)
+            {
                 error!(error = %e, "could not persist the member list");
             }
         }
@@ -140,24 +165,54 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     /// Says hello to every configured member not identified yet.
     pub async fn identify_missing(&self) {
-        let missing: Vec<String> = self.inner.membership.missing().into_iter().map(|m| m.name).collect();
-        for target in self.inner.membership.expected().into_iter().filter(|m| missing.contains(&m.name)) {
+        let missing: Vec<String> = self
+            .inner
+            .membership
+            .missing()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        for target in self
+            .inner
+            .membership
+            .expected()
+            .into_iter()
+            .filter(|m| missing.contains(&m.name))
+        {
             if target.name == self.inner.me.name {
                 self.learn(self.inner.me.clone());
                 continue;
             }
-            match self.inner.transport.call(&target, PeerRequest::Hello(self.inner.me.clone())).await {
+            match self
+                .inner
+                .transport
+                .call(&target, PeerRequest::Hello(self.inner.me.clone()))
+                .await
+            {
                 Ok(PeerResponse::Hello(info)) if info.name == target.name => self.learn(info),
-                Ok(other) => warn!(peer = %target.name, answer = ?other, "unexpected answer to hello"),
-                Err(e) => tracing::debug!(peer = %target.name, error = %e, "member not reachable yet"),
+                Ok(other) => {
+                    warn!(peer = %target.name, answer = ?other, "unexpected answer to hello")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %target.name, error = %e, "member not reachable yet")
+                }
             }
         }
     }
 
     fn view(&self) -> Result<View, Response> {
         self.inner.membership.view().ok_or_else(|| {
-            let missing: Vec<String> = self.inner.membership.missing().into_iter().map(|m| m.name).collect();
-            wire(ErrorKind::NotReady, format!("ring not ready: waiting to identify {}", missing.join(", ")))
+            let missing: Vec<String> = self
+                .inner
+                .membership
+                .missing()
+                .into_iter()
+                .map(|m| m.name)
+                .collect();
+            wire(
+                ErrorKind::NotReady,
+                format!("ring not ready: waiting to identify {}", missing.join(", ")),
+            )
         })
     }
 
@@ -169,7 +224,11 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     /// This replica's stored object for `key`.
     pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        let corrupt = |detail| StoreError::Corruption { tree: Tree::Objects.name(), key: hex::encode(key), detail };
+        let corrupt = |detail| StoreError::Corruption {
+            tree: Tree::Objects.name(),
+            key: hex::encode(key),
+            detail,
+        };
         match self.inner.store.get(Tree::Objects, key)? {
             Some(bytes) => decode_object(&bytes).map(Some).map_err(corrupt),
             None => Ok(None),
@@ -177,7 +236,11 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     /// Read-modify-write of the local object under the key's lock.
-    fn local_apply(&self, key: &[u8], change: impl FnOnce(&mut Object)) -> Result<Object, StoreError> {
+    fn local_apply(
+        &self,
+        key: &[u8],
+        change: impl FnOnce(&mut Object),
+    ) -> Result<Object, StoreError> {
         let _guard = self.stripe(key).lock().expect("stripe lock");
         let before = self.local_get(key)?;
         let mut object = before.clone().unwrap_or_default();
@@ -185,7 +248,9 @@ impl<T: Transport, S: Store> Node<T, S> {
         let s = &self.inner.settings;
         object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
         if before.as_ref() != Some(&object) {
-            self.inner.store.put(Tree::Objects, key, &encode_object(&object))?;
+            self.inner
+                .store
+                .put(Tree::Objects, key, &encode_object(&object))?;
         }
         Ok(object)
     }
@@ -196,7 +261,11 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     /// A replica request, answered locally when `to` is this node.
-    async fn replica_call(&self, to: &MemberInfo, request: PeerRequest) -> Result<PeerResponse, TransportError> {
+    async fn replica_call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
         if to.id == self.inner.me.id {
             Ok(self.peer_local(request))
         } else {
@@ -207,7 +276,9 @@ impl<T: Transport, S: Store> Node<T, S> {
     fn peer_local(&self, request: PeerRequest) -> PeerResponse {
         let result = match request {
             PeerRequest::ReplicaGet { key } => self.local_get(&key).map(PeerResponse::Object),
-            PeerRequest::ReplicaPut { key, object } => self.local_merge(&key, &object).map(|_| PeerResponse::Stored),
+            PeerRequest::ReplicaPut { key, object } => self
+                .local_merge(&key, &object)
+                .map(|_| PeerResponse::Stored),
             other => return PeerResponse::Error(format!("not a replica request: {other:?}")),
         };
         result.unwrap_or_else(|e| {
@@ -219,7 +290,11 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// Sends `request` to each target concurrently; answers arrive on the
     /// returned channel. Sends outlive the caller: a coordinator that has its
     /// quorum replies while slower replicas still receive the write.
-    fn fan_out(&self, targets: &[MemberInfo], request: PeerRequest) -> mpsc::UnboundedReceiver<Answer> {
+    fn fan_out(
+        &self,
+        targets: &[MemberInfo],
+        request: PeerRequest,
+    ) -> mpsc::UnboundedReceiver<Answer> {
         let (tx, rx) = mpsc::unbounded_channel();
         for target in targets.iter().cloned() {
             let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
@@ -237,9 +312,13 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// if this node's ring disagrees that it is a replica (no forwarding loops).
     pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
         match request {
-            Request::Get { ref key, options } | Request::Delete { ref key, options, .. } | Request::Put { ref key, options, .. }
-                if !forwarded =>
-            {
+            Request::Get { ref key, options }
+            | Request::Delete {
+                ref key, options, ..
+            }
+            | Request::Put {
+                ref key, options, ..
+            } if !forwarded => {
                 let view = match self.view() {
                     Ok(v) => v,
                     Err(r) => return r,
@@ -273,8 +352,17 @@ impl<T: Transport, S: Store> Node<T, S> {
     async fn coordinate_local(&self, request: Request, view: View) -> Response {
         let result = match request {
             Request::Get { key, options } => self.get(&key, options, &view).await,
-            Request::Put { key, value, context, options } => self.put(key, Some(value), context, options, &view).await,
-            Request::Delete { key, context, options } => self.put(key, None, context, options, &view).await,
+            Request::Put {
+                key,
+                value,
+                context,
+                options,
+            } => self.put(key, Some(value), context, options, &view).await,
+            Request::Delete {
+                key,
+                context,
+                options,
+            } => self.put(key, None, context, options, &view).await,
             _ => Err(WireError::new(ErrorKind::BadRequest, "not a data request")),
         };
         result.unwrap_or_else(Response::Error)
@@ -283,26 +371,45 @@ impl<T: Transport, S: Store> Node<T, S> {
     fn deadline(&self, options: &RequestOptions) -> Instant {
         let budget = options
             .timeout_ms
-            .map_or(self.inner.settings.request_timeout, |ms| Duration::from_millis(u64::from(ms)))
+            .map_or(self.inner.settings.request_timeout, |ms| {
+                Duration::from_millis(u64::from(ms))
+            })
             .min(MAX_REQUEST_TIMEOUT);
         Instant::now() + budget
     }
 
     /// Resolves one quorum option against its default and N.
-    fn quorum(&self, asked: Option<u32>, default: u32, name: &str, min: u32) -> Result<u32, WireError> {
+    fn quorum(
+        &self,
+        asked: Option<u32>,
+        default: u32,
+        name: &str,
+        min: u32,
+    ) -> Result<u32, WireError> {
         let n = self.inner.settings.n;
         let v = asked.unwrap_or(default);
         if v < min || v > n {
-            return Err(WireError::new(ErrorKind::BadRequest, format!("{name}={v} is impossible with N={n}")));
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("{name}={v} is impossible with N={n}"),
+            ));
         }
         Ok(v)
     }
 
-    async fn forward(&self, primaries: &[MemberInfo], request: Request, options: RequestOptions) -> Response {
+    async fn forward(
+        &self,
+        primaries: &[MemberInfo],
+        request: Request,
+        options: RequestOptions,
+    ) -> Response {
         let deadline = self.deadline(&options);
         let mut failures = Vec::new();
         for p in primaries {
-            let call = self.inner.transport.call(p, PeerRequest::Forward(request.clone()));
+            let call = self
+                .inner
+                .transport
+                .call(p, PeerRequest::Forward(request.clone()));
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(PeerResponse::Forwarded(r))) => return r,
                 Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
@@ -315,7 +422,10 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
         Response::Error(WireError {
             kind: ErrorKind::Quorum,
-            message: format!("no replica of the key could coordinate it: {}", failures.join("; ")),
+            message: format!(
+                "no replica of the key could coordinate it: {}",
+                failures.join("; ")
+            ),
             answered: Vec::new(),
             needed: 1,
         })
@@ -331,24 +441,36 @@ impl<T: Transport, S: Store> Node<T, S> {
     ) -> Result<Response, WireError> {
         let s = &self.inner.settings;
         if key.len() > shoal_client::client::MAX_KEY_BYTES {
-            return Err(WireError::new(ErrorKind::TooLarge, format!("key of {} bytes exceeds the 65536-byte limit", key.len())));
+            return Err(WireError::new(
+                ErrorKind::TooLarge,
+                format!("key of {} bytes exceeds the 65536-byte limit", key.len()),
+            ));
         }
         if let Some(v) = &value {
             if v.len() > s.max_value_bytes {
                 return Err(WireError::new(
                     ErrorKind::TooLarge,
-                    format!("value of {} bytes exceeds the {}-byte limit; nothing was written", v.len(), s.max_value_bytes),
+                    format!(
+                        "value of {} bytes exceeds the {}-byte limit; nothing was written",
+                        v.len(),
+                        s.max_value_bytes
+                    ),
                 ));
             }
         }
         let w = self.quorum(options.w, s.w, "W", 1)?;
         let pw = self.quorum(options.pw, s.pw, "PW", 0)?;
         if pw > w {
-            return Err(WireError::new(ErrorKind::BadRequest, format!("PW={pw} exceeds W={w}")));
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("PW={pw} exceeds W={w}"),
+            ));
         }
         let deadline = self.deadline(&options);
         let ctx: VersionVector = match &context {
-            Some(c) => decode_context(&c.0).map_err(|e| WireError::new(ErrorKind::BadRequest, e))?,
+            Some(c) => {
+                decode_context(&c.0).map_err(|e| WireError::new(ErrorKind::BadRequest, e))?
+            }
             None => VersionVector::new(),
         };
         let me = self.inner.me.id;
@@ -364,33 +486,53 @@ impl<T: Transport, S: Store> Node<T, S> {
         let primaries = view.preference_list(&key, s.n as usize);
         let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
         let answers = self.fan_out(&others, PeerRequest::ReplicaPut { key, object });
-        let tally = Tally::collect(answers, others.len(), w.max(pw), deadline, vec![self.inner.me.name.clone()], |r| {
-            matches!(r, PeerResponse::Stored)
-        })
+        let tally = Tally::collect(
+            answers,
+            others.len(),
+            w.max(pw),
+            deadline,
+            vec![self.inner.me.name.clone()],
+            |r| matches!(r, PeerResponse::Stored),
+        )
         .await;
         tally.result(w.max(pw), "write", reply)
     }
 
-    async fn get(&self, key: &[u8], options: RequestOptions, view: &View) -> Result<Response, WireError> {
+    async fn get(
+        &self,
+        key: &[u8],
+        options: RequestOptions,
+        view: &View,
+    ) -> Result<Response, WireError> {
         let s = &self.inner.settings;
         let r = self.quorum(options.r, s.r, "R", 1)?;
         let pr = self.quorum(options.pr, s.pr, "PR", 0)?;
         if pr > r {
-            return Err(WireError::new(ErrorKind::BadRequest, format!("PR={pr} exceeds R={r}")));
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("PR={pr} exceeds R={r}"),
+            ));
         }
         let deadline = self.deadline(&options);
         let primaries = view.preference_list(key, s.n as usize);
         let answers = self.fan_out(&primaries, PeerRequest::ReplicaGet { key: key.to_vec() });
         let mut merged = Object::default();
-        let tally = Tally::collect(answers, primaries.len(), r.max(pr), deadline, Vec::new(), |resp| match resp {
-            PeerResponse::Object(o) => {
-                if let Some(o) = o {
-                    merged.merge(o);
+        let tally = Tally::collect(
+            answers,
+            primaries.len(),
+            r.max(pr),
+            deadline,
+            Vec::new(),
+            |resp| match resp {
+                PeerResponse::Object(o) => {
+                    if let Some(o) = o {
+                        merged.merge(o);
+                    }
+                    true
                 }
-                true
-            }
-            _ => false,
-        })
+                _ => false,
+            },
+        )
         .await;
         let reply = Response::Value(GetReply {
             values: merged.values().map(|v| Value(v.to_vec())).collect(),
@@ -405,11 +547,23 @@ impl<T: Transport, S: Store> Node<T, S> {
         let deadline = self.deadline(&RequestOptions::default());
         let mut replicas: Vec<ReplicaReport> = primaries
             .iter()
-            .map(|m| ReplicaReport { node: m.name.clone(), id: m.id, object: None, error: Some("no answer".into()) })
+            .map(|m| ReplicaReport {
+                node: m.name.clone(),
+                id: m.id,
+                object: None,
+                error: Some("no answer".into()),
+            })
             .collect();
         for _ in 0..primaries.len() {
-            let Ok(Some((member, answer))) = tokio::time::timeout_at(deadline, answers.recv()).await else { break };
-            let slot = replicas.iter_mut().find(|r| r.id == member.id).expect("answer from a target");
+            let Ok(Some((member, answer))) =
+                tokio::time::timeout_at(deadline, answers.recv()).await
+            else {
+                break;
+            };
+            let slot = replicas
+                .iter_mut()
+                .find(|r| r.id == member.id)
+                .expect("answer from a target");
             match answer {
                 Ok(PeerResponse::Object(o)) => {
                     slot.object = o.map(|o| object_view(&o, view));
@@ -419,7 +573,10 @@ impl<T: Transport, S: Store> Node<T, S> {
                 Err(e) => slot.error = Some(e.to_string()),
             }
         }
-        Response::Inspect(InspectReport { partition: view.ring.partition_of(key), replicas })
+        Response::Inspect(InspectReport {
+            partition: view.ring.partition_of(key),
+            replicas,
+        })
     }
 
     fn status(&self) -> NodeStatus {
@@ -433,7 +590,13 @@ impl<T: Transport, S: Store> Node<T, S> {
             pid: std::process::id(),
             ring_ready: view.is_some(),
             partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
-            waiting_for: self.inner.membership.missing().into_iter().map(|m| m.name).collect(),
+            waiting_for: self
+                .inner
+                .membership
+                .missing()
+                .into_iter()
+                .map(|m| m.name)
+                .collect(),
         }
     }
 }
@@ -441,7 +604,11 @@ impl<T: Transport, S: Store> Node<T, S> {
 /// Readable form of an object, with node names instead of ids.
 fn object_view(o: &Object, view: &View) -> ObjectView {
     ObjectView {
-        clock: o.clock().iter().map(|(n, e)| (view.name_of(n), e.counter)).collect(),
+        clock: o
+            .clock()
+            .iter()
+            .map(|(n, e)| (view.name_of(n), e.counter))
+            .collect(),
         siblings: o
             .siblings()
             .iter()
@@ -471,7 +638,10 @@ impl Tally {
         ok: Vec<String>,
         mut accept: impl FnMut(&PeerResponse) -> bool,
     ) -> Tally {
-        let mut tally = Tally { ok, failed: Vec::new() };
+        let mut tally = Tally {
+            ok,
+            failed: Vec::new(),
+        };
         let mut heard = 0;
         while (tally.ok.len() as u32) < need && heard < targets {
             match tokio::time::timeout_at(deadline, answers.recv()).await {
@@ -479,14 +649,20 @@ impl Tally {
                     heard += 1;
                     match answer {
                         Ok(resp) if accept(&resp) => tally.ok.push(member.name),
-                        Ok(PeerResponse::Error(e)) => tally.failed.push(format!("{}: {e}", member.name)),
-                        Ok(other) => tally.failed.push(format!("{}: unexpected {other:?}", member.name)),
+                        Ok(PeerResponse::Error(e)) => {
+                            tally.failed.push(format!("{}: {e}", member.name))
+                        }
+                        Ok(other) => tally
+                            .failed
+                            .push(format!("{}: unexpected {other:?}", member.name)),
                         Err(e) => tally.failed.push(e.to_string()),
                     }
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    tally.failed.push("deadline passed before the others answered".into());
+                    tally
+                        .failed
+                        .push("deadline passed before the others answered".into());
                     break;
                 }
             }
@@ -526,7 +702,9 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 self.learn(info);
                 PeerResponse::Hello(self.inner.me.clone())
             }
-            PeerRequest::Forward(request) => PeerResponse::Forwarded(self.coordinate(request, true).await),
+            PeerRequest::Forward(request) => {
+                PeerResponse::Forwarded(self.coordinate(request, true).await)
+            }
             replica => self.peer_local(replica),
         }
     }

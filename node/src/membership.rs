@@ -37,7 +37,9 @@ impl View {
     }
 
     pub fn name_of(&self, id: &NodeId) -> String {
-        self.members.get(id).map_or_else(|| id.to_hex(), |m| m.name.clone())
+        self.members
+            .get(id)
+            .map_or_else(|| id.to_hex(), |m| m.name.clone())
     }
 }
 
@@ -55,12 +57,20 @@ pub struct Membership {
 
 impl Membership {
     /// `known` is what was persisted (or, in simulations, everything).
-    pub fn new(expected: Vec<MemberConfig>, known: Vec<MemberInfo>, partitions: u32, n: usize) -> Self {
+    pub fn new(
+        expected: Vec<MemberConfig>,
+        known: Vec<MemberInfo>,
+        partitions: u32,
+        n: usize,
+    ) -> Self {
         let m = Membership {
             expected,
             partitions,
             n,
-            state: RwLock::new(State { known: BTreeMap::new(), view: None }),
+            state: RwLock::new(State {
+                known: BTreeMap::new(),
+                view: None,
+            }),
         };
         for info in known {
             m.learn(info);
@@ -93,7 +103,10 @@ impl Membership {
         }
         let ring = Ring::claim(None, &ids, self.partitions, self.n).ok()?;
         let members = known.values().map(|m| (m.id, m.clone())).collect();
-        Some(View { ring: Arc::new(ring), members: Arc::new(members) })
+        Some(View {
+            ring: Arc::new(ring),
+            members: Arc::new(members),
+        })
     }
 
     /// The ring, once every member is identified.
@@ -103,13 +116,23 @@ impl Membership {
 
     /// Everything learned so far.
     pub fn known(&self) -> Vec<MemberInfo> {
-        self.state.read().expect("membership lock").known.values().cloned().collect()
+        self.state
+            .read()
+            .expect("membership lock")
+            .known
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Configured members not identified yet.
     pub fn missing(&self) -> Vec<MemberConfig> {
         let state = self.state.read().expect("membership lock");
-        self.expected.iter().filter(|e| !state.known.contains_key(&e.name)).cloned().collect()
+        self.expected
+            .iter()
+            .filter(|e| !state.known.contains_key(&e.name))
+            .cloned()
+            .collect()
     }
 
     /// Every configured member, identified or not, as the transport addresses

@@ -30,13 +30,20 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("TLS material unusable: {0}")]
     Tls(String),
     #[error("cannot open the store in {dir}: {source}")]
     Store { dir: String, source: StoreError },
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub type ShoalNode = Node<QuicTransport, RocksStore>;
@@ -62,14 +69,22 @@ impl Running {
             t.abort();
             let _ = t.await;
         }
-        for e in &self.endpoints {
-            e.wait_idle().await;
-        }
+        // Closing sends CONNECTION_CLOSE at once; give peers a moment to see
+        // it, but never let a silent peer hold up shutdown.
+        let drain = async {
+            for e in &self.endpoints {
+                e.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|source| StartError::Read { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| StartError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Loads this node's id, creating it on first start.
@@ -97,10 +112,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     crate::net::tls::check_peer_name(&identity.chain[0], &config.name)
         .map_err(|e| StartError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
 
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| StartError::Read { path: config.data_dir.display().to_string(), source })?;
-    let store_err = |source| StartError::Store { dir: config.data_dir.display().to_string(), source };
-    let store = Arc::new(RocksStore::open(&config.data_dir.join("db"), config.fsync).map_err(store_err)?);
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::Read {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store_err = |source| StartError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    };
+    let store =
+        Arc::new(RocksStore::open(&config.data_dir.join("db"), config.fsync).map_err(store_err)?);
     let id = node_id(&store).map_err(store_err)?;
     let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY).map_err(store_err)? {
         Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_default(),
@@ -109,23 +130,46 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let idle = Duration::from_millis(config.timeouts.idle_ms);
     let tls = |e: crate::net::tls::TlsError| StartError::Tls(e.0);
-    let client_endpoint = quinn::Endpoint::server(client_port_config(&identity, idle).map_err(tls)?, config.client_addr)
-        .map_err(|source| StartError::Bind { what: "client port", addr: config.client_addr, source })?;
-    let mut peer_endpoint = quinn::Endpoint::server(peer_port_config(&identity, idle).map_err(tls)?, config.peer_addr)
-        .map_err(|source| StartError::Bind { what: "peer port", addr: config.peer_addr, source })?;
-    peer_endpoint.set_default_client_config(peer_client_config(&identity, idle).map_err(tls)?);
-    let client_addr = client_endpoint.local_addr().map_err(|source| StartError::Bind {
+    let client_endpoint = quinn::Endpoint::server(
+        client_port_config(&identity, idle).map_err(tls)?,
+        config.client_addr,
+    )
+    .map_err(|source| StartError::Bind {
         what: "client port",
         addr: config.client_addr,
         source,
     })?;
-    let peer_addr = peer_endpoint.local_addr().map_err(|source| StartError::Bind {
+    let mut peer_endpoint = quinn::Endpoint::server(
+        peer_port_config(&identity, idle).map_err(tls)?,
+        config.peer_addr,
+    )
+    .map_err(|source| StartError::Bind {
         what: "peer port",
         addr: config.peer_addr,
         source,
     })?;
+    peer_endpoint.set_default_client_config(peer_client_config(&identity, idle).map_err(tls)?);
+    let client_addr = client_endpoint
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "client port",
+            addr: config.client_addr,
+            source,
+        })?;
+    let peer_addr = peer_endpoint
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "peer port",
+            addr: config.peer_addr,
+            source,
+        })?;
 
-    let me = MemberInfo { id, name: config.name.clone(), client_addr, peer_addr };
+    let me = MemberInfo {
+        id,
+        name: config.name.clone(),
+        client_addr,
+        peer_addr,
+    };
     let limits = FrameLimits::for_max_value(config.limits.max_value_bytes);
     let transport = QuicTransport::new(
         peer_endpoint.clone(),
@@ -140,15 +184,36 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             m.peer_addr = peer_addr;
         }
     }
-    let membership = Membership::new(expected, known, config.cluster.partitions, config.cluster.n as usize);
-    let node = Node::new(me.clone(), Settings::from_config(&config), store, transport, membership);
+    let membership = Membership::new(
+        expected,
+        known,
+        config.cluster.partitions,
+        config.cluster.n as usize,
+    );
+    let node = Node::new(
+        me.clone(),
+        Settings::from_config(&config),
+        store,
+        transport,
+        membership,
+    );
     node.learn(me);
 
     let (shutdown, rx) = watch::channel(false);
     let handler = Arc::new(node.clone());
     let mut tasks = vec![
-        tokio::spawn(serve_clients(client_endpoint.clone(), handler.clone(), limits, rx.clone())),
-        tokio::spawn(serve_peers(peer_endpoint.clone(), handler, limits, rx.clone())),
+        tokio::spawn(serve_clients(
+            client_endpoint.clone(),
+            handler.clone(),
+            limits,
+            rx.clone(),
+        )),
+        tokio::spawn(serve_peers(
+            peer_endpoint.clone(),
+            handler,
+            limits,
+            rx.clone(),
+        )),
     ];
     let identifier = node.clone();
     let mut stop = rx;
@@ -157,7 +222,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         // slowly so a member whose id changed is noticed.
         loop {
             identifier.identify_missing().await;
-            let pause = if identifier.membership().view().is_some() { 5_000 } else { 200 };
+            let pause = if identifier.membership().view().is_some() {
+                5_000
+            } else {
+                200
+            };
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
                 _ = stop.changed() => break,
@@ -165,11 +234,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     }));
     info!(name = %config.name, id = %id, %client_addr, %peer_addr, "shoal node serving");
-    Ok(Running { node, client_addr, peer_addr, shutdown, endpoints: vec![client_endpoint, peer_endpoint], tasks })
+    Ok(Running {
+        node,
+        client_addr,
+        peer_addr,
+        shutdown,
+        endpoints: vec![client_endpoint, peer_endpoint],
+        tasks,
+    })
 }
 
 /// Runs a node until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
     let running = start(config).await?;
     shutdown.await;
     info!("shutting down");

@@ -97,17 +97,36 @@ impl Object {
     /// Applies a write coordinated by `node`: drops the siblings `context`
     /// covers, joins `context` into the clock, and adds `value` (`None`: a
     /// tombstone) under a fresh dot, which it returns.
-    pub fn update(&mut self, context: &VersionVector, value: Option<Vec<u8>>, node: NodeId, now_ms: u64) -> Dot {
+    pub fn update(
+        &mut self,
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        node: NodeId,
+        now_ms: u64,
+    ) -> Dot {
         self.siblings.retain(|s| !covers(context, &s.dot));
         for (n, c) in context {
-            let entry = self.clock.entry(*n).or_insert(ClockEntry { counter: 0, timestamp_ms: now_ms });
+            let entry = self.clock.entry(*n).or_insert(ClockEntry {
+                counter: 0,
+                timestamp_ms: now_ms,
+            });
             entry.counter = entry.counter.max(*c);
         }
-        let entry = self.clock.entry(node).or_insert(ClockEntry { counter: 0, timestamp_ms: now_ms });
+        let entry = self.clock.entry(node).or_insert(ClockEntry {
+            counter: 0,
+            timestamp_ms: now_ms,
+        });
         entry.counter += 1;
         entry.timestamp_ms = entry.timestamp_ms.max(now_ms);
-        let dot = Dot { node, counter: entry.counter };
-        self.siblings.push(Sibling { dot, value, timestamp_ms: now_ms });
+        let dot = Dot {
+            node,
+            counter: entry.counter,
+        };
+        self.siblings.push(Sibling {
+            dot,
+            value,
+            timestamp_ms: now_ms,
+        });
         self.siblings.sort_by_key(|s| s.dot);
         dot
     }
@@ -189,8 +208,8 @@ pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, String> {
     if bytes.is_empty() {
         return Ok(VersionVector::new());
     }
-    let pairs: Vec<(NodeId, u64)> =
-        rmp_serde::from_slice(bytes).map_err(|e| format!("causal context is not one Shoal issued: {e}"))?;
+    let pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(bytes)
+        .map_err(|e| format!("causal context is not one Shoal issued: {e}"))?;
     Ok(pairs.into_iter().collect())
 }
 
@@ -207,7 +226,9 @@ pub fn encode_object(object: &Object) -> Vec<u8> {
 /// Decodes a stored object.
 pub fn decode_object(bytes: &[u8]) -> Result<Object, String> {
     match bytes.split_first() {
-        Some((&OBJECT_FORMAT, body)) => rmp_serde::from_slice(body).map_err(|e| format!("object does not decode: {e}")),
+        Some((&OBJECT_FORMAT, body)) => {
+            rmp_serde::from_slice(body).map_err(|e| format!("object does not decode: {e}"))
+        }
         Some((v, _)) => Err(format!("unknown object format {v}")),
         None => Err("empty object record".into()),
     }
@@ -270,7 +291,10 @@ mod tests {
         }
         a.prune(3, 0, 100);
         assert_eq!(a.clock().len(), 3);
-        assert!(a.clock().contains_key(&node(9)), "the live sibling's entry stays");
+        assert!(
+            a.clock().contains_key(&node(9)),
+            "the live sibling's entry stays"
+        );
         assert_eq!(a.values().collect::<Vec<_>>(), vec![&[9u8][..]]);
     }
 
@@ -278,14 +302,29 @@ mod tests {
     /// random replicas (or none), and random one-way syncs.
     #[derive(Debug, Clone)]
     enum Op {
-        Put { at: u8, ctx_from: Option<u8>, delete: bool },
-        Sync { from: u8, to: u8 },
+        Put {
+            at: u8,
+            ctx_from: Option<u8>,
+            delete: bool,
+        },
+        Sync {
+            from: u8,
+            to: u8,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..3, proptest::option::of(0u8..3), proptest::bool::weighted(0.2))
-                .prop_map(|(at, ctx_from, delete)| Op::Put { at, ctx_from, delete }),
+            (
+                0u8..3,
+                proptest::option::of(0u8..3),
+                proptest::bool::weighted(0.2)
+            )
+                .prop_map(|(at, ctx_from, delete)| Op::Put {
+                    at,
+                    ctx_from,
+                    delete
+                }),
             (0u8..3, 0u8..3).prop_map(|(from, to)| Op::Sync { from, to }),
         ]
     }
@@ -299,11 +338,22 @@ mod tests {
     }
 
     fn run(ops: &[Op]) -> History {
-        let mut h = History { replicas: vec![Object::default(); 3], states: vec![], written: vec![], contexts: vec![] };
+        let mut h = History {
+            replicas: vec![Object::default(); 3],
+            states: vec![],
+            written: vec![],
+            contexts: vec![],
+        };
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::Put { at, ctx_from, delete } => {
-                    let ctx = ctx_from.map(|f| h.replicas[f as usize].context()).unwrap_or_default();
+                Op::Put {
+                    at,
+                    ctx_from,
+                    delete,
+                } => {
+                    let ctx = ctx_from
+                        .map(|f| h.replicas[f as usize].context())
+                        .unwrap_or_default();
                     let value = (!delete).then(|| vec![i as u8]);
                     let dot = h.replicas[*at as usize].update(&ctx, value, node(*at), i as u64);
                     h.written.push(dot);

@@ -4,18 +4,28 @@
 use std::process::Command;
 
 fn shoal(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shoal")).args(args).output().expect("run shoal")
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .output()
+        .expect("run shoal")
 }
 
 #[test]
 fn a_config_with_an_unknown_field_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
-    std::fs::write(&path, "name = \"node1\"\nreplication = 3\n[tls]\nca-cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "name = \"node1\"\nreplication = 3\n[tls]\nca-cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+    )
+    .unwrap();
     let out = shoal(&["node", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field") && err.contains("replication"), "{err}");
+    assert!(
+        err.contains("unknown field") && err.contains("replication"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -23,7 +33,11 @@ fn a_config_with_an_unknown_field_is_refused_by_name() {
 fn a_missing_certificate_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
-    std::fs::write(&path, "name = \"node1\"\n[tls]\nca-cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "name = \"node1\"\n[tls]\nca-cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n",
+    )
+    .unwrap();
     let out = shoal(&["node", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -35,9 +49,17 @@ fn certs_issues_a_ca_and_node_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     assert!(shoal(&["--dir", d, "certs", "ca"]).status.success());
-    assert!(shoal(&["--dir", d, "certs", "node", "--name", "db1", "--ip", "10.1.2.3"]).status.success());
-    assert!(shoal(&["--dir", d, "certs", "client", "--name", "app"]).status.success());
-    for f in ["ca.pem", "ca.key", "db1.pem", "db1.key", "app.pem", "app.key"] {
+    assert!(
+        shoal(&["--dir", d, "certs", "node", "--name", "db1", "--ip", "10.1.2.3"])
+            .status
+            .success()
+    );
+    assert!(shoal(&["--dir", d, "certs", "client", "--name", "app"])
+        .status
+        .success());
+    for f in [
+        "ca.pem", "ca.key", "db1.pem", "db1.key", "app.pem", "app.key",
+    ] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
     // A second CA in the same place would orphan every certificate: refused.

@@ -35,8 +35,45 @@ pub const DEFAULT_PARTITIONS: u32 = 256;
 
 /// A node's identity: 128 random bits created on the node's first start.
 /// Names and addresses are attributes; placement only ever looks at ids.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Serialised as 16 raw bytes (it appears in every stored clock).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub [u8; 16]);
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = NodeId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("16 bytes of node id")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<NodeId, E> {
+                <[u8; 16]>::try_from(v)
+                    .map(NodeId)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<NodeId, A::Error> {
+                let mut id = [0u8; 16];
+                for (i, b) in id.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(NodeId(id))
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
 
 impl NodeId {
     pub fn from_u128(v: u128) -> Self {
@@ -162,8 +199,7 @@ impl Ring {
         for node in &nodes {
             let target = targets[node];
             while counts[node] > target {
-                let mut mine: Vec<usize> =
-                    (0..q).filter(|&p| owners[p] == Some(*node)).collect();
+                let mut mine: Vec<usize> = (0..q).filter(|&p| owners[p] == Some(*node)).collect();
                 mine.sort_by_key(|&p| (std::cmp::Reverse(conflicts(&owners, p, *node, n)), p));
                 owners[mine[0]] = None;
                 *counts.get_mut(node).expect("member") -= 1;
@@ -190,7 +226,10 @@ impl Ring {
         }
 
         Ok(Ring {
-            owners: owners.into_iter().map(|o| o.expect("all assigned")).collect(),
+            owners: owners
+                .into_iter()
+                .map(|o| o.expect("all assigned"))
+                .collect(),
             zones: previous.map(|p| p.zones.clone()).unwrap_or_default(),
         })
     }
@@ -250,7 +289,9 @@ impl Ring {
 
     /// Partitions owned by `node`.
     pub fn partitions_of(&self, node: NodeId) -> Vec<u32> {
-        (0..self.owners.len() as u32).filter(|&p| self.owner(p) == node).collect()
+        (0..self.owners.len() as u32)
+            .filter(|&p| self.owner(p) == node)
+            .collect()
     }
 
     /// The first `n` distinct nodes met walking the ring from the key's partition,
@@ -311,7 +352,12 @@ impl Ring {
                 continue;
             }
             match down.next() {
-                Some(primary) => list.push((node, Role::Fallback { for_primary: primary })),
+                Some(primary) => list.push((
+                    node,
+                    Role::Fallback {
+                        for_primary: primary,
+                    },
+                )),
                 None => break,
             }
         }
@@ -365,7 +411,10 @@ mod tests {
         assert_eq!(key_hash(b""), 0xefd01f60ba992926);
         assert_eq!(key_hash(b"shoal"), 0xa965faf81fb6da66);
         let ring = Ring::claim(None, &ids(&[1, 2, 3]), 256, 3).unwrap();
-        assert_eq!(ring.partition_of(b"shoal"), (0xa965faf81fb6da66u64 >> 56) as u32);
+        assert_eq!(
+            ring.partition_of(b"shoal"),
+            (0xa965faf81fb6da66u64 >> 56) as u32
+        );
     }
 
     #[test]
@@ -374,7 +423,10 @@ mod tests {
             Ring::claim(None, &ids(&[1]), 100, 3),
             Err(RingError::BadPartitionCount(100))
         );
-        assert_eq!(Ring::claim(None, &BTreeSet::new(), 64, 3), Err(RingError::NoMembers));
+        assert_eq!(
+            Ring::claim(None, &BTreeSet::new(), 64, 3),
+            Err(RingError::NoMembers)
+        );
     }
 
     #[test]
@@ -386,7 +438,9 @@ mod tests {
         assert_eq!(list.len(), 3);
         assert!(list.iter().all(|(n, _)| *n != down));
         assert_eq!(
-            list.iter().filter(|(_, r)| *r == Role::Fallback { for_primary: down }).count(),
+            list.iter()
+                .filter(|(_, r)| *r == Role::Fallback { for_primary: down })
+                .count(),
             1
         );
     }
@@ -399,7 +453,9 @@ mod tests {
             .enumerate()
             .map(|(i, n)| (*n, format!("z{}", i % 3)))
             .collect();
-        let ring = Ring::claim(None, &members, 64, 3).unwrap().with_zones(zones.clone());
+        let ring = Ring::claim(None, &members, 64, 3)
+            .unwrap()
+            .with_zones(zones.clone());
         for p in 0..64 {
             let list = ring.preference_list_for_partition(p, 3);
             let zs: BTreeSet<&String> = list.iter().map(|n| &zones[n]).collect();

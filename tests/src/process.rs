@@ -16,7 +16,11 @@ pub fn shoal_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("shoal");
-    assert!(bin.exists(), "{} not built: run `cargo build --bin shoal` (cargo test --workspace builds it)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --bin shoal` (cargo test --workspace builds it)",
+        bin.display()
+    );
     bin
 }
 
@@ -48,7 +52,12 @@ impl DevCluster {
             .spawn()
             .expect("start shoal dev");
         let pgid = launcher.id() as i32;
-        let cluster = DevCluster { dir, nodes, launcher, pgid };
+        let cluster = DevCluster {
+            dir,
+            nodes,
+            launcher,
+            pgid,
+        };
         cluster.wait_ready(Duration::from_secs(60)).await;
         cluster
     }
@@ -59,7 +68,9 @@ impl DevCluster {
 
     /// An SDK client for this cluster.
     pub async fn client(&self) -> Client {
-        Client::connect(ClientConfig::from_dir(self.path()).expect("cluster dir")).await.expect("connect")
+        Client::connect(ClientConfig::from_dir(self.path()).expect("cluster dir"))
+            .await
+            .expect("connect")
     }
 
     /// Waits until every node answers and knows the ring.
@@ -69,27 +80,43 @@ impl DevCluster {
             if let Ok(config) = ClientConfig::from_dir(self.path()) {
                 if let Ok(client) = Client::connect(config).await {
                     if let Ok(statuses) = client.statuses().await {
-                        let ready = statuses.iter().filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready)).count();
+                        let ready = statuses
+                            .iter()
+                            .filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready))
+                            .count();
                         if ready == self.nodes {
                             return;
                         }
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "cluster not ready within {within:?}; logs:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready within {within:?}; logs:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// Runs the `shoal` CLI against this cluster.
     pub fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(shoal_bin()).arg("--dir").arg(self.path()).args(args).env_remove("SHOAL_DEV_DIR").output().expect("run shoal")
+        Command::new(shoal_bin())
+            .arg("--dir")
+            .arg(self.path())
+            .args(args)
+            .env_remove("SHOAL_DEV_DIR")
+            .output()
+            .expect("run shoal")
     }
 
     /// Pid of `node` (e.g. "node2") as the node itself reports it.
     pub async fn pid_of(&self, node: &str) -> u32 {
         let statuses = self.client().await.statuses().await.expect("statuses");
-        let (_, status) = statuses.into_iter().find(|(m, _)| m.name == node).expect("member");
+        let (_, status) = statuses
+            .into_iter()
+            .find(|(m, _)| m.name == node)
+            .expect("member");
         status.expect("node is up").pid
     }
 
@@ -100,7 +127,9 @@ impl DevCluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
             // The launcher reaps its children; a zombie still answers kill(0).
-            if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -109,7 +138,11 @@ impl DevCluster {
 
     /// Starts a node again by hand, as a user would: `shoal node --config`.
     pub fn restart(&self, node: &str) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{node}.log"))).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(format!("{node}.log")))
+            .expect("log");
         Command::new(shoal_bin())
             .arg("node")
             .arg("--config")
@@ -124,10 +157,16 @@ impl DevCluster {
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for name in std::iter::once("dev".to_string()).chain((1..=self.nodes).map(|i| format!("node{i}"))) {
-            let text = std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default();
+        for name in
+            std::iter::once("dev".to_string()).chain((1..=self.nodes).map(|i| format!("node{i}")))
+        {
+            let text = std::fs::read_to_string(self.path().join(format!("{name}.log")))
+                .unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            out.push_str(&format!("--- {name}.log\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            out.push_str(&format!(
+                "--- {name}.log\n{}\n",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
         out
     }

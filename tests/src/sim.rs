@@ -49,12 +49,18 @@ impl SimCluster {
                 peer_addr: ([127, 0, 0, 1], 8000 + i as u16).into(),
             })
             .collect();
-        let expected: Vec<MemberConfig> =
-            members.iter().map(|m| MemberConfig { name: m.name.clone(), peer_addr: m.peer_addr }).collect();
+        let expected: Vec<MemberConfig> = members
+            .iter()
+            .map(|m| MemberConfig {
+                name: m.name.clone(),
+                peer_addr: m.peer_addr,
+            })
+            .collect();
         let nodes: Vec<SimNode> = members
             .iter()
             .map(|me| {
-                let membership = Membership::new(expected.clone(), members.clone(), 64, settings.n as usize);
+                let membership =
+                    Membership::new(expected.clone(), members.clone(), 64, settings.n as usize);
                 let node = Node::new(
                     me.clone(),
                     settings.clone(),
@@ -70,19 +76,29 @@ impl SimCluster {
     }
 
     pub fn node(&self, name: &str) -> &SimNode {
-        self.nodes.iter().find(|n| n.me().name == name).expect("no such node")
+        self.nodes
+            .iter()
+            .find(|n| n.me().name == name)
+            .expect("no such node")
     }
 
     /// Names of the key's primaries, in preference order.
     pub fn primaries(&self, key: &[u8]) -> Vec<String> {
         let view = self.nodes[0].membership().view().expect("ring ready");
-        view.preference_list(key, 3).into_iter().map(|m| m.name).collect()
+        view.preference_list(key, 3)
+            .into_iter()
+            .map(|m| m.name)
+            .collect()
     }
 
     /// The first node that is not a primary of `key` (needs more than N nodes).
     pub fn non_replica(&self, key: &[u8]) -> String {
         let p = self.primaries(key);
-        self.nodes.iter().map(|n| n.me().name.clone()).find(|n| !p.contains(n)).expect("a non-replica")
+        self.nodes
+            .iter()
+            .map(|n| n.me().name.clone())
+            .find(|n| !p.contains(n))
+            .expect("a non-replica")
     }
 
     /// What one replica holds for `key`.
@@ -90,16 +106,51 @@ impl SimCluster {
         self.node(node).local_get(key).expect("store read")
     }
 
-    pub async fn put(&self, via: &str, key: &[u8], value: &[u8], ctx: Option<shoal_client::CausalContext>, options: RequestOptions) -> Response {
-        let req = Request::Put { key: key.to_vec(), value: value.to_vec(), context: ctx, options };
+    pub async fn put(
+        &self,
+        via: &str,
+        key: &[u8],
+        value: &[u8],
+        ctx: Option<shoal_client::CausalContext>,
+        options: RequestOptions,
+    ) -> Response {
+        let req = Request::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context: ctx,
+            options,
+        };
         self.node(via).coordinate(req, false).await
     }
 
     pub async fn get(&self, via: &str, key: &[u8], options: RequestOptions) -> Response {
-        self.node(via).coordinate(Request::Get { key: key.to_vec(), options }, false).await
+        self.node(via)
+            .coordinate(
+                Request::Get {
+                    key: key.to_vec(),
+                    options,
+                },
+                false,
+            )
+            .await
     }
 
-    pub async fn delete(&self, via: &str, key: &[u8], ctx: Option<shoal_client::CausalContext>, options: RequestOptions) -> Response {
-        self.node(via).coordinate(Request::Delete { key: key.to_vec(), context: ctx, options }, false).await
+    pub async fn delete(
+        &self,
+        via: &str,
+        key: &[u8],
+        ctx: Option<shoal_client::CausalContext>,
+        options: RequestOptions,
+    ) -> Response {
+        self.node(via)
+            .coordinate(
+                Request::Delete {
+                    key: key.to_vec(),
+                    context: ctx,
+                    options,
+                },
+                false,
+            )
+            .await
     }
 }

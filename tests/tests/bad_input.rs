@@ -20,9 +20,17 @@ async fn raw_endpoint(config: quinn::ClientConfig) -> quinn::Endpoint {
 }
 
 fn identity(ca_pem: Vec<u8>, dir: &std::path::Path, name: &str) -> Identity {
-    let chain = shoal_client::tls::parse_certs(&std::fs::read(dir.join(format!("{name}.pem"))).unwrap()).unwrap();
-    let key = shoal_client::tls::parse_key(&std::fs::read(dir.join(format!("{name}.key"))).unwrap()).unwrap();
-    Identity { ca_pem, chain, key: Arc::new(key) }
+    let chain =
+        shoal_client::tls::parse_certs(&std::fs::read(dir.join(format!("{name}.pem"))).unwrap())
+            .unwrap();
+    let key =
+        shoal_client::tls::parse_key(&std::fs::read(dir.join(format!("{name}.key"))).unwrap())
+            .unwrap();
+    Identity {
+        ca_pem,
+        chain,
+        key: Arc::new(key),
+    }
 }
 
 /// Sends raw bytes on a new stream and reads the one framed answer.
@@ -30,12 +38,17 @@ async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response, St
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     // A refused oversized frame may reset our sending side: ignore write errors.
     let _ = frame::write_raw(&mut send, bytes).await;
-    frame::read::<Response>(&mut recv, 1 << 20).await.map_err(|e| e.to_string())
+    frame::read::<Response>(&mut recv, 1 << 20)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn still_serving(c: &DevCluster) {
     let client = c.client().await;
-    client.put(b"alive", b"yes", None).await.expect("node still serves writes");
+    client
+        .put(b"alive", b"yes", None)
+        .await
+        .expect("node still serves writes");
     assert_eq!(client.get(b"alive").await.unwrap().values[0].0, b"yes");
 }
 
@@ -52,7 +65,10 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
     // 1. A value over the limit: the SDK refuses it before sending...
     let client = c.client().await;
     let big = vec![7u8; (4 << 20) + 1];
-    assert!(matches!(client.put(b"big", &big, None).await, Err(Error::TooLarge(_))));
+    assert!(matches!(
+        client.put(b"big", &big, None).await,
+        Err(Error::TooLarge(_))
+    ));
     // ...and a client that skips the check gets the node's refusal.
     let mut lax = ClientConfig::from_dir(c.path()).unwrap();
     lax.max_value_bytes = usize::MAX;
@@ -61,15 +77,23 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
         Err(Error::TooLarge(m)) => assert!(m.contains("4194304"), "{m}"),
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert!(client.get(b"big").await.unwrap().values.is_empty(), "nothing was written");
+    assert!(
+        client.get(b"big").await.unwrap().values.is_empty(),
+        "nothing was written"
+    );
 
     // 2. Malformed frames on the client port.
-    let config = shoal_client::tls::quic_client_config(&ca, None, CLIENT_ALPN, Duration::from_secs(10)).unwrap();
+    let config =
+        shoal_client::tls::quic_client_config(&ca, None, CLIENT_ALPN, Duration::from_secs(10))
+            .unwrap();
     let endpoint = raw_endpoint(config).await;
     let conn = endpoint.connect(seeds[0], "shoal").unwrap().await.unwrap();
     let garbage = b"\x00\x00\x00\x05\xde\xad\xbe\xefhello";
     match raw_call(&conn, garbage).await.unwrap() {
-        Response::Error(e) => assert!(e.kind == ErrorKind::BadRequest && e.message.contains("checksum"), "{e:?}"),
+        Response::Error(e) => assert!(
+            e.kind == ErrorKind::BadRequest && e.message.contains("checksum"),
+            "{e:?}"
+        ),
         other => panic!("{other:?}"),
     }
     let mut not_msgpack = frame::encode(&"just a string").unwrap();
@@ -84,7 +108,10 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
     }
     let oversized = [0xffu8, 0xff, 0xff, 0xff, 0, 0, 0, 0];
     match raw_call(&conn, &oversized).await.unwrap() {
-        Response::Error(e) => assert!(e.kind == ErrorKind::TooLarge && e.message.contains("cap"), "{e:?}"),
+        Response::Error(e) => assert!(
+            e.kind == ErrorKind::TooLarge && e.message.contains("cap"),
+            "{e:?}"
+        ),
         other => panic!("{other:?}"),
     }
     match raw_call(&conn, b"\x00\x00").await.unwrap() {
@@ -92,28 +119,66 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
         other => panic!("{other:?}"),
     }
     // The same connection still serves good requests.
-    let good = frame::encode(&Request::Get { key: b"alive".to_vec(), options: RequestOptions::default() }).unwrap();
-    assert!(matches!(raw_call(&conn, &good).await.unwrap(), Response::Value(_)));
+    let good = frame::encode(&Request::Get {
+        key: b"alive".to_vec(),
+        options: RequestOptions::default(),
+    })
+    .unwrap();
+    assert!(matches!(
+        raw_call(&conn, &good).await.unwrap(),
+        Response::Value(_)
+    ));
     still_serving(&c).await;
 
     // 3. Peers: find node1's peer address from the ring.
     let ring = client.ring_info().unwrap();
-    let node1 = ring.members.iter().find(|m| m.name == "node1").unwrap().clone();
-    let hello = |from: &str| PeerEnvelope { from: from.to_string(), request: PeerRequest::Hello(node1.clone()) };
+    let node1 = ring
+        .members
+        .iter()
+        .find(|m| m.name == "node1")
+        .unwrap()
+        .clone();
+    let hello = |from: &str| PeerEnvelope {
+        from: from.to_string(),
+        request: PeerRequest::Hello(node1.clone()),
+    };
 
     // A certificate from another CA (trusting the real CA, so only the
     // node's check can refuse it).
     let foreign = tempfile::tempdir().unwrap();
     shoal_node::certs::create_ca(foreign.path()).unwrap();
-    shoal_node::certs::issue(foreign.path(), foreign.path(), "node2", shoal_node::certs::Kind::Node, &[]).unwrap();
+    shoal_node::certs::issue(
+        foreign.path(),
+        foreign.path(),
+        "node2",
+        shoal_node::certs::Kind::Node,
+        &[],
+    )
+    .unwrap();
     let id = identity(ca.clone(), foreign.path(), "node2");
     let endpoint = raw_endpoint(peer_client_config(&id, Duration::from_secs(5)).unwrap()).await;
-    assert!(peer_call(&endpoint, node1.peer_addr, &hello("node2")).await.is_err(), "foreign certificate accepted");
+    assert!(
+        peer_call(&endpoint, node1.peer_addr, &hello("node2"))
+            .await
+            .is_err(),
+        "foreign certificate accepted"
+    );
 
     // No certificate at all.
-    let config = shoal_client::tls::quic_client_config(&ca, None, shoal_node::net::PEER_ALPN, Duration::from_secs(5)).unwrap();
+    let config = shoal_client::tls::quic_client_config(
+        &ca,
+        None,
+        shoal_node::net::PEER_ALPN,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let endpoint = raw_endpoint(config).await;
-    assert!(peer_call(&endpoint, node1.peer_addr, &hello("node2")).await.is_err(), "anonymous peer accepted");
+    assert!(
+        peer_call(&endpoint, node1.peer_addr, &hello("node2"))
+            .await
+            .is_err(),
+        "anonymous peer accepted"
+    );
 
     // A real cluster certificate for node3, claiming to be node2.
     let id = identity(ca.clone(), c.path(), "node3");
@@ -125,12 +190,25 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
     still_serving(&c).await;
 }
 
-async fn peer_call(endpoint: &quinn::Endpoint, addr: std::net::SocketAddr, envelope: &PeerEnvelope) -> Result<PeerResponse, String> {
-    let conn = endpoint.connect(addr, "node1").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    frame::write(&mut send, envelope).await.map_err(|e| e.to_string())?;
-    tokio::time::timeout(Duration::from_secs(5), frame::read::<PeerResponse>(&mut recv, 1 << 20))
+async fn peer_call(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    envelope: &PeerEnvelope,
+) -> Result<PeerResponse, String> {
+    let conn = endpoint
+        .connect(addr, "node1")
+        .map_err(|e| e.to_string())?
         .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    frame::write(&mut send, envelope)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        frame::read::<PeerResponse>(&mut recv, 1 << 20),
+    )
+    .await
+    .map_err(|_| "no answer".to_string())?
+    .map_err(|e| e.to_string())
 }

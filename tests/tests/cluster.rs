@@ -12,11 +12,21 @@ fn stdout(o: &std::process::Output) -> String {
 }
 
 fn json(o: &std::process::Output) -> serde_json::Value {
-    assert!(o.status.success(), "command failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).expect("json output")
 }
 
-const W2: RequestOptions = RequestOptions { r: Some(2), w: Some(2), pr: None, pw: None, timeout_ms: Some(3000) };
+const W2: RequestOptions = RequestOptions {
+    r: Some(2),
+    w: Some(2),
+    pr: None,
+    pw: None,
+    timeout_ms: Some(3000),
+};
 
 /// Acceptance 1 and 2: CLI put/get; concurrent puts give siblings; a put with
 /// the context resolves them; all three replicas then hold the same clock.
@@ -24,21 +34,36 @@ const W2: RequestOptions = RequestOptions { r: Some(2), w: Some(2), pr: None, pw
 async fn cli_put_get_siblings_and_inspect() {
     let c = DevCluster::start(3).await;
     let put = c.shoal(&["put", "k", "v"]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     assert_eq!(stdout(&c.shoal(&["get", "k"])), "v\n");
 
     assert!(c.shoal(&["put", "cart", "apple"]).status.success());
     assert!(c.shoal(&["put", "cart", "pear"]).status.success());
     let read = json(&c.shoal(&["get", "cart", "--json", "-r", "3"]));
-    let mut values: Vec<String> = read["values"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let mut values: Vec<String> = read["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     values.sort();
     assert_eq!(values, vec!["apple", "pear"]);
     let human = stdout(&c.shoal(&["get", "cart", "-r", "3"]));
     assert!(human.starts_with("2 siblings:"), "{human}");
 
     let ctx = read["context"].as_str().unwrap();
-    assert!(c.shoal(&["put", "cart", "apple,pear", "--context", ctx]).status.success());
-    assert_eq!(stdout(&c.shoal(&["get", "cart", "-r", "3"])), "apple,pear\n");
+    assert!(c
+        .shoal(&["put", "cart", "apple,pear", "--context", ctx])
+        .status
+        .success());
+    assert_eq!(
+        stdout(&c.shoal(&["get", "cart", "-r", "3"])),
+        "apple,pear\n"
+    );
 
     // The last replica may receive the write just after the reply: bounded poll.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -53,13 +78,18 @@ async fn cli_put_get_siblings_and_inspect() {
             }
             break;
         }
-        assert!(Instant::now() < deadline, "replicas did not converge: {report}");
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {report}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status = json(&c.shoal(&["status", "--json"]));
     let rows = status.as_array().unwrap();
     assert_eq!(rows.len(), 3);
-    assert!(rows.iter().all(|r| r["up"] == true && r["pid"].as_u64().unwrap() > 0));
+    assert!(rows
+        .iter()
+        .all(|r| r["up"] == true && r["pid"].as_u64().unwrap() > 0));
     let parts: u64 = rows.iter().map(|r| r["partitions"].as_u64().unwrap()).sum();
     assert_eq!(parts, 256);
 }
@@ -73,24 +103,35 @@ async fn kill_nine_one_then_two_nodes_and_lose_nothing() {
     let mut acked = Vec::new();
     for i in 0..30 {
         let key = format!("before-{i}");
-        client.put_with(key.as_bytes(), key.as_bytes(), None, W2).await.expect("put with all up");
+        client
+            .put_with(key.as_bytes(), key.as_bytes(), None, W2)
+            .await
+            .expect("put with all up");
         acked.push(key);
     }
 
     c.kill9("node2").await;
     for i in 0..30 {
         let key = format!("one-down-{i}");
-        client.put_with(key.as_bytes(), key.as_bytes(), None, W2).await.expect("put with one node down");
+        client
+            .put_with(key.as_bytes(), key.as_bytes(), None, W2)
+            .await
+            .expect("put with one node down");
         acked.push(key);
     }
     for key in &acked {
-        let got = client.get_with(key.as_bytes(), W2).await.expect("get with one node down");
+        let got = client
+            .get_with(key.as_bytes(), W2)
+            .await
+            .expect("get with one node down");
         assert_eq!(got.values[0].0, key.as_bytes());
     }
 
     c.kill9("node3").await;
     match client.put_with(b"two-down", b"x", None, W2).await {
-        Err(Error::Quorum { needed, answered, .. }) => {
+        Err(Error::Quorum {
+            needed, answered, ..
+        }) => {
             assert_eq!(needed, 2);
             assert_eq!(answered, vec!["node1".to_string()]);
         }
@@ -103,7 +144,10 @@ async fn kill_nine_one_then_two_nodes_and_lose_nothing() {
     let cli = c.shoal(&["get", "before-0"]);
     assert!(!cli.status.success());
     let stderr = String::from_utf8_lossy(&cli.stderr);
-    assert!(stderr.contains("quorum") && stderr.contains("node1"), "{stderr}");
+    assert!(
+        stderr.contains("quorum") && stderr.contains("node1"),
+        "{stderr}"
+    );
 
     c.restart("node2");
     c.restart("node3");
@@ -111,7 +155,14 @@ async fn kill_nine_one_then_two_nodes_and_lose_nothing() {
     let client = c.client().await;
     for key in &acked {
         let got = client
-            .get_with(key.as_bytes(), RequestOptions { r: Some(2), timeout_ms: Some(3000), ..Default::default() })
+            .get_with(
+                key.as_bytes(),
+                RequestOptions {
+                    r: Some(2),
+                    timeout_ms: Some(3000),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap_or_else(|e| panic!("{key} after restart: {e}"));
         assert_eq!(got.values.len(), 1, "{key}");

@@ -35,7 +35,13 @@ fn values(r: &GetReply) -> Vec<Vec<u8>> {
     v
 }
 
-const D: RequestOptions = RequestOptions { r: None, w: None, pr: None, pw: None, timeout_ms: None };
+const D: RequestOptions = RequestOptions {
+    r: None,
+    w: None,
+    pr: None,
+    pw: None,
+    timeout_ms: None,
+};
 
 /// Waits (bounded) until every primary of `key` stores the same object.
 async fn converged(c: &SimCluster, key: &[u8]) -> bool {
@@ -64,12 +70,24 @@ async fn concurrent_puts_become_siblings_and_a_context_resolves_them() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"a", None, D).await);
     written(c.put("node2", b"k", b"b", None, D).await);
-    let read = value(c.get("node3", b"k", RequestOptions { r: Some(3), ..D }).await);
+    let read = value(
+        c.get("node3", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
     assert_eq!(values(&read), vec![b"a".to_vec(), b"b".to_vec()]);
     let w = written(c.put("node3", b"k", b"c", Some(read.context), D).await);
     assert_eq!(w.siblings, 1);
-    assert_eq!(values(&value(c.get("node1", b"k", RequestOptions { r: Some(3), ..D }).await)), vec![b"c".to_vec()]);
-    assert!(converged(&c, b"k").await, "all three replicas end with the same clock");
+    assert_eq!(
+        values(&value(
+            c.get("node1", b"k", RequestOptions { r: Some(3), ..D })
+                .await
+        )),
+        vec![b"c".to_vec()]
+    );
+    assert!(
+        converged(&c, b"k").await,
+        "all three replicas end with the same clock"
+    );
 }
 
 #[tokio::test]
@@ -77,13 +95,28 @@ async fn retried_puts_with_the_same_context_do_not_grow_siblings_without_bound()
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v0", None, D).await);
     for i in 0..20 {
-        let read = value(c.get("node1", b"k", RequestOptions { r: Some(3), ..D }).await);
-        written(c.put("node1", b"k", format!("v{i}").as_bytes(), Some(read.context), D).await);
+        let read = value(
+            c.get("node1", b"k", RequestOptions { r: Some(3), ..D })
+                .await,
+        );
+        written(
+            c.put(
+                "node1",
+                b"k",
+                format!("v{i}").as_bytes(),
+                Some(read.context),
+                D,
+            )
+            .await,
+        );
     }
     assert!(converged(&c, b"k").await);
     let stored = c.stored("node1", b"k").unwrap();
     assert_eq!(stored.siblings().len(), 1);
-    assert!(stored.clock().len() <= 3, "one clock entry per coordinating node, not per write");
+    assert!(
+        stored.clock().len() <= 3,
+        "one clock entry per coordinating node, not per write"
+    );
 }
 
 #[tokio::test]
@@ -92,9 +125,15 @@ async fn delete_is_a_tombstone_that_reads_as_absent() {
     written(c.put("node1", b"k", b"v", None, D).await);
     let read = value(c.get("node1", b"k", D).await);
     written(c.delete("node2", b"k", Some(read.context), D).await);
-    let after = value(c.get("node3", b"k", RequestOptions { r: Some(3), ..D }).await);
+    let after = value(
+        c.get("node3", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
     assert!(after.values.is_empty());
-    assert!(!after.context.is_empty(), "the tombstone's context is still handed out");
+    assert!(
+        !after.context.is_empty(),
+        "the tombstone's context is still handed out"
+    );
 }
 
 #[tokio::test]
@@ -102,8 +141,14 @@ async fn a_partitioned_replica_does_not_block_quorum() {
     let c = SimCluster::new(3);
     c.net.partition("node1", "node2");
     written(c.put("node1", b"k", b"v", None, D).await);
-    assert_eq!(values(&value(c.get("node1", b"k", D).await)), vec![b"v".to_vec()]);
-    assert!(c.stored("node2", b"k").is_none(), "node2 was cut off from the coordinator");
+    assert_eq!(
+        values(&value(c.get("node1", b"k", D).await)),
+        vec![b"v".to_vec()]
+    );
+    assert!(
+        c.stored("node2", b"k").is_none(),
+        "node2 was cut off from the coordinator"
+    );
 }
 
 #[tokio::test]
@@ -116,14 +161,33 @@ async fn two_crashed_replicas_fail_the_quorum_naming_who_answered() {
     assert_eq!(e.kind, ErrorKind::Quorum);
     assert_eq!(e.answered, vec!["node1".to_string()]);
     assert_eq!(e.needed, 2);
-    assert!(e.message.contains("node2") && e.message.contains("node3"), "{}", e.message);
+    assert!(
+        e.message.contains("node2") && e.message.contains("node3"),
+        "{}",
+        e.message
+    );
     let e = error(c.get("node1", b"before", D).await);
-    assert_eq!((e.kind, e.answered), (ErrorKind::Quorum, vec!["node1".to_string()]));
+    assert_eq!(
+        (e.kind, e.answered),
+        (ErrorKind::Quorum, vec!["node1".to_string()])
+    );
     // R=1 still reads what the live replica has.
-    assert_eq!(values(&value(c.get("node1", b"before", RequestOptions { r: Some(1), ..D }).await)), vec![b"v".to_vec()]);
+    assert_eq!(
+        values(&value(
+            c.get("node1", b"before", RequestOptions { r: Some(1), ..D })
+                .await
+        )),
+        vec![b"v".to_vec()]
+    );
     c.net.restart("node2");
     c.net.restart("node3");
-    assert_eq!(values(&value(c.get("node1", b"before", RequestOptions { r: Some(3), ..D }).await)), vec![b"v".to_vec()]);
+    assert_eq!(
+        values(&value(
+            c.get("node1", b"before", RequestOptions { r: Some(3), ..D })
+                .await
+        )),
+        vec![b"v".to_vec()]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -132,11 +196,26 @@ async fn a_blackholed_replica_costs_the_request_timeout_then_a_quorum_error() {
     c.net.blackhole("node1", "node2");
     c.net.blackhole("node1", "node3");
     let started = tokio::time::Instant::now();
-    let e = error(c.put("node1", b"k", b"v", None, RequestOptions { timeout_ms: Some(300), ..D }).await);
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions {
+                timeout_ms: Some(300),
+                ..D
+            },
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::Quorum);
     assert!(e.message.contains("deadline"), "{}", e.message);
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_millis(400), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(400),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -148,7 +227,10 @@ async fn a_slow_replica_does_not_delay_the_reply_and_still_gets_the_write() {
     assert!(started.elapsed() < Duration::from_millis(100));
     assert!(c.stored("node3", b"k").is_none());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(c.stored("node3", b"k").is_some(), "the background send landed");
+    assert!(
+        c.stored("node3", b"k").is_some(),
+        "the background send landed"
+    );
 }
 
 #[tokio::test]
@@ -157,8 +239,14 @@ async fn a_non_replica_forwards_to_a_replica() {
     let outsider = c.non_replica(b"k");
     let w = written(c.put(&outsider, b"k", b"v", None, D).await);
     assert_eq!(w.siblings, 1);
-    assert!(c.stored(&outsider, b"k").is_none(), "the outsider stores nothing");
-    assert_eq!(values(&value(c.get(&outsider, b"k", D).await)), vec![b"v".to_vec()]);
+    assert!(
+        c.stored(&outsider, b"k").is_none(),
+        "the outsider stores nothing"
+    );
+    assert_eq!(
+        values(&value(c.get(&outsider, b"k", D).await)),
+        vec![b"v".to_vec()]
+    );
     // With every replica down, the outsider says so instead of hanging.
     for p in c.primaries(b"k") {
         c.net.crash(&p);
@@ -175,11 +263,42 @@ async fn bad_requests_are_refused_before_anything_is_written() {
     for n in ["node1", "node2", "node3"] {
         assert!(c.stored(n, b"big").is_none());
     }
-    let e = error(c.put("node1", b"k", b"v", Some(CausalContext(b"\xffnot a context".to_vec())), D).await);
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            Some(CausalContext(b"\xffnot a context".to_vec())),
+            D,
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::BadRequest);
-    let e = error(c.put("node1", b"k", b"v", None, RequestOptions { w: Some(4), ..D }).await);
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions { w: Some(4), ..D },
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::BadRequest);
-    let e = error(c.put("node1", b"k", b"v", None, RequestOptions { w: Some(1), pw: Some(2), ..D }).await);
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions {
+                w: Some(1),
+                pw: Some(2),
+                ..D
+            },
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::BadRequest);
     assert!(c.stored("node1", b"k").is_none());
 }
@@ -190,22 +309,63 @@ async fn a_corrupt_replica_is_never_served() {
     written(c.put("node1", b"k", b"good", None, D).await);
     assert!(converged(&c, b"k").await);
     let victim = c.primaries(b"k")[0].clone();
-    c.node(&victim).store().corrupt(shoal_node::storage::Tree::Objects, b"k");
+    c.node(&victim)
+        .store()
+        .corrupt(shoal_node::storage::Tree::Objects, b"k");
     // All three required: the corrupt one cannot count.
-    let e = error(c.get("node2", b"k", RequestOptions { r: Some(3), ..D }).await);
+    let e = error(
+        c.get("node2", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
     assert_eq!(e.kind, ErrorKind::Quorum);
     assert!(e.message.contains("corrupt"), "{}", e.message);
     // Two suffice: the good copies answer.
-    assert_eq!(values(&value(c.get("node2", b"k", D).await)), vec![b"good".to_vec()]);
+    assert_eq!(
+        values(&value(c.get("node2", b"k", D).await)),
+        vec![b"good".to_vec()]
+    );
 }
 
 #[tokio::test]
 async fn pr_and_pw_count_primaries() {
     let c = SimCluster::new(3);
     c.net.crash("node3");
-    written(c.put("node1", b"k", b"v", None, RequestOptions { pw: Some(2), ..D }).await);
-    let e = error(c.put("node1", b"k", b"v", None, RequestOptions { w: Some(3), pw: Some(3), ..D }).await);
+    written(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions { pw: Some(2), ..D },
+        )
+        .await,
+    );
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions {
+                w: Some(3),
+                pw: Some(3),
+                ..D
+            },
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::Quorum);
-    let e = error(c.get("node1", b"k", RequestOptions { r: Some(3), pr: Some(3), ..D }).await);
+    let e = error(
+        c.get(
+            "node1",
+            b"k",
+            RequestOptions {
+                r: Some(3),
+                pr: Some(3),
+                ..D
+            },
+        )
+        .await,
+    );
     assert_eq!(e.kind, ErrorKind::Quorum);
 }

@@ -76,13 +76,17 @@ pub enum TransportError {
 /// Sends peer requests. The coordinator only ever talks to other nodes
 /// through this, so the same logic runs over QUIC and over [`sim`].
 pub trait Transport: Send + Sync + 'static {
-    fn call(&self, to: &MemberInfo, request: PeerRequest)
-        -> impl Future<Output = Result<PeerResponse, TransportError>> + Send;
+    fn call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> impl Future<Output = Result<PeerResponse, TransportError>> + Send;
 }
 
 /// What a node does with requests; the servers and the simulated network call
 /// into it.
 pub trait Handler: Send + Sync + 'static {
     fn client(&self, request: Request) -> impl Future<Output = Response> + Send;
-    fn peer(&self, from: String, request: PeerRequest) -> impl Future<Output = PeerResponse> + Send;
+    fn peer(&self, from: String, request: PeerRequest)
+        -> impl Future<Output = PeerResponse> + Send;
 }

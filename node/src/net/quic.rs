@@ -144,11 +144,21 @@ async fn serve_peer_stream<H: Handler>(
 ) {
     let response = match frame::read::<PeerEnvelope>(&mut recv, limits.peer).await {
         Ok(envelope) => {
-            let known = verified.lock().expect("verified lock").contains(&envelope.from);
-            let check = if known { Ok(()) } else { check_peer_name(cert, &envelope.from) };
+            let known = verified
+                .lock()
+                .expect("verified lock")
+                .contains(&envelope.from);
+            let check = if known {
+                Ok(())
+            } else {
+                check_peer_name(cert, &envelope.from)
+            };
             match check {
                 Ok(()) => {
-                    verified.lock().expect("verified lock").insert(envelope.from.clone());
+                    verified
+                        .lock()
+                        .expect("verified lock")
+                        .insert(envelope.from.clone());
                     handler.peer(envelope.from, envelope.request).await
                 }
                 Err(e) => {
@@ -180,7 +190,13 @@ pub struct QuicTransport {
 
 impl QuicTransport {
     /// `endpoint` must carry a default client config with this node's identity.
-    pub fn new(endpoint: quinn::Endpoint, me: String, connect_timeout: Duration, backoff: Duration, max_frame: usize) -> Self {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        me: String,
+        connect_timeout: Duration,
+        backoff: Duration,
+        max_frame: usize,
+    ) -> Self {
         QuicTransport {
             endpoint,
             me,
@@ -201,12 +217,18 @@ impl QuicTransport {
         }
         if let Some(until) = self.backoff_until.lock().expect("pool lock").get(&addr) {
             if *until > Instant::now() {
-                return Err(TransportError::Unreachable(to.name.clone(), "recently failed; backing off".into()));
+                return Err(TransportError::Unreachable(
+                    to.name.clone(),
+                    "recently failed; backing off".into(),
+                ));
             }
         }
         let unreachable = |e: String| TransportError::Unreachable(to.name.clone(), e);
         let result = async {
-            let connecting = self.endpoint.connect(addr, &to.name).map_err(|e| e.to_string())?;
+            let connecting = self
+                .endpoint
+                .connect(addr, &to.name)
+                .map_err(|e| e.to_string())?;
             tokio::time::timeout(self.connect_timeout, connecting)
                 .await
                 .map_err(|_| format!("no handshake within {:?}", self.connect_timeout))?
@@ -215,12 +237,18 @@ impl QuicTransport {
         .await;
         match result {
             Ok(conn) => {
-                self.connections.lock().expect("pool lock").insert(addr, conn.clone());
+                self.connections
+                    .lock()
+                    .expect("pool lock")
+                    .insert(addr, conn.clone());
                 self.backoff_until.lock().expect("pool lock").remove(&addr);
                 Ok(conn)
             }
             Err(e) => {
-                self.backoff_until.lock().expect("pool lock").insert(addr, Instant::now() + self.backoff);
+                self.backoff_until
+                    .lock()
+                    .expect("pool lock")
+                    .insert(addr, Instant::now() + self.backoff);
                 Err(unreachable(e))
             }
         }
@@ -228,18 +256,33 @@ impl QuicTransport {
 }
 
 impl Transport for QuicTransport {
-    async fn call(&self, to: &MemberInfo, request: PeerRequest) -> Result<PeerResponse, TransportError> {
+    async fn call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
         let conn = self.connection(to).await?;
-        let envelope = PeerEnvelope { from: self.me.clone(), request };
-        rpc::call(&conn, &envelope, self.max_frame).await.map_err(|e| {
-            if let CallError::NotDelivered(_) = e {
-                // Dead or unreachable: fail fast for a while instead of re-dialling per call.
-                self.connections.lock().expect("pool lock").remove(&to.peer_addr);
-                self.backoff_until.lock().expect("pool lock").insert(to.peer_addr, Instant::now() + self.backoff);
-                TransportError::Unreachable(to.name.clone(), e.to_string())
-            } else {
-                TransportError::Failed(to.name.clone(), e.to_string())
-            }
-        })
+        let envelope = PeerEnvelope {
+            from: self.me.clone(),
+            request,
+        };
+        rpc::call(&conn, &envelope, self.max_frame)
+            .await
+            .map_err(|e| {
+                if let CallError::NotDelivered(_) = e {
+                    // Dead or unreachable: fail fast for a while instead of re-dialling per call.
+                    self.connections
+                        .lock()
+                        .expect("pool lock")
+                        .remove(&to.peer_addr);
+                    self.backoff_until
+                        .lock()
+                        .expect("pool lock")
+                        .insert(to.peer_addr, Instant::now() + self.backoff);
+                    TransportError::Unreachable(to.name.clone(), e.to_string())
+                } else {
+                    TransportError::Failed(to.name.clone(), e.to_string())
+                }
+            })
     }
 }

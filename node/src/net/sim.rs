@@ -20,7 +20,9 @@ use shoal_client::proto::MemberInfo;
 
 use super::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
 
-type BoxedHandler = Arc<dyn Fn(String, PeerRequest) -> Pin<Box<dyn Future<Output = PeerResponse> + Send>> + Send + Sync>;
+type BoxedHandler = Arc<
+    dyn Fn(String, PeerRequest) -> Pin<Box<dyn Future<Output = PeerResponse> + Send>> + Send + Sync,
+>;
 
 #[derive(Default)]
 struct Faults {
@@ -48,12 +50,18 @@ impl SimNetwork {
             let h = handler.clone();
             Box::pin(async move { h.peer(from, req).await })
         });
-        self.nodes.lock().expect("sim lock").insert(name.to_string(), f);
+        self.nodes
+            .lock()
+            .expect("sim lock")
+            .insert(name.to_string(), f);
     }
 
     /// The transport a node named `me` sends with.
     pub fn transport(self: &Arc<Self>, me: &str) -> SimTransport {
-        SimTransport { net: self.clone(), me: me.to_string() }
+        SimTransport {
+            net: self.clone(),
+            me: me.to_string(),
+        }
     }
 
     pub fn partition(&self, a: &str, b: &str) {
@@ -63,15 +71,27 @@ impl SimNetwork {
     }
 
     pub fn blackhole(&self, from: &str, to: &str) {
-        self.faults.lock().expect("sim lock").blackholed.insert((from.into(), to.into()));
+        self.faults
+            .lock()
+            .expect("sim lock")
+            .blackholed
+            .insert((from.into(), to.into()));
     }
 
     pub fn delay(&self, from: &str, to: &str, by: Duration) {
-        self.faults.lock().expect("sim lock").delays.insert((from.into(), to.into()), by);
+        self.faults
+            .lock()
+            .expect("sim lock")
+            .delays
+            .insert((from.into(), to.into()), by);
     }
 
     pub fn crash(&self, node: &str) {
-        self.faults.lock().expect("sim lock").crashed.insert(node.into());
+        self.faults
+            .lock()
+            .expect("sim lock")
+            .crashed
+            .insert(node.into());
     }
 
     pub fn restart(&self, node: &str) {
@@ -91,12 +111,20 @@ pub struct SimTransport {
 }
 
 impl Transport for SimTransport {
-    async fn call(&self, to: &MemberInfo, request: PeerRequest) -> Result<PeerResponse, TransportError> {
+    async fn call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
         let link = (self.me.clone(), to.name.clone());
         let (delay, blackholed) = {
             let f = self.net.faults.lock().expect("sim lock");
-            if f.cut.contains(&link) || f.crashed.contains(&to.name) || f.crashed.contains(&self.me) {
-                return Err(TransportError::Unreachable(to.name.clone(), "simulated partition or crash".into()));
+            if f.cut.contains(&link) || f.crashed.contains(&to.name) || f.crashed.contains(&self.me)
+            {
+                return Err(TransportError::Unreachable(
+                    to.name.clone(),
+                    "simulated partition or crash".into(),
+                ));
             }
             (f.delays.get(&link).copied(), f.blackholed.contains(&link))
         };
@@ -106,11 +134,19 @@ impl Transport for SimTransport {
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
-        let handler = self.net.nodes.lock().expect("sim lock").get(&to.name).cloned();
-        let handler = handler.ok_or_else(|| TransportError::Unreachable(to.name.clone(), "no such node".into()))?;
+        let handler = self
+            .net
+            .nodes
+            .lock()
+            .expect("sim lock")
+            .get(&to.name)
+            .cloned();
+        let handler = handler
+            .ok_or_else(|| TransportError::Unreachable(to.name.clone(), "no such node".into()))?;
         // Through the codec both ways, as on the wire.
         let wire = |e: frame::FrameError| TransportError::Failed(to.name.clone(), e.to_string());
-        let request = frame::decode(&frame::encode(&request).map_err(wire)?, usize::MAX).map_err(wire)?;
+        let request =
+            frame::decode(&frame::encode(&request).map_err(wire)?, usize::MAX).map_err(wire)?;
         let response = handler(self.me.clone(), request).await;
         frame::decode(&frame::encode(&response).map_err(wire)?, usize::MAX).map_err(wire)
     }

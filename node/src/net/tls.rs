@@ -27,7 +27,10 @@ fn err(e: impl std::fmt::Display) -> TlsError {
     TlsError(e.to_string())
 }
 
-fn server_config(tls: rustls::ServerConfig, idle: Duration) -> Result<quinn::ServerConfig, TlsError> {
+fn server_config(
+    tls: rustls::ServerConfig,
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config(idle));
@@ -64,14 +67,22 @@ pub fn peer_port_config(id: &Identity, idle: Duration) -> Result<quinn::ServerCo
 
 /// The peer port, calling side: presents this node's certificate.
 pub fn peer_client_config(id: &Identity, idle: Duration) -> Result<quinn::ClientConfig, TlsError> {
-    quic_client_config(&id.ca_pem, Some((id.chain.clone(), id.key.clone_key())), PEER_ALPN, idle).map_err(err)
+    quic_client_config(
+        &id.ca_pem,
+        Some((id.chain.clone(), id.key.clone_key())),
+        PEER_ALPN,
+        idle,
+    )
+    .map_err(err)
 }
 
 /// Checks that `cert` (already verified against the CA by TLS) is issued for
 /// the node `name`.
 pub fn check_peer_name(cert: &CertificateDer<'_>, name: &str) -> Result<(), String> {
-    let server_name = ServerName::try_from(name).map_err(|e| format!("{name:?} is not a node name: {e}"))?;
-    let parsed = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("peer certificate unreadable: {e:?}"))?;
+    let server_name =
+        ServerName::try_from(name).map_err(|e| format!("{name:?} is not a node name: {e}"))?;
+    let parsed = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("peer certificate unreadable: {e:?}"))?;
     parsed
         .verify_is_valid_for_subject_name(&server_name)
         .map_err(|_| format!("peer certificate is not issued for node {name:?}"))

@@ -59,10 +59,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn scan(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize)
-        -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let trees = self.trees.read().expect("store lock");
-        let Some(t) = trees.get(&tree) else { return Ok(Vec::new()) };
+        let Some(t) = trees.get(&tree) else {
+            return Ok(Vec::new());
+        };
         let upper = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
         t.range((Bound::Included(start.to_vec()), upper))
             .take(limit)

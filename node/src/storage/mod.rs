@@ -40,7 +40,11 @@ impl Tree {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("corrupt record in tree {tree} at key {key}: {detail}")]
-    Corruption { tree: &'static str, key: String, detail: String },
+    Corruption {
+        tree: &'static str,
+        key: String,
+        detail: String,
+    },
     #[error("storage {op} failed: {detail}")]
     Io { op: &'static str, detail: String },
 }
@@ -48,8 +52,15 @@ pub enum StoreError {
 /// One change in a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
-    Put { tree: Tree, key: Vec<u8>, value: Vec<u8> },
-    Delete { tree: Tree, key: Vec<u8> },
+    Put {
+        tree: Tree,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        tree: Tree,
+        key: Vec<u8>,
+    },
 }
 
 /// Changes applied atomically: all or none.
@@ -60,11 +71,18 @@ pub struct WriteBatch {
 
 impl WriteBatch {
     pub fn put(&mut self, tree: Tree, key: &[u8], value: &[u8]) -> &mut Self {
-        self.ops.push(BatchOp::Put { tree, key: key.to_vec(), value: value.to_vec() });
+        self.ops.push(BatchOp::Put {
+            tree,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        });
         self
     }
     pub fn delete(&mut self, tree: Tree, key: &[u8]) -> &mut Self {
-        self.ops.push(BatchOp::Delete { tree, key: key.to_vec() });
+        self.ops.push(BatchOp::Delete {
+            tree,
+            key: key.to_vec(),
+        });
         self
     }
 }
@@ -76,8 +94,13 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
     /// the tree), in key order.
-    fn scan(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize)
-        -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut b = WriteBatch::default();
@@ -101,7 +124,9 @@ mod conformance {
         assert_eq!(store.get(Tree::Meta, b"a").unwrap(), None);
         // Batches apply atomically, deletes included.
         let mut b = WriteBatch::default();
-        b.put(Tree::Objects, b"b", b"x").put(Tree::Objects, b"c", b"y").delete(Tree::Objects, b"a");
+        b.put(Tree::Objects, b"b", b"x")
+            .put(Tree::Objects, b"c", b"y")
+            .delete(Tree::Objects, b"a");
         store.write(b).unwrap();
         assert_eq!(store.get(Tree::Objects, b"a").unwrap(), None);
         // Empty values and empty keys are ordinary.
@@ -116,8 +141,14 @@ mod conformance {
             keys(store.scan(Tree::Objects, b"k", Some(b"l"), 100).unwrap()),
             vec![b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()]
         );
-        assert_eq!(keys(store.scan(Tree::Objects, b"k", None, 2).unwrap()), vec![b"k1".to_vec(), b"k2".to_vec()]);
-        assert_eq!(store.scan(Tree::Objects, b"k2", None, 10).unwrap()[0], (b"k2".to_vec(), b"k2".to_vec()));
+        assert_eq!(
+            keys(store.scan(Tree::Objects, b"k", None, 2).unwrap()),
+            vec![b"k1".to_vec(), b"k2".to_vec()]
+        );
+        assert_eq!(
+            store.scan(Tree::Objects, b"k2", None, 10).unwrap()[0],
+            (b"k2".to_vec(), b"k2".to_vec())
+        );
         // Big values survive.
         let big = vec![7u8; 1 << 20];
         store.put(Tree::Objects, b"big", &big).unwrap();
@@ -151,8 +182,14 @@ mod conformance {
         let s = MemoryStore::new();
         s.put(Tree::Objects, b"k", b"value").unwrap();
         s.corrupt(Tree::Objects, b"k");
-        assert!(matches!(s.get(Tree::Objects, b"k"), Err(StoreError::Corruption { .. })));
-        assert!(matches!(s.scan(Tree::Objects, b"", None, 10), Err(StoreError::Corruption { .. })));
+        assert!(matches!(
+            s.get(Tree::Objects, b"k"),
+            Err(StoreError::Corruption { .. })
+        ));
+        assert!(matches!(
+            s.scan(Tree::Objects, b"", None, 10),
+            Err(StoreError::Corruption { .. })
+        ));
     }
 
     /// Flip one byte of a stored value in the SST file on disk: the read must
@@ -179,13 +216,19 @@ mod conformance {
                 }
             }
         }
-        assert_eq!(flipped, 1, "the value must be found in exactly one SST file");
+        assert_eq!(
+            flipped, 1,
+            "the value must be found in exactly one SST file"
+        );
         match RocksStore::open(dir.path(), false) {
             // RocksDB may refuse the damaged file at open; that is also refusing to serve it.
             Err(e) => assert!(e.to_string().to_lowercase().contains("corrupt"), "{e}"),
             Ok(s) => {
                 let got = s.get(Tree::Objects, b"victim");
-                assert!(matches!(got, Err(StoreError::Corruption { .. })), "got {got:?}");
+                assert!(
+                    matches!(got, Err(StoreError::Corruption { .. })),
+                    "got {got:?}"
+                );
             }
         }
     }
@@ -199,6 +242,9 @@ mod conformance {
         s.put(Tree::Objects, b"a", b"value").unwrap();
         let raw = s.raw_get(Tree::Objects, b"a").unwrap();
         s.raw_put(Tree::Objects, b"b", &raw).unwrap();
-        assert!(matches!(s.get(Tree::Objects, b"b"), Err(StoreError::Corruption { .. })));
+        assert!(matches!(
+            s.get(Tree::Objects, b"b"),
+            Err(StoreError::Corruption { .. })
+        ));
     }
 }

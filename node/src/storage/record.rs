@@ -25,15 +25,24 @@ pub fn seal(tree: Tree, key: &[u8], value: &[u8]) -> Vec<u8> {
 
 /// Checks a stored record and returns its value.
 pub fn open(tree: Tree, key: &[u8], raw: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |detail: String| StoreError::Corruption { tree: tree.name(), key: hex::encode(key), detail };
+    let corrupt = |detail: String| StoreError::Corruption {
+        tree: tree.name(),
+        key: hex::encode(key),
+        detail,
+    };
     if raw.len() < CRC_LEN {
-        return Err(corrupt(format!("record of {} bytes is shorter than its checksum", raw.len())));
+        return Err(corrupt(format!(
+            "record of {} bytes is shorter than its checksum",
+            raw.len()
+        )));
     }
     let (crc, value) = raw.split_at(CRC_LEN);
     let expected = u32::from_be_bytes(crc.try_into().expect("4 bytes"));
     let actual = checksum(tree, key, value);
     if expected != actual {
-        return Err(corrupt(format!("checksum {actual:#010x} does not match stored {expected:#010x}")));
+        return Err(corrupt(format!(
+            "checksum {actual:#010x} does not match stored {expected:#010x}"
+        )));
     }
     Ok(value.to_vec())
 }

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB,
+};
 
 use super::{record, BatchOp, Store, StoreError, Tree, WriteBatch};
 
@@ -18,7 +20,11 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
     move |e| {
         let detail = e.to_string();
         if e.kind() == rocksdb::ErrorKind::Corruption {
-            StoreError::Corruption { tree: "?", key: String::new(), detail }
+            StoreError::Corruption {
+                tree: "?",
+                key: String::new(),
+                detail,
+            }
         } else {
             StoreError::Io { op, detail }
         }
@@ -44,7 +50,9 @@ impl RocksStore {
     }
 
     fn cf(&self, tree: Tree) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(tree.name()).expect("every tree's column family is created at open")
+        self.db
+            .cf_handle(tree.name())
+            .expect("every tree's column family is created at open")
     }
 
     /// Writes memtables to SST files (tests that inspect files on disk).
@@ -60,7 +68,10 @@ impl RocksStore {
         self.db
             .get_cf(self.cf(tree), key)
             .map_err(io("get"))?
-            .ok_or_else(|| StoreError::Io { op: "get", detail: "absent".into() })
+            .ok_or_else(|| StoreError::Io {
+                op: "get",
+                detail: "absent".into(),
+            })
     }
 
     /// Stores raw bytes without sealing them (tests).
@@ -71,7 +82,11 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(tree), key).map_err(io("get"))? {
+        match self
+            .db
+            .get_pinned_cf(self.cf(tree), key)
+            .map_err(io("get"))?
+        {
             Some(raw) => record::open(tree, key, &raw).map(Some),
             None => Ok(None),
         }
@@ -81,7 +96,9 @@ impl Store for RocksStore {
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
-                BatchOp::Put { tree, key, value } => wb.put_cf(self.cf(*tree), key, record::seal(*tree, key, value)),
+                BatchOp::Put { tree, key, value } => {
+                    wb.put_cf(self.cf(*tree), key, record::seal(*tree, key, value))
+                }
                 BatchOp::Delete { tree, key } => wb.delete_cf(self.cf(*tree), key),
             }
         }
@@ -90,14 +107,23 @@ impl Store for RocksStore {
         self.db.write_opt(wb, &wo).map_err(io("write"))
     }
 
-    fn scan(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize)
-        -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let mut ro = ReadOptions::default();
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
         }
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(self.cf(tree), ro, IteratorMode::From(start, Direction::Forward)) {
+        for item in self.db.iterator_cf_opt(
+            self.cf(tree),
+            ro,
+            IteratorMode::From(start, Direction::Forward),
+        ) {
             if out.len() >= limit {
                 break;
             }

@@ -34,16 +34,30 @@ pub struct DataOpts {
 
 impl DataOpts {
     fn options(&self) -> RequestOptions {
-        RequestOptions { r: self.r, w: self.w, pr: self.pr, pw: self.pw, timeout_ms: self.timeout_ms }
+        RequestOptions {
+            r: self.r,
+            w: self.w,
+            pr: self.pr,
+            pw: self.pw,
+            timeout_ms: self.timeout_ms,
+        }
     }
     fn context(&self) -> anyhow::Result<Option<CausalContext>> {
-        Ok(self.context.as_deref().map(CausalContext::from_text).transpose()?)
+        Ok(self
+            .context
+            .as_deref()
+            .map(CausalContext::from_text)
+            .transpose()?)
     }
 }
 
 async fn connect(dir: &Path) -> anyhow::Result<Client> {
-    let config = ClientConfig::from_dir(dir)
-        .with_context(|| format!("no cluster found in {} (is `shoal dev` running? use --dir)", dir.display()))?;
+    let config = ClientConfig::from_dir(dir).with_context(|| {
+        format!(
+            "no cluster found in {} (is `shoal dev` running? use --dir)",
+            dir.display()
+        )
+    })?;
     Ok(Client::connect(config).await?)
 }
 
@@ -55,9 +69,27 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
     let client = connect(dir).await?;
     match command {
         DataCommand::Put { key, value, opts } => {
-            let reply = client.put_with(key.as_bytes(), value.as_bytes(), opts.context()?.as_ref(), opts.options()).await?;
+            let value = if value == "-" {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                    .context("reading the value from stdin")?;
+                buf
+            } else {
+                value.into_bytes()
+            };
+            let reply = client
+                .put_with(
+                    key.as_bytes(),
+                    &value,
+                    opts.context()?.as_ref(),
+                    opts.options(),
+                )
+                .await?;
             if opts.json {
-                println!("{}", json!({"context": reply.context.to_text(), "siblings": reply.siblings}));
+                println!(
+                    "{}",
+                    json!({"context": reply.context.to_text(), "siblings": reply.siblings})
+                );
             } else if reply.siblings > 1 {
                 println!("ok ({} siblings now: a concurrent value is kept; `shoal get {key}` shows them)", reply.siblings);
             } else {
@@ -68,7 +100,10 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
             let reply = client.get_with(key.as_bytes(), opts.options()).await?;
             if opts.json {
                 let values: Vec<String> = reply.values.iter().map(|v| text(&v.0)).collect();
-                println!("{}", json!({"key": key, "values": values, "context": reply.context.to_text()}));
+                println!(
+                    "{}",
+                    json!({"key": key, "values": values, "context": reply.context.to_text()})
+                );
             } else {
                 match reply.values.len() {
                     0 => bail!("not found: {key}"),
@@ -79,15 +114,23 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
                             println!("  [{}] {}", i + 1, text(&v.0));
                         }
                         println!("context: {}", reply.context.to_text());
-                        println!("resolve: shoal put {key} VALUE --context {}", reply.context.to_text());
+                        println!(
+                            "resolve: shoal put {key} VALUE --context {}",
+                            reply.context.to_text()
+                        );
                     }
                 }
             }
         }
         DataCommand::Delete { key, opts } => {
-            let reply = client.delete_with(key.as_bytes(), opts.context()?.as_ref(), opts.options()).await?;
+            let reply = client
+                .delete_with(key.as_bytes(), opts.context()?.as_ref(), opts.options())
+                .await?;
             if opts.json {
-                println!("{}", json!({"context": reply.context.to_text(), "siblings": reply.siblings}));
+                println!(
+                    "{}",
+                    json!({"context": reply.context.to_text(), "siblings": reply.siblings})
+                );
             } else {
                 println!("deleted");
             }
@@ -97,7 +140,9 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
             let report = client.inspect(key.as_bytes()).await?;
             print_inspect(&key, &report, json);
         }
-        DataCommand::Dev { .. } | DataCommand::Node { .. } | DataCommand::Certs { .. } => unreachable!("not a data command"),
+        DataCommand::Dev { .. } | DataCommand::Node { .. } | DataCommand::Certs { .. } => {
+            unreachable!("not a data command")
+        }
     }
     Ok(())
 }
@@ -118,15 +163,28 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
-    println!("{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}", "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS");
+    println!(
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}",
+        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS"
+    );
     for (m, s) in &statuses {
         let (pid, state, parts) = match s {
-            Ok(s) => (s.pid.to_string(), if s.ring_ready { "up" } else { "start" }, s.partitions_owned.to_string()),
+            Ok(s) => (
+                s.pid.to_string(),
+                if s.ring_ready { "up" } else { "start" },
+                s.partitions_owned.to_string(),
+            ),
             Err(_) => ("-".into(), "down", "-".into()),
         };
         println!(
             "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}",
-            m.name, m.id.to_string(), m.client_addr, m.peer_addr, pid, state, parts
+            m.name,
+            m.id.to_string(),
+            m.client_addr,
+            m.peer_addr,
+            pid,
+            state,
+            parts
         );
     }
     Ok(())
@@ -150,10 +208,16 @@ fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
                 })
             })
             .collect();
-        println!("{}", json!({"key": key, "partition": report.partition, "replicas": replicas}));
+        println!(
+            "{}",
+            json!({"key": key, "partition": report.partition, "replicas": replicas})
+        );
         return;
     }
-    println!("key {key:?}  partition {}  preference list:", report.partition);
+    println!(
+        "key {key:?}  partition {}  preference list:",
+        report.partition
+    );
     for r in &report.replicas {
         match (&r.object, &r.error) {
             (_, Some(e)) => println!("  {:<8} unavailable: {e}", r.node),
@@ -162,7 +226,10 @@ fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
                 let clock: Vec<String> = o.clock.iter().map(|(n, c)| format!("{n}:{c}")).collect();
                 println!("  {:<8} clock [{}]", r.node, clock.join(", "));
                 for s in &o.siblings {
-                    let v = s.value.as_ref().map_or("(tombstone)".to_string(), |v| format!("{:?}", text(&v.0)));
+                    let v = s
+                        .value
+                        .as_ref()
+                        .map_or("(tombstone)".to_string(), |v| format!("{:?}", text(&v.0)));
                     println!("           {}:{} {v}", s.dot.0, s.dot.1);
                 }
             }

@@ -18,7 +18,10 @@ use shoal_node::config::{ClusterConfig, Config, MemberConfig, TlsConfig};
 
 /// `$SHOAL_DEV_DIR` is read by clap; otherwise `~/.shoal/dev`.
 pub fn default_dir() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".shoal-dev"), |h| PathBuf::from(h).join(".shoal/dev"))
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".shoal-dev"),
+        |h| PathBuf::from(h).join(".shoal/dev"),
+    )
 }
 
 fn config_path(dir: &Path, i: usize) -> PathBuf {
@@ -55,12 +58,22 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     }
     let ports = free_ports(nodes * 2)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let members: Vec<MemberConfig> =
-        (1..=nodes).map(|i| MemberConfig { name: format!("node{i}"), peer_addr: addr(ports[2 * i - 1]) }).collect();
+    let members: Vec<MemberConfig> = (1..=nodes)
+        .map(|i| MemberConfig {
+            name: format!("node{i}"),
+            peer_addr: addr(ports[2 * i - 1]),
+        })
+        .collect();
     let mut seeds = String::new();
     for i in 1..=nodes {
         let name = format!("node{i}");
-        shoal_node::certs::issue(dir, dir, &name, shoal_node::certs::Kind::Node, &["127.0.0.1".parse()?])?;
+        shoal_node::certs::issue(
+            dir,
+            dir,
+            &name,
+            shoal_node::certs::Kind::Node,
+            &["127.0.0.1".parse()?],
+        )?;
         let config = Config {
             name: name.clone(),
             data_dir: PathBuf::from(&name),
@@ -71,7 +84,13 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
                 cert: format!("{name}.pem").into(),
                 key: format!("{name}.key").into(),
             },
-            cluster: ClusterConfig { n: nodes.min(3) as u32, r: nodes.min(2) as u32, w: nodes.min(2) as u32, members: members.clone(), ..Default::default() },
+            cluster: ClusterConfig {
+                n: nodes.min(3) as u32,
+                r: nodes.min(2) as u32,
+                w: nodes.min(2) as u32,
+                members: members.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let text = format!(
@@ -87,9 +106,17 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
 }
 
 fn spawn_node(dir: &Path, i: usize) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("node{i}.log")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("node{i}.log")))?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("node").arg("--config").arg(config_path(dir, i)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(config_path(dir, i))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // Nodes die with the launcher, even if it is killed with SIGKILL.
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -101,14 +128,36 @@ fn spawn_node(dir: &Path, i: usize) -> anyhow::Result<Child> {
     cmd.spawn().with_context(|| format!("starting node{i}"))
 }
 
+/// Holds an exclusive lock on `dir/dev.lock` for as long as the file stays
+/// open, so two launchers never share one cluster directory.
+fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("dev.lock"))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a `shoal dev` cluster is already running from {}; stop it first (Ctrl-C in its shell)",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
 pub fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+    let _lock = lock(dir)?;
     prepare(dir, nodes)?;
     let dir = dir.canonicalize()?;
     let mut children: Vec<Option<Child>> = Vec::new();
     for i in 1..=nodes {
         children.push(Some(spawn_node(&dir, i)?));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(supervise(&dir, &mut children));
     for child in children.iter_mut().flatten() {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -124,19 +173,38 @@ pub fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     result
 }
 
-async fn wait_ready(dir: &Path, nodes: usize) -> anyhow::Result<Client> {
+async fn wait_ready(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result<Client> {
+    let nodes = children.len();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        for (i, slot) in children.iter_mut().enumerate() {
+            if let Some(status) = slot.as_mut().map(Child::try_wait).transpose()?.flatten() {
+                let log = std::fs::read_to_string(dir.join(format!("node{}.log", i + 1)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "node{} exited during start-up ({status}):\n{}",
+                    i + 1,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
         let attempt = async {
             let client = Client::connect(ClientConfig::from_dir(dir)?).await?;
             let statuses = client.statuses().await?;
-            let ready = statuses.iter().filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready)).count();
+            let ready = statuses
+                .iter()
+                .filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready))
+                .count();
             anyhow::ensure!(ready == nodes, "{ready} of {nodes} nodes ready");
             Ok(client)
         };
         match attempt.await {
             Ok(c) => return Ok(c),
-            Err(e) if Instant::now() > deadline => bail!("cluster not ready after 30 s: {e:#}; see the node logs in {}", dir.display()),
+            Err(e) if Instant::now() > deadline => bail!(
+                "cluster not ready after 30 s: {e:#}; see the node logs in {}",
+                dir.display()
+            ),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -145,19 +213,33 @@ async fn wait_ready(dir: &Path, nodes: usize) -> anyhow::Result<Client> {
 async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result<()> {
     let nodes = children.len();
     let client = tokio::select! {
-        c = wait_ready(dir, nodes) => c?,
+        c = wait_ready(dir, children) => c?,
         _ = tokio::signal::ctrl_c() => return Ok(()),
     };
-    println!("Shoal dev cluster: {nodes} nodes on loopback, data and certificates in {}", dir.display());
+    println!(
+        "Shoal dev cluster: {nodes} nodes on loopback, data and certificates in {}",
+        dir.display()
+    );
     for (member, status) in client.statuses().await? {
-        let pid = status.map(|s| s.pid.to_string()).unwrap_or_else(|_| "?".into());
-        println!("  {:<8} client {}  peer {}  pid {pid}", member.name, member.client_addr, member.peer_addr);
+        let pid = status
+            .map(|s| s.pid.to_string())
+            .unwrap_or_else(|_| "?".into());
+        println!(
+            "  {:<8} client {}  peer {}  pid {pid}",
+            member.name, member.client_addr, member.peer_addr
+        );
     }
     println!();
     println!("In another shell:   shoal put hello world && shoal get hello");
     println!("                    shoal status; shoal inspect hello");
-    println!("From Rust:          ClientConfig::from_dir(Path::new({:?}))", dir.display().to_string());
-    println!("Restart a node:     shoal node --config {}", config_path(dir, 1).display());
+    println!(
+        "From Rust:          ClientConfig::from_dir(Path::new({:?}))",
+        dir.display().to_string()
+    );
+    println!(
+        "Restart a node:     shoal node --config {}",
+        config_path(dir, 1).display()
+    );
     println!("Ctrl-C stops the cluster; running `shoal dev` again keeps the data.");
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Shoal: a leaderless, Dynamo-style key-value store")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a leaderless, Dynamo-style key-value store"
+)]
 struct Args {
     /// Cluster directory holding `ca.pem` and `seeds.txt` (what `shoal dev` writes).
     #[arg(long, global = true, env = "SHOAL_DEV_DIR", default_value_os_t = dev::default_dir())]
@@ -36,7 +40,7 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Write a value.
+    /// Write a value (`-` reads it from standard input).
     Put {
         key: String,
         value: String,
@@ -107,15 +111,21 @@ fn main() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
     use shoal_node::certs::{create_ca, issue, Kind};
     match command {
         CertsCommand::Ca => create_ca(dir)?,
-        CertsCommand::Node { name, ip, out } => issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip)?,
-        CertsCommand::Client { name, out } => issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Client, &[])?,
+        CertsCommand::Node { name, ip, out } => {
+            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip)?
+        }
+        CertsCommand::Client { name, out } => {
+            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Client, &[])?
+        }
     }
     Ok(())
 }
@@ -123,14 +133,18 @@ fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
 fn run_node(config: PathBuf) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
         )
         .init();
     let config = shoal_node::config::Config::load(&config)?;
     runtime()?.block_on(async move {
         let running = shoal_node::server::start(config).await?;
         notify_systemd("READY=1");
-        println!("ready: client {} peer {}", running.client_addr, running.peer_addr);
+        println!(
+            "ready: client {} peer {}",
+            running.client_addr, running.peer_addr
+        );
         shutdown_signal().await;
         notify_systemd("STOPPING=1");
         running.stop().await;
@@ -152,7 +166,9 @@ async fn shutdown_signal() {
 fn notify_systemd(state: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let path = path.to_string_lossy().into_owned();
     let addr = match path.strip_prefix('@') {
         Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
@@ -162,4 +178,3 @@ fn notify_systemd(state: &str) {
         let _ = sock.send_to_addr(state.as_bytes(), &addr);
     }
 }
-
