@@ -168,6 +168,9 @@ pub struct NodeStatus {
     pub partitions_owned: u32,
     /// Members this node has not identified yet (only while starting).
     pub waiting_for: Vec<String>,
+    /// Members this node cannot reach right now (a recent dial failed).
+    #[serde(default)]
+    pub unreachable: Vec<String>,
 }
 
 /// What one replica stores for a key.

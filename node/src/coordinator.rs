@@ -163,21 +163,16 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
     }
 
-    /// Says hello to every configured member not identified yet.
-    pub async fn identify_missing(&self) {
-        let missing: Vec<String> = self
-            .inner
-            .membership
-            .missing()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
+    /// Says hello to every configured member not identified yet, or to all of
+    /// them when `everyone` (on start, so peers notice a restarted node).
+    pub async fn say_hello(&self, everyone: bool) {
+        let missing = self.inner.membership.missing_names();
         for target in self
             .inner
             .membership
             .expected()
             .into_iter()
-            .filter(|m| missing.contains(&m.name))
+            .filter(|m| everyone || missing.contains(&m.name))
         {
             if target.name == self.inner.me.name {
                 self.learn(self.inner.me.clone());
@@ -202,13 +197,7 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     fn view(&self) -> Result<View, Response> {
         self.inner.membership.view().ok_or_else(|| {
-            let missing: Vec<String> = self
-                .inner
-                .membership
-                .missing()
-                .into_iter()
-                .map(|m| m.name)
-                .collect();
+            let missing = self.inner.membership.missing_names();
             wire(
                 ErrorKind::NotReady,
                 format!("ring not ready: waiting to identify {}", missing.join(", ")),
@@ -590,13 +579,16 @@ impl<T: Transport, S: Store> Node<T, S> {
             pid: std::process::id(),
             ring_ready: view.is_some(),
             partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
-            waiting_for: self
-                .inner
-                .membership
-                .missing()
-                .into_iter()
-                .map(|m| m.name)
-                .collect(),
+            waiting_for: self.inner.membership.missing_names(),
+            unreachable: {
+                let addrs = self.inner.transport.unreachable();
+                let members = self.inner.membership.expected();
+                members
+                    .into_iter()
+                    .filter(|m| addrs.contains(&m.peer_addr))
+                    .map(|m| m.name)
+                    .collect()
+            },
         }
     }
 }
@@ -694,6 +686,9 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
     }
 
     async fn peer(&self, from: String, request: PeerRequest) -> PeerResponse {
+        if let Some(sender) = self.inner.membership.by_name(&from) {
+            self.inner.transport.heard_from(&sender);
+        }
         match request {
             PeerRequest::Hello(info) => {
                 if info.name != from {

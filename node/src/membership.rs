@@ -135,6 +135,16 @@ impl Membership {
             .collect()
     }
 
+    /// A configured member by name, identified or not.
+    pub fn by_name(&self, name: &str) -> Option<MemberInfo> {
+        self.expected().into_iter().find(|m| m.name == name)
+    }
+
+    /// Names of the configured members not identified yet.
+    pub fn missing_names(&self) -> Vec<String> {
+        self.missing().into_iter().map(|m| m.name).collect()
+    }
+
     /// Every configured member, identified or not, as the transport addresses
     /// them (unidentified ones with a zero id).
     pub fn expected(&self) -> Vec<MemberInfo> {

@@ -99,6 +99,19 @@ fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
     Ok(id)
 }
 
+/// Binds a QUIC server endpoint; returns it with the address actually bound
+/// (a configured port 0 becomes a real one).
+fn bind(
+    what: &'static str,
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind { what, addr, source };
+    let endpoint = quinn::Endpoint::server(config, addr).map_err(bind_err)?;
+    let bound = endpoint.local_addr().map_err(bind_err)?;
+    Ok((endpoint, bound))
+}
+
 /// Starts a node and returns once it is serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
@@ -130,39 +143,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let idle = Duration::from_millis(config.timeouts.idle_ms);
     let tls = |e: crate::net::tls::TlsError| StartError::Tls(e.0);
-    let client_endpoint = quinn::Endpoint::server(
+    let (client_endpoint, client_addr) = bind(
+        "client port",
         client_port_config(&identity, idle).map_err(tls)?,
         config.client_addr,
-    )
-    .map_err(|source| StartError::Bind {
-        what: "client port",
-        addr: config.client_addr,
-        source,
-    })?;
-    let mut peer_endpoint = quinn::Endpoint::server(
+    )?;
+    let (mut peer_endpoint, peer_addr) = bind(
+        "peer port",
         peer_port_config(&identity, idle).map_err(tls)?,
         config.peer_addr,
-    )
-    .map_err(|source| StartError::Bind {
-        what: "peer port",
-        addr: config.peer_addr,
-        source,
-    })?;
+    )?;
     peer_endpoint.set_default_client_config(peer_client_config(&identity, idle).map_err(tls)?);
-    let client_addr = client_endpoint
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "client port",
-            addr: config.client_addr,
-            source,
-        })?;
-    let peer_addr = peer_endpoint
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "peer port",
-            addr: config.peer_addr,
-            source,
-        })?;
 
     let me = MemberInfo {
         id,
@@ -218,10 +209,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let identifier = node.clone();
     let mut stop = rx;
     tasks.push(tokio::spawn(async move {
-        // Identify members until the ring is complete, then keep re-checking
-        // slowly so a member whose id changed is noticed.
+        // Identify members until the ring is complete. A member that comes
+        // back with a new id (wiped data directory) says hello itself.
+        let mut everyone = true;
         loop {
-            identifier.identify_missing().await;
+            identifier.say_hello(everyone).await;
+            everyone = false;
             let pause = if identifier.membership().view().is_some() {
                 5_000
             } else {

@@ -37,20 +37,7 @@ impl DevCluster {
     /// knows the ring.
     pub async fn start(nodes: usize) -> DevCluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = std::fs::File::create(dir.path().join("dev.log")).expect("dev log");
-        let launcher = Command::new(shoal_bin())
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("dev")
-            .arg("--nodes")
-            .arg(nodes.to_string())
-            .env_remove("SHOAL_DEV_DIR")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("start shoal dev");
+        let launcher = launch(dir.path(), nodes);
         let pgid = launcher.id() as i32;
         let cluster = DevCluster {
             dir,
@@ -60,6 +47,24 @@ impl DevCluster {
         };
         cluster.wait_ready(Duration::from_secs(60)).await;
         cluster
+    }
+
+    /// Stops the launcher as Ctrl-C would (SIGINT), waits for it to exit, and
+    /// runs `shoal dev` again on the same directory.
+    pub async fn rerun(&mut self) {
+        unsafe { libc::kill(self.launcher.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.launcher.try_wait().expect("launcher status").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "shoal dev did not stop on SIGINT"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        self.launcher = launch(self.dir.path(), self.nodes);
+        self.pgid = self.launcher.id() as i32;
+        self.wait_ready(Duration::from_secs(60)).await;
     }
 
     pub fn path(&self) -> &Path {
@@ -80,9 +85,13 @@ impl DevCluster {
             if let Ok(config) = ClientConfig::from_dir(self.path()) {
                 if let Ok(client) = Client::connect(config).await {
                     if let Ok(statuses) = client.statuses().await {
+                        // Ready: every node knows the ring and can reach every other.
                         let ready = statuses
                             .iter()
-                            .filter(|(_, s)| s.as_ref().is_ok_and(|s| s.ring_ready))
+                            .filter(|(_, s)| {
+                                s.as_ref()
+                                    .is_ok_and(|s| s.ring_ready && s.unreachable.is_empty())
+                            })
                             .count();
                         if ready == self.nodes {
                             return;
@@ -170,6 +179,27 @@ impl DevCluster {
         }
         out
     }
+}
+
+fn launch(dir: &Path, nodes: usize) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dev.log"))
+        .expect("dev log");
+    Command::new(shoal_bin())
+        .arg("--dir")
+        .arg(dir)
+        .arg("dev")
+        .arg("--nodes")
+        .arg(nodes.to_string())
+        .env_remove("SHOAL_DEV_DIR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("start shoal dev")
 }
 
 impl Drop for DevCluster {

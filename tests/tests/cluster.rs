@@ -169,3 +169,49 @@ async fn kill_nine_one_then_two_nodes_and_lose_nothing() {
         assert_eq!(got.values[0].0, key.as_bytes());
     }
 }
+
+/// The SDK's read-modify-write resolves siblings in one call; `shoal dev` run
+/// again on its directory keeps the data and the certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_read_modify_write_and_dev_rerun_keeps_data() {
+    let mut c = DevCluster::start(3).await;
+    let client = c.client().await;
+    client.put(b"cart", b"apple", None).await.unwrap();
+    let second = client.put(b"cart", b"pear", None).await.unwrap();
+    assert_eq!(
+        second.siblings, 2,
+        "a put without context keeps the other value"
+    );
+    let mut seen = Vec::new();
+    let resolved = client
+        .read_modify_write(b"cart", 5, |siblings| {
+            let mut items: Vec<&[u8]> = siblings.iter().map(|v| &v.0[..]).collect();
+            items.sort();
+            seen = items.iter().map(|i| i.to_vec()).collect();
+            items.join(&b","[..])
+        })
+        .await
+        .unwrap();
+    assert_eq!(resolved.siblings, 1);
+    assert_eq!(seen, vec![b"apple".to_vec(), b"pear".to_vec()]);
+    client.delete(b"gone", None).await.unwrap();
+    client.put(b"gone", b"x", None).await.unwrap();
+    client.delete(b"gone", None).await.unwrap();
+    assert!(
+        client.get(b"gone").await.unwrap().values.is_empty(),
+        "delete without a context removes what it read"
+    );
+
+    let ca_before = std::fs::read(c.path().join("ca.pem")).unwrap();
+    c.rerun().await;
+    assert_eq!(
+        std::fs::read(c.path().join("ca.pem")).unwrap(),
+        ca_before,
+        "certificates reused"
+    );
+    let client = c.client().await;
+    assert_eq!(
+        client.get(b"cart").await.unwrap().values[0].0,
+        b"apple,pear"
+    );
+}

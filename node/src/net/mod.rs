@@ -76,6 +76,14 @@ pub enum TransportError {
 /// Sends peer requests. The coordinator only ever talks to other nodes
 /// through this, so the same logic runs over QUIC and over [`sim`].
 pub trait Transport: Send + Sync + 'static {
+    /// The peer just reached us, so it is up: forget any failed dial to it.
+    fn heard_from(&self, _peer: &MemberInfo) {}
+
+    /// Peer addresses this transport will not dial right now.
+    fn unreachable(&self) -> Vec<std::net::SocketAddr> {
+        Vec::new()
+    }
+
     fn call(
         &self,
         to: &MemberInfo,

@@ -256,6 +256,23 @@ impl QuicTransport {
 }
 
 impl Transport for QuicTransport {
+    fn unreachable(&self) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let backoff = self.backoff_until.lock().expect("pool lock");
+        backoff
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(addr, _)| *addr)
+            .collect()
+    }
+
+    fn heard_from(&self, peer: &MemberInfo) {
+        let mut backoff = self.backoff_until.lock().expect("pool lock");
+        if !backoff.is_empty() {
+            backoff.remove(&peer.peer_addr);
+        }
+    }
+
     async fn call(
         &self,
         to: &MemberInfo,

@@ -155,7 +155,7 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             .map(|(m, s)| match s {
                 Ok(s) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
-                    "ring_ready": s.ring_ready, "partitions": s.partitions_owned}),
+                    "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable}),
                 Err(e) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": false, "error": e.to_string()}),
             })
@@ -164,27 +164,29 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}",
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}  CANNOT REACH",
         "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS"
     );
     for (m, s) in &statuses {
-        let (pid, state, parts) = match s {
+        let (pid, state, parts, cannot_reach) = match s {
             Ok(s) => (
                 s.pid.to_string(),
                 if s.ring_ready { "up" } else { "start" },
                 s.partitions_owned.to_string(),
+                s.unreachable.join(","),
             ),
-            Err(_) => ("-".into(), "down", "-".into()),
+            Err(_) => ("-".into(), "down", "-".into(), String::new()),
         };
         println!(
-            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}",
+            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}  {}",
             m.name,
             m.id.to_string(),
             m.client_addr,
             m.peer_addr,
             pid,
             state,
-            parts
+            parts,
+            cannot_reach
         );
     }
     Ok(())
