@@ -156,7 +156,7 @@ pub struct RingInfo {
 }
 
 /// A node's report on itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub id: NodeId,
     pub name: String,
@@ -171,6 +171,21 @@ pub struct NodeStatus {
     /// Members this node cannot reach right now (a recent dial failed).
     #[serde(default)]
     pub unreachable: Vec<String>,
+    /// This node's failure-detector view of every other member.
+    #[serde(default)]
+    pub peers: Vec<PeerView>,
+    /// Where this node serves Prometheus metrics, if it does.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// How one node sees another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub up: bool,
+    /// Failure-detector suspicion; the peer is down at or above the threshold.
+    pub phi: f64,
 }
 
 /// What one replica stores for a key.

@@ -46,6 +46,31 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
+    pub failure_detector: FailureDetectorConfig,
+    /// Prometheus `/metrics` over HTTP; off when unset.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The phi-accrual failure detector (see [`crate::detector`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FailureDetectorConfig {
+    /// How often every peer is pinged.
+    pub heartbeat_ms: u64,
+    /// Suspicion at which a peer is marked down.
+    pub phi_threshold: f64,
+    /// Silence tolerated on top of the usual heartbeat interval.
+    pub acceptable_pause_ms: u64,
+}
+
+impl Default for FailureDetectorConfig {
+    fn default() -> Self {
+        FailureDetectorConfig {
+            heartbeat_ms: 500,
+            phi_threshold: 8.0,
+            acceptable_pause_ms: 1000,
+        }
+    }
 }
 
 /// Certificates, all PEM.
@@ -124,6 +149,8 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
+            failure_detector: FailureDetectorConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -245,6 +272,16 @@ impl Config {
                 return invalid(field, "must be positive".into());
             }
         }
+        let fd = &self.failure_detector;
+        if fd.heartbeat_ms == 0 {
+            return invalid("failure-detector.heartbeat-ms", "must be positive".into());
+        }
+        if !(fd.phi_threshold.is_finite() && fd.phi_threshold > 0.0) {
+            return invalid(
+                "failure-detector.phi-threshold",
+                format!("{} must be a positive number", fd.phi_threshold),
+            );
+        }
         for (field, p) in [
             ("tls.ca-cert", &self.tls.ca_cert),
             ("tls.cert", &self.tls.cert),
@@ -296,6 +333,14 @@ key = "node1.key"
         assert_eq!(c.cluster.partitions, 256);
         assert_eq!(c.tls.ca_cert, dir.path().join("ca.pem"));
         assert_eq!(c.all_members().len(), 1);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/shoal.example.toml");
+        let c = Config::load(&example).unwrap();
+        assert_eq!(c.cluster.members.len(), 3);
+        assert!(c.metrics_addr.is_some());
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! come with the availability issue; here a node that does not answer simply
 //! counts as down for that request.
 
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_client::error::{ErrorKind, WireError};
@@ -29,7 +31,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, warn};
 
+use crate::detector::{DetectorConfig, FailureDetector};
 use crate::membership::{Membership, View};
+use crate::metrics::Metrics;
 use crate::net::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::storage::{Store, StoreError, Tree};
 use crate::version::{
@@ -54,6 +58,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
+    pub detector: DetectorConfig,
 }
 
 impl Settings {
@@ -68,13 +73,19 @@ impl Settings {
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
             clock_max_entries: c.cluster.clock_max_entries,
             clock_min_age_ms: c.cluster.clock_min_age_secs * 1000,
+            detector: DetectorConfig {
+                heartbeat: Duration::from_millis(c.failure_detector.heartbeat_ms),
+                threshold: c.failure_detector.phi_threshold,
+                acceptable_pause: Duration::from_millis(c.failure_detector.acceptable_pause_ms),
+                ..DetectorConfig::default()
+            },
         }
     }
 }
 
 /// A Shoal node's logic. Cheap to clone.
 pub struct Node<T, S> {
-    inner: Arc<Inner<T, S>>,
+    pub(crate) inner: Arc<Inner<T, S>>,
 }
 
 impl<T, S> Clone for Node<T, S> {
@@ -85,13 +96,18 @@ impl<T, S> Clone for Node<T, S> {
     }
 }
 
-struct Inner<T, S> {
-    me: MemberInfo,
-    settings: Settings,
-    store: Arc<S>,
-    transport: T,
-    membership: Membership,
+pub(crate) struct Inner<T, S> {
+    pub(crate) me: MemberInfo,
+    pub(crate) settings: Settings,
+    pub(crate) store: Arc<S>,
+    pub(crate) transport: T,
+    pub(crate) membership: Membership,
     stripes: Vec<Mutex<()>>,
+    /// Liveness of every peer, fed by heartbeats (see [`crate::liveness`]).
+    pub(crate) detector: Mutex<FailureDetector>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Where `/metrics` is served, once bound.
+    pub(crate) metrics_addr: OnceLock<SocketAddr>,
 }
 
 /// One replica's answer to a fan-out.
@@ -123,6 +139,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         membership: Membership,
     ) -> Self {
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let detector = Mutex::new(FailureDetector::new(settings.detector));
         Node {
             inner: Arc::new(Inner {
                 me,
@@ -131,6 +148,9 @@ impl<T: Transport, S: Store> Node<T, S> {
                 transport,
                 membership,
                 stripes,
+                detector,
+                metrics: Arc::new(Metrics::default()),
+                metrics_addr: OnceLock::new(),
             }),
         }
     }
@@ -145,6 +165,15 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     pub fn store(&self) -> &Arc<S> {
         &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Records where `/metrics` is served, for `shoal status`.
+    pub fn set_metrics_addr(&self, addr: SocketAddr) {
+        let _ = self.inner.metrics_addr.set(addr);
     }
 
     /// Records a member and persists what is known, so a restart does not
@@ -339,21 +368,39 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     async fn coordinate_local(&self, request: Request, view: View) -> Response {
-        let result = match request {
-            Request::Get { key, options } => self.get(&key, options, &view).await,
+        let started = Instant::now();
+        let m = &self.inner.metrics;
+        let (op, result) = match request {
+            Request::Get { key, options } => (&m.get, self.get(&key, options, &view).await),
             Request::Put {
                 key,
                 value,
                 context,
                 options,
-            } => self.put(key, Some(value), context, options, &view).await,
+            } => (
+                &m.put,
+                self.put(key, Some(value), context, options, &view).await,
+            ),
             Request::Delete {
                 key,
                 context,
                 options,
-            } => self.put(key, None, context, options, &view).await,
-            _ => Err(WireError::new(ErrorKind::BadRequest, "not a data request")),
+            } => (
+                &m.delete,
+                self.put(key, None, context, options, &view).await,
+            ),
+            _ => {
+                return Response::Error(WireError::new(ErrorKind::BadRequest, "not a data request"))
+            }
         };
+        op.requests.fetch_add(1, Ordering::Relaxed);
+        op.latency.observe(started.elapsed());
+        if let Err(e) = &result {
+            op.errors.fetch_add(1, Ordering::Relaxed);
+            if e.kind == ErrorKind::Quorum {
+                op.quorum_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         result.unwrap_or_else(Response::Error)
     }
 
@@ -580,6 +627,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             ring_ready: view.is_some(),
             partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
             waiting_for: self.inner.membership.missing_names(),
+            peers: self.peer_views(),
+            metrics_addr: self.inner.metrics_addr.get().copied(),
             unreachable: {
                 let addrs = self.inner.transport.unreachable();
                 let members = self.inner.membership.expected();
@@ -697,6 +746,7 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 self.learn(info);
                 PeerResponse::Hello(self.inner.me.clone())
             }
+            PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::Forward(request) => {
                 PeerResponse::Forwarded(self.coordinate(request, true).await)
             }

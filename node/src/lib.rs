@@ -8,6 +8,9 @@
 //! - [`net`]: the peer protocol, the [`net::Transport`] trait, QUIC with
 //!   (mutual) TLS, and a simulated network for tests.
 //! - [`membership`]: the member list and the ring built from it.
+//! - [`detector`]: the phi-accrual failure detector, pure.
+//! - [`liveness`]: heartbeats feeding the detector; peer up/down transitions.
+//! - [`metrics`]: counters and histograms, served as Prometheus text.
 //! - [`coordinator`]: quorum reads and writes over a key's preference list.
 //! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry points.
 //! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
@@ -19,7 +22,10 @@
 pub mod certs;
 pub mod config;
 pub mod coordinator;
+pub mod detector;
+pub mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod storage;

@@ -206,6 +206,39 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             rx.clone(),
         )),
     ];
+    if let Some(addr) = config.metrics_addr {
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "metrics port",
+                addr,
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            what: "metrics port",
+            addr,
+            source,
+        })?;
+        node.set_metrics_addr(bound);
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            node.metrics().clone(),
+            rx.clone(),
+        )));
+    }
+    let heart = node.clone();
+    let mut stop_heart = rx.clone();
+    let heartbeat = Duration::from_millis(config.failure_detector.heartbeat_ms);
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => heart.heartbeat_round().await,
+                _ = stop_heart.changed() => break,
+            }
+        }
+    }));
     let identifier = node.clone();
     let mut stop = rx;
     tasks.push(tokio::spawn(async move {

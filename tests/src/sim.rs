@@ -30,6 +30,7 @@ pub fn settings() -> Settings {
         request_timeout: Duration::from_secs(2),
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,
+        detector: shoal_node::detector::DetectorConfig::default(),
     }
 }
 

@@ -215,3 +215,84 @@ async fn sdk_read_modify_write_and_dev_rerun_keeps_data() {
         b"apple,pear"
     );
 }
+
+/// Fetches `/metrics` from a node's metrics address.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn peer_up(status: &serde_json::Value, observer: &str, peer: &str) -> Option<bool> {
+    let row = status.as_array()?.iter().find(|r| r["name"] == observer)?;
+    row["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == peer)?["up"]
+        .as_bool()
+}
+
+/// Issue 3, acceptance 5: a killed node is marked down by the others within
+/// the detection time (defaults: about 2.4 s after its last heartbeat) and up
+/// again after restart; both transitions are in the logs and the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_marked_down_and_up_again() {
+    let c = DevCluster::start(3).await;
+    let detection = shoal_node::detector::DetectorConfig::default().detection_time();
+    let status = json(&c.shoal(&["status", "--json"]));
+    assert_eq!(peer_up(&status, "node1", "node2"), Some(true));
+    let metrics_addr = status.as_array().unwrap()[0]["metrics_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    c.kill9("node2").await;
+    let killed = Instant::now();
+    // Watch node1's own metrics: the CLI would add its own timeouts on node2.
+    while !scrape(&metrics_addr).contains("shoal_peer_up{peer=\"node2\"} 0") {
+        assert!(
+            killed.elapsed() < detection + Duration::from_secs(3),
+            "node2 not marked down in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = killed.elapsed();
+    assert_eq!(
+        peer_up(&json(&c.shoal(&["status", "--json"])), "node1", "node2"),
+        Some(false)
+    );
+    eprintln!("node2 marked down after {took:?} (detection time {detection:?})");
+    let text = scrape(&metrics_addr);
+    assert!(text.contains("shoal_peer_up{peer=\"node2\"} 0"), "{text}");
+    assert!(
+        text.contains("shoal_peer_transitions_total{peer=\"node2\",to=\"down\"} 1"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(c.path().join("node1.log")).unwrap();
+    assert!(
+        log.contains("peer marked down") && log.contains("node2"),
+        "{log}"
+    );
+
+    c.restart("node2");
+    let restarted = Instant::now();
+    loop {
+        if peer_up(&json(&c.shoal(&["status", "--json"])), "node1", "node2") == Some(true) {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "node2 not marked up after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        scrape(&metrics_addr).contains("shoal_peer_transitions_total{peer=\"node2\",to=\"up\"} 1")
+    );
+    let log = std::fs::read_to_string(c.path().join("node1.log")).unwrap();
+    assert!(log.contains("peer is up"), "{log}");
+}

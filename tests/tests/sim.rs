@@ -369,3 +369,52 @@ async fn pr_and_pw_count_primaries() {
     );
     assert_eq!(e.kind, ErrorKind::Quorum);
 }
+
+/// Issue 3, failure detection: a crashed peer is marked down within the
+/// detector's detection time and up again after it restarts; both show in
+/// the metrics.
+#[tokio::test(start_paused = true)]
+async fn a_crashed_peer_is_marked_down_in_time_and_up_after_restart() {
+    let c = SimCluster::new(3);
+    let node1 = c.node("node1");
+    let config = shoal_node::detector::DetectorConfig::default();
+    for _ in 0..10 {
+        node1.heartbeat_round().await;
+        tokio::time::sleep(config.heartbeat).await;
+    }
+    assert!(node1.peer_views().iter().all(|p| p.up));
+    c.net.crash("node2");
+    let crashed_at = tokio::time::Instant::now();
+    let node2 = c.node("node2").me().id;
+    while node1.is_up(node2) {
+        assert!(
+            crashed_at.elapsed() < config.detection_time() + config.heartbeat * 2,
+            "not detected in time"
+        );
+        node1.heartbeat_round().await;
+        tokio::time::sleep(config.heartbeat).await;
+    }
+    assert!(
+        crashed_at.elapsed() >= config.detection_time() - config.heartbeat,
+        "detected too early"
+    );
+    assert!(
+        node1.is_up(c.node("node3").me().id),
+        "the live peer stays up"
+    );
+    let text = node1.metrics().render();
+    assert!(text.contains("shoal_peer_up{peer=\"node2\"} 0"), "{text}");
+    assert!(
+        text.contains("shoal_peer_transitions_total{peer=\"node2\",to=\"down\"} 1"),
+        "{text}"
+    );
+
+    c.net.restart("node2");
+    node1.heartbeat_round().await;
+    assert!(node1.is_up(node2));
+    let text = node1.metrics().render();
+    assert!(
+        text.contains("shoal_peer_transitions_total{peer=\"node2\",to=\"up\"} 1"),
+        "{text}"
+    );
+}

@@ -30,6 +30,8 @@ pub const PEER_ALPN: &[u8] = b"shoal-peer/1";
 pub enum PeerRequest {
     /// "This is who I am"; answered with the same about the receiver.
     Hello(MemberInfo),
+    /// A heartbeat for the failure detector; answered with `Pong`.
+    Ping,
     /// The replica's stored object for a key.
     ReplicaGet {
         #[serde(with = "serde_bytes")]
@@ -50,6 +52,7 @@ pub enum PeerRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PeerResponse {
     Hello(MemberInfo),
+    Pong,
     Object(Option<Object>),
     Stored,
     Forwarded(Response),

@@ -155,7 +155,9 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             .map(|(m, s)| match s {
                 Ok(s) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
-                    "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable}),
+                    "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable,
+                    "metrics_addr": s.metrics_addr.map(|a| a.to_string()),
+                    "peers": s.peers.iter().map(|p| json!({"name": p.name, "up": p.up, "phi": p.phi.min(1e6)})).collect::<Vec<_>>()}),
                 Err(e) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": false, "error": e.to_string()}),
             })

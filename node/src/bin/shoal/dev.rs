@@ -56,12 +56,12 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     if !dir.join("ca.key").exists() {
         shoal_node::certs::create_ca(dir)?;
     }
-    let ports = free_ports(nodes * 2)?;
+    let ports = free_ports(nodes * 3)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let members: Vec<MemberConfig> = (1..=nodes)
         .map(|i| MemberConfig {
             name: format!("node{i}"),
-            peer_addr: addr(ports[2 * i - 1]),
+            peer_addr: addr(ports[3 * i - 2]),
         })
         .collect();
     let mut seeds = String::new();
@@ -77,8 +77,9 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
         let config = Config {
             name: name.clone(),
             data_dir: PathBuf::from(&name),
-            client_addr: addr(ports[2 * i - 2]),
-            peer_addr: addr(ports[2 * i - 1]),
+            client_addr: addr(ports[3 * i - 3]),
+            peer_addr: addr(ports[3 * i - 2]),
+            metrics_addr: Some(addr(ports[3 * i - 1])),
             tls: TlsConfig {
                 ca_cert: "ca.pem".into(),
                 cert: format!("{name}.pem").into(),
