@@ -137,6 +137,10 @@ impl Membership {
 
     /// A configured member by name, identified or not.
     pub fn by_name(&self, name: &str) -> Option<MemberInfo> {
+        // Identified members first: one map lookup on the request path.
+        if let Some(m) = self.state.read().expect("membership lock").known.get(name) {
+            return Some(m.clone());
+        }
         self.expected().into_iter().find(|m| m.name == name)
     }
 
