@@ -88,11 +88,17 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
 }
 
 /// Loads this node's id, creating it on first start.
+/// A malformed stored id is an error, never silently replaced: a new id
+/// would make this node a different member and move partitions.
 fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
     if let Some(bytes) = store.get(Tree::Meta, NODE_ID_KEY)? {
-        if let Ok(id) = <[u8; 16]>::try_from(bytes.as_slice()) {
-            return Ok(NodeId(id));
-        }
+        return <[u8; 16]>::try_from(bytes.as_slice())
+            .map(NodeId)
+            .map_err(|_| StoreError::Corruption {
+                tree: Tree::Meta.name(),
+                key: hex::encode(NODE_ID_KEY),
+                detail: format!("node id is {} bytes, not 16", bytes.len()),
+            });
     }
     let id = NodeId(rand::random());
     store.put(Tree::Meta, NODE_ID_KEY, &id.0)?;
@@ -137,7 +143,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Arc::new(RocksStore::open(&config.data_dir.join("db"), config.fsync).map_err(store_err)?);
     let id = node_id(&store).map_err(store_err)?;
     let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY).map_err(store_err)? {
-        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_default(),
+        // Unreadable: harmless to forget, members are re-learned by hello.
+        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "stored member list unreadable; re-identifying members");
+            Vec::new()
+        }),
         None => Vec::new(),
     };
 
