@@ -177,6 +177,27 @@ pub struct NodeStatus {
     /// Where this node serves Prometheus metrics, if it does.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Hints this node holds, per node they wait for (none listed: none held).
+    #[serde(default)]
+    pub hints_pending: Vec<HintQueue>,
+    /// Hints this node handed off since it started.
+    #[serde(default)]
+    pub hints_delivered: u64,
+}
+
+/// Hints a node holds for one other node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintQueue {
+    pub for_node: String,
+    pub pending: u64,
+}
+
+/// A hint for a key, held by a fallback (or a coordinator) for a primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintReport {
+    pub holder: String,
+    pub for_node: String,
+    pub object: ObjectView,
 }
 
 /// How one node sees another.
@@ -222,6 +243,9 @@ pub struct SiblingView {
 pub struct InspectReport {
     pub partition: u32,
     pub replicas: Vec<ReplicaReport>,
+    /// Hints for the key waiting on any node for a primary to return.
+    #[serde(default)]
+    pub hints: Vec<HintReport>,
 }
 
 /// A node's answer on the client port.

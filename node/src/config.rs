@@ -47,6 +47,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub failure_detector: FailureDetectorConfig,
+    pub handoff: HandoffConfig,
     /// Prometheus `/metrics` over HTTP; off when unset.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -69,6 +70,28 @@ impl Default for FailureDetectorConfig {
             heartbeat_ms: 500,
             phi_threshold: 8.0,
             acceptable_pause_ms: 1000,
+        }
+    }
+}
+
+/// Hinted handoff (see [`crate::handoff`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HandoffConfig {
+    /// How often held hints are offered to primaries that are up.
+    pub interval_ms: u64,
+    /// Hints sent to a primary in one request.
+    pub batch_size: usize,
+    /// Most hints delivered per second, over all primaries.
+    pub max_keys_per_sec: u32,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig {
+            interval_ms: 1_000,
+            batch_size: 200,
+            max_keys_per_sec: 10_000,
         }
     }
 }
@@ -135,6 +158,9 @@ pub struct TimeoutsConfig {
     pub peer_backoff_ms: u64,
     /// A connection with no traffic (keep-alives included) for this long is dead.
     pub idle_ms: u64,
+    /// After answering a read, how long the coordinator still collects late
+    /// replica answers to read-repair them.
+    pub read_repair_ms: u64,
 }
 
 impl Default for Config {
@@ -150,6 +176,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             failure_detector: FailureDetectorConfig::default(),
+            handoff: HandoffConfig::default(),
             metrics_addr: None,
         }
     }
@@ -186,6 +213,7 @@ impl Default for TimeoutsConfig {
             connect_ms: 1_000,
             peer_backoff_ms: 1_000,
             idle_ms: 10_000,
+            read_repair_ms: 1_000,
         }
     }
 }
@@ -281,6 +309,16 @@ impl Config {
                 "failure-detector.phi-threshold",
                 format!("{} must be a positive number", fd.phi_threshold),
             );
+        }
+        let h = &self.handoff;
+        for (field, v) in [
+            ("handoff.interval-ms", h.interval_ms),
+            ("handoff.batch-size", h.batch_size as u64),
+            ("handoff.max-keys-per-sec", u64::from(h.max_keys_per_sec)),
+        ] {
+            if v == 0 {
+                return invalid(field, "must be positive".into());
+            }
         }
         for (field, p) in [
             ("tls.ca-cert", &self.tls.ca_cert),

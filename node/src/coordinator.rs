@@ -1,25 +1,40 @@
-//! The coordinator: get, put and delete over a key's preference list, with
-//! quorum tracking, per-request options and timeouts, and forwarding when the
+//! The coordinator: get, put and delete over a key's sloppy quorum, with
+//! per-request options and timeouts, read repair, and forwarding when the
 //! receiving node does not replicate the key. Generic over [`Transport`] and
 //! [`Store`], so the same code runs over QUIC with RocksDB and over the
 //! simulated network with the in-memory store.
+//!
+//! # Sloppy quorum
+//! Each of a key's N primaries is reached, if the failure detector sees it up,
+//! directly. If it is down, or the send to it fails, the request goes to the
+//! next live *fallback* (nodes walking the ring past the primaries, each taken
+//! by at most one down primary), which answers from, or writes to, its hints
+//! for that primary (see [`crate::handoff`]). W and R count every replica that
+//! answered, fallbacks included; PW and PR count primaries only. A request
+//! whose PW or PR exceeds the primaries that are up fails at once, before
+//! anything is written, and a request whose primaries fail during it fails
+//! with the quorum error naming who answered.
 //!
 //! # Write path
 //! The coordinator is always a primary replica of the key (a node that is not
 //! forwards the request to one, as Riak does): it applies the write to its own
 //! copy, minting the new dot under its own node id, then sends the resulting
-//! object to the other primaries, which merge it. The write is acknowledged
-//! once W replicas (PW of them primaries) hold it; the remaining sends carry on
-//! in the background. If the quorum is not met the error says how many and
-//! which replicas acknowledged; the copies that did land are not rolled back
-//! (as in Dynamo: an unacknowledged write may still appear later).
+//! object to the other primaries (or their fallbacks), which merge it. The
+//! write is acknowledged once W replicas (PW of them primaries) hold it; the
+//! remaining sends carry on in the background. A primary that neither it nor
+//! a fallback could reach gets a hint kept by the coordinator itself. If the
+//! quorum is not met the error says how many and which replicas acknowledged;
+//! the copies that did land are not rolled back (as in Dynamo: an
+//! unacknowledged write may still appear later).
 //!
-//! # Read path
-//! The coordinator asks every primary and answers with the merge of the first R
-//! answers (PR of them primaries). Read repair and fallbacks (sloppy quorum)
-//! come with the availability issue; here a node that does not answer simply
-//! counts as down for that request.
+//! # Read path and read repair
+//! The coordinator asks the whole sloppy list and answers with the merge of
+//! the first R answers (PR of them primaries). In the background it keeps
+//! collecting answers for `timeouts.read-repair-ms` more, merges everything it
+//! heard, and sends the merge to every primary whose answer was older or
+//! missing. Repair never delays the reply.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,11 +42,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::proto::*;
+use shoal_ring::NodeId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::detector::{DetectorConfig, FailureDetector};
+use crate::handoff::HandoffSettings;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
 use crate::net::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
@@ -59,6 +76,9 @@ pub struct Settings {
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
     pub detector: DetectorConfig,
+    pub handoff: HandoffSettings,
+    /// How long after a read's reply late answers are still read-repaired.
+    pub read_repair_window: Duration,
 }
 
 impl Settings {
@@ -79,6 +99,12 @@ impl Settings {
                 acceptable_pause: Duration::from_millis(c.failure_detector.acceptable_pause_ms),
                 ..DetectorConfig::default()
             },
+            handoff: HandoffSettings {
+                interval: Duration::from_millis(c.handoff.interval_ms),
+                batch_size: c.handoff.batch_size,
+                max_keys_per_sec: c.handoff.max_keys_per_sec,
+            },
+            read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
         }
     }
 }
@@ -108,6 +134,8 @@ pub(crate) struct Inner<T, S> {
     pub(crate) metrics: Arc<Metrics>,
     /// Where `/metrics` is served, once bound.
     pub(crate) metrics_addr: OnceLock<SocketAddr>,
+    /// Hints held, per primary they wait for (see [`crate::handoff`]).
+    pub(crate) hints_pending: Mutex<BTreeMap<NodeId, u64>>,
 }
 
 /// One replica's answer to a fan-out.
@@ -151,6 +179,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 detector,
                 metrics: Arc::new(Metrics::default()),
                 metrics_addr: OnceLock::new(),
+                hints_pending: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -236,7 +265,7 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     // ---- the local replica -------------------------------------------------
 
-    fn stripe(&self, key: &[u8]) -> &Mutex<()> {
+    pub(crate) fn stripe(&self, key: &[u8]) -> &Mutex<()> {
         &self.inner.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
     }
 
@@ -292,17 +321,140 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     fn peer_local(&self, request: PeerRequest) -> PeerResponse {
+        let me = self.inner.me.id;
         let result = match request {
             PeerRequest::ReplicaGet { key } => self.local_get(&key).map(PeerResponse::Object),
             PeerRequest::ReplicaPut { key, object } => self
                 .local_merge(&key, &object)
                 .map(|_| PeerResponse::Stored),
+            // Views that disagree could name this node as its own fallback.
+            PeerRequest::HintPut {
+                key,
+                for_primary,
+                object,
+            } if for_primary == me => self
+                .local_merge(&key, &object)
+                .map(|_| PeerResponse::Stored),
+            PeerRequest::HintPut {
+                key,
+                for_primary,
+                object,
+            } => self
+                .store_hint(for_primary, &key, &object)
+                .map(|_| PeerResponse::Stored),
+            PeerRequest::HintGet { key, for_primary } => {
+                self.hint(for_primary, &key).map(PeerResponse::Object)
+            }
+            PeerRequest::HintsOf { key } => self.hints_of(&key).map(PeerResponse::Hints),
+            PeerRequest::Handoff(entries) => {
+                self.accept_handoff(&entries).map(|_| PeerResponse::Stored)
+            }
             other => return PeerResponse::Error(format!("not a replica request: {other:?}")),
         };
         result.unwrap_or_else(|e| {
             error!(error = %e, "replica operation failed");
             PeerResponse::Error(e.to_string())
         })
+    }
+
+    /// Reaches each primary of a key, or a fallback in its place, and sends
+    /// `op` there; one [`Reply`] per primary arrives on the returned channel.
+    /// Primaries the detector sees down get the first live fallbacks in ring
+    /// order at once; a primary whose send fails takes the next one. A write
+    /// that nobody took for a primary becomes a hint kept here.
+    fn sloppy_fan_out(
+        &self,
+        view: &View,
+        key: &[u8],
+        primaries: &[MemberInfo],
+        op: ReplicaOp,
+    ) -> mpsc::UnboundedReceiver<Reply> {
+        let n = self.inner.settings.n as usize;
+        let mut pool: VecDeque<MemberInfo> = view
+            .ring
+            .fallbacks(key, n)
+            .iter()
+            .filter_map(|id| view.members.get(id).cloned())
+            .collect();
+        let mut first_tries = Vec::with_capacity(primaries.len());
+        for p in primaries {
+            let first = if self.is_up(p.id) {
+                Some(p.clone())
+            } else {
+                self.take_live(&mut pool)
+            };
+            first_tries.push((p.clone(), first));
+        }
+        let pool = Arc::new(Mutex::new(pool));
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (primary, first) in first_tries {
+            let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
+            let key = key.to_vec();
+            tokio::spawn(async move {
+                let reply = node.reach(primary, first, &key, &op, &pool).await;
+                let _ = tx.send(reply);
+            });
+        }
+        rx
+    }
+
+    /// The next fallback in `pool` the detector sees up.
+    fn take_live(&self, pool: &mut VecDeque<MemberInfo>) -> Option<MemberInfo> {
+        while let Some(m) = pool.pop_front() {
+            if self.is_up(m.id) {
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    /// One primary's part of [`Self::sloppy_fan_out`].
+    async fn reach(
+        &self,
+        primary: MemberInfo,
+        first: Option<MemberInfo>,
+        key: &[u8],
+        op: &ReplicaOp,
+        pool: &Mutex<VecDeque<MemberInfo>>,
+    ) -> Reply {
+        let mut failures = Vec::new();
+        let mut next = first;
+        while let Some(target) = next {
+            let as_primary = target.id == primary.id;
+            let request = op.request(key, (!as_primary).then_some(primary.id));
+            match self.replica_call(&target, request).await {
+                Ok(resp) if op.accepts(&resp) => {
+                    return Reply {
+                        from: target,
+                        for_primary: (!as_primary).then_some(primary),
+                        result: Ok(resp),
+                    }
+                }
+                Ok(other) => failures.push(format!("{}: {other:?}", target.name)),
+                Err(e) => failures.push(e.to_string()),
+            }
+            next = self.take_live(&mut pool.lock().expect("pool lock"));
+        }
+        if let ReplicaOp::Put(object) = op {
+            if primary.id != self.inner.me.id {
+                match self.store_hint(primary.id, key, object) {
+                    Ok(()) => {
+                        debug!(primary = %primary.name, "no fallback took the write; hint kept here")
+                    }
+                    Err(e) => error!(error = %e, "could not keep a hint"),
+                }
+            }
+        }
+        let detail = if failures.is_empty() {
+            "down, and no live fallback".to_string()
+        } else {
+            failures.join("; ")
+        };
+        Reply {
+            result: Err(TransportError::Failed(primary.name.clone(), detail)),
+            from: primary,
+            for_primary: None,
+        }
     }
 
     /// Sends `request` to each target concurrently; answers arrive on the
@@ -441,7 +593,10 @@ impl<T: Transport, S: Store> Node<T, S> {
     ) -> Response {
         let deadline = self.deadline(&options);
         let mut failures = Vec::new();
-        for p in primaries {
+        // Primaries the detector sees up first: a dead one costs a timeout.
+        let mut order: Vec<&MemberInfo> = primaries.iter().collect();
+        order.sort_by_key(|p| !self.is_up(p.id));
+        for p in order {
             let call = self
                 .inner
                 .transport
@@ -464,6 +619,35 @@ impl<T: Transport, S: Store> Node<T, S> {
             ),
             answered: Vec::new(),
             needed: 1,
+        })
+    }
+
+    /// Fails a request whose PR/PW cannot be met by the primaries that are up,
+    /// before anything is sent.
+    fn check_primaries_up(
+        &self,
+        primaries: &[MemberInfo],
+        needed: u32,
+        name: &str,
+        what: &str,
+    ) -> Result<(), WireError> {
+        let (up, down): (Vec<&MemberInfo>, Vec<&MemberInfo>) =
+            primaries.iter().partition(|p| self.is_up(p.id));
+        if (up.len() as u32) >= needed {
+            return Ok(());
+        }
+        let names = |v: &[&MemberInfo]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        Err(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!(
+                "{name}={needed} needs {needed} primary replicas up, but only {} {} ({}); down: {}; {what}",
+                up.len(),
+                if up.len() == 1 { "is" } else { "are" },
+                names(&up).join(", "),
+                names(&down).join(", "),
+            ),
+            answered: names(&up),
+            needed,
         })
     }
 
@@ -509,6 +693,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             }
             None => VersionVector::new(),
         };
+        let primaries = view.preference_list(&key, s.n as usize);
+        self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
         let me = self.inner.me.id;
         let object = self
             .local_apply(&key, |o| {
@@ -519,19 +705,15 @@ impl<T: Transport, S: Store> Node<T, S> {
             context: CausalContext(encode_context(&object.context())),
             siblings: object.values().count() as u32,
         });
-        let primaries = view.preference_list(&key, s.n as usize);
         let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
-        let answers = self.fan_out(&others, PeerRequest::ReplicaPut { key, object });
-        let tally = Tally::collect(
-            answers,
-            others.len(),
-            w.max(pw),
-            deadline,
-            vec![self.inner.me.name.clone()],
-            |r| matches!(r, PeerResponse::Stored),
-        )
-        .await;
-        tally.result(w.max(pw), "write", reply)
+        let mut answers = self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object));
+        let mut tally = Tally::default();
+        tally.ok.push(self.inner.me.name.clone());
+        tally.primaries = 1;
+        tally
+            .collect(&mut answers, others.len(), w, pw, deadline, |_| ())
+            .await;
+        tally.result(w, pw, "write", reply)
     }
 
     async fn get(
@@ -551,30 +733,85 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
         let deadline = self.deadline(&options);
         let primaries = view.preference_list(key, s.n as usize);
-        let answers = self.fan_out(&primaries, PeerRequest::ReplicaGet { key: key.to_vec() });
-        let mut merged = Object::default();
-        let tally = Tally::collect(
-            answers,
-            primaries.len(),
-            r.max(pr),
-            deadline,
-            Vec::new(),
-            |resp| match resp {
-                PeerResponse::Object(o) => {
-                    if let Some(o) = o {
-                        merged.merge(o);
-                    }
-                    true
+        self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
+        let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get);
+        let mut heard: Vec<(Reply, Option<Object>)> = Vec::new();
+        let mut tally = Tally::default();
+        tally
+            .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
+                if let Ok(PeerResponse::Object(o)) = &reply.result {
+                    heard.push((reply.clone(), o.clone()));
                 }
-                _ => false,
-            },
-        )
-        .await;
+            })
+            .await;
+        let mut merged = Object::default();
+        for o in heard.iter().filter_map(|(_, o)| o.as_ref()) {
+            merged.merge(o);
+        }
         let reply = Response::Value(GetReply {
             values: merged.values().map(|v| Value(v.to_vec())).collect(),
             context: CausalContext(encode_context(&merged.context())),
         });
-        tally.result(r.max(pr), "read", reply)
+        let outstanding = primaries.len() - tally.heard;
+        let node = self.clone();
+        let key = key.to_vec();
+        tokio::spawn(async move {
+            node.read_repair(key, heard, answers, outstanding).await;
+        });
+        tally.result(r, pr, "read", reply)
+    }
+
+    /// Collects the answers still outstanding (for at most the read-repair
+    /// window), then sends the merge of everything heard to every primary
+    /// whose copy lacks part of it.
+    async fn read_repair(
+        &self,
+        key: Vec<u8>,
+        mut heard: Vec<(Reply, Option<Object>)>,
+        mut answers: mpsc::UnboundedReceiver<Reply>,
+        mut outstanding: usize,
+    ) {
+        let window = Instant::now() + self.inner.settings.read_repair_window;
+        while outstanding > 0 {
+            match tokio::time::timeout_at(window, answers.recv()).await {
+                Ok(Some(reply)) => {
+                    outstanding -= 1;
+                    if let Ok(PeerResponse::Object(o)) = &reply.result {
+                        let o = o.clone();
+                        heard.push((reply, o));
+                    }
+                }
+                _ => break,
+            }
+        }
+        let mut merged = Object::default();
+        for o in heard.iter().filter_map(|(_, o)| o.as_ref()) {
+            merged.merge(o);
+        }
+        if merged == Object::default() {
+            return;
+        }
+        for (reply, object) in &heard {
+            if reply.for_primary.is_some() || object.as_ref().is_some_and(|o| o.descends(&merged)) {
+                continue;
+            }
+            let request = PeerRequest::ReplicaPut {
+                key: key.clone(),
+                object: merged.clone(),
+            };
+            match self.replica_call(&reply.from, request).await {
+                Ok(PeerResponse::Stored) => {
+                    self.inner
+                        .metrics
+                        .read_repairs
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(replica = %reply.from.name, key = %hex::encode(&key), "read repair");
+                }
+                other => {
+                    warn!(replica = %reply.from.name, answer = ?other, "read repair failed")
+                }
+            }
+        }
     }
 
     async fn inspect(&self, key: &[u8], view: &View) -> Response {
@@ -609,9 +846,34 @@ impl<T: Transport, S: Store> Node<T, S> {
                 Err(e) => slot.error = Some(e.to_string()),
             }
         }
+        // Hints for the key, wherever they wait: ask every member that is up.
+        let holders: Vec<MemberInfo> = view
+            .members
+            .values()
+            .filter(|m| self.is_up(m.id))
+            .cloned()
+            .collect();
+        let mut hint_answers = self.fan_out(&holders, PeerRequest::HintsOf { key: key.to_vec() });
+        let mut hints = Vec::new();
+        for _ in 0..holders.len() {
+            let Ok(Some((holder, answer))) =
+                tokio::time::timeout_at(deadline, hint_answers.recv()).await
+            else {
+                break;
+            };
+            if let Ok(PeerResponse::Hints(held)) = answer {
+                hints.extend(held.iter().map(|(for_node, o)| HintReport {
+                    holder: holder.name.clone(),
+                    for_node: view.name_of(for_node),
+                    object: object_view(o, view),
+                }));
+            }
+        }
+        hints.sort_by(|a, b| (&a.holder, &a.for_node).cmp(&(&b.holder, &b.for_node)));
         Response::Inspect(InspectReport {
             partition: view.ring.partition_of(key),
             replicas,
+            hints,
         })
     }
 
@@ -629,6 +891,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             waiting_for: self.inner.membership.missing_names(),
             peers: self.peer_views(),
             metrics_addr: self.inner.metrics_addr.get().copied(),
+            hints_pending: self.hint_queues(),
+            hints_delivered: self.inner.metrics.hints_delivered.load(Ordering::Relaxed),
             unreachable: {
                 let addrs = self.inner.transport.unreachable();
                 let members = self.inner.membership.expected();
@@ -662,63 +926,128 @@ fn object_view(o: &Object, view: &View) -> ObjectView {
     }
 }
 
+/// What a sloppy fan-out asks of each replica.
+#[derive(Clone)]
+enum ReplicaOp {
+    Get,
+    Put(Object),
+}
+
+impl ReplicaOp {
+    /// The request for a primary (`hint_for` None) or for a fallback standing
+    /// in for the primary `hint_for`.
+    fn request(&self, key: &[u8], hint_for: Option<NodeId>) -> PeerRequest {
+        let key = key.to_vec();
+        match (self, hint_for) {
+            (ReplicaOp::Get, None) => PeerRequest::ReplicaGet { key },
+            (ReplicaOp::Get, Some(for_primary)) => PeerRequest::HintGet { key, for_primary },
+            (ReplicaOp::Put(object), None) => PeerRequest::ReplicaPut {
+                key,
+                object: object.clone(),
+            },
+            (ReplicaOp::Put(object), Some(for_primary)) => PeerRequest::HintPut {
+                key,
+                for_primary,
+                object: object.clone(),
+            },
+        }
+    }
+
+    fn accepts(&self, response: &PeerResponse) -> bool {
+        matches!(
+            (self, response),
+            (ReplicaOp::Get, PeerResponse::Object(_)) | (ReplicaOp::Put(_), PeerResponse::Stored)
+        )
+    }
+}
+
+/// The outcome of reaching one primary: who answered (the primary, or a
+/// fallback `for_primary`), or why nobody did.
+#[derive(Clone)]
+struct Reply {
+    from: MemberInfo,
+    for_primary: Option<MemberInfo>,
+    result: Result<PeerResponse, TransportError>,
+}
+
 /// Who answered a fan-out, and who did not and why.
+#[derive(Default)]
 struct Tally {
     ok: Vec<String>,
+    /// How many of `ok` are primaries.
+    primaries: u32,
     failed: Vec<String>,
+    /// Replies read from the channel.
+    heard: usize,
 }
 
 impl Tally {
-    /// Reads answers until `need` replicas answered well (counting those in
-    /// `ok` already), every target answered, or the deadline passed.
+    /// Reads replies until `need` replicas (`need_primaries` of them
+    /// primaries) answered well, all `targets` replied, or the deadline
+    /// passed. `seen` sees every good reply.
     async fn collect(
-        mut answers: mpsc::UnboundedReceiver<Answer>,
+        &mut self,
+        answers: &mut mpsc::UnboundedReceiver<Reply>,
         targets: usize,
         need: u32,
+        need_primaries: u32,
         deadline: Instant,
-        ok: Vec<String>,
-        mut accept: impl FnMut(&PeerResponse) -> bool,
-    ) -> Tally {
-        let mut tally = Tally {
-            ok,
-            failed: Vec::new(),
-        };
-        let mut heard = 0;
-        while (tally.ok.len() as u32) < need && heard < targets {
+        mut seen: impl FnMut(&Reply),
+    ) {
+        while ((self.ok.len() as u32) < need || self.primaries < need_primaries)
+            && self.heard < targets
+        {
             match tokio::time::timeout_at(deadline, answers.recv()).await {
-                Ok(Some((member, answer))) => {
-                    heard += 1;
-                    match answer {
-                        Ok(resp) if accept(&resp) => tally.ok.push(member.name),
-                        Ok(PeerResponse::Error(e)) => {
-                            tally.failed.push(format!("{}: {e}", member.name))
+                Ok(Some(reply)) => {
+                    self.heard += 1;
+                    match &reply.result {
+                        Ok(_) => {
+                            seen(&reply);
+                            match &reply.for_primary {
+                                None => {
+                                    self.primaries += 1;
+                                    self.ok.push(reply.from.name.clone());
+                                }
+                                Some(p) => {
+                                    self.ok.push(format!("{} for {}", reply.from.name, p.name))
+                                }
+                            }
                         }
-                        Ok(other) => tally
-                            .failed
-                            .push(format!("{}: unexpected {other:?}", member.name)),
-                        Err(e) => tally.failed.push(e.to_string()),
+                        Err(e) => self.failed.push(e.to_string()),
                     }
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    tally
-                        .failed
+                    self.failed
                         .push("deadline passed before the others answered".into());
                     break;
                 }
             }
         }
-        tally
     }
 
-    fn result(self, need: u32, what: &str, reply: Response) -> Result<Response, WireError> {
-        if self.ok.len() as u32 >= need {
+    fn result(
+        self,
+        need: u32,
+        need_primaries: u32,
+        what: &str,
+        reply: Response,
+    ) -> Result<Response, WireError> {
+        if self.ok.len() as u32 >= need && self.primaries >= need_primaries {
             return Ok(reply);
         }
+        let primaries = if need_primaries > 0 {
+            format!(
+                " ({need_primaries} of them primaries; {} primaries answered)",
+                self.primaries
+            )
+        } else {
+            String::new()
+        };
         Err(WireError {
             kind: ErrorKind::Quorum,
             message: format!(
-                "{what} needed {need} replicas, {} answered ({}); failures: {}",
+                "{what} needed {need} replicas{primaries}, {} answered ({}); failures: {}",
                 self.ok.len(),
                 self.ok.join(", "),
                 self.failed.join("; ")

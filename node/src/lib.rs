@@ -11,7 +11,8 @@
 //! - [`detector`]: the phi-accrual failure detector, pure.
 //! - [`liveness`]: heartbeats feeding the detector; peer up/down transitions.
 //! - [`metrics`]: counters and histograms, served as Prometheus text.
-//! - [`coordinator`]: quorum reads and writes over a key's preference list.
+//! - [`coordinator`]: sloppy-quorum reads and writes, read repair.
+//! - [`handoff`]: hints kept for down primaries and delivered when they return.
 //! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry points.
 //! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
 //!
@@ -23,6 +24,7 @@ pub mod certs;
 pub mod config;
 pub mod coordinator;
 pub mod detector;
+pub mod handoff;
 pub mod liveness;
 pub mod membership;
 pub mod metrics;

@@ -199,6 +199,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         membership,
     );
     node.learn(me);
+    let held = node.load_hint_counts().map_err(store_err)?;
+    if held > 0 {
+        info!(hints = held, "holding hints for other nodes");
+    }
 
     let (shutdown, rx) = watch::channel(false);
     let handler = Arc::new(node.clone());
@@ -246,6 +250,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tokio::select! {
                 _ = tick.tick() => heart.heartbeat_round().await,
                 _ = stop_heart.changed() => break,
+            }
+        }
+    }));
+    let handoff = node.clone();
+    let mut stop_handoff = rx.clone();
+    let interval = Duration::from_millis(config.handoff.interval_ms);
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { handoff.handoff_round().await; }
+                _ = stop_handoff.changed() => break,
             }
         }
     }));

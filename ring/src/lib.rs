@@ -343,12 +343,11 @@ impl Ring {
             .map(|p| (*p, Role::Primary))
             .collect();
         let mut down = primaries.iter().filter(|p| !is_up(**p)).copied();
-        let walk = self.walk(self.partition_of(key));
-        for node in walk {
+        for node in self.fallbacks(key, n) {
             if list.len() == n {
                 break;
             }
-            if primaries.contains(&node) || !is_up(node) {
+            if !is_up(node) {
                 continue;
             }
             match down.next() {
@@ -362,6 +361,16 @@ impl Ring {
             }
         }
         list
+    }
+
+    /// Every node that is not a primary of the key, in the order a sloppy
+    /// quorum takes them as fallbacks (walking the ring past the primaries).
+    pub fn fallbacks(&self, key: &[u8], n: usize) -> Vec<NodeId> {
+        let primaries = self.preference_list(key, n);
+        self.walk(self.partition_of(key))
+            .into_iter()
+            .filter(|node| !primaries.contains(node))
+            .collect()
     }
 
     /// Distinct nodes in ring order starting at `partition`.

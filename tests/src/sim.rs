@@ -31,6 +31,8 @@ pub fn settings() -> Settings {
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,
         detector: shoal_node::detector::DetectorConfig::default(),
+        handoff: shoal_node::handoff::HandoffSettings::default(),
+        read_repair_window: Duration::from_millis(500),
     }
 }
 

@@ -19,6 +19,7 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 use shoal_client::proto::{MemberInfo, Request, Response};
+use shoal_ring::NodeId;
 
 use crate::version::Object;
 
@@ -46,6 +47,36 @@ pub enum PeerRequest {
     /// A client request for a key the sender does not replicate: coordinate it
     /// here and answer on its behalf.
     Forward(Request),
+    /// Sloppy quorum: keep this object as a hint for `for_primary`, which is
+    /// down, and hand it off when it returns (see [`crate::handoff`]).
+    HintPut {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        for_primary: NodeId,
+        object: Object,
+    },
+    /// The hint this node holds for `for_primary` (a fallback's read answer).
+    HintGet {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        for_primary: NodeId,
+    },
+    /// Every hint this node holds for the key, whoever it is for (inspect).
+    HintsOf {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Hinted handoff: merge each object into the receiver's copy, which the
+    /// receiver is a primary of; answered with `Stored` once all are durable.
+    Handoff(Vec<HandoffEntry>),
+}
+
+/// One hint on its way to its primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffEntry {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub object: Object,
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -56,6 +87,8 @@ pub enum PeerResponse {
     Object(Option<Object>),
     Stored,
     Forwarded(Response),
+    /// Hints held for a key, by the primary they are for.
+    Hints(Vec<(NodeId, Object)>),
     Error(String),
 }
 

@@ -23,15 +23,19 @@ pub enum Tree {
     Objects,
     /// Node identity and membership.
     Meta,
+    /// Hints held for other nodes: primary id (16 bytes) ++ key -> object
+    /// (see [`crate::handoff`]).
+    Hints,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 2] = [Tree::Objects, Tree::Meta];
+    pub const ALL: [Tree; 3] = [Tree::Objects, Tree::Meta, Tree::Hints];
 
     pub fn name(self) -> &'static str {
         match self {
             Tree::Objects => "objects",
             Tree::Meta => "meta",
+            Tree::Hints => "hints",
         }
     }
 }

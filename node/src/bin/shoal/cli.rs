@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use shoal_client::proto::{InspectReport, RequestOptions};
+use shoal_client::proto::{InspectReport, ObjectView, RequestOptions};
 use shoal_client::{CausalContext, Client, ClientConfig};
 
 use crate::Command as DataCommand;
@@ -157,6 +157,8 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                     "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
                     "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable,
                     "metrics_addr": s.metrics_addr.map(|a| a.to_string()),
+                    "hints_pending": s.hints_pending.iter().map(|h| json!({"for": h.for_node, "pending": h.pending})).collect::<Vec<_>>(),
+                    "hints_delivered": s.hints_delivered,
                     "peers": s.peers.iter().map(|p| json!({"name": p.name, "up": p.up, "phi": p.phi.min(1e6)})).collect::<Vec<_>>()}),
                 Err(e) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": false, "error": e.to_string()}),
@@ -166,21 +168,26 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}  CANNOT REACH",
-        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS"
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  CANNOT REACH",
+        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS", "HINTS"
     );
     for (m, s) in &statuses {
-        let (pid, state, parts, cannot_reach) = match s {
+        let (pid, state, parts, hints, cannot_reach) = match s {
             Ok(s) => (
                 s.pid.to_string(),
                 if s.ring_ready { "up" } else { "start" },
                 s.partitions_owned.to_string(),
+                s.hints_pending
+                    .iter()
+                    .map(|h| h.pending)
+                    .sum::<u64>()
+                    .to_string(),
                 s.unreachable.join(","),
             ),
-            Err(_) => ("-".into(), "down", "-".into(), String::new()),
+            Err(_) => ("-".into(), "down", "-".into(), "-".into(), String::new()),
         };
         println!(
-            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10}  {}",
+            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  {}",
             m.name,
             m.id.to_string(),
             m.client_addr,
@@ -188,10 +195,37 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             pid,
             state,
             parts,
+            hints,
             cannot_reach
         );
     }
     Ok(())
+}
+
+/// An object as JSON: its clock and siblings.
+fn object_json(o: &ObjectView) -> serde_json::Value {
+    json!({
+        "clock": o.clock.iter().map(|(n, c)| json!([n, c])).collect::<Vec<_>>(),
+        "siblings": o.siblings.iter().map(|s| json!({
+            "dot": [s.dot.0, s.dot.1],
+            "value": s.value.as_ref().map(|v| text(&v.0)),
+            "tombstone": s.value.is_none(),
+            "timestamp_ms": s.timestamp_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// An object as text lines after a label column.
+fn print_object(label: &str, o: &ObjectView) {
+    let clock: Vec<String> = o.clock.iter().map(|(n, c)| format!("{n}:{c}")).collect();
+    println!("  {label:<8} clock [{}]", clock.join(", "));
+    for s in &o.siblings {
+        let v = s
+            .value
+            .as_ref()
+            .map_or("(tombstone)".to_string(), |v| format!("{:?}", text(&v.0)));
+        println!("           {}:{} {v}", s.dot.0, s.dot.1);
+    }
 }
 
 fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
@@ -200,21 +234,30 @@ fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
             .replicas
             .iter()
             .map(|r| {
-                json!({
-                    "node": r.node, "id": r.id.to_hex(), "error": r.error,
-                    "clock": r.object.as_ref().map(|o| o.clock.iter().map(|(n, c)| json!([n, c])).collect::<Vec<_>>()),
-                    "siblings": r.object.as_ref().map(|o| o.siblings.iter().map(|s| json!({
-                        "dot": [s.dot.0, s.dot.1],
-                        "value": s.value.as_ref().map(|v| text(&v.0)),
-                        "tombstone": s.value.is_none(),
-                        "timestamp_ms": s.timestamp_ms,
-                    })).collect::<Vec<_>>()),
-                })
+                let mut v = json!({"node": r.node, "id": r.id.to_hex(), "error": r.error,
+                    "clock": null, "siblings": null});
+                if let Some(o) = &r.object {
+                    v.as_object_mut()
+                        .expect("object")
+                        .extend(object_json(o).as_object().expect("object").clone());
+                }
+                v
+            })
+            .collect();
+        let hints: Vec<_> = report
+            .hints
+            .iter()
+            .map(|h| {
+                let mut v = json!({"holder": h.holder, "for": h.for_node});
+                v.as_object_mut()
+                    .expect("object")
+                    .extend(object_json(&h.object).as_object().expect("object").clone());
+                v
             })
             .collect();
         println!(
             "{}",
-            json!({"key": key, "partition": report.partition, "replicas": replicas})
+            json!({"key": key, "partition": report.partition, "replicas": replicas, "hints": hints})
         );
         return;
     }
@@ -226,17 +269,14 @@ fn print_inspect(key: &str, report: &InspectReport, as_json: bool) {
         match (&r.object, &r.error) {
             (_, Some(e)) => println!("  {:<8} unavailable: {e}", r.node),
             (None, None) => println!("  {:<8} (no record)", r.node),
-            (Some(o), None) => {
-                let clock: Vec<String> = o.clock.iter().map(|(n, c)| format!("{n}:{c}")).collect();
-                println!("  {:<8} clock [{}]", r.node, clock.join(", "));
-                for s in &o.siblings {
-                    let v = s
-                        .value
-                        .as_ref()
-                        .map_or("(tombstone)".to_string(), |v| format!("{:?}", text(&v.0)));
-                    println!("           {}:{} {v}", s.dot.0, s.dot.1);
-                }
-            }
+            (Some(o), None) => print_object(&r.node, o),
+        }
+    }
+    if !report.hints.is_empty() {
+        println!("hints waiting for handoff:");
+        for h in &report.hints {
+            println!("  {} holds a hint for {}:", h.holder, h.for_node);
+            print_object("", &h.object);
         }
     }
 }
