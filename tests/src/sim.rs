@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_client::proto::{MemberInfo, Request, RequestOptions, Response};
+use shoal_client::proto::{GetReply, MemberInfo, PutReply, Request, RequestOptions, Response};
 use shoal_node::config::MemberConfig;
 use shoal_node::coordinator::{Node, Settings};
 use shoal_node::membership::Membership;
@@ -11,6 +11,43 @@ use shoal_node::net::sim::{SimNetwork, SimTransport};
 use shoal_node::storage::MemoryStore;
 use shoal_node::version::Object;
 use shoal_ring::NodeId;
+
+/// The reply as a write, or a panic naming what came instead.
+pub fn written(r: Response) -> PutReply {
+    match r {
+        Response::Written(w) => w,
+        other => panic!("expected a write, got {other:?}"),
+    }
+}
+
+pub fn value(r: Response) -> GetReply {
+    match r {
+        Response::Value(v) => v,
+        other => panic!("expected a value, got {other:?}"),
+    }
+}
+
+pub fn error(r: Response) -> shoal_client::WireError {
+    match r {
+        Response::Error(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+pub fn values(r: &GetReply) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = r.values.iter().map(|v| v.0.clone()).collect();
+    v.sort();
+    v
+}
+
+/// Default request options.
+pub const D: RequestOptions = RequestOptions {
+    r: None,
+    w: None,
+    pr: None,
+    pw: None,
+    timeout_ms: None,
+};
 
 pub type SimNode = Node<SimTransport, MemoryStore>;
 
@@ -92,6 +129,55 @@ impl SimCluster {
             .into_iter()
             .map(|m| m.name)
             .collect()
+    }
+
+    /// Names of the key's fallbacks, in the order a sloppy quorum takes them.
+    pub fn fallbacks(&self, key: &[u8]) -> Vec<String> {
+        let view = self.nodes[0].membership().view().expect("ring ready");
+        view.ring
+            .fallbacks(key, 3)
+            .iter()
+            .map(|id| view.name_of(id))
+            .collect()
+    }
+
+    pub fn id(&self, name: &str) -> NodeId {
+        self.node(name).me().id
+    }
+
+    /// Brings every node's failure detector up to date: heartbeat rounds on
+    /// the (paused) clock until each has marked every crashed peer down.
+    pub async fn detect(&self, rounds: usize) {
+        let heartbeat = settings().detector.heartbeat;
+        for _ in 0..rounds {
+            for n in &self.nodes {
+                n.heartbeat_round().await;
+            }
+            tokio::time::sleep(heartbeat).await;
+        }
+    }
+
+    /// Runs handoff rounds on every node until no hints are left or `rounds`
+    /// rounds passed; returns the hints still held.
+    pub async fn hand_off(&self, rounds: usize) -> u64 {
+        for _ in 0..rounds {
+            for n in &self.nodes {
+                n.handoff_round().await;
+            }
+            if self.hints_held() == 0 {
+                break;
+            }
+        }
+        self.hints_held()
+    }
+
+    /// Hints held over the whole cluster.
+    pub fn hints_held(&self) -> u64 {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.hint_queues())
+            .map(|q| q.pending)
+            .sum()
     }
 
     /// The first node that is not a primary of `key` (needs more than N nodes).

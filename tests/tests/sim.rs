@@ -4,44 +4,9 @@
 use std::time::Duration;
 
 use shoal_client::error::ErrorKind;
-use shoal_client::proto::{GetReply, PutReply, RequestOptions, Response};
+use shoal_client::proto::RequestOptions;
 use shoal_client::CausalContext;
-use shoal_tests::sim::SimCluster;
-
-fn written(r: Response) -> PutReply {
-    match r {
-        Response::Written(w) => w,
-        other => panic!("expected a write, got {other:?}"),
-    }
-}
-
-fn value(r: Response) -> GetReply {
-    match r {
-        Response::Value(v) => v,
-        other => panic!("expected a value, got {other:?}"),
-    }
-}
-
-fn error(r: Response) -> shoal_client::WireError {
-    match r {
-        Response::Error(e) => e,
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
-
-fn values(r: &GetReply) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = r.values.iter().map(|v| v.0.clone()).collect();
-    v.sort();
-    v
-}
-
-const D: RequestOptions = RequestOptions {
-    r: None,
-    w: None,
-    pr: None,
-    pw: None,
-    timeout_ms: None,
-};
+use shoal_tests::sim::{error, value, values, written, SimCluster, D};
 
 /// Waits (bounded) until every primary of `key` stores the same object.
 async fn converged(c: &SimCluster, key: &[u8]) -> bool {

@@ -1,0 +1,272 @@
+//! Issue 3 over the simulated network: sloppy quorum through fallbacks,
+//! PR/PW, hinted handoff (delivery, rate limit, compare-and-delete), and read
+//! repair, each fault named in its test.
+
+use std::time::Duration;
+
+use shoal_client::error::ErrorKind;
+use shoal_client::proto::RequestOptions;
+use shoal_node::storage::Tree;
+use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
+
+/// The cluster's view of which nodes hold `key` as primaries, as a fixed triple.
+fn roles(c: &SimCluster, key: &[u8]) -> (String, String, String) {
+    let p = c.primaries(key);
+    (p[0].clone(), p[1].clone(), p[2].clone())
+}
+
+/// Acceptance 1 in process: with two of three primaries down, W=2 writes and
+/// R=2 reads go through fallbacks, which keep hints; PW=2 and PR=2 fail.
+/// When the primaries return the hints are handed off and deleted.
+#[tokio::test(start_paused = true)]
+async fn two_primaries_down_writes_go_to_fallbacks_and_are_handed_off() {
+    let c = SimCluster::new(5);
+    let key = b"sloppy";
+    let (p1, p2, p3) = roles(&c, key);
+    c.detect(10).await;
+    c.net.crash(&p2);
+    c.net.crash(&p3);
+    c.detect(10).await;
+    assert!(!c.node(&p1).is_up(c.id(&p2)) && !c.node(&p1).is_up(c.id(&p3)));
+
+    written(c.put(&p1, key, b"v1", None, D).await);
+    // The first two fallbacks in ring order each hold a hint, one per primary.
+    let fallbacks = c.fallbacks(key);
+    let hinted: Vec<(String, String)> = fallbacks[..2]
+        .iter()
+        .flat_map(|f| {
+            c.node(f)
+                .hints_of(key)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| {
+                    (
+                        f.clone(),
+                        c.node(&p1).membership().view().unwrap().name_of(&id),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        hinted,
+        vec![
+            (fallbacks[0].clone(), p2.clone()),
+            (fallbacks[1].clone(), p3.clone())
+        ]
+    );
+    assert!(
+        c.stored(&fallbacks[0], key).is_none(),
+        "a hint is not the fallback's own data"
+    );
+
+    // R=2 counts the fallbacks' answers.
+    assert_eq!(
+        values(&value(c.get(&p1, key, D).await)),
+        vec![b"v1".to_vec()]
+    );
+
+    // PW=2 / PR=2: refused at once, nothing written.
+    let strict = RequestOptions { pw: Some(2), ..D };
+    let before = c.stored(&p1, key);
+    let e = error(c.put(&p1, key, b"v2", None, strict).await);
+    assert_eq!(e.kind, ErrorKind::Quorum);
+    assert!(
+        e.message.contains("PW=2") && e.message.contains(&p2),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.stored(&p1, key), before, "nothing was written");
+    let e = error(c.get(&p1, key, RequestOptions { pr: Some(2), ..D }).await);
+    assert!(e.message.contains("PR=2"), "{}", e.message);
+
+    // The primaries return; the fallbacks hand off and forget their hints.
+    c.net.restart(&p2);
+    c.net.restart(&p3);
+    c.detect(2).await;
+    assert_eq!(c.hand_off(3).await, 0, "no hints remain");
+    for p in [&p2, &p3] {
+        assert_eq!(
+            c.stored(p, key).unwrap(),
+            c.stored(&p1, key).unwrap(),
+            "{p} got the write"
+        );
+    }
+    let text = c.node(&fallbacks[0]).metrics().render();
+    assert!(text.contains("shoal_hints_delivered_total 1"), "{text}");
+    assert!(text.contains("shoal_hints_pending 0"), "{text}");
+}
+
+/// A primary that fails during the request (not yet detected) is replaced
+/// by a fallback on the spot.
+#[tokio::test]
+async fn a_primary_failing_mid_request_fails_over_to_a_fallback() {
+    let c = SimCluster::new(5);
+    let key = b"failover";
+    let (p1, p2, p3) = roles(&c, key);
+    c.net.crash(&p2);
+    c.net.crash(&p3);
+    let w = RequestOptions { w: Some(3), ..D };
+    written(c.put(&p1, key, b"v", None, w).await);
+    assert_eq!(c.hints_held(), 2);
+    // But PW=2 cannot be met by fallbacks: a quorum error naming them.
+    let e = error(
+        c.put(&p1, key, b"v2", None, RequestOptions { pw: Some(2), ..D })
+            .await,
+    );
+    assert_eq!(e.kind, ErrorKind::Quorum);
+    assert!(e.message.contains("primaries"), "{}", e.message);
+}
+
+/// With N nodes there is no fallback: the coordinator keeps the hints for
+/// the down primary itself and hands them off when it returns.
+#[tokio::test]
+async fn without_fallbacks_the_coordinator_keeps_the_hints() {
+    let c = SimCluster::new(3);
+    c.net.crash("node3");
+    for i in 0..100u32 {
+        written(
+            c.put("node1", format!("k{i}").as_bytes(), b"v", None, D)
+                .await,
+        );
+    }
+    assert_eq!(c.hints_held(), 100);
+    // Delivery to a primary still down fails and keeps every hint.
+    assert_eq!(c.hand_off(1).await, 100);
+    c.net.restart("node3");
+    assert_eq!(c.hand_off(3).await, 0);
+    for i in 0..100u32 {
+        let k = format!("k{i}");
+        assert_eq!(
+            c.stored("node3", k.as_bytes()),
+            c.stored("node1", k.as_bytes()),
+            "{k}"
+        );
+    }
+}
+
+/// `handoff.max-keys-per-sec` bounds the delivery rate.
+#[tokio::test(start_paused = true)]
+async fn handoff_is_rate_limited() {
+    let mut s = settings();
+    s.handoff.max_keys_per_sec = 100;
+    s.handoff.batch_size = 10;
+    let c = SimCluster::with_settings(3, s);
+    c.net.crash("node3");
+    for i in 0..50u32 {
+        written(
+            c.put("node1", format!("k{i}").as_bytes(), b"v", None, D)
+                .await,
+        );
+    }
+    c.net.restart("node3");
+    let started = tokio::time::Instant::now();
+    assert_eq!(c.node("node1").handoff_round().await, 50);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450),
+        "50 hints at 100/s took {took:?}"
+    );
+}
+
+/// A hint that changes while its delivery is in flight is not deleted: the
+/// newer version is delivered in the next round.
+#[tokio::test(start_paused = true)]
+async fn a_hint_updated_during_delivery_is_kept_and_delivered_next() {
+    let c = SimCluster::new(3);
+    c.net.crash("node3");
+    written(c.put("node1", b"k", b"old", None, D).await);
+    c.net.restart("node3");
+    c.net.delay("node1", "node3", Duration::from_secs(1));
+    let node1 = c.node("node1").clone();
+    let round = tokio::spawn(async move { node1.handoff_round().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A newer write for node3 lands in the same hint meanwhile.
+    c.net.crash("node3");
+    let ctx = value(c.get("node1", b"k", D).await).context;
+    written(c.put("node1", b"k", b"new", Some(ctx), D).await);
+    c.net.restart("node3");
+    assert_eq!(round.await.unwrap(), 0, "the changed hint is not deleted");
+    assert_eq!(c.hints_held(), 1);
+    assert_eq!(c.hand_off(3).await, 0);
+    assert_eq!(c.stored("node3", b"k"), c.stored("node1", b"k"));
+    let read = value(
+        c.get("node3", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
+    assert_eq!(values(&read), vec![b"new".to_vec()]);
+}
+
+/// Acceptance 4 in process: a replica whose value was deleted out from under
+/// it, or that missed a write while partitioned, holds the merged version
+/// right after one get.
+#[tokio::test]
+async fn one_get_repairs_a_missing_and_a_stale_replica() {
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, D).await);
+    // Missing: node3 loses the key.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.node("node3").store().forget(Tree::Objects, b"k");
+    value(
+        c.get("node1", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
+    assert!(
+        repaired(&c, "node3", "node1", b"k").await,
+        "missing copy repaired"
+    );
+
+    // Stale: node3 misses a write, then one read brings it up to date.
+    c.net.partition("node1", "node3");
+    let ctx = value(c.get("node1", b"k", D).await).context;
+    written(c.put("node1", b"k", b"v2", Some(ctx), D).await);
+    c.net.heal();
+    assert_ne!(c.stored("node3", b"k"), c.stored("node1", b"k"));
+    value(
+        c.get("node1", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
+    assert!(
+        repaired(&c, "node3", "node1", b"k").await,
+        "stale copy repaired"
+    );
+    assert!(c
+        .node("node1")
+        .metrics()
+        .render()
+        .contains("shoal_read_repairs_total 2"));
+}
+
+/// An answer that arrives after the reply is still repaired, and the reply
+/// does not wait for it.
+#[tokio::test(start_paused = true)]
+async fn a_late_answer_is_repaired_without_delaying_the_reply() {
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v", None, D).await);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    c.node("node3").store().forget(Tree::Objects, b"k");
+    c.net.delay("node1", "node3", Duration::from_millis(200));
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        values(&value(c.get("node1", b"k", D).await)),
+        vec![b"v".to_vec()]
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "reply waited for the slow replica"
+    );
+    assert!(c.stored("node3", b"k").is_none());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.stored("node3", b"k"), c.stored("node1", b"k"));
+}
+
+/// Waits (bounded, 1 s) until `node` holds what `reference` holds for `key`.
+async fn repaired(c: &SimCluster, node: &str, reference: &str, key: &[u8]) -> bool {
+    for _ in 0..100 {
+        if c.stored(node, key).is_some() && c.stored(node, key) == c.stored(reference, key) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
