@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use shoal_client::proto::NodeStatus;
 use shoal_client::{Client, ClientConfig};
 
 /// The `shoal` binary of this build: next to the test executable's `deps/`.
@@ -49,9 +50,29 @@ impl DevCluster {
         cluster
     }
 
+    /// [`Self::rerun`] after `edit` changed every node's config.
+    pub async fn reconfigure(&mut self, edit: impl Fn(&mut toml::Table)) {
+        self.stop_launcher().await;
+        for i in 1..=self.nodes {
+            let path = self.path().join(format!("node{i}.toml"));
+            let mut config: toml::Table = std::fs::read_to_string(&path)
+                .expect("node config")
+                .parse()
+                .expect("node config parses");
+            edit(&mut config);
+            std::fs::write(&path, config.to_string()).expect("write node config");
+        }
+        self.launch_again().await;
+    }
+
     /// Stops the launcher as Ctrl-C would (SIGINT), waits for it to exit, and
     /// runs `shoal dev` again on the same directory.
     pub async fn rerun(&mut self) {
+        self.stop_launcher().await;
+        self.launch_again().await;
+    }
+
+    async fn stop_launcher(&mut self) {
         unsafe { libc::kill(self.launcher.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.launcher.try_wait().expect("launcher status").is_none() {
@@ -62,6 +83,9 @@ impl DevCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+    }
+
+    async fn launch_again(&mut self) {
         self.launcher = launch(self.dir.path(), self.nodes);
         self.pgid = self.launcher.id() as i32;
         self.wait_ready(Duration::from_secs(60)).await;
@@ -89,8 +113,11 @@ impl DevCluster {
                         let ready = statuses
                             .iter()
                             .filter(|(_, s)| {
-                                s.as_ref()
-                                    .is_ok_and(|s| s.ring_ready && s.unreachable.is_empty())
+                                s.as_ref().is_ok_and(|s| {
+                                    s.ring_ready
+                                        && s.unreachable.is_empty()
+                                        && s.peers.iter().all(|p| p.up)
+                                })
                             })
                             .count();
                         if ready == self.nodes {
@@ -162,6 +189,60 @@ impl DevCluster {
             .process_group(self.pgid)
             .spawn()
             .expect("restart node");
+    }
+
+    /// Every node's status; a node that does not answer is left out.
+    pub async fn statuses(&self) -> Vec<NodeStatus> {
+        match self.client().await.statuses().await {
+            Ok(all) => all.into_iter().filter_map(|(_, s)| s.ok()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Polls (every 200 ms, at most `within`) until `done` holds for the
+    /// statuses of the nodes that answer; panics naming `what` and the logs.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[NodeStatus]) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            if done(&self.statuses().await) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "{what}: not within {within:?}; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until every node that answers sees `peer` as up (`up`) or down.
+    pub async fn wait_seen(&self, peer: &str, up: bool, within: Duration) -> Duration {
+        self.wait_for(
+            &format!("{peer} seen {}", if up { "up" } else { "down" }),
+            within,
+            |all| {
+                let others: Vec<&NodeStatus> = all.iter().filter(|s| s.name != peer).collect();
+                !others.is_empty()
+                    && others
+                        .iter()
+                        .all(|s| s.peers.iter().any(|p| p.name == peer && p.up == up))
+            },
+        )
+        .await
+    }
+
+    /// Hints held over the nodes that answer.
+    pub fn hints_held(all: &[NodeStatus]) -> u64 {
+        all.iter()
+            .flat_map(|s| &s.hints_pending)
+            .map(|h| h.pending)
+            .sum()
     }
 
     pub fn logs(&self) -> String {
