@@ -264,7 +264,9 @@ impl<T: Transport, S: Store> Node<T, S> {
                 .call(target, PeerRequest::Handoff(entries))
                 .await
             {
-                Ok(PeerResponse::Stored) => {}
+                Ok(PeerResponse::Stored) => {
+                    self.inner.metrics.handoff_batches.observe(sent.elapsed());
+                }
                 other => {
                     warn!(peer = %target.name, answer = ?other, "handoff failed; hints kept for the next round");
                     return delivered;

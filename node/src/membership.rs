@@ -9,7 +9,8 @@
 //! A member whose id changes (its data directory was wiped) is re-learned and
 //! the ring recomputed.
 //!
-//! Gossip, failure detection and join/leave come with the availability issue.
+//! Liveness is the failure detector's ([`crate::detector`], fed by
+//! [`crate::liveness`]); gossip and join/leave are not implemented yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};

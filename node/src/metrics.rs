@@ -45,12 +45,14 @@ impl Histogram {
         cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{}}} {sum}", labels.trim_end_matches(','));
-        let _ = writeln!(
-            out,
-            "{name}_count{{{}}} {cumulative}",
-            labels.trim_end_matches(',')
-        );
+        let plain = labels.trim_end_matches(',');
+        let plain = if plain.is_empty() {
+            String::new()
+        } else {
+            format!("{{{plain}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{plain} {sum}");
+        let _ = writeln!(out, "{name}_count{plain} {cumulative}");
     }
 }
 
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub hints_delivered: AtomicU64,
     pub hints_pending: AtomicU64,
     pub read_repairs: AtomicU64,
+    /// Time to deliver one handoff batch (send until the primary stored it).
+    pub handoff_batches: Histogram,
     /// Per peer name: currently up (1) or down (0), and transitions seen.
     pub peers: Mutex<BTreeMap<String, PeerMetric>>,
 }
@@ -151,6 +155,9 @@ impl Metrics {
             "# HELP shoal_hints_pending Hints waiting for their primary.\n# TYPE shoal_hints_pending gauge\nshoal_hints_pending {}",
             self.hints_pending.load(Ordering::Relaxed)
         );
+        let _ = writeln!(out, "# HELP shoal_handoff_batch_duration_seconds Time to hand off one batch of hints.\n# TYPE shoal_handoff_batch_duration_seconds histogram");
+        self.handoff_batches
+            .render(&mut out, "shoal_handoff_batch_duration_seconds", "");
         counter(
             &mut out,
             "shoal_read_repairs_total",

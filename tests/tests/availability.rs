@@ -95,6 +95,10 @@ async fn two_primaries_down_writes_go_to_fallbacks_and_are_handed_off() {
     let text = c.node(&fallbacks[0]).metrics().render();
     assert!(text.contains("shoal_hints_delivered_total 1"), "{text}");
     assert!(text.contains("shoal_hints_pending 0"), "{text}");
+    assert!(
+        text.contains("shoal_handoff_batch_duration_seconds_count 1"),
+        "{text}"
+    );
 }
 
 /// A primary that fails during the request (not yet detected) is replaced

@@ -168,7 +168,7 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  CANNOT REACH",
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  SEES DOWN",
         "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS", "HINTS"
     );
     for (m, s) in &statuses {
@@ -182,7 +182,19 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                     .map(|h| h.pending)
                     .sum::<u64>()
                     .to_string(),
-                s.unreachable.join(","),
+                {
+                    // Peers its detector marks down, and peers it cannot dial.
+                    let mut down: Vec<&str> = s
+                        .peers
+                        .iter()
+                        .filter(|p| !p.up)
+                        .map(|p| p.name.as_str())
+                        .chain(s.unreachable.iter().map(String::as_str))
+                        .collect();
+                    down.sort();
+                    down.dedup();
+                    down.join(",")
+                },
             ),
             Err(_) => ("-".into(), "down", "-".into(), "-".into(), String::new()),
         };
