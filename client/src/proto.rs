@@ -183,6 +183,32 @@ pub struct NodeStatus {
     /// Hints this node handed off since it started.
     #[serde(default)]
     pub hints_delivered: u64,
+    /// Anti-entropy on this node.
+    #[serde(default)]
+    pub anti_entropy: AaeStatus,
+}
+
+/// Anti-entropy work of one node since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AaeStatus {
+    /// The trees are built and the node takes part in exchanges.
+    pub trees_ready: bool,
+    pub exchanges: u64,
+    pub keys_repaired: u64,
+    /// Bytes sent and received by the exchanges it initiated.
+    pub bytes: u64,
+    /// The last exchange of each partition it initiated.
+    pub partitions: Vec<PartitionSync>,
+}
+
+/// The last exchange of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionSync {
+    pub partition: u32,
+    pub peer: String,
+    /// When it ended, ms since the Unix epoch.
+    pub at_ms: u64,
+    pub repaired: u64,
 }
 
 /// Hints a node holds for one other node.

@@ -48,6 +48,7 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     pub failure_detector: FailureDetectorConfig,
     pub handoff: HandoffConfig,
+    pub anti_entropy: AntiEntropyConfig,
     /// Prometheus `/metrics` over HTTP; off when unset.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -92,6 +93,31 @@ impl Default for HandoffConfig {
             interval_ms: 1_000,
             batch_size: 200,
             max_keys_per_sec: 10_000,
+        }
+    }
+}
+
+/// Anti-entropy (see [`crate::antientropy`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AntiEntropyConfig {
+    /// Pause between two sweeps over every partition this node holds.
+    pub interval_ms: u64,
+    /// Trees are rebuilt from the store this often (and on start).
+    pub rebuild_secs: u64,
+    /// Most keys a rebuild reads per second.
+    pub rebuild_keys_per_sec: u32,
+    /// Most keys an exchange repairs per second.
+    pub max_repairs_per_sec: u32,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        AntiEntropyConfig {
+            interval_ms: 10_000,
+            rebuild_secs: 86_400,
+            rebuild_keys_per_sec: 50_000,
+            max_repairs_per_sec: 5_000,
         }
     }
 }
@@ -177,6 +203,7 @@ impl Default for Config {
             timeouts: TimeoutsConfig::default(),
             failure_detector: FailureDetectorConfig::default(),
             handoff: HandoffConfig::default(),
+            anti_entropy: AntiEntropyConfig::default(),
             metrics_addr: None,
         }
     }
@@ -315,6 +342,16 @@ impl Config {
             ("handoff.interval-ms", h.interval_ms),
             ("handoff.batch-size", h.batch_size as u64),
             ("handoff.max-keys-per-sec", u64::from(h.max_keys_per_sec)),
+            ("anti-entropy.interval-ms", self.anti_entropy.interval_ms),
+            ("anti-entropy.rebuild-secs", self.anti_entropy.rebuild_secs),
+            (
+                "anti-entropy.rebuild-keys-per-sec",
+                u64::from(self.anti_entropy.rebuild_keys_per_sec),
+            ),
+            (
+                "anti-entropy.max-repairs-per-sec",
+                u64::from(self.anti_entropy.max_repairs_per_sec),
+            ),
         ] {
             if v == 0 {
                 return invalid(field, "must be positive".into());

@@ -77,6 +77,7 @@ pub struct Settings {
     pub clock_min_age_ms: u64,
     pub detector: DetectorConfig,
     pub handoff: HandoffSettings,
+    pub aae: crate::antientropy::AaeSettings,
     /// How long after a read's reply late answers are still read-repaired.
     pub read_repair_window: Duration,
 }
@@ -104,6 +105,7 @@ impl Settings {
                 batch_size: c.handoff.batch_size,
                 max_keys_per_sec: c.handoff.max_keys_per_sec,
             },
+            aae: crate::antientropy::AaeSettings::from_config(&c.anti_entropy),
             read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
         }
     }
@@ -136,12 +138,14 @@ pub(crate) struct Inner<T, S> {
     pub(crate) metrics_addr: OnceLock<SocketAddr>,
     /// Hints held, per primary they wait for (see [`crate::handoff`]).
     pub(crate) hints_pending: Mutex<BTreeMap<NodeId, u64>>,
+    /// Anti-entropy trees (see [`crate::antientropy`]).
+    pub(crate) aae: Mutex<crate::antientropy::AaeState>,
 }
 
 /// One replica's answer to a fan-out.
 type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -180,6 +184,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 metrics: Arc::new(Metrics::default()),
                 metrics_addr: OnceLock::new(),
                 hints_pending: Mutex::new(BTreeMap::new()),
+                aae: Mutex::default(),
             }),
         }
     }
@@ -289,17 +294,33 @@ impl<T: Transport, S: Store> Node<T, S> {
         change: impl FnOnce(&mut Object),
     ) -> Result<Object, StoreError> {
         let _guard = self.stripe(key).lock().expect("stripe lock");
-        let before = self.local_get(key)?;
+        let raw = self.inner.store.get(Tree::Objects, key)?;
+        let before = raw
+            .as_deref()
+            .map(decode_object)
+            .transpose()
+            .map_err(|detail| StoreError::Corruption {
+                tree: Tree::Objects.name(),
+                key: hex::encode(key),
+                detail,
+            })?;
         let mut object = before.clone().unwrap_or_default();
         change(&mut object);
         let s = &self.inner.settings;
         object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
         if before.as_ref() != Some(&object) {
-            self.inner
-                .store
-                .put(Tree::Objects, key, &encode_object(&object))?;
+            self.write_object(key, raw.as_deref(), Some(&encode_object(&object)))?;
         }
         Ok(object)
+    }
+
+    /// Removes the local object of `key` altogether (tombstone reaping).
+    pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
+        let _guard = self.stripe(key).lock().expect("stripe lock");
+        if let Some(raw) = self.inner.store.get(Tree::Objects, key)? {
+            self.write_object(key, Some(&raw), None)?;
+        }
+        Ok(())
     }
 
     /// Merges an object sent by a coordinator into the local copy.
@@ -348,6 +369,11 @@ impl<T: Transport, S: Store> Node<T, S> {
             PeerRequest::HintsOf { key } => self.hints_of(&key).map(PeerResponse::Hints),
             PeerRequest::Handoff(entries) => {
                 self.accept_handoff(&entries).map(|_| PeerResponse::Stored)
+            }
+            PeerRequest::Aae(request) => {
+                return self
+                    .aae_answer(request)
+                    .map_or_else(PeerResponse::Error, PeerResponse::Aae)
             }
             other => return PeerResponse::Error(format!("not a replica request: {other:?}")),
         };
@@ -893,6 +919,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             metrics_addr: self.inner.metrics_addr.get().copied(),
             hints_pending: self.hint_queues(),
             hints_delivered: self.inner.metrics.hints_delivered.load(Ordering::Relaxed),
+            anti_entropy: self.aae_status(),
             unreachable: {
                 let addrs = self.inner.transport.unreachable();
                 let members = self.inner.membership.expected();

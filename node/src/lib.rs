@@ -12,6 +12,7 @@
 //! - [`liveness`]: heartbeats feeding the detector; peer up/down transitions.
 //! - [`metrics`]: counters and histograms, served as Prometheus text.
 //! - [`coordinator`]: sloppy-quorum reads and writes, read repair.
+//! - [`antientropy`]: Merkle trees per partition, rebuilt and exchanged.
 //! - [`handoff`]: hints kept for down primaries and delivered when they return.
 //! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry points.
 //! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
@@ -20,6 +21,7 @@
 //! `shoal node` calls [`server::run`], `shoal dev` starts one `shoal node`
 //! process per node on loopback, and the data commands use the SDK.
 
+pub mod antientropy;
 pub mod certs;
 pub mod config;
 pub mod coordinator;

@@ -110,6 +110,11 @@ impl Membership {
         })
     }
 
+    /// Partitions Q of the ring.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The ring, once every member is identified.
     pub fn view(&self) -> Option<View> {
         self.state.read().expect("membership lock").view.clone()

@@ -75,6 +75,12 @@ pub struct Metrics {
     pub hints_delivered: AtomicU64,
     pub hints_pending: AtomicU64,
     pub read_repairs: AtomicU64,
+    pub aae_rebuilds: AtomicU64,
+    pub aae_rebuild_mismatches: AtomicU64,
+    pub aae_exchanges: AtomicU64,
+    pub aae_keys_repaired: AtomicU64,
+    pub aae_bytes: AtomicU64,
+    pub aae_exchange_latency: Histogram,
     /// Time to deliver one handoff batch (send until the primary stored it).
     pub handoff_batches: Histogram,
     /// Per peer name: currently up (1) or down (0), and transitions seen.
@@ -158,6 +164,38 @@ impl Metrics {
         let _ = writeln!(out, "# HELP shoal_handoff_batch_duration_seconds Time to hand off one batch of hints.\n# TYPE shoal_handoff_batch_duration_seconds histogram");
         self.handoff_batches
             .render(&mut out, "shoal_handoff_batch_duration_seconds", "");
+        for (name, help, v) in [
+            (
+                "shoal_aae_exchanges_total",
+                "Anti-entropy exchanges this node initiated.",
+                &self.aae_exchanges,
+            ),
+            (
+                "shoal_aae_keys_repaired_total",
+                "Keys repaired by anti-entropy exchanges.",
+                &self.aae_keys_repaired,
+            ),
+            (
+                "shoal_aae_bytes_total",
+                "Bytes sent and received by anti-entropy exchanges.",
+                &self.aae_bytes,
+            ),
+            (
+                "shoal_aae_rebuilds_total",
+                "Anti-entropy tree rebuilds.",
+                &self.aae_rebuilds,
+            ),
+            (
+                "shoal_aae_rebuild_mismatches_total",
+                "Rebuilds whose trees differed from the live ones.",
+                &self.aae_rebuild_mismatches,
+            ),
+        ] {
+            counter(&mut out, name, help, v.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP shoal_aae_exchange_duration_seconds Time of one anti-entropy exchange.\n# TYPE shoal_aae_exchange_duration_seconds histogram");
+        self.aae_exchange_latency
+            .render(&mut out, "shoal_aae_exchange_duration_seconds", "");
         counter(
             &mut out,
             "shoal_read_repairs_total",

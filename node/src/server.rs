@@ -266,6 +266,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             }
         }
     }));
+    let aae = node.clone();
+    let stop_aae = rx.clone();
+    tasks.push(tokio::spawn(
+        async move { aae.run_anti_entropy(stop_aae).await },
+    ));
     let identifier = node.clone();
     let mut stop = rx;
     tasks.push(tokio::spawn(async move {

@@ -118,6 +118,16 @@ pub fn key_hash(key: &[u8]) -> u64 {
     h
 }
 
+/// The partition of a key among `q` (a power of two): the top `log2 q` bits
+/// of [`key_hash`].
+pub fn partition_of(key: &[u8], q: u32) -> u32 {
+    let bits = q.trailing_zeros();
+    if bits == 0 {
+        return 0;
+    }
+    (key_hash(key) >> (64 - bits)) as u32
+}
+
 /// Why a ring could not be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingError {
@@ -263,13 +273,9 @@ impl Ring {
         self.owners.len() as u32
     }
 
-    /// The partition a key falls in: the top `log2 Q` bits of [`key_hash`].
+    /// The partition a key falls in: see [`partition_of`].
     pub fn partition_of(&self, key: &[u8]) -> u32 {
-        let bits = self.owners.len().trailing_zeros();
-        if bits == 0 {
-            return 0;
-        }
-        (key_hash(key) >> (64 - bits)) as u32
+        partition_of(key, self.owners.len() as u32)
     }
 
     /// Owner of partition `p`.

@@ -69,6 +69,7 @@ pub fn settings() -> Settings {
         clock_min_age_ms: 86_400_000,
         detector: shoal_node::detector::DetectorConfig::default(),
         handoff: shoal_node::handoff::HandoffSettings::default(),
+        aae: shoal_node::antientropy::AaeSettings::from_config(&Default::default()),
         read_repair_window: Duration::from_millis(500),
     }
 }

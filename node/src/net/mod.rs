@@ -69,6 +69,34 @@ pub enum PeerRequest {
     /// Hinted handoff: merge each object into the receiver's copy, which the
     /// receiver is a primary of; answered with `Stored` once all are durable.
     Handoff(Vec<HandoffEntry>),
+    /// Anti-entropy exchange steps (see [`crate::antientropy`]).
+    Aae(AaeRequest),
+}
+
+/// The anti-entropy exchange, asked by the initiator of one partition's
+/// exchange; each is answered with the matching [`AaeResponse`].
+///
+/// 1. `Branches`: the responder's branch hashes; equal roots end here.
+/// 2. `Leaves` of the differing branches.
+/// 3. `Keys` (with version digests) of the differing segments.
+/// 4. `Objects` for the keys whose digests differ; the initiator merges them
+///    into its copies and sends the responder what it lacks as a `Handoff`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AaeRequest {
+    Branches { partition: u32 },
+    Leaves { partition: u32, branches: Vec<u16> },
+    Keys { partition: u32, segments: Vec<u16> },
+    Objects { keys: Vec<serde_bytes::ByteBuf> },
+}
+
+/// Answers to [`AaeRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AaeResponse {
+    Branches(Vec<u64>),
+    /// Per requested branch, its leaves.
+    Leaves(Vec<Vec<u64>>),
+    Keys(Vec<(serde_bytes::ByteBuf, u64)>),
+    Objects(Vec<(serde_bytes::ByteBuf, Option<Object>)>),
 }
 
 /// One hint on its way to its primary.
@@ -89,6 +117,7 @@ pub enum PeerResponse {
     Forwarded(Response),
     /// Hints held for a key, by the primary they are for.
     Hints(Vec<(NodeId, Object)>),
+    Aae(AaeResponse),
     Error(String),
 }
 

@@ -26,16 +26,21 @@ pub enum Tree {
     /// Hints held for other nodes: primary id (16 bytes) ++ key -> object
     /// (see [`crate::handoff`]).
     Hints,
+    /// Anti-entropy index: partition (4 bytes BE) ++ segment (2 bytes BE) ++
+    /// key -> version digest (8 bytes LE), written in the same batch as the
+    /// object (see [`crate::antientropy`]).
+    Aae,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Objects, Tree::Meta, Tree::Hints];
+    pub const ALL: [Tree; 4] = [Tree::Objects, Tree::Meta, Tree::Hints, Tree::Aae];
 
     pub fn name(self) -> &'static str {
         match self {
             Tree::Objects => "objects",
             Tree::Meta => "meta",
             Tree::Hints => "hints",
+            Tree::Aae => "aae",
         }
     }
 }

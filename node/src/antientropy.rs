@@ -1,0 +1,785 @@
+//! Anti-entropy: a Merkle tree per partition, kept up to date in the write
+//! path, rebuilt from the store, and compared between replicas.
+//!
+//! # Trees (the Tictac AAE idea of Riak 3)
+//! A partition's tree has [`SEGMENTS`] leaves. A key falls in the segment
+//! given by the low bits of its hash (the partition takes the high bits), and
+//! a leaf is the XOR of `hash(key ++ digest)` over the keys in it, where the
+//! digest is a hash of the stored object bytes. XOR makes a write O(1): the
+//! old contribution is XORed out and the new one in. [`BRANCHES`] branches of
+//! [`BRANCH_WIDTH`] leaves each and the root are XORs of what is below them,
+//! computed when asked (a few microseconds).
+//!
+//! Next to each object the store keeps an index entry, partition ++ segment
+//! ++ key -> digest ([`Tree::Aae`]), written in the same atomic batch, so an
+//! exchange lists the keys of a segment with one range scan.
+//!
+//! # Rebuilds
+//! Trees live in memory. On start and then every `anti-entropy.rebuild-secs`
+//! they are rebuilt from the objects themselves, in key order, throttled to
+//! `anti-entropy.rebuild-keys-per-sec`. A rebuild never blocks writes: it
+//! reads each key under the key's lock, and a write to a key the rebuild has
+//! already passed updates the tree being built as well as the live one, so
+//! the rebuilt tree is exact when it replaces the live one. Until the first
+//! rebuild is done the node takes part in no exchange.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_bytes::ByteBuf;
+use shoal_client::proto::{AaeStatus, MemberInfo, PartitionSync};
+use shoal_ring::{key_hash, partition_of};
+use tracing::{debug, info, warn};
+
+use crate::coordinator::Node;
+use crate::net::{AaeRequest, AaeResponse, HandoffEntry, PeerRequest, PeerResponse, Transport};
+use crate::storage::{Store, StoreError, Tree, WriteBatch};
+use crate::version::Object;
+
+/// Anti-entropy settings, from the config's `[anti-entropy]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AaeSettings {
+    pub interval: Duration,
+    pub rebuild_every: Duration,
+    pub rebuild_keys_per_sec: u32,
+    pub max_repairs_per_sec: u32,
+}
+
+impl AaeSettings {
+    pub fn from_config(c: &crate::config::AntiEntropyConfig) -> Self {
+        AaeSettings {
+            interval: Duration::from_millis(c.interval_ms),
+            rebuild_every: Duration::from_secs(c.rebuild_secs),
+            rebuild_keys_per_sec: c.rebuild_keys_per_sec,
+            max_repairs_per_sec: c.max_repairs_per_sec,
+        }
+    }
+}
+
+/// What one exchange did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeReport {
+    /// Keys whose copies differed and were merged on one side or both.
+    pub keys_repaired: u64,
+    /// Encoded bytes of every request and answer of the exchange.
+    pub bytes: u64,
+    /// Segments whose leaves differed.
+    pub segments: u64,
+}
+
+/// Leaves per partition tree.
+pub const SEGMENTS: usize = 1024;
+/// Leaves per branch.
+pub const BRANCH_WIDTH: usize = 32;
+/// Branches per partition tree.
+pub const BRANCHES: usize = SEGMENTS / BRANCH_WIDTH;
+
+/// The segment of a key within its partition's tree.
+pub fn segment_of(key: &[u8]) -> u16 {
+    (key_hash(key) % SEGMENTS as u64) as u16
+}
+
+/// The version digest of a stored object: a hash of its encoded bytes.
+pub fn digest(encoded: &[u8]) -> u64 {
+    key_hash(encoded)
+}
+
+/// What a key with this digest contributes to its leaf.
+fn contribution(key: &[u8], digest: u64) -> u64 {
+    let mut bytes = Vec::with_capacity(key.len() + 8);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&digest.to_le_bytes());
+    key_hash(&bytes)
+}
+
+/// The index entry key of a key: partition ++ segment ++ key.
+pub fn index_key(partition: u32, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + key.len());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&segment_of(key).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// One partition's Merkle tree: its leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionTree {
+    leaves: Vec<u64>,
+}
+
+impl Default for PartitionTree {
+    fn default() -> Self {
+        PartitionTree {
+            leaves: vec![0; SEGMENTS],
+        }
+    }
+}
+
+impl PartitionTree {
+    /// Adds or removes (XOR is its own inverse) a key's contribution.
+    pub fn toggle(&mut self, key: &[u8], digest: u64) {
+        self.leaves[segment_of(key) as usize] ^= contribution(key, digest);
+    }
+
+    pub fn leaves(&self) -> &[u64] {
+        &self.leaves
+    }
+
+    /// The leaves of branch `b`.
+    pub fn branch_leaves(&self, b: usize) -> &[u64] {
+        &self.leaves[b * BRANCH_WIDTH..(b + 1) * BRANCH_WIDTH]
+    }
+
+    pub fn branches(&self) -> Vec<u64> {
+        (0..BRANCHES)
+            .map(|b| self.branch_leaves(b).iter().fold(0, |a, l| a ^ l))
+            .collect()
+    }
+
+    pub fn root(&self) -> u64 {
+        self.leaves.iter().fold(0, |a, l| a ^ l)
+    }
+}
+
+/// Every partition tree of a node.
+pub type Trees = HashMap<u32, PartitionTree>;
+
+/// A rebuild in progress: keys up to `cursor` are in `trees`.
+struct Rebuild {
+    cursor: Option<Vec<u8>>,
+    trees: Trees,
+}
+
+/// The trees of a node, and the rebuild in progress if any.
+#[derive(Default)]
+pub(crate) struct AaeState {
+    live: Trees,
+    /// The first rebuild finished: the live trees describe the store.
+    ready: bool,
+    rebuild: Option<Rebuild>,
+    /// Last exchange per partition: (peer, unix ms, keys repaired).
+    last: BTreeMap<u32, (String, u64, u64)>,
+}
+
+impl AaeState {
+    fn apply(&mut self, partition: u32, key: &[u8], old: Option<u64>, new: Option<u64>) {
+        for d in [old, new].into_iter().flatten() {
+            self.live.entry(partition).or_default().toggle(key, d);
+        }
+        if let Some(r) = &mut self.rebuild {
+            if r.cursor.as_deref().is_some_and(|c| key <= c) {
+                for d in [old, new].into_iter().flatten() {
+                    r.trees.entry(partition).or_default().toggle(key, d);
+                }
+            }
+        }
+    }
+}
+
+/// Keys read per page by a rebuild.
+const REBUILD_PAGE: usize = 256;
+
+impl<T: Transport, S: Store> Node<T, S> {
+    /// The partition of a key on this node's ring.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        partition_of(key, self.inner.membership.partitions())
+    }
+
+    /// Writes (`new` Some) or removes the stored object bytes of `key`, with
+    /// its anti-entropy index entry, and updates the trees. The caller holds
+    /// the key's lock and passes the bytes stored before.
+    pub(crate) fn write_object(
+        &self,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let partition = self.partition_of(key);
+        let ikey = index_key(partition, key);
+        let new_digest = new.map(digest);
+        let mut batch = WriteBatch::default();
+        match (new, new_digest) {
+            (Some(bytes), Some(d)) => {
+                batch
+                    .put(Tree::Objects, key, bytes)
+                    .put(Tree::Aae, &ikey, &d.to_le_bytes());
+            }
+            _ => {
+                batch.delete(Tree::Objects, key).delete(Tree::Aae, &ikey);
+            }
+        }
+        self.inner.store.write(batch)?;
+        self.inner
+            .aae
+            .lock()
+            .expect("aae lock")
+            .apply(partition, key, old.map(digest), new_digest);
+        Ok(())
+    }
+
+    /// A copy of the live tree of `partition`, once the first rebuild is done.
+    pub fn tree(&self, partition: u32) -> Option<PartitionTree> {
+        let state = self.inner.aae.lock().expect("aae lock");
+        state
+            .ready
+            .then(|| state.live.get(&partition).cloned().unwrap_or_default())
+    }
+
+    /// A copy of every live tree (tests compare them with a rebuild).
+    pub fn trees(&self) -> Trees {
+        self.inner.aae.lock().expect("aae lock").live.clone()
+    }
+
+    /// Rebuilds every tree from the stored objects without blocking writes,
+    /// at most `keys_per_sec` keys a second, then replaces the live trees.
+    /// Returns how many keys it read.
+    pub async fn rebuild_trees(&self, keys_per_sec: u32) -> Result<u64, StoreError> {
+        self.inner.aae.lock().expect("aae lock").rebuild = Some(Rebuild {
+            cursor: None,
+            trees: Trees::new(),
+        });
+        let result = self.rebuild_scan(keys_per_sec).await;
+        let mut state = self.inner.aae.lock().expect("aae lock");
+        let rebuilt = state.rebuild.take().expect("rebuild in progress");
+        if result.is_ok() {
+            let nonzero = |t: &Trees| {
+                t.iter()
+                    .filter(|(_, tree)| tree.root() != 0 || tree.leaves.iter().any(|l| *l != 0))
+                    .map(|(p, tree)| (*p, tree.clone()))
+                    .collect::<HashMap<_, _>>()
+            };
+            if state.ready && nonzero(&state.live) != nonzero(&rebuilt.trees) {
+                tracing::warn!("rebuilt anti-entropy trees differ from the live ones; replaced");
+                self.inner
+                    .metrics
+                    .aae_rebuild_mismatches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            state.live = rebuilt.trees;
+            state.ready = true;
+            self.inner
+                .metrics
+                .aae_rebuilds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn rebuild_scan(&self, keys_per_sec: u32) -> Result<u64, StoreError> {
+        let mut start = Vec::new();
+        let mut read = 0u64;
+        loop {
+            let began = tokio::time::Instant::now();
+            let page = self
+                .inner
+                .store
+                .scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            for (key, _) in &page {
+                let _guard = self.stripe(key).lock().expect("stripe lock");
+                let current = self.inner.store.get(Tree::Objects, key)?;
+                let mut state = self.inner.aae.lock().expect("aae lock");
+                let r = state.rebuild.as_mut().expect("rebuild in progress");
+                if let Some(bytes) = current {
+                    r.trees
+                        .entry(self.partition_of(key))
+                        .or_default()
+                        .toggle(key, digest(&bytes));
+                }
+                r.cursor = Some(key.clone());
+            }
+            read += page.len() as u64;
+            start = last.clone();
+            start.push(0);
+            let floor =
+                std::time::Duration::from_secs_f64(page.len() as f64 / f64::from(keys_per_sec));
+            tokio::time::sleep(floor.saturating_sub(began.elapsed())).await;
+        }
+        Ok(read)
+    }
+}
+
+fn encoded_len<M: Serialize>(m: &M) -> u64 {
+    rmp_serde::to_vec_named(m).map_or(0, |v| v.len() as u64)
+}
+
+/// Keys asked or repaired per request.
+const REPAIR_CHUNK: usize = 100;
+
+impl<T: Transport, S: Store> Node<T, S> {
+    /// Answers one exchange step from this node's trees and store.
+    pub(crate) fn aae_answer(&self, request: AaeRequest) -> Result<AaeResponse, String> {
+        let tree = |p| {
+            self.tree(p)
+                .ok_or_else(|| "anti-entropy trees are not built yet".to_string())
+        };
+        Ok(match request {
+            AaeRequest::Branches { partition } => {
+                AaeResponse::Branches(tree(partition)?.branches())
+            }
+            AaeRequest::Leaves {
+                partition,
+                branches,
+            } => {
+                let t = tree(partition)?;
+                let mut out = Vec::with_capacity(branches.len());
+                for b in branches {
+                    if b as usize >= BRANCHES {
+                        return Err(format!("no branch {b}"));
+                    }
+                    out.push(t.branch_leaves(b as usize).to_vec());
+                }
+                AaeResponse::Leaves(out)
+            }
+            AaeRequest::Keys {
+                partition,
+                segments,
+            } => AaeResponse::Keys(
+                self.segment_keys(partition, &segments)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(k, d)| (ByteBuf::from(k), d))
+                    .collect(),
+            ),
+            AaeRequest::Objects { keys } => {
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    let o = self.local_get(&k).map_err(|e| e.to_string())?;
+                    out.push((k, o));
+                }
+                AaeResponse::Objects(out)
+            }
+        })
+    }
+
+    /// (key, digest) of every key of `partition` in `segments`, from the index.
+    fn segment_keys(
+        &self,
+        partition: u32,
+        segments: &[u16],
+    ) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for &seg in segments {
+            let mut prefix = partition.to_be_bytes().to_vec();
+            prefix.extend_from_slice(&seg.to_be_bytes());
+            let mut end = partition.to_be_bytes().to_vec();
+            end.extend_from_slice(&(u32::from(seg) + 1).to_be_bytes()[2..]);
+            let end = if seg == u16::MAX { None } else { Some(end) };
+            let mut start = prefix.clone();
+            loop {
+                let page = self
+                    .inner
+                    .store
+                    .scan(Tree::Aae, &start, end.as_deref(), 1024)?;
+                let Some((last, _)) = page.last() else { break };
+                let next = {
+                    let mut n = last.clone();
+                    n.push(0);
+                    n
+                };
+                for (ik, d) in page {
+                    let digest = <[u8; 8]>::try_from(d.as_slice())
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| StoreError::Corruption {
+                            tree: Tree::Aae.name(),
+                            key: hex::encode(&ik),
+                            detail: "digest is not 8 bytes".into(),
+                        })?;
+                    out.push((ik[6..].to_vec(), digest));
+                }
+                start = next;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn aae_call(
+        &self,
+        peer: &MemberInfo,
+        request: AaeRequest,
+        bytes: &mut u64,
+    ) -> Result<AaeResponse, String> {
+        let request = PeerRequest::Aae(request);
+        *bytes += encoded_len(&request);
+        match self.inner.transport.call(peer, request).await {
+            Ok(PeerResponse::Aae(answer)) => {
+                *bytes += encoded_len(&answer);
+                Ok(answer)
+            }
+            Ok(other) => Err(format!("{}: {other:?}", peer.name)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Compares this node's tree of `partition` with `peer`'s and repairs
+    /// both sides by merge.
+    pub async fn exchange(
+        &self,
+        partition: u32,
+        peer: &MemberInfo,
+    ) -> Result<ExchangeReport, String> {
+        let started = tokio::time::Instant::now();
+        let mut report = ExchangeReport::default();
+        let mine = self
+            .tree(partition)
+            .ok_or("anti-entropy trees are not built yet")?;
+        let theirs = match self
+            .aae_call(peer, AaeRequest::Branches { partition }, &mut report.bytes)
+            .await?
+        {
+            AaeResponse::Branches(b) if b.len() == BRANCHES => b,
+            other => return Err(format!("{}: bad branches answer {other:?}", peer.name)),
+        };
+        let branches: Vec<u16> = mine
+            .branches()
+            .iter()
+            .zip(&theirs)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i as u16)
+            .collect();
+        if !branches.is_empty() {
+            let leaves = match self
+                .aae_call(
+                    peer,
+                    AaeRequest::Leaves {
+                        partition,
+                        branches: branches.clone(),
+                    },
+                    &mut report.bytes,
+                )
+                .await?
+            {
+                AaeResponse::Leaves(l) if l.len() == branches.len() => l,
+                other => return Err(format!("{}: bad leaves answer {other:?}", peer.name)),
+            };
+            let mut segments = Vec::new();
+            for (b, their_leaves) in branches.iter().zip(&leaves) {
+                for (i, (a, t)) in mine
+                    .branch_leaves(*b as usize)
+                    .iter()
+                    .zip(their_leaves)
+                    .enumerate()
+                {
+                    if a != t {
+                        segments.push((*b as usize * BRANCH_WIDTH + i) as u16);
+                    }
+                }
+            }
+            report.segments = segments.len() as u64;
+            let their_keys: BTreeMap<Vec<u8>, u64> = match self
+                .aae_call(
+                    peer,
+                    AaeRequest::Keys {
+                        partition,
+                        segments: segments.clone(),
+                    },
+                    &mut report.bytes,
+                )
+                .await?
+            {
+                AaeResponse::Keys(k) => k.into_iter().map(|(k, d)| (k.into_vec(), d)).collect(),
+                other => return Err(format!("{}: bad keys answer {other:?}", peer.name)),
+            };
+            let my_keys: BTreeMap<Vec<u8>, u64> = self
+                .segment_keys(partition, &segments)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .collect();
+            let differing: Vec<Vec<u8>> = my_keys
+                .keys()
+                .chain(their_keys.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|k| my_keys.get(*k) != their_keys.get(*k))
+                .cloned()
+                .collect();
+            for chunk in differing.chunks(REPAIR_CHUNK) {
+                let chunk_started = tokio::time::Instant::now();
+                report.keys_repaired += self.repair_keys(peer, chunk, &mut report.bytes).await?;
+                let floor = Duration::from_secs_f64(
+                    chunk.len() as f64 / f64::from(self.inner.settings.aae.max_repairs_per_sec),
+                );
+                tokio::time::sleep(floor.saturating_sub(chunk_started.elapsed())).await;
+            }
+        }
+        let m = &self.inner.metrics;
+        m.aae_exchanges.fetch_add(1, Ordering::Relaxed);
+        m.aae_keys_repaired
+            .fetch_add(report.keys_repaired, Ordering::Relaxed);
+        m.aae_bytes.fetch_add(report.bytes, Ordering::Relaxed);
+        m.aae_exchange_latency.observe(started.elapsed());
+        self.inner.aae.lock().expect("aae lock").last.insert(
+            partition,
+            (
+                peer.name.clone(),
+                crate::coordinator::now_ms(),
+                report.keys_repaired,
+            ),
+        );
+        if report.keys_repaired > 0 {
+            info!(partition, peer = %peer.name, repaired = report.keys_repaired, bytes = report.bytes, "anti-entropy repaired keys");
+        }
+        Ok(report)
+    }
+
+    /// Fetches the peer's copies of `keys`, merges both ways.
+    async fn repair_keys(
+        &self,
+        peer: &MemberInfo,
+        keys: &[Vec<u8>],
+        bytes: &mut u64,
+    ) -> Result<u64, String> {
+        let request = AaeRequest::Objects {
+            keys: keys.iter().cloned().map(ByteBuf::from).collect(),
+        };
+        let theirs = match self.aae_call(peer, request, bytes).await? {
+            AaeResponse::Objects(o) if o.len() == keys.len() => o,
+            other => return Err(format!("{}: bad objects answer {other:?}", peer.name)),
+        };
+        let mut push = Vec::new();
+        let mut repaired = 0;
+        for (key, their) in theirs {
+            let mine = self.local_get(&key).map_err(|e| e.to_string())?;
+            let merged = match (&mine, &their) {
+                (Some(m), Some(t)) => Object::merged(m, t),
+                (Some(m), None) => m.clone(),
+                (None, Some(t)) => t.clone(),
+                (None, None) => continue,
+            };
+            let mut changed = false;
+            if mine.as_ref() != Some(&merged) {
+                self.local_merge(&key, &merged).map_err(|e| e.to_string())?;
+                changed = true;
+            }
+            if their.as_ref() != Some(&merged) {
+                push.push(HandoffEntry {
+                    key: key.into_vec(),
+                    object: merged,
+                });
+                changed = true;
+            }
+            repaired += u64::from(changed);
+        }
+        if !push.is_empty() {
+            let request = PeerRequest::Handoff(push);
+            *bytes += encoded_len(&request);
+            match self.inner.transport.call(peer, request).await {
+                Ok(PeerResponse::Stored) => *bytes += encoded_len(&PeerResponse::Stored),
+                other => return Err(format!("{}: repair not stored: {other:?}", peer.name)),
+            }
+        }
+        Ok(repaired)
+    }
+
+    /// One sweep: every partition this node replicates, exchanged with each
+    /// other replica that is up and has a higher id (so each pair is
+    /// exchanged by one side), one exchange at a time.
+    pub async fn aae_sweep(&self) -> ExchangeReport {
+        let mut total = ExchangeReport::default();
+        let Some(view) = self.inner.membership.view() else {
+            return total;
+        };
+        if self.tree(0).is_none() {
+            return total;
+        }
+        let me = self.inner.me.id;
+        let n = self.inner.settings.n as usize;
+        for p in 0..view.ring.partition_count() {
+            let replicas = view.ring.preference_list_for_partition(p, n);
+            if !replicas.contains(&me) {
+                continue;
+            }
+            for peer in replicas.iter().filter(|id| **id > me && self.is_up(**id)) {
+                let Some(member) = view.members.get(peer) else {
+                    continue;
+                };
+                match self.exchange(p, member).await {
+                    Ok(r) => {
+                        total.keys_repaired += r.keys_repaired;
+                        total.bytes += r.bytes;
+                        total.segments += r.segments;
+                    }
+                    Err(e) => {
+                        debug!(partition = p, peer = %member.name, error = %e, "exchange failed")
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Anti-entropy as `shoal status` shows it.
+    pub fn aae_status(&self) -> AaeStatus {
+        let state = self.inner.aae.lock().expect("aae lock");
+        let m = &self.inner.metrics;
+        AaeStatus {
+            trees_ready: state.ready,
+            exchanges: m.aae_exchanges.load(Ordering::Relaxed),
+            keys_repaired: m.aae_keys_repaired.load(Ordering::Relaxed),
+            bytes: m.aae_bytes.load(Ordering::Relaxed),
+            partitions: state
+                .last
+                .iter()
+                .map(|(p, (peer, at_ms, repaired))| PartitionSync {
+                    partition: *p,
+                    peer: peer.clone(),
+                    at_ms: *at_ms,
+                    repaired: *repaired,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the trees now and then every `rebuild_every`, and sweeps
+    /// every `interval`, until `stop` turns true.
+    pub async fn run_anti_entropy(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let settings = self.inner.settings.aae;
+        let mut next_rebuild = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_rebuild {
+                match self.rebuild_trees(settings.rebuild_keys_per_sec).await {
+                    Ok(keys) => info!(keys, "anti-entropy trees built"),
+                    Err(e) => warn!(error = %e, "anti-entropy rebuild failed; retried later"),
+                }
+                next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
+            }
+            let swept = self.aae_sweep().await;
+            if swept.keys_repaired > 0 {
+                info!(
+                    repaired = swept.keys_repaired,
+                    bytes = swept.bytes,
+                    "anti-entropy sweep"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(settings.interval) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use shoal_client::proto::MemberInfo;
+    use shoal_ring::NodeId;
+
+    use super::*;
+    use crate::config::MemberConfig;
+    use crate::coordinator::Settings;
+    use crate::membership::Membership;
+    use crate::net::sim::{SimNetwork, SimTransport};
+    use crate::storage::MemoryStore;
+    use crate::version::{Object, VersionVector};
+
+    fn node() -> Node<SimTransport, MemoryStore> {
+        let me = MemberInfo {
+            id: NodeId::from_u128(1),
+            name: "n".into(),
+            client_addr: ([127, 0, 0, 1], 1).into(),
+            peer_addr: ([127, 0, 0, 1], 2).into(),
+        };
+        let membership = Membership::new(
+            vec![MemberConfig {
+                name: "n".into(),
+                peer_addr: me.peer_addr,
+            }],
+            vec![me.clone()],
+            16,
+            1,
+        );
+        let net = SimNetwork::new();
+        let settings = Settings::from_config(&crate::config::Config::default());
+        Node::new(
+            me,
+            settings,
+            Arc::new(MemoryStore::new()),
+            net.transport("n"),
+            membership,
+        )
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(u8, u8),
+        Remove(u8),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                (0u8..20, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+                (0u8..20).prop_map(Op::Remove),
+            ],
+            0..60,
+        )
+    }
+
+    fn run(n: &Node<SimTransport, MemoryStore>, op: &Op) {
+        match op {
+            Op::Put(k, v) => {
+                let mut o = Object::default();
+                o.update(
+                    &VersionVector::new(),
+                    Some(vec![*v]),
+                    NodeId::from_u128(7),
+                    0,
+                );
+                n.local_merge(&[*k], &o).unwrap();
+            }
+            Op::Remove(k) => n.remove_object(&[*k]).unwrap(),
+        }
+    }
+
+    proptest! {
+        /// Acceptance 5 of issue 4: a rebuilt tree and the incrementally
+        /// updated one agree after any sequence of puts and deletes.
+        #[test]
+        fn rebuilt_trees_equal_incremental_ones(before in ops(), during in ops()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let n = node();
+                n.rebuild_trees(u32::MAX).await.unwrap();
+                for op in &before {
+                    run(&n, op);
+                }
+                let incremental = n.trees();
+                n.rebuild_trees(u32::MAX).await.unwrap();
+                let strip = |t: Trees| t.into_iter().filter(|(_, t)| t.leaves.iter().any(|l| *l != 0)).collect::<HashMap<_, _>>();
+                prop_assert_eq!(strip(n.trees()), strip(incremental));
+                // Writes while a (slow) rebuild runs are not lost to it.
+                let rebuilding = {
+                    let n = n.clone();
+                    tokio::spawn(async move { n.rebuild_trees(2_000).await.unwrap() })
+                };
+                for op in &during {
+                    run(&n, op);
+                    tokio::task::yield_now().await;
+                }
+                let incremental = n.trees();
+                rebuilding.await.unwrap();
+                prop_assert_eq!(strip(n.trees()), strip(incremental));
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn branches_and_root_are_xors_of_leaves() {
+        let mut t = PartitionTree::default();
+        t.toggle(b"a", 1);
+        t.toggle(b"b", 2);
+        assert_eq!(t.branches().iter().fold(0, |a, b| a ^ b), t.root());
+        t.toggle(b"a", 1);
+        t.toggle(b"b", 2);
+        assert_eq!(t, PartitionTree::default());
+    }
+}
