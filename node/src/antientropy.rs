@@ -282,11 +282,20 @@ impl<T: Transport, S: Store> Node<T, S> {
             for (key, _) in &page {
                 let _guard = self.stripe(key).lock().expect("stripe lock");
                 let current = self.inner.store.get(Tree::Objects, key)?;
+                let partition = self.partition_of(key);
+                if let Some(bytes) = &current {
+                    // Restore an index entry that is missing or wrong.
+                    let ikey = index_key(partition, key);
+                    let d = digest(bytes).to_le_bytes();
+                    if self.inner.store.get(Tree::Aae, &ikey)?.as_deref() != Some(&d[..]) {
+                        self.inner.store.put(Tree::Aae, &ikey, &d)?;
+                    }
+                }
                 let mut state = self.inner.aae.lock().expect("aae lock");
                 let r = state.rebuild.as_mut().expect("rebuild in progress");
                 if let Some(bytes) = current {
                     r.trees
-                        .entry(self.partition_of(key))
+                        .entry(partition)
                         .or_default()
                         .toggle(key, digest(&bytes));
                 }
