@@ -45,6 +45,7 @@ pub struct AaeSettings {
     pub rebuild_every: Duration,
     pub rebuild_keys_per_sec: u32,
     pub max_repairs_per_sec: u32,
+    pub tombstone_grace: Duration,
 }
 
 impl AaeSettings {
@@ -54,6 +55,7 @@ impl AaeSettings {
             rebuild_every: Duration::from_secs(c.rebuild_secs),
             rebuild_keys_per_sec: c.rebuild_keys_per_sec,
             max_repairs_per_sec: c.max_repairs_per_sec,
+            tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
         }
     }
 }
@@ -315,6 +317,10 @@ impl<T: Transport, S: Store> Node<T, S> {
 fn encoded_len<M: Serialize>(m: &M) -> u64 {
     rmp_serde::to_vec_named(m).map_or(0, |v| v.len() as u64)
 }
+
+/// How often tombstones are looked for (each look reads every tombstone
+/// candidate of the partitions this node leads).
+const REAP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Keys asked or repaired per request.
 const REPAIR_CHUNK: usize = 100;
@@ -622,6 +628,92 @@ impl<T: Transport, S: Store> Node<T, S> {
         total
     }
 
+    /// Reaps tombstones of the partitions this node is the first primary of:
+    /// a key whose object is only tombstones, the newest older than the
+    /// grace period, is deleted from every primary once all of them are up
+    /// and hold exactly that object (compare-and-delete on each). A primary
+    /// that still holds the old value gets the tombstone from anti-entropy
+    /// first, so a reaped key never comes back. Returns the keys reaped.
+    pub async fn reap_tombstones(&self) -> u64 {
+        let Some(view) = self.inner.membership.view() else {
+            return 0;
+        };
+        let me = self.inner.me.id;
+        let n = self.inner.settings.n as usize;
+        let grace_ms = self.inner.settings.aae.tombstone_grace.as_millis() as u64;
+        let now = crate::coordinator::now_ms();
+        let mut reaped = 0;
+        for p in 0..view.ring.partition_count() {
+            let replicas = view.ring.preference_list_for_partition(p, n);
+            if replicas.first() != Some(&me) || !replicas.iter().all(|r| self.is_up(*r)) {
+                continue;
+            }
+            let all: Vec<u16> = (0..SEGMENTS as u16).collect();
+            let keys = match self.segment_keys(p, &all) {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!(partition = p, error = %e, "cannot list keys to reap");
+                    continue;
+                }
+            };
+            for (key, _) in keys {
+                let Ok(Some(object)) = self.local_get(&key) else {
+                    continue;
+                };
+                let newest = object.siblings().iter().map(|s| s.timestamp_ms).max();
+                if !object.is_deleted() || newest.is_none_or(|t| t.saturating_add(grace_ms) > now) {
+                    continue;
+                }
+                if self.reap(&key, &object, &replicas, &view).await {
+                    reaped += 1;
+                }
+            }
+        }
+        if reaped > 0 {
+            self.inner
+                .metrics
+                .tombstones_reaped
+                .fetch_add(reaped, Ordering::Relaxed);
+            info!(reaped, "tombstones reaped");
+        }
+        reaped
+    }
+
+    /// Reaps one tombstone if every other primary holds exactly it.
+    async fn reap(
+        &self,
+        key: &[u8],
+        object: &Object,
+        replicas: &[shoal_ring::NodeId],
+        view: &crate::membership::View,
+    ) -> bool {
+        let others: Vec<&MemberInfo> = replicas
+            .iter()
+            .filter(|r| **r != self.inner.me.id)
+            .filter_map(|r| view.members.get(r))
+            .collect();
+        for peer in &others {
+            let asked = PeerRequest::ReplicaGet { key: key.to_vec() };
+            match self.inner.transport.call(peer, asked).await {
+                Ok(PeerResponse::Object(Some(theirs))) if &theirs == object => {}
+                _ => return false,
+            }
+        }
+        for peer in &others {
+            let reap = PeerRequest::Reap {
+                key: key.to_vec(),
+                object: object.clone(),
+            };
+            if !matches!(
+                self.inner.transport.call(peer, reap).await,
+                Ok(PeerResponse::Stored)
+            ) {
+                return false; // reaped where it worked; the rest next time
+            }
+        }
+        self.reap_local(key, object).unwrap_or(false)
+    }
+
     /// Anti-entropy as `shoal status` shows it.
     pub fn aae_status(&self) -> AaeStatus {
         let state = self.inner.aae.lock().expect("aae lock");
@@ -649,6 +741,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub async fn run_anti_entropy(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let settings = self.inner.settings.aae;
         let mut next_rebuild = tokio::time::Instant::now();
+        let mut next_reap = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_rebuild {
                 match self.rebuild_trees(settings.rebuild_keys_per_sec).await {
@@ -658,6 +751,10 @@ impl<T: Transport, S: Store> Node<T, S> {
                 next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
             }
             let swept = self.aae_sweep().await;
+            if tokio::time::Instant::now() >= next_reap {
+                self.reap_tombstones().await;
+                next_reap = tokio::time::Instant::now() + REAP_EVERY;
+            }
             if swept.keys_repaired > 0 {
                 info!(
                     repaired = swept.keys_repaired,

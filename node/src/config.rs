@@ -109,6 +109,9 @@ pub struct AntiEntropyConfig {
     pub rebuild_keys_per_sec: u32,
     /// Most keys an exchange repairs per second.
     pub max_repairs_per_sec: u32,
+    /// A tombstone is reaped once every primary holds it and it is this old.
+    /// Keep it longer than a node may stay down with hints waiting for it.
+    pub tombstone_grace_secs: u64,
 }
 
 impl Default for AntiEntropyConfig {
@@ -118,6 +121,7 @@ impl Default for AntiEntropyConfig {
             rebuild_secs: 86_400,
             rebuild_keys_per_sec: 50_000,
             max_repairs_per_sec: 5_000,
+            tombstone_grace_secs: 7 * 86_400,
         }
     }
 }

@@ -314,13 +314,28 @@ impl<T: Transport, S: Store> Node<T, S> {
         Ok(object)
     }
 
-    /// Removes the local object of `key` altogether (tombstone reaping).
+    /// Removes the local object of `key` altogether (tests of the trees).
+    #[cfg(test)]
     pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
         let _guard = self.stripe(key).lock().expect("stripe lock");
         if let Some(raw) = self.inner.store.get(Tree::Objects, key)? {
             self.write_object(key, Some(&raw), None)?;
         }
         Ok(())
+    }
+
+    /// Removes the local object of `key` if it is exactly `expected` (a
+    /// reaped tombstone); returns whether it did.
+    pub(crate) fn reap_local(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
+        let _guard = self.stripe(key).lock().expect("stripe lock");
+        let Some(raw) = self.inner.store.get(Tree::Objects, key)? else {
+            return Ok(false);
+        };
+        if decode_object(&raw).ok().as_ref() != Some(expected) {
+            return Ok(false);
+        }
+        self.write_object(key, Some(&raw), None)?;
+        Ok(true)
     }
 
     /// Merges an object sent by a coordinator into the local copy.
@@ -369,6 +384,9 @@ impl<T: Transport, S: Store> Node<T, S> {
             PeerRequest::HintsOf { key } => self.hints_of(&key).map(PeerResponse::Hints),
             PeerRequest::Handoff(entries) => {
                 self.accept_handoff(&entries).map(|_| PeerResponse::Stored)
+            }
+            PeerRequest::Reap { key, object } => {
+                self.reap_local(&key, &object).map(|_| PeerResponse::Stored)
             }
             PeerRequest::Aae(request) => {
                 return self

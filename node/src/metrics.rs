@@ -78,6 +78,7 @@ pub struct Metrics {
     pub aae_rebuilds: AtomicU64,
     pub aae_rebuild_mismatches: AtomicU64,
     pub aae_exchanges: AtomicU64,
+    pub tombstones_reaped: AtomicU64,
     pub aae_keys_repaired: AtomicU64,
     pub aae_bytes: AtomicU64,
     pub aae_exchange_latency: Histogram,

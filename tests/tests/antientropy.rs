@@ -138,3 +138,56 @@ async fn an_exchange_merges_concurrent_versions() {
     let read = value(c.get("node3", k, RequestOptions { r: Some(1), ..D }).await);
     assert_eq!(values(&read), vec![b"a".to_vec(), b"b".to_vec()]);
 }
+
+/// Acceptance 3: a key deleted while one replica was down stays deleted
+/// after that replica returns and after the tombstone is reaped; neither
+/// anti-entropy nor a read brings it back.
+#[tokio::test]
+async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
+    let mut s = shoal_tests::sim::settings();
+    s.aae.tombstone_grace = std::time::Duration::ZERO;
+    let c = SimCluster::with_settings(3, s);
+    for n in &c.nodes {
+        n.rebuild_trees(u32::MAX).await.unwrap();
+    }
+    shoal_tests::sim::written(c.put("node1", b"k", b"v", None, D).await);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    c.net.crash("node3");
+    let ctx = value(c.get("node1", b"k", D).await).context;
+    shoal_tests::sim::written(c.delete("node1", b"k", Some(ctx), D).await);
+    c.net.restart("node3");
+    // node3 still holds the value; the reaper refuses while it does.
+    assert!(c.stored("node3", b"k").unwrap().values().next().is_some());
+    let reaped: u64 = reap_all(&c).await;
+    assert_eq!(reaped, 0, "reaped while a primary lacked the tombstone");
+    // Anti-entropy gives node3 the tombstone; then the key is reaped everywhere.
+    for n in &c.nodes {
+        n.aae_sweep().await;
+    }
+    assert!(c.stored("node3", b"k").unwrap().is_deleted());
+    assert_eq!(reap_all(&c).await, 1);
+    for n in ["node1", "node2", "node3"] {
+        assert_eq!(c.stored(n, b"k"), None, "{n} still holds the key");
+    }
+    // Nothing brings it back: exchanges, a read, a rebuild.
+    for n in &c.nodes {
+        n.rebuild_trees(u32::MAX).await.unwrap();
+        n.aae_sweep().await;
+    }
+    let read = value(
+        c.get("node2", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
+    assert!(read.values.is_empty());
+    for n in ["node1", "node2", "node3"] {
+        assert_eq!(c.stored(n, b"k"), None, "{n} resurrected the key");
+    }
+}
+
+async fn reap_all(c: &SimCluster) -> u64 {
+    let mut reaped = 0;
+    for n in &c.nodes {
+        reaped += n.reap_tombstones().await;
+    }
+    reaped
+}

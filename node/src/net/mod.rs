@@ -71,6 +71,12 @@ pub enum PeerRequest {
     Handoff(Vec<HandoffEntry>),
     /// Anti-entropy exchange steps (see [`crate::antientropy`]).
     Aae(AaeRequest),
+    /// Tombstone reaping: delete the key if its object is exactly `object`.
+    Reap {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        object: Object,
+    },
 }
 
 /// The anti-entropy exchange, asked by the initiator of one partition's
