@@ -34,7 +34,10 @@ use shoal_ring::{key_hash, partition_of};
 use tracing::{debug, info, warn};
 
 use crate::coordinator::Node;
-use crate::net::{AaeRequest, AaeResponse, HandoffEntry, PeerRequest, PeerResponse, Transport};
+use crate::net::{
+    byte_bounded, AaeRequest, AaeResponse, HandoffEntry, PeerRequest, PeerResponse, Transport,
+    BATCH_BYTES,
+};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::Object;
 
@@ -322,6 +325,19 @@ fn encoded_len<M: Serialize>(m: &M) -> u64 {
 /// candidate of the partitions this node leads).
 const REAP_EVERY: Duration = Duration::from_secs(3600);
 
+/// Segments whose keys are listed per `Keys` request, so one answer stays
+/// small even for a partition with millions of keys.
+const SEGMENTS_PER_KEYS_REQUEST: usize = 64;
+
+/// Approximate encoded size of an object: its values and per-sibling overhead.
+fn object_size(o: &Object) -> usize {
+    o.siblings()
+        .iter()
+        .map(|s| s.value.as_ref().map_or(0, Vec::len) + 48)
+        .sum::<usize>()
+        + o.clock().len() * 32
+}
+
 /// Keys asked or repaired per request.
 const REPAIR_CHUNK: usize = 100;
 
@@ -361,10 +377,17 @@ impl<T: Transport, S: Store> Node<T, S> {
                     .collect(),
             ),
             AaeRequest::Objects { keys } => {
+                // Answers a prefix of `keys` within the batch cap; the
+                // initiator asks again for the rest.
                 let mut out = Vec::with_capacity(keys.len());
+                let mut size = 0;
                 for k in keys {
                     let o = self.local_get(&k).map_err(|e| e.to_string())?;
+                    size += k.len() + o.as_ref().map_or(0, object_size);
                     out.push((k, o));
+                    if size > BATCH_BYTES {
+                        break;
+                    }
                 }
                 AaeResponse::Objects(out)
             }
@@ -486,20 +509,19 @@ impl<T: Transport, S: Store> Node<T, S> {
                 }
             }
             report.segments = segments.len() as u64;
-            let their_keys: BTreeMap<Vec<u8>, u64> = match self
-                .aae_call(
-                    peer,
-                    AaeRequest::Keys {
-                        partition,
-                        segments: segments.clone(),
-                    },
-                    &mut report.bytes,
-                )
-                .await?
-            {
-                AaeResponse::Keys(k) => k.into_iter().map(|(k, d)| (k.into_vec(), d)).collect(),
-                other => return Err(format!("{}: bad keys answer {other:?}", peer.name)),
-            };
+            let mut their_keys: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for chunk in segments.chunks(SEGMENTS_PER_KEYS_REQUEST) {
+                let request = AaeRequest::Keys {
+                    partition,
+                    segments: chunk.to_vec(),
+                };
+                match self.aae_call(peer, request, &mut report.bytes).await? {
+                    AaeResponse::Keys(k) => {
+                        their_keys.extend(k.into_iter().map(|(k, d)| (k.into_vec(), d)))
+                    }
+                    other => return Err(format!("{}: bad keys answer {other:?}", peer.name)),
+                }
+            }
             let my_keys: BTreeMap<Vec<u8>, u64> = self
                 .segment_keys(partition, &segments)
                 .map_err(|e| e.to_string())?
@@ -549,13 +571,25 @@ impl<T: Transport, S: Store> Node<T, S> {
         keys: &[Vec<u8>],
         bytes: &mut u64,
     ) -> Result<u64, String> {
-        let request = AaeRequest::Objects {
-            keys: keys.iter().cloned().map(ByteBuf::from).collect(),
-        };
-        let theirs = match self.aae_call(peer, request, bytes).await? {
-            AaeResponse::Objects(o) if o.len() == keys.len() => o,
-            other => return Err(format!("{}: bad objects answer {other:?}", peer.name)),
-        };
+        let mut theirs = Vec::with_capacity(keys.len());
+        while theirs.len() < keys.len() {
+            let asked = &keys[theirs.len()..];
+            let request = AaeRequest::Objects {
+                keys: asked.iter().cloned().map(ByteBuf::from).collect(),
+            };
+            match self.aae_call(peer, request, bytes).await? {
+                AaeResponse::Objects(o)
+                    if !o.is_empty()
+                        && o.len() <= asked.len()
+                        && o.iter()
+                            .zip(asked)
+                            .all(|((k, _), a)| k.as_slice() == a.as_slice()) =>
+                {
+                    theirs.extend(o)
+                }
+                other => return Err(format!("{}: bad objects answer {other:?}", peer.name)),
+            }
+        }
         let mut push = Vec::new();
         let mut repaired = 0;
         for (key, their) in theirs {
@@ -580,8 +614,11 @@ impl<T: Transport, S: Store> Node<T, S> {
             }
             repaired += u64::from(changed);
         }
-        if !push.is_empty() {
-            let request = PeerRequest::Handoff(push);
+        while !push.is_empty() {
+            let rest = push.split_off(byte_bounded(&push, |e| {
+                e.key.len() + object_size(&e.object)
+            }));
+            let request = PeerRequest::Handoff(std::mem::replace(&mut push, rest));
             *bytes += encoded_len(&request);
             match self.inner.transport.call(peer, request).await {
                 Ok(PeerResponse::Stored) => *bytes += encoded_len(&PeerResponse::Stored),

@@ -35,7 +35,7 @@ use shoal_ring::NodeId;
 use tracing::{info, warn};
 
 use crate::coordinator::Node;
-use crate::net::{HandoffEntry, PeerRequest, PeerResponse, Transport};
+use crate::net::{byte_bounded, HandoffEntry, PeerRequest, PeerResponse, Transport};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, Object};
 
@@ -229,7 +229,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         let mut start = target.id.0.to_vec();
         let mut delivered = 0;
         loop {
-            let page = match self.inner.store.scan(
+            let mut page = match self.inner.store.scan(
                 Tree::Hints,
                 &start,
                 end.as_deref(),
@@ -241,6 +241,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                     return delivered;
                 }
             };
+            page.truncate(byte_bounded(&page, |(k, v)| k.len() + v.len()));
             let Some((last, _)) = page.last() else {
                 break;
             };

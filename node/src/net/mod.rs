@@ -105,6 +105,23 @@ pub enum AaeResponse {
     Objects(Vec<(serde_bytes::ByteBuf, Option<Object>)>),
 }
 
+/// Soft cap on the payload of one batch message (handoff, anti-entropy), far
+/// under the peer frame limit: a batch stops growing once it reaches this.
+pub const BATCH_BYTES: usize = 8 << 20;
+
+/// How many of `items`, from the front, fit in [`BATCH_BYTES`] (always at
+/// least one, so a single large item still moves).
+pub fn byte_bounded<T>(items: &[T], size: impl Fn(&T) -> usize) -> usize {
+    let mut total = 0;
+    for (i, item) in items.iter().enumerate() {
+        total += size(item);
+        if total > BATCH_BYTES {
+            return i.max(1);
+        }
+    }
+    items.len()
+}
+
 /// One hint on its way to its primary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandoffEntry {
@@ -168,4 +185,18 @@ pub trait Handler: Send + Sync + 'static {
     fn client(&self, request: Request) -> impl Future<Output = Response> + Send;
     fn peer(&self, from: String, request: PeerRequest)
         -> impl Future<Output = PeerResponse> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_stop_at_the_byte_cap_but_always_move_one() {
+        let mb = 1 << 20;
+        assert_eq!(byte_bounded(&[mb; 20], |s| *s), 8);
+        assert_eq!(byte_bounded(&[BATCH_BYTES * 3, 1], |s| *s), 1);
+        assert_eq!(byte_bounded(&[1, 2, 3], |s| *s), 3);
+        assert_eq!(byte_bounded::<usize>(&[], |s| *s), 0);
+    }
 }
