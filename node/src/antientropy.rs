@@ -22,6 +22,24 @@
 //! already passed updates the tree being built as well as the live one, so
 //! the rebuilt tree is exact when it replaces the live one. Until the first
 //! rebuild is done the node takes part in no exchange.
+//!
+//! # Exchanges
+//! Every `anti-entropy.interval-ms` a node sweeps the partitions it holds,
+//! one exchange at a time, with each other replica that is up and has a
+//! higher node id (so each pair is exchanged once). The protocol is
+//! [`AaeRequest`]: compare the 32 branch hashes (one round trip when in
+//! sync), then the leaves of differing branches, then the (key, digest)
+//! lists of differing segments (64 segments per request), then fetch the
+//! peer's objects for the keys that differ (answers capped at
+//! [`BATCH_BYTES`], the rest asked again). The initiator merges them into its
+//! copies and sends the peer the merged objects it lacks as a `Handoff`.
+//! Repairs are paced to `anti-entropy.max-repairs-per-sec`. Exchanges, keys
+//! repaired and bytes are in the metrics and in `shoal status --json`.
+//!
+//! # Tombstones
+//! See [`Node::reap_tombstones`]: hourly, the first primary of each
+//! partition deletes tombstones older than `tombstone-grace-secs` that every
+//! primary holds exactly, with a compare-and-delete on each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;

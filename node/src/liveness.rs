@@ -1,5 +1,5 @@
 //! Peer liveness: every heartbeat interval a node pings each other member over
-//! the peer port and feeds the answers to its [`FailureDetector`]. Up and down
+//! the peer port and feeds the answers to its [`crate::detector::FailureDetector`]. Up and down
 //! transitions are logged and counted in the metrics; the current view is in
 //! `shoal status` (`peers`) and in `/metrics` (`shoal_peer_up`, `shoal_peer_phi`,
 //! `shoal_peer_transitions_total`).

@@ -172,11 +172,11 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  SEES DOWN",
-        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS", "HINTS"
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8} {:>9}  SEES DOWN",
+        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS", "HINTS", "AAE FIXED"
     );
     for (m, s) in &statuses {
-        let (pid, state, parts, hints, cannot_reach) = match s {
+        let (pid, state, parts, hints, aae, cannot_reach) = match s {
             Ok(s) => (
                 s.pid.to_string(),
                 if s.ring_ready { "up" } else { "start" },
@@ -186,6 +186,11 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                     .map(|h| h.pending)
                     .sum::<u64>()
                     .to_string(),
+                if s.anti_entropy.trees_ready {
+                    s.anti_entropy.keys_repaired.to_string()
+                } else {
+                    "building".to_string()
+                },
                 {
                     // Peers its detector marks down, and peers it cannot dial.
                     let mut down: Vec<&str> = s
@@ -200,10 +205,17 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                     down.join(",")
                 },
             ),
-            Err(_) => ("-".into(), "down", "-".into(), "-".into(), String::new()),
+            Err(_) => (
+                "-".into(),
+                "down",
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                String::new(),
+            ),
         };
         println!(
-            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8}  {}",
+            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8} {:>9}  {}",
             m.name,
             m.id.to_string(),
             m.client_addr,
@@ -212,6 +224,7 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             state,
             parts,
             hints,
+            aae,
             cannot_reach
         );
     }
