@@ -1,0 +1,180 @@
+//! Drives the workers and records every latency.
+//!
+//! Closed loop: `concurrency` workers each issue their next operation as soon
+//! as the last one returned; this finds the maximum throughput. Open loop:
+//! operation `i` is due at `start + i / rate`; a worker takes the next due
+//! operation, waits for its due time if it is early, and its latency is
+//! measured from the due time, not from when it was sent. A stalled target
+//! therefore shows in the tail (no coordinated omission), and a target that
+//! cannot keep up is reported as having fallen behind.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use rand::SeedableRng;
+use tokio::time::Instant;
+
+use crate::target::Target;
+use crate::workload::{Chooser, Op};
+
+/// Highest latency recorded, in microseconds (larger values are clamped).
+const MAX_MICROS: u64 = 60_000_000;
+
+/// How a run is driven and when it stops.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub concurrency: usize,
+    /// Open loop at this many operations per second; closed loop if `None`.
+    pub rate: Option<f64>,
+    pub operations: Option<u64>,
+    pub duration: Option<Duration>,
+}
+
+/// Latencies of one operation type.
+#[derive(Clone)]
+pub struct OpStats {
+    pub latency: Histogram<u64>,
+    pub errors: u64,
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        OpStats {
+            latency: Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("histogram bounds"),
+            errors: 0,
+        }
+    }
+}
+
+impl OpStats {
+    fn record(&mut self, micros: u64, ok: bool) {
+        if ok {
+            self.latency.saturating_record(micros.clamp(1, MAX_MICROS));
+        } else {
+            self.errors += 1;
+        }
+    }
+
+    fn add(&mut self, other: &OpStats) {
+        self.latency.add(&other.latency).expect("same bounds");
+        self.errors += other.errors;
+    }
+}
+
+/// Everything measured by a run.
+#[derive(Clone, Default)]
+pub struct Results {
+    pub ops: BTreeMap<Op, OpStats>,
+    /// Per second of the run, per operation type.
+    pub seconds: Vec<BTreeMap<Op, OpStats>>,
+    pub elapsed: Duration,
+    /// Open loop: the largest delay between an operation's due time and its
+    /// sending, and whether the run fell behind its target rate.
+    pub max_lag: Duration,
+    pub fell_behind: bool,
+}
+
+impl Results {
+    fn record(&mut self, second: usize, op: Op, micros: u64, ok: bool) {
+        self.ops.entry(op).or_default().record(micros, ok);
+        if self.seconds.len() <= second {
+            self.seconds.resize_with(second + 1, BTreeMap::new);
+        }
+        self.seconds[second]
+            .entry(op)
+            .or_default()
+            .record(micros, ok);
+    }
+
+    fn add(&mut self, other: &Results) {
+        for (op, s) in &other.ops {
+            self.ops.entry(*op).or_default().add(s);
+        }
+        if self.seconds.len() < other.seconds.len() {
+            self.seconds.resize_with(other.seconds.len(), BTreeMap::new);
+        }
+        for (i, sec) in other.seconds.iter().enumerate() {
+            for (op, s) in sec {
+                self.seconds[i].entry(*op).or_default().add(s);
+            }
+        }
+        self.max_lag = self.max_lag.max(other.max_lag);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.ops.values().map(|s| s.latency.len() + s.errors).sum()
+    }
+}
+
+/// Runs the workload; `progress` counts finished operations as they finish.
+pub async fn run(
+    target: &Target,
+    chooser: Arc<Chooser>,
+    config: &RunConfig,
+    progress: Arc<AtomicU64>,
+) -> anyhow::Result<Results> {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::with_capacity(config.concurrency);
+    for w in 0..config.concurrency {
+        let mut conn = target.conn(w).await?;
+        let (chooser, config, next, progress) = (
+            chooser.clone(),
+            config.clone(),
+            next.clone(),
+            progress.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            let mut results = Results::default();
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if config.operations.is_some_and(|n| seq >= n) {
+                    break;
+                }
+                let due = match config.rate {
+                    Some(rate) => start + Duration::from_secs_f64(seq as f64 / rate),
+                    None => Instant::now(),
+                };
+                if config
+                    .duration
+                    .is_some_and(|d| due.duration_since(start) >= d)
+                    || config.duration.is_some_and(|d| start.elapsed() >= d)
+                {
+                    break;
+                }
+                if config.rate.is_some() {
+                    tokio::time::sleep_until(due).await;
+                    results.max_lag = results.max_lag.max(due.elapsed());
+                }
+                let (op, record) = chooser.op(seq, &mut rng);
+                let key = crate::workload::key(record);
+                let outcome = match op {
+                    Op::Read => conn.read(&key).await,
+                    Op::Update => {
+                        let value = chooser.value(&mut rng);
+                        conn.update(&key, &value).await
+                    }
+                };
+                let micros = due.elapsed().as_micros() as u64;
+                let second = due.duration_since(start).as_secs() as usize;
+                results.record(second, op, micros, outcome.is_ok());
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            results
+        }));
+    }
+    let mut all = Results::default();
+    for w in workers {
+        all.add(&w.await?);
+    }
+    all.elapsed = start.elapsed();
+    if let Some(rate) = config.rate {
+        let achieved = all.total() as f64 / all.elapsed.as_secs_f64();
+        all.fell_behind = achieved < rate * 0.95 || all.max_lag > Duration::from_millis(100);
+    }
+    Ok(all)
+}
