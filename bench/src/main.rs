@@ -11,6 +11,7 @@
 //! ```
 
 mod local;
+mod plot;
 mod report;
 mod runner;
 mod target;
@@ -290,6 +291,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let path = report::write_json(&args.out, &report::json_report(settings, &results))?;
     println!("report: {}", path.display());
+    let mut marks = Vec::new();
+    if let Some(k) = args.kill_at {
+        marks.push((k.as_secs_f64(), format!("KILL {}", args.fault_node)));
+    }
+    if let Some(r) = args.restart_at {
+        marks.push((r.as_secs_f64(), format!("RESTART {}", args.fault_node)));
+    }
+    for p in plot::write(&args.out, &results, &marks)? {
+        println!("plot: {}", p.display());
+    }
     drop(local);
     Ok(())
 }
