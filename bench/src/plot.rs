@@ -343,7 +343,7 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         })
         .collect();
     let ticks: Vec<(f64, String)> = [
-        (0.30103, "50%"),
+        (std::f64::consts::LOG10_2, "50%"),
         (1.0, "90%"),
         (2.0, "99%"),
         (3.0, "99.9%"),
@@ -358,7 +358,7 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         (0, 0, 1200, 500),
         "LATENCY (MS) BY PERCENTILE",
         &spectrum_series,
-        (0.30103, 4.3),
+        (std::f64::consts::LOG10_2, 4.3),
         &ticks,
         &[],
     );
