@@ -805,11 +805,13 @@ impl<T: Transport, S: Store> Node<T, S> {
                 }
                 next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
             }
-            let swept = self.aae_sweep().await;
-            if tokio::time::Instant::now() >= next_reap {
-                self.reap_tombstones().await;
-                next_reap = tokio::time::Instant::now() + REAP_EVERY;
+            // The first sweep waits one interval: a node that just started
+            // lets handoff and read repair act first.
+            tokio::select! {
+                _ = tokio::time::sleep(settings.interval) => {}
+                _ = stop.changed() => break,
             }
+            let swept = self.aae_sweep().await;
             if swept.keys_repaired > 0 {
                 info!(
                     repaired = swept.keys_repaired,
@@ -817,9 +819,9 @@ impl<T: Transport, S: Store> Node<T, S> {
                     "anti-entropy sweep"
                 );
             }
-            tokio::select! {
-                _ = tokio::time::sleep(settings.interval) => {}
-                _ = stop.changed() => break,
+            if tokio::time::Instant::now() >= next_reap {
+                self.reap_tombstones().await;
+                next_reap = tokio::time::Instant::now() + REAP_EVERY;
             }
         }
     }

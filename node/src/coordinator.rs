@@ -413,19 +413,18 @@ impl<T: Transport, S: Store> Node<T, S> {
         primaries: &[MemberInfo],
         op: ReplicaOp,
     ) -> mpsc::UnboundedReceiver<Reply> {
-        let n = self.inner.settings.n as usize;
-        let mut pool: VecDeque<MemberInfo> = view
-            .ring
-            .fallbacks(key, n)
-            .iter()
-            .filter_map(|id| view.members.get(id).cloned())
-            .collect();
+        let mut pool = Fallbacks {
+            view: view.clone(),
+            key: key.to_vec(),
+            n: self.inner.settings.n as usize,
+            left: None,
+        };
         let mut first_tries = Vec::with_capacity(primaries.len());
         for p in primaries {
             let first = if self.is_up(p.id) {
                 Some(p.clone())
             } else {
-                self.take_live(&mut pool)
+                pool.next_live(self)
             };
             first_tries.push((p.clone(), first));
         }
@@ -442,16 +441,6 @@ impl<T: Transport, S: Store> Node<T, S> {
         rx
     }
 
-    /// The next fallback in `pool` the detector sees up.
-    fn take_live(&self, pool: &mut VecDeque<MemberInfo>) -> Option<MemberInfo> {
-        while let Some(m) = pool.pop_front() {
-            if self.is_up(m.id) {
-                return Some(m);
-            }
-        }
-        None
-    }
-
     /// One primary's part of [`Self::sloppy_fan_out`].
     async fn reach(
         &self,
@@ -459,7 +448,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         first: Option<MemberInfo>,
         key: &[u8],
         op: &ReplicaOp,
-        pool: &Mutex<VecDeque<MemberInfo>>,
+        pool: &Mutex<Fallbacks>,
     ) -> Reply {
         let mut failures = Vec::new();
         let mut next = first;
@@ -477,7 +466,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 Ok(other) => failures.push(format!("{}: {other:?}", target.name)),
                 Err(e) => failures.push(e.to_string()),
             }
-            next = self.take_live(&mut pool.lock().expect("pool lock"));
+            next = pool.lock().expect("pool lock").next_live(self);
         }
         if let ReplicaOp::Put(object) = op {
             if primary.id != self.inner.me.id {
@@ -968,6 +957,35 @@ fn object_view(o: &Object, view: &View) -> ObjectView {
                 timestamp_ms: s.timestamp_ms,
             })
             .collect(),
+    }
+}
+
+/// A key's fallbacks not taken yet, in ring order; worked out only when a
+/// primary is down or fails (walking the ring is not free).
+struct Fallbacks {
+    view: View,
+    key: Vec<u8>,
+    n: usize,
+    left: Option<VecDeque<MemberInfo>>,
+}
+
+impl Fallbacks {
+    /// The next fallback the detector sees up.
+    fn next_live<T: Transport, S: Store>(&mut self, node: &Node<T, S>) -> Option<MemberInfo> {
+        let view = &self.view;
+        let left = self.left.get_or_insert_with(|| {
+            view.ring
+                .fallbacks(&self.key, self.n)
+                .iter()
+                .filter_map(|id| view.members.get(id).cloned())
+                .collect()
+        });
+        while let Some(m) = left.pop_front() {
+            if node.is_up(m.id) {
+                return Some(m);
+            }
+        }
+        None
     }
 }
 

@@ -248,14 +248,18 @@ async fn hints_survive_a_killed_fallback() {
 
 /// Acceptance 4 over QUIC: a replica that missed a write (it was killed)
 /// holds the merged version right after one `shoal get` of the key. Hinted
-/// handoff is slowed to once an hour so only read repair can fix it.
+/// handoff and anti-entropy are slowed to once an hour so only read repair
+/// can fix it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_get_repairs_a_replica_that_missed_a_write() {
     let mut c = DevCluster::start(3).await;
     c.reconfigure(|config| {
-        let mut handoff = toml::Table::new();
-        handoff.insert("interval-ms".into(), toml::Value::Integer(3_600_000));
-        config.insert("handoff".into(), toml::Value::Table(handoff));
+        // Handoff and anti-entropy hourly: only read repair can fix node3.
+        for section in ["handoff", "anti-entropy"] {
+            let mut t = toml::Table::new();
+            t.insert("interval-ms".into(), toml::Value::Integer(3_600_000));
+            config.insert(section.into(), toml::Value::Table(t));
+        }
     })
     .await;
     let client = c.client().await;
