@@ -140,10 +140,12 @@ pub async fn run(
                     Some(rate) => start + Duration::from_secs_f64(seq as f64 / rate),
                     None => Instant::now(),
                 };
+                // Stop at the end of the run: when it has come, or (open
+                // loop) when the operation would be due after it.
+                let end = due.max(Instant::now());
                 if config
                     .duration
-                    .is_some_and(|d| due.duration_since(start) >= d)
-                    || config.duration.is_some_and(|d| start.elapsed() >= d)
+                    .is_some_and(|d| end.duration_since(start) >= d)
                 {
                     break;
                 }

@@ -92,6 +92,14 @@ pub struct ExchangeReport {
     pub segments: u64,
 }
 
+impl std::ops::AddAssign for ExchangeReport {
+    fn add_assign(&mut self, r: ExchangeReport) {
+        self.keys_repaired += r.keys_repaired;
+        self.bytes += r.bytes;
+        self.segments += r.segments;
+    }
+}
+
 /// Leaves per partition tree.
 pub const SEGMENTS: usize = 1024;
 /// Leaves per branch.
@@ -669,11 +677,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                     continue;
                 };
                 match self.exchange(p, member).await {
-                    Ok(r) => {
-                        total.keys_repaired += r.keys_repaired;
-                        total.bytes += r.bytes;
-                        total.segments += r.segments;
-                    }
+                    Ok(r) => total += r,
                     Err(e) => {
                         debug!(partition = p, peer = %member.name, error = %e, "exchange failed")
                     }

@@ -363,21 +363,17 @@ impl<T: Transport, S: Store> Node<T, S> {
             PeerRequest::ReplicaPut { key, object } => self
                 .local_merge(&key, &object)
                 .map(|_| PeerResponse::Stored),
-            // Views that disagree could name this node as its own fallback.
             PeerRequest::HintPut {
                 key,
                 for_primary,
                 object,
-            } if for_primary == me => self
-                .local_merge(&key, &object)
-                .map(|_| PeerResponse::Stored),
-            PeerRequest::HintPut {
-                key,
-                for_primary,
-                object,
-            } => self
-                .store_hint(for_primary, &key, &object)
-                .map(|_| PeerResponse::Stored),
+            } => if for_primary == me {
+                // Views that disagree could name this node as its own fallback.
+                self.local_merge(&key, &object).map(|_| ())
+            } else {
+                self.store_hint(for_primary, &key, &object)
+            }
+            .map(|_| PeerResponse::Stored),
             PeerRequest::HintGet { key, for_primary } => {
                 self.hint(for_primary, &key).map(PeerResponse::Object)
             }
@@ -744,7 +740,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         tally.ok.push(self.inner.me.name.clone());
         tally.primaries = 1;
         tally
-            .collect(&mut answers, others.len(), w, pw, deadline, |_| ())
+            .collect(&mut answers, others.len(), w, pw, deadline, drop)
             .await;
         tally.result(w, pw, "write", reply)
     }
@@ -768,19 +764,14 @@ impl<T: Transport, S: Store> Node<T, S> {
         let primaries = view.preference_list(key, s.n as usize);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
         let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get);
-        let mut heard: Vec<(Reply, Option<Object>)> = Vec::new();
+        let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
         tally
             .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
-                if let Ok(PeerResponse::Object(o)) = &reply.result {
-                    heard.push((reply.clone(), o.clone()));
-                }
+                heard.extend(Heard::from_reply(reply))
             })
             .await;
-        let mut merged = Object::default();
-        for o in heard.iter().filter_map(|(_, o)| o.as_ref()) {
-            merged.merge(o);
-        }
+        let merged = Heard::merge_all(&heard);
         let reply = Response::Value(GetReply {
             values: merged.values().map(|v| Value(v.to_vec())).collect(),
             context: CausalContext(encode_context(&merged.context())),
@@ -800,7 +791,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     async fn read_repair(
         &self,
         key: Vec<u8>,
-        mut heard: Vec<(Reply, Option<Object>)>,
+        mut heard: Vec<Heard>,
         mut answers: mpsc::UnboundedReceiver<Reply>,
         mut outstanding: usize,
     ) {
@@ -809,39 +800,33 @@ impl<T: Transport, S: Store> Node<T, S> {
             match tokio::time::timeout_at(window, answers.recv()).await {
                 Ok(Some(reply)) => {
                     outstanding -= 1;
-                    if let Ok(PeerResponse::Object(o)) = &reply.result {
-                        let o = o.clone();
-                        heard.push((reply, o));
-                    }
+                    heard.extend(Heard::from_reply(reply));
                 }
                 _ => break,
             }
         }
-        let mut merged = Object::default();
-        for o in heard.iter().filter_map(|(_, o)| o.as_ref()) {
-            merged.merge(o);
-        }
+        let merged = Heard::merge_all(&heard);
         if merged == Object::default() {
             return;
         }
-        for (reply, object) in &heard {
-            if reply.for_primary.is_some() || object.as_ref().is_some_and(|o| o.descends(&merged)) {
+        for h in &heard {
+            if !h.primary || h.object.as_ref().is_some_and(|o| o.descends(&merged)) {
                 continue;
             }
             let request = PeerRequest::ReplicaPut {
                 key: key.clone(),
                 object: merged.clone(),
             };
-            match self.replica_call(&reply.from, request).await {
+            match self.replica_call(&h.from, request).await {
                 Ok(PeerResponse::Stored) => {
                     self.inner
                         .metrics
                         .read_repairs
                         .fetch_add(1, Ordering::Relaxed);
-                    debug!(replica = %reply.from.name, key = %hex::encode(&key), "read repair");
+                    debug!(replica = %h.from.name, key = %hex::encode(&key), "read repair");
                 }
                 other => {
-                    warn!(replica = %reply.from.name, answer = ?other, "read repair failed")
+                    warn!(replica = %h.from.name, answer = ?other, "read repair failed")
                 }
             }
         }
@@ -1026,11 +1011,39 @@ impl ReplicaOp {
 
 /// The outcome of reaching one primary: who answered (the primary, or a
 /// fallback `for_primary`), or why nobody did.
-#[derive(Clone)]
 struct Reply {
     from: MemberInfo,
     for_primary: Option<MemberInfo>,
     result: Result<PeerResponse, TransportError>,
+}
+
+/// One replica's answer to a read, kept for read repair.
+struct Heard {
+    from: MemberInfo,
+    /// A primary (fallbacks answer from hints and are not repaired).
+    primary: bool,
+    object: Option<Object>,
+}
+
+impl Heard {
+    fn from_reply(reply: Reply) -> Option<Heard> {
+        match reply.result {
+            Ok(PeerResponse::Object(object)) => Some(Heard {
+                from: reply.from,
+                primary: reply.for_primary.is_none(),
+                object,
+            }),
+            _ => None,
+        }
+    }
+
+    fn merge_all(heard: &[Heard]) -> Object {
+        let mut merged = Object::default();
+        for o in heard.iter().filter_map(|h| h.object.as_ref()) {
+            merged.merge(o);
+        }
+        merged
+    }
 }
 
 /// Who answered a fan-out, and who did not and why.
@@ -1055,7 +1068,7 @@ impl Tally {
         need: u32,
         need_primaries: u32,
         deadline: Instant,
-        mut seen: impl FnMut(&Reply),
+        mut seen: impl FnMut(Reply),
     ) {
         while ((self.ok.len() as u32) < need || self.primaries < need_primaries)
             && self.heard < targets
@@ -1065,7 +1078,6 @@ impl Tally {
                     self.heard += 1;
                     match &reply.result {
                         Ok(_) => {
-                            seen(&reply);
                             match &reply.for_primary {
                                 None => {
                                     self.primaries += 1;
@@ -1075,6 +1087,7 @@ impl Tally {
                                     self.ok.push(format!("{} for {}", reply.from.name, p.name))
                                 }
                             }
+                            seen(reply);
                         }
                         Err(e) => self.failed.push(e.to_string()),
                     }

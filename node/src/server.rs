@@ -240,32 +240,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             rx.clone(),
         )));
     }
-    let heart = node.clone();
-    let mut stop_heart = rx.clone();
     let heartbeat = Duration::from_millis(config.failure_detector.heartbeat_ms);
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => heart.heartbeat_round().await,
-                _ = stop_heart.changed() => break,
-            }
-        }
-    }));
+    let heart = node.clone();
+    tasks.push(tokio::spawn(every(heartbeat, rx.clone(), move || {
+        let heart = heart.clone();
+        async move { heart.heartbeat_round().await }
+    })));
+    let handoff_interval = Duration::from_millis(config.handoff.interval_ms);
     let handoff = node.clone();
-    let mut stop_handoff = rx.clone();
-    let interval = Duration::from_millis(config.handoff.interval_ms);
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => { handoff.handoff_round().await; }
-                _ = stop_handoff.changed() => break,
+    tasks.push(tokio::spawn(every(
+        handoff_interval,
+        rx.clone(),
+        move || {
+            let handoff = handoff.clone();
+            async move {
+                handoff.handoff_round().await;
             }
-        }
-    }));
+        },
+    )));
     let aae = node.clone();
     let stop_aae = rx.clone();
     tasks.push(tokio::spawn(
@@ -300,6 +292,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         endpoints: vec![client_endpoint, peer_endpoint],
         tasks,
     })
+}
+
+/// Runs `round` every `interval` (a slow round delays the next one rather
+/// than piling up) until `stop` turns true.
+async fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => round().await,
+            _ = stop.changed() => break,
+        }
+    }
 }
 
 /// Runs a node until `shutdown` resolves.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_client::proto::NodeStatus;
+use shoal_client::proto::{InspectReport, NodeStatus, RequestOptions};
 use shoal_client::{Client, ClientConfig};
 
 /// The `shoal` binary of this build: next to the test executable's `deps/`.
@@ -288,4 +288,57 @@ impl Drop for DevCluster {
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         let _ = self.launcher.wait();
     }
+}
+
+/// Whether every replica in `report` stores exactly `value` (one sibling).
+pub fn all_hold(report: &InspectReport, value: &[u8]) -> bool {
+    report.replicas.iter().all(|r| {
+        r.error.is_none()
+            && r.object.as_ref().is_some_and(|o| {
+                o.siblings.len() == 1 && o.siblings[0].value.as_ref().is_some_and(|v| v.0 == value)
+            })
+    })
+}
+
+/// Runs `each` on every key, `workers` keys at a time.
+async fn for_each_key<F, Fut>(client: &Client, keys: &[String], workers: usize, each: F)
+where
+    F: Fn(Client, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let keys = std::sync::Arc::new(keys.to_vec());
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let (client, keys, each) = (client.clone(), keys.clone(), each.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in keys.iter().skip(worker).step_by(workers) {
+                each(client.clone(), k.clone()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+}
+
+/// Writes every key with its own bytes as the value, `workers` at a time;
+/// panics on any failure.
+pub async fn put_all(client: &Client, keys: &[String], options: RequestOptions, workers: usize) {
+    for_each_key(client, keys, workers, move |client, k| async move {
+        client
+            .put_with(k.as_bytes(), k.as_bytes(), None, options)
+            .await
+            .unwrap_or_else(|e| panic!("put {k}: {e}"));
+    })
+    .await;
+}
+
+/// Checks replica by replica, with `inspect`, that every key written by
+/// [`put_all`] is on all its replicas; 16 inspections at a time.
+pub async fn assert_on_every_replica(client: &Client, keys: &[String]) {
+    for_each_key(client, keys, 16, |client, k| async move {
+        let report = client.inspect(k.as_bytes()).await.expect("inspect");
+        assert!(all_hold(&report, k.as_bytes()), "{k}: {report:?}");
+    })
+    .await;
 }

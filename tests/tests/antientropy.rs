@@ -63,10 +63,7 @@ async fn an_exchange_repairs_exactly_the_differing_keys() {
     c.node("node2").rebuild_trees(u32::MAX).await.unwrap();
     let mut report = shoal_node::antientropy::ExchangeReport::default();
     for n in &c.nodes {
-        let r = n.aae_sweep().await;
-        report.keys_repaired += r.keys_repaired;
-        report.bytes += r.bytes;
-        report.segments += r.segments;
+        report += n.aae_sweep().await;
     }
     assert_eq!(report.keys_repaired, differing.len() as u64);
     for k in &keys {

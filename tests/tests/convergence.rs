@@ -3,11 +3,11 @@
 //! being served while it happens. Figures are printed
 //! (`cargo test -p shoal-tests --test convergence -- --nocapture`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_client::proto::RequestOptions;
 use shoal_client::Client;
-use shoal_tests::process::DevCluster;
+use shoal_tests::process::{assert_on_every_replica, put_all, DevCluster};
 
 const KEYS: usize = 100_000;
 
@@ -41,23 +41,9 @@ async fn a_wiped_node_gets_every_key_back_from_anti_entropy() {
     })
     .await;
     let client = c.client().await;
-    let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("aae-{i:06}")).collect());
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("aae-{i:06}")).collect();
     let started = Instant::now();
-    let mut writers = Vec::new();
-    for w in 0..32 {
-        let (client, keys) = (client.clone(), keys.clone());
-        writers.push(tokio::spawn(async move {
-            for k in keys.iter().skip(w).step_by(32) {
-                client
-                    .put(k.as_bytes(), k.as_bytes(), None)
-                    .await
-                    .unwrap_or_else(|e| panic!("put {k}: {e}"));
-            }
-        }));
-    }
-    for w in writers {
-        w.await.expect("writer");
-    }
+    put_all(&client, &keys, RequestOptions::default(), 32).await;
     println!("wrote {KEYS} keys in {:?}", started.elapsed());
     let idle = get_latencies(&client, 2_000).await;
 
@@ -91,28 +77,7 @@ async fn a_wiped_node_gets_every_key_back_from_anti_entropy() {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let restored = restarted.elapsed() - Duration::from_secs(3);
-    let mut checkers = Vec::new();
-    for w in 0..16 {
-        let (client, keys) = (client.clone(), keys.clone());
-        checkers.push(tokio::spawn(async move {
-            for k in keys.iter().skip(w).step_by(16) {
-                let report = client.inspect(k.as_bytes()).await.expect("inspect");
-                for r in &report.replicas {
-                    let held = r.object.as_ref().is_some_and(|o| {
-                        o.siblings.len() == 1
-                            && o.siblings[0]
-                                .value
-                                .as_ref()
-                                .is_some_and(|v| v.0 == k.as_bytes())
-                    });
-                    assert!(held, "{k} not on {}: {report:?}", r.node);
-                }
-            }
-        }));
-    }
-    for ch in checkers {
-        ch.await.expect("checker");
-    }
+    assert_on_every_replica(&client, &keys).await;
     let statuses = c.statuses().await;
     let bytes: u64 = statuses.iter().map(|s| s.anti_entropy.bytes).sum();
     println!(

@@ -4,12 +4,11 @@
 //! (`cargo test -p shoal-tests --test failures -- --nocapture`).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_client::proto::{InspectReport, RequestOptions};
+use shoal_client::proto::RequestOptions;
 use shoal_client::{Client, Error};
-use shoal_tests::process::DevCluster;
+use shoal_tests::process::{all_hold, assert_on_every_replica, put_all, DevCluster};
 
 const W2: RequestOptions = RequestOptions {
     r: Some(2),
@@ -23,55 +22,6 @@ const W2: RequestOptions = RequestOptions {
 async fn primaries(client: &Client, key: &str) -> Vec<String> {
     let report = client.inspect(key.as_bytes()).await.expect("inspect");
     report.replicas.into_iter().map(|r| r.node).collect()
-}
-
-/// Whether every primary in `report` stores exactly `value` (one sibling).
-fn all_hold(report: &InspectReport, value: &[u8]) -> bool {
-    report.replicas.iter().all(|r| {
-        r.error.is_none()
-            && r.object.as_ref().is_some_and(|o| {
-                o.siblings.len() == 1 && o.siblings[0].value.as_ref().is_some_and(|v| v.0 == value)
-            })
-    })
-}
-
-/// Checks replica by replica that every key is on all its primaries with its
-/// value; `keys` are written with value = key. Runs 16 inspections at a time.
-async fn assert_on_every_primary(client: &Client, keys: Vec<String>) {
-    let keys = Arc::new(keys);
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let (client, keys) = (client.clone(), keys.clone());
-        tasks.push(tokio::spawn(async move {
-            for k in keys.iter().skip(worker).step_by(16) {
-                let report = client.inspect(k.as_bytes()).await.expect("inspect");
-                assert!(all_hold(&report, k.as_bytes()), "{k}: {report:?}");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("checker");
-    }
-}
-
-/// Writes every key (value = key) with W=2, 16 at a time; panics on any failure.
-async fn write_all(client: &Client, keys: &[String]) {
-    let keys = Arc::new(keys.to_vec());
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let (client, keys) = (client.clone(), keys.clone());
-        tasks.push(tokio::spawn(async move {
-            for k in keys.iter().skip(worker).step_by(16) {
-                client
-                    .put_with(k.as_bytes(), k.as_bytes(), None, W2)
-                    .await
-                    .unwrap_or_else(|e| panic!("put {k}: {e}"));
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("writer");
-    }
 }
 
 /// Acceptance 1: 5 nodes, N=3; kill -9 two of a key range's three primaries.
@@ -100,7 +50,7 @@ async fn two_primaries_killed_writes_go_through_fallbacks() {
     );
 
     let started = Instant::now();
-    write_all(&client, &keys).await;
+    put_all(&client, &keys, W2, 16).await;
     println!("20 W=2 puts through fallbacks in {:?}", started.elapsed());
     for k in &keys {
         let read = client.get_with(k.as_bytes(), W2).await.expect("R=2 get");
@@ -159,7 +109,7 @@ async fn two_primaries_killed_writes_go_through_fallbacks() {
     })
     .await;
     println!("hints delivered {:?} after restart", restarted.elapsed());
-    assert_on_every_primary(&client, keys).await;
+    assert_on_every_replica(&client, &keys).await;
 }
 
 /// Acceptance 2: 10,000 keys written with W=2 while one node of three is
@@ -173,7 +123,7 @@ async fn ten_thousand_keys_reach_a_returning_node() {
     c.wait_seen("node3", false, Duration::from_secs(20)).await;
     let keys: Vec<String> = (0..10_000).map(|i| format!("key-{i:05}")).collect();
     let started = Instant::now();
-    write_all(&client, &keys).await;
+    put_all(&client, &keys, W2, 16).await;
     let wrote = started.elapsed();
     let held = DevCluster::hints_held(&c.statuses().await);
     assert!(held >= 10_000, "a hint per key for node3, got {held}");
@@ -185,7 +135,7 @@ async fn ten_thousand_keys_reach_a_returning_node() {
             all.len() == 3 && DevCluster::hints_held(all) == 0
         })
         .await;
-    assert_on_every_primary(&client, keys).await;
+    assert_on_every_replica(&client, &keys).await;
     println!(
         "10,000 W=2 puts with node3 down: {wrote:?}; hints drained {drained:?} after restart; \
          every key verified on all three replicas {:?} after restart",
@@ -203,7 +153,7 @@ async fn hints_survive_a_killed_fallback() {
     c.kill9("node5").await;
     c.wait_seen("node5", false, Duration::from_secs(20)).await;
     let keys: Vec<String> = (0..500).map(|i| format!("fb-{i:03}")).collect();
-    write_all(&client, &keys).await;
+    put_all(&client, &keys, W2, 16).await;
 
     // The node holding the most hints for node5 dies before node5 returns.
     let statuses = c.statuses().await;
@@ -243,7 +193,7 @@ async fn hints_survive_a_killed_fallback() {
         "{holder} held {held} hints for node5 across kill -9; delivered {:?} after its restart",
         restarted.elapsed()
     );
-    assert_on_every_primary(&client, keys).await;
+    assert_on_every_replica(&client, &keys).await;
 }
 
 /// Acceptance 4 over QUIC: a replica that missed a write (it was killed)
