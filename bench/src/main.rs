@@ -146,6 +146,9 @@ fn progress_bar(
     })
 }
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Args::parse()).await {

@@ -43,14 +43,21 @@ pub struct OpStats {
 
 impl Default for OpStats {
     fn default() -> Self {
-        OpStats {
-            latency: Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("histogram bounds"),
-            errors: 0,
-        }
+        OpStats::with_precision(3)
     }
 }
 
 impl OpStats {
+    /// `digits` significant decimal digits: 3 for the run's totals; the
+    /// per-second series (plotted) makes do with 2, a histogram a hundredth
+    /// the size, so that a worker's new second costs no visible time.
+    fn with_precision(digits: u8) -> Self {
+        OpStats {
+            latency: Histogram::new_with_bounds(1, MAX_MICROS, digits).expect("histogram bounds"),
+            errors: 0,
+        }
+    }
+
     fn record(&mut self, micros: u64, ok: bool) {
         if ok {
             self.latency.saturating_record(micros.clamp(1, MAX_MICROS));
@@ -86,7 +93,7 @@ impl Results {
         }
         self.seconds[second]
             .entry(op)
-            .or_default()
+            .or_insert_with(|| OpStats::with_precision(2))
             .record(micros, ok);
     }
 
@@ -99,7 +106,10 @@ impl Results {
         }
         for (i, sec) in other.seconds.iter().enumerate() {
             for (op, s) in sec {
-                self.seconds[i].entry(*op).or_default().add(s);
+                self.seconds[i]
+                    .entry(*op)
+                    .or_insert_with(|| OpStats::with_precision(2))
+                    .add(s);
             }
         }
         self.max_lag = self.max_lag.max(other.max_lag);

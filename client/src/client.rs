@@ -94,6 +94,10 @@ struct Inner {
     /// so a dead node costs one connect timeout, not one per request.
     down_until: Mutex<HashMap<SocketAddr, Instant>>,
     ring: RwLock<Option<Arc<RingInfo>>>,
+    /// Per partition, the client addresses to try in order (primaries, then
+    /// every other member, then seeds); worked out once per ring, not per
+    /// request.
+    routes: RwLock<Arc<Vec<Vec<SocketAddr>>>>,
 }
 
 impl Client {
@@ -130,6 +134,7 @@ impl Client {
                 connections: Mutex::new(HashMap::new()),
                 down_until: Mutex::new(HashMap::new()),
                 ring: RwLock::new(None),
+                routes: RwLock::default(),
             }),
         };
         client.refresh_ring().await?;
@@ -145,7 +150,9 @@ impl Client {
         match self.send(&addrs, &Request::Ring).await? {
             Response::Ring(info) => {
                 let info = Arc::new(info);
+                let routes = Arc::new(routes(&info, &self.inner.config.seeds));
                 *self.inner.ring.write().expect("ring lock") = Some(info.clone());
+                *self.inner.routes.write().expect("ring lock") = routes;
                 Ok(info)
             }
             other => Err(unexpected(other)),
@@ -338,28 +345,14 @@ impl Client {
     /// Sends a keyed request to the key's primaries first (the node then
     /// coordinates locally, saving a hop), then to any other member.
     async fn route(&self, key: &[u8], request: &Request) -> Result<Response, Error> {
-        let mut addrs = Vec::new();
-        if let Some(info) = self.ring_info() {
-            let by_id: HashMap<NodeId, SocketAddr> =
-                info.members.iter().map(|m| (m.id, m.client_addr)).collect();
-            addrs.extend(
-                info.ring
-                    .preference_list(key, info.n as usize)
-                    .iter()
-                    .filter_map(|id| by_id.get(id)),
-            );
-            for m in &info.members {
-                if !addrs.contains(&m.client_addr) {
-                    addrs.push(m.client_addr);
-                }
-            }
+        let routes = self.inner.routes.read().expect("ring lock").clone();
+        let partition = self
+            .ring_info()
+            .map(|info| info.ring.partition_of(key) as usize);
+        match partition.and_then(|p| routes.get(p)) {
+            Some(addrs) => self.send(addrs, request).await,
+            None => self.send(&self.inner.config.seeds, request).await,
         }
-        for seed in &self.inner.config.seeds {
-            if !addrs.contains(seed) {
-                addrs.push(*seed);
-            }
-        }
-        self.send(&addrs, request).await
     }
 
     /// Tries `addrs` in order (recently failed ones last) within the time budget.
@@ -462,6 +455,30 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.endpoint.close(0u32.into(), b"client closed");
     }
+}
+
+/// Per partition of `info`'s ring: its primaries' client addresses, then
+/// every other member's, then any seed not among them.
+fn routes(info: &RingInfo, seeds: &[SocketAddr]) -> Vec<Vec<SocketAddr>> {
+    let by_id: HashMap<NodeId, SocketAddr> =
+        info.members.iter().map(|m| (m.id, m.client_addr)).collect();
+    let others = info.members.iter().map(|m| m.client_addr).chain(seeds.iter().copied());
+    (0..info.ring.partition_count())
+        .map(|p| {
+            let mut addrs: Vec<SocketAddr> = info
+                .ring
+                .preference_list_for_partition(p, info.n as usize)
+                .iter()
+                .filter_map(|id| by_id.get(id).copied())
+                .collect();
+            for a in others.clone() {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            addrs
+        })
+        .collect()
 }
 
 fn check_key(key: &[u8]) -> Result<(), Error> {

@@ -5,10 +5,13 @@
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB,
 };
 
 use super::{record, BatchOp, Store, StoreError, Tree, WriteBatch};
+
+/// Block cache shared by every column family of a node.
+const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
 pub struct RocksStore {
     db: DB,
@@ -40,9 +43,21 @@ impl RocksStore {
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_paranoid_checks(true);
         opts.increase_parallelism(2);
+        // Point reads dominate: a shared block cache, a bloom filter per SST
+        // file and one over each memtable, so that a read of a key that a
+        // file or memtable lacks costs a few hashes instead of a search.
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let cfs = Tree::ALL.iter().map(|t| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             let mut cf = Options::default();
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            cf.set_block_based_table_factory(&table);
+            cf.set_memtable_whole_key_filtering(true);
+            cf.set_memtable_prefix_bloom_ratio(0.05);
             ColumnFamilyDescriptor::new(t.name(), cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
