@@ -11,7 +11,7 @@ use shoal_ring::NodeId;
 
 use crate::error::{Error, ErrorKind};
 use crate::proto::*;
-use crate::rpc::{self, CallError};
+use crate::rpc::{CallError, Link};
 use crate::tls;
 
 /// TLS name every node's certificate carries for its client port: a client
@@ -88,8 +88,9 @@ pub struct Client {
 struct Inner {
     endpoint: quinn::Endpoint,
     config: ClientConfig,
-    /// One long-lived connection per node; a stream per request.
-    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// One long-lived connection per node, its requests pipelined on one
+    /// stream (see [`rpc::Mux`]).
+    connections: Mutex<HashMap<SocketAddr, Link<Response>>>,
     /// Nodes that failed to connect recently are tried last until this instant,
     /// so a dead node costs one connect timeout, not one per request.
     down_until: Mutex<HashMap<SocketAddr, Instant>>,
@@ -409,10 +410,19 @@ impl Client {
             .insert(addr, Instant::now() + Duration::from_secs(5));
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
-        if let Some(c) = self.inner.connections.lock().expect("conn lock").get(&addr) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+    async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, String> {
+        let cached = self.inner.connections.lock().expect("conn lock").get(&addr).cloned();
+        if let Some(link) = cached {
+            if link.usable() {
+                return Ok(link);
+            }
+            if let Some(link) = link.reopened(MAX_RESPONSE_BYTES).await {
+                self.inner
+                    .connections
+                    .lock()
+                    .expect("conn lock")
+                    .insert(addr, link.clone());
+                return Ok(link);
             }
         }
         let connecting = self
@@ -429,25 +439,26 @@ impl Client {
                 )
             })?
             .map_err(|e| e.to_string())?;
+        let link = Link::open(conn, MAX_RESPONSE_BYTES).await?;
         self.inner
             .connections
             .lock()
             .expect("conn lock")
-            .insert(addr, conn.clone());
+            .insert(addr, link.clone());
         self.inner
             .down_until
             .lock()
             .expect("down lock")
             .remove(&addr);
-        Ok(conn)
+        Ok(link)
     }
 
     async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
-        let conn = self
+        let link = self
             .connection(addr)
             .await
             .map_err(CallError::NotDelivered)?;
-        rpc::call(&conn, request, MAX_RESPONSE_BYTES).await
+        link.mux.call(request).await
     }
 }
 

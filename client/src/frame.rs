@@ -4,8 +4,8 @@
 //! endian; `length` counts the body only and `crc32` covers the body. A reader
 //! refuses a length over its cap before reading the body, so a hostile or broken
 //! peer cannot make a node allocate more than the cap. One frame is one message;
-//! each request uses its own bidirectional QUIC stream, so a bad frame poisons
-//! only that stream.
+//! a stream carries a sequence of them (see [`crate::rpc`]), so a bad frame
+//! poisons only that stream.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -87,12 +87,37 @@ pub async fn read<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<T, FrameError> {
+    read_next(recv, max).await?.ok_or(FrameError::Truncated)
+}
+
+/// Reads the next frame of a stream, or `None` if the stream finished
+/// cleanly where a frame would start.
+pub async fn read_next<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    read_body(recv, max)
+        .await?
+        .map(|(body, crc)| decode_body(&body, crc))
+        .transpose()
+}
+
+/// Reads the next frame's body and header checksum, unchecked and undecoded,
+/// or `None` at a clean end of the stream.
+pub async fn read_body(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<(Vec<u8>, u32)>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
-    recv.read_exact(&mut header).await.map_err(read_error)?;
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(read_error(e)),
+    }
     let (len, crc) = parse_header(&header, max)?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(read_error)?;
-    decode_body(&body, crc)
+    Ok(Some((body, crc)))
 }
 
 /// Writes one frame to a QUIC stream and finishes the sending side.

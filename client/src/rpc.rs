@@ -1,5 +1,18 @@
-//! One request/response exchange on a fresh stream of a long-lived
-//! connection, shared by the SDK and the node's peer transport.
+//! Request/response exchanges over QUIC, shared by the SDK and the node's
+//! peer transport.
+//!
+//! Every message travels in a frame (see [`crate::frame`]) whose body is the
+//! pair `(id, message)`; a response carries its request's id. A stream is a
+//! sequence of such frames each way, and the server answers each request as
+//! soon as it is handled, in any order. Two ways to use that:
+//!
+//! - [`call`]: a fresh stream for one request and its response (bulk
+//!   transfers, tools, tests). Its id is always 0.
+//! - [`Mux`]: one long-lived stream per connection carrying many requests at
+//!   once. A writer task sends whatever frames are queued in one write, so
+//!   under load many requests share a packet, and a reader task hands each
+//!   response to its caller by id. Measured on loopback this costs about 17 µs
+//!   of CPU per request/response pair against 41 µs with a stream each.
 //!
 //! A QUIC connection to a process that was killed looks healthy until its idle
 //! timeout: nothing tells the sender (ICMP is not surfaced). So after sending,
@@ -11,15 +24,22 @@
 //! write. A failure after the peer acknowledged is [`CallError::Delivered`]:
 //! the request may have run.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::frame;
 
 /// Shortest wait for a sign of life after sending.
 const MIN_PROBE: Duration = Duration::from_millis(300);
+/// Most frames a [`Mux`] writer gathers into one write.
+const MAX_GATHER: usize = 64;
 
 /// Why a call failed, and whether the request may have been applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +59,31 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// Sends `request` on a new stream of `conn` and reads one framed response.
+/// Sends `request` on a new stream of `conn` and reads its one response.
 pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     conn: &quinn::Connection,
     request: &Req,
     max_response: usize,
 ) -> Result<Resp, CallError> {
+    probed(conn, async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        frame::write(&mut send, &(0u64, request))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, response): (u64, Resp) = frame::read(&mut recv, max_response)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response)
+    })
+    .await
+}
+
+/// Runs `exchange`, which sends a request on `conn` and waits for its
+/// answer, watching for the peer's ACKs (see the module documentation).
+async fn probed<T>(
+    conn: &quinn::Connection,
+    exchange: impl Future<Output = Result<T, String>>,
+) -> Result<T, CallError> {
     let acks_before = conn.stats().frame_rx.acks;
     let heard_back = || conn.stats().frame_rx.acks != acks_before;
     let classify = |e: String| {
@@ -53,15 +92,6 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         } else {
             CallError::NotDelivered(e)
         }
-    };
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        frame::write(&mut send, request)
-            .await
-            .map_err(|e| e.to_string())?;
-        frame::read::<Resp>(&mut recv, max_response)
-            .await
-            .map_err(|e| e.to_string())
     };
     tokio::pin!(exchange);
     let probe = (conn.rtt() * 3).max(MIN_PROBE);
@@ -76,4 +106,202 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         )));
     }
     exchange.await.map_err(classify)
+}
+
+/// Callers waiting on a [`Mux`], by request id.
+struct Waiting<Resp> {
+    next_id: u64,
+    callers: HashMap<u64, oneshot::Sender<Resp>>,
+    /// Why the stream ended, once it has: later calls fail at once.
+    closed: Option<String>,
+}
+
+type Shared<Resp> = Arc<Mutex<Waiting<Resp>>>;
+
+/// Ends the stream for every caller: they fail with `why`.
+fn close<Resp>(waiting: &Shared<Resp>, why: String) {
+    let mut w = waiting.lock().expect("mux lock");
+    if w.closed.is_none() {
+        w.closed = Some(why);
+    }
+    // Dropping the senders wakes every caller with an error.
+    w.callers.clear();
+}
+
+/// Many concurrent requests on one long-lived stream of a connection; cheap
+/// to clone. Once its stream fails it stays failed ([`Mux::is_closed`]); the
+/// owner opens a new one.
+pub struct Mux<Resp> {
+    conn: quinn::Connection,
+    frames: mpsc::UnboundedSender<Bytes>,
+    waiting: Shared<Resp>,
+}
+
+impl<Resp> Clone for Mux<Resp> {
+    fn clone(&self) -> Self {
+        Mux {
+            conn: self.conn.clone(),
+            frames: self.frames.clone(),
+            waiting: self.waiting.clone(),
+        }
+    }
+}
+
+/// Removes a caller that gave up (timed out) from the waiting map.
+struct Forget<'a, Resp> {
+    waiting: &'a Shared<Resp>,
+    id: u64,
+}
+
+impl<Resp> Drop for Forget<'_, Resp> {
+    fn drop(&mut self) {
+        self.waiting
+            .lock()
+            .expect("mux lock")
+            .callers
+            .remove(&self.id);
+    }
+}
+
+impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
+    /// Opens a stream on `conn` and starts its writer and reader tasks.
+    /// Responses over `max_response` bytes end the stream.
+    pub async fn open(conn: &quinn::Connection, max_response: usize) -> Result<Self, String> {
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let (frames, queued) = mpsc::unbounded_channel();
+        let waiting: Shared<Resp> = Arc::new(Mutex::new(Waiting {
+            next_id: 1,
+            callers: HashMap::new(),
+            closed: None,
+        }));
+        tokio::spawn(write_frames(send, queued, waiting.clone()));
+        tokio::spawn(read_responses(recv, max_response, waiting.clone()));
+        Ok(Mux {
+            conn: conn.clone(),
+            frames,
+            waiting,
+        })
+    }
+
+    /// Whether the stream has ended; calls on it fail at once.
+    pub fn is_closed(&self) -> bool {
+        self.waiting.lock().expect("mux lock").closed.is_some()
+    }
+
+    /// Sends `request` and waits for its response.
+    pub async fn call<Req: Serialize>(&self, request: &Req) -> Result<Resp, CallError> {
+        let (id, answer) = {
+            let mut w = self.waiting.lock().expect("mux lock");
+            if let Some(why) = &w.closed {
+                return Err(CallError::NotDelivered(format!("stream closed: {why}")));
+            }
+            let id = w.next_id;
+            w.next_id += 1;
+            let (tx, rx) = oneshot::channel();
+            w.callers.insert(id, tx);
+            (id, rx)
+        };
+        let _forget = Forget {
+            waiting: &self.waiting,
+            id,
+        };
+        let frame = frame::encode(&(id, request))
+            .map_err(|e| CallError::NotDelivered(e.to_string()))?;
+        probed(&self.conn, async {
+            self.frames
+                .send(Bytes::from(frame))
+                .map_err(|_| "stream closed".to_string())?;
+            answer.await.map_err(|_| {
+                let why = self.waiting.lock().expect("mux lock").closed.clone();
+                format!("stream closed: {}", why.unwrap_or_default())
+            })
+        })
+        .await
+    }
+}
+
+/// Writes queued frames, as many as are waiting in one write (so that under
+/// load many share a packet), until every sender is gone; then finishes the
+/// stream. Used by both ends of a stream.
+pub async fn send_frames(
+    mut send: quinn::SendStream,
+    mut queued: mpsc::UnboundedReceiver<Bytes>,
+) -> Result<(), String> {
+    let mut batch = Vec::with_capacity(MAX_GATHER);
+    while queued.recv_many(&mut batch, MAX_GATHER).await > 0 {
+        send.write_all_chunks(&mut batch)
+            .await
+            .map_err(|e| e.to_string())?;
+        batch.clear();
+    }
+    send.finish().map_err(|e| e.to_string())
+}
+
+async fn write_frames<Resp>(
+    send: quinn::SendStream,
+    queued: mpsc::UnboundedReceiver<Bytes>,
+    waiting: Shared<Resp>,
+) {
+    if let Err(e) = send_frames(send, queued).await {
+        close(&waiting, e);
+    }
+}
+
+/// Hands each response to its caller until the stream ends.
+async fn read_responses<Resp: DeserializeOwned>(
+    mut recv: quinn::RecvStream,
+    max_response: usize,
+    waiting: Shared<Resp>,
+) {
+    let why = loop {
+        match frame::read_next::<(u64, Resp)>(&mut recv, max_response).await {
+            Ok(Some((id, response))) => {
+                let caller = waiting.lock().expect("mux lock").callers.remove(&id);
+                if let Some(caller) = caller {
+                    let _ = caller.send(response);
+                }
+            }
+            Ok(None) => break "the peer finished the stream".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    close(&waiting, why);
+}
+
+/// A long-lived connection with its [`Mux`]: what the SDK and the node keep
+/// per peer.
+pub struct Link<Resp> {
+    pub conn: quinn::Connection,
+    pub mux: Mux<Resp>,
+}
+
+impl<Resp> Clone for Link<Resp> {
+    fn clone(&self) -> Self {
+        Link {
+            conn: self.conn.clone(),
+            mux: self.mux.clone(),
+        }
+    }
+}
+
+impl<Resp: DeserializeOwned + Send + 'static> Link<Resp> {
+    /// A link over a freshly established connection.
+    pub async fn open(conn: quinn::Connection, max_response: usize) -> Result<Self, String> {
+        let mux = Mux::open(&conn, max_response).await?;
+        Ok(Link { conn, mux })
+    }
+
+    /// Whether calls can go on this link as it is.
+    pub fn usable(&self) -> bool {
+        !self.mux.is_closed() && self.conn.close_reason().is_none()
+    }
+
+    /// This link with a new stream if only its stream failed; `None` once
+    /// the connection is closed (dial again).
+    pub async fn reopened(self, max_response: usize) -> Option<Self> {
+        if self.conn.close_reason().is_some() {
+            return None;
+        }
+        Link::open(self.conn, max_response).await.ok()
+    }
 }

@@ -57,7 +57,7 @@ use crate::net::{
     BATCH_BYTES,
 };
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
-use crate::version::Object;
+use crate::version::{decode_object, Object};
 
 /// Anti-entropy settings, from the config's `[anti-entropy]`.
 #[derive(Debug, Clone, Copy)]
@@ -335,9 +335,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             read += page.len() as u64;
             start = last.clone();
             start.push(0);
-            let floor =
-                std::time::Duration::from_secs_f64(page.len() as f64 / f64::from(keys_per_sec));
-            tokio::time::sleep(floor.saturating_sub(began.elapsed())).await;
+            crate::coordinator::pace(began, page.len(), keys_per_sec).await;
         }
         Ok(read)
     }
@@ -564,10 +562,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             for chunk in differing.chunks(REPAIR_CHUNK) {
                 let chunk_started = tokio::time::Instant::now();
                 report.keys_repaired += self.repair_keys(peer, chunk, &mut report.bytes).await?;
-                let floor = Duration::from_secs_f64(
-                    chunk.len() as f64 / f64::from(self.inner.settings.aae.max_repairs_per_sec),
-                );
-                tokio::time::sleep(floor.saturating_sub(chunk_started.elapsed())).await;
+                let rate = self.inner.settings.aae.max_repairs_per_sec;
+                crate::coordinator::pace(chunk_started, chunk.len(), rate).await;
             }
         }
         let m = &self.inner.metrics;
@@ -701,32 +697,52 @@ impl<T: Transport, S: Store> Node<T, S> {
         let n = self.inner.settings.n as usize;
         let grace_ms = self.inner.settings.aae.tombstone_grace.as_millis() as u64;
         let now = crate::coordinator::now_ms();
+        // Per partition: its primaries if this node is the first of them and
+        // all are up (worked out once per pass), else `None`: not reaped here.
+        let mut reapers: HashMap<u32, Option<Vec<shoal_ring::NodeId>>> = HashMap::new();
         let mut reaped = 0;
-        for p in 0..view.ring.partition_count() {
-            let replicas = view.ring.preference_list_for_partition(p, n);
-            if replicas.first() != Some(&me) || !replicas.iter().all(|r| self.is_up(*r)) {
-                continue;
-            }
-            let all: Vec<u16> = (0..SEGMENTS as u16).collect();
-            let keys = match self.segment_keys(p, &all) {
-                Ok(k) => k,
+        let mut start = Vec::new();
+        loop {
+            let began = tokio::time::Instant::now();
+            let page = match self
+                .inner
+                .store
+                .scan(Tree::Objects, &start, None, REBUILD_PAGE)
+            {
+                Ok(page) => page,
                 Err(e) => {
-                    warn!(partition = p, error = %e, "cannot list keys to reap");
-                    continue;
+                    warn!(error = %e, "cannot list keys to reap; trying again next time");
+                    break;
                 }
             };
-            for (key, _) in keys {
-                let Ok(Some(object)) = self.local_get(&key) else {
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            start = last.clone();
+            start.push(0);
+            for (key, bytes) in &page {
+                let partition = self.partition_of(key);
+                let replicas = reapers.entry(partition).or_insert_with(|| {
+                    let replicas = view.ring.preference_list_for_partition(partition, n);
+                    (replicas.first() == Some(&me) && replicas.iter().all(|r| self.is_up(*r)))
+                        .then_some(replicas)
+                });
+                let Some(replicas) = replicas else {
                     continue;
+                };
+                let Ok(object) = decode_object(bytes) else {
+                    continue; // a rebuild or read reports corruption
                 };
                 let newest = object.siblings().iter().map(|s| s.timestamp_ms).max();
                 if !object.is_deleted() || newest.is_none_or(|t| t.saturating_add(grace_ms) > now) {
                     continue;
                 }
-                if self.reap(&key, &object, &replicas, &view).await {
+                if self.reap(key, &object, replicas, &view).await {
                     reaped += 1;
                 }
             }
+            crate::coordinator::pace(began, page.len(), self.inner.settings.aae.rebuild_keys_per_sec)
+                .await;
         }
         if reaped > 0 {
             self.inner

@@ -151,6 +151,13 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Background work's rate limit: sleeps until `n` items begun at `began`
+/// have taken at least `n / per_sec` seconds.
+pub(crate) async fn pace(began: Instant, n: usize, per_sec: u32) {
+    let floor = Duration::from_secs_f64(n as f64 / f64::from(per_sec.max(1)));
+    tokio::time::sleep_until(began + floor).await;
+}
+
 fn wire(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(WireError::new(kind, message))
 }

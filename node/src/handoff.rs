@@ -274,12 +274,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 }
             }
             delivered += self.delete_delivered(target.id, &page);
-            // Rate limit: a batch of `count` hints takes at least this long.
-            let floor =
-                Duration::from_secs_f64(count as f64 / f64::from(settings.max_keys_per_sec));
-            if let Some(rest) = floor.checked_sub(sent.elapsed()) {
-                tokio::time::sleep(rest).await;
-            }
+            crate::coordinator::pace(sent, count, settings.max_keys_per_sec).await;
         }
         if delivered > 0 {
             info!(peer = %target.name, delivered, "hints handed off");

@@ -33,14 +33,29 @@ fn identity(ca_pem: Vec<u8>, dir: &std::path::Path, name: &str) -> Identity {
     }
 }
 
-/// Sends raw bytes on a new stream and reads the one framed answer.
-async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response, String> {
+/// Sends raw bytes on a new stream and reads every framed answer, with its
+/// request id, until the node finishes the stream.
+async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<(u64, Response)>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     // A refused oversized frame may reset our sending side: ignore write errors.
     let _ = frame::write_raw(&mut send, bytes).await;
-    frame::read::<Response>(&mut recv, 1 << 20)
+    let mut answers = Vec::new();
+    while let Some(answer) = frame::read_next(&mut recv, 1 << 20)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?
+    {
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+/// The one answer to a frame whose id cannot be read: it carries `NO_ID`.
+async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response, String> {
+    let mut answers = raw_exchange(conn, bytes).await?;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let (id, response) = answers.remove(0);
+    assert_eq!(id, shoal_node::net::quic::NO_ID);
+    Ok(response)
 }
 
 async fn still_serving(c: &DevCluster) {
@@ -118,16 +133,25 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
         Response::Error(e) => assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}"),
         other => panic!("{other:?}"),
     }
-    // The same connection still serves good requests.
-    let good = frame::encode(&Request::Get {
+    // The same connection still serves good requests. A well-framed message
+    // that is not a request is refused under its own id, and the requests
+    // after it on the same stream are answered, each under its id.
+    let get = Request::Get {
         key: b"alive".to_vec(),
         options: RequestOptions::default(),
-    })
-    .unwrap();
-    assert!(matches!(
-        raw_call(&conn, &good).await.unwrap(),
-        Response::Value(_)
-    ));
+    };
+    let mut stream = frame::encode(&(5u64, &get)).unwrap();
+    stream.extend(frame::encode(&(6u64, "not a request")).unwrap());
+    stream.extend(frame::encode(&(7u64, &get)).unwrap());
+    let mut answers = raw_exchange(&conn, &stream).await.unwrap();
+    answers.sort_by_key(|(id, _)| *id);
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(matches!(answers[0], (5, Response::Value(_))), "{answers:?}");
+    assert!(
+        matches!(&answers[1], (6, Response::Error(e)) if e.kind == ErrorKind::BadRequest),
+        "{answers:?}"
+    );
+    assert!(matches!(answers[2], (7, Response::Value(_))), "{answers:?}");
     still_serving(&c).await;
 
     // 3. Peers: find node1's peer address from the ring.
@@ -201,14 +225,15 @@ async fn peer_call(
         .await
         .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    frame::write(&mut send, envelope)
+    frame::write(&mut send, &(1u64, envelope))
         .await
         .map_err(|e| e.to_string())?;
     tokio::time::timeout(
         Duration::from_secs(5),
-        frame::read::<PeerResponse>(&mut recv, 1 << 20),
+        frame::read::<(u64, PeerResponse)>(&mut recv, 1 << 20),
     )
     .await
     .map_err(|_| "no answer".to_string())?
+    .map(|(_, response)| response)
     .map_err(|e| e.to_string())
 }

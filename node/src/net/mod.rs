@@ -79,6 +79,22 @@ pub enum PeerRequest {
     },
 }
 
+impl PeerRequest {
+    /// Requests that may carry megabytes (batches of objects, hint lists) or
+    /// are rare. Each gets a stream of its own, so that it never holds up
+    /// the small requests pipelined on a connection's shared stream.
+    pub fn is_bulk(&self) -> bool {
+        matches!(
+            self,
+            PeerRequest::Hello(_)
+                | PeerRequest::HintsOf { .. }
+                | PeerRequest::Handoff(_)
+                | PeerRequest::Aae(_)
+                | PeerRequest::Reap { .. }
+        )
+    }
+}
+
 /// The anti-entropy exchange, asked by the initiator of one partition's
 /// exchange; each is answered with the matching [`AaeResponse`].
 ///

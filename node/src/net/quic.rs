@@ -2,6 +2,7 @@
 //! [`QuicTransport`], the pool of long-lived connections to peers.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,9 +10,12 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::CertificateDer;
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame::{self, FrameError};
-use shoal_client::proto::{MemberInfo, Request, Response};
-use shoal_client::rpc::{self, CallError};
-use tokio::sync::watch;
+use shoal_client::proto::{MemberInfo, Response};
+use shoal_client::rpc::{self, CallError, Link};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
 use super::tls::check_peer_name;
@@ -58,34 +62,115 @@ pub async fn serve_clients<H: Handler>(
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let handler = handler.clone();
-                tokio::spawn(serve_client_stream(send, recv, handler, limits));
+                tokio::spawn(serve_stream(
+                    send,
+                    recv,
+                    limits.client_request,
+                    client_refusal,
+                    move |request| {
+                        let handler = handler.clone();
+                        async move { handler.client(request).await }
+                    },
+                ));
             }
         });
     }
 }
 
-async fn serve_client_stream<H: Handler>(
-    mut send: quinn::SendStream,
+/// Requests one stream may have in progress at once; past this the server
+/// stops reading it until one finishes, and QUIC flow control holds the
+/// sender back.
+const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+
+/// The id of an answer to a frame whose own id could not be read. The stream
+/// ends after it: its framing can no longer be trusted.
+pub const NO_ID: u64 = u64::MAX;
+
+/// Serves one stream: reads `(id, request)` frames until the sender finishes,
+/// handles each in its own task and sends back `(id, response)` as soon as it
+/// is ready. A frame that cannot be read gets `refused` as its answer (under
+/// its id if that could be read, else [`NO_ID`] and the stream ends); the
+/// connection and the node carry on.
+async fn serve_stream<Req, Resp, F, Fut>(
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    handler: Arc<H>,
-    limits: FrameLimits,
-) {
-    let response = match frame::read::<Request>(&mut recv, limits.client_request).await {
-        Ok(request) => handler.client(request).await,
-        Err(e) => {
-            warn!(error = %e, "refused a client frame");
-            let kind = match e {
-                FrameError::TooLarge { .. } => ErrorKind::TooLarge,
-                _ => ErrorKind::BadRequest,
-            };
-            // Stop the sender: the rest of an oversized frame is never read.
-            let _ = recv.stop(0u32.into());
-            Response::Error(WireError::new(kind, format!("request refused: {e}")))
+    max: usize,
+    refused: fn(ErrorKind, String) -> Resp,
+    handle: F,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Req) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let (answers, queued) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(rpc::send_frames(send, queued));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
+    let answer = move |answers: &mpsc::UnboundedSender<Bytes>, id: u64, response: &Resp| {
+        let frame = frame::encode(&(id, response)).or_else(|e| {
+            frame::encode(&(id, refused(ErrorKind::Internal, format!("answer not sent: {e}"))))
+        });
+        if let Ok(frame) = frame {
+            let _ = answers.send(Bytes::from(frame));
         }
     };
-    if let Err(e) = frame::write(&mut send, &response).await {
-        debug!(error = %e, "client went away before its answer");
+    loop {
+        let refusal = match frame::read_body(&mut recv, max).await {
+            Ok(None) => break,
+            Ok(Some((body, crc))) => match frame::decode_body::<(u64, Req)>(&body, crc) {
+                Ok((id, request)) => {
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed");
+                    let (answers, handle) = (answers.clone(), handle.clone());
+                    tokio::spawn(async move {
+                        let response = handle(request).await;
+                        answer(&answers, id, &response);
+                        drop(permit);
+                    });
+                    continue;
+                }
+                // The frame was whole: if its id can be read, answer that
+                // request and read on.
+                Err(e @ FrameError::Decode(_)) => {
+                    match rmp_serde::from_slice::<(u64, serde::de::IgnoredAny)>(&body) {
+                        Ok((id, _)) => {
+                            warn!(error = %e, "refused a request");
+                            let kind = ErrorKind::BadRequest;
+                            answer(&answers, id, &refused(kind, format!("request refused: {e}")));
+                            continue;
+                        }
+                        Err(_) => e,
+                    }
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        warn!(error = %refusal, "refused a frame; closing its stream");
+        let kind = match refusal {
+            FrameError::TooLarge { .. } => ErrorKind::TooLarge,
+            _ => ErrorKind::BadRequest,
+        };
+        // Stop the sender: the rest of the stream is never read.
+        let _ = recv.stop(0u32.into());
+        answer(&answers, NO_ID, &refused(kind, format!("request refused: {refusal}")));
+        break;
     }
+    drop(answers);
+    if let Err(e) = writer.await.unwrap_or_else(|e| Err(e.to_string())) {
+        debug!(error = %e, "the other side went away before its answers");
+    }
+}
+
+fn client_refusal(kind: ErrorKind, message: String) -> Response {
+    Response::Error(WireError::new(kind, message))
+}
+
+fn peer_refusal(_: ErrorKind, message: String) -> PeerResponse {
+    PeerResponse::Error(message)
 }
 
 /// Accepts peer connections until `shutdown` turns true. TLS has already
@@ -120,9 +205,17 @@ pub async fn serve_peers<H: Handler>(
             let verified = Arc::new(Mutex::new(HashSet::<String>::new()));
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let (handler, cert, verified) = (handler.clone(), cert.clone(), verified.clone());
-                tokio::spawn(async move {
-                    serve_peer_stream(send, recv, handler, limits, &cert, &verified).await;
-                });
+                tokio::spawn(serve_stream(
+                    send,
+                    recv,
+                    limits.peer,
+                    peer_refusal,
+                    move |envelope: PeerEnvelope| {
+                        let (handler, cert, verified) =
+                            (handler.clone(), cert.clone(), verified.clone());
+                        async move { serve_peer_request(envelope, &*handler, &cert, &verified).await }
+                    },
+                ));
             }
         });
     }
@@ -134,53 +227,36 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
     chain.first().cloned()
 }
 
-async fn serve_peer_stream<H: Handler>(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    handler: Arc<H>,
-    limits: FrameLimits,
+/// Answers one peer request once its claimed sender name is checked against
+/// the connection's certificate (each name is checked once per connection).
+async fn serve_peer_request<H: Handler>(
+    envelope: PeerEnvelope,
+    handler: &H,
     cert: &CertificateDer<'static>,
     verified: &Mutex<HashSet<String>>,
-) {
-    let response = match frame::read::<PeerEnvelope>(&mut recv, limits.peer).await {
-        Ok(envelope) => {
-            let known = verified
-                .lock()
-                .expect("verified lock")
-                .contains(&envelope.from);
-            let check = if known {
-                Ok(())
-            } else {
-                check_peer_name(cert, &envelope.from)
-            };
-            match check {
-                Ok(()) => {
-                    verified
-                        .lock()
-                        .expect("verified lock")
-                        .insert(envelope.from.clone());
-                    handler.peer(envelope.from, envelope.request).await
-                }
-                Err(e) => {
-                    warn!(claimed = %envelope.from, error = %e, "peer claimed a name its certificate lacks");
-                    PeerResponse::Error(e)
-                }
-            }
+) -> PeerResponse {
+    let known = verified
+        .lock()
+        .expect("verified lock")
+        .contains(&envelope.from);
+    if !known {
+        if let Err(e) = check_peer_name(cert, &envelope.from) {
+            warn!(claimed = %envelope.from, error = %e, "peer claimed a name its certificate lacks");
+            return PeerResponse::Error(e);
         }
-        Err(e) => {
-            warn!(error = %e, "refused a peer frame");
-            let _ = recv.stop(0u32.into());
-            PeerResponse::Error(format!("request refused: {e}"))
-        }
-    };
-    let _ = frame::write(&mut send, &response).await;
+        verified
+            .lock()
+            .expect("verified lock")
+            .insert(envelope.from.clone());
+    }
+    handler.peer(envelope.from, envelope.request).await
 }
 
 /// Long-lived connections to peers, one per address, a stream per call.
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     me: String,
-    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    connections: Mutex<HashMap<SocketAddr, Link<PeerResponse>>>,
     /// After a failed dial, calls to that peer fail fast until this instant.
     backoff_until: Mutex<HashMap<SocketAddr, Instant>>,
     connect_timeout: Duration,
@@ -208,11 +284,19 @@ impl QuicTransport {
         }
     }
 
-    async fn connection(&self, to: &MemberInfo) -> Result<quinn::Connection, TransportError> {
+    async fn connection(&self, to: &MemberInfo) -> Result<Link<PeerResponse>, TransportError> {
         let addr = to.peer_addr;
-        if let Some(c) = self.connections.lock().expect("pool lock").get(&addr) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        let cached = self.connections.lock().expect("pool lock").get(&addr).cloned();
+        if let Some(link) = cached {
+            if link.usable() {
+                return Ok(link);
+            }
+            if let Some(link) = link.reopened(self.max_frame).await {
+                self.connections
+                    .lock()
+                    .expect("pool lock")
+                    .insert(addr, link.clone());
+                return Ok(link);
             }
         }
         if let Some(until) = self.backoff_until.lock().expect("pool lock").get(&addr) {
@@ -229,10 +313,11 @@ impl QuicTransport {
                 .endpoint
                 .connect(addr, &to.name)
                 .map_err(|e| e.to_string())?;
-            tokio::time::timeout(self.connect_timeout, connecting)
+            let conn = tokio::time::timeout(self.connect_timeout, connecting)
                 .await
                 .map_err(|_| format!("no handshake within {:?}", self.connect_timeout))?
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            Link::open(conn, self.max_frame).await
         }
         .await;
         match result {
@@ -278,14 +363,18 @@ impl Transport for QuicTransport {
         to: &MemberInfo,
         request: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
-        let conn = self.connection(to).await?;
+        let link = self.connection(to).await?;
+        let bulk = request.is_bulk();
         let envelope = PeerEnvelope {
             from: self.me.clone(),
             request,
         };
-        rpc::call(&conn, &envelope, self.max_frame)
-            .await
-            .map_err(|e| {
+        let result = if bulk {
+            rpc::call(&link.conn, &envelope, self.max_frame).await
+        } else {
+            link.mux.call(&envelope).await
+        };
+        result.map_err(|e| {
                 if let CallError::NotDelivered(_) = e {
                     // Dead or unreachable: fail fast for a while instead of re-dialling per call.
                     self.connections
