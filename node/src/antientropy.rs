@@ -43,6 +43,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -219,10 +220,12 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     /// Writes (`new` Some) or removes the stored object bytes of `key`, with
-    /// its anti-entropy index entry, and updates the trees. The caller holds
-    /// the key's lock and passes the bytes stored before.
+    /// its anti-entropy index entry, and updates the trees and the object
+    /// cache. The caller holds the key's stripe and passes the bytes stored
+    /// before.
     pub(crate) fn write_object(
         &self,
+        stripe: &mut crate::coordinator::Stripe,
         key: &[u8],
         old: Option<&[u8]>,
         new: Option<&[u8]>,
@@ -241,7 +244,14 @@ impl<T: Transport, S: Store> Node<T, S> {
                 batch.delete(Tree::Objects, key).delete(Tree::Aae, &ikey);
             }
         }
-        self.inner.store.write(batch)?;
+        if let Err(e) = self.inner.store.write(batch) {
+            stripe.forget(key); // what the store now holds is unknown
+            return Err(e);
+        }
+        match new {
+            Some(bytes) => stripe.remember(key, Arc::from(bytes)),
+            None => stripe.forget(key),
+        }
         self.inner
             .aae
             .lock()

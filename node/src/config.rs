@@ -42,6 +42,10 @@ pub struct Config {
     pub peer_addr: SocketAddr,
     /// Sync the WAL on every write batch: survive power loss, at a latency cost.
     pub fsync: bool,
+    /// Worker threads serving requests; 0 means one per CPU core. Nodes that
+    /// share a machine (`shoal dev`) should split its cores between them:
+    /// more busy threads than cores only adds switching.
+    pub threads: usize,
     pub tls: TlsConfig,
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
@@ -174,6 +178,10 @@ pub struct MemberConfig {
 pub struct LimitsConfig {
     /// Largest value accepted; larger puts are refused before anything is written.
     pub max_value_bytes: usize,
+    /// Memory for the cache of stored objects (MiB; 0 turns it off). Reads
+    /// and the read half of every write are served from it when it holds
+    /// the key; it is updated with every write, so it is never stale.
+    pub object_cache_mb: usize,
 }
 
 /// Time budgets, in milliseconds.
@@ -201,6 +209,7 @@ impl Default for Config {
             client_addr: "127.0.0.1:7400".parse().expect("literal"),
             peer_addr: "127.0.0.1:7500".parse().expect("literal"),
             fsync: false,
+            threads: 0,
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
@@ -233,6 +242,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_value_bytes: shoal_client::client::DEFAULT_MAX_VALUE_BYTES,
+            object_cache_mb: 128,
         }
     }
 }
@@ -315,6 +325,9 @@ impl Config {
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return invalid("cluster.members", format!("{} is listed twice", w[0]));
+        }
+        if self.threads > 1024 {
+            return invalid("threads", "must be at most 1024 (0: one per core)".into());
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > 256 << 20 {
             return invalid(

@@ -34,7 +34,7 @@
 //! heard, and sends the merge to every primary whose answer was older or
 //! missing. Repair never delays the reply.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -80,6 +80,8 @@ pub struct Settings {
     pub aae: crate::antientropy::AaeSettings,
     /// How long after a read's reply late answers are still read-repaired.
     pub read_repair_window: Duration,
+    /// Memory for the object cache (see [`Stripe`]); 0 turns it off.
+    pub object_cache_bytes: usize,
 }
 
 impl Settings {
@@ -107,6 +109,7 @@ impl Settings {
             },
             aae: crate::antientropy::AaeSettings::from_config(&c.anti_entropy),
             read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
+            object_cache_bytes: c.limits.object_cache_mb << 20,
         }
     }
 }
@@ -130,7 +133,7 @@ pub(crate) struct Inner<T, S> {
     pub(crate) store: Arc<S>,
     pub(crate) transport: T,
     pub(crate) membership: Membership,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<Mutex<Stripe>>,
     /// Liveness of every peer, fed by heartbeats (see [`crate::liveness`]).
     pub(crate) detector: Mutex<FailureDetector>,
     pub(crate) metrics: Arc<Metrics>,
@@ -140,6 +143,63 @@ pub(crate) struct Inner<T, S> {
     pub(crate) hints_pending: Mutex<BTreeMap<NodeId, u64>>,
     /// Anti-entropy trees (see [`crate::antientropy`]).
     pub(crate) aae: Mutex<crate::antientropy::AaeState>,
+}
+
+/// One of the stripes that keys are spread over. Its lock serialises every
+/// change to its keys' stored objects (read-modify-write is atomic under it),
+/// and it caches the stored bytes of recently used objects. The cache is
+/// exact: it is filled from the store and changed after every write in the
+/// same critical section as the write itself.
+pub(crate) struct Stripe {
+    cache: HashMap<Vec<u8>, Arc<[u8]>>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// What an entry costs the cache beyond its key and value.
+const CACHE_ENTRY_OVERHEAD: usize = 64;
+
+impl Stripe {
+    fn new(budget: usize) -> Self {
+        Stripe {
+            cache: HashMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn cost(key: &[u8], value: &[u8]) -> usize {
+        key.len() + value.len() + CACHE_ENTRY_OVERHEAD
+    }
+
+    pub(crate) fn forget(&mut self, key: &[u8]) {
+        if let Some(old) = self.cache.remove(key) {
+            self.bytes -= Stripe::cost(key, &old);
+        }
+    }
+
+    /// Caches `value` as the stored bytes of `key`, evicting others (any)
+    /// to stay within the budget; a value larger than the budget is not kept.
+    pub(crate) fn remember(&mut self, key: &[u8], value: Arc<[u8]>) {
+        self.forget(key);
+        let cost = Stripe::cost(key, &value);
+        if cost > self.budget {
+            return;
+        }
+        while self.bytes + cost > self.budget {
+            let Some(victim) = self.cache.keys().next().cloned() else {
+                break;
+            };
+            self.forget(&victim);
+        }
+        self.bytes += cost;
+        self.cache.insert(key.to_vec(), value);
+    }
+
+    fn clear(&mut self) {
+        self.cache.clear();
+        self.bytes = 0;
+    }
 }
 
 /// One replica's answer to a fan-out.
@@ -162,6 +222,14 @@ fn wire(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(WireError::new(kind, message))
 }
 
+fn corruption(key: &[u8], detail: String) -> StoreError {
+    StoreError::Corruption {
+        tree: Tree::Objects.name(),
+        key: hex::encode(key),
+        detail,
+    }
+}
+
 fn store_error(e: StoreError) -> WireError {
     match e {
         StoreError::Corruption { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
@@ -177,7 +245,10 @@ impl<T: Transport, S: Store> Node<T, S> {
         transport: T,
         membership: Membership,
     ) -> Self {
-        let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let budget = settings.object_cache_bytes / LOCK_STRIPES;
+        let stripes = (0..LOCK_STRIPES)
+            .map(|_| Mutex::new(Stripe::new(budget)))
+            .collect();
         let detector = Mutex::new(FailureDetector::new(settings.detector));
         Node {
             inner: Arc::new(Inner {
@@ -277,21 +348,41 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     // ---- the local replica -------------------------------------------------
 
-    pub(crate) fn stripe(&self, key: &[u8]) -> &Mutex<()> {
+    pub(crate) fn stripe(&self, key: &[u8]) -> &Mutex<Stripe> {
         &self.inner.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
+    }
+
+    /// The stored bytes of `key`'s object, from the cache or else the store
+    /// (then cached). The caller holds `stripe`, the key's stripe.
+    pub(crate) fn stored(
+        &self,
+        stripe: &mut Stripe,
+        key: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, StoreError> {
+        if let Some(bytes) = stripe.cache.get(key) {
+            return Ok(Some(bytes.clone()));
+        }
+        let bytes: Option<Arc<[u8]>> = self.inner.store.get(Tree::Objects, key)?.map(Arc::from);
+        if let Some(b) = &bytes {
+            stripe.remember(key, b.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// Empties the object cache: after the store was changed behind the
+    /// node's back (tests that lose or corrupt records).
+    pub fn drop_cache(&self) {
+        for stripe in &self.inner.stripes {
+            stripe.lock().expect("stripe lock").clear();
+        }
     }
 
     /// This replica's stored object for `key`.
     pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        let corrupt = |detail| StoreError::Corruption {
-            tree: Tree::Objects.name(),
-            key: hex::encode(key),
-            detail,
-        };
-        match self.inner.store.get(Tree::Objects, key)? {
-            Some(bytes) => decode_object(&bytes).map(Some).map_err(corrupt),
-            None => Ok(None),
-        }
+        let bytes = self.stored(&mut self.stripe(key).lock().expect("stripe lock"), key)?;
+        bytes
+            .map(|b| decode_object(&b).map_err(|detail| corruption(key, detail)))
+            .transpose()
     }
 
     /// Read-modify-write of the local object under the key's lock.
@@ -300,23 +391,19 @@ impl<T: Transport, S: Store> Node<T, S> {
         key: &[u8],
         change: impl FnOnce(&mut Object),
     ) -> Result<Object, StoreError> {
-        let _guard = self.stripe(key).lock().expect("stripe lock");
-        let raw = self.inner.store.get(Tree::Objects, key)?;
+        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        let raw = self.stored(&mut stripe, key)?;
         let before = raw
             .as_deref()
             .map(decode_object)
             .transpose()
-            .map_err(|detail| StoreError::Corruption {
-                tree: Tree::Objects.name(),
-                key: hex::encode(key),
-                detail,
-            })?;
+            .map_err(|detail| corruption(key, detail))?;
         let mut object = before.clone().unwrap_or_default();
         change(&mut object);
         let s = &self.inner.settings;
         object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
         if before.as_ref() != Some(&object) {
-            self.write_object(key, raw.as_deref(), Some(&encode_object(&object)))?;
+            self.write_object(&mut stripe, key, raw.as_deref(), Some(&encode_object(&object)))?;
         }
         Ok(object)
     }
@@ -324,9 +411,9 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// Removes the local object of `key` altogether (tests of the trees).
     #[cfg(test)]
     pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
-        let _guard = self.stripe(key).lock().expect("stripe lock");
-        if let Some(raw) = self.inner.store.get(Tree::Objects, key)? {
-            self.write_object(key, Some(&raw), None)?;
+        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        if let Some(raw) = self.stored(&mut stripe, key)? {
+            self.write_object(&mut stripe, key, Some(&raw), None)?;
         }
         Ok(())
     }
@@ -334,14 +421,14 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// Removes the local object of `key` if it is exactly `expected` (a
     /// reaped tombstone); returns whether it did.
     pub(crate) fn reap_local(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
-        let _guard = self.stripe(key).lock().expect("stripe lock");
-        let Some(raw) = self.inner.store.get(Tree::Objects, key)? else {
+        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        let Some(raw) = self.stored(&mut stripe, key)? else {
             return Ok(false);
         };
         if decode_object(&raw).ok().as_ref() != Some(expected) {
             return Ok(false);
         }
-        self.write_object(key, Some(&raw), None)?;
+        self.write_object(&mut stripe, key, Some(&raw), None)?;
         Ok(true)
     }
 

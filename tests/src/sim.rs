@@ -71,6 +71,7 @@ pub fn settings() -> Settings {
         handoff: shoal_node::handoff::HandoffSettings::default(),
         aae: shoal_node::antientropy::AaeSettings::from_config(&Default::default()),
         read_repair_window: Duration::from_millis(500),
+        object_cache_bytes: 16 << 20,
     }
 }
 

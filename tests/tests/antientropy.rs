@@ -38,6 +38,7 @@ fn lose(c: &SimCluster, node: &str, key: &[u8]) {
     n.store().forget(Tree::Objects, key);
     n.store()
         .forget(Tree::Aae, &index_key(n.partition_of(key), key));
+    n.drop_cache();
 }
 
 /// Acceptance 2 in process: 1% of 100,000 keys differ between two replicas

@@ -211,6 +211,7 @@ async fn one_get_repairs_a_missing_and_a_stale_replica() {
     // Missing: node3 loses the key.
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.node("node3").store().forget(Tree::Objects, b"k");
+    c.node("node3").drop_cache();
     value(
         c.get("node1", b"k", RequestOptions { r: Some(3), ..D })
             .await,
@@ -249,6 +250,7 @@ async fn a_late_answer_is_repaired_without_delaying_the_reply() {
     written(c.put("node1", b"k", b"v", None, D).await);
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.node("node3").store().forget(Tree::Objects, b"k");
+    c.node("node3").drop_cache();
     c.net.delay("node1", "node3", Duration::from_millis(200));
     let started = tokio::time::Instant::now();
     assert_eq!(

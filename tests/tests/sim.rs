@@ -277,6 +277,7 @@ async fn a_corrupt_replica_is_never_served() {
     c.node(&victim)
         .store()
         .corrupt(shoal_node::storage::Tree::Objects, b"k");
+    c.node(&victim).drop_cache();
     // All three required: the corrupt one cannot count.
     let e = error(
         c.get("node2", b"k", RequestOptions { r: Some(3), ..D })

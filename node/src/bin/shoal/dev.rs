@@ -65,6 +65,7 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
         })
         .collect();
     let mut seeds = String::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for i in 1..=nodes {
         let name = format!("node{i}");
         shoal_node::certs::issue(
@@ -92,6 +93,8 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
                 members: members.clone(),
                 ..Default::default()
             },
+            // The nodes share this machine's cores.
+            threads: cores.div_ceil(nodes).max(1),
             ..Default::default()
         };
         let text = format!(

@@ -141,7 +141,11 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
         )
         .init();
     let config = shoal_node::config::Config::load(&config)?;
-    runtime()?.block_on(async move {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.threads > 0 {
+        runtime.worker_threads(config.threads);
+    }
+    runtime.enable_all().build()?.block_on(async move {
         let running = shoal_node::server::start(config).await?;
         notify_systemd("READY=1");
         println!(
