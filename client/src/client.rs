@@ -1,11 +1,11 @@
 //! The SDK's [`Client`]: long-lived QUIC connections to the cluster, ring-aware
 //! routing, retries on another node, and the read-modify-write helper.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shoal_ring::NodeId;
 
@@ -22,6 +22,8 @@ pub const CLIENT_SERVER_NAME: &str = "shoal";
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 << 20;
 /// A key's hard limit.
 pub const MAX_KEY_BYTES: usize = 64 << 10;
+/// How often a node that failed is probed until it answers again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Cap on a response frame: siblings can make a reply several values long.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
@@ -91,9 +93,10 @@ struct Inner {
     /// One long-lived connection per node, its requests pipelined on one
     /// stream (see [`rpc::Mux`]).
     connections: Mutex<HashMap<SocketAddr, Link<Response>>>,
-    /// Nodes that failed to connect recently are tried last until this instant,
-    /// so a dead node costs one connect timeout, not one per request.
-    down_until: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Nodes that failed: tried last, and only when every other one failed,
+    /// until a background probe reconnects to them. So a dead node costs
+    /// requests nothing while another node can serve them.
+    down: Mutex<HashSet<SocketAddr>>,
     ring: RwLock<Option<Arc<RingInfo>>>,
     /// Per partition, the client addresses to try in order (primaries, then
     /// every other member, then seeds); worked out once per ring, not per
@@ -133,7 +136,7 @@ impl Client {
                 endpoint,
                 config,
                 connections: Mutex::new(HashMap::new()),
-                down_until: Mutex::new(HashMap::new()),
+                down: Mutex::new(HashSet::new()),
                 ring: RwLock::new(None),
                 routes: RwLock::default(),
             }),
@@ -359,11 +362,12 @@ impl Client {
     /// Tries `addrs` in order (recently failed ones last) within the time budget.
     /// A request that may have run is retried elsewhere only if idempotent.
     async fn send(&self, addrs: &[SocketAddr], request: &Request) -> Result<Response, Error> {
-        let now = Instant::now();
         let mut ordered: Vec<SocketAddr> = addrs.to_vec();
         {
-            let down = self.inner.down_until.lock().expect("down lock");
-            ordered.sort_by_key(|a| down.get(a).is_some_and(|until| *until > now));
+            let down = self.inner.down.lock().expect("down lock");
+            if !down.is_empty() {
+                ordered.sort_by_key(|a| down.contains(a));
+            }
         }
         let budget = self.inner.config.timeout;
         let attempt = async {
@@ -397,17 +401,33 @@ impl Client {
             .unwrap_or_else(|_| Err(Error::Timeout(format!("no answer within {budget:?}"))))
     }
 
+    /// Puts `addr` last in line and, unless one already runs, starts a probe
+    /// that reconnects to it every [`PROBE_EVERY`] until it answers.
     fn mark_down(&self, addr: SocketAddr) {
         self.inner
             .connections
             .lock()
             .expect("conn lock")
             .remove(&addr);
-        self.inner
-            .down_until
-            .lock()
-            .expect("down lock")
-            .insert(addr, Instant::now() + Duration::from_secs(5));
+        if !self.inner.down.lock().expect("down lock").insert(addr) {
+            return;
+        }
+        let client = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(inner) = client.upgrade() else {
+                    return; // the client is gone
+                };
+                let client = Client { inner };
+                if !client.inner.down.lock().expect("down lock").contains(&addr) {
+                    return; // a request reached it meanwhile
+                }
+                if client.connection(addr).await.is_ok() {
+                    return;
+                }
+            }
+        });
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, String> {
@@ -445,11 +465,7 @@ impl Client {
             .lock()
             .expect("conn lock")
             .insert(addr, link.clone());
-        self.inner
-            .down_until
-            .lock()
-            .expect("down lock")
-            .remove(&addr);
+        self.inner.down.lock().expect("down lock").remove(&addr);
         Ok(link)
     }
 

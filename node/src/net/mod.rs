@@ -4,8 +4,10 @@
 //! - [`quic`]: the real thing. One QUIC endpoint per role: the client port
 //!   (TLS, server authenticated) and the peer port (mutual TLS against the
 //!   cluster CA; a peer must hold a certificate for the node name it claims).
-//!   Connections are long-lived and shared; every request is one bidirectional
-//!   stream carrying one frame each way (see [`shoal_client::frame`]). A bad
+//!   Connections are long-lived and shared. Small requests are pipelined on
+//!   one long-lived bidirectional stream per connection, each frame tagged
+//!   with its request id; bulk ones ([`PeerRequest::is_bulk`]) get a stream
+//!   each (see [`shoal_client::rpc`] and [`shoal_client::frame`]). A bad
 //!   frame gets an error on its stream; the connection and the node carry on.
 //! - [`sim`]: an in-memory network for tests, with faults a test names:
 //!   `partition(a, b)`, `crash(a)`, `blackhole(a, b)` and `delay(a, b, d)`.
