@@ -60,7 +60,9 @@ fn row(name: &str, s: &OpStats, elapsed: Duration) -> String {
 }
 
 /// The whole run as JSON: settings, per-operation summaries, the per-second
-/// series and the latency percentile spectrum.
+/// series (`seconds`: latencies by the second operations were due;
+/// `completed`: operations finished in each second) and the latency
+/// percentile spectrum.
 pub fn json_report(settings: Value, r: &Results) -> Value {
     let ops: serde_json::Map<String, Value> = r
         .ops
@@ -75,6 +77,18 @@ pub fn json_report(settings: Value, r: &Results) -> Value {
             let per_op: serde_json::Map<String, Value> = sec
                 .iter()
                 .map(|(op, s)| (op.name().to_string(), op_json(s, Duration::from_secs(1))))
+                .collect();
+            json!({"second": i, "ops": per_op})
+        })
+        .collect();
+    let completed: Vec<Value> = r
+        .completed
+        .iter()
+        .enumerate()
+        .map(|(i, sec)| {
+            let per_op: serde_json::Map<String, Value> = sec
+                .iter()
+                .map(|(op, n)| (op.name().to_string(), json!(n)))
                 .collect();
             json!({"second": i, "ops": per_op})
         })
@@ -97,6 +111,7 @@ pub fn json_report(settings: Value, r: &Results) -> Value {
         "max_lag_ms": r.max_lag.as_secs_f64() * 1000.0,
         "ops": ops,
         "seconds": seconds,
+        "completed": completed,
         "spectrum": spectrum,
     })
 }

@@ -76,8 +76,13 @@ impl OpStats {
 #[derive(Clone, Default)]
 pub struct Results {
     pub ops: BTreeMap<Op, OpStats>,
-    /// Per second of the run, per operation type.
+    /// Per second of the run in which operations were due (open loop) or
+    /// started (closed loop), per operation type: their latencies.
     pub seconds: Vec<BTreeMap<Op, OpStats>>,
+    /// Per second of the run, per operation type: operations that finished
+    /// in it (the achieved throughput, which an overloaded open loop run
+    /// shows falling short of the due rate).
+    pub completed: Vec<BTreeMap<Op, u64>>,
     pub elapsed: Duration,
     /// Open loop: the largest delay between an operation's due time and its
     /// sending, and whether the run fell behind its target rate.
@@ -97,7 +102,22 @@ impl Results {
             .record(micros, ok);
     }
 
+    fn complete(&mut self, second: usize, op: Op) {
+        if self.completed.len() <= second {
+            self.completed.resize_with(second + 1, BTreeMap::new);
+        }
+        *self.completed[second].entry(op).or_default() += 1;
+    }
+
     fn add(&mut self, other: &Results) {
+        if self.completed.len() < other.completed.len() {
+            self.completed.resize_with(other.completed.len(), BTreeMap::new);
+        }
+        for (i, sec) in other.completed.iter().enumerate() {
+            for (op, n) in sec {
+                *self.completed[i].entry(*op).or_default() += n;
+            }
+        }
         for (op, s) in &other.ops {
             self.ops.entry(*op).or_default().add(s);
         }
@@ -185,6 +205,7 @@ pub async fn run(
                 let micros = begin.elapsed().as_micros() as u64;
                 let second = due.duration_since(start).as_secs() as usize;
                 results.record(second, op, micros, outcome.is_ok());
+                results.complete(start.elapsed().as_secs() as usize, op);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
             results
