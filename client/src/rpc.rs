@@ -229,6 +229,15 @@ pub async fn send_frames(
 ) -> Result<(), String> {
     let mut batch = Vec::with_capacity(MAX_GATHER);
     while queued.recv_many(&mut batch, MAX_GATHER).await > 0 {
+        // Let the tasks that are ready run first: the frames they queue
+        // meanwhile go in this same write, and so in the same packets.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_GATHER {
+            match queued.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
         send.write_all_chunks(&mut batch)
             .await
             .map_err(|e| e.to_string())?;
