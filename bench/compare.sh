@@ -22,6 +22,7 @@ need() {
 }
 need redis-server redis-server
 need etcd etcd-server
+./deploy/setup.sh
 cargo build --release -p shoal-bench -p shoal-node
 BENCH=target/release/shoal-bench
 
