@@ -111,7 +111,8 @@ impl Results {
 
     fn add(&mut self, other: &Results) {
         if self.completed.len() < other.completed.len() {
-            self.completed.resize_with(other.completed.len(), BTreeMap::new);
+            self.completed
+                .resize_with(other.completed.len(), BTreeMap::new);
         }
         for (i, sec) in other.completed.iter().enumerate() {
             for (op, n) in sec {

@@ -431,7 +431,13 @@ impl Client {
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, String> {
-        let cached = self.inner.connections.lock().expect("conn lock").get(&addr).cloned();
+        let cached = self
+            .inner
+            .connections
+            .lock()
+            .expect("conn lock")
+            .get(&addr)
+            .cloned();
         if let Some(link) = cached {
             if link.usable() {
                 return Ok(link);
@@ -489,7 +495,11 @@ impl Drop for Inner {
 fn routes(info: &RingInfo, seeds: &[SocketAddr]) -> Vec<Vec<SocketAddr>> {
     let by_id: HashMap<NodeId, SocketAddr> =
         info.members.iter().map(|m| (m.id, m.client_addr)).collect();
-    let others = info.members.iter().map(|m| m.client_addr).chain(seeds.iter().copied());
+    let others = info
+        .members
+        .iter()
+        .map(|m| m.client_addr)
+        .chain(seeds.iter().copied());
     (0..info.ring.partition_count())
         .map(|p| {
             let mut addrs: Vec<SocketAddr> = info

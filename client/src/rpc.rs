@@ -205,8 +205,8 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
             waiting: &self.waiting,
             id,
         };
-        let frame = frame::encode(&(id, request))
-            .map_err(|e| CallError::NotDelivered(e.to_string()))?;
+        let frame =
+            frame::encode(&(id, request)).map_err(|e| CallError::NotDelivered(e.to_string()))?;
         probed(&self.conn, async {
             self.frames
                 .send(Bytes::from(frame))

@@ -751,8 +751,12 @@ impl<T: Transport, S: Store> Node<T, S> {
                     reaped += 1;
                 }
             }
-            crate::coordinator::pace(began, page.len(), self.inner.settings.aae.rebuild_keys_per_sec)
-                .await;
+            crate::coordinator::pace(
+                began,
+                page.len(),
+                self.inner.settings.aae.rebuild_keys_per_sec,
+            )
+            .await;
         }
         if reaped > 0 {
             self.inner

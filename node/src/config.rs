@@ -326,6 +326,12 @@ impl Config {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return invalid("cluster.members", format!("{} is listed twice", w[0]));
         }
+        if self.limits.object_cache_mb > 1 << 20 {
+            return invalid(
+                "limits.object-cache-mb",
+                "must be at most 1048576 (1 TiB; 0 turns the cache off)".into(),
+            );
+        }
         if self.threads > 1024 {
             return invalid("threads", "must be at most 1024 (0: one per core)".into());
         }
@@ -455,5 +461,23 @@ key = "node1.key"
         ))
         .unwrap_err();
         assert!(err.to_string().contains("cluster.w"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_threads_and_cache_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |extra: &str| {
+            Config::load(&write(
+                dir.path(),
+                &format!("threads = 0\n{MINIMAL}{extra}"),
+            ))
+        };
+        let err = load("[limits]\nobject-cache-mb = 99999999\n").unwrap_err();
+        assert!(err.to_string().contains("limits.object-cache-mb"), "{err}");
+        let c = load("[limits]\nobject-cache-mb = 0\n").unwrap();
+        assert_eq!(c.limits.object_cache_mb, 0);
+        let err =
+            Config::load(&write(dir.path(), &format!("threads = 5000\n{MINIMAL}"))).unwrap_err();
+        assert!(err.to_string().contains("threads"), "{err}");
     }
 }

@@ -403,7 +403,12 @@ impl<T: Transport, S: Store> Node<T, S> {
         let s = &self.inner.settings;
         object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
         if before.as_ref() != Some(&object) {
-            self.write_object(&mut stripe, key, raw.as_deref(), Some(&encode_object(&object)))?;
+            self.write_object(
+                &mut stripe,
+                key,
+                raw.as_deref(),
+                Some(&encode_object(&object)),
+            )?;
         }
         Ok(object)
     }

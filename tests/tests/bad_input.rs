@@ -35,7 +35,10 @@ fn identity(ca_pem: Vec<u8>, dir: &std::path::Path, name: &str) -> Identity {
 
 /// Sends raw bytes on a new stream and reads every framed answer, with its
 /// request id, until the node finishes the stream.
-async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<(u64, Response)>, String> {
+async fn raw_exchange(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> Result<Vec<(u64, Response)>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     // A refused oversized frame may reset our sending side: ignore write errors.
     let _ = frame::write_raw(&mut send, bytes).await;

@@ -7,14 +7,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame::{self, FrameError};
 use shoal_client::proto::{MemberInfo, Response};
 use shoal_client::rpc::{self, CallError, Link};
-use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
@@ -108,7 +108,10 @@ async fn serve_stream<Req, Resp, F, Fut>(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     let answer = move |answers: &mpsc::UnboundedSender<Bytes>, id: u64, response: &Resp| {
         let frame = frame::encode(&(id, response)).or_else(|e| {
-            frame::encode(&(id, refused(ErrorKind::Internal, format!("answer not sent: {e}"))))
+            frame::encode(&(
+                id,
+                refused(ErrorKind::Internal, format!("answer not sent: {e}")),
+            ))
         });
         if let Ok(frame) = frame {
             let _ = answers.send(Bytes::from(frame));
@@ -139,7 +142,11 @@ async fn serve_stream<Req, Resp, F, Fut>(
                         Ok((id, _)) => {
                             warn!(error = %e, "refused a request");
                             let kind = ErrorKind::BadRequest;
-                            answer(&answers, id, &refused(kind, format!("request refused: {e}")));
+                            answer(
+                                &answers,
+                                id,
+                                &refused(kind, format!("request refused: {e}")),
+                            );
                             continue;
                         }
                         Err(_) => e,
@@ -156,7 +163,11 @@ async fn serve_stream<Req, Resp, F, Fut>(
         };
         // Stop the sender: the rest of the stream is never read.
         let _ = recv.stop(0u32.into());
-        answer(&answers, NO_ID, &refused(kind, format!("request refused: {refusal}")));
+        answer(
+            &answers,
+            NO_ID,
+            &refused(kind, format!("request refused: {refusal}")),
+        );
         break;
     }
     drop(answers);
@@ -286,7 +297,12 @@ impl QuicTransport {
 
     async fn connection(&self, to: &MemberInfo) -> Result<Link<PeerResponse>, TransportError> {
         let addr = to.peer_addr;
-        let cached = self.connections.lock().expect("pool lock").get(&addr).cloned();
+        let cached = self
+            .connections
+            .lock()
+            .expect("pool lock")
+            .get(&addr)
+            .cloned();
         if let Some(link) = cached {
             if link.usable() {
                 return Ok(link);
@@ -375,20 +391,20 @@ impl Transport for QuicTransport {
             link.mux.call(&envelope).await
         };
         result.map_err(|e| {
-                if let CallError::NotDelivered(_) = e {
-                    // Dead or unreachable: fail fast for a while instead of re-dialling per call.
-                    self.connections
-                        .lock()
-                        .expect("pool lock")
-                        .remove(&to.peer_addr);
-                    self.backoff_until
-                        .lock()
-                        .expect("pool lock")
-                        .insert(to.peer_addr, Instant::now() + self.backoff);
-                    TransportError::Unreachable(to.name.clone(), e.to_string())
-                } else {
-                    TransportError::Failed(to.name.clone(), e.to_string())
-                }
-            })
+            if let CallError::NotDelivered(_) = e {
+                // Dead or unreachable: fail fast for a while instead of re-dialling per call.
+                self.connections
+                    .lock()
+                    .expect("pool lock")
+                    .remove(&to.peer_addr);
+                self.backoff_until
+                    .lock()
+                    .expect("pool lock")
+                    .insert(to.peer_addr, Instant::now() + self.backoff);
+                TransportError::Unreachable(to.name.clone(), e.to_string())
+            } else {
+                TransportError::Failed(to.name.clone(), e.to_string())
+            }
+        })
     }
 }
