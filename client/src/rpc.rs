@@ -38,6 +38,8 @@ use crate::frame;
 
 /// Shortest wait for a sign of life after sending.
 const MIN_PROBE: Duration = Duration::from_millis(300);
+/// Frames a [`Mux`] queues for its writer before callers wait their turn.
+const MAX_QUEUED_FRAMES: usize = 1024;
 /// Most frames a [`Mux`] writer gathers into one write.
 const MAX_GATHER: usize = 64;
 
@@ -133,7 +135,7 @@ fn close<Resp>(waiting: &Shared<Resp>, why: String) {
 /// owner opens a new one.
 pub struct Mux<Resp> {
     conn: quinn::Connection,
-    frames: mpsc::UnboundedSender<Bytes>,
+    frames: mpsc::Sender<Bytes>,
     waiting: Shared<Resp>,
 }
 
@@ -168,7 +170,7 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
     /// Responses over `max_response` bytes end the stream.
     pub async fn open(conn: &quinn::Connection, max_response: usize) -> Result<Self, String> {
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let (frames, queued) = mpsc::unbounded_channel();
+        let (frames, queued) = mpsc::channel(MAX_QUEUED_FRAMES);
         let waiting: Shared<Resp> = Arc::new(Mutex::new(Waiting {
             next_id: 1,
             callers: HashMap::new(),
@@ -210,6 +212,7 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
         probed(&self.conn, async {
             self.frames
                 .send(Bytes::from(frame))
+                .await
                 .map_err(|_| "stream closed".to_string())?;
             answer.await.map_err(|_| {
                 let why = self.waiting.lock().expect("mux lock").closed.clone();
@@ -225,7 +228,7 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
 /// stream. Used by both ends of a stream.
 pub async fn send_frames(
     mut send: quinn::SendStream,
-    mut queued: mpsc::UnboundedReceiver<Bytes>,
+    mut queued: mpsc::Receiver<Bytes>,
 ) -> Result<(), String> {
     let mut batch = Vec::with_capacity(MAX_GATHER);
     while queued.recv_many(&mut batch, MAX_GATHER).await > 0 {
@@ -248,7 +251,7 @@ pub async fn send_frames(
 
 async fn write_frames<Resp>(
     send: quinn::SendStream,
-    queued: mpsc::UnboundedReceiver<Bytes>,
+    queued: mpsc::Receiver<Bytes>,
     waiting: Shared<Resp>,
 ) {
     if let Err(e) = send_frames(send, queued).await {

@@ -103,18 +103,26 @@ async fn serve_stream<Req, Resp, F, Fut>(
     F: Fn(Req) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
-    let (answers, queued) = mpsc::unbounded_channel();
+    // Bounded: a client that sends requests without reading the answers
+    // stalls its handlers, which keep their permits, so the reader stops
+    // and QUIC flow control holds the client back; memory stays bounded.
+    let (answers, queued) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
     let writer = tokio::spawn(rpc::send_frames(send, queued));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
-    let answer = move |answers: &mpsc::UnboundedSender<Bytes>, id: u64, response: &Resp| {
-        let frame = frame::encode(&(id, response)).or_else(|e| {
-            frame::encode(&(
-                id,
-                refused(ErrorKind::Internal, format!("answer not sent: {e}")),
-            ))
-        });
-        if let Ok(frame) = frame {
-            let _ = answers.send(Bytes::from(frame));
+    let encode = move |id: u64, response: &Resp| -> Option<Bytes> {
+        frame::encode(&(id, response))
+            .or_else(|e| {
+                frame::encode(&(
+                    id,
+                    refused(ErrorKind::Internal, format!("answer not sent: {e}")),
+                ))
+            })
+            .ok()
+            .map(Bytes::from)
+    };
+    let answer = move |answers: mpsc::Sender<Bytes>, id: u64, response: Resp| async move {
+        if let Some(frame) = encode(id, &response) {
+            let _ = answers.send(frame).await;
         }
     };
     loop {
@@ -130,7 +138,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
                     let (answers, handle) = (answers.clone(), handle.clone());
                     tokio::spawn(async move {
                         let response = handle(request).await;
-                        answer(&answers, id, &response);
+                        answer(answers, id, response).await;
                         drop(permit);
                     });
                     continue;
@@ -142,11 +150,8 @@ async fn serve_stream<Req, Resp, F, Fut>(
                         Ok((id, _)) => {
                             warn!(error = %e, "refused a request");
                             let kind = ErrorKind::BadRequest;
-                            answer(
-                                &answers,
-                                id,
-                                &refused(kind, format!("request refused: {e}")),
-                            );
+                            let refusal = refused(kind, format!("request refused: {e}"));
+                            answer(answers.clone(), id, refusal).await;
                             continue;
                         }
                         Err(_) => e,
@@ -163,11 +168,8 @@ async fn serve_stream<Req, Resp, F, Fut>(
         };
         // Stop the sender: the rest of the stream is never read.
         let _ = recv.stop(0u32.into());
-        answer(
-            &answers,
-            NO_ID,
-            &refused(kind, format!("request refused: {refusal}")),
-        );
+        let refusal = refused(kind, format!("request refused: {refusal}"));
+        answer(answers.clone(), NO_ID, refusal).await;
         break;
     }
     drop(answers);
