@@ -37,7 +37,8 @@
 //! repaired and bytes are in the metrics and in `shoal status --json`.
 //!
 //! # Tombstones
-//! See [`Node::reap_tombstones`]: hourly, the first primary of each
+//! See [`Node::reap_tombstones`]: every `reap-interval-ms` (hourly by
+//! default), the first primary of each
 //! partition deletes tombstones older than `tombstone-grace-secs` that every
 //! primary holds exactly, with a compare-and-delete on each.
 
@@ -68,6 +69,8 @@ pub struct AaeSettings {
     pub rebuild_keys_per_sec: u32,
     pub max_repairs_per_sec: u32,
     pub tombstone_grace: Duration,
+    /// Pause between two reaper passes.
+    pub reap_every: Duration,
 }
 
 impl AaeSettings {
@@ -78,6 +81,7 @@ impl AaeSettings {
             rebuild_keys_per_sec: c.rebuild_keys_per_sec,
             max_repairs_per_sec: c.max_repairs_per_sec,
             tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
+            reap_every: Duration::from_millis(c.reap_interval_ms),
         }
     }
 }
@@ -355,10 +359,6 @@ fn encoded_len<M: Serialize>(m: &M) -> u64 {
     rmp_serde::to_vec_named(m).map_or(0, |v| v.len() as u64)
 }
 
-/// How often tombstones are looked for (each look reads every tombstone
-/// candidate of the partitions this node leads).
-const REAP_EVERY: Duration = Duration::from_secs(3600);
-
 /// Segments whose keys are listed per `Keys` request, so one answer stays
 /// small even for a partition with millions of keys.
 const SEGMENTS_PER_KEYS_REQUEST: usize = 64;
@@ -586,7 +586,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             partition,
             (
                 peer.name.clone(),
-                crate::coordinator::now_ms(),
+                self.now_ms(),
                 report.keys_repaired,
             ),
         );
@@ -706,7 +706,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         let me = self.inner.me.id;
         let n = self.inner.settings.n as usize;
         let grace_ms = self.inner.settings.aae.tombstone_grace.as_millis() as u64;
-        let now = crate::coordinator::now_ms();
+        let now = self.now_ms();
         // Per partition: its primaries if this node is the first of them and
         // all are up (worked out once per pass), else `None`: not reaped here.
         let mut reapers: HashMap<u32, Option<Vec<shoal_ring::NodeId>>> = HashMap::new();
@@ -842,8 +842,9 @@ impl<T: Transport, S: Store> Node<T, S> {
             // The first sweep waits one interval: a node that just started
             // lets handoff and read repair act first.
             tokio::select! {
-                _ = tokio::time::sleep(settings.interval) => {}
+                biased;
                 _ = stop.changed() => break,
+                _ = tokio::time::sleep(settings.interval) => {}
             }
             let swept = self.aae_sweep().await;
             if swept.keys_repaired > 0 {
@@ -855,7 +856,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             }
             if tokio::time::Instant::now() >= next_reap {
                 self.reap_tombstones().await;
-                next_reap = tokio::time::Instant::now() + REAP_EVERY;
+                next_reap = tokio::time::Instant::now() + settings.reap_every;
             }
         }
     }

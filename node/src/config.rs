@@ -116,6 +116,8 @@ pub struct AntiEntropyConfig {
     /// A tombstone is reaped once every primary holds it and it is this old.
     /// Keep it longer than a node may stay down with hints waiting for it.
     pub tombstone_grace_secs: u64,
+    /// Pause between two passes of the tombstone reaper.
+    pub reap_interval_ms: u64,
 }
 
 impl Default for AntiEntropyConfig {
@@ -126,6 +128,7 @@ impl Default for AntiEntropyConfig {
             rebuild_keys_per_sec: 50_000,
             max_repairs_per_sec: 5_000,
             tombstone_grace_secs: 7 * 86_400,
+            reap_interval_ms: 3_600_000,
         }
     }
 }
@@ -367,6 +370,10 @@ impl Config {
             ("handoff.max-keys-per-sec", u64::from(h.max_keys_per_sec)),
             ("anti-entropy.interval-ms", self.anti_entropy.interval_ms),
             ("anti-entropy.rebuild-secs", self.anti_entropy.rebuild_secs),
+            (
+                "anti-entropy.reap-interval-ms",
+                self.anti_entropy.reap_interval_ms,
+            ),
             (
                 "anti-entropy.rebuild-keys-per-sec",
                 u64::from(self.anti_entropy.rebuild_keys_per_sec),

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::proto::*;
@@ -47,6 +47,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
+use crate::clock::Clock;
 use crate::detector::{DetectorConfig, FailureDetector};
 use crate::handoff::HandoffSettings;
 use crate::membership::{Membership, View};
@@ -82,6 +83,8 @@ pub struct Settings {
     pub read_repair_window: Duration,
     /// Memory for the object cache (see [`Stripe`]); 0 turns it off.
     pub object_cache_bytes: usize,
+    /// Wall-clock time for stored timestamps (see [`crate::clock`]).
+    pub clock: Clock,
 }
 
 impl Settings {
@@ -110,6 +113,7 @@ impl Settings {
             aae: crate::antientropy::AaeSettings::from_config(&c.anti_entropy),
             read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
             object_cache_bytes: c.limits.object_cache_mb << 20,
+            clock: Clock::system(),
         }
     }
 }
@@ -205,11 +209,6 @@ impl Stripe {
 /// One replica's answer to a fan-out.
 type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Background work's rate limit: sleeps until `n` items begun at `began`
 /// have taken at least `n / per_sec` seconds.
@@ -238,6 +237,11 @@ fn store_error(e: StoreError) -> WireError {
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
+    /// The node's wall clock (see [`crate::clock`]).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.settings.clock.now_ms()
+    }
+
     pub fn new(
         me: MemberInfo,
         settings: Settings,
@@ -269,6 +273,10 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     pub fn me(&self) -> &MemberInfo {
         &self.inner.me
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
     }
 
     pub fn membership(&self) -> &Membership {
@@ -401,7 +409,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         let mut object = before.clone().unwrap_or_default();
         change(&mut object);
         let s = &self.inner.settings;
-        object.prune(s.clock_max_entries, s.clock_min_age_ms, now_ms());
+        object.prune(s.clock_max_entries, s.clock_min_age_ms, s.clock.now_ms());
         if before.as_ref() != Some(&object) {
             self.write_object(
                 &mut stripe,
@@ -826,7 +834,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         let me = self.inner.me.id;
         let object = self
             .local_apply(&key, |o| {
-                o.update(&ctx, value, me, now_ms());
+                o.update(&ctx, value, me, self.inner.settings.clock.now_ms());
             })
             .map_err(store_error)?;
         let reply = Response::Written(PutReply {

@@ -1,6 +1,7 @@
 //! The Shoal server: a leaderless, Dynamo-style key-value node.
 //!
 //! # Layout
+//! - [`clock`]: wall-clock time as a handle, so the simulation controls it.
 //! - [`config`]: the TOML config, defaults, validation naming the bad field.
 //! - [`storage`]: the [`storage::Store`] trait with RocksDB and in-memory
 //!   engines; every record is checksummed.
@@ -23,6 +24,7 @@
 
 pub mod antientropy;
 pub mod certs;
+pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod detector;

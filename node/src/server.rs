@@ -17,6 +17,7 @@ use crate::coordinator::{Node, Settings};
 use crate::membership::Membership;
 use crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport};
 use crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity};
+use crate::net::Transport;
 use crate::storage::{RocksStore, Store, StoreError, Tree};
 
 /// Meta-tree key of this node's id.
@@ -240,17 +241,42 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             rx.clone(),
         )));
     }
-    let heartbeat = Duration::from_millis(config.failure_detector.heartbeat_ms);
+    tasks.extend(start_background(&node, rx));
+    info!(name = %config.name, id = %id, %client_addr, %peer_addr, "shoal node serving");
+    Ok(Running {
+        node,
+        client_addr,
+        peer_addr,
+        shutdown,
+        endpoints: vec![client_endpoint, peer_endpoint],
+        tasks,
+    })
+}
+
+/// Starts a node's background loops: heartbeats, hinted handoff,
+/// anti-entropy (tree rebuilds, exchanges, tombstone reaping) and member
+/// identification, each stopping when `stop` turns true. The QUIC server and
+/// the deterministic simulation both start a node's background work here,
+/// so the simulation runs exactly the production loops.
+pub fn start_background<T: Transport, S: Store>(
+    node: &Node<T, S>,
+    stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let settings = node.settings();
+    let mut tasks = Vec::new();
     let heart = node.clone();
-    tasks.push(tokio::spawn(every(heartbeat, rx.clone(), move || {
-        let heart = heart.clone();
-        async move { heart.heartbeat_round().await }
-    })));
-    let handoff_interval = Duration::from_millis(config.handoff.interval_ms);
+    tasks.push(tokio::spawn(every(
+        settings.detector.heartbeat,
+        stop.clone(),
+        move || {
+            let heart = heart.clone();
+            async move { heart.heartbeat_round().await }
+        },
+    )));
     let handoff = node.clone();
     tasks.push(tokio::spawn(every(
-        handoff_interval,
-        rx.clone(),
+        settings.handoff.interval,
+        stop.clone(),
         move || {
             let handoff = handoff.clone();
             async move {
@@ -259,12 +285,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
     )));
     let aae = node.clone();
-    let stop_aae = rx.clone();
+    let stop_aae = stop.clone();
     tasks.push(tokio::spawn(
         async move { aae.run_anti_entropy(stop_aae).await },
     ));
     let identifier = node.clone();
-    let mut stop = rx;
+    let mut stop = stop;
     tasks.push(tokio::spawn(async move {
         // Identify members until the ring is complete. A member that comes
         // back with a new id (wiped data directory) says hello itself.
@@ -278,20 +304,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 200
             };
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                biased;
                 _ = stop.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
             }
         }
     }));
-    info!(name = %config.name, id = %id, %client_addr, %peer_addr, "shoal node serving");
-    Ok(Running {
-        node,
-        client_addr,
-        peer_addr,
-        shutdown,
-        endpoints: vec![client_endpoint, peer_endpoint],
-        tasks,
-    })
+    tasks
 }
 
 /// Runs `round` every `interval` (a slow round delays the next one rather
@@ -305,8 +324,9 @@ where
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => round().await,
+            biased;
             _ = stop.changed() => break,
+            _ = tick.tick() => round().await,
         }
     }
 }

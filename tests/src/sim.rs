@@ -72,6 +72,7 @@ pub fn settings() -> Settings {
         aae: shoal_node::antientropy::AaeSettings::from_config(&Default::default()),
         read_repair_window: Duration::from_millis(500),
         object_cache_bytes: 16 << 20,
+        clock: shoal_node::clock::Clock::system(),
     }
 }
 

@@ -1,0 +1,57 @@
+//! Wall-clock time as a handle the caller passes in, never read directly by
+//! the logic: the real node uses [`Clock::system`], the deterministic
+//! simulation a clock derived from tokio's paused time (plus a per-node
+//! skew), so every timestamp a node mints is reproducible from the seed.
+//!
+//! Timers and deadlines use `tokio::time` (which the simulation pauses and
+//! advances); this clock is only for the timestamps stored in objects and
+//! hints and the ages judged from them (tombstone grace, clock pruning).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, from wherever the caller decides.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The machine's clock.
+    pub fn system() -> Self {
+        Clock(Arc::new(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        }))
+    }
+
+    /// A clock that reads `f`.
+    pub fn from_fn(f: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(f))
+    }
+
+    /// A clock at `start_ms` when tokio's time is at `origin`, advancing with
+    /// tokio's (possibly paused) time: the simulation's clock; `start_ms`
+    /// differing between nodes models skew.
+    pub fn tokio(start_ms: u64, origin: tokio::time::Instant) -> Self {
+        Clock(Arc::new(move || {
+            start_ms + tokio::time::Instant::now().duration_since(origin).as_millis() as u64
+        }))
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Clock(now = {} ms)", self.now_ms())
+    }
+}
