@@ -182,10 +182,36 @@ impl PartitionTree {
 /// Every partition tree of a node.
 pub type Trees = HashMap<u32, PartitionTree>;
 
-/// A rebuild in progress: keys up to `cursor` are in `trees`.
+/// A rebuild in progress: keys up to `cursor` are in `trees`, and so is
+/// every key up to `page_end` that the page being read does not list.
+///
+/// A rebuild reads the store a page at a time and then adds the page's keys
+/// one by one, so a write lands in one of three places: behind the cursor
+/// (the rebuild passed the key: the write updates `trees` too), on a listed
+/// key ahead of it (the rebuild reads that key's latest state when it gets
+/// there), or on a key inside the page's range that the page does not list,
+/// because it was created after the page was read. The rebuild will never
+/// read that one, so, as for a key behind the cursor, its writes update
+/// `trees` themselves. The page is read and `page`/`page_end` set under the
+/// state's lock, so no write falls between the read and the bookkeeping.
+#[derive(Default)]
 struct Rebuild {
     cursor: Option<Vec<u8>>,
+    page: std::collections::HashSet<Vec<u8>>,
+    page_end: Option<Vec<u8>>,
     trees: Trees,
+}
+
+impl Rebuild {
+    /// Whether the rebuild will not read `key` any more: a write to it must
+    /// update `trees` itself.
+    fn passed(&self, key: &[u8]) -> bool {
+        self.cursor.as_deref().is_some_and(|c| key <= c)
+            || self
+                .page_end
+                .as_deref()
+                .is_some_and(|end| key <= end && !self.page.contains(key))
+    }
 }
 
 /// The trees of a node, and the rebuild in progress if any.
@@ -205,7 +231,7 @@ impl AaeState {
             self.live.entry(partition).or_default().toggle(key, d);
         }
         if let Some(r) = &mut self.rebuild {
-            if r.cursor.as_deref().is_some_and(|c| key <= c) {
+            if r.passed(key) {
                 for d in [old, new].into_iter().flatten() {
                     r.trees.entry(partition).or_default().toggle(key, d);
                 }
@@ -281,10 +307,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// at most `keys_per_sec` keys a second, then replaces the live trees.
     /// Returns how many keys it read.
     pub async fn rebuild_trees(&self, keys_per_sec: u32) -> Result<u64, StoreError> {
-        self.inner.aae.lock().expect("aae lock").rebuild = Some(Rebuild {
-            cursor: None,
-            trees: Trees::new(),
-        });
+        self.inner.aae.lock().expect("aae lock").rebuild = Some(Rebuild::default());
         let result = self.rebuild_scan(keys_per_sec).await;
         let mut state = self.inner.aae.lock().expect("aae lock");
         let rebuilt = state.rebuild.take().expect("rebuild in progress");
@@ -317,15 +340,22 @@ impl<T: Transport, S: Store> Node<T, S> {
         let mut read = 0u64;
         loop {
             let began = tokio::time::Instant::now();
-            let page = self
-                .inner
-                .store
-                .scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
+            let page = {
+                let mut state = self.inner.aae.lock().expect("aae lock");
+                let page = self
+                    .inner
+                    .store
+                    .scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
+                let r = state.rebuild.as_mut().expect("rebuild in progress");
+                r.page = page.iter().map(|(k, _)| k.clone()).collect();
+                r.page_end = page.last().map(|(k, _)| k.clone());
+                page
+            };
             let Some((last, _)) = page.last() else {
                 break;
             };
             for (key, _) in &page {
-                let _guard = self.stripe(key).lock().expect("stripe lock");
+                let _guard = self.lock_stripe(key);
                 let current = self.inner.store.get(Tree::Objects, key)?;
                 let partition = self.partition_of(key);
                 if let Some(bytes) = &current {
@@ -353,6 +383,14 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
         Ok(read)
     }
+}
+
+/// Whether `object` is a tombstone whose newest sibling is at least `grace`
+/// old at `now_ms`.
+pub(crate) fn reapable(object: &Object, grace: Duration, now_ms: u64) -> bool {
+    let newest = object.siblings().iter().map(|s| s.timestamp_ms).max();
+    object.is_deleted()
+        && newest.is_some_and(|t| t.saturating_add(grace.as_millis() as u64) <= now_ms)
 }
 
 fn encoded_len<M: Serialize>(m: &M) -> u64 {
@@ -705,8 +743,21 @@ impl<T: Transport, S: Store> Node<T, S> {
         };
         let me = self.inner.me.id;
         let n = self.inner.settings.n as usize;
-        let grace_ms = self.inner.settings.aae.tombstone_grace.as_millis() as u64;
         let now = self.now_ms();
+        // A copy of a key may wait anywhere, not only on its primaries: a
+        // fallback holds a hint, a node that was away holds an old value.
+        // Reaping forgets the tombstone that covers such copies, so nothing
+        // is reaped unless every member is up to be asked.
+        let down: Vec<String> = view
+            .members
+            .values()
+            .filter(|m| m.id != me && !self.is_up(m.id))
+            .map(|m| m.name.clone())
+            .collect();
+        if !down.is_empty() {
+            debug!(?down, "no tombstones reaped while members are down");
+            return 0;
+        }
         // Per partition: its primaries if this node is the first of them and
         // all are up (worked out once per pass), else `None`: not reaped here.
         let mut reapers: HashMap<u32, Option<Vec<shoal_ring::NodeId>>> = HashMap::new();
@@ -743,8 +794,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 let Ok(object) = decode_object(bytes) else {
                     continue; // a rebuild or read reports corruption
                 };
-                let newest = object.siblings().iter().map(|s| s.timestamp_ms).max();
-                if !object.is_deleted() || newest.is_none_or(|t| t.saturating_add(grace_ms) > now) {
+                if !reapable(&object, self.inner.settings.aae.tombstone_grace, now) {
                     continue;
                 }
                 if self.reap(key, &object, replicas, &view).await {
@@ -768,7 +818,11 @@ impl<T: Transport, S: Store> Node<T, S> {
         reaped
     }
 
-    /// Reaps one tombstone if every other primary holds exactly it.
+    /// Reaps one tombstone if every other primary holds exactly it and no
+    /// member holds a hint for its key (a hint older than the tombstone,
+    /// handed off after the reap, would bring the deleted value back; it is
+    /// delivered first and merged into the tombstone, and the key is reaped
+    /// on a later pass).
     async fn reap(
         &self,
         key: &[u8],
@@ -785,6 +839,16 @@ impl<T: Transport, S: Store> Node<T, S> {
             let asked = PeerRequest::ReplicaGet { key: key.to_vec() };
             match self.inner.transport.call(peer, asked).await {
                 Ok(PeerResponse::Object(Some(theirs))) if &theirs == object => {}
+                _ => return false,
+            }
+        }
+        if !self.hints_of(key).is_ok_and(|h| h.is_empty()) {
+            return false;
+        }
+        for member in view.members.values().filter(|m| m.id != self.inner.me.id) {
+            let asked = PeerRequest::HintsOf { key: key.to_vec() };
+            match self.inner.transport.call(member, asked).await {
+                Ok(PeerResponse::Hints(held)) if held.is_empty() => {}
                 _ => return false,
             }
         }
@@ -878,6 +942,32 @@ mod tests {
     use crate::storage::MemoryStore;
     use crate::version::{Object, VersionVector};
 
+    /// A rebuild reads a page of keys, then adds them one by one; a key
+    /// created meanwhile between two keys of the page is never read by it,
+    /// so its write must reach the rebuilt tree itself.
+    #[test]
+    fn a_key_created_inside_a_page_already_read_is_in_the_rebuilt_tree() {
+        let mut state = AaeState {
+            rebuild: Some(Rebuild {
+                cursor: Some(b"a".to_vec()),
+                page: [b"a".to_vec(), b"c".to_vec()].into_iter().collect(),
+                page_end: Some(b"c".to_vec()),
+                trees: Trees::new(),
+            }),
+            ..AaeState::default()
+        };
+        state.apply(0, b"b", None, Some(7));
+        let mut expected = PartitionTree::default();
+        expected.toggle(b"b", 7);
+        let rebuilt = |s: &AaeState| s.rebuild.as_ref().unwrap().trees.get(&0).cloned();
+        assert_eq!(rebuilt(&state), Some(expected.clone()));
+        // A listed key ahead of the cursor is left for the rebuild to read,
+        // and a key past the page for a later page.
+        state.apply(0, b"c", None, Some(9));
+        state.apply(0, b"d", None, Some(11));
+        assert_eq!(rebuilt(&state), Some(expected));
+    }
+
     fn node() -> Node<SimTransport, MemoryStore> {
         let me = MemberInfo {
             id: NodeId::from_u128(1),
@@ -903,6 +993,7 @@ mod tests {
             net.transport("n"),
             membership,
         )
+        .expect("a memory store records the incarnation")
     }
 
     #[derive(Debug, Clone)]

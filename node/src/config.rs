@@ -101,6 +101,9 @@ impl Default for HandoffConfig {
     }
 }
 
+/// The longest a request may take, whatever timeout a client asks for.
+pub const MAX_REQUEST_MS: u64 = 60_000;
+
 /// Anti-entropy (see [`crate::antientropy`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -387,6 +390,23 @@ impl Config {
                 return invalid(field, "must be positive".into());
             }
         }
+        // A message older than the tombstone it races (a write's send to a
+        // slow replica, a read repair) lives at most this long; arriving
+        // after the reap it would bring the deleted value back.
+        let in_flight_ms = MAX_REQUEST_MS + self.timeouts.read_repair_ms;
+        let grace = self.anti_entropy.tombstone_grace_secs;
+        if grace.saturating_mul(1000) < in_flight_ms {
+            return invalid(
+                "anti-entropy.tombstone-grace-secs",
+                format!(
+                    "{grace} s is shorter than a request may stay in flight ({} s: the \
+                     longest request timeout plus timeouts.read-repair-ms), so a late \
+                     write could bring a reaped value back; use at least {} s",
+                    in_flight_ms.div_ceil(1000),
+                    in_flight_ms.div_ceil(1000)
+                ),
+            );
+        }
         for (field, p) in [
             ("tls.ca-cert", &self.tls.ca_cert),
             ("tls.cert", &self.tls.cert),
@@ -486,5 +506,27 @@ key = "node1.key"
         let err =
             Config::load(&write(dir.path(), &format!("threads = 5000\n{MINIMAL}"))).unwrap_err();
         assert!(err.to_string().contains("threads"), "{err}");
+    }
+
+    #[test]
+    fn a_grace_shorter_than_a_request_can_live_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |grace: u64| {
+            Config::load(&write(
+                dir.path(),
+                &format!("{MINIMAL}[anti-entropy]\ntombstone-grace-secs = {grace}\n"),
+            ))
+        };
+        let err = load(0).unwrap_err().to_string();
+        assert!(
+            err.contains("anti-entropy.tombstone-grace-secs") && err.contains("at least 61 s"),
+            "{err}"
+        );
+        assert!(load(60).is_err());
+        assert_eq!(
+            load(61).unwrap().anti_entropy.tombstone_grace_secs,
+            61,
+            "the smallest grace accepted with the default timeouts"
+        );
     }
 }

@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use shoal_client::error::{ErrorKind, WireError};
@@ -55,11 +55,12 @@ use crate::metrics::Metrics;
 use crate::net::{Handler, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::storage::{Store, StoreError, Tree};
 use crate::version::{
-    decode_context, decode_object, encode_context, encode_object, Object, VersionVector,
+    decode_context, decode_object, encode_context, encode_object, Actors, Object, VersionError,
+    VersionVector,
 };
 
 /// Requests never wait longer than this, whatever they ask for.
-const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_millis(crate::config::MAX_REQUEST_MS);
 /// Stripes of the per-key lock that makes read-modify-write of a local object
 /// atomic.
 const LOCK_STRIPES: usize = 256;
@@ -147,6 +148,34 @@ pub(crate) struct Inner<T, S> {
     pub(crate) hints_pending: Mutex<BTreeMap<NodeId, u64>>,
     /// Anti-entropy trees (see [`crate::antientropy`]).
     pub(crate) aae: Mutex<crate::antientropy::AaeState>,
+    /// The actors this incarnation mints dots under (see
+    /// [`crate::version`]: a dot is never minted twice).
+    pub(crate) actors: Actors,
+}
+
+/// Meta-tree key of the incarnation counter, bumped (and synced) on every
+/// start so that no two runs of a node mint dots under the same actor.
+pub const INCARNATION_KEY: &[u8] = b"incarnation";
+
+/// Bumps and durably stores this node's incarnation; returns the new one.
+fn next_incarnation<S: Store>(store: &S) -> Result<u32, StoreError> {
+    let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
+        None => 0,
+        Some(b) => <[u8; 4]>::try_from(b.as_slice())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::Corruption {
+                tree: Tree::Meta.name(),
+                key: hex::encode(INCARNATION_KEY),
+                detail: format!("incarnation is {} bytes, not 4", b.len()),
+            })?,
+    };
+    // Wrapping is harmless: an actor also names its epoch, and 2^32 starts
+    // of one node id do not happen.
+    let next = last.wrapping_add(1);
+    let mut batch = crate::storage::WriteBatch::default();
+    batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
+    store.write_synced(batch)?;
+    Ok(next)
 }
 
 /// One of the stripes that keys are spread over. Its lock serialises every
@@ -158,6 +187,19 @@ pub(crate) struct Stripe {
     cache: HashMap<Vec<u8>, Arc<[u8]>>,
     bytes: usize,
     budget: usize,
+}
+
+/// Locks a stripe even if a panic poisoned it: a bug hit by one request
+/// must not make every key of the stripe fail from then on. Its cache may
+/// be stale after such a panic (the store write may have happened without
+/// the cache update), so it is emptied; the store stays the truth.
+fn relock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
+    stripe.lock().unwrap_or_else(|poisoned| {
+        stripe.clear_poison();
+        let mut guard = poisoned.into_inner();
+        guard.clear();
+        guard
+    })
 }
 
 /// What an entry costs the cache beyond its key and value.
@@ -206,6 +248,12 @@ impl Stripe {
     }
 }
 
+/// Most entries a client's causal context may have: more than any clock
+/// keeps (pruning is lazy, so a clock may exceed its bound for a while).
+fn max_context_entries(s: &Settings) -> usize {
+    (4 * s.clock_max_entries).max(256)
+}
+
 /// One replica's answer to a fan-out.
 type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 
@@ -242,19 +290,23 @@ impl<T: Transport, S: Store> Node<T, S> {
         self.inner.settings.clock.now_ms()
     }
 
+    /// A node over `store`, starting a new incarnation (see
+    /// [`crate::version`]); fails only if the store cannot record it.
     pub fn new(
         me: MemberInfo,
         settings: Settings,
         store: Arc<S>,
         transport: T,
         membership: Membership,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
+        let incarnation = next_incarnation(store.as_ref())?;
         let budget = settings.object_cache_bytes / LOCK_STRIPES;
         let stripes = (0..LOCK_STRIPES)
             .map(|_| Mutex::new(Stripe::new(budget)))
             .collect();
         let detector = Mutex::new(FailureDetector::new(settings.detector));
-        Node {
+        let actors = Actors::new(me.id, incarnation);
+        Ok(Node {
             inner: Arc::new(Inner {
                 me,
                 settings,
@@ -267,8 +319,9 @@ impl<T: Transport, S: Store> Node<T, S> {
                 metrics_addr: OnceLock::new(),
                 hints_pending: Mutex::new(BTreeMap::new()),
                 aae: Mutex::default(),
+                actors,
             }),
-        }
+        })
     }
 
     pub fn me(&self) -> &MemberInfo {
@@ -356,8 +409,13 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     // ---- the local replica -------------------------------------------------
 
-    pub(crate) fn stripe(&self, key: &[u8]) -> &Mutex<Stripe> {
+    fn stripe(&self, key: &[u8]) -> &Mutex<Stripe> {
         &self.inner.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
+    }
+
+    /// Locks `key`'s stripe (see [`Stripe`]).
+    pub(crate) fn lock_stripe(&self, key: &[u8]) -> MutexGuard<'_, Stripe> {
+        relock(self.stripe(key))
     }
 
     /// The stored bytes of `key`'s object, from the cache or else the store
@@ -381,13 +439,13 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// node's back (tests that lose or corrupt records).
     pub fn drop_cache(&self) {
         for stripe in &self.inner.stripes {
-            stripe.lock().expect("stripe lock").clear();
+            relock(stripe).clear();
         }
     }
 
     /// This replica's stored object for `key`.
     pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        let bytes = self.stored(&mut self.stripe(key).lock().expect("stripe lock"), key)?;
+        let bytes = self.stored(&mut self.lock_stripe(key), key)?;
         bytes
             .map(|b| decode_object(&b).map_err(|detail| corruption(key, detail)))
             .transpose()
@@ -399,7 +457,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         key: &[u8],
         change: impl FnOnce(&mut Object),
     ) -> Result<Object, StoreError> {
-        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        let mut stripe = self.lock_stripe(key);
         let raw = self.stored(&mut stripe, key)?;
         let before = raw
             .as_deref()
@@ -409,7 +467,12 @@ impl<T: Transport, S: Store> Node<T, S> {
         let mut object = before.clone().unwrap_or_default();
         change(&mut object);
         let s = &self.inner.settings;
-        object.prune(s.clock_max_entries, s.clock_min_age_ms, s.clock.now_ms());
+        object.prune(
+            s.clock_max_entries,
+            s.clock_min_age_ms,
+            s.clock.now_ms(),
+            |actor| self.inner.actors.is_current(actor),
+        );
         if before.as_ref() != Some(&object) {
             self.write_object(
                 &mut stripe,
@@ -424,17 +487,26 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// Removes the local object of `key` altogether (tests of the trees).
     #[cfg(test)]
     pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
-        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        let mut stripe = self.lock_stripe(key);
         if let Some(raw) = self.stored(&mut stripe, key)? {
             self.write_object(&mut stripe, key, Some(&raw), None)?;
         }
         Ok(())
     }
 
-    /// Removes the local object of `key` if it is exactly `expected` (a
-    /// reaped tombstone); returns whether it did.
+    /// Removes the local object of `key` if it is exactly `expected`, a
+    /// tombstone whose grace period has passed by this node's own clock (so
+    /// one node with a fast clock cannot reap early for all); returns
+    /// whether it did.
     pub(crate) fn reap_local(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
-        let mut stripe = self.stripe(key).lock().expect("stripe lock");
+        if !crate::antientropy::reapable(
+            expected,
+            self.inner.settings.aae.tombstone_grace,
+            self.now_ms(),
+        ) {
+            return Ok(false);
+        }
+        let mut stripe = self.lock_stripe(key);
         let Some(raw) = self.stored(&mut stripe, key)? else {
             return Ok(false);
         };
@@ -443,6 +515,40 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
         self.write_object(&mut stripe, key, Some(&raw), None)?;
         Ok(true)
+    }
+
+    /// Applies a client write to the local copy under the key's lock: the
+    /// dot is minted under the actor [`Actors::for_write`] picks, so it was
+    /// never minted before (see [`crate::version`]).
+    fn local_write(
+        &self,
+        key: &[u8],
+        ctx: &VersionVector,
+        value: Option<Vec<u8>>,
+    ) -> Result<(Object, crate::version::Dot), WireError> {
+        let now = self.now_ms();
+        let mut minted: Result<crate::version::Dot, VersionError> =
+            Err(VersionError::EpochsExhausted(0));
+        let object = self
+            .local_apply(key, |o| {
+                minted = self.inner.actors.for_write(o, ctx).and_then(|actor| {
+                    o.update(ctx, value, actor, now)
+                        .ok_or(VersionError::ContextMalformed(
+                            "it names a counter at its maximum".into(),
+                        ))
+                });
+            })
+            .map_err(store_error)?;
+        let dot = minted.map_err(|e| {
+            let kind = match e {
+                VersionError::EpochsExhausted(_) => ErrorKind::Internal,
+                VersionError::ContextTooLarge { .. } | VersionError::ContextMalformed(_) => {
+                    ErrorKind::BadRequest
+                }
+            };
+            WireError::new(kind, e.to_string())
+        })?;
+        Ok((object, dot))
     }
 
     /// Merges an object sent by a coordinator into the local copy.
@@ -488,9 +594,11 @@ impl<T: Transport, S: Store> Node<T, S> {
             PeerRequest::Handoff(entries) => {
                 self.accept_handoff(&entries).map(|_| PeerResponse::Stored)
             }
-            PeerRequest::Reap { key, object } => {
-                self.reap_local(&key, &object).map(|_| PeerResponse::Stored)
-            }
+            PeerRequest::Reap { key, object } => match self.reap_local(&key, &object) {
+                Ok(true) => Ok(PeerResponse::Stored),
+                Ok(false) => return PeerResponse::Error("not reaped here".into()),
+                Err(e) => Err(e),
+            },
             PeerRequest::Aae(request) => {
                 return self
                     .aae_answer(request)
@@ -737,13 +845,27 @@ impl<T: Transport, S: Store> Node<T, S> {
                 .inner
                 .transport
                 .call(p, PeerRequest::Forward(request.clone()));
+            // Only a request that never reached `p` may go to the next
+            // primary: one that may have run there would run twice (a
+            // duplicate sibling), or be reported failed after it landed.
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(PeerResponse::Forwarded(r))) => return r,
                 Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
-                Ok(Err(e)) => failures.push(e.to_string()),
+                Ok(Err(e @ TransportError::Unreachable(..))) => failures.push(e.to_string()),
+                Ok(Err(e @ TransportError::Failed(..))) => {
+                    return Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!("{e}; the request may have been applied there"),
+                    ))
+                }
                 Err(_) => {
-                    failures.push(format!("{}: timed out", p.name));
-                    break;
+                    return Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{} did not answer in time; the request may have been applied there",
+                            p.name
+                        ),
+                    ))
                 }
             }
         }
@@ -824,21 +946,16 @@ impl<T: Transport, S: Store> Node<T, S> {
         }
         let deadline = self.deadline(&options);
         let ctx: VersionVector = match &context {
-            Some(c) => {
-                decode_context(&c.0).map_err(|e| WireError::new(ErrorKind::BadRequest, e))?
-            }
+            Some(c) => decode_context(&c.0, max_context_entries(s))
+                .map_err(|e| WireError::new(ErrorKind::BadRequest, e.to_string()))?,
             None => VersionVector::new(),
         };
         let primaries = view.preference_list(&key, s.n as usize);
         self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
         let me = self.inner.me.id;
-        let object = self
-            .local_apply(&key, |o| {
-                o.update(&ctx, value, me, self.inner.settings.clock.now_ms());
-            })
-            .map_err(store_error)?;
+        let (object, dot) = self.local_write(&key, &ctx, value)?;
         let reply = Response::Written(PutReply {
-            context: CausalContext(encode_context(&object.context())),
+            context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,
         });
         let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
@@ -1032,19 +1149,32 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 }
 
-/// Readable form of an object, with node names instead of ids.
+/// Readable name of an actor: `node1#3.17` is epoch 17 of node1's third
+/// incarnation (see [`crate::version`]); the hex id if no member matches.
+fn actor_name(actor: &NodeId, view: &View) -> String {
+    let (prefix, incarnation, epoch) = Actors::parts(actor);
+    view.members
+        .values()
+        .find(|m| m.id.0[..6] == prefix)
+        .map_or_else(
+            || actor.to_hex(),
+            |m| format!("{}#{incarnation}.{epoch}", m.name),
+        )
+}
+
+/// Readable form of an object, with node names instead of actor ids.
 fn object_view(o: &Object, view: &View) -> ObjectView {
     ObjectView {
         clock: o
             .clock()
             .iter()
-            .map(|(n, e)| (view.name_of(n), e.counter))
+            .map(|(n, e)| (actor_name(n, view), e.counter))
             .collect(),
         siblings: o
             .siblings()
             .iter()
             .map(|s| SiblingView {
-                dot: (view.name_of(&s.dot.node), s.dot.counter),
+                dot: (actor_name(&s.dot.node, view), s.dot.counter),
                 value: s.value.clone().map(Value),
                 timestamp_ms: s.timestamp_ms,
             })

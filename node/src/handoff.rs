@@ -95,7 +95,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         object: &Object,
     ) -> Result<(), StoreError> {
         let hk = hint_key(primary, key);
-        let _guard = self.stripe(key).lock().expect("stripe lock");
+        let _guard = self.lock_stripe(key);
         let before = self.read_hint(&hk)?;
         let mut merged = before.clone().unwrap_or_default();
         merged.merge(object);
@@ -287,7 +287,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         let mut deleted = 0;
         for (hk, bytes) in sent {
             let key = &hk[16..];
-            let _guard = self.stripe(key).lock().expect("stripe lock");
+            let _guard = self.lock_stripe(key);
             match self.inner.store.get(Tree::Hints, hk) {
                 Ok(Some(now)) if &now == bytes => {
                     let mut batch = WriteBatch::default();

@@ -198,7 +198,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store,
         transport,
         membership,
-    );
+    )
+    .map_err(store_err)?;
     node.learn(me);
     let held = node.load_hint_counts().map_err(store_err)?;
     if held > 0 {

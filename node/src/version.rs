@@ -23,7 +23,29 @@
 //! - Clock entries carry the wall-clock time of their last event; [`Object::prune`]
 //!   drops the oldest entries no sibling refers to once there are too many. A
 //!   pruned entry can only make a later-arriving old version look concurrent
-//!   (an extra sibling), never hide a live one.
+//!   (an extra sibling), never hide a live one. Entries a write's context
+//!   brings that the replica did not know are stamped 0, so a client that
+//!   sends made-up entries only ever gets those pruned first.
+//!
+//! # Actors and epochs: a dot is never minted twice
+//! A dot must name one write: if two different values carried the same dot,
+//! a context that saw one would "cover" the other (an acknowledged write
+//! silently dropped) and merge would depend on the order of arrival. A
+//! coordinator knows the counters it minted for a key only from its stored
+//! object, and that knowledge can be lost: the key's tombstone was reaped,
+//! clock pruning dropped the entry, a power loss took the unsynced WAL tail,
+//! the data directory was wiped. So dots are not minted under the node id but
+//! under an *actor* ([`Actors`]): the node id's first 6 bytes, the node's
+//! *incarnation* (a counter bumped and synced on every start) and an *epoch*
+//! (a counter in memory, bumped whenever this incarnation needs a new actor).
+//! A write reuses the newest actor of the current incarnation that the stored
+//! object names, and takes a fresh one whenever the object names none (the
+//! key is new here, or was forgotten) or the write's context knows more of
+//! that actor than the object does (amnesia, or a forged context). Within an
+//! incarnation nothing is forgotten without it being seen (a reaped key is
+//! not found, and pruning keeps the current incarnation's entries), and a
+//! new incarnation never reuses an old one's actors. This is Riak's answer to
+//! "key amnesia" (per-key actor epochs), made crash-proof by the incarnation.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +68,112 @@ pub struct ClockEntry {
 
 /// A version vector: what a causal context carries.
 pub type VersionVector = BTreeMap<NodeId, u64>;
+
+/// Why a write could not be versioned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error("this incarnation used up its {0} actor epochs; restart the node")]
+    EpochsExhausted(u64),
+    #[error("the causal context has {entries} entries, more than the {max} any Shoal clock keeps")]
+    ContextTooLarge { entries: usize, max: usize },
+    #[error("the causal context is not one Shoal issued: {0}")]
+    ContextMalformed(String),
+}
+
+/// Epochs one incarnation can mint: 48 bits.
+const MAX_EPOCH: u64 = (1 << 48) - 1;
+
+/// The actors a node mints dots under (see the module doc): 16 bytes of
+/// node-id prefix (6), incarnation (4) and epoch (6), all big-endian.
+#[derive(Debug)]
+pub struct Actors {
+    prefix: [u8; 6],
+    incarnation: u32,
+    /// The last epoch handed out; epochs start at 1.
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Actors {
+    pub fn new(node: NodeId, incarnation: u32) -> Self {
+        let mut prefix = [0u8; 6];
+        prefix.copy_from_slice(&node.0[..6]);
+        Actors {
+            prefix,
+            incarnation,
+            epoch: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The actor of `epoch` in this incarnation.
+    fn actor(&self, epoch: u64) -> NodeId {
+        let mut id = [0u8; 16];
+        id[..6].copy_from_slice(&self.prefix);
+        id[6..10].copy_from_slice(&self.incarnation.to_be_bytes());
+        id[10..].copy_from_slice(&epoch.to_be_bytes()[2..]);
+        NodeId(id)
+    }
+
+    /// The epoch of `actor` if it is one of this incarnation's.
+    fn epoch_of(&self, actor: &NodeId) -> Option<u64> {
+        let a = &actor.0;
+        (a[..6] == self.prefix && a[6..10] == self.incarnation.to_be_bytes()).then(|| {
+            let mut e = [0u8; 8];
+            e[2..].copy_from_slice(&a[10..]);
+            u64::from_be_bytes(e)
+        })
+    }
+
+    /// Whether `actor` belongs to this incarnation (its entries are never
+    /// pruned, so it never forgets what it minted).
+    pub fn is_current(&self, actor: &NodeId) -> bool {
+        self.epoch_of(actor).is_some()
+    }
+
+    /// A new actor, named in no clock anywhere.
+    pub fn fresh(&self) -> Result<NodeId, VersionError> {
+        let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if epoch > MAX_EPOCH {
+            return Err(VersionError::EpochsExhausted(MAX_EPOCH));
+        }
+        Ok(self.actor(epoch))
+    }
+
+    /// The actor a write to `object` with `context` is minted under: the
+    /// newest of this incarnation's actors that the object names, unless the
+    /// context knows more of it than the object (then, or when there is none,
+    /// a fresh one).
+    pub fn for_write(
+        &self,
+        object: &Object,
+        context: &VersionVector,
+    ) -> Result<NodeId, VersionError> {
+        let newest = object
+            .clock
+            .iter()
+            .filter_map(|(a, e)| self.epoch_of(a).map(|epoch| (epoch, *a, e.counter)))
+            .max();
+        match newest {
+            Some((_, actor, counter))
+                if counter < u64::MAX && context.get(&actor).is_none_or(|c| *c <= counter) =>
+            {
+                Ok(actor)
+            }
+            _ => self.fresh(),
+        }
+    }
+
+    /// The node-id prefix, incarnation and epoch of any actor, for display.
+    pub fn parts(actor: &NodeId) -> ([u8; 6], u32, u64) {
+        let a = &actor.0;
+        let mut prefix = [0u8; 6];
+        prefix.copy_from_slice(&a[..6]);
+        let mut inc = [0u8; 4];
+        inc.copy_from_slice(&a[6..10]);
+        let mut e = [0u8; 8];
+        e[2..].copy_from_slice(&a[10..]);
+        (prefix, u32::from_be_bytes(inc), u64::from_be_bytes(e))
+    }
+}
 
 /// A live version of a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,33 +222,41 @@ impl Object {
         self.siblings.iter().all(|s| s.value.is_none())
     }
 
-    /// Applies a write coordinated by `node`: drops the siblings `context`
-    /// covers, joins `context` into the clock, and adds `value` (`None`: a
-    /// tombstone) under a fresh dot, which it returns.
+    /// Applies a write minted under `actor`: drops the siblings `context`
+    /// covers, joins `context` into the clock (entries new to this object
+    /// stamped 0, see the module doc), and adds `value` (`None`: a
+    /// tombstone) under the actor's next dot, which it returns. The actor
+    /// comes from [`Actors::for_write`]; `None` if its counter is exhausted.
     pub fn update(
         &mut self,
         context: &VersionVector,
         value: Option<Vec<u8>>,
-        node: NodeId,
+        actor: NodeId,
         now_ms: u64,
-    ) -> Dot {
+    ) -> Option<Dot> {
+        let next = self
+            .clock
+            .get(&actor)
+            .map_or(0, |e| e.counter)
+            .max(context.get(&actor).copied().unwrap_or(0))
+            .checked_add(1)?;
         self.siblings.retain(|s| !covers(context, &s.dot));
         for (n, c) in context {
             let entry = self.clock.entry(*n).or_insert(ClockEntry {
                 counter: 0,
-                timestamp_ms: now_ms,
+                timestamp_ms: 0,
             });
             entry.counter = entry.counter.max(*c);
         }
-        let entry = self.clock.entry(node).or_insert(ClockEntry {
+        let entry = self.clock.entry(actor).or_insert(ClockEntry {
             counter: 0,
             timestamp_ms: now_ms,
         });
-        entry.counter += 1;
+        entry.counter = next;
         entry.timestamp_ms = entry.timestamp_ms.max(now_ms);
         let dot = Dot {
-            node,
-            counter: entry.counter,
+            node: actor,
+            counter: next,
         };
         self.siblings.push(Sibling {
             dot,
@@ -128,7 +264,27 @@ impl Object {
             timestamp_ms: now_ms,
         });
         self.siblings.sort_by_key(|s| s.dot);
-        dot
+        Some(dot)
+    }
+
+    /// The context a put's reply hands out: what the put's `context` covered
+    /// plus the write's own `dot`, so a client that writes again with it
+    /// supersedes its own write and nothing it never saw. A version vector
+    /// cannot leave a gap: if a concurrent write minted by the same actor
+    /// lies between the context and the dot, covering the dot would cover
+    /// it too, so the reply then covers only the put's context (a later put
+    /// with it keeps this write as a sibling rather than drop that one).
+    pub fn reply_context(&self, context: &VersionVector, dot: Dot) -> VersionVector {
+        let seen = context.get(&dot.node).copied().unwrap_or(0);
+        let gap = self
+            .siblings
+            .iter()
+            .any(|s| s.dot.node == dot.node && s.dot.counter > seen && s.dot.counter < dot.counter);
+        let mut reply = context.clone();
+        if !gap {
+            reply.insert(dot.node, dot.counter);
+        }
+        reply
     }
 
     /// Merges `other` into `self` (the join of the two DVV sets).
@@ -168,10 +324,16 @@ impl Object {
         &Object::merged(self, other) == self
     }
 
-    /// Drops clock entries that no sibling refers to, oldest first, while the
-    /// clock has more than `max_entries` and the entry is older than
-    /// `min_age_ms`.
-    pub fn prune(&mut self, max_entries: usize, min_age_ms: u64, now_ms: u64) {
+    /// Drops clock entries that no sibling refers to and `keep` does not
+    /// protect, oldest first, while the clock has more than `max_entries`
+    /// and the entry is older than `min_age_ms`.
+    pub fn prune(
+        &mut self,
+        max_entries: usize,
+        min_age_ms: u64,
+        now_ms: u64,
+        keep: impl Fn(&NodeId) -> bool,
+    ) {
         if self.clock.len() <= max_entries {
             return;
         }
@@ -180,6 +342,7 @@ impl Object {
             .iter()
             .filter(|(n, e)| {
                 now_ms.saturating_sub(e.timestamp_ms) >= min_age_ms
+                    && !keep(n)
                     && !self.siblings.iter().any(|s| s.dot.node == **n)
             })
             .map(|(n, e)| (e.timestamp_ms, *n))
@@ -203,13 +366,20 @@ pub fn encode_context(vv: &VersionVector) -> Vec<u8> {
     rmp_serde::to_vec(&pairs).expect("a version vector always encodes")
 }
 
-/// Decodes a causal context a client sent back.
-pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, String> {
+/// Decodes a causal context a client sent back; one of more than
+/// `max_entries` entries is refused (no clock Shoal keeps is that large).
+pub fn decode_context(bytes: &[u8], max_entries: usize) -> Result<VersionVector, VersionError> {
     if bytes.is_empty() {
         return Ok(VersionVector::new());
     }
     let pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(bytes)
-        .map_err(|e| format!("causal context is not one Shoal issued: {e}"))?;
+        .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
+    if pairs.len() > max_entries {
+        return Err(VersionError::ContextTooLarge {
+            entries: pairs.len(),
+            max: max_entries,
+        });
+    }
     Ok(pairs.into_iter().collect())
 }
 
@@ -274,12 +444,102 @@ mod tests {
         assert_eq!(a.siblings().len(), 1);
     }
 
+    /// Sequence A at one replica: the key's history is forgotten (its
+    /// tombstone reaped), and a context from its earlier life comes back.
+    #[test]
+    fn a_context_from_a_forgotten_life_does_not_cover_a_new_write() {
+        let actors = Actors::new(node(0), 1);
+        let mut o = Object::default();
+        let a = actors.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+        let old = o.context();
+        // Reaped: the replica holds nothing for the key any more.
+        let mut o = Object::default();
+        let a = actors.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v2".to_vec()), a, 2);
+        let a = actors.for_write(&o, &old).unwrap();
+        o.update(&old, Some(b"v3".to_vec()), a, 3);
+        let mut values: Vec<&[u8]> = o.values().collect();
+        values.sort();
+        assert_eq!(values, vec![&b"v2"[..], &b"v3"[..]]);
+    }
+
+    #[test]
+    fn a_new_incarnation_never_reuses_an_actor() {
+        let before = Actors::new(node(0), 1);
+        let after = Actors::new(node(0), 2);
+        let mut o = Object::default();
+        let a = before.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+        // A lost WAL tail: the write above is gone here but lives elsewhere.
+        let b = after.for_write(&Object::default(), &VersionVector::new()).unwrap();
+        assert_ne!(a, b);
+        // Even with the object still there, an old incarnation's actor is
+        // not reused (it may have minted more than this copy shows).
+        assert_ne!(after.for_write(&o, &VersionVector::new()).unwrap(), a);
+        assert!(before.is_current(&a) && !after.is_current(&a));
+    }
+
+    #[test]
+    fn a_forged_counter_at_its_maximum_gets_a_fresh_actor_not_a_panic() {
+        let actors = Actors::new(node(0), 1);
+        let mut o = Object::default();
+        let a = actors.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+        let mut forged = o.context();
+        forged.insert(a, u64::MAX);
+        forged.insert(node(9), u64::MAX);
+        let b = actors.for_write(&o, &forged).unwrap();
+        assert_ne!(a, b, "the context knows more of a than the object");
+        let dot = o.update(&forged, Some(b"v2".to_vec()), b, 2).unwrap();
+        assert_eq!(dot.counter, 1);
+        // A forged entry for the fresh actor itself cannot overflow either.
+        let mut worse = VersionVector::new();
+        let c = actors.for_write(&o, &worse).unwrap();
+        worse.insert(c, u64::MAX);
+        assert_eq!(o.update(&worse, None, c, 3), None);
+        assert_eq!(o.values().collect::<Vec<_>>(), vec![&b"v2"[..]]);
+        // The entries it made up are stamped 0: pruned before real ones.
+        assert_eq!(o.clock()[&node(9)].timestamp_ms, 0);
+    }
+
+    #[test]
+    fn a_reply_context_covers_the_write_and_nothing_it_did_not_see() {
+        let actors = Actors::new(node(0), 1);
+        let mut o = Object::default();
+        let a = actors.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+        let seen = o.context();
+        // Another client's blind write lands in between, same actor.
+        o.update(&VersionVector::new(), Some(b"other".to_vec()), a, 2);
+        let dot = o.update(&seen, Some(b"mine".to_vec()), a, 3).unwrap();
+        let reply = o.reply_context(&seen, dot);
+        let again = o.clone();
+        let mut o2 = again;
+        o2.update(&reply, Some(b"next".to_vec()), a, 4);
+        assert!(
+            o2.values().any(|v| v == b"other"),
+            "a concurrent write the client never saw survives"
+        );
+        // Without anything in between, the reply covers the write itself.
+        let mut p = Object::default();
+        let d1 = p.update(&VersionVector::new(), Some(b"x".to_vec()), a, 1).unwrap();
+        let reply = p.reply_context(&VersionVector::new(), d1);
+        p.update(&reply, Some(b"y".to_vec()), a, 2);
+        assert_eq!(p.values().collect::<Vec<_>>(), vec![&b"y"[..]]);
+    }
+
     #[test]
     fn context_round_trips_and_garbage_is_refused() {
         let mut vv = VersionVector::new();
         vv.insert(node(3), 7);
-        assert_eq!(decode_context(&encode_context(&vv)).unwrap(), vv);
-        assert!(decode_context(b"\xff\x00garbage").is_err());
+        assert_eq!(decode_context(&encode_context(&vv), 10).unwrap(), vv);
+        assert!(decode_context(b"\xff\x00garbage", 10).is_err());
+        let many: VersionVector = (0..11).map(|i| (node(i), 1)).collect();
+        assert!(matches!(
+            decode_context(&encode_context(&many), 10),
+            Err(VersionError::ContextTooLarge { entries: 11, max: 10 })
+        ));
     }
 
     #[test]
@@ -289,7 +549,7 @@ mod tests {
             let ctx = a.context();
             a.update(&ctx, Some(vec![i]), node(i), u64::from(i));
         }
-        a.prune(3, 0, 100);
+        a.prune(3, 0, 100, |_| false);
         assert_eq!(a.clock().len(), 3);
         assert!(
             a.clock().contains_key(&node(9)),
@@ -355,7 +615,9 @@ mod tests {
                         .map(|f| h.replicas[f as usize].context())
                         .unwrap_or_default();
                     let value = (!delete).then(|| vec![i as u8]);
-                    let dot = h.replicas[*at as usize].update(&ctx, value, node(*at), i as u64);
+                    let dot = h.replicas[*at as usize]
+                        .update(&ctx, value, node(*at), i as u64)
+                        .expect("counter");
                     h.written.push(dot);
                     h.contexts.push(ctx);
                 }

@@ -110,7 +110,8 @@ impl SimCluster {
                     Arc::new(MemoryStore::new()),
                     net.transport(&me.name),
                     membership,
-                );
+                )
+                .expect("a memory store records the incarnation");
                 net.register(&me.name, Arc::new(node.clone()));
                 node
             })

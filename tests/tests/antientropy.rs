@@ -163,6 +163,10 @@ async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
         n.aae_sweep().await;
     }
     assert!(c.stored("node3", b"k").unwrap().is_deleted());
+    // The coordinator kept a hint for node3 (a cluster of N has no
+    // fallback): nothing is reaped while a hint for the key waits anywhere.
+    assert_eq!(reap_all(&c).await, 0, "reaped while a hint waited");
+    assert_eq!(c.hand_off(5).await, 0);
     assert_eq!(reap_all(&c).await, 1);
     for n in ["node1", "node2", "node3"] {
         assert_eq!(c.stored(n, b"k"), None, "{n} still holds the key");

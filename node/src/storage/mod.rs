@@ -101,6 +101,12 @@ impl WriteBatch {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// Writes `batch` durably (the WAL synced) whatever the engine's
+    /// `fsync` setting: for the few records that must survive a power loss
+    /// (the incarnation counter).
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write(batch)
+    }
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
     /// the tree), in key order.
     fn scan(

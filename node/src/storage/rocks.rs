@@ -96,6 +96,23 @@ impl RocksStore {
     }
 }
 
+impl RocksStore {
+    fn write_with(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                BatchOp::Put { tree, key, value } => {
+                    wb.put_cf(self.cf(*tree), key, record::seal(*tree, key, value))
+                }
+                BatchOp::Delete { tree, key } => wb.delete_cf(self.cf(*tree), key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo).map_err(io("write"))
+    }
+}
+
 impl Store for RocksStore {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self
@@ -109,18 +126,11 @@ impl Store for RocksStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let mut wb = rocksdb::WriteBatch::default();
-        for op in &batch.ops {
-            match op {
-                BatchOp::Put { tree, key, value } => {
-                    wb.put_cf(self.cf(*tree), key, record::seal(*tree, key, value))
-                }
-                BatchOp::Delete { tree, key } => wb.delete_cf(self.cf(*tree), key),
-            }
-        }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.fsync);
-        self.db.write_opt(wb, &wo).map_err(io("write"))
+        self.write_with(batch, self.fsync)
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write_with(batch, true)
     }
 
     fn scan(

@@ -1,0 +1,281 @@
+//! Issue 10's family of holes, each a named sequence over the simulated
+//! network: a dot minted twice whenever a node forgets a key's history (a
+//! reaped tombstone, a pruned clock entry, a lost WAL tail, a reap racing a
+//! new write), crafted contexts, a forwarded write run twice, a put's reply
+//! context covering writes the client never saw. Each test failed before
+//! its fix (the closing note of the issue quotes what each printed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::error::ErrorKind;
+use shoal_client::proto::{MemberInfo, Request, RequestOptions, Response};
+use shoal_client::CausalContext;
+use shoal_node::antientropy::index_key;
+use shoal_node::coordinator::Node;
+use shoal_node::membership::Membership;
+use shoal_node::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use shoal_node::storage::{MemoryStore, Tree};
+use shoal_node::version::{encode_context, VersionVector};
+use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
+
+const ALL: RequestOptions = RequestOptions {
+    r: Some(3),
+    w: Some(3),
+    ..D
+};
+
+fn v(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+async fn read_all(c: &SimCluster, via: &str, key: &[u8]) -> Vec<Vec<u8>> {
+    values(&value(c.get(via, key, ALL).await))
+}
+
+/// Sequence A in process: a context from before the key's tombstone was
+/// reaped must not cover a write made after it.
+#[tokio::test]
+async fn a_context_from_before_a_reap_does_not_cover_a_later_write() {
+    let mut s = settings();
+    s.aae.tombstone_grace = Duration::ZERO;
+    let c = SimCluster::with_settings(3, s);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let old = value(c.get("node1", b"k", ALL).await).context;
+    written(c.delete("node1", b"k", Some(old.clone()), ALL).await);
+    let reaped: u64 = reap_everywhere(&c).await;
+    assert_eq!(reaped, 1, "the tombstone is reaped");
+    written(c.put("node1", b"k", b"v2", None, ALL).await);
+    written(c.put("node1", b"k", b"v3", Some(old), ALL).await);
+    assert_eq!(read_all(&c, "node2", b"k").await, [v("v2"), v("v3")]);
+}
+
+async fn reap_everywhere(c: &SimCluster) -> u64 {
+    let mut n = 0;
+    for node in &c.nodes {
+        n += node.reap_tombstones().await;
+    }
+    n
+}
+
+/// Clock pruning drops a coordinator's own entry (here at once: at most two
+/// entries, no minimum age); a write it coordinates next must not reuse a
+/// dot an old context covers.
+#[tokio::test]
+async fn a_pruned_own_entry_does_not_mint_a_dot_again() {
+    let mut s = settings();
+    s.clock_max_entries = 2;
+    s.clock_min_age_ms = 0;
+    let c = SimCluster::with_settings(3, s);
+    let pause = || tokio::time::sleep(Duration::from_millis(5));
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let old = value(c.get("node1", b"k", ALL).await).context;
+    pause().await;
+    written(c.put("node2", b"k", b"v2", Some(old.clone()), ALL).await);
+    pause().await;
+    let ctx = value(c.get("node3", b"k", ALL).await).context;
+    written(c.put("node3", b"k", b"v3", Some(ctx), ALL).await);
+    pause().await;
+    written(c.put("node1", b"k", b"v4", None, ALL).await);
+    written(c.put("node2", b"k", b"v5", Some(old), ALL).await);
+    let now = read_all(&c, "node1", b"k").await;
+    assert!(
+        now.contains(&v("v4")) && now.contains(&v("v5")),
+        "v4 was acknowledged and the context of v5 never saw it: {now:?}"
+    );
+}
+
+/// A node loses the tail of its WAL (fsync off, power loss): its last write
+/// is gone from its store but lives on the other replicas. After the
+/// restart its next write must not carry that write's dot.
+#[tokio::test]
+async fn a_lost_wal_tail_does_not_mint_a_dot_again() {
+    let mut c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    restart_losing(&mut c, "node1", b"k");
+    written(c.put("node1", b"k", b"v2", None, D).await);
+    assert_eq!(read_all(&c, "node3", b"k").await, [v("v1"), v("v2")]);
+}
+
+/// Restarts `name` over its own store after the store lost `key` (the
+/// unsynced tail a power loss takes): a new `Node`, as a restart builds.
+fn restart_losing(c: &mut SimCluster, name: &str, key: &[u8]) {
+    let i = c.nodes.iter().position(|n| n.me().name == name).unwrap();
+    let old = c.nodes[i].clone();
+    let store: Arc<MemoryStore> = old.store().clone();
+    store.forget(Tree::Objects, key);
+    store.forget(Tree::Aae, &index_key(old.partition_of(key), key));
+    let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
+    let expected = members
+        .iter()
+        .map(|m| shoal_node::config::MemberConfig {
+            name: m.name.clone(),
+            peer_addr: m.peer_addr,
+        })
+        .collect();
+    let membership = Membership::new(expected, members, 64, 3);
+    let node = Node::new(
+        old.me().clone(),
+        old.settings().clone(),
+        store,
+        c.net.transport(name),
+        membership,
+    )
+    .expect("restart");
+    c.net.register(name, Arc::new(node.clone()));
+    c.nodes[i] = node;
+}
+
+/// Contexts come from clients: one with counters at u64::MAX must not
+/// panic a node (a panic under a stripe lock would poison every key of that
+/// stripe), and one with thousands of made-up entries is refused.
+#[tokio::test]
+async fn crafted_contexts_get_an_answer_not_a_panic() {
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let stored = c.stored("node1", b"k").unwrap();
+    let maxed: VersionVector = stored.clock().keys().map(|a| (*a, u64::MAX)).collect();
+    let forged = CausalContext(encode_context(&maxed));
+    let r = c.put("node1", b"k", b"v2", Some(forged), ALL).await;
+    assert!(
+        matches!(r, Response::Written(_) | Response::Error(_)),
+        "{r:?}"
+    );
+    // The node and the key's stripe still serve.
+    written(c.put("node1", b"k", b"v3", None, ALL).await);
+    assert!(read_all(&c, "node1", b"k").await.contains(&v("v3")));
+
+    let made_up: VersionVector = (0..10_000u128)
+        .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
+        .collect();
+    let e = error(
+        c.put(
+            "node1",
+            b"k",
+            b"v4",
+            Some(CausalContext(encode_context(&made_up))),
+            ALL,
+        )
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}");
+    assert!(e.message.contains("10000 entries"), "{}", e.message);
+    assert!(c.stored("node1", b"k").unwrap().clock().len() < 100);
+}
+
+/// The put's reply context must cover the client's own write and what its
+/// context covered, not a concurrent write it never saw.
+#[tokio::test]
+async fn a_put_reply_context_does_not_cover_a_write_the_client_never_saw() {
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"theirs", None, ALL).await);
+    let mine = written(c.put("node1", b"k", b"mine", None, ALL).await);
+    written(c.put("node1", b"k", b"mine again", Some(mine.context), ALL).await);
+    let now = read_all(&c, "node2", b"k").await;
+    assert!(
+        now.contains(&v("theirs")),
+        "a blind write the client never saw was dropped: {now:?}"
+    );
+}
+
+/// A forwarding node whose reply from the first primary is lost (the
+/// request did run there) must not run it again on the next primary.
+#[tokio::test]
+async fn a_forwarded_put_that_may_have_run_is_not_run_again() {
+    let c = SimCluster::new(4);
+    let key = b"fwd";
+    let forwarder = c.non_replica(key);
+    let lossy = LossyForwards {
+        inner: c.net.transport(&forwarder),
+    };
+    let me = c.node(&forwarder).me().clone();
+    let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
+    let expected = members
+        .iter()
+        .map(|m| shoal_node::config::MemberConfig {
+            name: m.name.clone(),
+            peer_addr: m.peer_addr,
+        })
+        .collect();
+    let node = Node::new(
+        me,
+        settings(),
+        Arc::new(MemoryStore::new()),
+        lossy,
+        Membership::new(expected, members, 64, 3),
+    )
+    .expect("node");
+    let r = node
+        .coordinate(
+            Request::Put {
+                key: key.to_vec(),
+                value: b"once".to_vec(),
+                context: None,
+                options: ALL,
+            },
+            false,
+        )
+        .await;
+    assert!(
+        matches!(&r, Response::Error(e) if e.kind == ErrorKind::Timeout),
+        "the outcome is unknown, and said so: {r:?}"
+    );
+    let primary = &c.primaries(key)[0];
+    let read = value(c.get(primary, key, ALL).await);
+    assert_eq!(read.values.len(), 1, "run once: {read:?}");
+}
+
+/// A transport whose forwarded requests run but whose replies are lost.
+struct LossyForwards {
+    inner: shoal_node::net::sim::SimTransport,
+}
+
+impl Transport for LossyForwards {
+    async fn call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
+        let forward = matches!(request, PeerRequest::Forward(_));
+        let answer = self.inner.call(to, request).await;
+        if forward {
+            return Err(TransportError::Failed(
+                to.name.clone(),
+                "the connection dropped before the answer".into(),
+            ));
+        }
+        answer
+    }
+}
+
+/// The reaper got through on two primaries but not the third, and a write
+/// is coordinated by one that reaped: the third's tombstone must not cover
+/// it (the dot minted in the key's new life is not the old one).
+#[tokio::test]
+async fn a_write_after_a_partial_reap_survives_the_remaining_tombstone() {
+    use shoal_node::net::Handler;
+    let mut s = settings();
+    s.aae.tombstone_grace = Duration::ZERO;
+    let c = SimCluster::with_settings(3, s);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let ctx = value(c.get("node1", b"k", ALL).await).context;
+    written(c.delete("node1", b"k", Some(ctx), ALL).await);
+    let tombstone = c.stored("node1", b"k").unwrap();
+    for n in ["node1", "node2"] {
+        let r = c
+            .node(n)
+            .peer(
+                "node1".into(),
+                PeerRequest::Reap {
+                    key: b"k".to_vec(),
+                    object: tombstone.clone(),
+                },
+            )
+            .await;
+        assert_eq!(r, PeerResponse::Stored, "{n} reaps");
+    }
+    assert!(c.stored("node3", b"k").is_some(), "node3 keeps its tombstone");
+    written(c.put("node1", b"k", b"v2", None, ALL).await);
+    // An R=3 read merges every replica's copy, node3's tombstone included.
+    assert_eq!(read_all(&c, "node3", b"k").await, [v("v2")]);
+}
