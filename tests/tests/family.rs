@@ -69,6 +69,7 @@ async fn a_pruned_own_entry_does_not_mint_a_dot_again() {
     let c = SimCluster::with_settings(3, s);
     let pause = || tokio::time::sleep(Duration::from_millis(5));
     written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let v1_dot = c.stored("node1", b"k").unwrap().siblings()[0].dot;
     let old = value(c.get("node1", b"k", ALL).await).context;
     pause().await;
     written(c.put("node2", b"k", b"v2", Some(old.clone()), ALL).await);
@@ -77,6 +78,13 @@ async fn a_pruned_own_entry_does_not_mint_a_dot_again() {
     written(c.put("node3", b"k", b"v3", Some(ctx), ALL).await);
     pause().await;
     written(c.put("node1", b"k", b"v4", None, ALL).await);
+    let stored = c.stored("node1", b"k").unwrap();
+    let v4 = stored.siblings().iter().find(|s| s.value == Some(v("v4")));
+    assert_ne!(
+        v4.map(|s| s.dot),
+        Some(v1_dot),
+        "v4 was minted under v1's dot: {stored:?}"
+    );
     written(c.put("node2", b"k", b"v5", Some(old), ALL).await);
     let now = read_all(&c, "node1", b"k").await;
     assert!(
