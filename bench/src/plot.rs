@@ -6,6 +6,7 @@
 //! - `spectrum.png`: latency against percentile (50 .. 99.999), the
 //!   percentile axis stretched towards the tail as HdrHistogram plots do.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -277,46 +278,40 @@ fn panel(
     }
 }
 
+/// One series per operation type over the seconds of `rows`, a point at
+/// each second's middle where `f` of that second's value gives one.
+fn series<T>(
+    ops: &[Op],
+    rows: &[BTreeMap<Op, T>],
+    f: impl Fn(Option<&T>) -> Option<f64>,
+) -> Vec<Series> {
+    ops.iter()
+        .map(|op| Series {
+            name: op.name().to_string(),
+            points: rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, row)| f(row.get(op)).map(|y| (i as f64 + 0.5, y)))
+                .collect(),
+        })
+        .collect()
+}
+
 /// Writes `timeline.png` and `spectrum.png` into `dir`; `marks` are labelled
 /// instants of the run (faults), in seconds.
 pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result<Vec<PathBuf>> {
     let ops: Vec<Op> = r.ops.keys().copied().collect();
     let secs = r.seconds.len().max(r.completed.len()).max(1) as f64;
-    let per_second = |f: &dyn Fn(&crate::runner::OpStats) -> f64| -> Vec<Series> {
-        ops.iter()
-            .map(|op| Series {
-                name: op.name().to_string(),
-                points: r
-                    .seconds
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| s.get(op).map(|st| (i as f64 + 0.5, f(st))))
-                    .collect(),
-            })
-            .collect()
-    };
     let step = nice_step(secs, 8.0).max(1.0);
     let x_ticks: Vec<(f64, String)> = (0..=(secs / step) as usize)
         .map(|i| (i as f64 * step, format!("{}s", i as f64 * step)))
-        .collect();
-    let completed: Vec<Series> = ops
-        .iter()
-        .map(|op| Series {
-            name: op.name().to_string(),
-            points: r
-                .completed
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i as f64 + 0.5, s.get(op).copied().unwrap_or(0) as f64))
-                .collect(),
-        })
         .collect();
     let mut timeline = Canvas::new(1200, 800);
     panel(
         &mut timeline,
         (0, 0, 1200, 400),
         "THROUGHPUT: OPERATIONS COMPLETED PER SECOND",
-        &completed,
+        &series(&ops, &r.completed, |n| Some(n.copied().unwrap_or(0) as f64)),
         (0.0, secs),
         &x_ticks,
         marks,
@@ -325,7 +320,9 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         &mut timeline,
         (0, 400, 1200, 400),
         "P99 LATENCY (MS), BY THE SECOND OPERATIONS WERE DUE",
-        &per_second(&|s| s.latency.value_at_quantile(0.99) as f64 / 1000.0),
+        &series(&ops, &r.seconds, |s| {
+            s.map(|s| s.latency.value_at_quantile(0.99) as f64 / 1000.0)
+        }),
         (0.0, secs),
         &x_ticks,
         marks,

@@ -1,11 +1,13 @@
 //! The end-of-run table and the JSON report.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::runner::{OpStats, Results};
+use crate::workload::Op;
 
 fn ms(micros: u64) -> f64 {
     micros as f64 / 1000.0
@@ -59,6 +61,20 @@ fn row(name: &str, s: &OpStats, elapsed: Duration) -> String {
     )
 }
 
+/// One entry per second of `rows`: `{"second": i, "ops": {op: f(value)}}`.
+fn per_second<T>(rows: &[BTreeMap<Op, T>], f: impl Fn(&T) -> Value) -> Vec<Value> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let per_op: serde_json::Map<String, Value> = row
+                .iter()
+                .map(|(op, v)| (op.name().to_string(), f(v)))
+                .collect();
+            json!({"second": i, "ops": per_op})
+        })
+        .collect()
+}
+
 /// The whole run as JSON: settings, per-operation summaries, the per-second
 /// series (`seconds`: latencies by the second operations were due;
 /// `completed`: operations finished in each second) and the latency
@@ -69,30 +85,8 @@ pub fn json_report(settings: Value, r: &Results) -> Value {
         .iter()
         .map(|(op, s)| (op.name().to_string(), op_json(s, r.elapsed)))
         .collect();
-    let seconds: Vec<Value> = r
-        .seconds
-        .iter()
-        .enumerate()
-        .map(|(i, sec)| {
-            let per_op: serde_json::Map<String, Value> = sec
-                .iter()
-                .map(|(op, s)| (op.name().to_string(), op_json(s, Duration::from_secs(1))))
-                .collect();
-            json!({"second": i, "ops": per_op})
-        })
-        .collect();
-    let completed: Vec<Value> = r
-        .completed
-        .iter()
-        .enumerate()
-        .map(|(i, sec)| {
-            let per_op: serde_json::Map<String, Value> = sec
-                .iter()
-                .map(|(op, n)| (op.name().to_string(), json!(n)))
-                .collect();
-            json!({"second": i, "ops": per_op})
-        })
-        .collect();
+    let seconds = per_second(&r.seconds, |s| op_json(s, Duration::from_secs(1)));
+    let completed = per_second(&r.completed, |n| json!(n));
     let spectrum: serde_json::Map<String, Value> = r
         .ops
         .iter()

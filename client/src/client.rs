@@ -11,7 +11,7 @@ use shoal_ring::NodeId;
 
 use crate::error::{Error, ErrorKind};
 use crate::proto::*;
-use crate::rpc::{CallError, Link};
+use crate::rpc::{CallError, Link, Links};
 use crate::tls;
 
 /// TLS name every node's certificate carries for its client port: a client
@@ -92,7 +92,7 @@ struct Inner {
     config: ClientConfig,
     /// One long-lived connection per node, its requests pipelined on one
     /// stream (see [`rpc::Mux`]).
-    connections: Mutex<HashMap<SocketAddr, Link<Response>>>,
+    connections: Links<Response>,
     /// Nodes that failed: tried last, and only when every other one failed,
     /// until a background probe reconnects to them. So a dead node costs
     /// requests nothing while another node can serve them.
@@ -135,7 +135,7 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 config,
-                connections: Mutex::new(HashMap::new()),
+                connections: Links::new(MAX_RESPONSE_BYTES),
                 down: Mutex::new(HashSet::new()),
                 ring: RwLock::new(None),
                 routes: RwLock::default(),
@@ -350,29 +350,30 @@ impl Client {
     /// coordinates locally, saving a hop), then to any other member.
     async fn route(&self, key: &[u8], request: &Request) -> Result<Response, Error> {
         let routes = self.inner.routes.read().expect("ring lock").clone();
-        let partition = self
-            .ring_info()
-            .map(|info| info.ring.partition_of(key) as usize);
-        match partition.and_then(|p| routes.get(p)) {
-            Some(addrs) => self.send(addrs, request).await,
-            None => self.send(&self.inner.config.seeds, request).await,
+        if routes.is_empty() {
+            return self.send(&self.inner.config.seeds, request).await;
         }
+        let partition = shoal_ring::partition_of(key, routes.len() as u32);
+        self.send(&routes[partition as usize], request).await
     }
 
     /// Tries `addrs` in order (recently failed ones last) within the time budget.
     /// A request that may have run is retried elsewhere only if idempotent.
     async fn send(&self, addrs: &[SocketAddr], request: &Request) -> Result<Response, Error> {
-        let mut ordered: Vec<SocketAddr> = addrs.to_vec();
-        {
+        let ordered: std::borrow::Cow<[SocketAddr]> = {
             let down = self.inner.down.lock().expect("down lock");
-            if !down.is_empty() {
-                ordered.sort_by_key(|a| down.contains(a));
+            if down.is_empty() {
+                addrs.into()
+            } else {
+                let mut sorted = addrs.to_vec();
+                sorted.sort_by_key(|a| down.contains(a));
+                sorted.into()
             }
-        }
+        };
         let budget = self.inner.config.timeout;
         let attempt = async {
             let mut failures = Vec::new();
-            for addr in ordered {
+            for &addr in ordered.iter() {
                 match self.call(addr, request).await {
                     Ok(Response::Error(e)) if e.kind == ErrorKind::NotReady => {
                         failures.push(format!("{addr}: {}", e.message));
@@ -404,11 +405,7 @@ impl Client {
     /// Puts `addr` last in line and, unless one already runs, starts a probe
     /// that reconnects to it every [`PROBE_EVERY`] until it answers.
     fn mark_down(&self, addr: SocketAddr) {
-        self.inner
-            .connections
-            .lock()
-            .expect("conn lock")
-            .remove(&addr);
+        self.inner.connections.remove(addr);
         if !self.inner.down.lock().expect("down lock").insert(addr) {
             return;
         }
@@ -431,46 +428,13 @@ impl Client {
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, String> {
-        let cached = self
-            .inner
-            .connections
-            .lock()
-            .expect("conn lock")
-            .get(&addr)
-            .cloned();
-        if let Some(link) = cached {
-            if link.usable() {
-                return Ok(link);
-            }
-            if let Some(link) = link.reopened(MAX_RESPONSE_BYTES).await {
-                self.inner
-                    .connections
-                    .lock()
-                    .expect("conn lock")
-                    .insert(addr, link.clone());
-                return Ok(link);
-            }
+        if let Some(link) = self.inner.connections.get(addr).await {
+            return Ok(link);
         }
-        let connecting = self
-            .inner
-            .endpoint
-            .connect(addr, CLIENT_SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(self.inner.config.connect_timeout, connecting)
-            .await
-            .map_err(|_| {
-                format!(
-                    "no QUIC handshake within {:?}",
-                    self.inner.config.connect_timeout
-                )
-            })?
-            .map_err(|e| e.to_string())?;
-        let link = Link::open(conn, MAX_RESPONSE_BYTES).await?;
-        self.inner
-            .connections
-            .lock()
-            .expect("conn lock")
-            .insert(addr, link.clone());
+        let timeout = self.inner.config.connect_timeout;
+        let link = (self.inner.connections)
+            .dial(&self.inner.endpoint, addr, CLIENT_SERVER_NAME, timeout)
+            .await?;
         self.inner.down.lock().expect("down lock").remove(&addr);
         Ok(link)
     }

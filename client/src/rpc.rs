@@ -26,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ use crate::frame;
 
 /// Shortest wait for a sign of life after sending.
 const MIN_PROBE: Duration = Duration::from_millis(300);
+/// The id of an answer to a frame whose own id could not be read. The
+/// stream ends after it: its framing can no longer be trusted.
+pub const NO_ID: u64 = u64::MAX;
 /// Frames a [`Mux`] queues for its writer before callers wait their turn.
 const MAX_QUEUED_FRAMES: usize = 1024;
 /// Most frames a [`Mux`] writer gathers into one write.
@@ -149,7 +153,8 @@ impl<Resp> Clone for Mux<Resp> {
     }
 }
 
-/// Removes a caller that gave up (timed out) from the waiting map.
+/// Removes a caller that gave up (timed out or failed) from the waiting map;
+/// a caller that got its answer was already removed by the reader.
 struct Forget<'a, Resp> {
     waiting: &'a Shared<Resp>,
     id: u64,
@@ -203,13 +208,13 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
             w.callers.insert(id, tx);
             (id, rx)
         };
-        let _forget = Forget {
+        let forget = Forget {
             waiting: &self.waiting,
             id,
         };
         let frame =
             frame::encode(&(id, request)).map_err(|e| CallError::NotDelivered(e.to_string()))?;
-        probed(&self.conn, async {
+        let result = probed(&self.conn, async {
             self.frames
                 .send(Bytes::from(frame))
                 .await
@@ -219,7 +224,11 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
                 format!("stream closed: {}", why.unwrap_or_default())
             })
         })
-        .await
+        .await;
+        if result.is_ok() {
+            std::mem::forget(forget);
+        }
+        result
     }
 }
 
@@ -267,6 +276,9 @@ async fn read_responses<Resp: DeserializeOwned>(
 ) {
     let why = loop {
         match frame::read_next::<(u64, Resp)>(&mut recv, max_response).await {
+            Ok(Some((NO_ID, _))) => {
+                break "the peer could not read a frame of this stream and closed it".to_string()
+            }
             Ok(Some((id, response))) => {
                 let caller = waiting.lock().expect("mux lock").callers.remove(&id);
                 if let Some(caller) = caller {
@@ -298,22 +310,77 @@ impl<Resp> Clone for Link<Resp> {
 
 impl<Resp: DeserializeOwned + Send + 'static> Link<Resp> {
     /// A link over a freshly established connection.
-    pub async fn open(conn: quinn::Connection, max_response: usize) -> Result<Self, String> {
+    async fn open(conn: quinn::Connection, max_response: usize) -> Result<Self, String> {
         let mux = Mux::open(&conn, max_response).await?;
         Ok(Link { conn, mux })
     }
 
     /// Whether calls can go on this link as it is.
-    pub fn usable(&self) -> bool {
+    fn usable(&self) -> bool {
         !self.mux.is_closed() && self.conn.close_reason().is_none()
     }
+}
 
-    /// This link with a new stream if only its stream failed; `None` once
-    /// the connection is closed (dial again).
-    pub async fn reopened(self, max_response: usize) -> Option<Self> {
-        if self.conn.close_reason().is_some() {
+/// Links by address, one each: the pool the SDK keeps of nodes and a node
+/// keeps of its peers.
+pub struct Links<Resp> {
+    links: Mutex<HashMap<SocketAddr, Link<Resp>>>,
+    max_response: usize,
+}
+
+impl<Resp: DeserializeOwned + Send + 'static> Links<Resp> {
+    /// An empty pool whose streams accept responses up to `max_response`.
+    pub fn new(max_response: usize) -> Self {
+        Links {
+            links: Mutex::new(HashMap::new()),
+            max_response,
+        }
+    }
+
+    /// The open link to `addr`, with a new stream if only its stream failed;
+    /// `None` if there is none or its connection closed (dial again).
+    pub async fn get(&self, addr: SocketAddr) -> Option<Link<Resp>> {
+        let link = self.links.lock().expect("links lock").get(&addr).cloned()?;
+        if link.usable() {
+            return Some(link);
+        }
+        if link.conn.close_reason().is_some() {
             return None;
         }
-        Link::open(self.conn, max_response).await.ok()
+        let link = Link::open(link.conn, self.max_response).await.ok()?;
+        self.links
+            .lock()
+            .expect("links lock")
+            .insert(addr, link.clone());
+        Some(link)
+    }
+
+    /// Connects to `addr` (a QUIC handshake of at most `timeout`, the
+    /// server's certificate checked for `server_name`) and keeps the link.
+    pub async fn dial(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<Link<Resp>, String> {
+        let connecting = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| format!("no QUIC handshake within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let link = Link::open(conn, self.max_response).await?;
+        self.links
+            .lock()
+            .expect("links lock")
+            .insert(addr, link.clone());
+        Ok(link)
+    }
+
+    /// Drops the link to `addr` (its peer is presumed down).
+    pub fn remove(&self, addr: SocketAddr) {
+        self.links.lock().expect("links lock").remove(&addr);
     }
 }

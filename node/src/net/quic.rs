@@ -14,7 +14,7 @@ use serde::Serialize;
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame::{self, FrameError};
 use shoal_client::proto::{MemberInfo, Response};
-use shoal_client::rpc::{self, CallError, Link};
+use shoal_client::rpc::{self, CallError, Link, Links};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
@@ -82,9 +82,7 @@ pub async fn serve_clients<H: Handler>(
 /// sender back.
 const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
 
-/// The id of an answer to a frame whose own id could not be read. The stream
-/// ends after it: its framing can no longer be trusted.
-pub const NO_ID: u64 = u64::MAX;
+pub use shoal_client::rpc::NO_ID;
 
 /// Serves one stream: reads `(id, request)` frames until the sender finishes,
 /// handles each in its own task and sends back `(id, response)` as soon as it
@@ -159,6 +157,11 @@ async fn serve_stream<Req, Resp, F, Fut>(
                 }
                 Err(e) => e,
             },
+            // The connection or stream went away: nobody to answer.
+            Err(FrameError::Stream(e)) => {
+                debug!(error = %e, "stream ended");
+                break;
+            }
             Err(e) => e,
         };
         warn!(error = %refusal, "refused a frame; closing its stream");
@@ -269,7 +272,7 @@ async fn serve_peer_request<H: Handler>(
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     me: String,
-    connections: Mutex<HashMap<SocketAddr, Link<PeerResponse>>>,
+    connections: Links<PeerResponse>,
     /// After a failed dial, calls to that peer fail fast until this instant.
     backoff_until: Mutex<HashMap<SocketAddr, Instant>>,
     connect_timeout: Duration,
@@ -289,7 +292,7 @@ impl QuicTransport {
         QuicTransport {
             endpoint,
             me,
-            connections: Mutex::new(HashMap::new()),
+            connections: Links::new(max_frame),
             backoff_until: Mutex::new(HashMap::new()),
             connect_timeout,
             backoff,
@@ -299,23 +302,8 @@ impl QuicTransport {
 
     async fn connection(&self, to: &MemberInfo) -> Result<Link<PeerResponse>, TransportError> {
         let addr = to.peer_addr;
-        let cached = self
-            .connections
-            .lock()
-            .expect("pool lock")
-            .get(&addr)
-            .cloned();
-        if let Some(link) = cached {
-            if link.usable() {
-                return Ok(link);
-            }
-            if let Some(link) = link.reopened(self.max_frame).await {
-                self.connections
-                    .lock()
-                    .expect("pool lock")
-                    .insert(addr, link.clone());
-                return Ok(link);
-            }
+        if let Some(link) = self.connections.get(addr).await {
+            return Ok(link);
         }
         if let Some(until) = self.backoff_until.lock().expect("pool lock").get(&addr) {
             if *until > Instant::now() {
@@ -326,26 +314,13 @@ impl QuicTransport {
             }
         }
         let unreachable = |e: String| TransportError::Unreachable(to.name.clone(), e);
-        let result = async {
-            let connecting = self
-                .endpoint
-                .connect(addr, &to.name)
-                .map_err(|e| e.to_string())?;
-            let conn = tokio::time::timeout(self.connect_timeout, connecting)
-                .await
-                .map_err(|_| format!("no handshake within {:?}", self.connect_timeout))?
-                .map_err(|e| e.to_string())?;
-            Link::open(conn, self.max_frame).await
-        }
-        .await;
-        match result {
-            Ok(conn) => {
-                self.connections
-                    .lock()
-                    .expect("pool lock")
-                    .insert(addr, conn.clone());
+        let dialled = (self.connections)
+            .dial(&self.endpoint, addr, &to.name, self.connect_timeout)
+            .await;
+        match dialled {
+            Ok(link) => {
                 self.backoff_until.lock().expect("pool lock").remove(&addr);
-                Ok(conn)
+                Ok(link)
             }
             Err(e) => {
                 self.backoff_until
@@ -395,10 +370,7 @@ impl Transport for QuicTransport {
         result.map_err(|e| {
             if let CallError::NotDelivered(_) = e {
                 // Dead or unreachable: fail fast for a while instead of re-dialling per call.
-                self.connections
-                    .lock()
-                    .expect("pool lock")
-                    .remove(&to.peer_addr);
+                self.connections.remove(to.peer_addr);
                 self.backoff_until
                     .lock()
                     .expect("pool lock")

@@ -28,13 +28,39 @@ fn config_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("node{i}.toml"))
 }
 
-/// Free loopback UDP ports, all held until all are chosen so none repeats.
+/// Free loopback ports (UDP and TCP alike), all held until all are chosen
+/// so none repeats. They are fixed in the configs, so that the cluster keeps
+/// its addresses across restarts; they are taken below the kernel's
+/// ephemeral range, or any process binding port 0 meanwhile (every QUIC
+/// client does) could be handed one before its node binds it.
 fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
-    let sockets = (0..count)
-        .map(|_| UdpSocket::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("finding free loopback ports")?;
-    sockets.iter().map(|s| Ok(s.local_addr()?.port())).collect()
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.max(10_000 + 4 * count as u16));
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    let mut rng = rand::thread_rng();
+    for _ in 0..count * 200 {
+        if ports.len() == count {
+            return Ok(ports);
+        }
+        let port = rng.gen_range(low..high);
+        if ports.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if let (Ok(u), Ok(t)) = (UdpSocket::bind(addr), std::net::TcpListener::bind(addr)) {
+            held.push((u, t));
+            ports.push(port);
+        }
+    }
+    bail!(
+        "found only {} free loopback ports in {low}..{high}, {count} needed",
+        ports.len()
+    )
 }
 
 /// Creates the cluster directory, or checks an existing one matches `nodes`.
