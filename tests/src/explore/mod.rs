@@ -280,6 +280,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         let live = nonzero(n.trees());
         if let Err(e) = n.rebuild_trees(u32::MAX).await {
             violations.push(Violation {
+                family: "",
                 rule: "every live Merkle tree equals a rebuild",
                 key: None,
                 detail: format!("{}: rebuild failed: {e}", m.me.name),
@@ -288,6 +289,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         }
         if live != nonzero(n.trees()) {
             violations.push(Violation {
+                family: "",
                 rule: "every live Merkle tree equals a rebuild",
                 key: None,
                 detail: format!("{}'s live trees differ from a rebuild", m.me.name),
@@ -299,10 +301,15 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     if !violations.is_empty() {
         for v in &violations {
             report.push_str(&format!(
-                "  VIOLATION: {}{}: {}\n",
+                "  VIOLATION: {}{}: {}{}\n",
                 v.rule,
                 v.key.map_or(String::new(), |k| format!(" (key k{k})")),
-                v.detail
+                v.detail,
+                if v.family.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n    diagnosis: {}", v.family)
+                }
             ));
         }
         let mut bad: Vec<usize> = violations.iter().filter_map(|v| v.key).collect();
@@ -355,6 +362,9 @@ pub struct Totals {
     pub faults: usize,
     pub min_ops: usize,
     pub min_faults: usize,
+    /// Per violation family (see [`Violation::family`]): seeds, and the
+    /// first seed.
+    pub families: std::collections::BTreeMap<String, (usize, u64)>,
 }
 
 impl Totals {
@@ -368,6 +378,20 @@ impl Totals {
         self.faults += o.faults.total();
         self.min_ops = self.min_ops.min(o.ops);
         self.min_faults = self.min_faults.min(o.faults.total());
+        let mut fams: Vec<String> = o
+            .violations
+            .iter()
+            .map(|v| if v.family.is_empty() { v.rule } else { v.family })
+            .map(|f| f.split(' ').next().unwrap_or(f).to_string())
+            .map(|f| if o.outside.is_some() { format!("{f} (outside)") } else { f })
+            .collect();
+        fams.sort();
+        fams.dedup();
+        for f in fams {
+            let e = self.families.entry(f).or_insert((0, o.seed));
+            e.0 += 1;
+            e.1 = e.1.min(o.seed);
+        }
         match (&o.outside, o.failed()) {
             (Some(_), true) => {
                 self.outside += 1;
@@ -382,7 +406,8 @@ impl Totals {
     pub fn line(&self, elapsed: Duration) -> String {
         format!(
             "{} seeds, {} failed (inside the envelope), {} outside the envelope ({} of them failed), \
-             {} ops (min {} per seed), {} faults (min {} per seed), {:.1} s, {:.1} seeds/s",
+             {} ops (min {} per seed), {} faults (min {} per seed), {:.1} s, {:.1} seeds/s; \
+             by family (seeds, first seed): {:?}",
             self.seeds,
             self.failed.len(),
             self.outside,
@@ -392,7 +417,8 @@ impl Totals {
             self.faults,
             if self.seeds == 0 { 0 } else { self.min_faults },
             elapsed.as_secs_f64(),
-            self.seeds as f64 / elapsed.as_secs_f64().max(1e-9)
+            self.seeds as f64 / elapsed.as_secs_f64().max(1e-9),
+            self.families
         )
     }
 }

@@ -4,13 +4,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shoal_node::version::Object;
 
-use super::workload::{Op, Shared};
+use super::workload::{Ctx, Op, Shared};
 use super::world::World;
 
 /// A broken rule, with what explains it.
 #[derive(Debug, Clone)]
 pub struct Violation {
     pub rule: &'static str,
+    /// A guess at the known hole behind it, from the history (see
+    /// [`family`]); the report has the evidence.
+    pub family: &'static str,
     pub key: Option<usize>,
     pub detail: String,
 }
@@ -55,6 +58,7 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
     for m in &world.machines {
         let Some(n) = &m.node else {
             out.push(Violation {
+                family: "",
                 rule: "every node runs at the end",
                 key: None,
                 detail: format!("{} is down", m.me.name),
@@ -63,6 +67,7 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
         };
         for q in n.hint_queues().into_iter().filter(|q| q.pending > 0) {
             out.push(Violation {
+                family: "",
                 rule: "no hints remain",
                 key: None,
                 detail: format!("{} holds {} hints: {q:?}", m.me.name, q.pending),
@@ -87,6 +92,7 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
             .collect();
         if objects.iter().any(|(_, o)| *o != objects[0].1) {
             out.push(Violation {
+                family: "",
                 rule: "all primaries hold identical objects",
                 key: Some(k),
                 detail: objects
@@ -114,7 +120,21 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
         for o in ops.iter().filter(|o| o.what == "put" && o.ok) {
             let v = o.value.as_deref().expect("a put has a value");
             if !present.contains(v) && !superseded.contains(v) {
+                // A: a context from before the key was reaped (kept from a
+                // read or a reply) covers the dot the coordinator minted
+                // again for a later write that context never saw.
+                let later_old_context = ops.iter().any(|x| {
+                    x.what != "get"
+                        && matches!(x.ctx, Ctx::Stale | Ctx::Reply)
+                        && x.start_ms >= o.end_ms
+                        && !x.seen.contains(v)
+                });
                 out.push(Violation {
+                    family: if later_old_context {
+                        "A (an old context superseded a later write it never saw)"
+                    } else {
+                        "lost (other)"
+                    },
                     rule: "an acknowledged write is present unless a context that saw it superseded it",
                     key: Some(k),
                     detail: format!("{v} (written by c{} at {} ms) is lost", o.client, o.start_ms),
@@ -124,13 +144,22 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
         for v in &present {
             if !written.contains(v.as_str()) {
                 out.push(Violation {
+                    family: "",
                     rule: "nothing that was never written appears",
                     key: Some(k),
                     detail: format!("{v} was never written"),
                 });
             }
             if let Some(by) = must_be_gone.get(v.as_str()) {
+                let put = ops.iter().find(|o| o.value.as_deref() == Some(v.as_str()));
+                let family = match put {
+                    Some(p) if p.end_ms > by.end_ms => {
+                        "F (the write applied again after what superseded it: a retried forward)"
+                    }
+                    _ => "B (superseded, reaped, then brought back by an older copy)",
+                };
                 out.push(Violation {
+                    family,
                     rule: "a value an acknowledged write or delete superseded is absent",
                     key: Some(k),
                     detail: format!("{v} is back; superseded by: {}", by.line()),
