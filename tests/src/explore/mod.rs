@@ -198,6 +198,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         world: Mutex::new(world),
         history: Mutex::new(Vec::new()),
         faults: Mutex::new(Vec::new()),
+        power_losses: Mutex::new(Vec::new()),
         origin,
         keys,
         any_reply_context: options.any_reply_context,
@@ -265,7 +266,8 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     net.note(|| "checks".into());
 
     let history = shared.history.lock().expect("history lock").clone();
-    let mut violations = oracle::check(&world, keys, &history);
+    let power_losses = shared.power_losses.lock().expect("power lock").clone();
+    let mut violations = oracle::check(&world, keys, &history, &power_losses);
     for m in &world.machines {
         let Some(n) = &m.node else { continue };
         let nonzero = |t: shoal_node::antientropy::Trees| {

@@ -52,7 +52,12 @@ pub fn converged(world: &World, keys: usize) -> bool {
 
 /// Checks every rule against the history; the trees are checked by the
 /// caller (they need a rebuild, which is async).
-pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
+pub fn check(
+    world: &World,
+    keys: usize,
+    history: &[Op],
+    power_losses: &[(u64, usize)],
+) -> Vec<Violation> {
     let mut out = Vec::new();
     // Rule: no hints remain.
     for m in &world.machines {
@@ -129,8 +134,15 @@ pub fn check(world: &World, keys: usize, history: &[Op]) -> Vec<Violation> {
                         && x.start_ms >= o.end_ms
                         && !x.seen.contains(v)
                 });
+                // D: a primary lost its unsynced tail before the write and
+                // may have minted one of the lost dots again.
+                let after_power_loss = power_losses
+                    .iter()
+                    .any(|(t, m)| *t < o.end_ms && primaries.contains(m));
                 out.push(Violation {
-                    family: if later_old_context {
+                    family: if after_power_loss {
+                        "D (a dot minted again after a power loss lost the unsynced tail)"
+                    } else if later_old_context {
                         "A (an old context superseded a later write it never saw)"
                     } else {
                         "lost (other)"

@@ -79,6 +79,8 @@ pub struct Shared {
     pub world: Mutex<World>,
     pub history: Mutex<Vec<Op>>,
     pub faults: Mutex<Vec<String>>,
+    /// (time in ms, machine) of every power loss, for the diagnosis.
+    pub power_losses: Mutex<Vec<(u64, usize)>>,
     pub origin: tokio::time::Instant,
     pub keys: usize,
     /// Clients reuse a write's reply context even when the reply says other
@@ -405,6 +407,7 @@ pub async fn nemesis(
                     let lost = w.crash(i, power.then_some(&mut rng));
                     down_since[i] = Some(now);
                     if power {
+                        shared.power_losses.lock().expect("power lock").push((now, i));
                         stats.power_losses += 1;
                         stats.batches_lost += lost;
                         log(format!("power loss of {} ({lost} unsynced batches lost)", w.name(i)));
