@@ -52,6 +52,7 @@ fn explore_seeds() {
     let seeds = a.parse().unwrap()..b.parse().unwrap();
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("{ENVELOPE}");
+    let started = std::time::Instant::now();
     let totals = run_range(seeds, jobs, Options::default(), |o, t, elapsed| {
         if o.failed() {
             println!("FAILED {}\n{}", o.summary(), o.report);
@@ -60,6 +61,11 @@ fn explore_seeds() {
             println!("progress: {}", t.line(elapsed));
         }
     });
-    println!("totals: failed {:?}, outside-envelope failures {:?}", totals.failed, totals.outside_failed);
+    println!("totals: {}", totals.line(started.elapsed()));
+    println!(
+        "failed seeds: {:?}; outside the envelope and failed: {:?}",
+        totals.failed, totals.outside_failed
+    );
+    assert!(totals.min_ops >= 200 && totals.min_faults >= 5, "{totals:?}");
     assert!(totals.failed.is_empty(), "failing seeds: {:?}", totals.failed);
 }

@@ -244,7 +244,7 @@ impl Shared {
 }
 
 /// One client: `ops` operations on random keys, each at a random node.
-pub async fn client(shared: Arc<Shared>, c: usize, ops: usize, mut rng: SimRng) -> usize {
+pub async fn client(shared: Arc<Shared>, c: usize, ops: usize, mut rng: SimRng) {
     // Contexts of earlier reads (key, context, values seen), for stale writes.
     let mut reads: Vec<(usize, CausalContext, BTreeSet<String>)> = Vec::new();
     // The reply context of this client's last write per key, with what it
@@ -330,7 +330,6 @@ pub async fn client(shared: Arc<Shared>, c: usize, ops: usize, mut rng: SimRng) 
             }
         }
     }
-    done
 }
 
 /// How many faults a seed injects at least.
