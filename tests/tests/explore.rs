@@ -66,6 +66,13 @@ fn explore_seeds() {
         "failed seeds: {:?}; outside the envelope and failed: {:?}",
         totals.failed, totals.outside_failed
     );
-    assert!(totals.min_ops >= 200 && totals.min_faults >= 5, "{totals:?}");
-    assert!(totals.failed.is_empty(), "failing seeds: {:?}", totals.failed);
+    assert!(
+        totals.min_ops >= 200 && totals.min_faults >= 5,
+        "{totals:?}"
+    );
+    assert!(
+        totals.failed.is_empty(),
+        "failing seeds: {:?}",
+        totals.failed
+    );
 }

@@ -245,7 +245,11 @@ impl SimNetwork {
             let h = handler.clone();
             Box::pin(async move { h.peer(from, req).await })
         });
-        self.lock().nodes.entry(name.to_string()).or_default().handler = Some(f);
+        self.lock()
+            .nodes
+            .entry(name.to_string())
+            .or_default()
+            .handler = Some(f);
     }
 
     /// The transport a node named `me` sends with (dead once `me` is killed).
@@ -282,7 +286,10 @@ impl SimNetwork {
     }
 
     pub fn delay(&self, from: &str, to: &str, by: Duration) {
-        self.lock().faults.delays.insert((from.into(), to.into()), by);
+        self.lock()
+            .faults
+            .delays
+            .insert((from.into(), to.into()), by);
     }
 
     /// `node` is unreachable and the requests it serves are aborted.
@@ -385,7 +392,12 @@ impl SimNetwork {
                 || s.faults.cut.contains(&(to.clone(), from.clone()))
                 || s.faults.crashed.contains(&from);
             s.note(
-                &|| format!("#{id} {to}>{from} answer{}", if lost { " lost" } else { "" }),
+                &|| {
+                    format!(
+                        "#{id} {to}>{from} answer{}",
+                        if lost { " lost" } else { "" }
+                    )
+                },
                 &bytes,
             );
             drop(s);
@@ -432,7 +444,10 @@ impl Transport for SimTransport {
                 None
             };
             if let Some(why) = refused {
-                s.note(&|| format!("#{id} {from}>{name} {what} refused: {why}"), &[]);
+                s.note(
+                    &|| format!("#{id} {from}>{name} {what} refused: {why}"),
+                    &[],
+                );
                 return Err(unreachable(why));
             }
             if s.nodes.get(name).and_then(|e| e.handler.as_ref()).is_none() {
@@ -449,7 +464,10 @@ impl Transport for SimTransport {
             };
             if let Some(Chaos { rng, config: c }) = &mut s.chaos {
                 let latency = |rng: &mut SimRng| {
-                    let (lo, hi) = (c.latency.0.as_micros() as u64, c.latency.1.as_micros() as u64);
+                    let (lo, hi) = (
+                        c.latency.0.as_micros() as u64,
+                        c.latency.1.as_micros() as u64,
+                    );
                     let mut d = Duration::from_micros(rng.range(lo, hi));
                     if rng.chance(c.slow) {
                         d += Duration::from_micros(rng.below(c.slow_by.as_micros() as u64));
@@ -467,7 +485,12 @@ impl Transport for SimTransport {
             }
             let blackholed = s.faults.blackholed.contains(&link);
             s.note(
-                &|| format!("#{id} {from}>{name} send {what}{}", if blackholed { " (blackholed)" } else { "" }),
+                &|| {
+                    format!(
+                        "#{id} {from}>{name} send {what}{}",
+                        if blackholed { " (blackholed)" } else { "" }
+                    )
+                },
                 &encoded,
             );
             (plan, blackholed)
@@ -478,8 +501,12 @@ impl Transport for SimTransport {
         // Through the codec both ways, as on the wire.
         let request: PeerRequest = frame::decode(&encoded, usize::MAX).map_err(wire)?;
         if let Some(after) = plan.duplicate {
-            let (net, from, name, request) =
-                (self.net.clone(), from.clone(), to.name.clone(), request.clone());
+            let (net, from, name, request) = (
+                self.net.clone(),
+                from.clone(),
+                to.name.clone(),
+                request.clone(),
+            );
             let id = plan.id;
             let owner = from.clone();
             self.net.spawn_on(&owner, async move {
@@ -495,11 +522,20 @@ impl Transport for SimTransport {
             let id = plan.id;
             self.net.note(|| format!("#{id} request lost"));
             tokio::time::sleep(plan.loss_timeout).await;
-            return Err(TransportError::Failed(to.name.clone(), "simulated loss of the request".into()));
+            return Err(TransportError::Failed(
+                to.name.clone(),
+                "simulated loss of the request".into(),
+            ));
         }
         let (tx, rx) = oneshot::channel();
-        self.net
-            .deliver(from, to.name.clone(), plan.id, request, Some(tx), plan.drop_reply);
+        self.net.deliver(
+            from,
+            to.name.clone(),
+            plan.id,
+            request,
+            Some(tx),
+            plan.drop_reply,
+        );
         match rx.await {
             Ok(Some(response)) => {
                 if !plan.reply_delay.is_zero() {
@@ -510,7 +546,10 @@ impl Transport for SimTransport {
             }
             Ok(None) => {
                 tokio::time::sleep(plan.loss_timeout).await;
-                Err(TransportError::Failed(to.name.clone(), "simulated loss of the answer".into()))
+                Err(TransportError::Failed(
+                    to.name.clone(),
+                    "simulated loss of the answer".into(),
+                ))
             }
             Err(_) => Err(TransportError::Failed(
                 to.name.clone(),

@@ -26,7 +26,10 @@ fn main() -> anyhow::Result<()> {
     let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut options = Options::default();
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--seeds" => seeds = parse_range(&value()?)?,
             "--seed" => one = Some(value()?.parse()?),
@@ -73,7 +76,10 @@ fn main() -> anyhow::Result<()> {
         totals.line(started.elapsed())
     );
     println!("failed seeds (inside the envelope): {:?}", totals.failed);
-    println!("failed seeds (outside the envelope): {:?}", totals.outside_failed);
+    println!(
+        "failed seeds (outside the envelope): {:?}",
+        totals.outside_failed
+    );
     if !totals.failed.is_empty() {
         std::process::exit(1);
     }

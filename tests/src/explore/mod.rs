@@ -342,7 +342,8 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             report.push_str(&format!("    {f}\n"));
         }
     }
-    let outside = (faults.power_losses > 1).then(|| format!("{} power losses", faults.power_losses));
+    let outside =
+        (faults.power_losses > 1).then(|| format!("{} power losses", faults.power_losses));
     let (trace_hash, events) = net.trace_hash();
     Outcome {
         seed,
@@ -391,9 +392,21 @@ impl Totals {
         let mut fams: Vec<String> = o
             .violations
             .iter()
-            .map(|v| if v.family.is_empty() { v.rule } else { v.family })
+            .map(|v| {
+                if v.family.is_empty() {
+                    v.rule
+                } else {
+                    v.family
+                }
+            })
             .map(|f| f.split(' ').next().unwrap_or(f).to_string())
-            .map(|f| if o.outside.is_some() { format!("{f} (outside)") } else { f })
+            .map(|f| {
+                if o.outside.is_some() {
+                    format!("{f} (outside)")
+                } else {
+                    f
+                }
+            })
             .collect();
         fams.sort();
         fams.dedup();

@@ -44,7 +44,12 @@ pub fn converged(world: &World, keys: usize) -> bool {
         let objects: Vec<Option<Object>> = world
             .primaries(&key)
             .into_iter()
-            .map(|p| world.machines[p].node.as_ref().and_then(|n| n.local_get(&key).ok().flatten()))
+            .map(|p| {
+                world.machines[p]
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.local_get(&key).ok().flatten())
+            })
             .collect();
         objects.iter().all(|o| *o == objects[0])
     })
@@ -91,7 +96,10 @@ pub fn check(
             .iter()
             .map(|p| {
                 let m = &world.machines[*p];
-                let o = m.node.as_ref().and_then(|n| n.local_get(&key).ok().flatten());
+                let o = m
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.local_get(&key).ok().flatten());
                 (m.me.name.clone(), o)
             })
             .collect();
@@ -198,11 +206,21 @@ pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
         .collect();
     s.push_str(&format!("    primaries of k{key}: {primaries:?}\n"));
     for p in world.primaries(&k) {
-        if let Some(o) = world.machines[p].node.as_ref().and_then(|n| n.local_get(&k).ok().flatten()) {
+        if let Some(o) = world.machines[p]
+            .node
+            .as_ref()
+            .and_then(|n| n.local_get(&k).ok().flatten())
+        {
             let clock: Vec<String> = o
                 .clock()
                 .iter()
-                .map(|(id, e)| format!("{}:{}", names.get(id).cloned().unwrap_or_default(), e.counter))
+                .map(|(id, e)| {
+                    format!(
+                        "{}:{}",
+                        names.get(id).cloned().unwrap_or_default(),
+                        e.counter
+                    )
+                })
                 .collect();
             let sibs: Vec<String> = o
                 .siblings()
@@ -214,7 +232,8 @@ pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
                         sb.dot.counter,
                         sb.value
                             .as_ref()
-                            .map_or("<tombstone>".into(), |v| String::from_utf8_lossy(v).into_owned())
+                            .map_or("<tombstone>".into(), |v| String::from_utf8_lossy(v)
+                                .into_owned())
                     )
                 })
                 .collect();

@@ -99,7 +99,11 @@ impl Shared {
 
     /// Sends a client request to a random running node, as a task of that
     /// node (its crash aborts it).
-    async fn request(&self, rng: &mut SimRng, request: Request) -> (String, Result<Response, String>) {
+    async fn request(
+        &self,
+        rng: &mut SimRng,
+        request: Request,
+    ) -> (String, Result<Response, String>) {
         let (node, name) = {
             let w = self.world.lock().expect("world lock");
             let up: Vec<usize> = (0..w.machines.len()).filter(|i| w.is_up(*i)).collect();
@@ -127,7 +131,12 @@ impl Shared {
         self.history.lock().expect("history lock").push(op);
     }
 
-    async fn get(&self, c: usize, rng: &mut SimRng, key: usize) -> Option<(CausalContext, BTreeSet<String>)> {
+    async fn get(
+        &self,
+        c: usize,
+        rng: &mut SimRng,
+        key: usize,
+    ) -> Option<(CausalContext, BTreeSet<String>)> {
         let start_ms = self.now_ms();
         let (via, r) = self
             .request(
@@ -270,7 +279,15 @@ pub async fn client(shared: Arc<Shared>, c: usize, ops: usize, mut rng: SimRng) 
             15..=39 => {
                 let v = fresh(&mut n);
                 let r = shared
-                    .write(c, &mut rng, key, Some(v.clone()), Ctx::None, None, BTreeSet::new())
+                    .write(
+                        c,
+                        &mut rng,
+                        key,
+                        Some(v.clone()),
+                        Ctx::None,
+                        None,
+                        BTreeSet::new(),
+                    )
                     .await;
                 replies[key] = r.map(|ctx| (ctx, BTreeSet::from([v])));
                 done += 1;
@@ -284,7 +301,15 @@ pub async fn client(shared: Arc<Shared>, c: usize, ops: usize, mut rng: SimRng) 
                     reads.push((key, ctx.clone(), seen.clone()));
                     let value = (dice < 70).then(|| fresh(&mut n));
                     let r = shared
-                        .write(c, &mut rng, key, value.clone(), Ctx::Read, Some(ctx), seen.clone())
+                        .write(
+                            c,
+                            &mut rng,
+                            key,
+                            value.clone(),
+                            Ctx::Read,
+                            Some(ctx),
+                            seen.clone(),
+                        )
                         .await;
                     let mut stands_for = seen;
                     stands_for.extend(value);
@@ -406,10 +431,17 @@ pub async fn nemesis(
                     let lost = w.crash(i, power.then_some(&mut rng));
                     down_since[i] = Some(now);
                     if power {
-                        shared.power_losses.lock().expect("power lock").push((now, i));
+                        shared
+                            .power_losses
+                            .lock()
+                            .expect("power lock")
+                            .push((now, i));
                         stats.power_losses += 1;
                         stats.batches_lost += lost;
-                        log(format!("power loss of {} ({lost} unsynced batches lost)", w.name(i)));
+                        log(format!(
+                            "power loss of {} ({lost} unsynced batches lost)",
+                            w.name(i)
+                        ));
                     } else {
                         stats.crashes += 1;
                         log(format!("crash of {}", w.name(i)));
