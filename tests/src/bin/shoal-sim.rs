@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
+//!           [--pruning-percent 20]
 //! shoal-sim --seed 123 --verbose        # replay: summary, report, trace
 //! ```
 //! Prints a progress line, every failing seed with its report, and a final
@@ -37,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             "--power-loss-percent" => options.power_loss_percent = value()?.parse()?,
             "--verbose" => verbose = true,
             "--any-reply-context" => options.any_reply_context = true,
+            "--pruning-percent" => options.pruning_percent = value()?.parse()?,
             other => anyhow::bail!("unknown argument {other}; see the doc of shoal-sim"),
         }
     }

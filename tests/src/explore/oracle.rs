@@ -62,6 +62,7 @@ pub fn check(
     keys: usize,
     history: &[Op],
     power_losses: &[(u64, usize)],
+    pruning: bool,
 ) -> Vec<Violation> {
     let mut out = Vec::new();
     // Rule: no hints remain.
@@ -148,7 +149,9 @@ pub fn check(
                     .iter()
                     .any(|(t, m)| *t < o.end_ms && primaries.contains(m));
                 out.push(Violation {
-                    family: if after_power_loss {
+                    family: if pruning {
+                        "P (a dot minted again after its clock entry was pruned)"
+                    } else if after_power_loss {
                         "D (a dot minted again after a power loss lost the unsynced tail)"
                     } else if later_old_context {
                         "A (an old context superseded a later write it never saw)"

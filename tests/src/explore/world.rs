@@ -34,8 +34,14 @@ pub const REAP_EVERY: Duration = Duration::from_millis(500);
 /// can lose is what was written since).
 pub const SYNC_EVERY: Duration = Duration::from_millis(1000);
 
-/// The settings of every simulated node (its clock aside).
-pub fn sim_settings(clock: Clock) -> Settings {
+/// Clock pruning bounds of a seed that prunes: (max entries, min age ms).
+pub type Pruning = Option<(usize, u64)>;
+
+/// The settings of every simulated node (its clock aside); `pruning`
+/// overrides the clock bounds (the default, 50 entries and a day, never
+/// prunes in a simulation).
+pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
+    let (clock_max_entries, clock_min_age_ms) = pruning.unwrap_or((50, 86_400_000));
     Settings {
         n: 3,
         r: 2,
@@ -44,8 +50,8 @@ pub fn sim_settings(clock: Clock) -> Settings {
         pw: 0,
         max_value_bytes: 1024,
         request_timeout: Duration::from_millis(1500),
-        clock_max_entries: 50,
-        clock_min_age_ms: 86_400_000,
+        clock_max_entries,
+        clock_min_age_ms,
         detector: DetectorConfig {
             heartbeat: Duration::from_millis(100),
             threshold: 8.0,
@@ -93,6 +99,7 @@ pub struct World {
     expected: Vec<MemberConfig>,
     /// Simulated epoch: tokio's instant at which node clocks read `START_MS`.
     origin: tokio::time::Instant,
+    pruning: Pruning,
 }
 
 /// What node clocks read at the start (a fixed date: reproducible).
@@ -100,7 +107,7 @@ const START_MS: u64 = 1_800_000_000_000;
 
 impl World {
     /// `size` machines, started; clock skews drawn from `rng`.
-    pub fn new(net: Arc<SimNetwork>, size: usize, rng: &mut SimRng) -> Self {
+    pub fn new(net: Arc<SimNetwork>, size: usize, rng: &mut SimRng, pruning: Pruning) -> Self {
         let members: Vec<MemberInfo> = (1..=size)
             .map(|i| MemberInfo {
                 id: NodeId::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15),
@@ -136,6 +143,7 @@ impl World {
             machines,
             expected,
             origin: tokio::time::Instant::now(),
+            pruning,
         };
         for i in 0..size {
             w.start(i);
@@ -150,6 +158,7 @@ impl World {
             machines: Vec::new(),
             expected: Vec::new(),
             origin: tokio::time::Instant::now(),
+            pruning: None,
         }
     }
 
@@ -176,7 +185,7 @@ impl World {
             _ => Vec::new(),
         };
         let clock = Clock::tokio(START_MS + m.skew_ms, self.origin);
-        let settings = sim_settings(clock);
+        let settings = sim_settings(clock, self.pruning);
         let membership = Membership::new(self.expected.clone(), known, PARTITIONS, 3);
         let node = Node::new(
             m.me.clone(),
