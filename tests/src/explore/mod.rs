@@ -67,8 +67,10 @@
 //!   primary after its answer was lost);
 //! - **P**: an acknowledged write lost in a seed that prunes clocks (a
 //!   coordinator whose entry was pruned mints its dots again);
-//! - **lost**: an acknowledged write lost otherwise (so far: an older
-//!   copy's clock covering dots minted again after a reap).
+//! - **lost**: an acknowledged write lost otherwise (so far: A's and B's
+//!   causes together: a copy from before a reap, such as a hint the
+//!   coordinator kept for a primary it could not reach, handed off after
+//!   the reap, whose clock covers the dots minted again since).
 //! The report prints the key's history, what each primary holds and the
 //! faults, which is the evidence.
 //!

@@ -176,7 +176,9 @@ pub fn check(
             if let Some(by) = must_be_gone.get(v.as_str()) {
                 let put = ops.iter().find(|o| o.value.as_deref() == Some(v.as_str()));
                 let family = match put {
-                    Some(p) if p.end_ms > by.end_ms => {
+                    // Still unanswered when the superseding write began: a
+                    // retry may have applied it again after.
+                    Some(p) if p.end_ms > by.start_ms => {
                         "F (the write applied again after what superseded it: a retried forward)"
                     }
                     _ => "B (superseded, reaped, then brought back by an older copy)",
