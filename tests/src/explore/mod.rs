@@ -101,7 +101,8 @@ pub const QUIET_MAX: Duration = Duration::from_secs(60);
 /// The fault envelope, as printed by the runner.
 pub const ENVELOPE: &str = "fault envelope: <= 1 power loss per seed (W-1 permanent losses of the unsynced tail per key), \
 power loss only through the unsynced tail (OS flush every 1 s), <= 1 node down at a time (2 in 10% of seeds), \
-each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period";
+each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period; \
+clock pruning only with --pruning-percent";
 
 /// What to explore.
 #[derive(Debug, Clone, Copy)]
