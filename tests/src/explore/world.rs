@@ -1,0 +1,269 @@
+//! The simulated cluster: real nodes over the simulated network and
+//! in-memory stores, each running the production background loops, with
+//! crash (kill -9), power loss (the unsynced tail) and restart through the
+//! normal start path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::proto::MemberInfo;
+use shoal_node::antientropy::AaeSettings;
+use shoal_node::clock::Clock;
+use shoal_node::config::MemberConfig;
+use shoal_node::coordinator::{Node, Settings};
+use shoal_node::detector::DetectorConfig;
+use shoal_node::handoff::HandoffSettings;
+use shoal_node::membership::Membership;
+use shoal_node::net::sim::{SimNetwork, SimRng};
+use shoal_node::server::MEMBERS_KEY;
+use shoal_node::storage::{MemoryStore, Store, Tree};
+use shoal_ring::NodeId;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::sim::SimNode;
+
+/// Partitions of the simulated ring: few, so sweeps are cheap and keys
+/// share partitions.
+pub const PARTITIONS: u32 = 16;
+/// The tombstone grace period and the reaper's pace: short, so reaping
+/// happens while faults are still going on.
+pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(1);
+pub const REAP_EVERY: Duration = Duration::from_millis(500);
+/// How often the operating system flushes a node's WAL (what a power loss
+/// can lose is what was written since).
+pub const SYNC_EVERY: Duration = Duration::from_millis(1000);
+
+/// Clock pruning bounds of a seed that prunes: (max entries, min age ms).
+pub type Pruning = Option<(usize, u64)>;
+
+/// The settings of every simulated node (its clock aside); `pruning`
+/// overrides the clock bounds (the default, 50 entries and a day, never
+/// prunes in a simulation).
+pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
+    let (clock_max_entries, clock_min_age_ms) = pruning.unwrap_or((50, 86_400_000));
+    Settings {
+        n: 3,
+        r: 2,
+        w: 2,
+        pr: 0,
+        pw: 0,
+        max_value_bytes: 1024,
+        request_timeout: Duration::from_millis(1500),
+        clock_max_entries,
+        clock_min_age_ms,
+        detector: DetectorConfig {
+            heartbeat: Duration::from_millis(100),
+            threshold: 8.0,
+            acceptable_pause: Duration::from_millis(200),
+            min_std_dev: Duration::from_millis(50),
+            window: 100,
+        },
+        handoff: HandoffSettings {
+            interval: Duration::from_millis(300),
+            batch_size: 100,
+            max_keys_per_sec: 100_000,
+        },
+        aae: AaeSettings {
+            interval: Duration::from_millis(1000),
+            rebuild_every: Duration::from_secs(10),
+            rebuild_keys_per_sec: 1_000_000,
+            max_repairs_per_sec: 1_000_000,
+            tombstone_grace: TOMBSTONE_GRACE,
+            reap_every: REAP_EVERY,
+        },
+        read_repair_window: Duration::from_millis(200),
+        object_cache_bytes: 1 << 20,
+        clock,
+    }
+}
+
+/// One simulated machine.
+pub struct Machine {
+    pub me: MemberInfo,
+    /// The store handle of the running process (a restart reopens it, which
+    /// fences the handle of the crashed one).
+    pub store: Arc<MemoryStore>,
+    /// The running node, `None` while down.
+    pub node: Option<SimNode>,
+    /// Stops and aborts the node's background loops.
+    stop: Option<watch::Sender<bool>>,
+    background: Vec<JoinHandle<()>>,
+    /// Wall-clock offset of this machine (skew), in ms.
+    pub skew_ms: u64,
+}
+
+pub struct World {
+    pub net: Arc<SimNetwork>,
+    pub machines: Vec<Machine>,
+    expected: Vec<MemberConfig>,
+    /// Simulated epoch: tokio's instant at which node clocks read `START_MS`.
+    origin: tokio::time::Instant,
+    pruning: Pruning,
+}
+
+/// What node clocks read at the start (a fixed date: reproducible).
+const START_MS: u64 = 1_800_000_000_000;
+
+impl World {
+    /// `size` machines, started; clock skews drawn from `rng`.
+    pub fn new(net: Arc<SimNetwork>, size: usize, rng: &mut SimRng, pruning: Pruning) -> Self {
+        let members: Vec<MemberInfo> = (1..=size)
+            .map(|i| MemberInfo {
+                id: NodeId::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15),
+                name: format!("node{i}"),
+                client_addr: ([127, 0, 0, 1], 7000 + i as u16).into(),
+                peer_addr: ([127, 0, 0, 1], 8000 + i as u16).into(),
+            })
+            .collect();
+        let expected = members
+            .iter()
+            .map(|m| MemberConfig {
+                name: m.name.clone(),
+                peer_addr: m.peer_addr,
+            })
+            .collect();
+        let machines = members
+            .into_iter()
+            .map(|me| {
+                let store = MemoryStore::new();
+                store.track_unsynced();
+                Machine {
+                    me,
+                    store: Arc::new(store),
+                    node: None,
+                    stop: None,
+                    background: Vec::new(),
+                    skew_ms: rng.below(400),
+                }
+            })
+            .collect();
+        let mut w = World {
+            net,
+            machines,
+            expected,
+            origin: tokio::time::Instant::now(),
+            pruning,
+        };
+        for i in 0..size {
+            w.start(i);
+        }
+        w
+    }
+
+    /// A world of no machines (a placeholder once the real one is taken).
+    pub fn empty(net: Arc<SimNetwork>) -> Self {
+        World {
+            net,
+            machines: Vec::new(),
+            expected: Vec::new(),
+            origin: tokio::time::Instant::now(),
+            pruning: None,
+        }
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.machines[i].me.name
+    }
+
+    pub fn is_up(&self, i: usize) -> bool {
+        self.machines[i].node.is_some()
+    }
+
+    pub fn up_count(&self) -> usize {
+        self.machines.iter().filter(|m| m.node.is_some()).count()
+    }
+
+    /// Starts machine `i` the way `server::start` does: membership from what
+    /// the store persisted, `learn(me)`, hint counts loaded, then the
+    /// background loops.
+    pub fn start(&mut self, i: usize) {
+        let m = &mut self.machines[i];
+        assert!(m.node.is_none(), "{} is already running", m.me.name);
+        let known: Vec<MemberInfo> = match m.store.get(Tree::Meta, MEMBERS_KEY) {
+            Ok(Some(bytes)) => rmp_serde::from_slice(&bytes).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let clock = Clock::tokio(START_MS + m.skew_ms, self.origin);
+        let settings = sim_settings(clock, self.pruning);
+        let membership = Membership::new(self.expected.clone(), known, PARTITIONS, 3);
+        let node = Node::new(
+            m.me.clone(),
+            settings,
+            m.store.clone(),
+            self.net.transport(&m.me.name),
+            membership,
+        );
+        self.net.register(&m.me.name, Arc::new(node.clone()));
+        node.learn(m.me.clone());
+        node.load_hint_counts().expect("hint counts load");
+        self.net.restart(&m.me.name);
+        let (stop, rx) = watch::channel(false);
+        m.background = shoal_node::server::start_background(&node, rx);
+        m.stop = Some(stop);
+        m.node = Some(node);
+    }
+
+    /// Kills machine `i` (kill -9): its tasks are aborted, its transport and
+    /// store handle die with it. With `power_loss`, the store also loses
+    /// all but the first `keep` batches written since its last sync; returns
+    /// how many it lost.
+    pub fn crash(&mut self, i: usize, power_loss: Option<&mut SimRng>) -> usize {
+        let m = &mut self.machines[i];
+        self.net.kill(&m.me.name);
+        for t in m.background.drain(..) {
+            t.abort();
+        }
+        m.stop = None;
+        m.node = None;
+        // Fence the dead process's handle now: tasks it spawned outside the
+        // network's control may still run, but can no longer write.
+        m.store = Arc::new(m.store.reopen());
+        match power_loss {
+            Some(rng) => {
+                let unsynced = m.store.unsynced_batches();
+                let keep = rng.below(unsynced as u64 + 1) as usize;
+                m.store.lose_unsynced_tail(keep)
+            }
+            None => 0,
+        }
+    }
+
+    /// The operating system flushes every machine's WAL.
+    pub fn sync_all(&self) {
+        for m in &self.machines {
+            m.store.sync();
+        }
+    }
+
+    /// Stops every background loop (before the final checks).
+    pub async fn stop_background(&mut self) {
+        for m in &mut self.machines {
+            if let Some(stop) = m.stop.take() {
+                let _ = stop.send(true);
+            }
+            for t in m.background.drain(..) {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+    }
+
+    /// Names of the key's primaries (from any running node's view).
+    pub fn primaries(&self, key: &[u8]) -> Vec<usize> {
+        let view = self
+            .machines
+            .iter()
+            .find_map(|m| m.node.as_ref().and_then(|n| n.membership().view()))
+            .expect("a ring view");
+        view.preference_list(key, 3)
+            .into_iter()
+            .map(|p| {
+                self.machines
+                    .iter()
+                    .position(|m| m.me.id == p.id)
+                    .expect("a member")
+            })
+            .collect()
+    }
+}
