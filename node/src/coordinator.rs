@@ -514,6 +514,15 @@ impl<T: Transport, S: Store> Node<T, S> {
             return Ok(false);
         }
         self.write_object(&mut stripe, key, Some(&raw), None)?;
+        // Forgotten here: never write under its actors again (before the
+        // stripe is released, so no write to the key sees them live).
+        let full = self.inner.actors.retire(expected);
+        drop(stripe);
+        if full {
+            let incarnation = next_incarnation(self.inner.store.as_ref())?;
+            self.inner.actors.new_incarnation(incarnation);
+            tracing::info!(incarnation, "new incarnation: retired actors reached their bound");
+        }
         Ok(true)
     }
 
@@ -1155,7 +1164,7 @@ fn actor_name(actor: &NodeId, view: &View) -> String {
     let (prefix, incarnation, epoch) = Actors::parts(actor);
     view.members
         .values()
-        .find(|m| m.id.0[..6] == prefix)
+        .find(|m| Actors::node_prefix(&m.id) == prefix)
         .map_or_else(
             || actor.to_hex(),
             |m| format!("{}#{incarnation}.{epoch}", m.name),

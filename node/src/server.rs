@@ -143,14 +143,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let store =
         Arc::new(RocksStore::open(&config.data_dir.join("db"), config.fsync).map_err(store_err)?);
     let id = node_id(&store).map_err(store_err)?;
-    let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY).map_err(store_err)? {
-        // Unreadable: harmless to forget, members are re-learned by hello.
-        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "stored member list unreadable; re-identifying members");
-            Vec::new()
-        }),
-        None => Vec::new(),
-    };
 
     let idle = Duration::from_millis(config.timeouts.idle_ms);
     let tls = |e: crate::net::tls::TlsError| StartError::Tls(e.0);
@@ -186,25 +178,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             m.peer_addr = peer_addr;
         }
     }
-    let membership = Membership::new(
-        expected,
-        known,
-        config.cluster.partitions,
-        config.cluster.n as usize,
-    );
-    let node = Node::new(
-        me.clone(),
+    let node = open_node(
+        me,
         Settings::from_config(&config),
         store,
         transport,
-        membership,
+        expected,
+        config.cluster.partitions,
     )
     .map_err(store_err)?;
-    node.learn(me);
-    let held = node.load_hint_counts().map_err(store_err)?;
-    if held > 0 {
-        info!(hints = held, "holding hints for other nodes");
-    }
 
     let (shutdown, rx) = watch::channel(false);
     let handler = Arc::new(node.clone());
@@ -252,6 +234,37 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         endpoints: vec![client_endpoint, peer_endpoint],
         tasks,
     })
+}
+
+/// Builds a node over its store as every start does, the real one and the
+/// simulation's restart alike: the members it learned before, a new
+/// incarnation, itself as a member, its hint counts. `expected` is the
+/// configured member list, `partitions` the ring's size.
+pub fn open_node<T: Transport, S: Store>(
+    me: MemberInfo,
+    settings: Settings,
+    store: Arc<S>,
+    transport: T,
+    expected: Vec<crate::config::MemberConfig>,
+    partitions: u32,
+) -> Result<Node<T, S>, StoreError> {
+    let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY)? {
+        // Unreadable: harmless to forget, members are re-learned by hello.
+        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "stored member list unreadable; re-identifying members");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    let n = settings.n as usize;
+    let membership = Membership::new(expected, known, partitions, n);
+    let node = Node::new(me.clone(), settings, store, transport, membership)?;
+    node.learn(me);
+    let held = node.load_hint_counts()?;
+    if held > 0 {
+        info!(hints = held, "holding hints for other nodes");
+    }
+    Ok(node)
 }
 
 /// Starts a node's background loops: heartbeats, hinted handoff,

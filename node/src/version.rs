@@ -35,7 +35,7 @@
 //! object, and that knowledge can be lost: the key's tombstone was reaped,
 //! clock pruning dropped the entry, a power loss took the unsynced WAL tail,
 //! the data directory was wiped. So dots are not minted under the node id but
-//! under an *actor* ([`Actors`]): the node id's first 6 bytes, the node's
+//! under an *actor* ([`Actors`]): 6 bytes of a hash of the node id, the node's
 //! *incarnation* (a counter bumped and synced on every start) and an *epoch*
 //! (a counter in memory, bumped whenever this incarnation needs a new actor).
 //! A write reuses the newest actor of the current incarnation that the stored
@@ -84,73 +84,117 @@ pub enum VersionError {
 const MAX_EPOCH: u64 = (1 << 48) - 1;
 
 /// The actors a node mints dots under (see the module doc): 16 bytes of
-/// node-id prefix (6), incarnation (4) and epoch (6), all big-endian.
+/// node-id hash (6), incarnation (4) and epoch (6), all big-endian.
 #[derive(Debug)]
 pub struct Actors {
     prefix: [u8; 6],
+    state: std::sync::Mutex<ActorState>,
+}
+
+/// Retired epochs an incarnation keeps before it asks for a new incarnation
+/// (which retires every actor at once and empties the set).
+pub const MAX_RETIRED: usize = 100_000;
+
+#[derive(Debug)]
+struct ActorState {
     incarnation: u32,
     /// The last epoch handed out; epochs start at 1.
-    epoch: std::sync::atomic::AtomicU64,
+    epoch: u64,
+    /// Epochs of this incarnation whose key this node forgot (reaped): the
+    /// counters minted under them are known nowhere here any more, so they
+    /// are never written under again, even if a merge or a context brings
+    /// their entry back into the key's clock.
+    retired: std::collections::HashSet<u64>,
 }
 
 impl Actors {
     pub fn new(node: NodeId, incarnation: u32) -> Self {
-        let mut prefix = [0u8; 6];
-        prefix.copy_from_slice(&node.0[..6]);
         Actors {
-            prefix,
-            incarnation,
-            epoch: std::sync::atomic::AtomicU64::new(0),
+            prefix: Actors::node_prefix(&node),
+            state: std::sync::Mutex::new(ActorState {
+                incarnation,
+                epoch: 0,
+                retired: Default::default(),
+            }),
         }
     }
 
-    /// The actor of `epoch` in this incarnation.
-    fn actor(&self, epoch: u64) -> NodeId {
+    /// The 6 bytes that stand for `node` in its actors: a hash of the whole
+    /// id (FNV-1a), so ids that share leading bytes (made by hand, or by a
+    /// test) still get distinct actors.
+    pub fn node_prefix(node: &NodeId) -> [u8; 6] {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in node.0 {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut prefix = [0u8; 6];
+        prefix.copy_from_slice(&h.to_be_bytes()[..6]);
+        prefix
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ActorState> {
+        // Nothing under this lock can panic; recover the data if it did.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The actor of `epoch` in `incarnation`.
+    fn actor(&self, incarnation: u32, epoch: u64) -> NodeId {
         let mut id = [0u8; 16];
         id[..6].copy_from_slice(&self.prefix);
-        id[6..10].copy_from_slice(&self.incarnation.to_be_bytes());
+        id[6..10].copy_from_slice(&incarnation.to_be_bytes());
         id[10..].copy_from_slice(&epoch.to_be_bytes()[2..]);
         NodeId(id)
     }
 
-    /// The epoch of `actor` if it is one of this incarnation's.
-    fn epoch_of(&self, actor: &NodeId) -> Option<u64> {
+    /// The epoch of `actor` if it is one of `incarnation`'s.
+    fn epoch_in(&self, actor: &NodeId, incarnation: u32) -> Option<u64> {
         let a = &actor.0;
-        (a[..6] == self.prefix && a[6..10] == self.incarnation.to_be_bytes()).then(|| {
+        (a[..6] == self.prefix && a[6..10] == incarnation.to_be_bytes()).then(|| {
             let mut e = [0u8; 8];
             e[2..].copy_from_slice(&a[10..]);
             u64::from_be_bytes(e)
         })
     }
 
-    /// Whether `actor` belongs to this incarnation (its entries are never
-    /// pruned, so it never forgets what it minted).
+    /// Whether `actor` belongs to the current incarnation (its entries are
+    /// never pruned, so the node never forgets what it minted under it).
     pub fn is_current(&self, actor: &NodeId) -> bool {
-        self.epoch_of(actor).is_some()
+        let st = self.state();
+        self.epoch_in(actor, st.incarnation).is_some()
+    }
+
+    fn fresh_in(&self, st: &mut ActorState) -> Result<NodeId, VersionError> {
+        if st.epoch >= MAX_EPOCH {
+            return Err(VersionError::EpochsExhausted(MAX_EPOCH));
+        }
+        st.epoch += 1;
+        Ok(self.actor(st.incarnation, st.epoch))
     }
 
     /// A new actor, named in no clock anywhere.
     pub fn fresh(&self) -> Result<NodeId, VersionError> {
-        let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if epoch > MAX_EPOCH {
-            return Err(VersionError::EpochsExhausted(MAX_EPOCH));
-        }
-        Ok(self.actor(epoch))
+        let mut st = self.state();
+        self.fresh_in(&mut st)
     }
 
     /// The actor a write to `object` with `context` is minted under: the
-    /// newest of this incarnation's actors that the object names, unless the
-    /// context knows more of it than the object (then, or when there is none,
-    /// a fresh one).
+    /// newest live (not retired) actor of this incarnation that the object
+    /// names, unless the context knows more of it than the object (then, or
+    /// when there is none, a fresh one).
     pub fn for_write(
         &self,
         object: &Object,
         context: &VersionVector,
     ) -> Result<NodeId, VersionError> {
+        let mut st = self.state();
         let newest = object
             .clock
             .iter()
-            .filter_map(|(a, e)| self.epoch_of(a).map(|epoch| (epoch, *a, e.counter)))
+            .filter_map(|(a, e)| {
+                self.epoch_in(a, st.incarnation)
+                    .filter(|epoch| !st.retired.contains(epoch))
+                    .map(|epoch| (epoch, *a, e.counter))
+            })
             .max();
         match newest {
             Some((_, actor, counter))
@@ -158,11 +202,36 @@ impl Actors {
             {
                 Ok(actor)
             }
-            _ => self.fresh(),
+            _ => self.fresh_in(&mut st),
         }
     }
 
-    /// The node-id prefix, incarnation and epoch of any actor, for display.
+    /// Records that this node forgot `object`'s key (its tombstone was
+    /// reaped): the actors of this incarnation it names are never written
+    /// under again. Returns true once [`MAX_RETIRED`] epochs are retired:
+    /// the caller should then start a new incarnation
+    /// ([`Actors::new_incarnation`]), which retires them all at once.
+    pub fn retire(&self, object: &Object) -> bool {
+        let mut st = self.state();
+        let inc = st.incarnation;
+        for a in object.clock.keys() {
+            if let Some(epoch) = self.epoch_in(a, inc) {
+                st.retired.insert(epoch);
+            }
+        }
+        st.retired.len() >= MAX_RETIRED
+    }
+
+    /// Moves to `incarnation` (durably recorded by the caller, and newer
+    /// than any before): every earlier actor is retired.
+    pub fn new_incarnation(&self, incarnation: u32) {
+        let mut st = self.state();
+        st.incarnation = incarnation;
+        st.epoch = 0;
+        st.retired.clear();
+    }
+
+    /// The node-id hash, incarnation and epoch of any actor, for display.
     pub fn parts(actor: &NodeId) -> ([u8; 6], u32, u64) {
         let a = &actor.0;
         let mut prefix = [0u8; 6];
@@ -270,16 +339,21 @@ impl Object {
     /// The context a put's reply hands out: what the put's `context` covered
     /// plus the write's own `dot`, so a client that writes again with it
     /// supersedes its own write and nothing it never saw. A version vector
-    /// cannot leave a gap: if a concurrent write minted by the same actor
+    /// cannot leave a gap: if a concurrent value minted by the same actor
     /// lies between the context and the dot, covering the dot would cover
     /// it too, so the reply then covers only the put's context (a later put
-    /// with it keeps this write as a sibling rather than drop that one).
+    /// with it keeps this write as a sibling rather than drop that one; the
+    /// reply's sibling count tells the client so). A concurrent tombstone
+    /// in the gap may be covered: it holds no value, and the clock entries
+    /// that keep what it deleted deleted stay in the object.
     pub fn reply_context(&self, context: &VersionVector, dot: Dot) -> VersionVector {
         let seen = context.get(&dot.node).copied().unwrap_or(0);
-        let gap = self
-            .siblings
-            .iter()
-            .any(|s| s.dot.node == dot.node && s.dot.counter > seen && s.dot.counter < dot.counter);
+        let gap = self.siblings.iter().any(|s| {
+            s.value.is_some()
+                && s.dot.node == dot.node
+                && s.dot.counter > seen
+                && s.dot.counter < dot.counter
+        });
         let mut reply = context.clone();
         if !gap {
             reply.insert(dot.node, dot.counter);
@@ -462,6 +536,36 @@ mod tests {
         let mut values: Vec<&[u8]> = o.values().collect();
         values.sort();
         assert_eq!(values, vec![&b"v2"[..], &b"v3"[..]]);
+    }
+
+    /// Found by the simulation: node ids that differ only in their last
+    /// bytes (as tests make them) gave every node the same actors.
+    #[test]
+    fn nodes_whose_ids_share_leading_bytes_mint_under_different_actors() {
+        let a = Actors::new(NodeId::from_u128(1), 1);
+        let b = Actors::new(NodeId::from_u128(2), 1);
+        assert_ne!(a.fresh().unwrap(), b.fresh().unwrap());
+    }
+
+    /// Found by the simulation: after a key was reaped here, a stale
+    /// context (or a merge) brought this incarnation's old actor back into
+    /// the key's clock at a lower counter than it had minted; writing under
+    /// it again reused a dot of the key's earlier life.
+    #[test]
+    fn an_actor_of_a_reaped_key_is_never_written_under_again() {
+        let actors = Actors::new(node(0), 1);
+        let mut o = Object::default();
+        let a = actors.for_write(&o, &VersionVector::new()).unwrap();
+        o.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+        let stale = o.context();
+        let ctx = o.context();
+        o.update(&ctx, None, a, 2); // (a, 2) is the delete
+        assert!(!actors.retire(&o)); // reaped
+        // The new life: another node's write with the stale context names a.
+        let mut o = Object::default();
+        o.update(&stale, Some(b"v2".to_vec()), node(5), 3);
+        assert_eq!(o.clock()[&a].counter, 1);
+        assert_ne!(actors.for_write(&o, &VersionVector::new()).unwrap(), a);
     }
 
     #[test]

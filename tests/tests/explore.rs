@@ -48,7 +48,6 @@ fn replay() {
 /// blocks of 200 while the time spent is under `SHOAL_SIM_SECS` (default
 /// 0: none; CI sets 300 to run as many as fit in five minutes).
 #[test]
-#[ignore = "until A and B are fixed"]
 fn explore_seeds() {
     let range = std::env::var("SHOAL_SEEDS").unwrap_or_else(|_| "0..1000".into());
     let (a, b) = range.split_once("..").expect("SHOAL_SEEDS like 0..1000");

@@ -10,13 +10,11 @@ use shoal_client::proto::MemberInfo;
 use shoal_node::antientropy::AaeSettings;
 use shoal_node::clock::Clock;
 use shoal_node::config::MemberConfig;
-use shoal_node::coordinator::{Node, Settings};
+use shoal_node::coordinator::Settings;
 use shoal_node::detector::DetectorConfig;
 use shoal_node::handoff::HandoffSettings;
-use shoal_node::membership::Membership;
 use shoal_node::net::sim::{SimNetwork, SimRng};
-use shoal_node::server::MEMBERS_KEY;
-use shoal_node::storage::{MemoryStore, Store, Tree};
+use shoal_node::storage::MemoryStore;
 use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -180,23 +178,18 @@ impl World {
     pub fn start(&mut self, i: usize) {
         let m = &mut self.machines[i];
         assert!(m.node.is_none(), "{} is already running", m.me.name);
-        let known: Vec<MemberInfo> = match m.store.get(Tree::Meta, MEMBERS_KEY) {
-            Ok(Some(bytes)) => rmp_serde::from_slice(&bytes).unwrap_or_default(),
-            _ => Vec::new(),
-        };
         let clock = Clock::tokio(START_MS + m.skew_ms, self.origin);
         let settings = sim_settings(clock, self.pruning);
-        let membership = Membership::new(self.expected.clone(), known, PARTITIONS, 3);
-        let node = Node::new(
+        let node = shoal_node::server::open_node(
             m.me.clone(),
             settings,
             m.store.clone(),
             self.net.transport(&m.me.name),
-            membership,
-        );
+            self.expected.clone(),
+            PARTITIONS,
+        )
+        .expect("a memory store opens");
         self.net.register(&m.me.name, Arc::new(node.clone()));
-        node.learn(m.me.clone());
-        node.load_hint_counts().expect("hint counts load");
         self.net.restart(&m.me.name);
         let (stop, rx) = watch::channel(false);
         m.background = shoal_node::server::start_background(&node, rx);
