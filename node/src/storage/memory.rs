@@ -160,6 +160,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    /// Like a synced RocksDB write: this batch and every one before it
+    /// survive a power loss.
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write(batch)?;
+        self.sync();
+        Ok(())
+    }
+
     fn scan(
         &self,
         tree: Tree,

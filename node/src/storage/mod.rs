@@ -103,10 +103,9 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Writes `batch` durably (the WAL synced) whatever the engine's
     /// `fsync` setting: for the few records that must survive a power loss
-    /// (the incarnation counter).
-    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.write(batch)
-    }
+    /// (the incarnation counter). No default: an engine that did not sync here would let a power
+    /// loss undo an incarnation (found by the simulation's power losses).
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
     /// the tree), in key order.
     fn scan(
