@@ -33,6 +33,8 @@ pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod net;
+pub mod reaper;
+pub mod replica;
 pub mod server;
 pub mod storage;
 pub mod version;
