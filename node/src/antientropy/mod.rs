@@ -8,7 +8,7 @@
 //! Every `anti-entropy.interval-ms` a node sweeps the partitions it holds,
 //! one exchange at a time, with each other replica that is up and has a
 //! higher node id (so each pair is exchanged once). The protocol is
-//! [`AaeRequest`]: compare the 32 branch hashes (one round trip when in
+//! [`crate::net::AaeRequest`]: compare the 32 branch hashes (one round trip when in
 //! sync), then the leaves of differing branches, then the (key, digest)
 //! lists of differing segments (64 segments per request), then fetch the
 //! peer's objects for the keys that differ (answers capped at
@@ -39,8 +39,6 @@ pub use exchange::answer;
 use crate::liveness::Liveness;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-#[allow(unused_imports)] // named by the module doc
-use crate::net::AaeRequest;
 use crate::net::{PeerError, Transport, TransportError};
 use crate::reaper::Reaper;
 use crate::replica::Replica;

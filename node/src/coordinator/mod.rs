@@ -13,9 +13,9 @@
 //! hello/learn and `shoal status`.
 //!
 //! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
-//! - [`fanout`]: sloppy fan-out to primaries or fallbacks, and the tally.
-//! - [`read_repair`]: the background repair after a read.
-//! - [`inspect`]: `shoal inspect`.
+//! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
+//! - `read_repair`: the background repair after a read.
+//! - `inspect`: `shoal inspect`.
 //! - [`settings`]: [`Settings`], from the config.
 //!
 //! # Sloppy quorum

@@ -1,4 +1,4 @@
-//! The per-key lock and object cache: keys are spread over [`LOCK_STRIPES`]
+//! The per-key lock and object cache: keys are spread over `LOCK_STRIPES`
 //! stripes, each a mutex over a byte-bounded cache of stored objects.
 
 use std::collections::HashMap;
