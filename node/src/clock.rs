@@ -35,7 +35,10 @@ impl Clock {
     /// differing between nodes models skew.
     pub fn tokio(start_ms: u64, origin: tokio::time::Instant) -> Self {
         Clock(Arc::new(move || {
-            start_ms + tokio::time::Instant::now().duration_since(origin).as_millis() as u64
+            start_ms
+                + tokio::time::Instant::now()
+                    .duration_since(origin)
+                    .as_millis() as u64
         }))
     }
 
@@ -54,4 +57,12 @@ impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Clock(now = {} ms)", self.now_ms())
     }
+}
+
+/// Background work's rate limit (handoff, rebuilds, repairs, reaping):
+/// sleeps until `n` items begun at `began` have taken at least `n / per_sec`
+/// seconds. On tokio's clock, so the simulation's paused time drives it.
+pub async fn pace(began: tokio::time::Instant, n: usize, per_sec: u32) {
+    let floor = std::time::Duration::from_secs_f64(n as f64 / f64::from(per_sec.max(1)));
+    tokio::time::sleep_until(began + floor).await;
 }

@@ -1,26 +1,146 @@
 //! The Shoal server: a leaderless, Dynamo-style key-value node.
 //!
+//! A node is a handful of components, each owning its state and holding
+//! only the handles it needs; [`coordinator::Node`] owns one of each, wires
+//! them, and is what the servers, the tests and the simulation talk to.
+//! This page is the map: where each Dynamo concept lives, the life of a put
+//! and of a get, who owns what, the lock order and the tasks.
+//!
 //! # Layout
-//! - [`clock`]: wall-clock time as a handle, so the simulation controls it.
+//! Leaves first; no module imports another in a circle (checked by
+//! `tests/tests/layout.rs`, which also keeps every file under 600 lines).
+//! - [`clock`]: wall-clock time as a handle, so the simulation controls it;
+//!   [`clock::pace`], the rate limit of all background work.
 //! - [`config`]: the TOML config, defaults, validation naming the bad field.
 //! - [`storage`]: the [`storage::Store`] trait with RocksDB and in-memory
 //!   engines; every record is checksummed.
-//! - [`version`]: dotted version vector sets: siblings, contexts, merge.
-//! - [`net`]: the peer protocol, the [`net::Transport`] trait, QUIC with
-//!   (mutual) TLS, and a simulated network for tests.
+//! - [`version`]: dotted version vector sets: siblings, contexts, merge, and
+//!   the actors dots are minted under (a dot is never minted twice).
+//! - [`net`]: the peer protocol (every message type, [`net::PeerError`]), the
+//!   [`net::Transport`] and [`net::Handler`] traits, QUIC with (mutual) TLS,
+//!   and a simulated network for tests. It imports none of the services.
 //! - [`membership`]: the member list and the ring built from it.
 //! - [`detector`]: the phi-accrual failure detector, pure.
-//! - [`liveness`]: heartbeats feeding the detector; peer up/down transitions.
+//! - [`liveness`]: heartbeats feeding the detector, behind the
+//!   [`liveness::Liveness`] trait (`is_up`) that everything else uses.
 //! - [`metrics`]: counters and histograms, served as Prometheus text.
-//! - [`coordinator`]: sloppy-quorum reads and writes, read repair.
-//! - [`antientropy`]: Merkle trees per partition, rebuilt and exchanged.
-//! - [`handoff`]: hints kept for down primaries and delivered when they return.
-//! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry points.
+//! - [`replica`]: this node's copy of the data and the only code that
+//!   changes it: key locks, object cache, merge, the client write (dot
+//!   minting), compare-and-delete of tombstones, the Merkle trees and their
+//!   index ([`replica::trees`]), and hint storage ([`replica::hints`]).
+//! - [`coordinator`]: sloppy-quorum reads and writes, forwarding and read
+//!   repair ([`coordinator::quorum`], `fanout`, `read_repair`), and the
+//!   [`coordinator::Node`] facade with its request routing.
+//! - [`handoff`]: delivers hints to their primaries when they are back.
+//! - [`antientropy`]: Merkle-tree exchanges between replicas, and the loop
+//!   that rebuilds trees, sweeps and reaps.
+//! - [`reaper`]: deletes tombstones nothing can bring back any more.
+//! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry
+//!   points, [`server::start_background`] the one place background loops start.
 //! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
 //!
 //! The `shoal` binary (`src/bin/shoal/`) is argument parsing around these:
 //! `shoal node` calls [`server::run`], `shoal dev` starts one `shoal node`
 //! process per node on loopback, and the data commands use the SDK.
+//!
+//! # Life of a put
+//! 1. `net::quic::serve_clients` reads a frame and calls
+//!    [`net::Handler::client`] on the node, which is
+//!    [`coordinator::Node::coordinate`]; it hands every request but `Status`
+//!    to [`coordinator::Coordinator::coordinate`].
+//! 2. The coordinator takes the ring ([`membership::Membership::view`]) and
+//!    the key's preference list. If this node is not one of the N primaries
+//!    it forwards the request (`forward`): primaries seen up first, and only
+//!    a [`net::TransportError::Unreachable`] one is skipped for the next (a
+//!    request that may have run is never run twice).
+//! 3. `put` checks sizes and W/PW, decodes the causal context (bounded), and
+//!    fails at once if fewer than PW primaries are up.
+//! 4. [`replica::Replica::write`] applies the write to the local copy under
+//!    the key's stripe lock: [`version::Actors::for_write`] picks the actor,
+//!    `Object::update` mints the dot, the clock is pruned, and
+//!    `write_object` stores the object and its index entry in one batch,
+//!    then updates the object cache and the Merkle trees.
+//! 5. The reply context is [`version::Object::reply_context`]: the write and
+//!    the context it was given, nothing else.
+//! 6. `sloppy_fan_out` starts one task per other primary (`reach`): the
+//!    primary if [`liveness::Liveness`] says it is up, else the next live
+//!    fallback with a `HintPut`; a failed send moves to the next fallback; a
+//!    write nobody took becomes a hint kept here ([`replica::Replica::store_hint`]).
+//! 7. Each receiver's [`net::Handler::peer`] passes the request to
+//!    [`replica::Replica::answer`], which merges ([`replica::Replica::merge`])
+//!    or keeps the hint.
+//! 8. `Tally::collect` counts acks until W (PW of them primaries) or the
+//!    deadline; the client gets the reply or a quorum error naming who
+//!    answered. Sends still under way carry on.
+//! 9. Later, [`handoff::Handoff::round`] delivers the hints once their primary
+//!    is up, and anti-entropy repairs whatever was still missed.
+//!
+//! # Life of a get
+//! 1. As a put, up to the preference list (forwarded if not a primary).
+//! 2. `get` checks R/PR and the primaries up, then `sloppy_fan_out` asks all
+//!    N primaries (this node's own copy answered in place by
+//!    [`replica::Replica::answer`]); a fallback standing in answers from its
+//!    hint (`HintGet`).
+//! 3. `Tally::collect` waits for R answers (PR primaries); the reply is the
+//!    merge of what was heard, with its clock as the causal context.
+//! 4. A read-repair task (`coordinator::read_repair`) keeps reading the
+//!    slower answers for `timeouts.read-repair-ms`, merges all, and sends the
+//!    merge to each primary whose copy does not descend from it.
+//!
+//! # Who owns what
+//! | State | Owner | Shared as |
+//! |---|---|---|
+//! | the store: objects, index, hints, meta | [`replica::Replica`] | `Arc<Replica>` to coordinator, handoff, anti-entropy, reaper |
+//! | key locks + object cache (stripes) | `Replica` (`replica::stripe`) | private |
+//! | actors / incarnation | `Replica` | private |
+//! | Merkle trees, rebuild progress | `Replica` (`replica::trees`) | copies via `tree`/`trees` |
+//! | hint counts per primary | `Replica` (`replica::hints`) | copies via `hint_counts` |
+//! | failure detector | [`liveness::Detector`] | `Arc<dyn Liveness>` |
+//! | members and ring | [`membership::Membership`] | `Arc<Membership>` |
+//! | last exchange per partition | [`antientropy::AntiEntropy`] | `shoal status` |
+//! | counters and histograms | [`metrics::Metrics`] | `Arc<Metrics>` to all |
+//! | connections | the [`net::Transport`] | `Arc<T>` to all that call peers |
+//!
+//! The facade ([`coordinator::Node`]) owns the components and delegates;
+//! the components never see the facade or each other, except the
+//! anti-entropy loop, which drives the reaper so the two never overlap.
+//!
+//! # Lock order
+//! Only `std::sync::Mutex`/`RwLock`, never held across an await.
+//! - a key's stripe, then the trees lock (`write_object`; a rebuild's
+//!   per-key step);
+//! - a key's stripe, then the hint counts lock (`store_hint`,
+//!   `delete_delivered`);
+//! - a fan-out's fallback pool, then the detector (`Fallbacks::next_live`);
+//! - the trees lock alone while a rebuild reads a page of keys from the
+//!   store (so no write falls between that read and its bookkeeping);
+//! - the detector is released before the metrics' peer map is taken; the
+//!   membership lock, the exchange log and the metrics are leaves.
+//!
+//! # Tasks
+//! - [`server::start`] spawns the client and peer QUIC servers (which spawn
+//!   a task per connection and per stream) and the metrics server.
+//! - [`server::start_background`] spawns the node's loops and returns their
+//!   handles; it is the only place they start, for the QUIC server and the
+//!   simulation alike: heartbeats (`Node::heartbeat_round`, whose pings live
+//!   in a `JoinSet` owned by the round), handoff (`Node::handoff_round`),
+//!   anti-entropy (`AntiEntropy::run`: tree rebuilds, sweeps, reaping) and
+//!   member identification (`Node::say_hello`). Each stops when the `stop`
+//!   watch turns true; [`server::Running::stop`] also aborts the handles,
+//!   and a simulation crashes a node the same way.
+//! - Per request, `sloppy_fan_out` and `fan_out` spawn one task per target
+//!   and `get` one read-repair task. These are plain `tokio::spawn`s that
+//!   outlive the request on purpose (slow replicas still get the write), so
+//!   aborting a node's loops does not abort them: they end when their
+//!   transport calls fail or, for read repair, when its window closes.
+//!
+//! # Errors
+//! `thiserror` enums that say what failed with which input:
+//! [`storage::StoreError`], [`version::VersionError`],
+//! [`version::DecodeError`], [`replica::ReplicaError`],
+//! [`antientropy::ExchangeError`], [`net::TransportError`], and
+//! [`net::PeerError`], which travels in `PeerResponse::Error` so that peers
+//! and tests match variants, not text. Clients get `WireError`s with a kind.
 
 pub mod antientropy;
 pub mod certs;
@@ -33,6 +153,8 @@ pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod net;
+pub mod reaper;
+pub mod replica;
 pub mod server;
 pub mod storage;
 pub mod version;

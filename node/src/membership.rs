@@ -18,6 +18,10 @@ use std::sync::{Arc, RwLock};
 use shoal_client::proto::MemberInfo;
 use shoal_ring::{NodeId, Ring};
 
+/// Meta-tree key of the learned member list (see the module doc: what a
+/// node learned survives its restart).
+pub const MEMBERS_KEY: &[u8] = b"members";
+
 use crate::config::MemberConfig;
 
 /// The ring and the members it was built from, always consistent together.

@@ -22,8 +22,7 @@ use crate::storage::{RocksStore, Store, StoreError, Tree};
 
 /// Meta-tree key of this node's id.
 pub const NODE_ID_KEY: &[u8] = b"node-id";
-/// Meta-tree key of the learned member list.
-pub const MEMBERS_KEY: &[u8] = b"members";
+pub use crate::membership::MEMBERS_KEY;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]

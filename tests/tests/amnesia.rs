@@ -31,7 +31,10 @@ async fn reaping_cluster(nodes: usize) -> DevCluster {
     let mut c = DevCluster::start(nodes).await;
     c.reconfigure(|config| {
         let mut t = toml::Table::new();
-        t.insert("tombstone-grace-secs".into(), toml::Value::Integer(GRACE_SECS));
+        t.insert(
+            "tombstone-grace-secs".into(),
+            toml::Value::Integer(GRACE_SECS),
+        );
         t.insert("reap-interval-ms".into(), toml::Value::Integer(1000));
         t.insert("interval-ms".into(), toml::Value::Integer(1000));
         config.insert("anti-entropy".into(), toml::Value::Table(t));

@@ -10,7 +10,7 @@ use shoal_client::frame;
 use shoal_client::proto::{Request, RequestOptions, Response, CLIENT_ALPN};
 use shoal_client::{Client, ClientConfig, Error};
 use shoal_node::net::tls::{peer_client_config, Identity};
-use shoal_node::net::{PeerEnvelope, PeerRequest, PeerResponse};
+use shoal_node::net::{PeerEnvelope, PeerError, PeerRequest, PeerResponse};
 use shoal_tests::process::DevCluster;
 
 async fn raw_endpoint(config: quinn::ClientConfig) -> quinn::Endpoint {
@@ -211,7 +211,10 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
     let id = identity(ca.clone(), c.path(), "node3");
     let endpoint = raw_endpoint(peer_client_config(&id, Duration::from_secs(5)).unwrap()).await;
     match peer_call(&endpoint, node1.peer_addr, &hello("node2")).await {
-        Ok(PeerResponse::Error(e)) => assert!(e.contains("not issued for node \"node2\""), "{e}"),
+        Ok(PeerResponse::Error(PeerError::NameNotInCertificate { claimed, detail })) => {
+            assert_eq!(claimed, "node2");
+            assert!(detail.contains("not issued for node \"node2\""), "{detail}");
+        }
         other => panic!("impersonation not refused: {other:?}"),
     }
     still_serving(&c).await;

@@ -178,7 +178,10 @@ async fn a_put_reply_context_does_not_cover_a_write_the_client_never_saw() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"theirs", None, ALL).await);
     let mine = written(c.put("node1", b"k", b"mine", None, ALL).await);
-    written(c.put("node1", b"k", b"mine again", Some(mine.context), ALL).await);
+    written(
+        c.put("node1", b"k", b"mine again", Some(mine.context), ALL)
+            .await,
+    );
     let now = read_all(&c, "node2", b"k").await;
     assert!(
         now.contains(&v("theirs")),
@@ -282,7 +285,10 @@ async fn a_write_after_a_partial_reap_survives_the_remaining_tombstone() {
             .await;
         assert_eq!(r, PeerResponse::Stored, "{n} reaps");
     }
-    assert!(c.stored("node3", b"k").is_some(), "node3 keeps its tombstone");
+    assert!(
+        c.stored("node3", b"k").is_some(),
+        "node3 keeps its tombstone"
+    );
     written(c.put("node1", b"k", b"v2", None, ALL).await);
     // An R=3 read merges every replica's copy, node3's tombstone included.
     assert_eq!(read_all(&c, "node3", b"k").await, [v("v2")]);

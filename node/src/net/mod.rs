@@ -159,7 +159,43 @@ pub enum PeerResponse {
     /// Hints held for a key, by the primary they are for.
     Hints(Vec<(NodeId, Object)>),
     Aae(AaeResponse),
-    Error(String),
+    Error(PeerError),
+}
+
+/// Why a node refused or failed a peer request, as the sender reads it.
+/// Strings inside are for people (hex keys, store error texts); the variant
+/// is what code matches on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PeerError {
+    /// The frame or stream could not be read (too large, bad checksum, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// The sender's certificate was not issued for the name it claims.
+    #[error("peer name {claimed:?} refused: {detail}")]
+    NameNotInCertificate { claimed: String, detail: String },
+    /// A `Hello` whose member info names another node than the sender.
+    #[error("{sender} said hello as {claimed}")]
+    HelloAsOther { sender: String, claimed: String },
+    /// A request the receiver does not answer as a replica.
+    #[error("not a replica request: {0}")]
+    NotAReplicaRequest(String),
+    /// The receiver's replica could not do `op` on `key` (hex).
+    #[error("{op} of key {key} failed: {detail}")]
+    Replica {
+        op: String,
+        key: String,
+        detail: String,
+    },
+    /// `Reap`: the receiver's copy of `key` (hex) is not exactly the
+    /// tombstone asked for, or not past the grace period by its clock.
+    #[error("tombstone of key {key} not reaped here")]
+    NotReaped { key: String },
+    /// Anti-entropy: the receiver has not finished its first tree build.
+    #[error("anti-entropy trees are not built yet")]
+    TreesNotReady,
+    /// Anti-entropy: a `Leaves` request named a branch that does not exist.
+    #[error("no branch {branch}: a tree has {branches}")]
+    NoBranch { branch: u16, branches: usize },
 }
 
 /// A peer request with the name its sender claims; the receiver checks the

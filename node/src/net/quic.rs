@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
 use super::tls::check_peer_name;
-use super::{Handler, PeerEnvelope, PeerRequest, PeerResponse, Transport, TransportError};
+use super::{
+    Handler, PeerEnvelope, PeerError, PeerRequest, PeerResponse, Transport, TransportError,
+};
 
 /// Frame caps of a node.
 #[derive(Debug, Clone, Copy)]
@@ -186,7 +188,7 @@ fn client_refusal(kind: ErrorKind, message: String) -> Response {
 }
 
 fn peer_refusal(_: ErrorKind, message: String) -> PeerResponse {
-    PeerResponse::Error(message)
+    PeerResponse::Error(PeerError::Refused(message))
 }
 
 /// Accepts peer connections until `shutdown` turns true. TLS has already
@@ -258,7 +260,10 @@ async fn serve_peer_request<H: Handler>(
     if !known {
         if let Err(e) = check_peer_name(cert, &envelope.from) {
             warn!(claimed = %envelope.from, error = %e, "peer claimed a name its certificate lacks");
-            return PeerResponse::Error(e);
+            return PeerResponse::Error(PeerError::NameNotInCertificate {
+                claimed: envelope.from,
+                detail: e,
+            });
         }
         verified
             .lock()

@@ -1,0 +1,232 @@
+//! Anti-entropy: replicas compare their Merkle trees and repair the keys
+//! that differ by merge. The trees themselves are the replica's (see
+//! [`crate::replica::trees`]: kept up to date in the write path, rebuilt
+//! from the store); this module is the exchange protocol and the loop that
+//! runs it.
+//!
+//! # Exchanges
+//! Every `anti-entropy.interval-ms` a node sweeps the partitions it holds,
+//! one exchange at a time, with each other replica that is up and has a
+//! higher node id (so each pair is exchanged once). The protocol is
+//! [`crate::net::AaeRequest`]: compare the 32 branch hashes (one round trip when in
+//! sync), then the leaves of differing branches, then the (key, digest)
+//! lists of differing segments (64 segments per request), then fetch the
+//! peer's objects for the keys that differ (answers capped at
+//! [`crate::net::BATCH_BYTES`], the rest asked again). The initiator merges them into its
+//! copies and sends the peer the merged objects it lacks as a `Handoff`.
+//! Repairs are paced to `anti-entropy.max-repairs-per-sec`. Exchanges, keys
+//! repaired and bytes are in the metrics and in `shoal status --json`.
+//!
+//! # Tombstones
+//! See [`crate::reaper`]: the same loop ([`AntiEntropy::run`]) has the
+//! reaper delete, every `reap-interval-ms`, tombstones older than
+//! `tombstone-grace-secs` that every primary holds exactly.
+
+mod exchange;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_client::proto::{AaeStatus, PartitionSync};
+use shoal_ring::NodeId;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub use exchange::answer;
+
+use crate::liveness::Liveness;
+use crate::membership::Membership;
+use crate::metrics::Metrics;
+use crate::net::{PeerError, Transport, TransportError};
+use crate::reaper::Reaper;
+use crate::replica::Replica;
+use crate::storage::{Store, StoreError};
+
+// The trees are the replica's; these names stay here too, where exchanges
+// and their tests have always found them.
+pub use crate::replica::trees::{
+    digest, index_key, segment_of, PartitionTree, Trees, BRANCHES, BRANCH_WIDTH, SEGMENTS,
+};
+
+/// Anti-entropy settings, from the config's `[anti-entropy]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AaeSettings {
+    pub interval: Duration,
+    pub rebuild_every: Duration,
+    pub rebuild_keys_per_sec: u32,
+    pub max_repairs_per_sec: u32,
+    pub tombstone_grace: Duration,
+    /// Pause between two reaper passes.
+    pub reap_every: Duration,
+}
+
+impl AaeSettings {
+    pub fn from_config(c: &crate::config::AntiEntropyConfig) -> Self {
+        AaeSettings {
+            interval: Duration::from_millis(c.interval_ms),
+            rebuild_every: Duration::from_secs(c.rebuild_secs),
+            rebuild_keys_per_sec: c.rebuild_keys_per_sec,
+            max_repairs_per_sec: c.max_repairs_per_sec,
+            tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
+            reap_every: Duration::from_millis(c.reap_interval_ms),
+        }
+    }
+}
+
+/// What one exchange did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeReport {
+    /// Keys whose copies differed and were merged on one side or both.
+    pub keys_repaired: u64,
+    /// Encoded bytes of every request and answer of the exchange.
+    pub bytes: u64,
+    /// Segments whose leaves differed.
+    pub segments: u64,
+}
+
+impl std::ops::AddAssign for ExchangeReport {
+    fn add_assign(&mut self, r: ExchangeReport) {
+        self.keys_repaired += r.keys_repaired;
+        self.bytes += r.bytes;
+        self.segments += r.segments;
+    }
+}
+
+/// Why an exchange stopped. What it repaired before stays repaired.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("anti-entropy trees are not built yet")]
+    TreesNotReady,
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{peer} refused an exchange step: {error}")]
+    Refused { peer: String, error: PeerError },
+    #[error("{peer}: unexpected answer to the {step} step: {answer}")]
+    BadAnswer {
+        peer: String,
+        step: &'static str,
+        answer: String,
+    },
+    #[error("{peer}: repair not stored: {answer}")]
+    RepairNotStored { peer: String, answer: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The exchange service: the handles it needs and the last exchange of
+/// each partition (for `shoal status`).
+pub struct AntiEntropy<T, S> {
+    pub me: NodeId,
+    pub settings: AaeSettings,
+    /// Replicas per key.
+    pub n: usize,
+    pub replica: Arc<Replica<S>>,
+    pub transport: Arc<T>,
+    pub liveness: Arc<dyn Liveness>,
+    pub membership: Arc<Membership>,
+    pub metrics: Arc<Metrics>,
+    /// Last exchange per partition: (peer, unix ms, keys repaired).
+    pub last: Mutex<BTreeMap<u32, (String, u64, u64)>>,
+}
+
+impl<T: Transport, S: Store> AntiEntropy<T, S> {
+    /// One sweep: every partition this node replicates, exchanged with each
+    /// other replica that is up and has a higher id (so each pair is
+    /// exchanged by one side), one exchange at a time.
+    pub async fn sweep(&self) -> ExchangeReport {
+        let mut total = ExchangeReport::default();
+        let Some(view) = self.membership.view() else {
+            return total;
+        };
+        if !self.replica.trees_ready() {
+            return total;
+        }
+        let me = self.me;
+        let n = self.n;
+        for p in 0..view.ring.partition_count() {
+            let replicas = view.ring.preference_list_for_partition(p, n);
+            if !replicas.contains(&me) {
+                continue;
+            }
+            for peer in replicas
+                .iter()
+                .filter(|id| **id > me && self.liveness.is_up(**id))
+            {
+                let Some(member) = view.members.get(peer) else {
+                    continue;
+                };
+                match self.exchange(p, member).await {
+                    Ok(r) => total += r,
+                    Err(e) => {
+                        debug!(partition = p, peer = %member.name, error = %e, "exchange failed")
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Anti-entropy as `shoal status` shows it.
+    pub fn status(&self) -> AaeStatus {
+        let last = self.last.lock().expect("last exchanges lock");
+        let m = &self.metrics;
+        AaeStatus {
+            trees_ready: self.replica.trees_ready(),
+            exchanges: m.aae_exchanges.load(Ordering::Relaxed),
+            keys_repaired: m.aae_keys_repaired.load(Ordering::Relaxed),
+            bytes: m.aae_bytes.load(Ordering::Relaxed),
+            partitions: last
+                .iter()
+                .map(|(p, (peer, at_ms, repaired))| PartitionSync {
+                    partition: *p,
+                    peer: peer.clone(),
+                    at_ms: *at_ms,
+                    repaired: *repaired,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the trees now and then every `rebuild_every`, sweeps every
+    /// `interval`, and has `reaper` reap every `reap_every`, until `stop`
+    /// turns true. One task, so a sweep and a reaping pass never overlap.
+    pub async fn run(&self, reaper: &Reaper<T, S>, mut stop: watch::Receiver<bool>) {
+        let settings = self.settings;
+        let mut next_rebuild = tokio::time::Instant::now();
+        let mut next_reap = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_rebuild {
+                match self
+                    .replica
+                    .rebuild_trees(settings.rebuild_keys_per_sec)
+                    .await
+                {
+                    Ok(keys) => info!(keys, "anti-entropy trees built"),
+                    Err(e) => warn!(error = %e, "anti-entropy rebuild failed; retried later"),
+                }
+                next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
+            }
+            // The first sweep waits one interval: a node that just started
+            // lets handoff and read repair act first.
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(settings.interval) => {}
+            }
+            let swept = self.sweep().await;
+            if swept.keys_repaired > 0 {
+                info!(
+                    repaired = swept.keys_repaired,
+                    bytes = swept.bytes,
+                    "anti-entropy sweep"
+                );
+            }
+            if tokio::time::Instant::now() >= next_reap {
+                reaper.reap_tombstones().await;
+                next_reap = tokio::time::Instant::now() + settings.reap_every;
+            }
+        }
+    }
+}

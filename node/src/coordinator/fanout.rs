@@ -1,0 +1,308 @@
+//! Sloppy fan-out: reaching each primary of a key or a live fallback in its
+//! place, and tallying who answered against a quorum.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use shoal_client::error::{ErrorKind, WireError};
+use shoal_client::proto::{MemberInfo, Response};
+use shoal_ring::NodeId;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error};
+
+use super::quorum::Coordinator;
+use crate::liveness::Liveness;
+use crate::membership::View;
+use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use crate::storage::Store;
+use crate::version::Object;
+
+/// One replica's answer to a fan-out.
+pub(super) type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
+
+impl<T: Transport, S: Store> Coordinator<T, S> {
+    /// A replica request, answered locally when `to` is this node.
+    pub(super) async fn replica_call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
+        if to.id == self.me.id {
+            Ok(self.replica.answer(self.me.id, request))
+        } else {
+            self.transport.call(to, request).await
+        }
+    }
+
+    /// Reaches each primary of a key, or a fallback in its place, and sends
+    /// `op` there; one [`Reply`] per primary arrives on the returned channel.
+    /// Primaries the detector sees down get the first live fallbacks in ring
+    /// order at once; a primary whose send fails takes the next one. A write
+    /// that nobody took for a primary becomes a hint kept here.
+    pub(super) fn sloppy_fan_out(
+        self: &Arc<Self>,
+        view: &View,
+        key: &[u8],
+        primaries: &[MemberInfo],
+        op: ReplicaOp,
+    ) -> mpsc::UnboundedReceiver<Reply> {
+        let mut pool = Fallbacks {
+            view: view.clone(),
+            key: key.to_vec(),
+            n: self.settings.n as usize,
+            left: None,
+        };
+        let mut first_tries = Vec::with_capacity(primaries.len());
+        for p in primaries {
+            let first = if self.liveness.is_up(p.id) {
+                Some(p.clone())
+            } else {
+                pool.next_live(self.liveness.as_ref())
+            };
+            first_tries.push((p.clone(), first));
+        }
+        let pool = Arc::new(Mutex::new(pool));
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (primary, first) in first_tries {
+            let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
+            let key = key.to_vec();
+            tokio::spawn(async move {
+                let reply = node.reach(primary, first, &key, &op, &pool).await;
+                let _ = tx.send(reply);
+            });
+        }
+        rx
+    }
+
+    /// One primary's part of [`Self::sloppy_fan_out`].
+    async fn reach(
+        &self,
+        primary: MemberInfo,
+        first: Option<MemberInfo>,
+        key: &[u8],
+        op: &ReplicaOp,
+        pool: &Mutex<Fallbacks>,
+    ) -> Reply {
+        let mut failures = Vec::new();
+        let mut next = first;
+        while let Some(target) = next {
+            let as_primary = target.id == primary.id;
+            let request = op.request(key, (!as_primary).then_some(primary.id));
+            match self.replica_call(&target, request).await {
+                Ok(resp) if op.accepts(&resp) => {
+                    return Reply {
+                        from: target,
+                        for_primary: (!as_primary).then_some(primary),
+                        result: Ok(resp),
+                    }
+                }
+                Ok(other) => failures.push(format!("{}: {other:?}", target.name)),
+                Err(e) => failures.push(e.to_string()),
+            }
+            next = pool
+                .lock()
+                .expect("pool lock")
+                .next_live(self.liveness.as_ref());
+        }
+        if let ReplicaOp::Put(object) = op {
+            if primary.id != self.me.id {
+                match self.replica.store_hint(primary.id, key, object) {
+                    Ok(()) => {
+                        debug!(primary = %primary.name, "no fallback took the write; hint kept here")
+                    }
+                    Err(e) => error!(error = %e, "could not keep a hint"),
+                }
+            }
+        }
+        let detail = if failures.is_empty() {
+            "down, and no live fallback".to_string()
+        } else {
+            failures.join("; ")
+        };
+        Reply {
+            result: Err(TransportError::Failed(primary.name.clone(), detail)),
+            from: primary,
+            for_primary: None,
+        }
+    }
+
+    /// Sends `request` to each target concurrently; answers arrive on the
+    /// returned channel. Sends outlive the caller: a coordinator that has its
+    /// quorum replies while slower replicas still receive the write.
+    pub(super) fn fan_out(
+        self: &Arc<Self>,
+        targets: &[MemberInfo],
+        request: PeerRequest,
+    ) -> mpsc::UnboundedReceiver<Answer> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for target in targets.iter().cloned() {
+            let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
+            tokio::spawn(async move {
+                let answer = node.replica_call(&target, request).await;
+                let _ = tx.send((target, answer));
+            });
+        }
+        rx
+    }
+}
+
+/// A key's fallbacks not taken yet, in ring order; worked out only when a
+/// primary is down or fails (walking the ring is not free).
+struct Fallbacks {
+    view: View,
+    key: Vec<u8>,
+    n: usize,
+    left: Option<VecDeque<MemberInfo>>,
+}
+
+impl Fallbacks {
+    /// The next fallback the detector sees up.
+    fn next_live(&mut self, live: &dyn Liveness) -> Option<MemberInfo> {
+        let view = &self.view;
+        let left = self.left.get_or_insert_with(|| {
+            view.ring
+                .fallbacks(&self.key, self.n)
+                .iter()
+                .filter_map(|id| view.members.get(id).cloned())
+                .collect()
+        });
+        while let Some(m) = left.pop_front() {
+            if live.is_up(m.id) {
+                return Some(m);
+            }
+        }
+        None
+    }
+}
+
+/// What a sloppy fan-out asks of each replica.
+#[derive(Clone)]
+pub(super) enum ReplicaOp {
+    Get,
+    Put(Object),
+}
+
+impl ReplicaOp {
+    /// The request for a primary (`hint_for` None) or for a fallback standing
+    /// in for the primary `hint_for`.
+    fn request(&self, key: &[u8], hint_for: Option<NodeId>) -> PeerRequest {
+        let key = key.to_vec();
+        match (self, hint_for) {
+            (ReplicaOp::Get, None) => PeerRequest::ReplicaGet { key },
+            (ReplicaOp::Get, Some(for_primary)) => PeerRequest::HintGet { key, for_primary },
+            (ReplicaOp::Put(object), None) => PeerRequest::ReplicaPut {
+                key,
+                object: object.clone(),
+            },
+            (ReplicaOp::Put(object), Some(for_primary)) => PeerRequest::HintPut {
+                key,
+                for_primary,
+                object: object.clone(),
+            },
+        }
+    }
+
+    fn accepts(&self, response: &PeerResponse) -> bool {
+        matches!(
+            (self, response),
+            (ReplicaOp::Get, PeerResponse::Object(_)) | (ReplicaOp::Put(_), PeerResponse::Stored)
+        )
+    }
+}
+
+/// The outcome of reaching one primary: who answered (the primary, or a
+/// fallback `for_primary`), or why nobody did.
+pub(super) struct Reply {
+    pub(super) from: MemberInfo,
+    pub(super) for_primary: Option<MemberInfo>,
+    pub(super) result: Result<PeerResponse, TransportError>,
+}
+
+/// Who answered a fan-out, and who did not and why.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) ok: Vec<String>,
+    /// How many of `ok` are primaries.
+    pub(super) primaries: u32,
+    failed: Vec<String>,
+    /// Replies read from the channel.
+    pub(super) heard: usize,
+}
+
+impl Tally {
+    /// Reads replies until `need` replicas (`need_primaries` of them
+    /// primaries) answered well, all `targets` replied, or the deadline
+    /// passed. `seen` sees every good reply.
+    pub(super) async fn collect(
+        &mut self,
+        answers: &mut mpsc::UnboundedReceiver<Reply>,
+        targets: usize,
+        need: u32,
+        need_primaries: u32,
+        deadline: Instant,
+        mut seen: impl FnMut(Reply),
+    ) {
+        while ((self.ok.len() as u32) < need || self.primaries < need_primaries)
+            && self.heard < targets
+        {
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Some(reply)) => {
+                    self.heard += 1;
+                    match &reply.result {
+                        Ok(_) => {
+                            match &reply.for_primary {
+                                None => {
+                                    self.primaries += 1;
+                                    self.ok.push(reply.from.name.clone());
+                                }
+                                Some(p) => {
+                                    self.ok.push(format!("{} for {}", reply.from.name, p.name))
+                                }
+                            }
+                            seen(reply);
+                        }
+                        Err(e) => self.failed.push(e.to_string()),
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.failed
+                        .push("deadline passed before the others answered".into());
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) fn result(
+        self,
+        need: u32,
+        need_primaries: u32,
+        what: &str,
+        reply: Response,
+    ) -> Result<Response, WireError> {
+        if self.ok.len() as u32 >= need && self.primaries >= need_primaries {
+            return Ok(reply);
+        }
+        let primaries = if need_primaries > 0 {
+            format!(
+                " ({need_primaries} of them primaries; {} primaries answered)",
+                self.primaries
+            )
+        } else {
+            String::new()
+        };
+        Err(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!(
+                "{what} needed {need} replicas{primaries}, {} answered ({}); failures: {}",
+                self.ok.len(),
+                self.ok.join(", "),
+                self.failed.join("; ")
+            ),
+            answered: self.ok,
+            needed: need,
+        })
+    }
+}

@@ -1,0 +1,480 @@
+//! The coordinator: get, put and delete over a key's sloppy quorum, with
+//! per-request options and timeouts, read repair, and forwarding when the
+//! receiving node does not replicate the key. Generic over [`Transport`] and
+//! [`Store`], so the same code runs over QUIC with RocksDB and over the
+//! simulated network with the in-memory store.
+//!
+//! This module is also the node's front door: [`Node`] owns one of each
+//! component (the [`Replica`], the [`Coordinator`], the liveness
+//! [`Detector`], [`Handoff`], [`AntiEntropy`], the [`Reaper`]), hands each
+//! the narrow handles it needs, routes client and peer requests to them
+//! (the [`Handler`] impl), and delegates the methods tests, the server and
+//! the simulation call. It holds no logic of its own beyond that routing,
+//! hello/learn and `shoal status`.
+//!
+//! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
+//! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
+//! - `read_repair`: the background repair after a read.
+//! - `inspect`: `shoal inspect`.
+//! - [`settings`]: [`Settings`], from the config.
+//!
+//! # Sloppy quorum
+//! Each of a key's N primaries is reached, if the failure detector sees it up,
+//! directly. If it is down, or the send to it fails, the request goes to the
+//! next live *fallback* (nodes walking the ring past the primaries, each taken
+//! by at most one down primary), which answers from, or writes to, its hints
+//! for that primary (see [`crate::handoff`]). W and R count every replica that
+//! answered, fallbacks included; PW and PR count primaries only. A request
+//! whose PW or PR exceeds the primaries that are up fails at once, before
+//! anything is written, and a request whose primaries fail during it fails
+//! with the quorum error naming who answered.
+//!
+//! # Write path
+//! The coordinator is always a primary replica of the key (a node that is not
+//! forwards the request to one, as Riak does): it applies the write to its own
+//! copy, minting the new dot under its own node id, then sends the resulting
+//! object to the other primaries (or their fallbacks), which merge it. The
+//! write is acknowledged once W replicas (PW of them primaries) hold it; the
+//! remaining sends carry on in the background. A primary that neither it nor
+//! a fallback could reach gets a hint kept by the coordinator itself. If the
+//! quorum is not met the error says how many and which replicas acknowledged;
+//! the copies that did land are not rolled back (as in Dynamo: an
+//! unacknowledged write may still appear later).
+//!
+//! # Read path and read repair
+//! The coordinator asks the whole sloppy list and answers with the merge of
+//! the first R answers (PR of them primaries). In the background it keeps
+//! collecting answers for `timeouts.read-repair-ms` more, merges everything it
+//! heard, and sends the merge to every primary whose answer was older or
+//! missing. Repair never delays the reply.
+
+mod fanout;
+mod inspect;
+pub mod quorum;
+mod read_repair;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use shoal_client::proto::{
+    AaeStatus, HintQueue, MemberInfo, NodeStatus, PeerView, Request, Response,
+};
+use shoal_ring::NodeId;
+use tokio::sync::watch;
+use tracing::{error, warn};
+
+pub use quorum::Coordinator;
+pub use settings::Settings;
+
+use crate::antientropy::{AntiEntropy, ExchangeError, ExchangeReport, PartitionTree, Trees};
+use crate::handoff::Handoff;
+use crate::liveness::{Detector, Liveness};
+use crate::membership::{Membership, MEMBERS_KEY};
+use crate::metrics::Metrics;
+use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
+use crate::reaper::Reaper;
+use crate::replica::Replica;
+use crate::storage::{Store, StoreError, Tree};
+use crate::version::Object;
+
+/// A Shoal node: its components, wired. Cheap to clone.
+pub struct Node<T, S> {
+    inner: Arc<Parts<T, S>>,
+}
+
+impl<T, S> Clone for Node<T, S> {
+    fn clone(&self) -> Self {
+        Node {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// What a node is made of. Each component owns its state; the handles in
+/// here are shared with them, never the whole node.
+struct Parts<T, S> {
+    me: MemberInfo,
+    settings: Settings,
+    store: Arc<S>,
+    transport: Arc<T>,
+    membership: Arc<Membership>,
+    metrics: Arc<Metrics>,
+    /// Where `/metrics` is served, once bound.
+    metrics_addr: OnceLock<SocketAddr>,
+    replica: Arc<Replica<S>>,
+    detector: Arc<Detector>,
+    coordinator: Arc<Coordinator<T, S>>,
+    handoff: Handoff<T, S>,
+    aae: AntiEntropy<T, S>,
+    reaper: Reaper<T, S>,
+}
+
+impl<T: Transport, S: Store> Node<T, S> {
+    /// A node over `store`, starting a new incarnation (see
+    /// [`crate::version`]); fails only if the store cannot record it.
+    pub fn new(
+        me: MemberInfo,
+        settings: Settings,
+        store: Arc<S>,
+        transport: T,
+        membership: Membership,
+    ) -> Result<Self, StoreError> {
+        let metrics = Arc::new(Metrics::default());
+        let membership = Arc::new(membership);
+        let transport = Arc::new(transport);
+        let replica = Arc::new(Replica::new(
+            me.id,
+            store.clone(),
+            settings.replica(),
+            membership.clone(),
+            metrics.clone(),
+        )?);
+        let detector = Arc::new(Detector::new(me.id, settings.detector, metrics.clone()));
+        let liveness: Arc<dyn Liveness> = detector.clone();
+        let n = settings.n as usize;
+        let coordinator = Arc::new(Coordinator {
+            me: me.clone(),
+            settings: settings.clone(),
+            replica: replica.clone(),
+            transport: transport.clone(),
+            liveness: liveness.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        });
+        let handoff = Handoff {
+            me: me.id,
+            settings: settings.handoff,
+            replica: replica.clone(),
+            transport: transport.clone(),
+            liveness: liveness.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        };
+        let aae = AntiEntropy {
+            me: me.id,
+            settings: settings.aae,
+            n,
+            replica: replica.clone(),
+            transport: transport.clone(),
+            liveness: liveness.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+            last: Default::default(),
+        };
+        let reaper = Reaper {
+            me: me.id,
+            n,
+            grace: settings.aae.tombstone_grace,
+            keys_per_sec: settings.aae.rebuild_keys_per_sec,
+            replica: replica.clone(),
+            transport: transport.clone(),
+            liveness,
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        };
+        Ok(Node {
+            inner: Arc::new(Parts {
+                me,
+                settings,
+                store,
+                transport,
+                membership,
+                metrics,
+                metrics_addr: OnceLock::new(),
+                replica,
+                detector,
+                coordinator,
+                handoff,
+                aae,
+                reaper,
+            }),
+        })
+    }
+
+    pub fn me(&self) -> &MemberInfo {
+        &self.inner.me
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.inner.membership
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// This node's replica, for components and tests that want the handle.
+    pub fn replica(&self) -> &Arc<Replica<S>> {
+        &self.inner.replica
+    }
+
+    /// Records where `/metrics` is served, for `shoal status`.
+    pub fn set_metrics_addr(&self, addr: SocketAddr) {
+        let _ = self.inner.metrics_addr.set(addr);
+    }
+
+    /// Records a member and persists what is known, so a restart does not
+    /// need the others to be up to know the ring.
+    pub fn learn(&self, info: MemberInfo) {
+        if self.inner.membership.learn(info) {
+            let known = self.inner.membership.known();
+            let bytes = rmp_serde::to_vec_named(&known).expect("member list encodes");
+            if let Err(e) = self.inner.store.put(Tree::Meta, MEMBERS_KEY, &bytes) {
+                error!(error = %e, "could not persist the member list");
+            }
+        }
+    }
+
+    /// Says hello to every configured member not identified yet, or to all of
+    /// them when `everyone` (on start, so peers notice a restarted node).
+    pub async fn say_hello(&self, everyone: bool) {
+        let missing = self.inner.membership.missing_names();
+        for target in self
+            .inner
+            .membership
+            .expected()
+            .into_iter()
+            .filter(|m| everyone || missing.contains(&m.name))
+        {
+            if target.name == self.inner.me.name {
+                self.learn(self.inner.me.clone());
+                continue;
+            }
+            match self
+                .inner
+                .transport
+                .call(&target, PeerRequest::Hello(self.inner.me.clone()))
+                .await
+            {
+                Ok(PeerResponse::Hello(info)) if info.name == target.name => self.learn(info),
+                Ok(other) => {
+                    warn!(peer = %target.name, answer = ?other, "unexpected answer to hello")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %target.name, error = %e, "member not reachable yet")
+                }
+            }
+        }
+    }
+
+    // ---- client requests ---------------------------------------------------
+
+    /// Handles a client request; `forwarded` requests are coordinated here even
+    /// if this node's ring disagrees that it is a replica (no forwarding loops).
+    pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
+        match request {
+            Request::Status => Response::Status(self.status()),
+            other => self.inner.coordinator.coordinate(other, forwarded).await,
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let me = &self.inner.me;
+        let view = self.inner.membership.view();
+        NodeStatus {
+            id: me.id,
+            name: me.name.clone(),
+            client_addr: me.client_addr,
+            peer_addr: me.peer_addr,
+            pid: std::process::id(),
+            ring_ready: view.is_some(),
+            partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
+            waiting_for: self.inner.membership.missing_names(),
+            peers: self.peer_views(),
+            metrics_addr: self.inner.metrics_addr.get().copied(),
+            hints_pending: self.hint_queues(),
+            hints_delivered: self.inner.metrics.hints_delivered.load(Ordering::Relaxed),
+            anti_entropy: self.aae_status(),
+            unreachable: {
+                let addrs = self.inner.transport.unreachable();
+                let members = self.inner.membership.expected();
+                members
+                    .into_iter()
+                    .filter(|m| addrs.contains(&m.peer_addr))
+                    .map(|m| m.name)
+                    .collect()
+            },
+        }
+    }
+
+    // ---- liveness ----------------------------------------------------------
+
+    /// Pings every identified member once, then re-evaluates the detector.
+    pub async fn heartbeat_round(&self) {
+        let peers = self.inner.membership.known();
+        self.inner
+            .detector
+            .heartbeat_round(&self.inner.transport, peers)
+            .await
+    }
+
+    /// Whether the failure detector considers `peer` up (this node always is).
+    pub fn is_up(&self, peer: NodeId) -> bool {
+        self.inner.detector.is_up(peer)
+    }
+
+    /// The detector's view of every other identified member, for status.
+    pub fn peer_views(&self) -> Vec<PeerView> {
+        self.inner
+            .detector
+            .peer_views(self.inner.membership.known())
+    }
+
+    // ---- hinted handoff ----------------------------------------------------
+
+    /// One delivery round (see [`Handoff::round`]).
+    pub async fn handoff_round(&self) -> u64 {
+        self.inner.handoff.round().await
+    }
+
+    /// Hints held, per node they wait for (for `shoal status`).
+    pub fn hint_queues(&self) -> Vec<HintQueue> {
+        let view = self.inner.membership.view();
+        self.inner
+            .replica
+            .hint_counts()
+            .iter()
+            .map(|(id, n)| HintQueue {
+                for_node: view.as_ref().map_or_else(|| id.to_hex(), |v| v.name_of(id)),
+                pending: *n,
+            })
+            .collect()
+    }
+
+    /// Every hint held for `key`, by the primary it waits for.
+    pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, StoreError> {
+        self.inner.replica.hints_of(key)
+    }
+
+    /// The hint held for `primary` and `key`, if any.
+    pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        self.inner.replica.hint(primary, key)
+    }
+
+    /// Keeps `object` as a hint for `primary`, merged with any already held.
+    pub fn store_hint(
+        &self,
+        primary: NodeId,
+        key: &[u8],
+        object: &Object,
+    ) -> Result<(), StoreError> {
+        self.inner.replica.store_hint(primary, key, object)
+    }
+
+    /// Counts the hints in the store (on start).
+    pub fn load_hint_counts(&self) -> Result<u64, StoreError> {
+        self.inner.replica.load_hint_counts()
+    }
+
+    // ---- anti-entropy and reaping ------------------------------------------
+
+    /// One sweep of exchanges (see [`AntiEntropy::sweep`]).
+    pub async fn aae_sweep(&self) -> ExchangeReport {
+        self.inner.aae.sweep().await
+    }
+
+    /// Compares this node's tree of `partition` with `peer`'s and repairs
+    /// both sides by merge.
+    pub async fn exchange(
+        &self,
+        partition: u32,
+        peer: &MemberInfo,
+    ) -> Result<ExchangeReport, ExchangeError> {
+        self.inner.aae.exchange(partition, peer).await
+    }
+
+    /// Anti-entropy as `shoal status` shows it.
+    pub fn aae_status(&self) -> AaeStatus {
+        self.inner.aae.status()
+    }
+
+    /// One reaping pass (see [`Reaper::reap_tombstones`]).
+    pub async fn reap_tombstones(&self) -> u64 {
+        self.inner.reaper.reap_tombstones().await
+    }
+
+    /// Rebuilds every tree from the stored objects (see
+    /// [`Replica::rebuild_trees`]).
+    pub async fn rebuild_trees(&self, keys_per_sec: u32) -> Result<u64, StoreError> {
+        self.inner.replica.rebuild_trees(keys_per_sec).await
+    }
+
+    /// A copy of the live tree of `partition`, once the first rebuild is done.
+    pub fn tree(&self, partition: u32) -> Option<PartitionTree> {
+        self.inner.replica.tree(partition)
+    }
+
+    /// A copy of every live tree (tests compare them with a rebuild).
+    pub fn trees(&self) -> Trees {
+        self.inner.replica.trees()
+    }
+
+    /// The partition of a key on this node's ring.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        self.inner.replica.partition_of(key)
+    }
+
+    /// Anti-entropy's loop, with the reaper (see [`AntiEntropy::run`]).
+    pub async fn run_anti_entropy(&self, stop: watch::Receiver<bool>) {
+        self.inner.aae.run(&self.inner.reaper, stop).await
+    }
+
+    // ---- the local replica -------------------------------------------------
+
+    /// This replica's stored object for `key`.
+    pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        self.inner.replica.get(key)
+    }
+
+    /// Merges an object into the local copy.
+    pub fn local_merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
+        self.inner.replica.merge(key, incoming)
+    }
+
+    /// Empties the object cache (after the store was changed behind the
+    /// node's back).
+    pub fn drop_cache(&self) {
+        self.inner.replica.drop_cache()
+    }
+}
+
+impl<T: Transport, S: Store> Handler for Node<T, S> {
+    async fn client(&self, request: Request) -> Response {
+        self.coordinate(request, false).await
+    }
+
+    async fn peer(&self, from: String, request: PeerRequest) -> PeerResponse {
+        if let Some(sender) = self.inner.membership.by_name(&from) {
+            self.inner.transport.heard_from(&sender);
+        }
+        match request {
+            PeerRequest::Hello(info) => {
+                if info.name != from {
+                    return PeerResponse::Error(PeerError::HelloAsOther {
+                        sender: from,
+                        claimed: info.name,
+                    });
+                }
+                self.learn(info);
+                PeerResponse::Hello(self.inner.me.clone())
+            }
+            PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::Forward(request) => {
+                PeerResponse::Forwarded(self.coordinate(request, true).await)
+            }
+            PeerRequest::Aae(request) => crate::antientropy::answer(&self.inner.replica, request)
+                .map_or_else(PeerResponse::Error, PeerResponse::Aae),
+            replica => self.inner.replica.answer(self.inner.me.id, replica),
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Quorum logic: a client's get, put or delete over the key's sloppy quorum,
+//! and forwarding to a primary when this node is not one. Talks to other
+//! nodes only through a [`Transport`], to its own copy only through the
+//! [`Replica`], and to the failure detector only through [`Liveness`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::error::{ErrorKind, WireError};
+use shoal_client::proto::{
+    CausalContext, GetReply, MemberInfo, PutReply, Request, RequestOptions, Response, RingInfo,
+    Value,
+};
+use tokio::time::Instant;
+
+use super::fanout::{ReplicaOp, Tally};
+use super::read_repair::Heard;
+use super::settings::Settings;
+use crate::liveness::Liveness;
+use crate::membership::{Membership, View};
+use crate::metrics::Metrics;
+use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use crate::replica::{Replica, ReplicaError};
+use crate::storage::{Store, StoreError};
+use crate::version::{decode_context, encode_context, VersionError, VersionVector};
+
+/// Requests never wait longer than this, whatever they ask for.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_millis(crate::config::MAX_REQUEST_MS);
+
+/// The coordinator and the handles it needs; shared (in an `Arc`) with the
+/// fan-out and read-repair tasks it spawns.
+pub struct Coordinator<T, S> {
+    pub me: MemberInfo,
+    pub settings: Settings,
+    pub replica: Arc<Replica<S>>,
+    pub transport: Arc<T>,
+    pub liveness: Arc<dyn Liveness>,
+    pub membership: Arc<Membership>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Most entries a client's causal context may have: more than any clock
+/// keeps (pruning is lazy, so a clock may exceed its bound for a while).
+fn max_context_entries(s: &Settings) -> usize {
+    (4 * s.clock_max_entries).max(256)
+}
+
+fn wire(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(WireError::new(kind, message))
+}
+
+fn store_error(e: StoreError) -> WireError {
+    match e {
+        StoreError::Corruption { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
+        StoreError::Io { .. } => WireError::new(ErrorKind::Internal, e.to_string()),
+    }
+}
+
+/// A failed local write as the client sees it: a context that cannot be
+/// honoured is the client's error, the rest the node's.
+fn write_error(e: ReplicaError) -> WireError {
+    match e {
+        ReplicaError::Store(e) => store_error(e),
+        ReplicaError::Version { source, .. } => {
+            let kind = match source {
+                VersionError::EpochsExhausted(_) => ErrorKind::Internal,
+                VersionError::ContextTooLarge { .. } | VersionError::ContextMalformed(_) => {
+                    ErrorKind::BadRequest
+                }
+            };
+            WireError::new(kind, source.to_string())
+        }
+    }
+}
+
+impl<T: Transport, S: Store> Coordinator<T, S> {
+    /// The ring, or the answer to give while it is not ready.
+    pub fn view(&self) -> Result<View, Response> {
+        self.membership.view().ok_or_else(|| {
+            let missing = self.membership.missing_names();
+            wire(
+                ErrorKind::NotReady,
+                format!("ring not ready: waiting to identify {}", missing.join(", ")),
+            )
+        })
+    }
+
+    /// Handles a client request; `forwarded` requests are coordinated here even
+    /// if this node's ring disagrees that it is a replica (no forwarding loops).
+    pub async fn coordinate(self: &Arc<Self>, request: Request, forwarded: bool) -> Response {
+        match request {
+            Request::Get { ref key, options }
+            | Request::Delete {
+                ref key, options, ..
+            }
+            | Request::Put {
+                ref key, options, ..
+            } if !forwarded => {
+                let view = match self.view() {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                let primaries = view.preference_list(key, self.settings.n as usize);
+                if !primaries.iter().any(|m| m.id == self.me.id) {
+                    return self.forward(&primaries, request.clone(), options).await;
+                }
+                self.coordinate_local(request, view).await
+            }
+            Request::Ring => match self.view() {
+                Ok(v) => Response::Ring(RingInfo {
+                    ring: (*v.ring).clone(),
+                    members: v.members.values().cloned().collect(),
+                    n: self.settings.n,
+                }),
+                Err(r) => r,
+            },
+            Request::Inspect { key } => match self.view() {
+                Ok(v) => self.inspect(&key, &v).await,
+                Err(r) => r,
+            },
+            other => match self.view() {
+                Ok(v) => self.coordinate_local(other, v).await,
+                Err(r) => r,
+            },
+        }
+    }
+
+    async fn coordinate_local(self: &Arc<Self>, request: Request, view: View) -> Response {
+        let started = Instant::now();
+        let m = &self.metrics;
+        let (op, result) = match request {
+            Request::Get { key, options } => (&m.get, self.get(&key, options, &view).await),
+            Request::Put {
+                key,
+                value,
+                context,
+                options,
+            } => (
+                &m.put,
+                self.put(key, Some(value), context, options, &view).await,
+            ),
+            Request::Delete {
+                key,
+                context,
+                options,
+            } => (
+                &m.delete,
+                self.put(key, None, context, options, &view).await,
+            ),
+            _ => {
+                return Response::Error(WireError::new(ErrorKind::BadRequest, "not a data request"))
+            }
+        };
+        op.requests.fetch_add(1, Ordering::Relaxed);
+        op.latency.observe(started.elapsed());
+        if let Err(e) = &result {
+            op.errors.fetch_add(1, Ordering::Relaxed);
+            if e.kind == ErrorKind::Quorum {
+                op.quorum_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result.unwrap_or_else(Response::Error)
+    }
+
+    pub(super) fn deadline(&self, options: &RequestOptions) -> Instant {
+        let budget = options
+            .timeout_ms
+            .map_or(self.settings.request_timeout, |ms| {
+                Duration::from_millis(u64::from(ms))
+            })
+            .min(MAX_REQUEST_TIMEOUT);
+        Instant::now() + budget
+    }
+
+    /// Resolves one quorum option against its default and N.
+    fn quorum(
+        &self,
+        asked: Option<u32>,
+        default: u32,
+        name: &str,
+        min: u32,
+    ) -> Result<u32, WireError> {
+        let n = self.settings.n;
+        let v = asked.unwrap_or(default);
+        if v < min || v > n {
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("{name}={v} is impossible with N={n}"),
+            ));
+        }
+        Ok(v)
+    }
+
+    async fn forward(
+        &self,
+        primaries: &[MemberInfo],
+        request: Request,
+        options: RequestOptions,
+    ) -> Response {
+        let deadline = self.deadline(&options);
+        let mut failures = Vec::new();
+        // Primaries the detector sees up first: a dead one costs a timeout.
+        let mut order: Vec<&MemberInfo> = primaries.iter().collect();
+        order.sort_by_key(|p| !self.liveness.is_up(p.id));
+        for p in order {
+            let call = self
+                .transport
+                .call(p, PeerRequest::Forward(request.clone()));
+            // Only a request that never reached `p` may go to the next
+            // primary: one that may have run there would run twice (a
+            // duplicate sibling), or be reported failed after it landed.
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(PeerResponse::Forwarded(r))) => return r,
+                Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
+                Ok(Err(e @ TransportError::Unreachable(..))) => failures.push(e.to_string()),
+                Ok(Err(e @ TransportError::Failed(..))) => {
+                    return Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!("{e}; the request may have been applied there"),
+                    ))
+                }
+                Err(_) => {
+                    return Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{} did not answer in time; the request may have been applied there",
+                            p.name
+                        ),
+                    ))
+                }
+            }
+        }
+        Response::Error(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!(
+                "no replica of the key could coordinate it: {}",
+                failures.join("; ")
+            ),
+            answered: Vec::new(),
+            needed: 1,
+        })
+    }
+
+    /// Fails a request whose PR/PW cannot be met by the primaries that are up,
+    /// before anything is sent.
+    fn check_primaries_up(
+        &self,
+        primaries: &[MemberInfo],
+        needed: u32,
+        name: &str,
+        what: &str,
+    ) -> Result<(), WireError> {
+        let (up, down): (Vec<&MemberInfo>, Vec<&MemberInfo>) =
+            primaries.iter().partition(|p| self.liveness.is_up(p.id));
+        if (up.len() as u32) >= needed {
+            return Ok(());
+        }
+        let names = |v: &[&MemberInfo]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        Err(WireError {
+            kind: ErrorKind::Quorum,
+            message: format!(
+                "{name}={needed} needs {needed} primary replicas up, but only {} {} ({}); down: {}; {what}",
+                up.len(),
+                if up.len() == 1 { "is" } else { "are" },
+                names(&up).join(", "),
+                names(&down).join(", "),
+            ),
+            answered: names(&up),
+            needed,
+        })
+    }
+
+    async fn put(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: Option<CausalContext>,
+        options: RequestOptions,
+        view: &View,
+    ) -> Result<Response, WireError> {
+        let s = &self.settings;
+        if key.len() > shoal_client::client::MAX_KEY_BYTES {
+            return Err(WireError::new(
+                ErrorKind::TooLarge,
+                format!("key of {} bytes exceeds the 65536-byte limit", key.len()),
+            ));
+        }
+        if let Some(v) = &value {
+            if v.len() > s.max_value_bytes {
+                return Err(WireError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "value of {} bytes exceeds the {}-byte limit; nothing was written",
+                        v.len(),
+                        s.max_value_bytes
+                    ),
+                ));
+            }
+        }
+        let w = self.quorum(options.w, s.w, "W", 1)?;
+        let pw = self.quorum(options.pw, s.pw, "PW", 0)?;
+        if pw > w {
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("PW={pw} exceeds W={w}"),
+            ));
+        }
+        let deadline = self.deadline(&options);
+        let ctx: VersionVector = match &context {
+            Some(c) => decode_context(&c.0, max_context_entries(s))
+                .map_err(|e| WireError::new(ErrorKind::BadRequest, e.to_string()))?,
+            None => VersionVector::new(),
+        };
+        let primaries = view.preference_list(&key, s.n as usize);
+        self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
+        let me = self.me.id;
+        let (object, dot) = self.replica.write(&key, &ctx, value).map_err(write_error)?;
+        let reply = Response::Written(PutReply {
+            context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
+            siblings: object.values().count() as u32,
+        });
+        let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
+        let mut answers = self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object));
+        let mut tally = Tally::default();
+        tally.ok.push(self.me.name.clone());
+        tally.primaries = 1;
+        tally
+            .collect(&mut answers, others.len(), w, pw, deadline, drop)
+            .await;
+        tally.result(w, pw, "write", reply)
+    }
+
+    async fn get(
+        self: &Arc<Self>,
+        key: &[u8],
+        options: RequestOptions,
+        view: &View,
+    ) -> Result<Response, WireError> {
+        let s = &self.settings;
+        let r = self.quorum(options.r, s.r, "R", 1)?;
+        let pr = self.quorum(options.pr, s.pr, "PR", 0)?;
+        if pr > r {
+            return Err(WireError::new(
+                ErrorKind::BadRequest,
+                format!("PR={pr} exceeds R={r}"),
+            ));
+        }
+        let deadline = self.deadline(&options);
+        let primaries = view.preference_list(key, s.n as usize);
+        self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
+        let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get);
+        let mut heard: Vec<Heard> = Vec::new();
+        let mut tally = Tally::default();
+        tally
+            .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
+                heard.extend(Heard::from_reply(reply))
+            })
+            .await;
+        let merged = Heard::merge_all(&heard);
+        let reply = Response::Value(GetReply {
+            values: merged.values().map(|v| Value(v.to_vec())).collect(),
+            context: CausalContext(encode_context(&merged.context())),
+        });
+        let outstanding = primaries.len() - tally.heard;
+        let node = self.clone();
+        let key = key.to_vec();
+        tokio::spawn(async move {
+            node.read_repair(key, heard, answers, outstanding).await;
+        });
+        tally.result(r, pr, "read", reply)
+    }
+}

@@ -1,0 +1,78 @@
+//! The node's settings, from the config: one struct the facade splits into
+//! what each component needs.
+
+use std::time::Duration;
+
+use crate::antientropy::AaeSettings;
+use crate::clock::Clock;
+use crate::detector::DetectorConfig;
+use crate::handoff::HandoffSettings;
+use crate::replica::ReplicaSettings;
+
+/// The coordinator's settings, from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub n: u32,
+    pub r: u32,
+    pub w: u32,
+    pub pr: u32,
+    pub pw: u32,
+    pub max_value_bytes: usize,
+    pub request_timeout: Duration,
+    pub clock_max_entries: usize,
+    pub clock_min_age_ms: u64,
+    pub detector: DetectorConfig,
+    pub handoff: HandoffSettings,
+    pub aae: AaeSettings,
+    /// How long after a read's reply late answers are still read-repaired.
+    pub read_repair_window: Duration,
+    /// Memory for the object cache (see [`crate::replica::stripe`]); 0
+    /// turns it off.
+    pub object_cache_bytes: usize,
+    /// Wall-clock time for stored timestamps (see [`crate::clock`]).
+    pub clock: Clock,
+}
+
+impl Settings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Settings {
+            n: c.cluster.n,
+            r: c.cluster.r,
+            w: c.cluster.w,
+            pr: c.cluster.pr,
+            pw: c.cluster.pw,
+            max_value_bytes: c.limits.max_value_bytes,
+            request_timeout: Duration::from_millis(c.timeouts.request_ms),
+            clock_max_entries: c.cluster.clock_max_entries,
+            clock_min_age_ms: c.cluster.clock_min_age_secs * 1000,
+            detector: DetectorConfig {
+                heartbeat: Duration::from_millis(c.failure_detector.heartbeat_ms),
+                threshold: c.failure_detector.phi_threshold,
+                acceptable_pause: Duration::from_millis(c.failure_detector.acceptable_pause_ms),
+                ..DetectorConfig::default()
+            },
+            handoff: HandoffSettings {
+                interval: Duration::from_millis(c.handoff.interval_ms),
+                batch_size: c.handoff.batch_size,
+                max_keys_per_sec: c.handoff.max_keys_per_sec,
+            },
+            aae: AaeSettings::from_config(&c.anti_entropy),
+            read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
+            object_cache_bytes: c.limits.object_cache_mb << 20,
+            clock: Clock::system(),
+        }
+    }
+}
+
+impl Settings {
+    /// What the replica needs of these.
+    pub fn replica(&self) -> ReplicaSettings {
+        ReplicaSettings {
+            clock_max_entries: self.clock_max_entries,
+            clock_min_age_ms: self.clock_min_age_ms,
+            tombstone_grace: self.aae.tombstone_grace,
+            object_cache_bytes: self.object_cache_bytes,
+            clock: self.clock.clone(),
+        }
+    }
+}

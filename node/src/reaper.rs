@@ -1,0 +1,174 @@
+//! The reaper: deletes tombstones once nothing can bring their key back.
+//!
+//! A delete is a tombstone, kept so that an older copy met later (a hint, a
+//! replica that was away, an anti-entropy peer) is superseded by merge
+//! rather than resurrected. A tombstone is dropped only when that can no
+//! longer happen: every `anti-entropy.reap-interval-ms` the first primary of
+//! each partition looks for tombstones older than `tombstone-grace-secs`
+//! (by its own clock; each primary judges the grace again by its own before
+//! deleting) and, while every member is up and none holds a hint for the
+//! key, has every primary compare-and-delete exactly that tombstone. The
+//! config refuses a grace shorter than a request can stay in flight.
+//! Deleting a key forgets its history: the next write to it mints under a
+//! fresh actor epoch (see [`crate::version`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::proto::MemberInfo;
+use shoal_ring::NodeId;
+use tracing::{debug, info, warn};
+
+use crate::liveness::Liveness;
+use crate::membership::{Membership, View};
+use crate::metrics::Metrics;
+use crate::net::{PeerRequest, PeerResponse, Transport};
+use crate::replica::trees::REBUILD_PAGE;
+use crate::replica::{reapable, Replica};
+use crate::storage::{Store, Tree};
+use crate::version::{decode_object, Object};
+
+/// The reaping service and the handles it needs.
+pub struct Reaper<T, S> {
+    pub me: NodeId,
+    /// Replicas per key.
+    pub n: usize,
+    /// `anti-entropy.tombstone-grace-secs`.
+    pub grace: Duration,
+    /// Keys read per second while looking for tombstones.
+    pub keys_per_sec: u32,
+    pub replica: Arc<Replica<S>>,
+    pub transport: Arc<T>,
+    pub liveness: Arc<dyn Liveness>,
+    pub membership: Arc<Membership>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<T: Transport, S: Store> Reaper<T, S> {
+    /// Reaps tombstones of the partitions this node is the first primary of:
+    /// a key whose object is only tombstones, the newest older than the
+    /// grace period, is deleted from every primary once all of them are up
+    /// and hold exactly that object (compare-and-delete on each). A primary
+    /// that still holds the old value gets the tombstone from anti-entropy
+    /// first, so a reaped key never comes back. Returns the keys reaped.
+    pub async fn reap_tombstones(&self) -> u64 {
+        let Some(view) = self.membership.view() else {
+            return 0;
+        };
+        let me = self.me;
+        let n = self.n;
+        let now = self.replica.now_ms();
+        // A copy of a key may wait anywhere, not only on its primaries: a
+        // fallback holds a hint, a node that was away holds an old value.
+        // Reaping forgets the tombstone that covers such copies, so nothing
+        // is reaped unless every member is up to be asked.
+        let down: Vec<String> = view
+            .members
+            .values()
+            .filter(|m| m.id != me && !self.liveness.is_up(m.id))
+            .map(|m| m.name.clone())
+            .collect();
+        if !down.is_empty() {
+            debug!(?down, "no tombstones reaped while members are down");
+            return 0;
+        }
+        // Per partition: its primaries if this node is the first of them and
+        // all are up (worked out once per pass), else `None`: not reaped here.
+        let mut reapers: HashMap<u32, Option<Vec<NodeId>>> = HashMap::new();
+        let mut reaped = 0;
+        let mut start = Vec::new();
+        loop {
+            let began = tokio::time::Instant::now();
+            let page = match self
+                .replica
+                .store()
+                .scan(Tree::Objects, &start, None, REBUILD_PAGE)
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(error = %e, "cannot list keys to reap; trying again next time");
+                    break;
+                }
+            };
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            start = last.clone();
+            start.push(0);
+            for (key, bytes) in &page {
+                let partition = self.replica.partition_of(key);
+                let replicas = reapers.entry(partition).or_insert_with(|| {
+                    let replicas = view.ring.preference_list_for_partition(partition, n);
+                    (replicas.first() == Some(&me)
+                        && replicas.iter().all(|r| self.liveness.is_up(*r)))
+                    .then_some(replicas)
+                });
+                let Some(replicas) = replicas else {
+                    continue;
+                };
+                let Ok(object) = decode_object(bytes) else {
+                    continue; // a rebuild or read reports corruption
+                };
+                if !reapable(&object, self.grace, now) {
+                    continue;
+                }
+                if self.reap(key, &object, replicas, &view).await {
+                    reaped += 1;
+                }
+            }
+            crate::clock::pace(began, page.len(), self.keys_per_sec).await;
+        }
+        if reaped > 0 {
+            self.metrics
+                .tombstones_reaped
+                .fetch_add(reaped, Ordering::Relaxed);
+            info!(reaped, "tombstones reaped");
+        }
+        reaped
+    }
+
+    /// Reaps one tombstone if every other primary holds exactly it and no
+    /// member holds a hint for its key (a hint older than the tombstone,
+    /// handed off after the reap, would bring the deleted value back; it is
+    /// delivered first and merged into the tombstone, and the key is reaped
+    /// on a later pass).
+    async fn reap(&self, key: &[u8], object: &Object, replicas: &[NodeId], view: &View) -> bool {
+        let others: Vec<&MemberInfo> = replicas
+            .iter()
+            .filter(|r| **r != self.me)
+            .filter_map(|r| view.members.get(r))
+            .collect();
+        for peer in &others {
+            let asked = PeerRequest::ReplicaGet { key: key.to_vec() };
+            match self.transport.call(peer, asked).await {
+                Ok(PeerResponse::Object(Some(theirs))) if &theirs == object => {}
+                _ => return false,
+            }
+        }
+        if !self.replica.hints_of(key).is_ok_and(|h| h.is_empty()) {
+            return false;
+        }
+        for member in view.members.values().filter(|m| m.id != self.me) {
+            let asked = PeerRequest::HintsOf { key: key.to_vec() };
+            match self.transport.call(member, asked).await {
+                Ok(PeerResponse::Hints(held)) if held.is_empty() => {}
+                _ => return false,
+            }
+        }
+        for peer in &others {
+            let reap = PeerRequest::Reap {
+                key: key.to_vec(),
+                object: object.clone(),
+            };
+            if !matches!(
+                self.transport.call(peer, reap).await,
+                Ok(PeerResponse::Stored)
+            ) {
+                return false; // reaped where it worked; the rest next time
+            }
+        }
+        self.replica.reap(key, object).unwrap_or(false)
+    }
+}

@@ -1,0 +1,342 @@
+//! The replica: this node's copy of the data, and the only code that changes
+//! it. The coordinator, handoff, anti-entropy and the reaper all hold an
+//! `Arc<Replica>` and go through its methods; none of them touches the store's
+//! object, index or hint trees directly.
+//!
+//! What it owns:
+//! - the store (objects, their anti-entropy index entries, hints, meta);
+//! - the key locks and the object cache ([`stripe`]): every change to a
+//!   key's object is a read-modify-write under its stripe's lock;
+//! - the actors this incarnation mints dots under (see [`crate::version`]);
+//! - the Merkle trees kept up to date in the write path ([`trees`]);
+//! - the hints kept for other nodes and their counts ([`hints`]).
+//!
+//! Every write of an object goes through one function, `write_object`, which
+//! writes the object and its index entry in one atomic batch, then updates
+//! the cache and the trees, all under the key's stripe lock.
+//!
+//! # Lock order
+//! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
+//! step), or the stripe lock, then the hint counts lock (`store_hint`,
+//! `delete_delivered`). A rebuild holds the trees lock while it reads a page
+//! of keys, without any stripe. No lock is held across an await.
+
+pub mod hints;
+mod serve;
+pub mod stripe;
+pub mod trees;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shoal_ring::NodeId;
+
+use crate::clock::Clock;
+use crate::membership::Membership;
+use crate::metrics::Metrics;
+use crate::storage::{Store, StoreError, Tree, WriteBatch};
+use crate::version::{
+    decode_object, encode_object, Actors, Dot, Object, VersionError, VersionVector,
+};
+use stripe::{relock, Stripe, LOCK_STRIPES};
+use trees::TreeState;
+
+/// What the replica needs of the node's settings.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// Clock pruning bounds (see [`Object::prune`]).
+    pub clock_max_entries: usize,
+    pub clock_min_age_ms: u64,
+    /// A tombstone younger than this is never reaped here, whoever asks.
+    pub tombstone_grace: Duration,
+    /// Memory for the object cache; 0 turns it off.
+    pub object_cache_bytes: usize,
+    /// Wall-clock time for stored timestamps (see [`crate::clock`]).
+    pub clock: Clock,
+}
+
+/// Why a replica operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A client write could not be given a dot.
+    #[error("cannot version the write of key {key}: {source}")]
+    Version { key: String, source: VersionError },
+}
+
+/// Meta-tree key of the incarnation counter, bumped (and synced) on every
+/// start so that no two runs of a node mint dots under the same actor.
+pub const INCARNATION_KEY: &[u8] = b"incarnation";
+
+/// Bumps and durably stores this node's incarnation; returns the new one.
+fn next_incarnation<S: Store>(store: &S) -> Result<u32, StoreError> {
+    let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
+        None => 0,
+        Some(b) => <[u8; 4]>::try_from(b.as_slice())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::Corruption {
+                tree: Tree::Meta.name(),
+                key: hex::encode(INCARNATION_KEY),
+                detail: format!("incarnation is {} bytes, not 4", b.len()),
+            })?,
+    };
+    // Wrapping is harmless: an actor also names its epoch, and 2^32 starts
+    // of one node id do not happen.
+    let next = last.wrapping_add(1);
+    let mut batch = WriteBatch::default();
+    batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
+    store.write_synced(batch)?;
+    Ok(next)
+}
+
+pub(crate) fn corruption(key: &[u8], detail: impl ToString) -> StoreError {
+    StoreError::Corruption {
+        tree: Tree::Objects.name(),
+        key: hex::encode(key),
+        detail: detail.to_string(),
+    }
+}
+
+/// Whether `object` is a tombstone whose newest sibling is at least `grace`
+/// old at `now_ms`.
+pub fn reapable(object: &Object, grace: Duration, now_ms: u64) -> bool {
+    let newest = object.siblings().iter().map(|s| s.timestamp_ms).max();
+    object.is_deleted()
+        && newest.is_some_and(|t| t.saturating_add(grace.as_millis() as u64) <= now_ms)
+}
+
+/// This node's copy of the data (see the module doc).
+pub struct Replica<S> {
+    store: Arc<S>,
+    settings: ReplicaSettings,
+    /// For the partition count (index keys) and the known members (whose
+    /// hints to look up).
+    membership: Arc<Membership>,
+    metrics: Arc<Metrics>,
+    stripes: Vec<Mutex<Stripe>>,
+    /// The actors this incarnation mints dots under (see
+    /// [`crate::version`]: a dot is never minted twice).
+    actors: Actors,
+    /// Anti-entropy trees (see [`trees`]).
+    trees: Mutex<TreeState>,
+    /// Hints held, per primary they wait for (see [`hints`]).
+    hints_pending: Mutex<BTreeMap<NodeId, u64>>,
+}
+
+impl<S: Store> Replica<S> {
+    /// The replica of node `me` over `store`, starting a new incarnation
+    /// (see [`crate::version`]); fails only if the store cannot record it.
+    pub fn new(
+        me: NodeId,
+        store: Arc<S>,
+        settings: ReplicaSettings,
+        membership: Arc<Membership>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let incarnation = next_incarnation(store.as_ref())?;
+        let budget = settings.object_cache_bytes / LOCK_STRIPES;
+        let stripes = (0..LOCK_STRIPES)
+            .map(|_| Mutex::new(Stripe::new(budget)))
+            .collect();
+        Ok(Replica {
+            store,
+            settings,
+            membership,
+            metrics,
+            stripes,
+            actors: Actors::new(me, incarnation),
+            trees: Mutex::default(),
+            hints_pending: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The node's wall clock (see [`crate::clock`]).
+    pub fn now_ms(&self) -> u64 {
+        self.settings.clock.now_ms()
+    }
+
+    /// The partition of a key on this node's ring.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        shoal_ring::partition_of(key, self.membership.partitions())
+    }
+
+    /// Locks `key`'s stripe (see [`Stripe`]).
+    fn lock_stripe(&self, key: &[u8]) -> MutexGuard<'_, Stripe> {
+        relock(&self.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES])
+    }
+
+    /// The stored bytes of `key`'s object, from the cache or else the store
+    /// (then cached). The caller holds `stripe`, the key's stripe.
+    fn stored(&self, stripe: &mut Stripe, key: &[u8]) -> Result<Option<Arc<[u8]>>, StoreError> {
+        if let Some(bytes) = stripe.cached(key) {
+            return Ok(Some(bytes));
+        }
+        let bytes: Option<Arc<[u8]>> = self.store.get(Tree::Objects, key)?.map(Arc::from);
+        if let Some(b) = &bytes {
+            stripe.remember(key, b.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// Empties the object cache: after the store was changed behind the
+    /// node's back (tests that lose or corrupt records).
+    pub fn drop_cache(&self) {
+        for stripe in &self.stripes {
+            relock(stripe).clear();
+        }
+    }
+
+    /// This replica's stored object for `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        let bytes = self.stored(&mut self.lock_stripe(key), key)?;
+        bytes
+            .map(|b| decode_object(&b).map_err(|e| corruption(key, e)))
+            .transpose()
+    }
+
+    /// Read-modify-write of the local object under the key's lock.
+    fn apply(&self, key: &[u8], change: impl FnOnce(&mut Object)) -> Result<Object, StoreError> {
+        let mut stripe = self.lock_stripe(key);
+        let raw = self.stored(&mut stripe, key)?;
+        let before = raw
+            .as_deref()
+            .map(decode_object)
+            .transpose()
+            .map_err(|e| corruption(key, e))?;
+        let mut object = before.clone().unwrap_or_default();
+        change(&mut object);
+        let s = &self.settings;
+        object.prune(
+            s.clock_max_entries,
+            s.clock_min_age_ms,
+            s.clock.now_ms(),
+            |actor| self.actors.is_current(actor),
+        );
+        if before.as_ref() != Some(&object) {
+            self.write_object(
+                &mut stripe,
+                key,
+                raw.as_deref(),
+                Some(&encode_object(&object)),
+            )?;
+        }
+        Ok(object)
+    }
+
+    /// Merges an object sent by a coordinator (or found by read repair,
+    /// handoff or anti-entropy) into the local copy.
+    pub fn merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
+        self.apply(key, |o| o.merge(incoming))
+    }
+
+    /// Applies a client write to the local copy under the key's lock: the
+    /// dot is minted under the actor [`Actors::for_write`] picks, so it was
+    /// never minted before (see [`crate::version`]).
+    pub fn write(
+        &self,
+        key: &[u8],
+        ctx: &VersionVector,
+        value: Option<Vec<u8>>,
+    ) -> Result<(Object, Dot), ReplicaError> {
+        let now = self.now_ms();
+        let mut minted: Result<Dot, VersionError> = Err(VersionError::EpochsExhausted(0));
+        let object = self.apply(key, |o| {
+            minted = self.actors.for_write(o, ctx).and_then(|actor| {
+                o.update(ctx, value, actor, now)
+                    .ok_or(VersionError::ContextMalformed(
+                        "it names a counter at its maximum".into(),
+                    ))
+            });
+        })?;
+        let dot = minted.map_err(|source| ReplicaError::Version {
+            key: hex::encode(key),
+            source,
+        })?;
+        Ok((object, dot))
+    }
+
+    /// Removes the local object of `key` altogether (tests of the trees).
+    #[cfg(test)]
+    pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut stripe = self.lock_stripe(key);
+        if let Some(raw) = self.stored(&mut stripe, key)? {
+            self.write_object(&mut stripe, key, Some(&raw), None)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the local object of `key` if it is exactly `expected`, a
+    /// tombstone whose grace period has passed by this node's own clock (so
+    /// one node with a fast clock cannot reap early for all); returns
+    /// whether it did.
+    pub fn reap(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
+        if !reapable(expected, self.settings.tombstone_grace, self.now_ms()) {
+            return Ok(false);
+        }
+        let mut stripe = self.lock_stripe(key);
+        let Some(raw) = self.stored(&mut stripe, key)? else {
+            return Ok(false);
+        };
+        if decode_object(&raw).ok().as_ref() != Some(expected) {
+            return Ok(false);
+        }
+        self.write_object(&mut stripe, key, Some(&raw), None)?;
+        // Forgotten here: never write under its actors again (before the
+        // stripe is released, so no write to the key sees them live).
+        let full = self.actors.retire(expected);
+        drop(stripe);
+        if full {
+            let incarnation = next_incarnation(self.store.as_ref())?;
+            self.actors.new_incarnation(incarnation);
+            tracing::info!(
+                incarnation,
+                "new incarnation: retired actors reached their bound"
+            );
+        }
+        Ok(true)
+    }
+
+    /// Writes (`new` Some) or removes the stored object bytes of `key`, with
+    /// its anti-entropy index entry, and updates the trees and the object
+    /// cache. The caller holds the key's stripe and passes the bytes stored
+    /// before.
+    fn write_object(
+        &self,
+        stripe: &mut Stripe,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let partition = self.partition_of(key);
+        let ikey = trees::index_key(partition, key);
+        let new_digest = new.map(trees::digest);
+        let mut batch = WriteBatch::default();
+        match (new, new_digest) {
+            (Some(bytes), Some(d)) => {
+                batch
+                    .put(Tree::Objects, key, bytes)
+                    .put(Tree::Aae, &ikey, &d.to_le_bytes());
+            }
+            _ => {
+                batch.delete(Tree::Objects, key).delete(Tree::Aae, &ikey);
+            }
+        }
+        if let Err(e) = self.store.write(batch) {
+            stripe.forget(key); // what the store now holds is unknown
+            return Err(e);
+        }
+        match new {
+            Some(bytes) => stripe.remember(key, Arc::from(bytes)),
+            None => stripe.forget(key),
+        }
+        self.lock_trees()
+            .apply(partition, key, old.map(trees::digest), new_digest);
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! The replica's side of the peer protocol: the requests a coordinator,
+//! handoff or the reaper send to a replica, answered from this one.
+//! (Anti-entropy's requests are answered by [`crate::antientropy`], which
+//! reads the replica's trees.)
+
+use shoal_ring::NodeId;
+use tracing::error;
+
+use super::{Replica, ReplicaError};
+use crate::net::{HandoffEntry, PeerError, PeerRequest, PeerResponse};
+use crate::storage::{Store, StoreError};
+
+fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
+    let e = e.into();
+    error!(op, key = %hex::encode(key), error = %e, "replica operation failed");
+    PeerResponse::Error(PeerError::Replica {
+        op: op.into(),
+        key: hex::encode(key),
+        detail: e.to_string(),
+    })
+}
+
+impl<S: Store> Replica<S> {
+    /// Answers a replica request from this node's copy; `me` is this node
+    /// (a hint "for" it is merged as its own data).
+    pub fn answer(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::ReplicaGet { key } => match self.get(&key) {
+                Ok(o) => PeerResponse::Object(o),
+                Err(e) => failed("read", &key, e),
+            },
+            PeerRequest::ReplicaPut { key, object } => match self.merge(&key, &object) {
+                Ok(_) => PeerResponse::Stored,
+                Err(e) => failed("merge", &key, e),
+            },
+            PeerRequest::HintPut {
+                key,
+                for_primary,
+                object,
+            } => {
+                let stored = if for_primary == me {
+                    // Views that disagree could name this node as its own fallback.
+                    self.merge(&key, &object).map(|_| ())
+                } else {
+                    self.store_hint(for_primary, &key, &object)
+                };
+                match stored {
+                    Ok(()) => PeerResponse::Stored,
+                    Err(e) => failed("hint", &key, e),
+                }
+            }
+            PeerRequest::HintGet { key, for_primary } => match self.hint(for_primary, &key) {
+                Ok(o) => PeerResponse::Object(o),
+                Err(e) => failed("hint read", &key, e),
+            },
+            PeerRequest::HintsOf { key } => match self.hints_of(&key) {
+                Ok(h) => PeerResponse::Hints(h),
+                Err(e) => failed("hints read", &key, e),
+            },
+            PeerRequest::Handoff(entries) => match self.accept_handoff(&entries) {
+                Ok(()) => PeerResponse::Stored,
+                Err((key, e)) => failed("handoff merge", &key, e),
+            },
+            PeerRequest::Reap { key, object } => match self.reap(&key, &object) {
+                Ok(true) => PeerResponse::Stored,
+                Ok(false) => PeerResponse::Error(PeerError::NotReaped {
+                    key: hex::encode(&key),
+                }),
+                Err(e) => failed("reap", &key, e),
+            },
+            other => PeerResponse::Error(PeerError::NotAReplicaRequest(format!("{other:?}"))),
+        }
+    }
+
+    /// Merges handed-off objects into this node's copies; on failure, the
+    /// key that failed.
+    fn accept_handoff(&self, entries: &[HandoffEntry]) -> Result<(), (Vec<u8>, StoreError)> {
+        for e in entries {
+            self.merge(&e.key, &e.object)
+                .map_err(|err| (e.key.clone(), err))?;
+        }
+        Ok(())
+    }
+}
