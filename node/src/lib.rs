@@ -35,6 +35,8 @@
 //! - [`antientropy`]: Merkle-tree exchanges between replicas, and the loop
 //!   that rebuilds trees, sweeps and reaps.
 //! - [`reaper`]: deletes tombstones nothing can bring back any more.
+//! - [`tasks`]: the handle a node spawns its per-request tasks through, so
+//!   a crash ends them.
 //! - [`server`]: wiring; [`server::start`] / [`server::run`] are the entry
 //!   points, [`server::start_background`] the one place background loops start.
 //! - [`certs`]: the CA and certificate tooling of `shoal certs` and `shoal dev`.
@@ -129,10 +131,10 @@
 //!   watch turns true; [`server::Running::stop`] also aborts the handles,
 //!   and a simulation crashes a node the same way.
 //! - Per request, `sloppy_fan_out` and `fan_out` spawn one task per target
-//!   and `get` one read-repair task. These are plain `tokio::spawn`s that
-//!   outlive the request on purpose (slow replicas still get the write), so
-//!   aborting a node's loops does not abort them: they end when their
-//!   transport calls fail or, for read repair, when its window closes.
+//!   and `get` one read-repair task, through the node's [`tasks::Tasks`]
+//!   handle. They outlive the request on purpose (slow replicas still get
+//!   the write), and `Node::abort_tasks` ends them all: a crash in the
+//!   simulation and [`server::Running::stop`] both call it.
 //!
 //! # Errors
 //! `thiserror` enums that say what failed with which input:
@@ -157,4 +159,5 @@ pub mod reaper;
 pub mod replica;
 pub mod server;
 pub mod storage;
+pub mod tasks;
 pub mod version;

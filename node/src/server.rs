@@ -62,6 +62,7 @@ impl Running {
     /// Stops accepting, closes connections and waits for the server tasks.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
+        self.node.abort_tasks();
         for e in &self.endpoints {
             e.close(0u32.into(), b"node shutting down");
         }

@@ -67,7 +67,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         for (primary, first) in first_tries {
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.to_vec();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let reply = node.reach(primary, first, &key, &op, &pool).await;
                 let _ = tx.send(reply);
             });
@@ -138,7 +138,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let (tx, rx) = mpsc::unbounded_channel();
         for target in targets.iter().cloned() {
             let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let answer = node.replica_call(&target, request).await;
                 let _ = tx.send((target, answer));
             });

@@ -142,6 +142,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             liveness: liveness.clone(),
             membership: membership.clone(),
             metrics: metrics.clone(),
+            tasks: crate::tasks::Tasks::default(),
         });
         let handoff = Handoff {
             me: me.id,
@@ -211,6 +212,13 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Ends the node's per-request tasks (see [`crate::tasks`]): what a
+    /// crash does to them. The background loops are stopped by their own
+    /// handles (see [`crate::server::start_background`]).
+    pub fn abort_tasks(&self) {
+        self.inner.coordinator.tasks.abort_all();
     }
 
     /// This node's replica, for components and tests that want the handle.

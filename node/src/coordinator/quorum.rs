@@ -38,6 +38,9 @@ pub struct Coordinator<T, S> {
     pub liveness: Arc<dyn Liveness>,
     pub membership: Arc<Membership>,
     pub metrics: Arc<Metrics>,
+    /// The node's per-request tasks (fan-out sends, read repair), which a
+    /// crash aborts.
+    pub tasks: crate::tasks::Tasks,
 }
 
 /// Most entries a client's causal context may have: more than any clock
@@ -365,7 +368,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let outstanding = primaries.len() - tally.heard;
         let node = self.clone();
         let key = key.to_vec();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             node.read_repair(key, heard, answers, outstanding).await;
         });
         tally.result(r, pr, "read", reply)

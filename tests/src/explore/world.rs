@@ -208,7 +208,9 @@ impl World {
             t.abort();
         }
         m.stop = None;
-        m.node = None;
+        if let Some(node) = m.node.take() {
+            node.abort_tasks();
+        }
         // Fence the dead process's handle now: tasks it spawned outside the
         // network's control may still run, but can no longer write.
         m.store = Arc::new(m.store.reopen());
