@@ -118,13 +118,21 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             };
             after = Some(last.clone());
             let mut entries = Vec::with_capacity(page.len());
+            // Only what was sent is deleted after: an undecodable hint stays
+            // (and is reported each round) rather than vanish as delivered.
+            let mut sending = Vec::with_capacity(page.len());
             for (hk, bytes) in &page {
                 match decode_object(bytes) {
-                    Ok(object) => entries.push(HandoffEntry {
-                        key: hinted_key(hk).to_vec(),
-                        object,
-                    }),
-                    Err(e) => warn!(key = %hex::encode(hk), error = %e, "undecodable hint skipped"),
+                    Ok(object) => {
+                        entries.push(HandoffEntry {
+                            key: hinted_key(hk).to_vec(),
+                            object,
+                        });
+                        sending.push((hk.clone(), bytes.clone()));
+                    }
+                    Err(e) => {
+                        warn!(key = %hex::encode(hk), error = %e, "undecodable hint kept, not delivered")
+                    }
                 }
             }
             let sent = tokio::time::Instant::now();
@@ -142,7 +150,7 @@ impl<T: Transport, S: Store> Handoff<T, S> {
                     return delivered;
                 }
             }
-            delivered += self.replica.delete_delivered(target.id, &page);
+            delivered += self.replica.delete_delivered(target.id, &sending);
             crate::clock::pace(sent, count, settings.max_keys_per_sec).await;
         }
         if delivered > 0 {

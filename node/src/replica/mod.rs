@@ -121,6 +121,9 @@ pub struct Replica<S> {
     actors: Actors,
     /// Anti-entropy trees (see [`trees`]).
     trees: Mutex<TreeState>,
+    /// Held for a whole tree rebuild: two at once would share one
+    /// bookkeeping slot, and the second would wreck the first's.
+    rebuilding: tokio::sync::Mutex<()>,
     /// Hints held, per primary they wait for (see [`hints`]).
     hints_pending: Mutex<BTreeMap<NodeId, u64>>,
 }
@@ -148,6 +151,7 @@ impl<S: Store> Replica<S> {
             stripes,
             actors: Actors::new(me, incarnation),
             trees: Mutex::default(),
+            rebuilding: tokio::sync::Mutex::new(()),
             hints_pending: Mutex::new(BTreeMap::new()),
         })
     }

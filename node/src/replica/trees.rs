@@ -189,6 +189,7 @@ impl<S: Store> Replica<S> {
     /// at most `keys_per_sec` keys a second, then replaces the live trees.
     /// Returns how many keys it read.
     pub async fn rebuild_trees(&self, keys_per_sec: u32) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.rebuilding.lock().await;
         self.lock_trees().rebuild = Some(Rebuild::default());
         let result = self.rebuild_scan(keys_per_sec).await;
         let mut state = self.lock_trees();
@@ -291,7 +292,12 @@ impl<S: Store> Replica<S> {
                             key: hex::encode(&ik),
                             detail: "digest is not 8 bytes".into(),
                         })?;
-                    out.push((ik[6..].to_vec(), digest));
+                    let key = ik.get(6..).ok_or_else(|| StoreError::Corruption {
+                        tree: Tree::Aae.name(),
+                        key: hex::encode(&ik),
+                        detail: "index key shorter than its 6-byte prefix".into(),
+                    })?;
+                    out.push((key.to_vec(), digest));
                 }
                 start = next;
             }
@@ -442,6 +448,26 @@ mod tests {
                 Ok(())
             })?;
         }
+    }
+
+    /// Two rebuilds at once used to share one bookkeeping slot: the first
+    /// to finish took it, the other panicked holding the trees lock, and
+    /// every later write panicked on the poisoned lock.
+    #[tokio::test]
+    async fn two_rebuilds_at_once_both_finish_and_writes_go_on() {
+        let r = Arc::new(replica());
+        for k in 0..600u16 {
+            run(&r, &Op::Put((k % 20) as u8, k as u8));
+        }
+        let (a, b) = (r.clone(), r.clone());
+        let first = tokio::spawn(async move { a.rebuild_trees(20_000).await });
+        let second = tokio::spawn(async move { b.rebuild_trees(20_000).await });
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok());
+        run(&r, &Op::Put(1, 1));
+        let live = r.trees();
+        r.rebuild_trees(u32::MAX).await.unwrap();
+        assert_eq!(r.trees(), live);
     }
 
     #[test]
