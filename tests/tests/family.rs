@@ -108,11 +108,25 @@ async fn a_lost_wal_tail_does_not_mint_a_dot_again() {
 /// Restarts `name` over its own store after the store lost `key` (the
 /// unsynced tail a power loss takes): a new `Node`, as a restart builds.
 fn restart_losing(c: &mut SimCluster, name: &str, key: &[u8]) {
+    let settings = c.node(name).settings().clone();
+    replace(c, name, settings, Some(key));
+}
+
+/// Starts `name` again over its own store with `settings`, the store first
+/// losing `lose` if given.
+fn replace(
+    c: &mut SimCluster,
+    name: &str,
+    settings: shoal_node::coordinator::Settings,
+    lose: Option<&[u8]>,
+) {
     let i = c.nodes.iter().position(|n| n.me().name == name).unwrap();
     let old = c.nodes[i].clone();
     let store: Arc<MemoryStore> = old.store().clone();
-    store.forget(Tree::Objects, key);
-    store.forget(Tree::Aae, &index_key(old.partition_of(key), key));
+    if let Some(key) = lose {
+        store.forget(Tree::Objects, key);
+        store.forget(Tree::Aae, &index_key(old.partition_of(key), key));
+    }
     let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
     let expected = members
         .iter()
@@ -124,7 +138,7 @@ fn restart_losing(c: &mut SimCluster, name: &str, key: &[u8]) {
     let membership = Membership::new(expected, members, 64, 3);
     let node = Node::new(
         old.me().clone(),
-        old.settings().clone(),
+        settings,
         store,
         c.net.transport(name),
         membership,
@@ -136,9 +150,9 @@ fn restart_losing(c: &mut SimCluster, name: &str, key: &[u8]) {
 
 /// Contexts come from clients: one with counters at u64::MAX must not
 /// panic a node (a panic under a stripe lock would poison every key of that
-/// stripe), and one with thousands of made-up entries is refused.
+/// stripe).
 #[tokio::test]
-async fn crafted_contexts_get_an_answer_not_a_panic() {
+async fn a_context_with_counters_at_their_maximum_gets_an_answer_not_a_panic() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v1", None, ALL).await);
     let stored = c.stored("node1", b"k").unwrap();
@@ -152,23 +166,60 @@ async fn crafted_contexts_get_an_answer_not_a_panic() {
     // The node and the key's stripe still serve.
     written(c.put("node1", b"k", b"v3", None, ALL).await);
     assert!(read_all(&c, "node1", b"k").await.contains(&v("v3")));
+}
 
-    let made_up: VersionVector = (0..10_000u128)
-        .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
-        .collect();
-    let e = error(
-        c.put(
-            "node1",
-            b"k",
-            b"v4",
-            Some(CausalContext(encode_context(&made_up))),
-            ALL,
-        )
-        .await,
-    );
+/// A context with thousands of made-up entries is refused; a smaller one's
+/// made-up entries are stamped 0, so clock pruning drops them before any
+/// real entry.
+#[tokio::test]
+async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let made_up = |n: u128| -> CausalContext {
+        let vv: VersionVector = (0..n)
+            .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
+            .collect();
+        CausalContext(encode_context(&vv))
+    };
+    let e = error(c.put("node1", b"k", b"v2", Some(made_up(10_000)), ALL).await);
     assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}");
     assert!(e.message.contains("10000 entries"), "{}", e.message);
-    assert!(c.stored("node1", b"k").unwrap().clock().len() < 100);
+    let real: Vec<_> = c.stored("node1", b"k").unwrap().clock().keys().copied().collect();
+    written(c.put("node1", b"k", b"v3", Some(made_up(100)), ALL).await);
+    let stored = c.stored("node1", b"k").unwrap();
+    assert!(
+        real.iter().all(|a| stored.clock().contains_key(a)),
+        "a real entry was pruned: {stored:?}"
+    );
+    assert!(
+        stored.clock().len() <= settings().clock_max_entries,
+        "made-up entries are pruned first, at once: {} entries",
+        stored.clock().len()
+    );
+}
+
+/// The grace period is judged by every primary's own clock: a first
+/// primary whose clock runs an hour ahead cannot reap a fresh tombstone.
+#[tokio::test]
+async fn a_fast_clock_on_one_primary_cannot_reap_early() {
+    let mut s = settings();
+    s.aae.tombstone_grace = Duration::from_secs(60);
+    let mut c = SimCluster::with_settings(3, s);
+    let key = b"k";
+    let first = c.primaries(key)[0].clone();
+    let other = c.primaries(key)[1].clone();
+    let mut fast = c.node(&first).settings().clone();
+    fast.clock = shoal_node::clock::Clock::from_fn(|| {
+        shoal_node::clock::Clock::system().now_ms() + 3_600_000
+    });
+    replace(&mut c, &first, fast, None);
+    written(c.put(&other, key, b"v", None, ALL).await);
+    let ctx = value(c.get(&other, key, ALL).await).context;
+    written(c.delete(&other, key, Some(ctx), ALL).await);
+    assert_eq!(c.node(&first).reap_tombstones().await, 0);
+    for n in c.primaries(key) {
+        assert!(c.stored(&n, key).is_some(), "{n} reaped a fresh tombstone");
+    }
 }
 
 /// The put's reply context must cover the client's own write and what its
