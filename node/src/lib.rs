@@ -113,6 +113,10 @@
 //!   per-key step);
 //! - a key's stripe, then the hint counts lock (`store_hint`,
 //!   `delete_delivered`);
+//! - a key's stripe, then the actors lock (`Actors::for_write`, `retire`,
+//!   `is_current` while pruning);
+//! - the rebuild lock (a `tokio::sync::Mutex`, held across a whole rebuild
+//!   so two never run at once), then the locks above;
 //! - a fan-out's fallback pool, then the detector (`Fallbacks::next_live`);
 //! - the trees lock alone while a rebuild reads a page of keys from the
 //!   store (so no write falls between that read and its bookkeeping);
