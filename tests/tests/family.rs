@@ -120,9 +120,20 @@ fn replace(
     settings: shoal_node::coordinator::Settings,
     lose: Option<&[u8]>,
 ) {
+    let store = c.node(name).store().clone();
+    replace_over(c, name, settings, lose, store);
+}
+
+/// [`replace`] over `store`.
+fn replace_over(
+    c: &mut SimCluster,
+    name: &str,
+    settings: shoal_node::coordinator::Settings,
+    lose: Option<&[u8]>,
+    store: Arc<MemoryStore>,
+) {
     let i = c.nodes.iter().position(|n| n.me().name == name).unwrap();
     let old = c.nodes[i].clone();
-    let store: Arc<MemoryStore> = old.store().clone();
     if let Some(key) = lose {
         store.forget(Tree::Objects, key);
         store.forget(Tree::Aae, &index_key(old.partition_of(key), key));
@@ -146,6 +157,28 @@ fn replace(
     .expect("restart");
     c.net.register(name, Arc::new(node.clone()));
     c.nodes[i] = node;
+}
+
+/// A data directory is wiped and the node comes back under the same name.
+/// It gets a new random id (`server::start`); were the old id kept, its
+/// new incarnation still must not be one its earlier life used.
+#[tokio::test]
+async fn a_wiped_node_that_kept_its_id_does_not_mint_a_dot_again() {
+    let mut c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    // Its earlier life and its new one are apart in time, as a wipe and a
+    // restart are.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let settings = c.node("node1").settings().clone();
+    replace_over(
+        &mut c,
+        "node1",
+        settings,
+        None,
+        Arc::new(MemoryStore::new()),
+    );
+    written(c.put("node1", b"k", b"v2", None, D).await);
+    assert_eq!(read_all(&c, "node3", b"k").await, [v("v1"), v("v2")]);
 }
 
 /// Contexts come from clients: one with counters at u64::MAX must not

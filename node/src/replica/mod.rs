@@ -71,9 +71,13 @@ pub enum ReplicaError {
 pub const INCARNATION_KEY: &[u8] = b"incarnation";
 
 /// Bumps and durably stores this node's incarnation; returns the new one.
-fn next_incarnation<S: Store>(store: &S) -> Result<u32, StoreError> {
+/// An empty store (a first start, or a wiped data directory) starts from
+/// the wall clock's seconds, so that even a node that came back with its
+/// old id (it gets a new random one; this is the second guard) would not
+/// take up an incarnation of its earlier life.
+fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError> {
     let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
-        None => 0,
+        None => u32::try_from(now_ms / 1000).unwrap_or(u32::MAX - 1),
         Some(b) => <[u8; 4]>::try_from(b.as_slice())
             .map(u32::from_be_bytes)
             .map_err(|_| StoreError::Corruption {
@@ -138,7 +142,7 @@ impl<S: Store> Replica<S> {
         membership: Arc<Membership>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let incarnation = next_incarnation(store.as_ref())?;
+        let incarnation = next_incarnation(store.as_ref(), settings.clock.now_ms())?;
         let budget = settings.object_cache_bytes / LOCK_STRIPES;
         let stripes = (0..LOCK_STRIPES)
             .map(|_| Mutex::new(Stripe::new(budget)))
@@ -296,7 +300,7 @@ impl<S: Store> Replica<S> {
         let full = self.actors.retire(expected);
         drop(stripe);
         if full {
-            let incarnation = next_incarnation(self.store.as_ref())?;
+            let incarnation = next_incarnation(self.store.as_ref(), self.now_ms())?;
             self.actors.new_incarnation(incarnation);
             tracing::info!(
                 incarnation,
