@@ -214,10 +214,19 @@ async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
             .collect();
         CausalContext(encode_context(&vv))
     };
-    let e = error(c.put("node1", b"k", b"v2", Some(made_up(10_000)), ALL).await);
+    let e = error(
+        c.put("node1", b"k", b"v2", Some(made_up(10_000)), ALL)
+            .await,
+    );
     assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}");
     assert!(e.message.contains("10000 entries"), "{}", e.message);
-    let real: Vec<_> = c.stored("node1", b"k").unwrap().clock().keys().copied().collect();
+    let real: Vec<_> = c
+        .stored("node1", b"k")
+        .unwrap()
+        .clock()
+        .keys()
+        .copied()
+        .collect();
     written(c.put("node1", b"k", b"v3", Some(made_up(100)), ALL).await);
     let stored = c.stored("node1", b"k").unwrap();
     assert!(
@@ -331,7 +340,7 @@ impl Transport for LossyForwards {
         to: &MemberInfo,
         request: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
-        let forward = matches!(request, PeerRequest::Forward(_));
+        let forward = matches!(request, PeerRequest::Forward { .. });
         let answer = self.inner.call(to, request).await;
         if forward {
             return Err(TransportError::Failed(
@@ -376,4 +385,43 @@ async fn a_write_after_a_partial_reap_survives_the_remaining_tombstone() {
     written(c.put("node1", b"k", b"v2", None, ALL).await);
     // An R=3 read merges every replica's copy, node3's tombstone included.
     assert_eq!(read_all(&c, "node3", b"k").await, [v("v2")]);
+}
+
+/// Found by the simulation: a forwarded put delivered twice (the network
+/// duplicated it, or its sender thought it lost) ran twice, the second
+/// time after a delete had superseded the first, so the value came back.
+#[tokio::test]
+async fn a_forward_delivered_twice_runs_once() {
+    use shoal_node::net::{Handler, PeerError};
+    let c = SimCluster::new(4);
+    let key = b"dup";
+    let primary = c.primaries(key)[0].clone();
+    let forward = || PeerRequest::Forward {
+        id: 7,
+        request: Request::Put {
+            key: key.to_vec(),
+            value: b"once".to_vec(),
+            context: None,
+            options: ALL,
+        },
+    };
+    let first = c.node(&primary).peer("node9".into(), forward()).await;
+    assert!(
+        matches!(first, PeerResponse::Forwarded(Response::Written(_))),
+        "{first:?}"
+    );
+    let ctx = value(c.get(&primary, key, ALL).await).context;
+    written(c.delete(&primary, key, Some(ctx), ALL).await);
+    let again = c.node(&primary).peer("node9".into(), forward()).await;
+    assert!(
+        matches!(
+            again,
+            PeerResponse::Error(PeerError::DuplicateForward { id: 7, .. })
+        ),
+        "{again:?}"
+    );
+    assert!(
+        read_all(&c, &primary, key).await.is_empty(),
+        "the put ran again"
+    );
 }

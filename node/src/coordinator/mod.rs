@@ -56,7 +56,7 @@ pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use shoal_client::proto::{
     AaeStatus, HintQueue, MemberInfo, NodeStatus, PeerView, Request, Response,
@@ -92,6 +92,56 @@ impl<T, S> Clone for Node<T, S> {
     }
 }
 
+/// Ids of the requests a node forwards: unique per sender across its
+/// restarts (they start from the wall clock's milliseconds, shifted, and
+/// count up), so a receiver can tell a duplicate from a new request.
+#[derive(Debug)]
+pub struct ForwardIds(std::sync::atomic::AtomicU64);
+
+impl ForwardIds {
+    pub fn starting_at(now_ms: u64) -> Self {
+        ForwardIds(std::sync::atomic::AtomicU64::new(now_ms << 16))
+    }
+
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The forwards a node received lately, by sender and id, so a duplicate
+/// does not run a write again; the oldest are forgotten past a bound
+/// (a duplicate arrives within a request timeout, not 100,000 forwards
+/// later).
+#[derive(Default)]
+struct ForwardsSeen(
+    Mutex<(
+        std::collections::HashSet<(String, u64)>,
+        std::collections::VecDeque<(String, u64)>,
+    )>,
+);
+
+/// Forwards remembered per node.
+const FORWARDS_REMEMBERED: usize = 100_000;
+
+impl ForwardsSeen {
+    /// Whether this is the first delivery of `id` from `from` (and records it).
+    fn first(&self, from: &str, id: u64) -> bool {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (seen, order) = &mut *guard;
+        let entry = (from.to_string(), id);
+        if !seen.insert(entry.clone()) {
+            return false;
+        }
+        order.push_back(entry);
+        if order.len() > FORWARDS_REMEMBERED {
+            if let Some(old) = order.pop_front() {
+                seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
 /// What a node is made of. Each component owns its state; the handles in
 /// here are shared with them, never the whole node.
 struct Parts<T, S> {
@@ -109,6 +159,8 @@ struct Parts<T, S> {
     handoff: Handoff<T, S>,
     aae: AntiEntropy<T, S>,
     reaper: Reaper<T, S>,
+    /// Forwards received lately (see [`ForwardsSeen`]).
+    forwards_seen: ForwardsSeen,
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
@@ -143,6 +195,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             membership: membership.clone(),
             metrics: metrics.clone(),
             tasks: crate::tasks::Tasks::default(),
+            forward_ids: ForwardIds::starting_at(settings.clock.now_ms()),
         });
         let handoff = Handoff {
             me: me.id,
@@ -190,6 +243,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 handoff,
                 aae,
                 reaper,
+                forwards_seen: ForwardsSeen::default(),
             }),
         })
     }
@@ -477,7 +531,10 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 PeerResponse::Hello(self.inner.me.clone())
             }
             PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::Forward(request) => {
+            PeerRequest::Forward { id, request } => {
+                if !self.inner.forwards_seen.first(&from, id) {
+                    return PeerResponse::Error(PeerError::DuplicateForward { from, id });
+                }
                 PeerResponse::Forwarded(self.coordinate(request, true).await)
             }
             PeerRequest::Aae(request) => crate::antientropy::answer(&self.inner.replica, request)

@@ -41,6 +41,8 @@ pub struct Coordinator<T, S> {
     /// The node's per-request tasks (fan-out sends, read repair), which a
     /// crash aborts.
     pub tasks: crate::tasks::Tasks,
+    /// Ids for the requests this node forwards.
+    pub forward_ids: super::ForwardIds,
 }
 
 /// Most entries a client's causal context may have: more than any clock
@@ -207,9 +209,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let mut order: Vec<&MemberInfo> = primaries.iter().collect();
         order.sort_by_key(|p| !self.liveness.is_up(p.id));
         for p in order {
-            let call = self
-                .transport
-                .call(p, PeerRequest::Forward(request.clone()));
+            let call = self.transport.call(
+                p,
+                PeerRequest::Forward {
+                    id: self.forward_ids.next(),
+                    request: request.clone(),
+                },
+            );
             // Only a request that never reached `p` may go to the next
             // primary: one that may have run there would run twice (a
             // duplicate sibling), or be reported failed after it landed.

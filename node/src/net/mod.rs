@@ -47,8 +47,10 @@ pub enum PeerRequest {
         object: Object,
     },
     /// A client request for a key the sender does not replicate: coordinate it
-    /// here and answer on its behalf.
-    Forward(Request),
+    /// here and answer on its behalf. `id` is unique per sender (see
+    /// [`crate::coordinator::ForwardIds`]): a write delivered twice (a
+    /// network duplicate, a sender retrying what it thought lost) runs once.
+    Forward { id: u64, request: Request },
     /// Sloppy quorum: keep this object as a hint for `for_primary`, which is
     /// down, and hand it off when it returns (see [`crate::handoff`]).
     HintPut {
@@ -190,6 +192,10 @@ pub enum PeerError {
     /// tombstone asked for, or not past the grace period by its clock.
     #[error("tombstone of key {key} not reaped here")]
     NotReaped { key: String },
+    /// `Forward`: this sender's request `id` was already received; it ran
+    /// (or runs) once, and its first delivery answers.
+    #[error("forward {id} from {from} was already received")]
+    DuplicateForward { from: String, id: u64 },
     /// Anti-entropy: the receiver has not finished its first tree build.
     #[error("anti-entropy trees are not built yet")]
     TreesNotReady,

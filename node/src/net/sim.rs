@@ -198,7 +198,7 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::Ping => "ping",
         PeerRequest::ReplicaGet { .. } => "replica-get",
         PeerRequest::ReplicaPut { .. } => "replica-put",
-        PeerRequest::Forward(_) => "forward",
+        PeerRequest::Forward { .. } => "forward",
         PeerRequest::HintPut { .. } => "hint-put",
         PeerRequest::HintGet { .. } => "hint-get",
         PeerRequest::HintsOf { .. } => "hints-of",
