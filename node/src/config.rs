@@ -391,17 +391,19 @@ impl Config {
             }
         }
         // A message older than the tombstone it races (a write's send to a
-        // slow replica, a read repair) lives at most this long; arriving
-        // after the reap it would bring the deleted value back.
-        let in_flight_ms = MAX_REQUEST_MS + self.timeouts.read_repair_ms;
+        // slow replica, a read repair) lives at most this long: sent before
+        // its request's deadline or at the end of a read-repair window, and
+        // delivered before its connection idles out. Arriving after the
+        // reap it would bring the deleted value back.
+        let in_flight_ms = MAX_REQUEST_MS + self.timeouts.read_repair_ms + self.timeouts.idle_ms;
         let grace = self.anti_entropy.tombstone_grace_secs;
         if grace.saturating_mul(1000) < in_flight_ms {
             return invalid(
                 "anti-entropy.tombstone-grace-secs",
                 format!(
                     "{grace} s is shorter than a request may stay in flight ({} s: the \
-                     longest request timeout plus timeouts.read-repair-ms), so a late \
-                     write could bring a reaped value back; use at least {} s",
+                     longest request timeout, timeouts.read-repair-ms and timeouts.idle-ms), \
+                     so a late write could bring a reaped value back; use at least {} s",
                     in_flight_ms.div_ceil(1000),
                     in_flight_ms.div_ceil(1000)
                 ),
@@ -519,13 +521,13 @@ key = "node1.key"
         };
         let err = load(0).unwrap_err().to_string();
         assert!(
-            err.contains("anti-entropy.tombstone-grace-secs") && err.contains("at least 61 s"),
+            err.contains("anti-entropy.tombstone-grace-secs") && err.contains("at least 71 s"),
             "{err}"
         );
-        assert!(load(60).is_err());
+        assert!(load(70).is_err());
         assert_eq!(
-            load(61).unwrap().anti_entropy.tombstone_grace_secs,
-            61,
+            load(71).unwrap().anti_entropy.tombstone_grace_secs,
+            71,
             "the smallest grace accepted with the default timeouts"
         );
     }

@@ -4,7 +4,7 @@
 //! a reaped delete does not come back through a hint that waited on a node
 //! that was down.
 //!
-//! Both run with the smallest tombstone grace the config accepts (61 s with
+//! Both run with the smallest tombstone grace the config accepts (71 s with
 //! the default timeouts) and the reaper looking every second, so each takes
 //! a little over a minute; they run side by side.
 //! `cargo test -p shoal-tests --test amnesia -- --nocapture`
@@ -16,7 +16,7 @@ use shoal_client::Client;
 use shoal_tests::process::DevCluster;
 
 /// The smallest `anti-entropy.tombstone-grace-secs` the config accepts.
-const GRACE_SECS: i64 = 61;
+const GRACE_SECS: i64 = 71;
 
 const W2: RequestOptions = RequestOptions {
     r: Some(2),

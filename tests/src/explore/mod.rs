@@ -47,7 +47,10 @@
 //!   [`world::REAP_EVERY`]): the design promises that nothing older than
 //!   the grace (a hint, a node back from a long absence) brings a reaped
 //!   delete back, so a fallback that is down across a reap is inside;
-//! - every fault ends before the quiet period; no node is lost for good.
+//! - every fault ends before the quiet period; no node is lost for good;
+//! - the tombstone grace is no shorter than the config accepts for the
+//!   simulation's timeouts (a request's timeout, the read-repair window and
+//!   the network's loss timeout), as `Config::validate` demands in production.
 //!
 //! Seeds outside the envelope are run and checked like the others; their
 //! violations are reported and counted apart, never filtered out.

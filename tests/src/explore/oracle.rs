@@ -199,11 +199,22 @@ pub fn check(
 pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
     let mut s = String::new();
     let k = Shared::key(key);
-    let names: BTreeMap<_, _> = world
+    // Actors by node name, incarnation and epoch (`node3#2.5`).
+    let prefixes: BTreeMap<_, _> = world
         .machines
         .iter()
-        .map(|m| (m.me.id, m.me.name.clone()))
+        .map(|m| {
+            (
+                shoal_node::version::Actors::node_prefix(&m.me.id),
+                m.me.name.clone(),
+            )
+        })
         .collect();
+    let actor = |a: &shoal_ring::NodeId| {
+        let (prefix, inc, epoch) = shoal_node::version::Actors::parts(a);
+        let name = prefixes.get(&prefix).cloned().unwrap_or_else(|| a.to_hex());
+        format!("{name}#{}.{epoch}", inc % 1000)
+    };
     let primaries: Vec<String> = world
         .primaries(&k)
         .into_iter()
@@ -222,7 +233,7 @@ pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
                 .map(|(id, e)| {
                     format!(
                         "{}:{}",
-                        names.get(id).cloned().unwrap_or_default(),
+                        actor(id),
                         e.counter
                     )
                 })
@@ -233,7 +244,7 @@ pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
                 .map(|sb| {
                     format!(
                         "{}:{}={}",
-                        names.get(&sb.dot.node).cloned().unwrap_or_default(),
+                        actor(&sb.dot.node),
                         sb.dot.counter,
                         sb.value
                             .as_ref()

@@ -25,8 +25,11 @@ use crate::sim::SimNode;
 /// share partitions.
 pub const PARTITIONS: u32 = 16;
 /// The tombstone grace period and the reaper's pace: short, so reaping
-/// happens while faults are still going on.
-pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(1);
+/// happens while faults are still going on, but no shorter than the config
+/// accepts for these timeouts: a message may be in flight for the request
+/// timeout (1.5 s), the read-repair window (0.2 s) and until the network
+/// gives it up (1 s, its stand-in for an idle connection's end).
+pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(3);
 pub const REAP_EVERY: Duration = Duration::from_millis(500);
 /// How often the operating system flushes a node's WAL (what a power loss
 /// can lose is what was written since).
