@@ -140,15 +140,22 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             .filter(|r| **r != self.me)
             .filter_map(|r| view.members.get(r))
             .collect();
+        // What is compared is made durable on every primary (this node's
+        // copy and hints were read before this sync; `ReapCheck` and
+        // `HintsOf` sync after reading too): a power loss after the reap
+        // must not roll a node back to a copy before the tombstone, or to
+        // a hint it had delivered.
+        if !self.replica.hints_of(key).is_ok_and(|h| h.is_empty())
+            || self.replica.store().sync_wal().is_err()
+        {
+            return false;
+        }
         for peer in &others {
-            let asked = PeerRequest::ReplicaGet { key: key.to_vec() };
+            let asked = PeerRequest::ReapCheck { key: key.to_vec() };
             match self.transport.call(peer, asked).await {
                 Ok(PeerResponse::Object(Some(theirs))) if &theirs == object => {}
                 _ => return false,
             }
-        }
-        if !self.replica.hints_of(key).is_ok_and(|h| h.is_empty()) {
-            return false;
         }
         for member in view.members.values().filter(|m| m.id != self.me) {
             let asked = PeerRequest::HintsOf { key: key.to_vec() };

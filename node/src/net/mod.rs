@@ -40,6 +40,13 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// The reaper's check: the replica's stored object for a key, made
+    /// durable before it is answered (a power loss must not take back a
+    /// tombstone the reaper relied on).
+    ReapCheck {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Merge this object into the replica's copy of the key.
     ReplicaPut {
         #[serde(with = "serde_bytes")]

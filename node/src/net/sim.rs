@@ -197,6 +197,7 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::Hello(_) => "hello",
         PeerRequest::Ping => "ping",
         PeerRequest::ReplicaGet { .. } => "replica-get",
+        PeerRequest::ReapCheck { .. } => "reap-check",
         PeerRequest::ReplicaPut { .. } => "replica-put",
         PeerRequest::Forward { .. } => "forward",
         PeerRequest::HintPut { .. } => "hint-put",

@@ -53,10 +53,27 @@ impl<S: Store> Replica<S> {
                 Ok(o) => PeerResponse::Object(o),
                 Err(e) => failed("hint read", &key, e),
             },
-            PeerRequest::HintsOf { key } => match self.hints_of(&key) {
-                Ok(h) => PeerResponse::Hints(h),
-                Err(e) => failed("hints read", &key, e),
-            },
+            // Read, then synced: the reaper acts on "no hint here" for good,
+            // and a power loss must not bring back a hint deleted as
+            // delivered.
+            PeerRequest::HintsOf { key } => {
+                match self
+                    .hints_of(&key)
+                    .and_then(|h| self.store().sync_wal().map(|()| h))
+                {
+                    Ok(h) => PeerResponse::Hints(h),
+                    Err(e) => failed("hints read", &key, e),
+                }
+            }
+            PeerRequest::ReapCheck { key } => {
+                match self
+                    .get(&key)
+                    .and_then(|o| self.store().sync_wal().map(|()| o))
+                {
+                    Ok(o) => PeerResponse::Object(o),
+                    Err(e) => failed("reap check", &key, e),
+                }
+            }
             PeerRequest::Handoff(entries) => match self.accept_handoff(&entries) {
                 Ok(()) => PeerResponse::Stored,
                 Err((key, e)) => failed("handoff merge", &key, e),

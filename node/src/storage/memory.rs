@@ -168,6 +168,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn sync_wal(&self) -> Result<(), StoreError> {
+        self.sync();
+        Ok(())
+    }
+
     fn scan(
         &self,
         tree: Tree,

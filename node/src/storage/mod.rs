@@ -106,6 +106,10 @@ pub trait Store: Send + Sync + 'static {
     /// (the incarnation counter). No default: an engine that did not sync here would let a power
     /// loss undo an incarnation (found by the simulation's power losses).
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// Makes every write so far durable (the WAL synced), whatever the
+    /// engine's `fsync` setting: before a node vouches for a state that
+    /// others will act on for good (the reaper's checks).
+    fn sync_wal(&self) -> Result<(), StoreError>;
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
     /// the tree), in key order.
     fn scan(

@@ -133,6 +133,10 @@ impl Store for RocksStore {
         self.write_with(batch, true)
     }
 
+    fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(io("sync"))
+    }
+
     fn scan(
         &self,
         tree: Tree,

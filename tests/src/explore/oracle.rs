@@ -230,13 +230,7 @@ pub fn explain(world: &World, key: usize, history: &[Op]) -> String {
             let clock: Vec<String> = o
                 .clock()
                 .iter()
-                .map(|(id, e)| {
-                    format!(
-                        "{}:{}",
-                        actor(id),
-                        e.counter
-                    )
-                })
+                .map(|(id, e)| format!("{}:{}", actor(id), e.counter))
                 .collect();
             let sibs: Vec<String> = o
                 .siblings()
