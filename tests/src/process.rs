@@ -25,6 +25,15 @@ pub fn shoal_bin() -> PathBuf {
     bin
 }
 
+/// R=2, W=2, a 5 s timeout: what the process tests ask for.
+pub const W2: RequestOptions = RequestOptions {
+    r: Some(2),
+    w: Some(2),
+    pr: None,
+    pw: None,
+    timeout_ms: Some(5000),
+};
+
 pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub nodes: usize,

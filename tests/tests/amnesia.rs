@@ -13,18 +13,10 @@ use std::time::{Duration, Instant};
 
 use shoal_client::proto::{InspectReport, RequestOptions};
 use shoal_client::Client;
-use shoal_tests::process::DevCluster;
+use shoal_tests::process::{DevCluster, W2};
 
 /// The smallest `anti-entropy.tombstone-grace-secs` the config accepts.
 const GRACE_SECS: i64 = 71;
-
-const W2: RequestOptions = RequestOptions {
-    r: Some(2),
-    w: Some(2),
-    pr: None,
-    pw: None,
-    timeout_ms: Some(5000),
-};
 
 /// A cluster whose reaper runs every second with the smallest grace.
 async fn reaping_cluster(nodes: usize) -> DevCluster {

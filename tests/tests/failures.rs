@@ -8,15 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoal_client::proto::RequestOptions;
 use shoal_client::{Client, Error};
-use shoal_tests::process::{all_hold, assert_on_every_replica, put_all, DevCluster};
-
-const W2: RequestOptions = RequestOptions {
-    r: Some(2),
-    w: Some(2),
-    pr: None,
-    pw: None,
-    timeout_ms: Some(5000),
-};
+use shoal_tests::process::{all_hold, assert_on_every_replica, put_all, DevCluster, W2};
 
 /// Names of the key's primaries, in preference order.
 async fn primaries(client: &Client, key: &str) -> Vec<String> {

@@ -138,15 +138,7 @@ fn replace_over(
         store.forget(Tree::Objects, key);
         store.forget(Tree::Aae, &index_key(old.partition_of(key), key));
     }
-    let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
-    let expected = members
-        .iter()
-        .map(|m| shoal_node::config::MemberConfig {
-            name: m.name.clone(),
-            peer_addr: m.peer_addr,
-        })
-        .collect();
-    let membership = Membership::new(expected, members, 64, 3);
+    let membership = membership_of(c);
     let node = Node::new(
         old.me().clone(),
         settings,
@@ -179,6 +171,19 @@ async fn a_wiped_node_that_kept_its_id_does_not_mint_a_dot_again() {
     );
     written(c.put("node1", b"k", b"v2", None, D).await);
     assert_eq!(read_all(&c, "node3", b"k").await, [v("v1"), v("v2")]);
+}
+
+/// The member list every node of `c` was built with, for a node built anew.
+fn membership_of(c: &SimCluster) -> Membership {
+    let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
+    let expected = members
+        .iter()
+        .map(|m| shoal_node::config::MemberConfig {
+            name: m.name.clone(),
+            peer_addr: m.peer_addr,
+        })
+        .collect();
+    Membership::new(expected, members, 64, 3)
 }
 
 /// Contexts come from clients: one with counters at u64::MAX must not
@@ -293,20 +298,12 @@ async fn a_forwarded_put_that_may_have_run_is_not_run_again() {
         inner: c.net.transport(&forwarder),
     };
     let me = c.node(&forwarder).me().clone();
-    let members: Vec<MemberInfo> = c.nodes.iter().map(|n| n.me().clone()).collect();
-    let expected = members
-        .iter()
-        .map(|m| shoal_node::config::MemberConfig {
-            name: m.name.clone(),
-            peer_addr: m.peer_addr,
-        })
-        .collect();
     let node = Node::new(
         me,
         settings(),
         Arc::new(MemoryStore::new()),
         lossy,
-        Membership::new(expected, members, 64, 3),
+        membership_of(&c),
     )
     .expect("node");
     let r = node
