@@ -11,39 +11,63 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Milliseconds since the Unix epoch, from wherever the caller decides.
+/// Milliseconds since the Unix epoch, from wherever the caller decides; and
+/// where a node's background timers report their firings (the simulation
+/// folds them into its trace hash; the real node ignores them).
 #[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+pub struct Clock(
+    Arc<dyn Fn() -> u64 + Send + Sync>,
+    Option<Arc<dyn Fn(&str) + Send + Sync>>,
+);
 
 impl Clock {
     /// The machine's clock.
     pub fn system() -> Self {
-        Clock(Arc::new(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
-        }))
+        Clock(
+            Arc::new(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
+            None,
+        )
     }
 
     /// A clock that reads `f`.
     pub fn from_fn(f: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
-        Clock(Arc::new(f))
+        Clock(Arc::new(f), None)
     }
 
     /// A clock at `start_ms` when tokio's time is at `origin`, advancing with
     /// tokio's (possibly paused) time: the simulation's clock; `start_ms`
     /// differing between nodes models skew.
     pub fn tokio(start_ms: u64, origin: tokio::time::Instant) -> Self {
-        Clock(Arc::new(move || {
-            start_ms
-                + tokio::time::Instant::now()
-                    .duration_since(origin)
-                    .as_millis() as u64
-        }))
+        Clock(
+            Arc::new(move || {
+                start_ms
+                    + tokio::time::Instant::now()
+                        .duration_since(origin)
+                        .as_millis() as u64
+            }),
+            None,
+        )
     }
 
     pub fn now_ms(&self) -> u64 {
         (self.0)()
+    }
+
+    /// This clock, with `on_timer` told of every background timer firing.
+    pub fn with_timer_trace(mut self, on_timer: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.1 = Some(Arc::new(on_timer));
+        self
+    }
+
+    /// A background timer named `what` fired.
+    pub fn fired(&self, what: &str) {
+        if let Some(f) = &self.1 {
+            f(what);
+        }
     }
 }
 

@@ -280,6 +280,8 @@ pub fn start_background<T: Transport, S: Store>(
     let mut tasks = Vec::new();
     let heart = node.clone();
     tasks.push(tokio::spawn(every(
+        "heartbeat",
+        settings.clock.clone(),
         settings.detector.heartbeat,
         stop.clone(),
         move || {
@@ -289,6 +291,8 @@ pub fn start_background<T: Transport, S: Store>(
     )));
     let handoff = node.clone();
     tasks.push(tokio::spawn(every(
+        "handoff",
+        settings.clock.clone(),
         settings.handoff.interval,
         stop.clone(),
         move || {
@@ -304,6 +308,7 @@ pub fn start_background<T: Transport, S: Store>(
         async move { aae.run_anti_entropy(stop_aae).await },
     ));
     let identifier = node.clone();
+    let clock = settings.clock.clone();
     let mut stop = stop;
     tasks.push(tokio::spawn(async move {
         // Identify members until the ring is complete. A member that comes
@@ -320,7 +325,7 @@ pub fn start_background<T: Transport, S: Store>(
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(pause)) => clock.fired("hello"),
             }
         }
     }));
@@ -329,8 +334,13 @@ pub fn start_background<T: Transport, S: Store>(
 
 /// Runs `round` every `interval` (a slow round delays the next one rather
 /// than piling up) until `stop` turns true.
-async fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, mut round: F)
-where
+async fn every<F, Fut>(
+    name: &'static str,
+    clock: crate::clock::Clock,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut round: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -340,7 +350,10 @@ where
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            _ = tick.tick() => round().await,
+            _ = tick.tick() => {
+                clock.fired(name);
+                round().await
+            }
         }
     }
 }

@@ -213,7 +213,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tokio::time::sleep(settings.interval) => {}
+                _ = tokio::time::sleep(settings.interval) => self.replica.timer_fired("anti-entropy"),
             }
             let swept = self.sweep().await;
             if swept.keys_repaired > 0 {

@@ -164,6 +164,11 @@ impl<S: Store> Replica<S> {
         &self.store
     }
 
+    /// Reports a background timer's firing (see [`Clock::fired`]).
+    pub fn timer_fired(&self, what: &str) {
+        self.settings.clock.fired(what);
+    }
+
     /// The node's wall clock (see [`crate::clock`]).
     pub fn now_ms(&self) -> u64 {
         self.settings.clock.now_ms()

@@ -78,8 +78,9 @@
 //! faults, which is the evidence.
 //!
 //! # Replay
-//! The trace hash folds every send, delivery, answer, loss, named fault and
-//! client result, in order, with its simulated time. A seed gives one hash;
+//! The trace hash folds every send, delivery, answer, loss, named fault,
+//! background timer firing (each node's heartbeat, handoff, anti-entropy and
+//! hello timers, through `Clock::with_timer_trace`) and client result, in order, with its simulated time. A seed gives one hash;
 //! `SHOAL_SEED=n cargo test -p shoal-tests --test explore replay --
 //! --nocapture` (or `shoal-sim --seed n --verbose`) replays it.
 

@@ -181,7 +181,10 @@ impl World {
     pub fn start(&mut self, i: usize) {
         let m = &mut self.machines[i];
         assert!(m.node.is_none(), "{} is already running", m.me.name);
-        let clock = Clock::tokio(START_MS + m.skew_ms, self.origin);
+        // Timer firings go into the trace hash, named by node and timer.
+        let (net, name) = (self.net.clone(), m.me.name.clone());
+        let clock = Clock::tokio(START_MS + m.skew_ms, self.origin)
+            .with_timer_trace(move |what| net.note(|| format!("{name} timer {what}")));
         let settings = sim_settings(clock, self.pruning);
         let node = shoal_node::server::open_node(
             m.me.clone(),
