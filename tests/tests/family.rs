@@ -291,18 +291,32 @@ async fn a_put_reply_context_does_not_cover_a_write_the_client_never_saw() {
 /// request did run there) must not run it again on the next primary.
 #[tokio::test]
 async fn a_forwarded_put_that_may_have_run_is_not_run_again() {
+    forward_once_through(Lossy::AnswerLost).await;
+}
+
+/// The same when the first answer is lost and a duplicate of the request
+/// is answered instead: "already received" means it ran there.
+#[tokio::test]
+async fn a_forward_answered_as_a_duplicate_is_not_run_again() {
+    forward_once_through(Lossy::Duplicated).await;
+}
+
+/// Puts one key through a non-replica whose forwards go through `lossy`;
+/// the outcome is reported unknown and the write is on the replicas once.
+async fn forward_once_through(lossy: Lossy) {
     let c = SimCluster::new(4);
     let key = b"fwd";
     let forwarder = c.non_replica(key);
-    let lossy = LossyForwards {
+    let transport = LossyForwards {
         inner: c.net.transport(&forwarder),
+        lossy,
     };
     let me = c.node(&forwarder).me().clone();
     let node = Node::new(
         me,
         settings(),
         Arc::new(MemoryStore::new()),
-        lossy,
+        transport,
         membership_of(&c),
     )
     .expect("node");
@@ -326,9 +340,19 @@ async fn a_forwarded_put_that_may_have_run_is_not_run_again() {
     assert_eq!(read.values.len(), 1, "run once: {read:?}");
 }
 
+/// How [`LossyForwards`] loses a forward's answer.
+#[derive(Clone, Copy)]
+enum Lossy {
+    /// The request runs; the caller sees the connection drop.
+    AnswerLost,
+    /// The request is delivered twice; the caller sees the second answer.
+    Duplicated,
+}
+
 /// A transport whose forwarded requests run but whose replies are lost.
 struct LossyForwards {
     inner: shoal_node::net::sim::SimTransport,
+    lossy: Lossy,
 }
 
 impl Transport for LossyForwards {
@@ -337,15 +361,20 @@ impl Transport for LossyForwards {
         to: &MemberInfo,
         request: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
-        let forward = matches!(request, PeerRequest::Forward { .. });
-        let answer = self.inner.call(to, request).await;
-        if forward {
-            return Err(TransportError::Failed(
+        if !matches!(request, PeerRequest::Forward { .. }) {
+            return self.inner.call(to, request).await;
+        }
+        let answer = self.inner.call(to, request.clone()).await;
+        match self.lossy {
+            Lossy::AnswerLost => Err(TransportError::Failed(
                 to.name.clone(),
                 "the connection dropped before the answer".into(),
-            ));
+            )),
+            Lossy::Duplicated => {
+                drop(answer);
+                self.inner.call(to, request).await
+            }
         }
-        answer
     }
 }
 

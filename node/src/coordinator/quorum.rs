@@ -20,7 +20,7 @@ use super::settings::Settings;
 use crate::liveness::Liveness;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
-use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError};
 use crate::version::{decode_context, encode_context, VersionError, VersionVector};
@@ -221,6 +221,16 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             // duplicate sibling), or be reported failed after it landed.
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(PeerResponse::Forwarded(r))) => return r,
+                // A duplicate's answer: the first delivery ran (or runs) there.
+                Ok(Ok(PeerResponse::Error(e @ PeerError::DuplicateForward { .. }))) => {
+                    return Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{}: {e}; its answer was lost, the request may have been applied there",
+                            p.name
+                        ),
+                    ))
+                }
                 Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
                 Ok(Err(e @ TransportError::Unreachable(..))) => failures.push(e.to_string()),
                 Ok(Err(e @ TransportError::Failed(..))) => {
