@@ -95,9 +95,36 @@ impl DevCluster {
     }
 
     async fn launch_again(&mut self) {
+        self.wait_ports_free(Duration::from_secs(15)).await;
         self.launcher = launch(self.dir.path(), self.nodes);
         self.pgid = self.launcher.id() as i32;
         self.wait_ready(Duration::from_secs(60)).await;
+    }
+
+    /// Waits (bounded) until every port in the node configs can be bound
+    /// again: a node killed a moment ago may still hold its sockets while
+    /// the kernel tears the process down, and a relaunch would then fail
+    /// with "address already in use".
+    async fn wait_ports_free(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        for i in 1..=self.nodes {
+            let path = self.path().join(format!("node{i}.toml"));
+            let Ok(config) = shoal_node::config::Config::load(&path) else {
+                continue; // the launch reports a bad config
+            };
+            loop {
+                let udp = [config.client_addr, config.peer_addr]
+                    .iter()
+                    .all(|a| std::net::UdpSocket::bind(a).is_ok());
+                let tcp = config
+                    .metrics_addr
+                    .is_none_or(|a| std::net::TcpListener::bind(a).is_ok());
+                if (udp && tcp) || Instant::now() >= deadline {
+                    break; // past the deadline the launch says what holds it
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
