@@ -18,14 +18,19 @@ use crate::tls;
 /// trusts any node of the cluster (anything the cluster CA signed) to serve it.
 pub const CLIENT_SERVER_NAME: &str = "shoal";
 
+/// The client certificate and key [`ClientConfig::from_dir`] reads.
+pub const CLIENT_CERT: &str = "client.pem";
+pub const CLIENT_KEY: &str = "client.key";
 /// Default limit on a value's size; the node enforces its own configured limit.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 << 20;
 /// A key's hard limit.
 pub const MAX_KEY_BYTES: usize = 64 << 10;
+/// Addresses asked for the ring at once (see [`Client::refresh_ring`]).
+const RING_RACE: usize = 3;
 /// How often a node that failed is probed until it answers again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Cap on a response frame: siblings can make a reply several values long.
-const MAX_RESPONSE_BYTES: usize = 256 << 20;
+pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
 
 /// How to reach and talk to a cluster.
 #[derive(Debug, Clone)]
@@ -59,8 +64,10 @@ impl ClientConfig {
         }
     }
 
-    /// Reads a cluster directory as `shoal dev` writes it: `ca.pem` and
-    /// `seeds.txt` (one client address per line).
+    /// Reads a cluster directory as `shoal dev` writes it: `ca.pem`,
+    /// `seeds.txt` (one client address per line), and the client
+    /// certificate `client.pem` with its key `client.key` (nodes refuse a
+    /// client without one).
     pub fn from_dir(dir: &Path) -> Result<Self, Error> {
         let read = |name: &str| {
             std::fs::read(dir.join(name)).map_err(|e| {
@@ -77,7 +84,11 @@ impl ClientConfig {
                     .map_err(|e| Error::Config(format!("bad seed address {l:?}: {e}")))
             })
             .collect::<Result<Vec<SocketAddr>, Error>>()?;
-        Ok(ClientConfig::new(seeds, ca_pem))
+        let mut config = ClientConfig::new(seeds, ca_pem);
+        if dir.join(CLIENT_CERT).exists() || dir.join(CLIENT_KEY).exists() {
+            config.identity = Some((read(CLIENT_CERT)?, read(CLIENT_KEY)?));
+        }
+        Ok(config)
     }
 }
 
@@ -145,16 +156,32 @@ impl Client {
         Ok(client)
     }
 
-    /// Fetches the ring again from any node that answers.
+    /// Fetches the ring again from any node that answers: the first
+    /// [`RING_RACE`] addresses are asked at once and the first answer wins,
+    /// so a seed that is down or stopped costs nothing. Members the
+    /// answering node sees down are tried last from then on.
     pub async fn refresh_ring(&self) -> Result<Arc<RingInfo>, Error> {
         let mut addrs = self.inner.config.seeds.clone();
         if let Some(ring) = self.ring_info() {
             addrs.extend(ring.members.iter().map(|m| m.client_addr));
         }
-        match self.send(&addrs, &Request::Ring).await? {
+        addrs.dedup();
+        let (first, rest) = addrs.split_at(addrs.len().min(RING_RACE));
+        let race = first.iter().map(|addr| {
+            Box::pin(async move { self.send(std::slice::from_ref(addr), &Request::Ring).await })
+        });
+        let answer = match futures_util::future::select_ok(race).await {
+            Ok((answer, _)) => answer,
+            Err(e) if rest.is_empty() => return Err(e),
+            Err(_) => self.send(rest, &Request::Ring).await?,
+        };
+        match answer {
             Response::Ring(info) => {
                 let info = Arc::new(info);
                 let routes = Arc::new(routes(&info, &self.inner.config.seeds));
+                for m in info.members.iter().filter(|m| info.down.contains(&m.id)) {
+                    self.mark_down(m.client_addr);
+                }
                 *self.inner.ring.write().expect("ring lock") = Some(info.clone());
                 *self.inner.routes.write().expect("ring lock") = routes;
                 Ok(info)
@@ -328,6 +355,8 @@ impl Client {
         let budget = self.inner.config.timeout;
         match tokio::time::timeout(budget, self.call(addr, request)).await {
             Ok(Ok(r)) => Ok(r),
+            Ok(Err(CallError::TooLarge(e))) => Err(Error::TooLarge(e)),
+            Ok(Err(CallError::Refused(e))) => Err(Error::Unauthorised(e)),
             Ok(Err(CallError::NotDelivered(e) | CallError::Delivered(e))) => {
                 Err(Error::Unavailable(format!("{addr}: {e}")))
             }
@@ -373,13 +402,25 @@ impl Client {
         let budget = self.inner.config.timeout;
         let attempt = async {
             let mut failures = Vec::new();
+            let mut last_quorum = None;
             for &addr in ordered.iter() {
                 match self.call(addr, request).await {
                     Ok(Response::Error(e)) if e.kind == ErrorKind::NotReady => {
                         failures.push(format!("{addr}: {}", e.message));
                     }
+                    // A coordinator cut off from its peers: a read (which
+                    // changes nothing) is asked of the next one, which may
+                    // be on the healthy side.
+                    Ok(Response::Error(e))
+                        if e.kind == ErrorKind::Quorum && request.is_idempotent() =>
+                    {
+                        failures.push(format!("{addr}: {}", e.message));
+                        last_quorum = Some(e);
+                    }
                     Ok(Response::Error(e)) => return Err(Error::from(e)),
                     Ok(response) => return Ok(response),
+                    Err(CallError::TooLarge(e)) => return Err(Error::TooLarge(e)),
+                    Err(CallError::Refused(e)) => return Err(Error::Unauthorised(e)),
                     Err(CallError::NotDelivered(e)) => {
                         self.mark_down(addr);
                         failures.push(format!("{addr}: {e}"));
@@ -395,7 +436,13 @@ impl Client {
                     }
                 }
             }
-            Err(Error::Unavailable(failures.join("; ")))
+            match last_quorum {
+                Some(mut e) => {
+                    e.message = failures.join("; ");
+                    Err(Error::from(e))
+                }
+                None => Err(Error::Unavailable(failures.join("; "))),
+            }
         };
         tokio::time::timeout(budget, attempt)
             .await
@@ -427,7 +474,7 @@ impl Client {
         });
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, String> {
+    async fn connection(&self, addr: SocketAddr) -> Result<Link<Response>, CallError> {
         if let Some(link) = self.inner.connections.get(addr).await {
             return Ok(link);
         }
@@ -440,11 +487,17 @@ impl Client {
     }
 
     async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
-        let link = self
-            .connection(addr)
-            .await
-            .map_err(CallError::NotDelivered)?;
-        link.mux.call(request).await
+        let link = self.connection(addr).await?;
+        match link.mux.call(request).await {
+            // TLS 1.3: the node checks the client's certificate after the
+            // client considers the handshake done, so a refusal shows as
+            // the connection closing under the first call.
+            Err(e) => Err(match link.conn.close_reason().as_ref().and_then(tls::refusal) {
+                Some(why) => CallError::Refused(why),
+                None => e,
+            }),
+            ok => ok,
+        }
     }
 }
 

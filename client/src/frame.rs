@@ -2,8 +2,9 @@
 //!
 //! A frame is `u32 length | u32 crc32 | MessagePack body`, both integers big
 //! endian; `length` counts the body only and `crc32` covers the body. A reader
-//! refuses a length over its cap before reading the body, so a hostile or broken
-//! peer cannot make a node allocate more than the cap. One frame is one message;
+//! refuses a length over its cap before reading the body, and grows the body
+//! as its bytes arrive, so a hostile or broken peer cannot make a node
+//! allocate more than the cap, nor more than it actually sent. One frame is one message;
 //! a stream carries a sequence of them (see [`crate::rpc`]), so a bad frame
 //! poisons only that stream.
 
@@ -12,6 +13,9 @@ use serde::Serialize;
 
 /// Bytes before the body: length and checksum.
 pub const HEADER_LEN: usize = 8;
+
+/// Most bytes a reader takes from a stream at once.
+const READ_CHUNK: usize = 64 << 10;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -108,16 +112,40 @@ pub async fn read_body(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<(Vec<u8>, u32)>, FrameError> {
+    let Some((len, crc)) = read_header(recv, max).await? else {
+        return Ok(None);
+    };
+    Ok(Some((read_body_of(recv, len).await?, crc)))
+}
+
+/// Reads the next frame's header (body length, checked against `max`, and
+/// checksum), or `None` at a clean end of the stream.
+pub async fn read_header(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<(usize, u32)>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(e) => return Err(read_error(e)),
     }
-    let (len, crc) = parse_header(&header, max)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(read_error)?;
-    Ok(Some((body, crc)))
+    parse_header(&header, max).map(Some)
+}
+
+/// Reads a body of `len` bytes, whose header was just read.
+pub async fn read_body_of(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
+    // Memory follows the bytes received, not the length declared.
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(FrameError::Truncated),
+            Err(e) => return Err(FrameError::Stream(e.to_string())),
+        }
+    }
+    Ok(body)
 }
 
 /// Writes one frame to a QUIC stream and finishes the sending side.

@@ -14,6 +14,50 @@ use crate::error::WireError;
 /// ALPN protocol name of the client port.
 pub const CLIENT_ALPN: &[u8] = b"shoal-client/1";
 
+/// What a client certificate lets its holder do on the client port. The
+/// role is a DNS name in the certificate's subject alternative names
+/// (`read-write.role.shoal`, see [`Role::san`]), put there by
+/// `shoal certs client --role`; a certificate from the cluster CA without
+/// one is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads, `inspect`, `status`, the ring.
+    ReadOnly,
+    /// Everything a read-only client does, and puts and deletes.
+    ReadWrite,
+    /// Everything, and the cluster and membership commands.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::ReadOnly, Role::ReadWrite, Role::Admin];
+
+    /// The name used on the command line and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read-only",
+            Role::ReadWrite => "read-write",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The subject alternative name that grants this role.
+    pub fn san(self) -> String {
+        format!("{}.role.shoal", self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: read-only, read-write or admin"))
+    }
+}
+
 /// Per-request quorum and timeout overrides; `None` means the node's default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestOptions {
@@ -96,6 +140,28 @@ impl Request {
         !matches!(self, Request::Put { .. } | Request::Delete { .. })
     }
 
+    /// The least role that may make this request.
+    pub fn needs(&self) -> Role {
+        match self {
+            Request::Put { .. } | Request::Delete { .. } => Role::ReadWrite,
+            Request::Get { .. } | Request::Inspect { .. } | Request::Ring | Request::Status => {
+                Role::ReadOnly
+            }
+        }
+    }
+
+    /// What the request is, for messages.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Get { .. } => "get",
+            Request::Put { .. } => "put",
+            Request::Delete { .. } => "delete",
+            Request::Inspect { .. } => "inspect",
+            Request::Ring => "ring",
+            Request::Status => "status",
+        }
+    }
+
     /// The key a data request is about.
     pub fn key(&self) -> Option<&[u8]> {
         match self {
@@ -153,6 +219,11 @@ pub struct RingInfo {
     pub members: Vec<MemberInfo>,
     /// Replication factor N.
     pub n: u32,
+    /// Members the answering node's failure detector sees down: a client
+    /// tries them last, so a fresh process (a CLI command) does not wait on
+    /// a node the cluster already knows is gone.
+    #[serde(default)]
+    pub down: Vec<NodeId>,
 }
 
 /// A node's report on itself.

@@ -16,7 +16,7 @@
 //!
 //! A QUIC connection to a process that was killed looks healthy until its idle
 //! timeout: nothing tells the sender (ICMP is not surfaced). So after sending,
-//! the caller watches for any ACK from the peer: a live peer acknowledges
+//! the caller watches for any packet from the peer: a live peer acknowledges
 //! within its ACK delay (25 ms) plus a round trip. If none has arrived after
 //! `max(300 ms, 3 x RTT)`, the peer is presumed down, the connection is closed
 //! and the call fails as [`CallError::NotDelivered`]: the request never
@@ -37,7 +37,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::frame;
 
-/// Shortest wait for a sign of life after sending.
+/// Shortest wait for a sign of life after sending. It must stay under the
+/// heartbeat's budget (500 ms), so that pings find a connection to a dead
+/// process and close it. A node busy with a large object still answers in
+/// time: that work runs off the runtime's workers ([`tokio::task::block_in_place`]
+/// in the node), so its connections keep acknowledging.
 const MIN_PROBE: Duration = Duration::from_millis(300);
 /// The id of an answer to a frame whose own id could not be read. The
 /// stream ends after it: its framing can no longer be trusted.
@@ -54,6 +58,12 @@ pub enum CallError {
     NotDelivered(String),
     /// The peer received at least part of the request; it may have run.
     Delivered(String),
+    /// The request was over the frame cap and not sent; the connection is
+    /// fine.
+    TooLarge(String),
+    /// The node refused this client's certificate (see
+    /// [`crate::tls::refusal`]); trying again or elsewhere will not help.
+    Refused(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -61,6 +71,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::NotDelivered(e) => write!(f, "{e} (not delivered)"),
             CallError::Delivered(e) => write!(f, "{e}"),
+            CallError::TooLarge(e) | CallError::Refused(e) => write!(f, "{e}"),
         }
     }
 }
@@ -71,9 +82,12 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     request: &Req,
     max_response: usize,
 ) -> Result<Resp, CallError> {
+    let request = frame::encode(&(0u64, request))
+        .map_err(|e| CallError::NotDelivered(e.to_string()))?;
+    within_cap(&request, max_response)?;
     probed(conn, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        frame::write(&mut send, &(0u64, request))
+        frame::write_raw(&mut send, &request)
             .await
             .map_err(|e| e.to_string())?;
         let (_, response): (u64, Resp) = frame::read(&mut recv, max_response)
@@ -84,14 +98,30 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     .await
 }
 
+/// Refuses, before sending, a request frame the other side would refuse as
+/// too large (both sides of a connection use the same cap): it would end
+/// the stream, failing every request on it, not only this one.
+fn within_cap(frame: &[u8], max: usize) -> Result<(), CallError> {
+    let body = frame.len() - frame::HEADER_LEN;
+    if body > max {
+        return Err(CallError::TooLarge(format!(
+            "request of {body} bytes exceeds the {max}-byte frame cap; not sent"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs `exchange`, which sends a request on `conn` and waits for its
 /// answer, watching for the peer's ACKs (see the module documentation).
 async fn probed<T>(
     conn: &quinn::Connection,
     exchange: impl Future<Output = Result<T, String>>,
 ) -> Result<T, CallError> {
-    let acks_before = conn.stats().frame_rx.acks;
-    let heard_back = || conn.stats().frame_rx.acks != acks_before;
+    // Any packet counts (ACKs, stream data, anything): a peer sending
+    // other answers on the connection is alive.
+    let heard = || conn.stats().udp_rx.datagrams;
+    let heard_before = heard();
+    let heard_back = || heard() != heard_before;
     let classify = |e: String| {
         if heard_back() {
             CallError::Delivered(e)
@@ -141,6 +171,8 @@ pub struct Mux<Resp> {
     conn: quinn::Connection,
     frames: mpsc::Sender<Bytes>,
     waiting: Shared<Resp>,
+    /// Frame cap, both ways.
+    max_frame: usize,
 }
 
 impl<Resp> Clone for Mux<Resp> {
@@ -149,6 +181,7 @@ impl<Resp> Clone for Mux<Resp> {
             conn: self.conn.clone(),
             frames: self.frames.clone(),
             waiting: self.waiting.clone(),
+            max_frame: self.max_frame,
         }
     }
 }
@@ -172,7 +205,8 @@ impl<Resp> Drop for Forget<'_, Resp> {
 
 impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
     /// Opens a stream on `conn` and starts its writer and reader tasks.
-    /// Responses over `max_response` bytes end the stream.
+    /// Responses over `max_response` bytes end the stream; requests over it
+    /// are not sent.
     pub async fn open(conn: &quinn::Connection, max_response: usize) -> Result<Self, String> {
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (frames, queued) = mpsc::channel(MAX_QUEUED_FRAMES);
@@ -187,6 +221,7 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
             conn: conn.clone(),
             frames,
             waiting,
+            max_frame: max_response,
         })
     }
 
@@ -214,6 +249,7 @@ impl<Resp: DeserializeOwned + Send + 'static> Mux<Resp> {
         };
         let frame =
             frame::encode(&(id, request)).map_err(|e| CallError::NotDelivered(e.to_string()))?;
+        within_cap(&frame, self.max_frame)?;
         let result = probed(&self.conn, async {
             self.frames
                 .send(Bytes::from(frame))
@@ -357,21 +393,37 @@ impl<Resp: DeserializeOwned + Send + 'static> Links<Resp> {
 
     /// Connects to `addr` (a QUIC handshake of at most `timeout`, the
     /// server's certificate checked for `server_name`) and keeps the link.
+    /// Fails as [`CallError::Refused`] if the server refused this side's
+    /// certificate, else as [`CallError::NotDelivered`].
     pub async fn dial(
         &self,
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
         server_name: &str,
         timeout: Duration,
-    ) -> Result<Link<Resp>, String> {
+    ) -> Result<Link<Resp>, CallError> {
+        let failed = |e: String| CallError::NotDelivered(e);
         let connecting = endpoint
             .connect(addr, server_name)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         let conn = tokio::time::timeout(timeout, connecting)
             .await
-            .map_err(|_| format!("no QUIC handshake within {timeout:?}"))?
-            .map_err(|e| e.to_string())?;
-        let link = Link::open(conn, self.max_response).await?;
+            .map_err(|_| failed(format!("no QUIC handshake within {timeout:?}")))?
+            .map_err(|e| match crate::tls::refusal(&e) {
+                Some(why) => CallError::Refused(why),
+                None => failed(e.to_string()),
+            })?;
+        let link = match Link::open(conn.clone(), self.max_response).await {
+            Ok(link) => link,
+            // TLS 1.3: the server checks this side's certificate after this
+            // side's handshake is done; a refusal closes the connection here.
+            Err(e) => {
+                return Err(match conn.close_reason().as_ref().and_then(crate::tls::refusal) {
+                    Some(why) => CallError::Refused(why),
+                    None => failed(e),
+                })
+            }
+        };
         self.links
             .lock()
             .expect("links lock")

@@ -45,11 +45,17 @@ pub fn root_store(ca_pem: &[u8]) -> Result<rustls::RootCertStore, Error> {
 /// Transport settings for long-lived connections: keep-alives so an idle
 /// connection stays open, and an idle timeout that notices a dead peer.
 pub fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport(idle_timeout);
+    t.max_concurrent_bidi_streams(4096u32.into());
+    Arc::new(t)
+}
+
+/// Keep-alives and the idle timeout, to build on.
+pub fn base_transport(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t.keep_alive_interval(Some(idle_timeout / 4));
-    t.max_concurrent_bidi_streams(4096u32.into());
-    Arc::new(t)
+    t
 }
 
 /// A QUIC client configuration trusting `ca_pem`, presenting `identity` (a
@@ -76,4 +82,48 @@ pub fn quic_client_config(
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport_config(idle_timeout));
     Ok(config)
+}
+
+/// Why the node closed a connection because of this client's certificate,
+/// in words a user can act on, if that is what `e` is: the TLS alert the
+/// node sent during the handshake (no certificate, another CA, expired), or
+/// its refusal of a certificate that grants no role.
+pub fn refusal(e: &quinn::ConnectionError) -> Option<String> {
+    let why = match e {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            let foreign = "the node does not trust this client's certificate: it was not \
+                           issued by the cluster CA";
+            let alerts: [(u8, &str); 6] = [
+                (
+                    116,
+                    "the node requires a client certificate from the cluster CA and this \
+                     client presented none",
+                ),
+                (48, foreign),
+                // A CA with the same name but another key: the signature fails.
+                (51, foreign),
+                (45, "the node says this client's certificate has expired"),
+                (42, "the node refused this client's certificate"),
+                (46, "the node refused this client's certificate"),
+            ];
+            let alert = (0..=u8::MAX)
+                .find(|a| close.error_code == quinn::TransportErrorCode::crypto(*a))?;
+            alerts
+                .iter()
+                .find(|(known, _)| *known == alert)
+                .map_or_else(
+                    || format!("the node refused this client's certificate (TLS alert {alert}: {e})"),
+                    |(_, why)| why.to_string(),
+                )
+        }
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 2u32.into() => {
+            format!("the node refused this client: {}", String::from_utf8_lossy(&close.reason))
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "{why} (issue one with `shoal certs client --name NAME --role ROLE`; the CLI and \
+         the SDK's ClientConfig::from_dir read client.pem and client.key from the cluster \
+         directory, where `shoal dev` writes an admin one)"
+    ))
 }

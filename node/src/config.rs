@@ -184,6 +184,24 @@ pub struct MemberConfig {
 pub struct LimitsConfig {
     /// Largest value accepted; larger puts are refused before anything is written.
     pub max_value_bytes: usize,
+    /// A client write that would leave a key with more siblings than this,
+    /// or an object larger than `max_object_bytes`, is refused (nothing is
+    /// written) unless it makes the object smaller: resolve the siblings
+    /// by writing with the context of a read. Merges are never refused, so
+    /// an object may exceed these after a partition heals.
+    pub max_siblings: usize,
+    pub max_object_bytes: usize,
+    /// Client connections served at once; more are refused until some
+    /// close. With `client-window-kb` and `client-request-budget-mb` this
+    /// bounds the memory clients can make a node hold (see the README).
+    pub max_client_connections: usize,
+    /// Bytes a client may send on one connection before the node has read
+    /// them (QUIC flow control), in KiB.
+    pub client_window_kb: usize,
+    /// Bytes of client requests the node holds at once, all connections
+    /// together, in MiB: past it, streams wait before reading a request
+    /// body, and QUIC flow control holds the clients back.
+    pub client_request_budget_mb: usize,
     /// Memory for the cache of stored objects (MiB; 0 turns it off). Reads
     /// and the read half of every write are served from it when it holds
     /// the key; it is updated with every write, so it is never stale.
@@ -248,6 +266,11 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_value_bytes: shoal_client::client::DEFAULT_MAX_VALUE_BYTES,
+            max_siblings: 100,
+            max_object_bytes: 64 << 20,
+            max_client_connections: 1024,
+            client_window_kb: 256,
+            client_request_budget_mb: 256,
             object_cache_mb: 128,
         }
     }
@@ -345,6 +368,45 @@ impl Config {
             return invalid(
                 "limits.max-value-bytes",
                 "must be between 1 and 268435456".into(),
+            );
+        }
+        let l = &self.limits;
+        // N concurrent writes of a largest value must always get in.
+        let n = c.n as usize;
+        if l.max_siblings < n || l.max_siblings > 100_000 {
+            return invalid(
+                "limits.max-siblings",
+                format!("must be between cluster.n ({n}) and 100000"),
+            );
+        }
+        let least = n * (l.max_value_bytes + (64 << 10));
+        if l.max_object_bytes < least || l.max_object_bytes > 1 << 30 {
+            return invalid(
+                "limits.max-object-bytes",
+                format!(
+                    "must be between {least} (cluster.n values of limits.max-value-bytes) \
+                     and 1073741824"
+                ),
+            );
+        }
+        if l.max_client_connections == 0 || l.max_client_connections > 1 << 20 {
+            return invalid(
+                "limits.max-client-connections",
+                "must be between 1 and 1048576".into(),
+            );
+        }
+        if l.client_window_kb < 64 || l.client_window_kb > 1 << 20 {
+            return invalid(
+                "limits.client-window-kb",
+                "must be between 64 and 1048576".into(),
+            );
+        }
+        // A largest request must fit in the budget, or it would wait forever.
+        let request_mb = (l.max_value_bytes + (1 << 20)).div_ceil(1 << 20);
+        if l.client_request_budget_mb < request_mb || l.client_request_budget_mb > 1 << 20 {
+            return invalid(
+                "limits.client-request-budget-mb",
+                format!("must be between {request_mb} (a largest request) and 1048576"),
             );
         }
         for (field, v) in [

@@ -47,15 +47,19 @@ pub struct HandoffSettings {
     pub interval: Duration,
     pub batch_size: usize,
     pub max_keys_per_sec: u32,
+    /// How long one batch may wait for the primary's answer
+    /// (`timeouts.request-ms`).
+    pub call_timeout: Duration,
 }
 
 impl Default for HandoffSettings {
     fn default() -> Self {
-        let c = crate::config::HandoffConfig::default();
+        let c = crate::config::Config::default();
         HandoffSettings {
-            interval: Duration::from_millis(c.interval_ms),
-            batch_size: c.batch_size,
-            max_keys_per_sec: c.max_keys_per_sec,
+            interval: Duration::from_millis(c.handoff.interval_ms),
+            batch_size: c.handoff.batch_size,
+            max_keys_per_sec: c.handoff.max_keys_per_sec,
+            call_timeout: Duration::from_millis(c.timeouts.request_ms),
         }
     }
 }
@@ -73,30 +77,29 @@ pub struct Handoff<T, S> {
 
 impl<T: Transport, S: Store> Handoff<T, S> {
     /// One delivery round: offers every held hint to its primary if the
-    /// failure detector sees that primary up. Returns how many were delivered.
+    /// failure detector sees that primary up, to all such primaries at once
+    /// (each batch has a deadline, so a silent primary holds up only its
+    /// own hints). Returns how many were delivered.
     pub async fn round(&self) -> u64 {
-        let waiting: Vec<NodeId> = self.replica.hint_counts().into_keys().collect();
-        let mut delivered = 0;
-        for primary in waiting {
-            if !self.liveness.is_up(primary) || primary == self.me {
-                continue;
-            }
-            let Some(target) = self
-                .membership
-                .known()
-                .into_iter()
-                .find(|m| m.id == primary)
-            else {
-                continue;
-            };
-            delivered += self.hand_off_to(&target).await;
-        }
-        delivered
+        let waiting = self.replica.hint_counts();
+        let targets: Vec<MemberInfo> = self
+            .membership
+            .known()
+            .into_iter()
+            .filter(|m| m.id != self.me && waiting.contains_key(&m.id))
+            .filter(|m| self.liveness.is_up(m.id))
+            .collect();
+        // `max-keys-per-sec` is the node's, shared by its deliveries.
+        let rate = (self.settings.max_keys_per_sec / targets.len().max(1) as u32).max(1);
+        let deliveries = targets
+            .iter()
+            .map(|target| async move { self.hand_off_to(target, rate).await });
+        futures_util::future::join_all(deliveries).await.into_iter().sum()
     }
 
-    /// Delivers every hint for `target`, batch by batch, until done or a
-    /// delivery fails.
-    async fn hand_off_to(&self, target: &MemberInfo) -> u64 {
+    /// Delivers every hint for `target`, batch by batch, at most `rate` a
+    /// second, until done or a delivery fails.
+    async fn hand_off_to(&self, target: &MemberInfo, rate: u32) -> u64 {
         let settings = self.settings;
         let mut after: Option<Vec<u8>> = None;
         let mut delivered = 0;
@@ -137,9 +140,11 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             }
             let sent = tokio::time::Instant::now();
             let count = entries.len();
+            let size: usize = sending.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let deadline = sent + settings.call_timeout + crate::net::transfer_time(size);
             match self
                 .transport
-                .call(target, PeerRequest::Handoff(entries))
+                .call(target, PeerRequest::Handoff(entries), deadline)
                 .await
             {
                 Ok(PeerResponse::Stored) => {
@@ -151,7 +156,7 @@ impl<T: Transport, S: Store> Handoff<T, S> {
                 }
             }
             delivered += self.replica.delete_delivered(target.id, &sending);
-            crate::clock::pace(sent, count, settings.max_keys_per_sec).await;
+            crate::clock::pace(sent, count, rate).await;
         }
         if delivered > 0 {
             info!(peer = %target.name, delivered, "hints handed off");

@@ -137,8 +137,22 @@
 //! - Per request, `sloppy_fan_out` and `fan_out` spawn one task per target
 //!   and `get` one read-repair task, through the node's [`tasks::Tasks`]
 //!   handle. They outlive the request on purpose (slow replicas still get
-//!   the write), and `Node::abort_tasks` ends them all: a crash in the
-//!   simulation and [`server::Running::stop`] both call it.
+//!   the write), but not its deadline, and `Node::abort_tasks` ends them
+//!   all: a crash in the simulation and [`server::Running::stop`] both
+//!   call it.
+//! - Every peer call has a deadline ([`net::Transport::call`] takes one):
+//!   a request's sends stop at the request's deadline, background calls
+//!   after `timeouts.request-ms`. Handoff and anti-entropy work on every
+//!   peer at once, so a peer that never answers holds up only its share.
+//!   `/metrics` shows `shoal_request_tasks` and `shoal_tasks_alive`.
+//!
+//! # Corruption
+//! A stored record failing its checksum ([`storage::record`]) is never
+//! served. The replica drops a corrupt object (counted, logged, its tree
+//! contribution removed) wherever it meets one: a read (which then fails
+//! on that replica and is read-repaired), a write or merge (which then
+//! applies as to a missing key), a tree rebuild. A corrupt hint is dropped
+//! when read or paged; scans list bad records with their error and go on.
 //!
 //! # Errors
 //! `thiserror` enums that say what failed with which input:
@@ -156,6 +170,7 @@ pub mod coordinator;
 pub mod detector;
 pub mod handoff;
 pub mod liveness;
+pub mod log;
 pub mod membership;
 pub mod metrics;
 pub mod net;

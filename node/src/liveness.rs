@@ -76,9 +76,9 @@ impl Detector {
         for p in peers.iter().cloned() {
             let transport = transport.clone();
             pings.spawn(async move {
-                let answer =
-                    tokio::time::timeout(budget, transport.call(&p, PeerRequest::Ping)).await;
-                (p.id, matches!(answer, Ok(Ok(PeerResponse::Pong))))
+                let deadline = tokio::time::Instant::now() + budget;
+                let answer = transport.call(&p, PeerRequest::Ping, deadline).await;
+                (p.id, matches!(answer, Ok(PeerResponse::Pong)))
             });
         }
         let mut transitions = Vec::new();

@@ -84,6 +84,10 @@ pub struct Metrics {
     pub aae_exchange_latency: Histogram,
     /// Time to deliver one handoff batch (send until the primary stored it).
     pub handoff_batches: Histogram,
+    /// Per-request tasks running (see [`crate::tasks`]).
+    pub request_tasks: Arc<std::sync::atomic::AtomicUsize>,
+    /// Records found failing their checksum, by tree (objects, hints, aae).
+    pub corrupt_records: [AtomicU64; 3],
     /// Per peer name: currently up (1) or down (0), and transitions seen.
     pub peers: Mutex<BTreeMap<String, PeerMetric>>,
 }
@@ -95,6 +99,19 @@ pub struct PeerMetric {
     pub phi: f64,
     pub downs: u64,
     pub ups: u64,
+}
+
+impl Metrics {
+    /// Counts a record of `tree` found failing its checksum.
+    pub fn count_corrupt(&self, tree: crate::storage::Tree) {
+        use crate::storage::Tree;
+        let i = match tree {
+            Tree::Objects => 0,
+            Tree::Hints => 1,
+            Tree::Aae | Tree::Meta => 2,
+        };
+        self.corrupt_records[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -203,6 +220,14 @@ impl Metrics {
             "Replicas repaired after a read.",
             self.read_repairs.load(Ordering::Relaxed),
         );
+        let _ = writeln!(out, "# HELP shoal_corrupt_records_total Stored records that failed their checksum (dropped, or skipped, and restored from replicas).\n# TYPE shoal_corrupt_records_total counter");
+        for (tree, n) in ["objects", "hints", "aae"].iter().zip(&self.corrupt_records) {
+            let _ = writeln!(
+                out,
+                "shoal_corrupt_records_total{{tree=\"{tree}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         let peers = self.peers.lock().expect("metrics lock");
         let _ = writeln!(out, "# HELP shoal_peer_up Whether this node considers the peer up.\n# TYPE shoal_peer_up gauge");
         for (name, p) in peers.iter() {
@@ -227,6 +252,20 @@ impl Metrics {
                 out,
                 "shoal_peer_transitions_total{{peer=\"{name}\",to=\"up\"}} {}",
                 p.ups
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP shoal_request_tasks Per-request tasks running (sends to slow replicas, read repairs).\n# TYPE shoal_request_tasks gauge\nshoal_request_tasks {}",
+            self.request_tasks.load(Ordering::Relaxed)
+        );
+        // Every task of the process: per-request tasks, background rounds,
+        // connections. Flat under steady load; growth is a leak.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let _ = writeln!(
+                out,
+                "# HELP shoal_tasks_alive Tasks alive in the node's runtime.\n# TYPE shoal_tasks_alive gauge\nshoal_tasks_alive {}",
+                runtime.metrics().num_alive_tasks()
             );
         }
         out

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::liveness::Liveness;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
-use crate::net::{PeerRequest, PeerResponse, Transport};
+use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
 use crate::replica::trees::REBUILD_PAGE;
 use crate::replica::{reapable, Replica};
 use crate::storage::{Store, Tree};
@@ -39,6 +39,8 @@ pub struct Reaper<T, S> {
     pub grace: Duration,
     /// Keys read per second while looking for tombstones.
     pub keys_per_sec: u32,
+    /// How long each check or reap may wait for a peer's answer.
+    pub call_timeout: Duration,
     pub replica: Arc<Replica<S>>,
     pub transport: Arc<T>,
     pub liveness: Arc<dyn Liveness>,
@@ -47,6 +49,11 @@ pub struct Reaper<T, S> {
 }
 
 impl<T: Transport, S: Store> Reaper<T, S> {
+    /// The deadline of a check or reap sent now.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.call_timeout
+    }
+
     /// Reaps tombstones of the partitions this node is the first primary of:
     /// a key whose object is only tombstones, the newest older than the
     /// grace period, is deleted from every primary once all of them are up
@@ -79,7 +86,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         let mut reapers: HashMap<u32, Option<Vec<NodeId>>> = HashMap::new();
         let mut reaped = 0;
         let mut start = Vec::new();
-        loop {
+        'pass: loop {
             let began = tokio::time::Instant::now();
             let page = match self
                 .replica
@@ -97,7 +104,12 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             };
             start = last.clone();
             start.push(0);
-            for (key, bytes) in &page {
+            for (key, record) in &page {
+                // A corrupt record is skipped: a read or the tree rebuild
+                // drops it, and repair restores the key.
+                let Ok(bytes) = record else {
+                    continue;
+                };
                 let partition = self.replica.partition_of(key);
                 let replicas = reapers.entry(partition).or_insert_with(|| {
                     let replicas = view.ring.preference_list_for_partition(partition, n);
@@ -114,8 +126,20 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 if !reapable(&object, self.grace, now) {
                     continue;
                 }
-                if self.reap(key, &object, replicas, &view).await {
-                    reaped += 1;
+                match self.reap(key, &object, replicas, &view).await {
+                    Ok(true) => reaped += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // A member failed to answer. Once the detector sees
+                        // it down, the rest waits for the next pass (rather
+                        // than a deadline per key); until then, other keys
+                        // go on.
+                        let all_up = view.members.keys().all(|m| *m == me || self.liveness.is_up(*m));
+                        debug!(error = %e, all_up, "a reaping check failed");
+                        if !all_up {
+                            break 'pass;
+                        }
+                    }
                 }
             }
             crate::clock::pace(began, page.len(), self.keys_per_sec).await;
@@ -133,8 +157,15 @@ impl<T: Transport, S: Store> Reaper<T, S> {
     /// member holds a hint for its key (a hint older than the tombstone,
     /// handed off after the reap, would bring the deleted value back; it is
     /// delivered first and merged into the tombstone, and the key is reaped
-    /// on a later pass).
-    async fn reap(&self, key: &[u8], object: &Object, replicas: &[NodeId], view: &View) -> bool {
+    /// on a later pass). Returns whether it reaped, or the call that failed
+    /// (every call has a deadline).
+    async fn reap(
+        &self,
+        key: &[u8],
+        object: &Object,
+        replicas: &[NodeId],
+        view: &View,
+    ) -> Result<bool, TransportError> {
         let others: Vec<&MemberInfo> = replicas
             .iter()
             .filter(|r| **r != self.me)
@@ -148,20 +179,20 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         if !self.replica.hints_of(key).is_ok_and(|h| h.is_empty())
             || self.replica.store().sync_wal().is_err()
         {
-            return false;
+            return Ok(false);
         }
         for peer in &others {
             let asked = PeerRequest::ReapCheck { key: key.to_vec() };
-            match self.transport.call(peer, asked).await {
-                Ok(PeerResponse::Object(Some(theirs))) if &theirs == object => {}
-                _ => return false,
+            match self.transport.call(peer, asked, self.deadline()).await? {
+                PeerResponse::Object(Some(theirs)) if &theirs == object => {}
+                _ => return Ok(false),
             }
         }
         for member in view.members.values().filter(|m| m.id != self.me) {
             let asked = PeerRequest::HintsOf { key: key.to_vec() };
-            match self.transport.call(member, asked).await {
-                Ok(PeerResponse::Hints(held)) if held.is_empty() => {}
-                _ => return false,
+            match self.transport.call(member, asked, self.deadline()).await? {
+                PeerResponse::Hints(held) if held.is_empty() => {}
+                _ => return Ok(false),
             }
         }
         for peer in &others {
@@ -169,13 +200,11 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 key: key.to_vec(),
                 object: object.clone(),
             };
-            if !matches!(
-                self.transport.call(peer, reap).await,
-                Ok(PeerResponse::Stored)
-            ) {
-                return false; // reaped where it worked; the rest next time
+            let stored = self.transport.call(peer, reap, self.deadline()).await?;
+            if !matches!(stored, PeerResponse::Stored) {
+                return Ok(false); // reaped where it worked; the rest next time
             }
         }
-        self.replica.reap(key, object).unwrap_or(false)
+        Ok(self.replica.reap(key, object).unwrap_or(false))
     }
 }

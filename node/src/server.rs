@@ -148,7 +148,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tls = |e: crate::net::tls::TlsError| StartError::Tls(e.0);
     let (client_endpoint, client_addr) = bind(
         "client port",
-        client_port_config(&identity, idle).map_err(tls)?,
+        client_port_config(
+            &identity,
+            idle,
+            u32::try_from(config.limits.client_window_kb << 10).unwrap_or(u32::MAX),
+        )
+        .map_err(tls)?,
         config.client_addr,
     )?;
     let (mut peer_endpoint, peer_addr) = bind(
@@ -164,7 +169,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         client_addr,
         peer_addr,
     };
-    let limits = FrameLimits::for_max_value(config.limits.max_value_bytes);
+    let limits = FrameLimits::new(&config.limits);
     let transport = QuicTransport::new(
         peer_endpoint.clone(),
         config.name.clone(),

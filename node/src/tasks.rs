@@ -6,6 +6,7 @@
 //! start.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -14,17 +15,37 @@ use tokio::sync::watch;
 #[derive(Clone, Debug)]
 pub struct Tasks {
     stop: Arc<watch::Sender<bool>>,
+    /// Tasks spawned and not ended yet.
+    running: Arc<AtomicUsize>,
 }
 
 impl Default for Tasks {
     fn default() -> Self {
         Tasks {
             stop: Arc::new(watch::channel(false).0),
+            running: Arc::default(),
         }
     }
 }
 
+/// Counts a task as running for as long as it lives.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Tasks {
+    /// A handle that counts its running tasks in `running` (a metric).
+    pub fn counted_in(running: Arc<AtomicUsize>) -> Self {
+        Tasks {
+            running,
+            ..Tasks::default()
+        }
+    }
+
     /// Runs `work` in its own task until it ends or the node's tasks are
     /// aborted.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
@@ -32,7 +53,10 @@ impl Tasks {
         if *stop.borrow() {
             return;
         }
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let running = Running(self.running.clone());
         tokio::spawn(async move {
+            let _running = running;
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|stopped| *stopped) => {}
@@ -41,9 +65,29 @@ impl Tasks {
         });
     }
 
+    /// Tasks spawned through this handle (and its clones) still running:
+    /// every one has a deadline, so under steady load this stays flat.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
     /// Ends every task spawned through this handle (and its clones).
     pub fn abort_all(&self) {
         self.stop.send_replace(true);
+    }
+}
+
+/// Runs `work`, CPU or disk work that may take many milliseconds (a batch of
+/// objects, an object of megabytes), without stalling the other tasks of
+/// the worker thread it runs on, the network's among them: on a
+/// multi-threaded runtime the worker hands its other tasks to another
+/// thread first ([`tokio::task::block_in_place`]). A node whose runtime
+/// stalls stops acknowledging packets, and its peers would take it for dead.
+/// On a current-thread runtime (the simulation) it just runs `work`.
+pub fn heavy<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -208,6 +208,18 @@ impl DevCluster {
         }
     }
 
+    /// The config of `node` (e.g. "node2") as the cluster dir holds it.
+    pub fn config_of(&self, node: &str) -> shoal_node::config::Config {
+        shoal_node::config::Config::load(&self.path().join(format!("{node}.toml")))
+            .expect("node config")
+    }
+
+    /// `node`'s `/metrics` text, from its configured metrics address.
+    pub fn metrics(&self, node: &str) -> String {
+        let addr = self.config_of(node).metrics_addr.expect("metrics address");
+        scrape(&addr.to_string())
+    }
+
     /// Starts a node again by hand, as a user would: `shoal node --config`.
     pub fn restart(&self, node: &str) {
         let log = std::fs::OpenOptions::new()
@@ -296,6 +308,25 @@ impl DevCluster {
         }
         out
     }
+}
+
+/// Fetches `/metrics` from a metrics address.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("metrics request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("metrics answer");
+    out
+}
+
+/// The value of the sample `name` (with its labels, if any, as rendered:
+/// `shoal_corrupt_records_total{tree="hints"}`) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn launch(dir: &Path, nodes: usize) -> Child {

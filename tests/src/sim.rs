@@ -64,6 +64,8 @@ pub fn settings() -> Settings {
         pr: 0,
         pw: 0,
         max_value_bytes: 1024,
+        max_siblings: 100,
+        max_object_bytes: 64 << 20,
         request_timeout: Duration::from_secs(2),
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,

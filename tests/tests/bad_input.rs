@@ -101,9 +101,14 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
     );
 
     // 2. Malformed frames on the client port.
-    let config =
-        shoal_client::tls::quic_client_config(&ca, None, CLIENT_ALPN, Duration::from_secs(10))
-            .unwrap();
+    let dev_client = identity(ca.clone(), c.path(), "client");
+    let config = shoal_client::tls::quic_client_config(
+        &ca,
+        Some((dev_client.chain, dev_client.key.clone_key())),
+        CLIENT_ALPN,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let endpoint = raw_endpoint(config).await;
     let conn = endpoint.connect(seeds[0], "shoal").unwrap().await.unwrap();
     let garbage = b"\x00\x00\x00\x05\xde\xad\xbe\xefhello";
@@ -180,6 +185,7 @@ async fn bad_input_gets_clear_errors_and_nodes_keep_serving() {
         "node2",
         shoal_node::certs::Kind::Node,
         &[],
+        None,
     )
     .unwrap();
     let id = identity(ca.clone(), foreign.path(), "node2");

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use shoal_client::proto::RequestOptions;
 use shoal_client::Error;
-use shoal_tests::process::DevCluster;
+use shoal_tests::process::{scrape, DevCluster};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -214,17 +214,6 @@ async fn sdk_read_modify_write_and_dev_rerun_keeps_data() {
         client.get(b"cart").await.unwrap().values[0].0,
         b"apple,pear"
     );
-}
-
-/// Fetches `/metrics` from a node's metrics address.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn peer_up(status: &serde_json::Value, observer: &str, peer: &str) -> Option<bool> {

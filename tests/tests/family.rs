@@ -356,15 +356,15 @@ struct LossyForwards {
 }
 
 impl Transport for LossyForwards {
-    async fn call(
+    async fn send(
         &self,
         to: &MemberInfo,
         request: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
         if !matches!(request, PeerRequest::Forward { .. }) {
-            return self.inner.call(to, request).await;
+            return self.inner.send(to, request).await;
         }
-        let answer = self.inner.call(to, request.clone()).await;
+        let answer = self.inner.send(to, request.clone()).await;
         match self.lossy {
             Lossy::AnswerLost => Err(TransportError::Failed(
                 to.name.clone(),
@@ -372,7 +372,7 @@ impl Transport for LossyForwards {
             )),
             Lossy::Duplicated => {
                 drop(answer);
-                self.inner.call(to, request).await
+                self.inner.send(to, request).await
             }
         }
     }

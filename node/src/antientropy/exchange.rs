@@ -29,14 +29,6 @@ fn encoded_len<M: Serialize>(m: &M) -> u64 {
 const SEGMENTS_PER_KEYS_REQUEST: usize = 64;
 
 /// Approximate encoded size of an object: its values and per-sibling overhead.
-fn object_size(o: &Object) -> usize {
-    o.siblings()
-        .iter()
-        .map(|s| s.value.as_ref().map_or(0, Vec::len) + 48)
-        .sum::<usize>()
-        + o.clock().len() * 32
-}
-
 /// Keys asked or repaired per request.
 const REPAIR_CHUNK: usize = 100;
 
@@ -99,7 +91,7 @@ pub fn answer<S: Store>(
             let mut size = 0;
             for k in keys {
                 let o = replica.get(&k).map_err(|e| replica_failed("read", &k, e))?;
-                size += k.len() + o.as_ref().map_or(0, object_size);
+                size += k.len() + o.as_ref().map_or(0, Object::approx_size);
                 out.push((k, o));
                 if size > BATCH_BYTES {
                     break;
@@ -117,9 +109,17 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         request: AaeRequest,
         bytes: &mut u64,
     ) -> Result<AaeResponse, ExchangeError> {
+        // An `Objects` answer carries up to a batch of objects (and one
+        // past it); the other steps are small.
+        let answer_bytes = match &request {
+            AaeRequest::Objects { .. } => 2 * BATCH_BYTES,
+            _ => 0,
+        };
         let request = PeerRequest::Aae(request);
-        *bytes += encoded_len(&request);
-        match self.transport.call(peer, request).await {
+        let sent = encoded_len(&request);
+        *bytes += sent;
+        let deadline = self.deadline(sent as usize + answer_bytes);
+        match self.transport.call(peer, request, deadline).await {
             Ok(PeerResponse::Aae(answer)) => {
                 *bytes += encoded_len(&answer);
                 Ok(answer)
@@ -223,7 +223,8 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             for chunk in differing.chunks(REPAIR_CHUNK) {
                 let chunk_started = tokio::time::Instant::now();
                 report.keys_repaired += self.repair_keys(peer, chunk, &mut report.bytes).await?;
-                let rate = self.settings.max_repairs_per_sec;
+                let sharing = self.sweeping.load(std::sync::atomic::Ordering::Relaxed).max(1);
+                let rate = (self.settings.max_repairs_per_sec / sharing).max(1);
                 crate::clock::pace(chunk_started, chunk.len(), rate).await;
             }
         }
@@ -299,11 +300,12 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         }
         while !push.is_empty() {
             let rest = push.split_off(byte_bounded(&push, |e| {
-                e.key.len() + object_size(&e.object)
+                e.key.len() + e.object.approx_size()
             }));
             let request = PeerRequest::Handoff(std::mem::replace(&mut push, rest));
-            *bytes += encoded_len(&request);
-            match self.transport.call(peer, request).await {
+            let sent = encoded_len(&request);
+            *bytes += sent;
+            match self.transport.call(peer, request, self.deadline(sent as usize)).await {
                 Ok(PeerResponse::Stored) => *bytes += encoded_len(&PeerResponse::Stored),
                 other => {
                     return Err(ExchangeError::RepairNotStored {

@@ -60,10 +60,15 @@ pub struct AaeSettings {
     pub tombstone_grace: Duration,
     /// Pause between two reaper passes.
     pub reap_every: Duration,
+    /// How long one exchange step may wait for the peer's answer
+    /// (`timeouts.request-ms`).
+    pub call_timeout: Duration,
 }
 
 impl AaeSettings {
-    pub fn from_config(c: &crate::config::AntiEntropyConfig) -> Self {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        let call_timeout = Duration::from_millis(c.timeouts.request_ms);
+        let c = &c.anti_entropy;
         AaeSettings {
             interval: Duration::from_millis(c.interval_ms),
             rebuild_every: Duration::from_secs(c.rebuild_secs),
@@ -71,6 +76,7 @@ impl AaeSettings {
             max_repairs_per_sec: c.max_repairs_per_sec,
             tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
             reap_every: Duration::from_millis(c.reap_interval_ms),
+            call_timeout,
         }
     }
 }
@@ -129,12 +135,22 @@ pub struct AntiEntropy<T, S> {
     pub metrics: Arc<Metrics>,
     /// Last exchange per partition: (peer, unix ms, keys repaired).
     pub last: Mutex<BTreeMap<u32, (String, u64, u64)>>,
+    /// Peers a sweep is exchanging with at once: they share
+    /// `max-repairs-per-sec`.
+    pub sweeping: std::sync::atomic::AtomicU32,
 }
 
 impl<T: Transport, S: Store> AntiEntropy<T, S> {
+    /// The deadline of a peer call made now that moves about `bytes`.
+    fn deadline(&self, bytes: usize) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.settings.call_timeout + crate::net::transfer_time(bytes)
+    }
+
     /// One sweep: every partition this node replicates, exchanged with each
     /// other replica that is up and has a higher id (so each pair is
-    /// exchanged by one side), one exchange at a time.
+    /// exchanged by one side). Peers are swept at once, each its partitions
+    /// one exchange at a time, so a silent peer (every step has a deadline)
+    /// holds up only its own exchanges.
     pub async fn sweep(&self) -> ExchangeReport {
         let mut total = ExchangeReport::default();
         let Some(view) = self.membership.view() else {
@@ -144,27 +160,47 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             return total;
         }
         let me = self.me;
-        let n = self.n;
+        let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for p in 0..view.ring.partition_count() {
-            let replicas = view.ring.preference_list_for_partition(p, n);
-            if !replicas.contains(&me) {
-                continue;
-            }
-            for peer in replicas
-                .iter()
-                .filter(|id| **id > me && self.liveness.is_up(**id))
-            {
-                let Some(member) = view.members.get(peer) else {
-                    continue;
-                };
-                match self.exchange(p, member).await {
-                    Ok(r) => total += r,
-                    Err(e) => {
-                        debug!(partition = p, peer = %member.name, error = %e, "exchange failed")
-                    }
+            let replicas = view.ring.preference_list_for_partition(p, self.n);
+            if replicas.contains(&me) {
+                for peer in replicas.into_iter().filter(|id| *id > me) {
+                    by_peer.entry(peer).or_default().push(p);
                 }
             }
         }
+        self.sweeping
+            .store(by_peer.len().max(1) as u32, Ordering::Relaxed);
+        let sweeps = by_peer.into_iter().filter_map(|(peer, partitions)| {
+            let member = view.members.get(&peer)?.clone();
+            Some(async move {
+                let mut report = ExchangeReport::default();
+                for p in partitions {
+                    // Asked again per exchange: a peer that went down
+                    // meanwhile is left for the next sweep.
+                    if !self.liveness.is_up(member.id) {
+                        break;
+                    }
+                    match self.exchange(p, &member).await {
+                        Ok(r) => report += r,
+                        // Silent or unreachable: its other partitions wait
+                        // for the next sweep instead of a deadline each.
+                        Err(e @ ExchangeError::Transport(_)) => {
+                            debug!(partition = p, peer = %member.name, error = %e, "exchange failed; peer left for the next sweep");
+                            break;
+                        }
+                        Err(e) => {
+                            debug!(partition = p, peer = %member.name, error = %e, "exchange failed")
+                        }
+                    }
+                }
+                report
+            })
+        });
+        for report in futures_util::future::join_all(sweeps).await {
+            total += report;
+        }
+        self.sweeping.store(1, Ordering::Relaxed);
         total
     }
 
@@ -197,13 +233,25 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         let mut next_rebuild = tokio::time::Instant::now();
         let mut next_reap = tokio::time::Instant::now();
         loop {
-            if tokio::time::Instant::now() >= next_rebuild {
+            // A corrupt record whose index entry was unreadable left the
+            // trees unsure: rebuilt now rather than at the daily turn.
+            if tokio::time::Instant::now() >= next_rebuild || self.replica.take_rebuild_request() {
                 match self
                     .replica
                     .rebuild_trees(settings.rebuild_keys_per_sec)
                     .await
                 {
                     Ok(keys) => info!(keys, "anti-entropy trees built"),
+                    // RocksDB's own checksum failed on a block: a scan cannot
+                    // read past it. Keys in it are restored one by one as
+                    // they are read; the whole store only by a refill.
+                    Err(e @ StoreError::Corruption { tree: "?", .. }) => tracing::error!(
+                        error = %e,
+                        "the store has a corrupt block: anti-entropy cannot rebuild its trees \
+                         (retried later). Reads restore its keys one by one from the replicas; \
+                         to restore all, stop this node, move its data directory away and start \
+                         it again: it rejoins empty and anti-entropy refills it"
+                    ),
                     Err(e) => warn!(error = %e, "anti-entropy rebuild failed; retried later"),
                 }
                 next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;

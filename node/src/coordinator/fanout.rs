@@ -14,7 +14,7 @@ use tracing::{debug, error};
 use super::quorum::Coordinator;
 use crate::liveness::Liveness;
 use crate::membership::View;
-use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::storage::Store;
 use crate::version::Object;
 
@@ -27,11 +27,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         &self,
         to: &MemberInfo,
         request: PeerRequest,
+        deadline: Instant,
     ) -> Result<PeerResponse, TransportError> {
         if to.id == self.me.id {
             Ok(self.replica.answer(self.me.id, request))
         } else {
-            self.transport.call(to, request).await
+            self.transport.call(to, request, deadline).await
         }
     }
 
@@ -39,13 +40,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// `op` there; one [`Reply`] per primary arrives on the returned channel.
     /// Primaries the detector sees down get the first live fallbacks in ring
     /// order at once; a primary whose send fails takes the next one. A write
-    /// that nobody took for a primary becomes a hint kept here.
+    /// that nobody took for a primary becomes a hint kept here. Sends stop
+    /// at `deadline`, and so do the tasks that make them.
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
         key: &[u8],
         primaries: &[MemberInfo],
         op: ReplicaOp,
+        deadline: Instant,
     ) -> mpsc::UnboundedReceiver<Reply> {
         let mut pool = Fallbacks {
             view: view.clone(),
@@ -68,7 +71,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.to_vec();
             self.tasks.spawn(async move {
-                let reply = node.reach(primary, first, &key, &op, &pool).await;
+                let reply = node.reach(primary, first, &key, &op, &pool, deadline).await;
                 let _ = tx.send(reply);
             });
         }
@@ -83,22 +86,41 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         key: &[u8],
         op: &ReplicaOp,
         pool: &Mutex<Fallbacks>,
+        deadline: Instant,
     ) -> Reply {
         let mut failures = Vec::new();
         let mut next = first;
         while let Some(target) = next {
             let as_primary = target.id == primary.id;
             let request = op.request(key, (!as_primary).then_some(primary.id));
-            match self.replica_call(&target, request).await {
+            match self.replica_call(&target, request, deadline).await {
                 Ok(resp) if op.accepts(&resp) => {
                     return Reply {
                         from: target,
                         for_primary: (!as_primary).then_some(primary),
                         result: Ok(resp),
+                        corrupt: false,
+                    }
+                }
+                // The primary's copy was lost to corruption: its answer
+                // does not count, and read repair restores it.
+                Ok(PeerResponse::Error(e @ PeerError::Corrupt { .. })) if as_primary => {
+                    return Reply {
+                        result: Err(TransportError::Failed(target.name.clone(), e.to_string())),
+                        from: target,
+                        for_primary: None,
+                        corrupt: true,
                     }
                 }
                 Ok(other) => failures.push(format!("{}: {other:?}", target.name)),
                 Err(e) => failures.push(e.to_string()),
+            }
+            // Past the deadline no fallback is tried (each would fail at
+            // once, or take a hint the client never waits for): a write
+            // becomes a hint kept here.
+            if Instant::now() >= deadline {
+                failures.push("deadline passed".into());
+                break;
             }
             next = pool
                 .lock()
@@ -124,22 +146,25 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             result: Err(TransportError::Failed(primary.name.clone(), detail)),
             from: primary,
             for_primary: None,
+            corrupt: false,
         }
     }
 
     /// Sends `request` to each target concurrently; answers arrive on the
     /// returned channel. Sends outlive the caller: a coordinator that has its
-    /// quorum replies while slower replicas still receive the write.
+    /// quorum replies while slower replicas still receive the write, until
+    /// `deadline`.
     pub(super) fn fan_out(
         self: &Arc<Self>,
         targets: &[MemberInfo],
         request: PeerRequest,
+        deadline: Instant,
     ) -> mpsc::UnboundedReceiver<Answer> {
         let (tx, rx) = mpsc::unbounded_channel();
         for target in targets.iter().cloned() {
             let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
             self.tasks.spawn(async move {
-                let answer = node.replica_call(&target, request).await;
+                let answer = node.replica_call(&target, request, deadline).await;
                 let _ = tx.send((target, answer));
             });
         }
@@ -217,6 +242,9 @@ pub(super) struct Reply {
     pub(super) from: MemberInfo,
     pub(super) for_primary: Option<MemberInfo>,
     pub(super) result: Result<PeerResponse, TransportError>,
+    /// `from`, a primary, holds a copy lost to corruption: the answer
+    /// failed, but the replica is read-repaired.
+    pub(super) corrupt: bool,
 }
 
 /// Who answered a fan-out, and who did not and why.
@@ -233,7 +261,7 @@ pub(super) struct Tally {
 impl Tally {
     /// Reads replies until `need` replicas (`need_primaries` of them
     /// primaries) answered well, all `targets` replied, or the deadline
-    /// passed. `seen` sees every good reply.
+    /// passed. `seen` sees every good reply, and every corrupt one.
     pub(super) async fn collect(
         &mut self,
         answers: &mut mpsc::UnboundedReceiver<Reply>,
@@ -262,7 +290,12 @@ impl Tally {
                             }
                             seen(reply);
                         }
-                        Err(e) => self.failed.push(e.to_string()),
+                        Err(e) => {
+                            self.failed.push(e.to_string());
+                            if reply.corrupt {
+                                seen(reply);
+                            }
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -293,10 +326,20 @@ impl Tally {
         } else {
             String::new()
         };
+        // A write is not rolled back: say where it is.
+        let applied = if what == "write" {
+            format!(
+                "; the write was stored on {} and may still reach the others (it was not \
+                 rolled back: a read may return it)",
+                self.ok.join(", ")
+            )
+        } else {
+            String::new()
+        };
         Err(WireError {
             kind: ErrorKind::Quorum,
             message: format!(
-                "{what} needed {need} replicas{primaries}, {} answered ({}); failures: {}",
+                "{what} needed {need} replicas{primaries}, {} answered ({}); failures: {}{applied}",
                 self.ok.len(),
                 self.ok.join(", "),
                 self.failed.join("; ")

@@ -20,8 +20,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// replicas answer now (`shoal inspect`).
     pub(super) async fn inspect(self: &Arc<Self>, key: &[u8], view: &View) -> Response {
         let primaries = view.preference_list(key, self.settings.n as usize);
-        let mut answers = self.fan_out(&primaries, PeerRequest::ReplicaGet { key: key.to_vec() });
         let deadline = self.deadline(&RequestOptions::default());
+        let get = PeerRequest::ReplicaGet { key: key.to_vec() };
+        let mut answers = self.fan_out(&primaries, get, deadline);
         let mut replicas: Vec<ReplicaReport> = primaries
             .iter()
             .map(|m| ReplicaReport {
@@ -57,7 +58,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             .filter(|m| self.liveness.is_up(m.id))
             .cloned()
             .collect();
-        let mut hint_answers = self.fan_out(&holders, PeerRequest::HintsOf { key: key.to_vec() });
+        let hints_of = PeerRequest::HintsOf { key: key.to_vec() };
+        let mut hint_answers = self.fan_out(&holders, hints_of, deadline);
         let mut hints = Vec::new();
         for _ in 0..holders.len() {
             let Ok(Some((holder, answer))) =

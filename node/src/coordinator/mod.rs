@@ -194,7 +194,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             liveness: liveness.clone(),
             membership: membership.clone(),
             metrics: metrics.clone(),
-            tasks: crate::tasks::Tasks::default(),
+            tasks: crate::tasks::Tasks::counted_in(metrics.request_tasks.clone()),
             forward_ids: ForwardIds::starting_at(settings.clock.now_ms()),
         });
         let handoff = Handoff {
@@ -216,12 +216,14 @@ impl<T: Transport, S: Store> Node<T, S> {
             membership: membership.clone(),
             metrics: metrics.clone(),
             last: Default::default(),
+            sweeping: std::sync::atomic::AtomicU32::new(1),
         };
         let reaper = Reaper {
             me: me.id,
             n,
             grace: settings.aae.tombstone_grace,
             keys_per_sec: settings.aae.rebuild_keys_per_sec,
+            call_timeout: settings.aae.call_timeout,
             replica: replica.clone(),
             transport: transport.clone(),
             liveness,
@@ -301,23 +303,21 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// them when `everyone` (on start, so peers notice a restarted node).
     pub async fn say_hello(&self, everyone: bool) {
         let missing = self.inner.membership.missing_names();
-        for target in self
+        // All at once, each bounded: a silent member delays nobody else.
+        let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+        let targets = self
             .inner
             .membership
             .expected()
             .into_iter()
-            .filter(|m| everyone || missing.contains(&m.name))
-        {
+            .filter(|m| everyone || missing.contains(&m.name));
+        let hellos = targets.map(|target| async move {
             if target.name == self.inner.me.name {
                 self.learn(self.inner.me.clone());
-                continue;
+                return;
             }
-            match self
-                .inner
-                .transport
-                .call(&target, PeerRequest::Hello(self.inner.me.clone()))
-                .await
-            {
+            let hello = PeerRequest::Hello(self.inner.me.clone());
+            match self.inner.transport.call(&target, hello, deadline).await {
                 Ok(PeerResponse::Hello(info)) if info.name == target.name => self.learn(info),
                 Ok(other) => {
                     warn!(peer = %target.name, answer = ?other, "unexpected answer to hello")
@@ -326,7 +326,8 @@ impl<T: Transport, S: Store> Node<T, S> {
                     tracing::debug!(peer = %target.name, error = %e, "member not reachable yet")
                 }
             }
-        }
+        });
+        futures_util::future::join_all(hellos).await;
     }
 
     // ---- client requests ---------------------------------------------------
@@ -393,6 +394,11 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     // ---- hinted handoff ----------------------------------------------------
+
+    /// Per-request tasks still running (see [`crate::tasks`]).
+    pub fn tasks_running(&self) -> usize {
+        self.inner.coordinator.tasks.running()
+    }
 
     /// One delivery round (see [`Handoff::round`]).
     pub async fn handoff_round(&self) -> u64 {
@@ -537,8 +543,16 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 }
                 PeerResponse::Forwarded(self.coordinate(request, true).await)
             }
-            PeerRequest::Aae(request) => crate::antientropy::answer(&self.inner.replica, request)
-                .map_or_else(PeerResponse::Error, PeerResponse::Aae),
+            PeerRequest::Aae(request) => {
+                let replica = &self.inner.replica;
+                crate::tasks::heavy(|| crate::antientropy::answer(replica, request))
+                    .map_or_else(PeerResponse::Error, PeerResponse::Aae)
+            }
+            // Merging and storing a batch or a large object takes a while:
+            // off the worker, which also drives the node's connections.
+            replica if replica.is_bulk() => {
+                crate::tasks::heavy(|| self.inner.replica.answer(self.inner.me.id, replica))
+            }
             replica => self.inner.replica.answer(self.inner.me.id, replica),
         }
     }

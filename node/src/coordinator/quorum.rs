@@ -76,6 +76,8 @@ fn write_error(e: ReplicaError) -> WireError {
             };
             WireError::new(kind, source.to_string())
         }
+        e @ ReplicaError::ObjectTooLarge { .. } => WireError::new(ErrorKind::TooLarge, e.to_string()),
+        e @ ReplicaError::Lost { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
     }
 }
 
@@ -117,6 +119,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     ring: (*v.ring).clone(),
                     members: v.members.values().cloned().collect(),
                     n: self.settings.n,
+                    down: v
+                        .members
+                        .keys()
+                        .filter(|id| **id != self.me.id && !self.liveness.is_up(**id))
+                        .copied()
+                        .collect(),
                 }),
                 Err(r) => r,
             },
@@ -209,20 +217,17 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let mut order: Vec<&MemberInfo> = primaries.iter().collect();
         order.sort_by_key(|p| !self.liveness.is_up(p.id));
         for p in order {
-            let call = self.transport.call(
-                p,
-                PeerRequest::Forward {
-                    id: self.forward_ids.next(),
-                    request: request.clone(),
-                },
-            );
+            let forward = PeerRequest::Forward {
+                id: self.forward_ids.next(),
+                request: request.clone(),
+            };
             // Only a request that never reached `p` may go to the next
             // primary: one that may have run there would run twice (a
             // duplicate sibling), or be reported failed after it landed.
-            match tokio::time::timeout_at(deadline, call).await {
-                Ok(Ok(PeerResponse::Forwarded(r))) => return r,
+            match self.transport.call(p, forward, deadline).await {
+                Ok(PeerResponse::Forwarded(r)) => return r,
                 // A duplicate's answer: the first delivery ran (or runs) there.
-                Ok(Ok(PeerResponse::Error(e @ PeerError::DuplicateForward { .. }))) => {
+                Ok(PeerResponse::Error(e @ PeerError::DuplicateForward { .. })) => {
                     return Response::Error(WireError::new(
                         ErrorKind::Timeout,
                         format!(
@@ -231,21 +236,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                         ),
                     ))
                 }
-                Ok(Ok(other)) => failures.push(format!("{}: {other:?}", p.name)),
-                Ok(Err(e @ TransportError::Unreachable(..))) => failures.push(e.to_string()),
-                Ok(Err(e @ TransportError::Failed(..))) => {
+                Ok(other) => failures.push(format!("{}: {other:?}", p.name)),
+                Err(e @ TransportError::Unreachable(..)) => failures.push(e.to_string()),
+                // Failed after it may have reached `p`, or no answer in time.
+                Err(e @ TransportError::Failed(..)) => {
                     return Response::Error(WireError::new(
                         ErrorKind::Timeout,
                         format!("{e}; the request may have been applied there"),
-                    ))
-                }
-                Err(_) => {
-                    return Response::Error(WireError::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "{} did not answer in time; the request may have been applied there",
-                            p.name
-                        ),
                     ))
                 }
             }
@@ -334,13 +331,17 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let primaries = view.preference_list(&key, s.n as usize);
         self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
         let me = self.me.id;
-        let (object, dot) = self.replica.write(&key, &ctx, value).map_err(write_error)?;
+        let write = || self.replica.write(&key, &ctx, value);
+        // A write to a large object (megabytes of siblings) is heavy work.
+        let large = self.replica.size_hint(&key) > 1 << 20;
+        let (object, dot) = if large { crate::tasks::heavy(write) } else { write() }
+            .map_err(write_error)?;
         let reply = Response::Written(PutReply {
             context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,
         });
         let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
-        let mut answers = self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object));
+        let mut answers = self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
         let mut tally = Tally::default();
         tally.ok.push(self.me.name.clone());
         tally.primaries = 1;
@@ -368,7 +369,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let deadline = self.deadline(&options);
         let primaries = view.preference_list(key, s.n as usize);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
-        let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get);
+        let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
         tally

@@ -41,24 +41,30 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         if merged == Object::default() {
             return;
         }
-        for h in &heard {
-            if !h.primary || h.object.as_ref().is_some_and(|o| o.descends(&merged)) {
-                continue;
-            }
+        // All at once, each with the whole budget.
+        let deadline = Instant::now() + self.settings.request_timeout;
+        let key = &key;
+        let stale = heard
+            .iter()
+            .filter(|h| h.primary && !h.object.as_ref().is_some_and(|o| o.descends(&merged)));
+        let repairs = stale.map(|h| {
             let request = PeerRequest::ReplicaPut {
                 key: key.clone(),
                 object: merged.clone(),
             };
-            match self.replica_call(&h.from, request).await {
-                Ok(PeerResponse::Stored) => {
-                    self.metrics.read_repairs.fetch_add(1, Ordering::Relaxed);
-                    debug!(replica = %h.from.name, key = %hex::encode(&key), "read repair");
-                }
-                other => {
-                    warn!(replica = %h.from.name, answer = ?other, "read repair failed")
+            async move {
+                match self.replica_call(&h.from, request, deadline).await {
+                    Ok(PeerResponse::Stored) => {
+                        self.metrics.read_repairs.fetch_add(1, Ordering::Relaxed);
+                        debug!(replica = %h.from.name, key = %hex::encode(key), "read repair");
+                    }
+                    other => {
+                        warn!(replica = %h.from.name, answer = ?other, "read repair failed")
+                    }
                 }
             }
-        }
+        });
+        futures_util::future::join_all(repairs).await;
     }
 }
 
@@ -77,6 +83,12 @@ impl Heard {
                 from: reply.from,
                 primary: reply.for_primary.is_none(),
                 object,
+            }),
+            // A primary whose copy was lost to corruption holds nothing.
+            Err(_) if reply.corrupt => Some(Heard {
+                from: reply.from,
+                primary: true,
+                object: None,
             }),
             _ => None,
         }

@@ -18,6 +18,9 @@ pub struct Settings {
     pub pr: u32,
     pub pw: u32,
     pub max_value_bytes: usize,
+    /// Admission limits of client writes (see [`crate::replica::Replica::write`]).
+    pub max_siblings: usize,
+    pub max_object_bytes: usize,
     pub request_timeout: Duration,
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
@@ -42,6 +45,8 @@ impl Settings {
             pr: c.cluster.pr,
             pw: c.cluster.pw,
             max_value_bytes: c.limits.max_value_bytes,
+            max_siblings: c.limits.max_siblings,
+            max_object_bytes: c.limits.max_object_bytes,
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
             clock_max_entries: c.cluster.clock_max_entries,
             clock_min_age_ms: c.cluster.clock_min_age_secs * 1000,
@@ -55,8 +60,9 @@ impl Settings {
                 interval: Duration::from_millis(c.handoff.interval_ms),
                 batch_size: c.handoff.batch_size,
                 max_keys_per_sec: c.handoff.max_keys_per_sec,
+                call_timeout: Duration::from_millis(c.timeouts.request_ms),
             },
-            aae: AaeSettings::from_config(&c.anti_entropy),
+            aae: AaeSettings::from_config(c),
             read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
             object_cache_bytes: c.limits.object_cache_mb << 20,
             clock: Clock::system(),
@@ -72,6 +78,8 @@ impl Settings {
             clock_min_age_ms: self.clock_min_age_ms,
             tombstone_grace: self.aae.tombstone_grace,
             object_cache_bytes: self.object_cache_bytes,
+            max_siblings: self.max_siblings,
+            max_object_bytes: self.max_object_bytes,
             clock: self.clock.clone(),
         }
     }

@@ -19,6 +19,8 @@ pub mod tls;
 
 use std::future::Future;
 
+use tokio::time::Instant;
+
 use serde::{Deserialize, Serialize};
 use shoal_client::proto::{MemberInfo, Request, Response};
 use shoal_ring::NodeId;
@@ -90,19 +92,30 @@ pub enum PeerRequest {
     },
 }
 
+/// A request carrying more than this goes on a stream of its own.
+const BULK_BYTES: usize = 1 << 20;
+
 impl PeerRequest {
-    /// Requests that may carry megabytes (batches of objects, hint lists) or
-    /// are rare. Each gets a stream of its own, so that it never holds up
-    /// the small requests pipelined on a connection's shared stream.
+    /// Requests that may carry megabytes (batches of objects, hint lists,
+    /// a large object or value) or are rare. Each gets a stream of its own,
+    /// so that it never holds up the small requests pipelined on a
+    /// connection's shared stream, and if it fails only it fails.
     pub fn is_bulk(&self) -> bool {
-        matches!(
-            self,
+        match self {
             PeerRequest::Hello(_)
-                | PeerRequest::HintsOf { .. }
-                | PeerRequest::Handoff(_)
-                | PeerRequest::Aae(_)
-                | PeerRequest::Reap { .. }
-        )
+            | PeerRequest::HintsOf { .. }
+            | PeerRequest::Handoff(_)
+            | PeerRequest::Aae(_)
+            | PeerRequest::Reap { .. } => true,
+            PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
+                object.approx_size() > BULK_BYTES
+            }
+            PeerRequest::Forward {
+                request: Request::Put { value, .. },
+                ..
+            } => value.len() > BULK_BYTES,
+            _ => false,
+        }
     }
 }
 
@@ -135,6 +148,14 @@ pub enum AaeResponse {
 /// Soft cap on the payload of one batch message (handoff, anti-entropy), far
 /// under the peer frame limit: a batch stops growing once it reaches this.
 pub const BATCH_BYTES: usize = 8 << 20;
+
+/// The time a transfer of `bytes` may take on top of a call's own timeout:
+/// one second per 4 MiB (a link of about 32 Mbit/s), so that bulk calls
+/// (handoff batches, anti-entropy objects) finish on slow links too.
+pub fn transfer_time(bytes: usize) -> std::time::Duration {
+    // 4 MiB in 1,000 ms: a millisecond per 4,194 bytes.
+    std::time::Duration::from_millis(bytes as u64 / 4_194)
+}
 
 /// How many of `items`, from the front, fit in [`BATCH_BYTES`] (always at
 /// least one, so a single large item still moves).
@@ -195,6 +216,11 @@ pub enum PeerError {
         key: String,
         detail: String,
     },
+    /// `ReplicaGet`: the receiver's copy of `key` (hex) failed its checksum
+    /// and is not restored yet: the coordinator does not count this answer
+    /// and read-repairs the replica.
+    #[error("corrupt copy of key {key}: {detail}")]
+    Corrupt { key: String, detail: String },
     /// `Reap`: the receiver's copy of `key` (hex) is not exactly the
     /// tombstone asked for, or not past the grace period by its clock.
     #[error("tombstone of key {key} not reaped here")]
@@ -239,11 +265,41 @@ pub trait Transport: Send + Sync + 'static {
         Vec::new()
     }
 
-    fn call(
+    /// Sends `request` to `to` and waits for the answer, however long that
+    /// takes. Callers use [`Transport::call`], which bounds the wait.
+    fn send(
         &self,
         to: &MemberInfo,
         request: PeerRequest,
     ) -> impl Future<Output = Result<PeerResponse, TransportError>> + Send;
+
+    /// Sends `request` to `to` and waits for the answer until `deadline`;
+    /// past it the call fails as [`TransportError::Failed`] (the request may
+    /// have run there). Every peer call has a deadline: a peer that accepts
+    /// and never answers costs its caller this long, not forever. A call
+    /// made after its deadline is not sent at all ([`TransportError::Unreachable`]).
+    fn call(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<PeerResponse, TransportError>> + Send {
+        async move {
+            if Instant::now() >= deadline {
+                return Err(TransportError::Unreachable(
+                    to.name.clone(),
+                    "not sent: the deadline had passed".into(),
+                ));
+            }
+            match tokio::time::timeout_at(deadline, self.send(to, request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(TransportError::Failed(
+                    to.name.clone(),
+                    "no answer before the deadline".into(),
+                )),
+            }
+        }
+    }
 }
 
 /// What a node does with requests; the servers and the simulated network call

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,31 +14,56 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame::{self, FrameError};
-use shoal_client::proto::{MemberInfo, Response};
+use shoal_client::proto::{MemberInfo, Response, Role};
 use shoal_client::rpc::{self, CallError, Link, Links};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use super::tls::check_peer_name;
+use super::tls::{check_peer_name, client_role};
 use super::{
     Handler, PeerEnvelope, PeerError, PeerRequest, PeerResponse, Transport, TransportError,
 };
 
-/// Frame caps of a node.
+/// Frame caps of a node. Frames are read as their bytes arrive (see
+/// [`shoal_client::frame`]), so a cap bounds memory per stream, and one
+/// declared but not sent costs nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameLimits {
     /// Client request frames: a maximal key and value plus room for the rest.
     pub client_request: usize,
-    /// Peer frames carry whole objects, siblings included.
+    /// Answers on the client port: a read may return an object past the
+    /// write limits (merged from both sides of a partition); the SDK reads
+    /// up to this much.
+    pub client_answer: usize,
+    /// Peer frames, both ways, carry whole objects, siblings included: any
+    /// object a merge can produce, many times the per-write object limit.
+    /// A message over it fails only its own request.
     pub peer: usize,
+    /// Client connections served at once.
+    pub client_connections: usize,
+    /// Bytes of client request bodies held at once, all connections
+    /// together.
+    pub client_budget: usize,
 }
 
 impl FrameLimits {
-    pub fn for_max_value(max_value: usize) -> Self {
+    pub fn new(l: &crate::config::LimitsConfig) -> Self {
         FrameLimits {
-            client_request: max_value + shoal_client::client::MAX_KEY_BYTES + (64 << 10),
-            peer: (max_value * 16).max(64 << 20),
+            client_request: l.max_value_bytes + shoal_client::client::MAX_KEY_BYTES + (64 << 10),
+            client_answer: shoal_client::client::MAX_RESPONSE_BYTES,
+            peer: l.max_object_bytes.saturating_mul(16).max(256 << 20),
+            client_connections: l.max_client_connections,
+            client_budget: l.client_request_budget_mb << 20,
         }
+    }
+}
+
+/// Counts a connection as served for as long as it lives.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -48,35 +74,133 @@ pub async fn serve_clients<H: Handler>(
     limits: FrameLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let served = Arc::new(AtomicUsize::new(0));
+    let budget = Arc::new(Semaphore::new(limits.client_budget));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             _ = shutdown.changed() => break,
         };
-        let handler = handler.clone();
+        if served.load(Ordering::Relaxed) >= limits.client_connections {
+            crate::log::warn_limited(
+                "client connection refused: limits.max-client-connections reached",
+                || incoming.remote_address().to_string(),
+            );
+            incoming.refuse();
+            continue;
+        }
+        served.fetch_add(1, Ordering::Relaxed);
+        let connection = Served(served.clone());
+        let (handler, budget) = (handler.clone(), budget.clone());
         tokio::spawn(async move {
+            let _connection = connection;
+            let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
-                Err(e) => {
-                    debug!(error = %e, "client handshake failed");
+                // This node's TLS refused the client (no certificate from the
+                // cluster CA, or an expired one).
+                Err(e @ quinn::ConnectionError::TransportError(_)) => {
+                    crate::log::warn_limited("client refused at the TLS handshake", || {
+                        format!("{remote}: {e}")
+                    });
                     return;
                 }
+                // The client gave up or went away: nothing to warn about.
+                Err(e) => {
+                    debug!(%remote, error = %e, "client handshake not completed");
+                    return;
+                }
+            };
+            let Some(role) = peer_certificate(&conn).and_then(|c| client_role(&c)) else {
+                crate::log::warn_limited("client certificate names no role", || {
+                    remote.to_string()
+                });
+                conn.close(
+                    2u32.into(),
+                    b"its certificate grants no client role (read-only, read-write or admin)",
+                );
+                return;
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let handler = handler.clone();
                 tokio::spawn(serve_stream(
                     send,
                     recv,
-                    limits.client_request,
+                    (limits.client_request, limits.client_answer),
+                    Some(budget.clone()),
                     client_refusal,
-                    move |request| {
+                    move |request: shoal_client::proto::Request| {
                         let handler = handler.clone();
-                        async move { handler.client(request).await }
+                        async move {
+                            match permitted(role, &request) {
+                                Ok(()) => handler.client(request).await,
+                                Err(refusal) => Response::Error(refusal),
+                            }
+                        }
                     },
                 ));
             }
         });
     }
+}
+
+/// Whether a client of `role` may make `request`.
+fn permitted(role: Role, request: &shoal_client::proto::Request) -> Result<(), WireError> {
+    let needs = request.needs();
+    if role >= needs {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorKind::Unauthorised,
+        format!(
+            "this client's certificate grants {} access; {} needs {} (issue a certificate \
+             with `shoal certs client --role {}`)",
+            role.name(),
+            request.verb(),
+            needs.name(),
+            needs.name()
+        ),
+    ))
+}
+
+/// How long a request body may take to arrive once its header has: a
+/// client that declares a body and sends it slowly, or never, holds the
+/// budget no longer than this.
+const BODY_WITHIN: Duration = Duration::from_secs(10);
+/// Budget taken at a time while a body arrives.
+const BUDGET_CHUNK: usize = 64 << 10;
+
+/// Reads a request body of `len` bytes as its bytes arrive, taking room for
+/// each chunk from `budget` before reading it (memory follows the bytes
+/// received, within the node-wide budget), within [`BODY_WITHIN`]. Returns
+/// the body and the budget it holds.
+async fn read_budgeted(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, OwnedSemaphorePermit), FrameError> {
+    let read = async {
+        let mut held = budget.clone().acquire_many_owned(0).await.expect("never closed");
+        let mut body = Vec::with_capacity(len.min(BUDGET_CHUNK));
+        while body.len() < len {
+            let want = (len - body.len()).min(BUDGET_CHUNK);
+            let room = budget.clone().acquire_many_owned(want as u32).await;
+            held.merge(room.expect("the budget is never closed"));
+            match recv.read_chunk(want, true).await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(FrameError::Truncated),
+                Err(e) => return Err(FrameError::Stream(e.to_string())),
+            }
+        }
+        Ok((body, held))
+    };
+    tokio::time::timeout(BODY_WITHIN, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(FrameError::Stream(format!(
+                "a {len}-byte body did not arrive within {BODY_WITHIN:?}"
+            )))
+        })
 }
 
 /// Requests one stream may have in progress at once; past this the server
@@ -90,11 +214,16 @@ pub use shoal_client::rpc::NO_ID;
 /// handles each in its own task and sends back `(id, response)` as soon as it
 /// is ready. A frame that cannot be read gets `refused` as its answer (under
 /// its id if that could be read, else [`NO_ID`] and the stream ends); the
-/// connection and the node carry on.
+/// connection and the node carry on. `(max, max_answer)` cap request and
+/// answer frames; an answer over its cap is replaced by an error for that
+/// request alone (the reader would end the stream on it). With a `budget`,
+/// a request's body is read only once its size in bytes is taken from it,
+/// and given back when the request is answered.
 async fn serve_stream<Req, Resp, F, Fut>(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    max: usize,
+    (max, max_answer): (usize, usize),
+    budget: Option<Arc<Semaphore>>,
     refused: fn(ErrorKind, String) -> Resp,
     handle: F,
 ) where
@@ -111,6 +240,13 @@ async fn serve_stream<Req, Resp, F, Fut>(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     let encode = move |id: u64, response: &Resp| -> Option<Bytes> {
         frame::encode(&(id, response))
+            .and_then(|f| match f.len() - frame::HEADER_LEN {
+                len if len > max_answer => Err(FrameError::TooLarge {
+                    len,
+                    max: max_answer,
+                }),
+                _ => Ok(f),
+            })
             .or_else(|e| {
                 frame::encode(&(
                     id,
@@ -126,7 +262,22 @@ async fn serve_stream<Req, Resp, F, Fut>(
         }
     };
     loop {
-        let refusal = match frame::read_body(&mut recv, max).await {
+        let mut held = None;
+        let read = async {
+            let Some((len, crc)) = frame::read_header(&mut recv, max).await? else {
+                return Ok(None);
+            };
+            let body = match &budget {
+                Some(budget) => {
+                    let (body, permit) = read_budgeted(&mut recv, len, budget).await?;
+                    held = Some(permit);
+                    body
+                }
+                None => frame::read_body_of(&mut recv, len).await?,
+            };
+            Ok(Some((body, crc)))
+        };
+        let refusal = match read.await {
             Ok(None) => break,
             Ok(Some((body, crc))) => match frame::decode_body::<(u64, Req)>(&body, crc) {
                 Ok((id, request)) => {
@@ -136,10 +287,11 @@ async fn serve_stream<Req, Resp, F, Fut>(
                         .await
                         .expect("the semaphore is never closed");
                     let (answers, handle) = (answers.clone(), handle.clone());
+                    let bytes = held.take();
                     tokio::spawn(async move {
                         let response = handle(request).await;
                         answer(answers, id, response).await;
-                        drop(permit);
+                        drop((permit, bytes));
                     });
                     continue;
                 }
@@ -148,7 +300,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
                 Err(e @ FrameError::Decode(_)) => {
                     match rmp_serde::from_slice::<(u64, serde::de::IgnoredAny)>(&body) {
                         Ok((id, _)) => {
-                            warn!(error = %e, "refused a request");
+                            crate::log::warn_limited("refused a request", || e.to_string());
                             let kind = ErrorKind::BadRequest;
                             let refusal = refused(kind, format!("request refused: {e}"));
                             answer(answers.clone(), id, refusal).await;
@@ -166,7 +318,9 @@ async fn serve_stream<Req, Resp, F, Fut>(
             }
             Err(e) => e,
         };
-        warn!(error = %refusal, "refused a frame; closing its stream");
+        crate::log::warn_limited("refused a frame; closing its stream", || {
+            refusal.to_string()
+        });
         let kind = match refusal {
             FrameError::TooLarge { .. } => ErrorKind::TooLarge,
             _ => ErrorKind::BadRequest,
@@ -210,8 +364,14 @@ pub async fn serve_peers<H: Handler>(
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
+                Err(e @ quinn::ConnectionError::TransportError(_)) => {
+                    crate::log::warn_limited("refused a peer connection", || {
+                        format!("{remote}: {e}")
+                    });
+                    return;
+                }
                 Err(e) => {
-                    warn!(%remote, error = %e, "refused a peer connection");
+                    debug!(%remote, error = %e, "peer handshake not completed");
                     return;
                 }
             };
@@ -226,7 +386,8 @@ pub async fn serve_peers<H: Handler>(
                 tokio::spawn(serve_stream(
                     send,
                     recv,
-                    limits.peer,
+                    (limits.peer, limits.peer),
+                    None,
                     peer_refusal,
                     move |envelope: PeerEnvelope| {
                         let (handler, cert, verified) =
@@ -332,7 +493,7 @@ impl QuicTransport {
                     .lock()
                     .expect("pool lock")
                     .insert(addr, Instant::now() + self.backoff);
-                Err(unreachable(e))
+                Err(unreachable(e.to_string()))
             }
         }
     }
@@ -356,7 +517,7 @@ impl Transport for QuicTransport {
         }
     }
 
-    async fn call(
+    async fn send(
         &self,
         to: &MemberInfo,
         request: PeerRequest,
@@ -373,7 +534,10 @@ impl Transport for QuicTransport {
             link.mux.call(&envelope).await
         };
         result.map_err(|e| {
-            if let CallError::NotDelivered(_) = e {
+            if let CallError::TooLarge(_) = e {
+                // Not sent, and nothing wrong with the peer.
+                TransportError::Unreachable(to.name.clone(), e.to_string())
+            } else if let CallError::NotDelivered(_) = e {
                 // Dead or unreachable: fail fast for a while instead of re-dialling per call.
                 self.connections.remove(to.peer_addr);
                 self.backoff_until

@@ -417,7 +417,7 @@ pub struct SimTransport {
 }
 
 impl Transport for SimTransport {
-    async fn call(
+    async fn send(
         &self,
         to: &MemberInfo,
         request: PeerRequest,

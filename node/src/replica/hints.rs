@@ -70,7 +70,7 @@ impl<S: Store> Replica<S> {
     ) -> Result<(), StoreError> {
         let hk = hint_key(primary, key);
         let _guard = self.lock_stripe(key);
-        let before = self.read_hint(&hk)?;
+        let (before, _) = self.read_hint_locked(&hk)?;
         let mut merged = before.clone().unwrap_or_default();
         merged.merge(object);
         if before.as_ref() != Some(&merged) {
@@ -83,16 +83,52 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
-    fn read_hint(&self, hk: &[u8]) -> Result<Option<Object>, StoreError> {
-        match self.store.get(Tree::Hints, hk)? {
-            Some(bytes) => decode_object(&bytes).map(Some).map_err(|d| corrupt(hk, d)),
-            None => Ok(None),
+    /// The hint stored under `hk`. A record failing its checksum is dropped
+    /// (see [`Self::drop_corrupt_hint`]) and read as absent; the corruption
+    /// is returned beside. The caller holds the stripe of the hinted key.
+    fn read_hint_locked(
+        &self,
+        hk: &[u8],
+    ) -> Result<(Option<Object>, Option<StoreError>), StoreError> {
+        match self.store.get(Tree::Hints, hk) {
+            Ok(Some(bytes)) => decode_object(&bytes)
+                .map(|o| (Some(o), None))
+                .map_err(|d| corrupt(hk, d)),
+            Ok(None) => Ok((None, None)),
+            Err(e @ StoreError::Corruption { .. }) => {
+                self.drop_corrupt_hint(hk, &e)?;
+                Ok((None, Some(e)))
+            }
+            Err(e) => Err(e),
         }
     }
 
-    /// The hint held for `primary` and `key`, if any.
+    /// Deletes a hint whose record failed its checksum: it can never be
+    /// delivered, and kept it would be met again by every handoff round.
+    /// The write it carried lives on the replicas that acknowledged it,
+    /// and anti-entropy brings the primary up to date. The caller holds the
+    /// stripe of the hinted key.
+    fn drop_corrupt_hint(&self, hk: &[u8], error: &StoreError) -> Result<(), StoreError> {
+        self.metrics.count_corrupt(Tree::Hints);
+        warn!(hint = %hex::encode(hk), %error, "corrupt hint dropped");
+        let mut batch = WriteBatch::default();
+        batch.delete(Tree::Hints, hk);
+        self.store.write(batch)?;
+        if let Ok(id) = <[u8; 16]>::try_from(&hk[..16.min(hk.len())]) {
+            self.count_hints(NodeId(id), -1);
+        }
+        Ok(())
+    }
+
+    /// The hint held for `primary` and `key`, if any. A corrupt one fails
+    /// this read (it must not count as "no hint" towards a read quorum, nor
+    /// for the reaper) and is dropped.
     pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        self.read_hint(&hint_key(primary, key))
+        let _guard = self.lock_stripe(key);
+        match self.read_hint_locked(&hint_key(primary, key))? {
+            (_, Some(dropped)) => Err(dropped),
+            (hint, None) => Ok(hint),
+        }
     }
 
     /// Every hint held for `key`, by the primary it waits for.
@@ -145,7 +181,8 @@ impl<S: Store> Replica<S> {
     }
 
     /// Up to `limit` hints for `primary`, in key order, from the hints-tree
-    /// key `after` on (`None`: from the first).
+    /// key `after` on (`None`: from the first). Corrupt ones found on the
+    /// way are dropped and left out.
     pub fn hint_page(
         &self,
         primary: NodeId,
@@ -161,7 +198,22 @@ impl<S: Store> Replica<S> {
             None => primary.0.to_vec(),
         };
         let end = prefix_end(primary);
-        self.store.scan(Tree::Hints, &start, end.as_deref(), limit)
+        let page = self.store.scan(Tree::Hints, &start, end.as_deref(), limit)?;
+        let mut healthy = Vec::with_capacity(page.len());
+        for (hk, record) in page {
+            match record {
+                Ok(bytes) => healthy.push((hk, bytes)),
+                Err(e) => {
+                    // Checked again under the key's lock: a hint written
+                    // over it meanwhile is kept.
+                    let _guard = self.lock_stripe(hinted_key(&hk));
+                    if let Err(StoreError::Corruption { .. }) = self.store.get(Tree::Hints, &hk) {
+                        self.drop_corrupt_hint(&hk, &e)?;
+                    }
+                }
+            }
+        }
+        Ok(healthy)
     }
 
     /// Deletes the delivered hints of `primary` that did not change since

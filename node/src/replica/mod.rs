@@ -22,6 +22,7 @@
 //! of keys, without any stripe. No lock is held across an await.
 
 pub mod hints;
+mod lost;
 mod serve;
 pub mod stripe;
 pub mod trees;
@@ -39,6 +40,7 @@ use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{
     decode_object, encode_object, Actors, Dot, Object, VersionError, VersionVector,
 };
+use lost::Stored;
 use stripe::{relock, Stripe, LOCK_STRIPES};
 use trees::TreeState;
 
@@ -52,6 +54,9 @@ pub struct ReplicaSettings {
     pub tombstone_grace: Duration,
     /// Memory for the object cache; 0 turns it off.
     pub object_cache_bytes: usize,
+    /// Admission limits of a client write (see [`Replica::write`]).
+    pub max_siblings: usize,
+    pub max_object_bytes: usize,
     /// Wall-clock time for stored timestamps (see [`crate::clock`]).
     pub clock: Clock,
 }
@@ -61,9 +66,23 @@ pub struct ReplicaSettings {
 pub enum ReplicaError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The copy of `key` here was lost to corruption and is not restored
+    /// yet (see [`lost`]).
+    #[error("the copy of key {key} here failed its checksum; it is restored from the other replicas by read repair or anti-entropy")]
+    Lost { key: String },
     /// A client write could not be given a dot.
     #[error("cannot version the write of key {key}: {source}")]
     Version { key: String, source: VersionError },
+    /// A client write would grow the key's object past a limit; nothing was
+    /// written.
+    #[error("key {key} would have {siblings} siblings and about {bytes} bytes, over the limit of {max_siblings} siblings and {max_bytes} bytes (limits.max-siblings, limits.max-object-bytes): read the key and write with its context to resolve the siblings; nothing was written")]
+    ObjectTooLarge {
+        key: String,
+        siblings: usize,
+        bytes: usize,
+        max_siblings: usize,
+        max_bytes: usize,
+    },
 }
 
 /// Meta-tree key of the incarnation counter, bumped (and synced) on every
@@ -130,6 +149,13 @@ pub struct Replica<S> {
     rebuilding: tokio::sync::Mutex<()>,
     /// Hints held, per primary they wait for (see [`hints`]).
     hints_pending: Mutex<BTreeMap<NodeId, u64>>,
+    /// Held while the incarnation moves on, so two moves never take the
+    /// same number.
+    incarnations: Mutex<()>,
+    /// Set when the live trees may no longer match the store (a corrupt
+    /// record whose index entry could not be read): the anti-entropy loop
+    /// rebuilds them at its next turn.
+    rebuild_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Store> Replica<S> {
@@ -157,6 +183,8 @@ impl<S: Store> Replica<S> {
             trees: Mutex::default(),
             rebuilding: tokio::sync::Mutex::new(()),
             hints_pending: Mutex::new(BTreeMap::new()),
+            incarnations: Mutex::new(()),
+            rebuild_wanted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -205,25 +233,51 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// This replica's stored object for `key`.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        let bytes = self.stored(&mut self.lock_stripe(key), key)?;
-        bytes
-            .map(|b| decode_object(&b).map_err(|e| corruption(key, e)))
-            .transpose()
+    /// How many bytes `key`'s object takes here, if the cache holds it (0
+    /// otherwise): a cheap hint of how heavy a write to it will be.
+    pub fn size_hint(&self, key: &[u8]) -> usize {
+        self.lock_stripe(key).cached(key).map_or(0, |b| b.len())
     }
 
-    /// Read-modify-write of the local object under the key's lock.
-    fn apply(&self, key: &[u8], change: impl FnOnce(&mut Object)) -> Result<Object, StoreError> {
+    /// This replica's stored object for `key`, for repair and bookkeeping:
+    /// a copy lost to corruption reads as absent (see [`lost`]).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        match self.stored_record(&mut self.lock_stripe(key), key)? {
+            Stored::Present(b) => decode_object(&b).map(Some).map_err(|e| corruption(key, e)),
+            Stored::Absent | Stored::Lost => Ok(None),
+        }
+    }
+
+    /// This replica's stored object for `key`, as a read's answer: a copy
+    /// lost to corruption is an error, so that it never counts as "absent"
+    /// towards a read quorum until repair has restored it.
+    pub fn read(&self, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        match self.stored_record(&mut self.lock_stripe(key), key)? {
+            Stored::Present(b) => Ok(Some(decode_object(&b).map_err(|e| corruption(key, e))?)),
+            Stored::Absent => Ok(None),
+            Stored::Lost => Err(ReplicaError::Lost {
+                key: hex::encode(key),
+            }),
+        }
+    }
+
+    /// Read-modify-write of the local object under the key's lock; nothing
+    /// is written if `change` fails. A copy lost to corruption is changed
+    /// as a missing key would be: this is how repair restores it.
+    fn apply<E: From<StoreError>>(
+        &self,
+        key: &[u8],
+        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<(), E>,
+    ) -> Result<Object, E> {
         let mut stripe = self.lock_stripe(key);
-        let raw = self.stored(&mut stripe, key)?;
-        let before = raw
-            .as_deref()
-            .map(decode_object)
-            .transpose()
-            .map_err(|e| corruption(key, e))?;
+        let record = self.stored_record(&mut stripe, key)?;
+        let raw = record.bytes();
+        let before = match &record {
+            Stored::Present(b) => Some(decode_object(b).map_err(|e| corruption(key, e))?),
+            Stored::Absent | Stored::Lost => None,
+        };
         let mut object = before.clone().unwrap_or_default();
-        change(&mut object);
+        change(before.as_ref(), &mut object)?;
         let s = &self.settings;
         object.prune(
             s.clock_max_entries,
@@ -235,7 +289,7 @@ impl<S: Store> Replica<S> {
             self.write_object(
                 &mut stripe,
                 key,
-                raw.as_deref(),
+                raw.map(trees::digest),
                 Some(&encode_object(&object)),
             )?;
         }
@@ -245,12 +299,21 @@ impl<S: Store> Replica<S> {
     /// Merges an object sent by a coordinator (or found by read repair,
     /// handoff or anti-entropy) into the local copy.
     pub fn merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
-        self.apply(key, |o| o.merge(incoming))
+        self.apply(key, |_, o| {
+            o.merge(incoming);
+            Ok::<(), StoreError>(())
+        })
     }
 
     /// Applies a client write to the local copy under the key's lock: the
     /// dot is minted under the actor [`Actors::for_write`] picks, so it was
     /// never minted before (see [`crate::version`]).
+    ///
+    /// A write that would leave the object over `max_siblings` or
+    /// `max_object_bytes`, and larger than it was, is refused before
+    /// anything is written: the limits admit writes, and a write that
+    /// resolves siblings always gets in. They never drop what is stored;
+    /// merges (repair, handoff, both sides of a partition) may exceed them.
     pub fn write(
         &self,
         key: &[u8],
@@ -258,20 +321,47 @@ impl<S: Store> Replica<S> {
         value: Option<Vec<u8>>,
     ) -> Result<(Object, Dot), ReplicaError> {
         let now = self.now_ms();
-        let mut minted: Result<Dot, VersionError> = Err(VersionError::EpochsExhausted(0));
-        let object = self.apply(key, |o| {
-            minted = self.actors.for_write(o, ctx).and_then(|actor| {
-                o.update(ctx, value, actor, now)
-                    .ok_or(VersionError::ContextMalformed(
-                        "it names a counter at its maximum".into(),
-                    ))
+        let mut dot = None;
+        let object = self.apply(key, |before, o| {
+            let version = |source| ReplicaError::Version {
+                key: hex::encode(key),
+                source,
+            };
+            let actor = self.actors.for_write(o, ctx).map_err(version)?;
+            let minted = o.update(ctx, value, actor, now).ok_or_else(|| {
+                version(VersionError::ContextMalformed(
+                    "it names a counter at its maximum".into(),
+                ))
+            })?;
+            self.admit(key, before, o)?;
+            dot = Some(minted);
+            Ok::<(), ReplicaError>(())
+        })?;
+        Ok((object, dot.expect("minted when the write applied")))
+    }
+
+    /// The admission limits of [`Self::write`], each on its own: `after`
+    /// may be over a limit only where it is no worse than `before` (a write
+    /// that resolves siblings gets in even if the object stays over). Bytes
+    /// are the siblings' (values and a fixed allowance each), not the
+    /// clock's, which pruning bounds.
+    fn admit(&self, key: &[u8], before: Option<&Object>, after: &Object) -> Result<(), ReplicaError> {
+        let s = &self.settings;
+        let size = |o: &Object| (o.siblings().len(), o.siblings_size());
+        let (siblings, bytes) = size(after);
+        let (had, had_bytes) = before.map_or((0, 0), size);
+        if (siblings > s.max_siblings && siblings > had)
+            || (bytes > s.max_object_bytes && bytes > had_bytes)
+        {
+            return Err(ReplicaError::ObjectTooLarge {
+                key: hex::encode(key),
+                siblings,
+                bytes,
+                max_siblings: s.max_siblings,
+                max_bytes: s.max_object_bytes,
             });
-        })?;
-        let dot = minted.map_err(|source| ReplicaError::Version {
-            key: hex::encode(key),
-            source,
-        })?;
-        Ok((object, dot))
+        }
+        Ok(())
     }
 
     /// Removes the local object of `key` altogether (tests of the trees).
@@ -279,7 +369,7 @@ impl<S: Store> Replica<S> {
     pub(crate) fn remove_object(&self, key: &[u8]) -> Result<(), StoreError> {
         let mut stripe = self.lock_stripe(key);
         if let Some(raw) = self.stored(&mut stripe, key)? {
-            self.write_object(&mut stripe, key, Some(&raw), None)?;
+            self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
         }
         Ok(())
     }
@@ -293,37 +383,32 @@ impl<S: Store> Replica<S> {
             return Ok(false);
         }
         let mut stripe = self.lock_stripe(key);
-        let Some(raw) = self.stored(&mut stripe, key)? else {
+        let Stored::Present(raw) = self.stored_record(&mut stripe, key)? else {
             return Ok(false);
         };
         if decode_object(&raw).ok().as_ref() != Some(expected) {
             return Ok(false);
         }
-        self.write_object(&mut stripe, key, Some(&raw), None)?;
+        self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
         // Forgotten here: never write under its actors again (before the
         // stripe is released, so no write to the key sees them live).
         let full = self.actors.retire(expected);
         drop(stripe);
         if full {
-            let incarnation = next_incarnation(self.store.as_ref(), self.now_ms())?;
-            self.actors.new_incarnation(incarnation);
-            tracing::info!(
-                incarnation,
-                "new incarnation: retired actors reached their bound"
-            );
+            self.new_incarnation("retired actors reached their bound")?;
         }
         Ok(true)
     }
 
     /// Writes (`new` Some) or removes the stored object bytes of `key`, with
     /// its anti-entropy index entry, and updates the trees and the object
-    /// cache. The caller holds the key's stripe and passes the bytes stored
-    /// before.
+    /// cache. The caller holds the key's stripe and passes the digest of
+    /// what was stored before (as the trees hold it).
     fn write_object(
         &self,
         stripe: &mut Stripe,
         key: &[u8],
-        old: Option<&[u8]>,
+        old_digest: Option<u64>,
         new: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let partition = self.partition_of(key);
@@ -349,7 +434,7 @@ impl<S: Store> Replica<S> {
             None => stripe.forget(key),
         }
         self.lock_trees()
-            .apply(partition, key, old.map(trees::digest), new_digest);
+            .apply(partition, key, old_digest, new_digest);
         Ok(())
     }
 }

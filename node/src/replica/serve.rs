@@ -25,8 +25,12 @@ impl<S: Store> Replica<S> {
     /// (a hint "for" it is merged as its own data).
     pub fn answer(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::ReplicaGet { key } => match self.get(&key) {
+            PeerRequest::ReplicaGet { key } => match self.read(&key) {
                 Ok(o) => PeerResponse::Object(o),
+                Err(e @ ReplicaError::Lost { .. }) => PeerResponse::Error(PeerError::Corrupt {
+                    key: hex::encode(&key),
+                    detail: e.to_string(),
+                }),
                 Err(e) => failed("read", &key, e),
             },
             PeerRequest::ReplicaPut { key, object } => match self.merge(&key, &object) {

@@ -233,14 +233,20 @@ impl<S: Store> Replica<S> {
                 break;
             };
             for (key, _) in &page {
-                let _guard = self.lock_stripe(key);
-                let current = self.store.get(Tree::Objects, key)?;
+                let mut stripe = self.lock_stripe(key);
+                // A corrupt record is marked lost (and reported): its marker
+                // differs from the other replicas' copies, so anti-entropy
+                // restores it.
+                let record = self.stored_record(&mut stripe, key)?;
+                let current = record.bytes();
                 let partition = self.partition_of(key);
-                if let Some(bytes) = &current {
+                if let Some(bytes) = current {
                     // Restore an index entry that is missing or wrong.
                     let ikey = index_key(partition, key);
                     let d = digest(bytes).to_le_bytes();
-                    if self.store.get(Tree::Aae, &ikey)?.as_deref() != Some(&d[..]) {
+                    // (A corrupt one is rewritten too.)
+                    let indexed = self.store.get(Tree::Aae, &ikey);
+                    if !matches!(&indexed, Ok(Some(x)) if x[..] == d[..]) {
                         self.store.put(Tree::Aae, &ikey, &d)?;
                     }
                 }
@@ -250,7 +256,7 @@ impl<S: Store> Replica<S> {
                     r.trees
                         .entry(partition)
                         .or_default()
-                        .toggle(key, digest(&bytes));
+                        .toggle(key, digest(bytes));
                 }
                 r.cursor = Some(key.clone());
             }
@@ -285,6 +291,14 @@ impl<S: Store> Replica<S> {
                     n
                 };
                 for (ik, d) in page {
+                    // A corrupt index entry is left out: the exchange then
+                    // compares the key's object anyway, and the next
+                    // rebuild restores the entry.
+                    let Ok(d) = d else {
+                        self.metrics.count_corrupt(Tree::Aae);
+                        tracing::warn!(key = %hex::encode(&ik), "corrupt anti-entropy index entry skipped");
+                        continue;
+                    };
                     let digest = <[u8; 8]>::try_from(d.as_slice())
                         .map(u64::from_le_bytes)
                         .map_err(|_| StoreError::Corruption {
@@ -373,6 +387,8 @@ mod tests {
             clock_min_age_ms: 86_400_000,
             tombstone_grace: std::time::Duration::from_secs(3600),
             object_cache_bytes: 1 << 20,
+            max_siblings: 100,
+            max_object_bytes: 64 << 20,
             clock: crate::clock::Clock::system(),
         };
         Replica::new(

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
-use super::{record, BatchOp, Store, StoreError, Tree, WriteBatch};
+use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 
 type Trees = BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>;
 /// What a batch overwrote: (tree, key, the sealed record before), in order.
@@ -179,16 +179,16 @@ impl Store for MemoryStore {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Scanned>, StoreError> {
         let d = self.data.read().expect("store lock");
         let Some(t) = d.trees.get(&tree) else {
             return Ok(Vec::new());
         };
         let upper = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
-        t.range((Bound::Included(start.to_vec()), upper))
+        Ok(t.range((Bound::Included(start.to_vec()), upper))
             .take(limit)
-            .map(|(k, raw)| record::open(tree, k, raw).map(|v| (k.clone(), v)))
-            .collect()
+            .map(|(k, raw)| (k.clone(), record::open(tree, k, raw)))
+            .collect())
     }
 }
 

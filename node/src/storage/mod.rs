@@ -58,6 +58,10 @@ pub enum StoreError {
     Io { op: &'static str, detail: String },
 }
 
+/// One record of a [`Store::scan`]: its key, and its value or why the value
+/// cannot be trusted.
+pub type Scanned = (Vec<u8>, Result<Vec<u8>, StoreError>);
+
 /// One change in a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
@@ -111,14 +115,16 @@ pub trait Store: Send + Sync + 'static {
     /// others will act on for good (the reaper's checks).
     fn sync_wal(&self) -> Result<(), StoreError>;
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
-    /// the tree), in key order.
+    /// the tree), in key order. A record that fails its checksum is listed
+    /// with its error, so that one bad record does not end a scan; an error
+    /// of the whole call is one the engine could not read past.
     fn scan(
         &self,
         tree: Tree,
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<Scanned>, StoreError>;
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut b = WriteBatch::default();
@@ -154,7 +160,7 @@ mod conformance {
         for k in [&b"k1"[..], b"k3", b"k2", b"l"] {
             store.put(Tree::Objects, k, k).unwrap();
         }
-        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let keys = |v: Vec<Scanned>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(
             keys(store.scan(Tree::Objects, b"k", Some(b"l"), 100).unwrap()),
             vec![b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()]
@@ -165,7 +171,7 @@ mod conformance {
         );
         assert_eq!(
             store.scan(Tree::Objects, b"k2", None, 10).unwrap()[0],
-            (b"k2".to_vec(), b"k2".to_vec())
+            (b"k2".to_vec(), Ok(b"k2".to_vec()))
         );
         // Big values survive.
         let big = vec![7u8; 1 << 20];
@@ -199,15 +205,16 @@ mod conformance {
     fn memory_store_reports_a_corrupted_record() {
         let s = MemoryStore::new();
         s.put(Tree::Objects, b"k", b"value").unwrap();
+        s.put(Tree::Objects, b"l", b"fine").unwrap();
         s.corrupt(Tree::Objects, b"k");
         assert!(matches!(
             s.get(Tree::Objects, b"k"),
             Err(StoreError::Corruption { .. })
         ));
-        assert!(matches!(
-            s.scan(Tree::Objects, b"", None, 10),
-            Err(StoreError::Corruption { .. })
-        ));
+        // A scan lists the bad record with its error and reads on.
+        let page = s.scan(Tree::Objects, b"", None, 10).unwrap();
+        assert!(matches!(page[0], (_, Err(StoreError::Corruption { .. }))));
+        assert_eq!(page[1], (b"l".to_vec(), Ok(b"fine".to_vec())));
     }
 
     /// Flip one byte of a stored value in the SST file on disk: the read must

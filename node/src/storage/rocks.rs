@@ -9,7 +9,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-use super::{record, BatchOp, Store, StoreError, Tree, WriteBatch};
+use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
@@ -143,7 +143,7 @@ impl Store for RocksStore {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Scanned>, StoreError> {
         let mut ro = ReadOptions::default();
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
@@ -158,7 +158,7 @@ impl Store for RocksStore {
                 break;
             }
             let (k, raw) = item.map_err(io("scan"))?;
-            let v = record::open(tree, &k, &raw)?;
+            let v = record::open(tree, &k, &raw);
             out.push((k.into_vec(), v));
         }
         Ok(out)

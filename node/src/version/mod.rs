@@ -276,6 +276,21 @@ impl Object {
         &self.siblings
     }
 
+    /// About how many bytes the object takes encoded (values, plus a fixed
+    /// allowance per sibling and clock entry): for batching and limits,
+    /// without encoding it.
+    pub fn approx_size(&self) -> usize {
+        self.siblings_size() + self.clock().len() * 32
+    }
+
+    /// About how many bytes the siblings take encoded.
+    pub fn siblings_size(&self) -> usize {
+        self.siblings
+            .iter()
+            .map(|s| s.value.as_ref().map_or(0, Vec::len) + 48)
+            .sum()
+    }
+
     /// The causal context a read hands out: the clock without timestamps.
     pub fn context(&self) -> VersionVector {
         self.clock.iter().map(|(n, e)| (*n, e.counter)).collect()

@@ -1,11 +1,13 @@
 //! `shoal dev`: a local cluster of real `shoal node` processes on loopback.
 //!
 //! The directory holds everything: `ca.pem`/`ca.key`, each node's certificate,
-//! config (`nodeK.toml`), data (`nodeK/`) and log (`nodeK.log`), and
-//! `seeds.txt` for clients. Running `shoal dev` again reuses all of it, so data
-//! survives. Any node can be killed and brought back by hand with
-//! `shoal node --config DIR/nodeK.toml`; the launcher reports exits but does
-//! not restart nodes itself. Ctrl-C stops every node it started.
+//! config (`nodeK.toml`), data (`nodeK/`) and log (`nodeK.log`), and for
+//! clients `seeds.txt` and an admin client certificate (`client.pem`,
+//! `client.key`), which the CLI and the SDK's `ClientConfig::from_dir` use.
+//! Running `shoal dev` again reuses all of it, so data survives. Any node can
+//! be killed and brought back by hand with `shoal node --config
+//! DIR/nodeK.toml`; the launcher reports exits but does not restart nodes
+//! itself. Ctrl-C stops every node it started.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -63,6 +65,23 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
     )
 }
 
+/// Issues the dev user's admin client certificate, unless there is one.
+fn client_certificate(dir: &Path) -> anyhow::Result<()> {
+    use shoal_client::client::{CLIENT_CERT, CLIENT_KEY};
+    if dir.join(CLIENT_CERT).exists() && dir.join(CLIENT_KEY).exists() {
+        return Ok(());
+    }
+    shoal_node::certs::issue(
+        dir,
+        dir,
+        "client",
+        shoal_node::certs::Kind::Client(shoal_node::certs::Role::Admin),
+        &[],
+        None,
+    )?;
+    Ok(())
+}
+
 /// Creates the cluster directory, or checks an existing one matches `nodes`.
 fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let existing = (1..).take_while(|i| config_path(dir, *i).exists()).count();
@@ -73,7 +92,8 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        return Ok(());
+        // A directory from before client certificates gets one.
+        return client_certificate(dir);
     }
     if nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -82,6 +102,7 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     if !dir.join("ca.key").exists() {
         shoal_node::certs::create_ca(dir)?;
     }
+    client_certificate(dir)?;
     let ports = free_ports(nodes * 3)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let members: Vec<MemberConfig> = (1..=nodes)
@@ -100,6 +121,7 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
             &name,
             shoal_node::certs::Kind::Node,
             &["127.0.0.1".parse()?],
+            None,
         )?;
         let config = Config {
             name: name.clone(),

@@ -90,10 +90,17 @@ enum CertsCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Issue NAME.pem/NAME.key for a client.
+    /// Issue NAME.pem/NAME.key for a client. Put them in the directory the
+    /// CLI or SDK reads as client.pem and client.key.
     Client {
         #[arg(long)]
         name: String,
+        /// What the client may do: read-only, read-write or admin.
+        #[arg(long, default_value = "read-write")]
+        role: shoal_node::certs::Role,
+        /// Valid for this many days (default: no practical end).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -124,11 +131,21 @@ fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Ca => create_ca(dir)?,
         CertsCommand::Node { name, ip, out } => {
-            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip)?
+            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip, None)?
         }
-        CertsCommand::Client { name, out } => {
-            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Client, &[])?
-        }
+        CertsCommand::Client {
+            name,
+            role,
+            days,
+            out,
+        } => issue(
+            dir,
+            out.as_deref().unwrap_or(dir),
+            &name,
+            Kind::Client(role),
+            &[],
+            days.map(i64::from),
+        )?,
     }
     Ok(())
 }
