@@ -331,11 +331,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let primaries = view.preference_list(&key, s.n as usize);
         self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
         let me = self.me.id;
-        let write = || self.replica.write(&key, &ctx, value);
-        // A write to a large object (megabytes of siblings) is heavy work.
-        let large = self.replica.size_hint(&key) > 1 << 20;
-        let (object, dot) = if large { crate::tasks::heavy(write) } else { write() }
-            .map_err(write_error)?;
+        let (object, dot) = self.replica.write(&key, &ctx, value).map_err(write_error)?;
         let reply = Response::Written(PutReply {
             context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,

@@ -184,10 +184,19 @@ async fn read_budgeted(
         let mut body = Vec::with_capacity(len.min(BUDGET_CHUNK));
         while body.len() < len {
             let want = (len - body.len()).min(BUDGET_CHUNK);
-            let room = budget.clone().acquire_many_owned(want as u32).await;
-            held.merge(room.expect("the budget is never closed"));
+            let mut room = budget
+                .clone()
+                .acquire_many_owned(want as u32)
+                .await
+                .expect("the budget is never closed");
             match recv.read_chunk(want, true).await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+                Ok(Some(chunk)) => {
+                    // Keep room for what arrived; the rest goes back.
+                    if let Some(used) = room.split(chunk.bytes.len()) {
+                        held.merge(used);
+                    }
+                    body.extend_from_slice(&chunk.bytes);
+                }
                 Ok(None) => return Err(FrameError::Truncated),
                 Err(e) => return Err(FrameError::Stream(e.to_string())),
             }
@@ -380,6 +389,15 @@ pub async fn serve_peers<H: Handler>(
                 conn.close(1u32.into(), b"certificate required");
                 return;
             };
+            // A client's certificate is from the same CA: it must not
+            // pass for a node here, whatever name it carries.
+            if client_role(&cert).is_some() {
+                crate::log::warn_limited("a client certificate on the peer port", || {
+                    remote.to_string()
+                });
+                conn.close(1u32.into(), b"a client certificate is not a node's");
+                return;
+            }
             let verified = Arc::new(Mutex::new(HashSet::<String>::new()));
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let (handler, cert, verified) = (handler.clone(), cert.clone(), verified.clone());

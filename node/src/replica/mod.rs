@@ -85,6 +85,10 @@ pub enum ReplicaError {
     },
 }
 
+/// A stored object over this many bytes makes a change to it heavy work
+/// (see [`crate::tasks::heavy`]).
+const HEAVY_BYTES: usize = 1 << 20;
+
 /// Meta-tree key of the incarnation counter, bumped (and synced) on every
 /// start so that no two runs of a node mint dots under the same actor.
 pub const INCARNATION_KEY: &[u8] = b"incarnation";
@@ -233,12 +237,6 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// How many bytes `key`'s object takes here, if the cache holds it (0
-    /// otherwise): a cheap hint of how heavy a write to it will be.
-    pub fn size_hint(&self, key: &[u8]) -> usize {
-        self.lock_stripe(key).cached(key).map_or(0, |b| b.len())
-    }
-
     /// This replica's stored object for `key`, for repair and bookkeeping:
     /// a copy lost to corruption reads as absent (see [`lost`]).
     pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
@@ -272,28 +270,37 @@ impl<S: Store> Replica<S> {
         let mut stripe = self.lock_stripe(key);
         let record = self.stored_record(&mut stripe, key)?;
         let raw = record.bytes();
-        let before = match &record {
-            Stored::Present(b) => Some(decode_object(b).map_err(|e| corruption(key, e))?),
-            Stored::Absent | Stored::Lost => None,
+        let modify = || {
+            let before = match &record {
+                Stored::Present(b) => Some(decode_object(b).map_err(|e| corruption(key, e))?),
+                Stored::Absent | Stored::Lost => None,
+            };
+            let mut object = before.clone().unwrap_or_default();
+            change(before.as_ref(), &mut object)?;
+            let s = &self.settings;
+            object.prune(
+                s.clock_max_entries,
+                s.clock_min_age_ms,
+                s.clock.now_ms(),
+                |actor| self.actors.is_current(actor),
+            );
+            if before.as_ref() != Some(&object) {
+                self.write_object(
+                    &mut stripe,
+                    key,
+                    raw.map(trees::digest),
+                    Some(&encode_object(&object)),
+                )?;
+            }
+            Ok(object)
         };
-        let mut object = before.clone().unwrap_or_default();
-        change(before.as_ref(), &mut object)?;
-        let s = &self.settings;
-        object.prune(
-            s.clock_max_entries,
-            s.clock_min_age_ms,
-            s.clock.now_ms(),
-            |actor| self.actors.is_current(actor),
-        );
-        if before.as_ref() != Some(&object) {
-            self.write_object(
-                &mut stripe,
-                key,
-                raw.map(trees::digest),
-                Some(&encode_object(&object)),
-            )?;
+        // Decoding, merging and storing megabytes takes a while: off the
+        // worker, which also drives the node's connections.
+        if raw.is_some_and(|b| b.len() > HEAVY_BYTES) {
+            crate::tasks::heavy(modify)
+        } else {
+            modify()
         }
-        Ok(object)
     }
 
     /// Merges an object sent by a coordinator (or found by read repair,
