@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what building Shoal needs beyond the Rust toolchain: libclang (for
-# RocksDB's bindings) and a C++ compiler. Safe to run again; does nothing when
+# Installs what building and testing Shoal needs beyond the Rust toolchain:
+# libclang (for RocksDB's bindings), a C++ compiler, and for the chaos suite
+# iproute2, iptables and libfaketime. Safe to run again; does nothing when
 # everything is present.
 set -euo pipefail
 
@@ -19,6 +20,11 @@ have_libclang() {
 missing=()
 have_libclang || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
+# The chaos suite (tests/tests/chaos.rs): network namespaces and packet
+# filters, and a wall clock that jumps per process.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null || missing+=(libfaketime)
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust (https://rustup.rs) first" >&2
   exit 1

@@ -15,8 +15,17 @@ pub fn shoal_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("shoal");
+    // Tests run from `target/<profile>/deps/`, binaries such as
+    // `shoal-chaos` from `target/<profile>/`.
+    let beside = exe.parent().expect("executable dir").join("shoal");
+    let bin = if beside.exists() {
+        beside
+    } else {
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("shoal")
+    };
     assert!(
         bin.exists(),
         "{} not built: run `cargo build --bin shoal` (cargo test --workspace builds it)",
@@ -314,7 +323,8 @@ impl DevCluster {
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("metrics request");
     let mut out = String::new();

@@ -67,7 +67,15 @@ async fn only_clients_with_a_current_certificate_and_role_get_in() {
     // Read-only: reads work, a write is refused and nothing is written.
     let admin = c.client().await;
     admin.put(b"k", b"v", None).await.expect("admin writes");
-    issue(ca, certs.path(), "reader", Kind::Client(Role::ReadOnly), &[], None).expect("issue");
+    issue(
+        ca,
+        certs.path(),
+        "reader",
+        Kind::Client(Role::ReadOnly),
+        &[],
+        None,
+    )
+    .expect("issue");
     let reader = Client::connect(with_identity(&c, Some((certs.path(), "reader"))))
         .await
         .expect("a read-only client connects");
@@ -93,11 +101,18 @@ async fn only_clients_with_a_current_certificate_and_role_get_in() {
     let writer = Client::connect(with_identity(&c, Some((certs.path(), "writer"))))
         .await
         .expect("connect");
-    writer.put(b"k2", b"x", None).await.expect("a read-write client writes");
+    writer
+        .put(b"k2", b"x", None)
+        .await
+        .expect("a read-write client writes");
 
     // The CLI finds the dev cluster's own certificate.
     let out = c.shoal(&["put", "tour", "hi"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = c.shoal(&["get", "tour"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
 }

@@ -37,8 +37,14 @@ async fn a_silent_primary_holds_up_only_its_own_handoff() {
     for i in 0..5 {
         let k = format!("k{i}");
         written(
-            c.put("node1", k.as_bytes(), b"v", None, RequestOptions { w: Some(1), ..D })
-                .await,
+            c.put(
+                "node1",
+                k.as_bytes(),
+                b"v",
+                None,
+                RequestOptions { w: Some(1), ..D },
+            )
+            .await,
         );
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // the sends fail
@@ -51,9 +57,18 @@ async fn a_silent_primary_holds_up_only_its_own_handoff() {
     c.net.blackhole("node1", "node2");
     let budget = c.node("node1").settings().handoff.call_timeout;
     let started = tokio::time::Instant::now();
-    within(budget * 3, "a handoff round", c.node("node1").handoff_round()).await;
+    within(
+        budget * 3,
+        "a handoff round",
+        c.node("node1").handoff_round(),
+    )
+    .await;
     assert!(started.elapsed() <= budget + Duration::from_millis(100));
-    assert_eq!(hints_for(&c, "node1", "node3"), 0, "node3's hints delivered");
+    assert_eq!(
+        hints_for(&c, "node1", "node3"),
+        0,
+        "node3's hints delivered"
+    );
     assert_eq!(hints_for(&c, "node1", "node2"), 5, "node2's kept");
 }
 
@@ -65,7 +80,16 @@ async fn a_silent_peer_holds_up_only_its_own_exchanges() {
     }
     // A write node3 missed, then node2 goes silent for node1.
     c.net.crash("node3");
-    written(c.put("node1", b"k", b"v", None, RequestOptions { w: Some(1), ..D }).await);
+    written(
+        c.put(
+            "node1",
+            b"k",
+            b"v",
+            None,
+            RequestOptions { w: Some(1), ..D },
+        )
+        .await,
+    );
     tokio::time::sleep(Duration::from_millis(100)).await; // the sends land or fail
     c.net.restart("node3");
     c.node("node1")
@@ -145,7 +169,7 @@ async fn a_lost_copy_never_counts_as_absent() {
     c.net.crash("node3");
     written(c.put("node1", b"k", b"v", None, D).await);
     tokio::time::sleep(Duration::from_millis(100)).await; // the sends land or fail
-    // node3 never gets it: forget node1's hint for it.
+                                                          // node3 never gets it: forget node1's hint for it.
     let mut hk = c.id("node3").0.to_vec();
     hk.extend_from_slice(b"k");
     let mut b = shoal_node::storage::WriteBatch::default();
@@ -190,7 +214,16 @@ async fn a_write_after_a_lost_copy_mints_a_dot_never_minted() {
     c.node("node1").drop_cache();
     // A repair brings node3's stale copy to node1, whose own is lost.
     c.node("node1").local_merge(b"k", &stale).unwrap();
-    written(c.put("node1", b"k", b"v3", None, RequestOptions { w: Some(3), ..D }).await);
+    written(
+        c.put(
+            "node1",
+            b"k",
+            b"v3",
+            None,
+            RequestOptions { w: Some(3), ..D },
+        )
+        .await,
+    );
     let mut seen = values(&value(c.get("node2", b"k", all).await));
     seen.sort();
     assert_eq!(seen, vec![b"v2".to_vec(), b"v3".to_vec()]);
@@ -200,7 +233,10 @@ async fn a_write_after_a_lost_copy_mints_a_dot_never_minted() {
 async fn a_corrupt_copy_heals_in_one_sweep_and_rebuilds_go_on() {
     let c = SimCluster::new(3);
     for k in [&b"a"[..], b"k", b"z"] {
-        written(c.put("node1", k, b"v", None, RequestOptions { w: Some(3), ..D }).await);
+        written(
+            c.put("node1", k, b"v", None, RequestOptions { w: Some(3), ..D })
+                .await,
+        );
     }
     let victim = "node3";
     c.node(victim).store().corrupt(Tree::Objects, b"k");
@@ -219,7 +255,10 @@ async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
     let c = SimCluster::new(3);
     c.net.crash("node3");
     for k in [&b"a"[..], b"b", b"c"] {
-        written(c.put("node1", k, b"v", None, RequestOptions { w: Some(1), ..D }).await);
+        written(
+            c.put("node1", k, b"v", None, RequestOptions { w: Some(1), ..D })
+                .await,
+        );
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // the sends fail
     let mut hk = c.id("node3").0.to_vec();
@@ -232,7 +271,10 @@ async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
     assert_eq!(hints_for(&c, "node1", "node3"), 0);
     assert!(c.stored("node3", b"a").is_some() && c.stored("node3", b"c").is_some());
     let m = c.node("node1").metrics().render();
-    assert!(m.contains("shoal_corrupt_records_total{tree=\"hints\"} 1"), "{m}");
+    assert!(
+        m.contains("shoal_corrupt_records_total{tree=\"hints\"} 1"),
+        "{m}"
+    );
 }
 
 fn limited(max_siblings: usize, max_object_bytes: usize) -> Settings {
@@ -247,7 +289,10 @@ fn limited(max_siblings: usize, max_object_bytes: usize) -> Settings {
 async fn blind_puts_past_the_limits_are_refused_and_a_context_resolves_them() {
     let c = SimCluster::with_settings(3, limited(4, 64 << 20));
     for i in 0..4 {
-        written(c.put("node1", b"k", format!("v{i}").as_bytes(), None, D).await);
+        written(
+            c.put("node1", b"k", format!("v{i}").as_bytes(), None, D)
+                .await,
+        );
     }
     let e = error(c.put("node1", b"k", b"v4", None, D).await);
     assert_eq!(e.kind, ErrorKind::TooLarge);
@@ -256,7 +301,10 @@ async fn blind_puts_past_the_limits_are_refused_and_a_context_resolves_them() {
     // Other keys are unaffected; the key reads, and a write with its
     // context resolves it.
     written(c.put("node1", b"other", b"x", None, D).await);
-    let read = value(c.get("node2", b"k", RequestOptions { r: Some(3), ..D }).await);
+    let read = value(
+        c.get("node2", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
     assert_eq!(read.values.len(), 4);
     written(c.put("node2", b"k", b"merged", Some(read.context), D).await);
     assert_eq!(
@@ -286,17 +334,32 @@ async fn merges_may_exceed_the_limits_and_nothing_is_dropped() {
     c.net.partition("node1", "node3");
     let one = RequestOptions { w: Some(1), ..D };
     for i in 0..3 {
-        written(c.put("node1", b"k", format!("a{i}").as_bytes(), None, one).await);
-        written(c.put("node2", b"k", format!("b{i}").as_bytes(), None, one).await);
+        written(
+            c.put("node1", b"k", format!("a{i}").as_bytes(), None, one)
+                .await,
+        );
+        written(
+            c.put("node2", b"k", format!("b{i}").as_bytes(), None, one)
+                .await,
+        );
     }
     c.net.heal();
-    let read = value(c.get("node3", b"k", RequestOptions { r: Some(3), ..D }).await);
+    let read = value(
+        c.get("node3", b"k", RequestOptions { r: Some(3), ..D })
+            .await,
+    );
     assert_eq!(read.values.len(), 6, "every acknowledged write survives");
     // Over the limit, a blind put is refused, a resolving one gets in.
     error(c.put("node1", b"k", b"c", None, D).await);
-    written(c.put("node1", b"k", b"resolved", Some(read.context), D).await);
+    written(
+        c.put("node1", b"k", b"resolved", Some(read.context), D)
+            .await,
+    );
     assert_eq!(
-        values(&value(c.get("node2", b"k", RequestOptions { r: Some(3), ..D }).await)),
+        values(&value(
+            c.get("node2", b"k", RequestOptions { r: Some(3), ..D })
+                .await
+        )),
         vec![b"resolved".to_vec()]
     );
 }

@@ -73,7 +73,11 @@ async fn a_flood_of_connections_and_huge_frames_stays_within_the_memory_bound() 
             open.push(conn);
         }
     }
-    println!("{} connections open and answered in {:?}", open.len(), started.elapsed());
+    println!(
+        "{} connections open and answered in {:?}",
+        open.len(),
+        started.elapsed()
+    );
     assert_eq!(open.len(), 1000);
 
     // Headers declaring 4 GiB: refused before any body is read.
@@ -90,14 +94,22 @@ async fn a_flood_of_connections_and_huge_frames_stays_within_the_memory_bound() 
     let (mut slow, _slow_recv) = open[1].open_bi().await.expect("stream");
     header[..4].copy_from_slice(&(4u32 << 20).to_be_bytes());
     slow.write_all(&header).await.expect("write header");
-    slow.write_all(&vec![0u8; 1 << 20]).await.expect("write a quarter");
+    slow.write_all(&vec![0u8; 1 << 20])
+        .await
+        .expect("write a quarter");
 
     // The node keeps serving meanwhile, and its memory stays bounded.
     let mut peak = rss(pid);
     for i in 0..20 {
         let key = format!("during{i}");
-        client.put(key.as_bytes(), b"v", None).await.expect("put during the flood");
-        assert_eq!(client.get(key.as_bytes()).await.expect("get").values[0].0, b"v");
+        client
+            .put(key.as_bytes(), b"v", None)
+            .await
+            .expect("put during the flood");
+        assert_eq!(
+            client.get(key.as_bytes()).await.expect("get").values[0].0,
+            b"v"
+        );
         peak = peak.max(rss(pid));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -32,7 +32,9 @@ async fn blind_puts_past_the_object_limit_get_a_clear_error_and_nothing_else_fai
     let mut patient = shoal_client::ClientConfig::from_dir(c.path()).expect("cluster dir");
     patient.timeout = Duration::from_secs(60);
     patient.options.timeout_ms = Some(50_000);
-    let big_client = shoal_client::Client::connect(patient).await.expect("connect");
+    let big_client = shoal_client::Client::connect(patient)
+        .await
+        .expect("connect");
     // Small requests to other keys, all the while.
     let small = {
         let client = client.clone();
@@ -59,12 +61,19 @@ async fn blind_puts_past_the_object_limit_get_a_clear_error_and_nothing_else_fai
             Err(e) => refused.push(e),
         }
     }
-    println!("17 blind 4 MiB puts: {accepted} accepted, {} refused", refused.len());
+    println!(
+        "17 blind 4 MiB puts: {accepted} accepted, {} refused",
+        refused.len()
+    );
     assert!(accepted >= 3, "at least N siblings of a maximal value fit");
     assert!(!refused.is_empty(), "the puts past the limit are refused");
     for e in &refused {
         let text = e.to_string();
-        assert!(matches!(e, Error::TooLarge(_)), "{e:?}\nlogs:\n{}", c.logs());
+        assert!(
+            matches!(e, Error::TooLarge(_)),
+            "{e:?}\nlogs:\n{}",
+            c.logs()
+        );
         assert!(text.contains("resolve the siblings"), "{text}");
         assert!(text.contains("nothing was written"), "{text}");
     }
@@ -96,7 +105,11 @@ async fn blind_puts_past_the_object_limit_get_a_clear_error_and_nothing_else_fai
             Err(e) if attempts < 5 => {
                 println!("resolving write, attempt {attempts}: {e}");
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                context = big_client.get_with(b"big", all).await.expect("read").context;
+                context = big_client
+                    .get_with(b"big", all)
+                    .await
+                    .expect("read")
+                    .context;
             }
             Err(e) => panic!("a write with the context did not resolve it: {e}"),
         }
@@ -136,7 +149,9 @@ fn flip(store: &RocksStore, tree: Tree, key: &[u8]) {
     let mut raw = store.raw_get(tree, key).expect("record present");
     let last = raw.len() - 1;
     raw[last] ^= 0x20;
-    store.raw_put(tree, key, &raw).expect("write the flipped record");
+    store
+        .raw_put(tree, key, &raw)
+        .expect("write the flipped record");
 }
 
 /// Acceptance 3: a byte flipped on disk in an object and in a hint. The
@@ -151,7 +166,10 @@ async fn a_byte_flipped_in_an_object_and_in_a_hint_heals_from_the_replicas() {
     c.wait_seen("node3", false, Duration::from_secs(10)).await;
     let keys: Vec<String> = (0..30).map(|i| format!("key{i}")).collect();
     for k in &keys {
-        client.put_with(k.as_bytes(), k.as_bytes(), None, W2).await.expect("put");
+        client
+            .put_with(k.as_bytes(), k.as_bytes(), None, W2)
+            .await
+            .expect("put");
     }
     // The node holding the most hints for node3 is the victim.
     let statuses = c.statuses().await;
@@ -171,30 +189,46 @@ async fn a_byte_flipped_in_an_object_and_in_a_hint_heals_from_the_replicas() {
         flip(&store, Tree::Objects, b"key7");
         (b"key7".to_vec(), hint_key)
     };
-    println!("{victim}: flipped a byte of key7's object and of hint {}", hex::encode(&bad_hint));
+    println!(
+        "{victim}: flipped a byte of key7's object and of hint {}",
+        hex::encode(&bad_hint)
+    );
     c.restart(&victim);
     settled(&c, &victim).await;
     // It serves every other key (R=3 needs its answer: node3 is down, so
     // read the two live ones with R=2 from each coordinator's side).
     for k in keys.iter().filter(|k| k.as_bytes() != bad_key) {
-        let read = client.get_with(k.as_bytes(), W2).await.expect("other keys serve");
+        let read = client
+            .get_with(k.as_bytes(), W2)
+            .await
+            .expect("other keys serve");
         assert_eq!(read.values.len(), 1, "{k}");
         assert_eq!(read.values[0].0, k.as_bytes());
     }
     // One read of the corrupt key: the healthy replica answers, and read
     // repair restores the victim's copy.
-    let read = client.get_with(&bad_key, W2).await.expect("read the corrupt key");
+    let read = client
+        .get_with(&bad_key, W2)
+        .await
+        .expect("read the corrupt key");
     assert_eq!(read.values[0].0, bad_key);
-    let healed = eventually("the corrupt copy restored", Duration::from_secs(10), async || {
-        let report = client.inspect(&bad_key).await.expect("inspect");
-        report.replicas.iter().any(|r| {
-            r.node == victim && r.object.as_ref().is_some_and(|o| o.siblings.len() == 1)
-        })
-    })
+    let healed = eventually(
+        "the corrupt copy restored",
+        Duration::from_secs(10),
+        async || {
+            let report = client.inspect(&bad_key).await.expect("inspect");
+            report.replicas.iter().any(|r| {
+                r.node == victim && r.object.as_ref().is_some_and(|o| o.siblings.len() == 1)
+            })
+        },
+    )
     .await;
     println!("the victim's copy of key7 restored {healed:?} after the read");
     let m = c.metrics(&victim);
-    assert_eq!(metric(&m, "shoal_corrupt_records_total{tree=\"objects\"}"), Some(1.0));
+    assert_eq!(
+        metric(&m, "shoal_corrupt_records_total{tree=\"objects\"}"),
+        Some(1.0)
+    );
     // node3 comes back: every hint but the corrupt one is handed off; the
     // corrupt one was dropped and counted.
     c.restart("node3");
@@ -203,7 +237,10 @@ async fn a_byte_flipped_in_an_object_and_in_a_hint_heals_from_the_replicas() {
     })
     .await;
     let m = c.metrics(&victim);
-    assert_eq!(metric(&m, "shoal_corrupt_records_total{tree=\"hints\"}"), Some(1.0));
+    assert_eq!(
+        metric(&m, "shoal_corrupt_records_total{tree=\"hints\"}"),
+        Some(1.0)
+    );
     // And every key is whole everywhere once anti-entropy or a read has
     // passed: read each at R=3.
     for k in &keys {
@@ -227,7 +264,10 @@ async fn a_byte_flipped_in_an_sst_file_heals_from_the_replicas() {
     let client = c.client().await;
     // Random bytes do not compress, so they appear verbatim in the file.
     let value: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
-    client.put_with(b"victim", &value, None, RequestOptions { w: Some(3), ..W2 }).await.expect("put");
+    client
+        .put_with(b"victim", &value, None, RequestOptions { w: Some(3), ..W2 })
+        .await
+        .expect("put");
     c.kill9("node1").await;
     let dir = c.config_of("node1").data_dir.join("db");
     {
@@ -251,16 +291,22 @@ async fn a_byte_flipped_in_an_sst_file_heals_from_the_replicas() {
     settled(&c, "node1").await;
     let read = client.get(b"victim").await.expect("read");
     assert_eq!(read.values[0].0, value);
-    eventually("node1's copy restored", Duration::from_secs(10), async || {
-        let report = client.inspect(b"victim").await.expect("inspect");
-        report
-            .replicas
-            .iter()
-            .any(|r| r.node == "node1" && r.object.as_ref().is_some_and(|o| o.siblings.len() == 1))
-    })
+    eventually(
+        "node1's copy restored",
+        Duration::from_secs(10),
+        async || {
+            let report = client.inspect(b"victim").await.expect("inspect");
+            report.replicas.iter().any(|r| {
+                r.node == "node1" && r.object.as_ref().is_some_and(|o| o.siblings.len() == 1)
+            })
+        },
+    )
     .await;
     let m = c.metrics("node1");
-    assert_eq!(metric(&m, "shoal_corrupt_records_total{tree=\"objects\"}"), Some(1.0));
+    assert_eq!(
+        metric(&m, "shoal_corrupt_records_total{tree=\"objects\"}"),
+        Some(1.0)
+    );
 }
 
 /// Acceptance 4: a peer that accepts connections and never answers
@@ -281,7 +327,10 @@ async fn a_stopped_peer_delays_no_handoff_and_leaks_no_task() {
     c.kill9("node4").await;
     c.wait_seen("node4", false, Duration::from_secs(10)).await;
     for k in &keys {
-        client.put_with(k.as_bytes(), b"v", None, W2).await.expect("put");
+        client
+            .put_with(k.as_bytes(), b"v", None, W2)
+            .await
+            .expect("put");
     }
     let tasks_before = metric(&c.metrics("node1"), "shoal_tasks_alive").expect("tasks gauge");
     // Exchanges are started by the lower id of each pair: count them over
@@ -301,25 +350,34 @@ async fn a_stopped_peer_delays_no_handoff_and_leaks_no_task() {
     for k in keys.iter().take(100) {
         let _ = client.put_with(k.as_bytes(), b"w", None, W2).await;
     }
-    let waited = eventually("node4's hints handed off", Duration::from_secs(30), async || {
-        // node3's own hints wait inside the stopped process.
-        let statuses = c.statuses().await;
-        statuses
-            .iter()
-            .filter(|s| s.name != "node3")
-            .flat_map(|s| &s.hints_pending)
-            .filter(|h| h.for_node == "node4")
-            .all(|h| h.pending == 0)
-            && statuses.len() == 3
-    })
+    let waited = eventually(
+        "node4's hints handed off",
+        Duration::from_secs(30),
+        async || {
+            // node3's own hints wait inside the stopped process.
+            let statuses = c.statuses().await;
+            statuses
+                .iter()
+                .filter(|s| s.name != "node3")
+                .flat_map(|s| &s.hints_pending)
+                .filter(|h| h.for_node == "node4")
+                .all(|h| h.pending == 0)
+                && statuses.len() == 3
+        },
+    )
     .await;
-    println!("node4's hints handed off {:?} after its restart, node3 stopped", started.elapsed());
+    println!(
+        "node4's hints handed off {:?} after its restart, node3 stopped",
+        started.elapsed()
+    );
     assert!(waited < Duration::from_secs(20));
     // Anti-entropy goes on with the peers that answer.
     let exchanges_before = exchanges();
-    eventually("exchanges while node3 is stopped", Duration::from_secs(15), async || {
-        exchanges() > exchanges_before
-    })
+    eventually(
+        "exchanges while node3 is stopped",
+        Duration::from_secs(15),
+        async || exchanges() > exchanges_before,
+    )
     .await;
     // Every request task ends by its deadline (5 s): none is left.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -347,7 +405,10 @@ async fn cli_commands_stay_fast_with_a_node_paused() {
     let client = c.client().await;
     for i in 0..20 {
         let k = format!("key{i}");
-        client.put_with(k.as_bytes(), b"v", None, W2).await.expect("put");
+        client
+            .put_with(k.as_bytes(), b"v", None, W2)
+            .await
+            .expect("put");
     }
     let paused = c.pid_of("node1").await as i32;
     unsafe { libc::kill(paused, libc::SIGSTOP) };
@@ -380,6 +441,9 @@ async fn cli_commands_stay_fast_with_a_node_paused() {
     took.sort();
     let p50 = took[took.len() / 2];
     let p99 = took[took.len() * 99 / 100];
-    println!("200 CLI commands with node1 paused: p50 {p50:?}, p99 {p99:?}, max {:?}", took[199]);
+    println!(
+        "200 CLI commands with node1 paused: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        took[199]
+    );
     assert!(p99 < Duration::from_millis(300), "p99 {p99:?}");
 }
