@@ -492,10 +492,12 @@ impl Client {
             // TLS 1.3: the node checks the client's certificate after the
             // client considers the handshake done, so a refusal shows as
             // the connection closing under the first call.
-            Err(e) => Err(match link.conn.close_reason().as_ref().and_then(tls::refusal) {
-                Some(why) => CallError::Refused(why),
-                None => e,
-            }),
+            Err(e) => Err(
+                match link.conn.close_reason().as_ref().and_then(tls::refusal) {
+                    Some(why) => CallError::Refused(why),
+                    None => e,
+                },
+            ),
             ok => ok,
         }
     }

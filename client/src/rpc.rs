@@ -82,8 +82,8 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     request: &Req,
     max_response: usize,
 ) -> Result<Resp, CallError> {
-    let request = frame::encode(&(0u64, request))
-        .map_err(|e| CallError::NotDelivered(e.to_string()))?;
+    let request =
+        frame::encode(&(0u64, request)).map_err(|e| CallError::NotDelivered(e.to_string()))?;
     within_cap(&request, max_response)?;
     probed(conn, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -418,10 +418,12 @@ impl<Resp: DeserializeOwned + Send + 'static> Links<Resp> {
             // TLS 1.3: the server checks this side's certificate after this
             // side's handshake is done; a refusal closes the connection here.
             Err(e) => {
-                return Err(match conn.close_reason().as_ref().and_then(crate::tls::refusal) {
-                    Some(why) => CallError::Refused(why),
-                    None => failed(e),
-                })
+                return Err(
+                    match conn.close_reason().as_ref().and_then(crate::tls::refusal) {
+                        Some(why) => CallError::Refused(why),
+                        None => failed(e),
+                    },
+                )
             }
         };
         self.links

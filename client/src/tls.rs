@@ -112,12 +112,19 @@ pub fn refusal(e: &quinn::ConnectionError) -> Option<String> {
                 .iter()
                 .find(|(known, _)| *known == alert)
                 .map_or_else(
-                    || format!("the node refused this client's certificate (TLS alert {alert}: {e})"),
+                    || {
+                        format!(
+                            "the node refused this client's certificate (TLS alert {alert}: {e})"
+                        )
+                    },
                     |(_, why)| why.to_string(),
                 )
         }
         quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 2u32.into() => {
-            format!("the node refused this client: {}", String::from_utf8_lossy(&close.reason))
+            format!(
+                "the node refused this client: {}",
+                String::from_utf8_lossy(&close.reason)
+            )
         }
         _ => return None,
     };

@@ -94,7 +94,10 @@ impl<T: Transport, S: Store> Handoff<T, S> {
         let deliveries = targets
             .iter()
             .map(|target| async move { self.hand_off_to(target, rate).await });
-        futures_util::future::join_all(deliveries).await.into_iter().sum()
+        futures_util::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .sum()
     }
 
     /// Delivers every hint for `target`, batch by batch, at most `rate` a

@@ -15,7 +15,9 @@ static SEEN: Mutex<Option<HashMap<&'static str, (Instant, u64)>>> = Mutex::new(N
 /// Whether a warning of `kind` may be logged now; if so, how many were held
 /// back before it.
 fn admit(kind: &'static str, now: Instant) -> Option<u64> {
-    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let seen = seen.get_or_insert_with(HashMap::new);
     match seen.get_mut(kind) {
         Some((last, held)) if now.duration_since(*last) < EVERY => {

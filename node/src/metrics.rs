@@ -221,7 +221,10 @@ impl Metrics {
             self.read_repairs.load(Ordering::Relaxed),
         );
         let _ = writeln!(out, "# HELP shoal_corrupt_records_total Stored records that failed their checksum (dropped, or skipped, and restored from replicas).\n# TYPE shoal_corrupt_records_total counter");
-        for (tree, n) in ["objects", "hints", "aae"].iter().zip(&self.corrupt_records) {
+        for (tree, n) in ["objects", "hints", "aae"]
+            .iter()
+            .zip(&self.corrupt_records)
+        {
             let _ = writeln!(
                 out,
                 "shoal_corrupt_records_total{{tree=\"{tree}\"}} {}",

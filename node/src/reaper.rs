@@ -134,7 +134,10 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                         // it down, the rest waits for the next pass (rather
                         // than a deadline per key); until then, other keys
                         // go on.
-                        let all_up = view.members.keys().all(|m| *m == me || self.liveness.is_up(*m));
+                        let all_up = view
+                            .members
+                            .keys()
+                            .all(|m| *m == me || self.liveness.is_up(*m));
                         debug!(error = %e, all_up, "a reaping check failed");
                         if !all_up {
                             break 'pass;

@@ -363,3 +363,32 @@ async fn merges_may_exceed_the_limits_and_nothing_is_dropped() {
         vec![b"resolved".to_vec()]
     );
 }
+
+/// A primary whose disk is full cannot mint a version: it hands the write
+/// to another primary instead of failing it, and the write lands on the
+/// replicas that can store it. (Found by the chaos suite: every write a
+/// client sent to the full node failed with "storage write failed".)
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_with_a_full_disk_hands_writes_to_another_primary() {
+    let c = SimCluster::new(4);
+    let key = b"k";
+    let primaries = c.primaries(key);
+    let full = primaries[0].clone();
+    c.node(&full).store().set_full(true);
+    let put = c.put(&full, key, b"v", None, D).await;
+    let reply = written(put);
+    assert_eq!(reply.siblings, 1);
+    let del = c.delete(&full, key, Some(reply.context), D).await;
+    written(del);
+    c.node(&full).store().set_full(false);
+    assert!(
+        c.stored(&full, key).is_none(),
+        "nothing stored on the full disk"
+    );
+    let others = primaries.iter().filter(|p| **p != full).count();
+    let holding = primaries
+        .iter()
+        .filter(|p| c.stored(p, key).is_some())
+        .count();
+    assert_eq!(holding, others, "the tombstone is on the other primaries");
+}

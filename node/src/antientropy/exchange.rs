@@ -223,7 +223,10 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             for chunk in differing.chunks(REPAIR_CHUNK) {
                 let chunk_started = tokio::time::Instant::now();
                 report.keys_repaired += self.repair_keys(peer, chunk, &mut report.bytes).await?;
-                let sharing = self.sweeping.load(std::sync::atomic::Ordering::Relaxed).max(1);
+                let sharing = self
+                    .sweeping
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .max(1);
                 let rate = (self.settings.max_repairs_per_sec / sharing).max(1);
                 crate::clock::pace(chunk_started, chunk.len(), rate).await;
             }
@@ -305,7 +308,11 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             let request = PeerRequest::Handoff(std::mem::replace(&mut push, rest));
             let sent = encoded_len(&request);
             *bytes += sent;
-            match self.transport.call(peer, request, self.deadline(sent as usize)).await {
+            match self
+                .transport
+                .call(peer, request, self.deadline(sent as usize))
+                .await
+            {
                 Ok(PeerResponse::Stored) => *bytes += encoded_len(&PeerResponse::Stored),
                 other => {
                     return Err(ExchangeError::RepairNotStored {

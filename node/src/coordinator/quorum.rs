@@ -76,7 +76,9 @@ fn write_error(e: ReplicaError) -> WireError {
             };
             WireError::new(kind, source.to_string())
         }
-        e @ ReplicaError::ObjectTooLarge { .. } => WireError::new(ErrorKind::TooLarge, e.to_string()),
+        e @ ReplicaError::ObjectTooLarge { .. } => {
+            WireError::new(ErrorKind::TooLarge, e.to_string())
+        }
         e @ ReplicaError::Lost { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
     }
 }
@@ -112,7 +114,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 if !primaries.iter().any(|m| m.id == self.me.id) {
                     return self.forward(&primaries, request.clone(), options).await;
                 }
-                self.coordinate_local(request, view).await
+                self.coordinate_local(request, view, false).await
             }
             Request::Ring => match self.view() {
                 Ok(v) => Response::Ring(RingInfo {
@@ -133,13 +135,20 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 Err(r) => r,
             },
             other => match self.view() {
-                Ok(v) => self.coordinate_local(other, v).await,
+                Ok(v) => self.coordinate_local(other, v, forwarded).await,
                 Err(r) => r,
             },
         }
     }
 
-    async fn coordinate_local(self: &Arc<Self>, request: Request, view: View) -> Response {
+    /// Serves a data request with this node as coordinator; `forwarded`
+    /// (another node handed it here) forbids handing it on again.
+    async fn coordinate_local(
+        self: &Arc<Self>,
+        request: Request,
+        view: View,
+        forwarded: bool,
+    ) -> Response {
         let started = Instant::now();
         let m = &self.metrics;
         let (op, result) = match request {
@@ -151,7 +160,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 options,
             } => (
                 &m.put,
-                self.put(key, Some(value), context, options, &view).await,
+                self.put(key, Some(value), context, options, &view, forwarded)
+                    .await,
             ),
             Request::Delete {
                 key,
@@ -159,7 +169,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 options,
             } => (
                 &m.delete,
-                self.put(key, None, context, options, &view).await,
+                self.put(key, None, context, options, &view, forwarded)
+                    .await,
             ),
             _ => {
                 return Response::Error(WireError::new(ErrorKind::BadRequest, "not a data request"))
@@ -294,6 +305,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         context: Option<CausalContext>,
         options: RequestOptions,
         view: &View,
+        forwarded: bool,
     ) -> Result<Response, WireError> {
         let s = &self.settings;
         if key.len() > shoal_client::client::MAX_KEY_BYTES {
@@ -331,13 +343,42 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let primaries = view.preference_list(&key, s.n as usize);
         self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
         let me = self.me.id;
-        let (object, dot) = self.replica.write(&key, &ctx, value).map_err(write_error)?;
+        let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
+        // Kept to hand the write on should this node fail to store it.
+        let retry = (!forwarded && !others.is_empty()).then(|| (value.clone(), context.clone()));
+        let (object, dot) = match self.replica.write(&key, &ctx, value) {
+            Ok(written) => written,
+            // This node cannot store (a full or failing disk), so it cannot
+            // mint a version; nothing was written here, and another primary
+            // can coordinate the write instead.
+            Err(ReplicaError::Store(e)) if retry.is_some() => {
+                crate::log::warn_limited("local write failed", || {
+                    format!("cannot store a write ({e}); handing it to another primary")
+                });
+                let (value, context) = retry.expect("checked");
+                let request = match value {
+                    Some(value) => Request::Put {
+                        key,
+                        value,
+                        context,
+                        options,
+                    },
+                    None => Request::Delete {
+                        key,
+                        context,
+                        options,
+                    },
+                };
+                return Ok(self.forward(&others, request, options).await);
+            }
+            Err(e) => return Err(write_error(e)),
+        };
         let reply = Response::Written(PutReply {
             context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,
         });
-        let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
-        let mut answers = self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
+        let mut answers =
+            self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
         let mut tally = Tally::default();
         tally.ok.push(self.me.name.clone());
         tally.primaries = 1;

@@ -112,9 +112,7 @@ pub async fn serve_clients<H: Handler>(
                 }
             };
             let Some(role) = peer_certificate(&conn).and_then(|c| client_role(&c)) else {
-                crate::log::warn_limited("client certificate names no role", || {
-                    remote.to_string()
-                });
+                crate::log::warn_limited("client certificate names no role", || remote.to_string());
                 conn.close(
                     2u32.into(),
                     b"its certificate grants no client role (read-only, read-write or admin)",
@@ -180,7 +178,11 @@ async fn read_budgeted(
     budget: &Arc<Semaphore>,
 ) -> Result<(Vec<u8>, OwnedSemaphorePermit), FrameError> {
     let read = async {
-        let mut held = budget.clone().acquire_many_owned(0).await.expect("never closed");
+        let mut held = budget
+            .clone()
+            .acquire_many_owned(0)
+            .await
+            .expect("never closed");
         let mut body = Vec::with_capacity(len.min(BUDGET_CHUNK));
         while body.len() < len {
             let want = (len - body.len()).min(BUDGET_CHUNK);

@@ -198,7 +198,9 @@ impl<S: Store> Replica<S> {
             None => primary.0.to_vec(),
         };
         let end = prefix_end(primary);
-        let page = self.store.scan(Tree::Hints, &start, end.as_deref(), limit)?;
+        let page = self
+            .store
+            .scan(Tree::Hints, &start, end.as_deref(), limit)?;
         let mut healthy = Vec::with_capacity(page.len());
         for (hk, record) in page {
             match record {

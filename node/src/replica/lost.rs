@@ -93,9 +93,7 @@ impl<S: Store> Replica<S> {
         let ikey = trees::index_key(self.partition_of(key), key);
         let indexed = match self.store.get(Tree::Aae, &ikey) {
             Ok(None) => None,
-            Ok(Some(d)) if d.len() == 8 => {
-                Some(u64::from_le_bytes(d.try_into().expect("8 bytes")))
-            }
+            Ok(Some(d)) if d.len() == 8 => Some(u64::from_le_bytes(d.try_into().expect("8 bytes"))),
             _ => {
                 self.rebuild_wanted.store(true, Ordering::Relaxed);
                 None

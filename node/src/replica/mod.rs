@@ -352,7 +352,12 @@ impl<S: Store> Replica<S> {
     /// that resolves siblings gets in even if the object stays over). Bytes
     /// are the siblings' (values and a fixed allowance each), not the
     /// clock's, which pruning bounds.
-    fn admit(&self, key: &[u8], before: Option<&Object>, after: &Object) -> Result<(), ReplicaError> {
+    fn admit(
+        &self,
+        key: &[u8],
+        before: Option<&Object>,
+        after: &Object,
+    ) -> Result<(), ReplicaError> {
         let s = &self.settings;
         let size = |o: &Object| (o.siblings().len(), o.siblings_size());
         let (siblings, bytes) = size(after);

@@ -30,6 +30,8 @@ struct Data {
     /// Undo logs of the batches written since the last sync, oldest first;
     /// `None`: not tracked (every write is durable at once).
     unsynced: Option<Vec<Undo>>,
+    /// Every write fails, as on a full disk (see [`MemoryStore::set_full`]).
+    full: bool,
 }
 
 #[derive(Default)]
@@ -99,6 +101,12 @@ impl MemoryStore {
         n
     }
 
+    /// A full disk (`true`): every write fails with `Io` and changes
+    /// nothing, as RocksDB's does on ENOSPC; reads go on.
+    pub fn set_full(&self, full: bool) {
+        self.data.write().expect("store lock").full = full;
+    }
+
     /// Flips a bit of a stored record (tests of corruption handling).
     pub fn corrupt(&self, tree: Tree, key: &[u8]) {
         let mut d = self.data.write().expect("store lock");
@@ -133,6 +141,12 @@ impl Store for MemoryStore {
             return Err(StoreError::Io {
                 op: "write",
                 detail: "the process that opened this store has crashed".into(),
+            });
+        }
+        if d.full {
+            return Err(StoreError::Io {
+                op: "write",
+                detail: "No space left on device".into(),
             });
         }
         let mut undo = Undo::new();

@@ -1,8 +1,19 @@
 //! The RocksDB engine: one column family per [`Tree`], lz4-compressed, with the
 //! WAL synced on every batch when `fsync` is set (durability across power loss)
 //! and left to the OS page cache otherwise (durability across process crashes).
+//!
+//! A full disk: a write whose WAL append fails (ENOSPC) fails with a clear
+//! error and changes nothing, and reads go on. RocksDB keeps such a failure
+//! as a sticky error ("Writer has previous error") that only reopening the
+//! database clears, so once the disk has [`REOPEN_MIN_FREE`] bytes free
+//! again the next failing write reopens it (at most once a second; the WAL
+//! replays, so nothing acknowledged is lost) and writes resume without a
+//! restart. No reopen is tried on a disk still full: it would fail and take
+//! reads down with it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
@@ -14,10 +25,20 @@ use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
+/// Free space a stuck database waits for before it is reopened: room for
+/// a new WAL and a memtable flush.
+pub const REOPEN_MIN_FREE: u64 = 32 << 20;
+
 pub struct RocksStore {
-    db: DB,
+    /// The open database; `None` only between closing one stuck on a write
+    /// error and opening it again (see the module doc). Each operation
+    /// holds a clone for its duration, so a reopen waits for those.
+    db: RwLock<Option<Arc<DB>>>,
+    path: PathBuf,
     /// Whether each batch waits for its WAL record to reach the disk.
     fsync: bool,
+    /// When a reopen was last tried.
+    reopened: Mutex<Option<Instant>>,
 }
 
 fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
@@ -38,88 +59,182 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
 impl RocksStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: &Path, fsync: bool) -> Result<Self, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_paranoid_checks(true);
-        opts.increase_parallelism(2);
-        // Point reads dominate: a shared block cache, a bloom filter per SST
-        // file and one over each memtable, so that a read of a key that a
-        // file or memtable lacks costs a few hashes instead of a search.
-        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let cfs = Tree::ALL.iter().map(|t| {
-            let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
-            table.set_bloom_filter(10.0, false);
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            let mut cf = Options::default();
-            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            cf.set_block_based_table_factory(&table);
-            cf.set_memtable_whole_key_filtering(true);
-            cf.set_memtable_prefix_bloom_ratio(0.05);
-            ColumnFamilyDescriptor::new(t.name(), cf)
-        });
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
-        Ok(RocksStore { db, fsync })
+        Ok(RocksStore {
+            db: RwLock::new(Some(Arc::new(open_db(path)?))),
+            path: path.to_path_buf(),
+            fsync,
+            reopened: Mutex::new(None),
+        })
     }
 
-    fn cf(&self, tree: Tree) -> &rocksdb::ColumnFamily {
+    /// The open database, reopening it if a reopen left it closed.
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        if let Some(db) = &*self.db.read().expect("db lock") {
+            return Ok(db.clone());
+        }
+        self.reopen(None);
         self.db
-            .cf_handle(tree.name())
-            .expect("every tree's column family is created at open")
+            .read()
+            .expect("db lock")
+            .clone()
+            .ok_or_else(|| StoreError::Io {
+                op: "open",
+                detail: format!(
+                "the database in {} is closed after a write error and could not be reopened yet \
+                 (is the disk still full?); retrying at most once a second",
+                self.path.display()
+            ),
+            })
     }
 
+    /// After a failed write through `failed`: reopens the database if the
+    /// disk has room again (see the module doc).
+    fn recover(&self, failed: Arc<DB>) {
+        if free_bytes(&self.path).is_some_and(|free| free >= REOPEN_MIN_FREE) {
+            self.reopen(Some(failed));
+        }
+    }
+
+    /// Closes the database (`failed`, if it is still the current one) and
+    /// opens it again; at most once a second.
+    fn reopen(&self, failed: Option<Arc<DB>>) {
+        {
+            let mut last = self.reopened.lock().expect("reopen lock");
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let mut slot = self.db.write().expect("db lock");
+        let old = match (slot.take(), failed) {
+            (Some(current), Some(failed)) if Arc::ptr_eq(&current, &failed) => Some(current),
+            (None, _) => None,
+            // Someone else reopened it already.
+            (current, _) => {
+                *slot = current;
+                return;
+            }
+        };
+        if let Some(old) = old {
+            // Operations in flight hold clones for a few milliseconds; no
+            // new one starts while the lock is held.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 {
+                if Instant::now() > deadline {
+                    *slot = Some(old);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(old);
+        }
+        match open_db(&self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "reopened the database after a write error; writes resume");
+                *slot = Some(Arc::new(db));
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "reopening the database after a write error failed; retrying");
+            }
+        }
+    }
+}
+
+/// Bytes available to this process on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn open_db(path: &Path) -> Result<DB, StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_paranoid_checks(true);
+    opts.increase_parallelism(2);
+    // Point reads dominate: a shared block cache, a bloom filter per SST
+    // file and one over each memtable, so that a read of a key that a
+    // file or memtable lacks costs a few hashes instead of a search.
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let cfs = Tree::ALL.iter().map(|t| {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        let mut cf = Options::default();
+        cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        cf.set_block_based_table_factory(&table);
+        cf.set_memtable_whole_key_filtering(true);
+        cf.set_memtable_prefix_bloom_ratio(0.05);
+        ColumnFamilyDescriptor::new(t.name(), cf)
+    });
+    DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))
+}
+
+fn cf(db: &DB, tree: Tree) -> &rocksdb::ColumnFamily {
+    db.cf_handle(tree.name())
+        .expect("every tree's column family is created at open")
+}
+
+impl RocksStore {
     /// Writes memtables to SST files (tests that inspect files on disk).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         for t in Tree::ALL {
-            self.db.flush_cf(self.cf(t)).map_err(io("flush"))?;
+            db.flush_cf(cf(&db, t)).map_err(io("flush"))?;
         }
         Ok(())
     }
 
     /// The sealed record as stored (tests).
     pub fn raw_get(&self, tree: Tree, key: &[u8]) -> Result<Vec<u8>, StoreError> {
-        self.db
-            .get_cf(self.cf(tree), key)
-            .map_err(io("get"))?
-            .ok_or_else(|| StoreError::Io {
-                op: "get",
-                detail: "absent".into(),
-            })
+        let db = self.db()?;
+        let raw = db.get_cf(cf(&db, tree), key).map_err(io("get"))?;
+        raw.ok_or_else(|| StoreError::Io {
+            op: "get",
+            detail: "absent".into(),
+        })
     }
 
     /// Stores raw bytes without sealing them (tests).
     pub fn raw_put(&self, tree: Tree, key: &[u8], raw: &[u8]) -> Result<(), StoreError> {
-        self.db.put_cf(self.cf(tree), key, raw).map_err(io("put"))
+        let db = self.db()?;
+        db.put_cf(cf(&db, tree), key, raw).map_err(io("put"))
     }
-}
 
-impl RocksStore {
     fn write_with(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let db = self.db()?;
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
                 BatchOp::Put { tree, key, value } => {
-                    wb.put_cf(self.cf(*tree), key, record::seal(*tree, key, value))
+                    wb.put_cf(cf(&db, *tree), key, record::seal(*tree, key, value))
                 }
-                BatchOp::Delete { tree, key } => wb.delete_cf(self.cf(*tree), key),
+                BatchOp::Delete { tree, key } => wb.delete_cf(cf(&db, *tree), key),
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(wb, &wo).map_err(io("write"))
+        let result = db.write_opt(wb, &wo).map_err(io("write"));
+        if matches!(result, Err(StoreError::Io { .. })) {
+            self.recover(db);
+        }
+        result
     }
 }
 
 impl Store for RocksStore {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(tree), key)
-            .map_err(io("get"))?
-        {
+        let db = self.db()?;
+        let raw = db.get_pinned_cf(cf(&db, tree), key).map_err(io("get"))?;
+        match raw {
             Some(raw) => record::open(tree, key, &raw).map(Some),
             None => Ok(None),
         }
@@ -134,7 +249,12 @@ impl Store for RocksStore {
     }
 
     fn sync_wal(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true).map_err(io("sync"))
+        let db = self.db()?;
+        let result = db.flush_wal(true).map_err(io("sync"));
+        if matches!(result, Err(StoreError::Io { .. })) {
+            self.recover(db);
+        }
+        result
     }
 
     fn scan(
@@ -148,9 +268,10 @@ impl Store for RocksStore {
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
         }
+        let db = self.db()?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(tree),
+        for item in db.iterator_cf_opt(
+            cf(&db, tree),
             ro,
             IteratorMode::From(start, Direction::Forward),
         ) {

@@ -12,7 +12,10 @@
 //!   value some read returned: it was stored, so it must not disappear
 //!   either.
 //! - **resurrected**: `X` is among the final values although an
-//!   acknowledged write or delete observed it.
+//!   acknowledged write or delete observed it. Judged only on keys whose
+//!   replicas converged: on the others the final values are the union of
+//!   what each replica holds, stale ones included, and the key is reported
+//!   as not converged instead.
 //! - **unexpected**: a read or a replica returned bytes that no write of the
 //!   workload wrote for that key (an unknown id, another key's write, or
 //!   elements other than the write's own).
@@ -173,8 +176,11 @@ pub fn check(history: &[Event], finals: &[FinalKey]) -> Verdict {
         }
     }
     let mut final_ids: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+    let mut converged: HashSet<u32> = HashSet::new();
     for f in finals {
-        if !f.converged {
+        if f.converged {
+            converged.insert(f.key);
+        } else {
             verdict.not_converged.push(f.key);
         }
         let ids = final_ids.entry(f.key).or_default();
@@ -238,7 +244,7 @@ pub fn check(history: &[Event], finals: &[FinalKey]) -> Verdict {
             _ => {}
         }
     }
-    for (key, ids) in &final_ids {
+    for (key, ids) in final_ids.iter().filter(|(k, _)| converged.contains(k)) {
         let mut ids: Vec<&u64> = ids.iter().collect();
         ids.sort();
         for id in ids {
@@ -373,6 +379,16 @@ mod tests {
         assert!(check(&h, &finals(1, &[])).safe());
         let v = check(&h, &finals(1, &[(10, &[10])]));
         assert_eq!(v.resurrected.len(), 1, "{v:?}");
+    }
+
+    #[test]
+    fn a_stale_replica_of_a_key_not_converged_is_not_a_resurrection() {
+        let h = vec![put(1, 10, &[], Outcome::Ok), put(1, 11, &[10], Outcome::Ok)];
+        let mut f = finals(1, &[(10, &[10]), (11, &[10, 11])]);
+        f[0].converged = false;
+        let v = check(&h, &f);
+        assert!(v.resurrected.is_empty(), "{v:?}");
+        assert_eq!(v.not_converged, vec![1]);
     }
 
     #[test]

@@ -295,11 +295,28 @@ impl ChaosCluster {
         Ok(())
     }
 
-    /// Waits (bounded) until every node's client port answers in its
-    /// namespace, by asking for the ring from the clients' namespace.
+    /// Waits (bounded) until every node knows the ring and sees every peer
+    /// up, asking from the clients' namespace.
     pub fn wait_serving(&self, within: Duration) -> anyhow::Result<()> {
-        let config = self.client_config()?;
         let nodes = self.nodes.len();
+        self.wait_statuses("every node ready", within, move |all| {
+            all.len() == nodes
+                && all
+                    .iter()
+                    .all(|s| s.ring_ready && s.peers.iter().all(|p| p.up))
+        })
+    }
+
+    /// Polls the statuses of the nodes that answer (every 200 ms, at most
+    /// `within`) until `done` holds.
+    pub fn wait_statuses(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[shoal_client::proto::NodeStatus]) -> bool + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let config = self.client_config()?;
+        let what = what.to_string();
         let waited = self
             .lab
             .enter(Host::Clients, move || -> anyhow::Result<()> {
@@ -309,24 +326,18 @@ impl ChaosCluster {
                 rt.block_on(async move {
                     let deadline = Instant::now() + within;
                     loop {
-                        let mut ready = 0;
+                        let mut answered = Vec::new();
                         if let Ok(client) = shoal_client::Client::connect(config.clone()).await {
                             if let Ok(statuses) = client.statuses().await {
-                                ready = statuses
-                                    .iter()
-                                    .filter(|(_, s)| {
-                                        s.as_ref().is_ok_and(|s| {
-                                            s.ring_ready && s.peers.iter().all(|p| p.up)
-                                        })
-                                    })
-                                    .count();
+                                answered =
+                                    statuses.into_iter().filter_map(|(_, s)| s.ok()).collect();
                             }
                         }
-                        if ready == nodes {
+                        if done(&answered) {
                             return Ok(());
                         }
                         if Instant::now() > deadline {
-                            bail!("{ready} of {nodes} nodes ready within {within:?}");
+                            bail!("{what}: not within {within:?}");
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -335,6 +346,36 @@ impl ChaosCluster {
         waited
             .join()
             .map_err(|_| anyhow::anyhow!("wait thread panicked"))?
+    }
+
+    /// A directory the `shoal` CLI reads as a cluster directory: the CA,
+    /// the admin client certificate, and the nodes' client addresses.
+    pub fn cli_dir(&self) -> anyhow::Result<PathBuf> {
+        let root = self.dir.path();
+        let cli = root.join("cli");
+        std::fs::create_dir_all(&cli)?;
+        std::fs::copy(root.join("ca.pem"), cli.join("ca.pem"))?;
+        std::fs::copy(root.join("chaos.pem"), cli.join("client.pem"))?;
+        std::fs::copy(root.join("chaos.key"), cli.join("client.key"))?;
+        let seeds: String = self.seeds().iter().map(|a| format!("{a}\n")).collect();
+        std::fs::write(cli.join("seeds.txt"), seeds)?;
+        Ok(cli)
+    }
+
+    /// Runs the `shoal` CLI from the clients' namespace against `dir` (see
+    /// [`Self::cli_dir`]).
+    pub fn cli(&self, dir: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let ns_path = self.lab.ns_path(Host::Clients);
+        let ns = std::fs::File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+        let mut cmd = Command::new(shoal_bin());
+        cmd.arg("--dir")
+            .arg(dir)
+            .args(args)
+            .env_remove("SHOAL_DEV_DIR");
+        unsafe {
+            cmd.pre_exec(move || enter_ns(&ns));
+        }
+        Ok(cmd.output()?)
     }
 }
 

@@ -76,8 +76,15 @@ impl Lab {
             }
         }
         remove_stale();
+        // The pid first (stale runs are found by it), then a count: one
+        // process may hold several labs.
+        static LABS: AtomicU32 = AtomicU32::new(0);
         let mut lab = Lab {
-            prefix: format!("{NS_PREFIX}{}", std::process::id()),
+            prefix: format!(
+                "{NS_PREFIX}{}x{}",
+                std::process::id(),
+                LABS.fetch_add(1, Ordering::Relaxed)
+            ),
             nodes,
             delayers: Vec::new(),
             cuts: BTreeSet::new(),

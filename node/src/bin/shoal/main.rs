@@ -130,9 +130,14 @@ fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
     use shoal_node::certs::{create_ca, issue, Kind};
     match command {
         CertsCommand::Ca => create_ca(dir)?,
-        CertsCommand::Node { name, ip, out } => {
-            issue(dir, out.as_deref().unwrap_or(dir), &name, Kind::Node, &ip, None)?
-        }
+        CertsCommand::Node { name, ip, out } => issue(
+            dir,
+            out.as_deref().unwrap_or(dir),
+            &name,
+            Kind::Node,
+            &ip,
+            None,
+        )?,
         CertsCommand::Client {
             name,
             role,
