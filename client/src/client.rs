@@ -357,9 +357,9 @@ impl Client {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(CallError::TooLarge(e))) => Err(Error::TooLarge(e)),
             Ok(Err(CallError::Refused(e))) => Err(Error::Unauthorised(e)),
-            Ok(Err(CallError::NotDelivered(e) | CallError::Delivered(e))) => {
-                Err(Error::Unavailable(format!("{addr}: {e}")))
-            }
+            Ok(Err(
+                CallError::NotDelivered(e) | CallError::Silent(e) | CallError::Delivered(e),
+            )) => Err(Error::Unavailable(format!("{addr}: {e}"))),
             Err(_) => Err(Error::Timeout(format!(
                 "{addr} did not answer within {budget:?}"
             ))),
@@ -425,9 +425,20 @@ impl Client {
                         self.mark_down(addr);
                         failures.push(format!("{addr}: {e}"));
                     }
-                    Err(CallError::Delivered(e)) if request.is_idempotent() => {
+                    Err(CallError::Silent(e) | CallError::Delivered(e))
+                        if request.is_idempotent() =>
+                    {
                         self.mark_down(addr);
                         failures.push(format!("{addr}: {e}"));
+                    }
+                    // A silent node may still run the write (a paused
+                    // process runs what its kernel queued when it resumes):
+                    // sent elsewhere too, it would run twice.
+                    Err(CallError::Silent(e)) => {
+                        self.mark_down(addr);
+                        return Err(Error::Unavailable(format!(
+                            "{addr} did not answer the write (it may have been applied, or be applied when that node resumes): {e}"
+                        )));
                     }
                     Err(CallError::Delivered(e)) => {
                         return Err(Error::Unavailable(format!(

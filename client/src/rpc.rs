@@ -19,10 +19,14 @@
 //! the caller watches for any packet from the peer: a live peer acknowledges
 //! within its ACK delay (25 ms) plus a round trip. If none has arrived after
 //! `max(300 ms, 3 x RTT)`, the peer is presumed down, the connection is closed
-//! and the call fails as [`CallError::NotDelivered`]: the request never
-//! reached the peer's application, so retrying it elsewhere is safe even for a
-//! write. A failure after the peer acknowledged is [`CallError::Delivered`]:
-//! the request may have run.
+//! and the call fails as [`CallError::Silent`]. Silence does not prove the
+//! request was not delivered: a paused process's kernel queues it and the
+//! process runs it when it resumes, and a peer behind a lossy or slow link
+//! may get it late. So only a read may be retried elsewhere after silence; a
+//! write's outcome is unknown. [`CallError::NotDelivered`] is kept for
+//! requests that never left (no connection, a stream already closed), which
+//! any caller may retry. A failure after the peer acknowledged is
+//! [`CallError::Delivered`]: the request may have run.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,8 +58,11 @@ const MAX_GATHER: usize = 64;
 /// Why a call failed, and whether the request may have been applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallError {
-    /// The peer never acknowledged anything of the request.
+    /// The request never left: no connection, or a stream already closed.
     NotDelivered(String),
+    /// Sent, and nothing heard back: the peer is presumed down, but it may
+    /// still get the request and run it (a paused process, a slow link).
+    Silent(String),
     /// The peer received at least part of the request; it may have run.
     Delivered(String),
     /// The request was over the frame cap and not sent; the connection is
@@ -70,6 +77,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::NotDelivered(e) => write!(f, "{e} (not delivered)"),
+            CallError::Silent(e) => write!(f, "{e} (no answer; it may still run there)"),
             CallError::Delivered(e) => write!(f, "{e}"),
             CallError::TooLarge(e) | CallError::Refused(e) => write!(f, "{e}"),
         }
@@ -126,7 +134,7 @@ async fn probed<T>(
         if heard_back() {
             CallError::Delivered(e)
         } else {
-            CallError::NotDelivered(e)
+            CallError::Silent(e)
         }
     };
     tokio::pin!(exchange);
@@ -137,7 +145,7 @@ async fn probed<T>(
     }
     if !heard_back() {
         conn.close(0u32.into(), b"peer presumed down");
-        return Err(CallError::NotDelivered(format!(
+        return Err(CallError::Silent(format!(
             "no acknowledgement within {probe:?}: peer presumed down"
         )));
     }

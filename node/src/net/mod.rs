@@ -100,6 +100,16 @@ impl PeerRequest {
     /// a large object or value) or are rare. Each gets a stream of its own,
     /// so that it never holds up the small requests pipelined on a
     /// connection's shared stream, and if it fails only it fails.
+    /// Whether running the request twice does no harm: every request but a
+    /// forwarded client write is a read, a merge or a conditional removal.
+    /// Only such requests may be retried elsewhere after a silent peer.
+    pub fn is_idempotent(&self) -> bool {
+        match self {
+            PeerRequest::Forward { request, .. } => request.is_idempotent(),
+            _ => true,
+        }
+    }
+
     pub fn is_bulk(&self) -> bool {
         match self {
             PeerRequest::Hello(_)

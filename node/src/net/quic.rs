@@ -544,6 +544,7 @@ impl Transport for QuicTransport {
     ) -> Result<PeerResponse, TransportError> {
         let link = self.connection(to).await?;
         let bulk = request.is_bulk();
+        let idempotent = request.is_idempotent();
         let envelope = PeerEnvelope {
             from: self.me.clone(),
             request,
@@ -557,14 +558,22 @@ impl Transport for QuicTransport {
             if let CallError::TooLarge(_) = e {
                 // Not sent, and nothing wrong with the peer.
                 TransportError::Unreachable(to.name.clone(), e.to_string())
-            } else if let CallError::NotDelivered(_) = e {
+            } else if let CallError::NotDelivered(_) | CallError::Silent(_) = e {
                 // Dead or unreachable: fail fast for a while instead of re-dialling per call.
                 self.connections.remove(to.peer_addr);
                 self.backoff_until
                     .lock()
                     .expect("pool lock")
                     .insert(to.peer_addr, Instant::now() + self.backoff);
-                TransportError::Unreachable(to.name.clone(), e.to_string())
+                match e {
+                    // A silent peer may still run the request later (a
+                    // paused process): only one that can run twice harmlessly
+                    // counts as not sent.
+                    CallError::Silent(_) if !idempotent => {
+                        TransportError::Failed(to.name.clone(), e.to_string())
+                    }
+                    _ => TransportError::Unreachable(to.name.clone(), e.to_string()),
+                }
             } else {
                 TransportError::Failed(to.name.clone(), e.to_string())
             }
