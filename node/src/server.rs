@@ -1,24 +1,30 @@
 //! Wiring: [`start`] opens the store, loads or creates the node id, binds the
 //! two QUIC endpoints and spawns the servers; [`run`] is `start` plus waiting
 //! for `shutdown`. The `shoal` binary is only argument parsing around these.
+//! Both need the RocksDB engine (the `rocksdb` feature, on by default);
+//! [`open_node`] and [`start_background`] serve any [`Store`].
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_client::proto::MemberInfo;
-use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::Config;
 use crate::coordinator::{Node, Settings};
 use crate::membership::Membership;
-use crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport};
-use crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity};
 use crate::net::Transport;
-use crate::storage::{RocksStore, Store, StoreError, Tree};
+use crate::storage::{Store, StoreError, Tree};
+#[cfg(feature = "rocksdb")]
+use {
+    crate::config::Config,
+    crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport},
+    crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity},
+    crate::storage::RocksStore,
+    shoal_ring::NodeId,
+    std::path::Path,
+};
 
 /// Meta-tree key of this node's id.
 pub const NODE_ID_KEY: &[u8] = b"node-id";
@@ -46,8 +52,10 @@ pub enum StartError {
     },
 }
 
+#[cfg(feature = "rocksdb")]
 pub type ShoalNode = Node<QuicTransport, RocksStore>;
 
+#[cfg(feature = "rocksdb")]
 /// A started node: its logic, its bound addresses, and the way to stop it.
 pub struct Running {
     pub node: ShoalNode,
@@ -58,6 +66,7 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+#[cfg(feature = "rocksdb")]
 impl Running {
     /// Stops accepting, closes connections and waits for the server tasks.
     pub async fn stop(self) {
@@ -81,6 +90,7 @@ impl Running {
     }
 }
 
+#[cfg(feature = "rocksdb")]
 fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
     std::fs::read(path).map_err(|source| StartError::Read {
         path: path.display().to_string(),
@@ -88,6 +98,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
     })
 }
 
+#[cfg(feature = "rocksdb")]
 /// Loads this node's id, creating it on first start.
 /// A malformed stored id is an error, never silently replaced: a new id
 /// would make this node a different member and move partitions.
@@ -106,6 +117,7 @@ fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
     Ok(id)
 }
 
+#[cfg(feature = "rocksdb")]
 /// Binds a QUIC server endpoint; returns it with the address actually bound
 /// (a configured port 0 becomes a real one).
 fn bind(
@@ -119,6 +131,7 @@ fn bind(
     Ok((endpoint, bound))
 }
 
+#[cfg(feature = "rocksdb")]
 /// Starts a node and returns once it is serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
@@ -363,6 +376,7 @@ async fn every<F, Fut>(
     }
 }
 
+#[cfg(feature = "rocksdb")]
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
     config: Config,
