@@ -55,8 +55,8 @@ pub enum StartError {
 #[cfg(feature = "rocksdb")]
 pub type ShoalNode = Node<QuicTransport, RocksStore>;
 
-#[cfg(feature = "rocksdb")]
 /// A started node: its logic, its bound addresses, and the way to stop it.
+#[cfg(feature = "rocksdb")]
 pub struct Running {
     pub node: ShoalNode,
     pub client_addr: SocketAddr,
@@ -98,28 +98,33 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
     })
 }
 
-#[cfg(feature = "rocksdb")]
 /// Loads this node's id, creating it on first start.
 /// A malformed stored id is an error, never silently replaced: a new id
 /// would make this node a different member and move partitions.
+#[cfg(feature = "rocksdb")]
 fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
     if let Some(bytes) = store.get(Tree::Meta, NODE_ID_KEY)? {
-        return <[u8; 16]>::try_from(bytes.as_slice())
-            .map(NodeId)
-            .map_err(|_| StoreError::Corruption {
-                tree: Tree::Meta.name(),
-                key: hex::encode(NODE_ID_KEY),
-                detail: format!("node id is {} bytes, not 16", bytes.len()),
-            });
+        return decode_node_id(&bytes);
     }
     let id = NodeId(rand::random());
     store.put(Tree::Meta, NODE_ID_KEY, &id.0)?;
     Ok(id)
 }
 
-#[cfg(feature = "rocksdb")]
+/// Reads the stored node id (16 bytes).
+pub fn decode_node_id(bytes: &[u8]) -> Result<shoal_ring::NodeId, StoreError> {
+    <[u8; 16]>::try_from(bytes)
+        .map(shoal_ring::NodeId)
+        .map_err(|_| StoreError::Corruption {
+            tree: Tree::Meta.name(),
+            key: hex::encode(NODE_ID_KEY),
+            detail: format!("node id is {} bytes, not 16", bytes.len()),
+        })
+}
+
 /// Binds a QUIC server endpoint; returns it with the address actually bound
 /// (a configured port 0 becomes a real one).
+#[cfg(feature = "rocksdb")]
 fn bind(
     what: &'static str,
     config: quinn::ServerConfig,
@@ -131,8 +136,8 @@ fn bind(
     Ok((endpoint, bound))
 }
 
-#[cfg(feature = "rocksdb")]
 /// Starts a node and returns once it is serving.
+#[cfg(feature = "rocksdb")]
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let tls_err = |e: shoal_client::Error| StartError::Tls(e.to_string());
@@ -268,7 +273,7 @@ pub fn open_node<T: Transport, S: Store>(
 ) -> Result<Node<T, S>, StoreError> {
     let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY)? {
         // Unreadable: harmless to forget, members are re-learned by hello.
-        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+        Some(bytes) => crate::membership::decode_known(&bytes).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "stored member list unreadable; re-identifying members");
             Vec::new()
         }),
@@ -376,8 +381,8 @@ async fn every<F, Fut>(
     }
 }
 
-#[cfg(feature = "rocksdb")]
 /// Runs a node until `shutdown` resolves.
+#[cfg(feature = "rocksdb")]
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
