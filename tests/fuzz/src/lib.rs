@@ -190,18 +190,14 @@ fn after_response(response: &Response) {
             let _ = w.context.to_text();
         }
         Response::Ring(info) => {
+            // The SDK's routing table: each partition's preference list.
             let ring = &info.ring;
             let n = info.n as usize;
-            let q = ring.partition_count();
-            let p = ring.partition_of(b"key");
-            let _ = ring.members();
-            let _ = ring.preference_list(b"key", n);
-            let _ = ring.fallbacks(b"key", n);
-            let _ = ring.sloppy_list(b"key", n, |id| id.0[0] % 2 == 0);
-            if q > 0 {
-                let _ = ring.owner(p);
-                let _ = ring.preference_list_for_partition(q - 1, n);
+            for p in 0..ring.partition_count() {
+                let _ = ring.preference_list_for_partition(p, n);
             }
+            let _ = ring.owner(ring.partition_of(b"key"));
+            let _ = ring.sloppy_list(b"key", n, |id| id.0[0] % 2 == 0);
         }
         Response::Status(_) | Response::Inspect(_) => {}
     }
