@@ -23,7 +23,8 @@
 //!   a decoder reserve gigabytes is caught even if the memory is never
 //!   touched.
 //! - The targets, network first (frames, client and peer messages), then
-//!   versions (objects, contexts), stored records, the config.
+//!   versions (objects, contexts), stored records, the config and the
+//!   certificates.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -36,6 +37,7 @@ use shoal_node::config::{Config, MemberConfig};
 use shoal_node::coordinator::Settings;
 use shoal_node::membership::{decode_known, Membership};
 use shoal_node::net::quic::FrameLimits;
+use shoal_node::net::tls::{check_peer_name, client_role};
 use shoal_node::net::{AaeResponse, PeerEnvelope, PeerRequest, PeerResponse};
 use shoal_node::replica::hints::{hint_primary, hinted_key};
 use shoal_node::replica::trees::{decode_index_entry, digest};
@@ -66,6 +68,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("meta_record", meta_record),
     ("aae_record", aae_record),
     ("config", config),
+    ("pem", pem),
 ];
 
 /// Largest single allocation [`CappedAlloc`] grants. Inputs are kilobytes;
@@ -432,6 +435,23 @@ pub fn config(data: &[u8]) {
     let written = toml::to_string_pretty(&config).expect("a config writes as TOML");
     let again = Config::parse(&written, path).expect("a written config loads");
     assert_eq!(again, config, "a config survives being written");
+}
+
+/// A PEM file a node or client loads (CA, certificate, key), then what is
+/// read from a certificate: the node name it is for, the client role.
+pub fn pem(data: &[u8]) {
+    if let Ok(certs) = shoal_client::tls::parse_certs(data) {
+        for cert in &certs {
+            let _ = client_role(cert);
+            let _ = check_peer_name(cert, "a");
+        }
+    }
+    let _ = shoal_client::tls::parse_key(data);
+    let _ = shoal_client::tls::root_store(data);
+    // The same bytes as one DER certificate, as a peer presents it.
+    let der = rustls::pki_types::CertificateDer::from(data);
+    let _ = client_role(&der);
+    let _ = check_peer_name(&der, "a");
 }
 
 // ---------------------------------------------------------------- helpers
