@@ -295,14 +295,7 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
-    }
-
-    /// Parses, resolves relative paths and validates the text of the config
-    /// file at `path` (named in errors; relative paths are resolved against
-    /// its directory).
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
