@@ -457,7 +457,9 @@ impl Config {
         // its request's deadline or at the end of a read-repair window, and
         // delivered before its connection idles out. Arriving after the
         // reap it would bring the deleted value back.
-        let in_flight_ms = MAX_REQUEST_MS + self.timeouts.read_repair_ms + self.timeouts.idle_ms;
+        let in_flight_ms = MAX_REQUEST_MS
+            .saturating_add(self.timeouts.read_repair_ms)
+            .saturating_add(self.timeouts.idle_ms);
         let grace = self.anti_entropy.tombstone_grace_secs;
         if grace.saturating_mul(1000) < in_flight_ms {
             return invalid(

@@ -22,6 +22,16 @@ use shoal_ring::{NodeId, Ring};
 /// node learned survives its restart).
 pub const MEMBERS_KEY: &[u8] = b"members";
 
+/// Encodes the learned member list for [`MEMBERS_KEY`].
+pub fn encode_known(known: &[MemberInfo]) -> Vec<u8> {
+    rmp_serde::to_vec_named(known).expect("member list encodes")
+}
+
+/// Decodes the learned member list stored under [`MEMBERS_KEY`].
+pub fn decode_known(bytes: &[u8]) -> Result<Vec<MemberInfo>, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
 use crate::config::MemberConfig;
 
 /// The ring and the members it was built from, always consistent together.

@@ -1,24 +1,30 @@
 //! Wiring: [`start`] opens the store, loads or creates the node id, binds the
 //! two QUIC endpoints and spawns the servers; [`run`] is `start` plus waiting
 //! for `shutdown`. The `shoal` binary is only argument parsing around these.
+//! Both need the RocksDB engine (the `rocksdb` feature, on by default);
+//! [`open_node`] and [`start_background`] serve any [`Store`].
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_client::proto::MemberInfo;
-use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::Config;
 use crate::coordinator::{Node, Settings};
 use crate::membership::Membership;
-use crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport};
-use crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity};
 use crate::net::Transport;
-use crate::storage::{RocksStore, Store, StoreError, Tree};
+use crate::storage::{Store, StoreError, Tree};
+#[cfg(feature = "rocksdb")]
+use {
+    crate::config::Config,
+    crate::net::quic::{serve_clients, serve_peers, FrameLimits, QuicTransport},
+    crate::net::tls::{client_port_config, peer_client_config, peer_port_config, Identity},
+    crate::storage::RocksStore,
+    shoal_ring::NodeId,
+    std::path::Path,
+};
 
 /// Meta-tree key of this node's id.
 pub const NODE_ID_KEY: &[u8] = b"node-id";
@@ -46,9 +52,11 @@ pub enum StartError {
     },
 }
 
+#[cfg(feature = "rocksdb")]
 pub type ShoalNode = Node<QuicTransport, RocksStore>;
 
 /// A started node: its logic, its bound addresses, and the way to stop it.
+#[cfg(feature = "rocksdb")]
 pub struct Running {
     pub node: ShoalNode,
     pub client_addr: SocketAddr,
@@ -58,6 +66,7 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+#[cfg(feature = "rocksdb")]
 impl Running {
     /// Stops accepting, closes connections and waits for the server tasks.
     pub async fn stop(self) {
@@ -81,6 +90,7 @@ impl Running {
     }
 }
 
+#[cfg(feature = "rocksdb")]
 fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
     std::fs::read(path).map_err(|source| StartError::Read {
         path: path.display().to_string(),
@@ -91,23 +101,30 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StartError> {
 /// Loads this node's id, creating it on first start.
 /// A malformed stored id is an error, never silently replaced: a new id
 /// would make this node a different member and move partitions.
+#[cfg(feature = "rocksdb")]
 fn node_id(store: &RocksStore) -> Result<NodeId, StoreError> {
     if let Some(bytes) = store.get(Tree::Meta, NODE_ID_KEY)? {
-        return <[u8; 16]>::try_from(bytes.as_slice())
-            .map(NodeId)
-            .map_err(|_| StoreError::Corruption {
-                tree: Tree::Meta.name(),
-                key: hex::encode(NODE_ID_KEY),
-                detail: format!("node id is {} bytes, not 16", bytes.len()),
-            });
+        return decode_node_id(&bytes);
     }
     let id = NodeId(rand::random());
     store.put(Tree::Meta, NODE_ID_KEY, &id.0)?;
     Ok(id)
 }
 
+/// Reads the stored node id (16 bytes).
+pub fn decode_node_id(bytes: &[u8]) -> Result<shoal_ring::NodeId, StoreError> {
+    <[u8; 16]>::try_from(bytes)
+        .map(shoal_ring::NodeId)
+        .map_err(|_| StoreError::Corruption {
+            tree: Tree::Meta.name(),
+            key: hex::encode(NODE_ID_KEY),
+            detail: format!("node id is {} bytes, not 16", bytes.len()),
+        })
+}
+
 /// Binds a QUIC server endpoint; returns it with the address actually bound
 /// (a configured port 0 becomes a real one).
+#[cfg(feature = "rocksdb")]
 fn bind(
     what: &'static str,
     config: quinn::ServerConfig,
@@ -120,6 +137,7 @@ fn bind(
 }
 
 /// Starts a node and returns once it is serving.
+#[cfg(feature = "rocksdb")]
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let tls_err = |e: shoal_client::Error| StartError::Tls(e.to_string());
@@ -255,7 +273,7 @@ pub fn open_node<T: Transport, S: Store>(
 ) -> Result<Node<T, S>, StoreError> {
     let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY)? {
         // Unreadable: harmless to forget, members are re-learned by hello.
-        Some(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+        Some(bytes) => crate::membership::decode_known(&bytes).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "stored member list unreadable; re-identifying members");
             Vec::new()
         }),
@@ -364,6 +382,7 @@ async fn every<F, Fut>(
 }
 
 /// Runs a node until `shutdown` resolves.
+#[cfg(feature = "rocksdb")]
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,

@@ -160,13 +160,41 @@ pub enum Role {
 }
 
 /// A ring: the owner of each of `Q` partitions, plus optional zones.
+/// Decoding checks `Q` as [`Ring::claim`] does (clients decode rings a node
+/// sent): an empty ring has no owner for any key, and a huge one would make
+/// every routing table huge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RingParts")]
 pub struct Ring {
     /// `owners[p]` owns partition `p`.
     owners: Vec<NodeId>,
     /// Zone of each node, when zones are configured; preference lists spread
     /// over distinct zones first.
     zones: BTreeMap<NodeId, String>,
+}
+
+/// A ring as decoded, before [`Ring`] checks it.
+#[derive(Deserialize)]
+struct RingParts {
+    owners: Vec<NodeId>,
+    zones: BTreeMap<NodeId, String>,
+}
+
+impl TryFrom<RingParts> for Ring {
+    type Error = RingError;
+
+    fn try_from(parts: RingParts) -> Result<Ring, RingError> {
+        let q = parts.owners.len();
+        if !q.is_power_of_two() || q > 65536 {
+            return Err(RingError::BadPartitionCount(
+                u32::try_from(q).unwrap_or(u32::MAX),
+            ));
+        }
+        Ok(Ring {
+            owners: parts.owners,
+            zones: parts.zones,
+        })
+    }
 }
 
 impl Ring {
@@ -310,7 +338,8 @@ impl Ring {
     /// [`Ring::preference_list`] for a partition.
     pub fn preference_list_for_partition(&self, partition: u32, n: usize) -> Vec<NodeId> {
         let walk = self.walk(partition);
-        let mut list: Vec<NodeId> = Vec::with_capacity(n);
+        // `n` may come from the network (a client's ring info).
+        let mut list: Vec<NodeId> = Vec::with_capacity(n.min(walk.len()));
         if !self.zones.is_empty() {
             let mut used_zones = BTreeSet::new();
             for node in &walk {

@@ -292,7 +292,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub fn learn(&self, info: MemberInfo) {
         if self.inner.membership.learn(info) {
             let known = self.inner.membership.known();
-            let bytes = rmp_serde::to_vec_named(&known).expect("member list encodes");
+            let bytes = crate::membership::encode_known(&known);
             if let Err(e) = self.inner.store.put(Tree::Meta, MEMBERS_KEY, &bytes) {
                 error!(error = %e, "could not persist the member list");
             }

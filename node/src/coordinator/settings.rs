@@ -49,7 +49,7 @@ impl Settings {
             max_object_bytes: c.limits.max_object_bytes,
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
             clock_max_entries: c.cluster.clock_max_entries,
-            clock_min_age_ms: c.cluster.clock_min_age_secs * 1000,
+            clock_min_age_ms: c.cluster.clock_min_age_secs.saturating_mul(1000),
             detector: DetectorConfig {
                 heartbeat: Duration::from_millis(c.failure_detector.heartbeat_ms),
                 threshold: c.failure_detector.phi_threshold,

@@ -55,6 +55,12 @@ pub fn hinted_key(hint_key: &[u8]) -> &[u8] {
     &hint_key[16.min(hint_key.len())..]
 }
 
+/// The primary a hints-tree key is a hint for; `None` if the key is too
+/// short to name one.
+pub fn hint_primary(hint_key: &[u8]) -> Option<NodeId> {
+    hint_key.get(..16)?.try_into().ok().map(NodeId)
+}
+
 impl<S: Store> Replica<S> {
     fn lock_hint_counts(&self) -> MutexGuard<'_, BTreeMap<NodeId, u64>> {
         self.hints_pending.lock().expect("hints lock")
@@ -114,8 +120,8 @@ impl<S: Store> Replica<S> {
         let mut batch = WriteBatch::default();
         batch.delete(Tree::Hints, hk);
         self.store.write(batch)?;
-        if let Ok(id) = <[u8; 16]>::try_from(&hk[..16.min(hk.len())]) {
-            self.count_hints(NodeId(id), -1);
+        if let Some(id) = hint_primary(hk) {
+            self.count_hints(id, -1);
         }
         Ok(())
     }
@@ -162,8 +168,8 @@ impl<S: Store> Replica<S> {
             let page = self.store.scan(Tree::Hints, &start, None, 1024)?;
             let Some((last, _)) = page.last() else { break };
             for (k, _) in &page {
-                if let Ok(id) = <[u8; 16]>::try_from(&k[..16.min(k.len())]) {
-                    *counts.entry(NodeId(id)).or_default() += 1;
+                if let Some(id) = hint_primary(k) {
+                    *counts.entry(id).or_default() += 1;
                 }
             }
             start = last.clone();

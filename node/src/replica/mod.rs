@@ -101,13 +101,7 @@ pub const INCARNATION_KEY: &[u8] = b"incarnation";
 fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError> {
     let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
         None => u32::try_from(now_ms / 1000).unwrap_or(u32::MAX - 1),
-        Some(b) => <[u8; 4]>::try_from(b.as_slice())
-            .map(u32::from_be_bytes)
-            .map_err(|_| StoreError::Corruption {
-                tree: Tree::Meta.name(),
-                key: hex::encode(INCARNATION_KEY),
-                detail: format!("incarnation is {} bytes, not 4", b.len()),
-            })?,
+        Some(b) => decode_incarnation(&b)?,
     };
     // Wrapping is harmless: an actor also names its epoch, and 2^32 starts
     // of one node id do not happen.
@@ -116,6 +110,17 @@ fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError>
     batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
     store.write_synced(batch)?;
     Ok(next)
+}
+
+/// Reads the stored incarnation counter (4 bytes, big-endian).
+pub fn decode_incarnation(bytes: &[u8]) -> Result<u32, StoreError> {
+    <[u8; 4]>::try_from(bytes)
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Corruption {
+            tree: Tree::Meta.name(),
+            key: hex::encode(INCARNATION_KEY),
+            detail: format!("incarnation is {} bytes, not 4", bytes.len()),
+        })
 }
 
 pub(crate) fn corruption(key: &[u8], detail: impl ToString) -> StoreError {

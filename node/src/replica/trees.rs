@@ -65,6 +65,26 @@ pub fn index_key(partition: u32, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Reads an index entry: the key it is for (after the partition and
+/// segment prefix) and its version digest (8 bytes, little-endian).
+pub fn decode_index_entry<'a>(
+    index_key: &'a [u8],
+    value: &[u8],
+) -> Result<(&'a [u8], u64), StoreError> {
+    let corrupt = |detail: &str| StoreError::Corruption {
+        tree: Tree::Aae.name(),
+        key: hex::encode(index_key),
+        detail: detail.into(),
+    };
+    let digest = <[u8; 8]>::try_from(value)
+        .map(u64::from_le_bytes)
+        .map_err(|_| corrupt("digest is not 8 bytes"))?;
+    let key = index_key
+        .get(6..)
+        .ok_or_else(|| corrupt("index key shorter than its 6-byte prefix"))?;
+    Ok((key, digest))
+}
+
 /// One partition's Merkle tree: its leaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionTree {
@@ -299,18 +319,7 @@ impl<S: Store> Replica<S> {
                         tracing::warn!(key = %hex::encode(&ik), "corrupt anti-entropy index entry skipped");
                         continue;
                     };
-                    let digest = <[u8; 8]>::try_from(d.as_slice())
-                        .map(u64::from_le_bytes)
-                        .map_err(|_| StoreError::Corruption {
-                            tree: Tree::Aae.name(),
-                            key: hex::encode(&ik),
-                            detail: "digest is not 8 bytes".into(),
-                        })?;
-                    let key = ik.get(6..).ok_or_else(|| StoreError::Corruption {
-                        tree: Tree::Aae.name(),
-                        key: hex::encode(&ik),
-                        detail: "index key shorter than its 6-byte prefix".into(),
-                    })?;
+                    let (key, digest) = decode_index_entry(&ik, &d)?;
                     out.push((key.to_vec(), digest));
                 }
                 start = next;

@@ -11,9 +11,11 @@
 
 mod memory;
 pub mod record;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "rocksdb")]
 pub use rocks::RocksStore;
 
 /// The named trees of a node's store.
@@ -184,12 +186,14 @@ mod conformance {
         suite(&MemoryStore::new());
     }
 
+    #[cfg(feature = "rocksdb")]
     #[test]
     fn rocks_store_conforms() {
         let dir = tempfile::tempdir().unwrap();
         suite(&RocksStore::open(dir.path(), false).unwrap());
     }
 
+    #[cfg(feature = "rocksdb")]
     #[test]
     fn rocks_store_keeps_data_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -219,6 +223,7 @@ mod conformance {
 
     /// Flip one byte of a stored value in the SST file on disk: the read must
     /// fail with a corruption error, never return the damaged bytes.
+    #[cfg(feature = "rocksdb")]
     #[test]
     fn rocks_store_reports_a_byte_flipped_on_disk() {
         let dir = tempfile::tempdir().unwrap();
@@ -260,6 +265,7 @@ mod conformance {
 
     /// Our own checksum catches damage RocksDB's block checksums do not see
     /// (here: a record rewritten under the wrong key by a buggy writer).
+    #[cfg(feature = "rocksdb")]
     #[test]
     fn a_record_moved_to_another_key_is_detected() {
         let dir = tempfile::tempdir().unwrap();

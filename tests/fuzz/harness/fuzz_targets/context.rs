@@ -1,0 +1,6 @@
+#![no_main]
+
+#[global_allocator]
+static ALLOC: shoal_fuzz::CappedAlloc = shoal_fuzz::CappedAlloc;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shoal_fuzz::context(data));
