@@ -72,7 +72,9 @@ impl RocksStore {
         if let Some(db) = &*self.db.read().expect("db lock") {
             return Ok(db.clone());
         }
-        self.reopen(None);
+        if self.has_room() {
+            self.reopen(None);
+        }
         self.db
             .read()
             .expect("db lock")
@@ -90,14 +92,24 @@ impl RocksStore {
     /// After a failed write through `failed`: reopens the database if the
     /// disk has room again (see the module doc).
     fn recover(&self, failed: Arc<DB>) {
-        if free_bytes(&self.path).is_some_and(|free| free >= REOPEN_MIN_FREE) {
-            self.reopen(Some(failed));
+        // The pointer only: a clone held while waiting for the lock would
+        // keep the reopen waiting for it.
+        let ptr = Arc::as_ptr(&failed);
+        drop(failed);
+        if self.has_room() {
+            self.reopen(Some(ptr));
         }
+    }
+
+    /// Whether the disk has room to reopen the database (or its free
+    /// space cannot be read, when trying is all there is).
+    fn has_room(&self) -> bool {
+        free_bytes(&self.path).is_none_or(|free| free >= REOPEN_MIN_FREE)
     }
 
     /// Closes the database (`failed`, if it is still the current one) and
     /// opens it again; at most once a second.
-    fn reopen(&self, failed: Option<Arc<DB>>) {
+    fn reopen(&self, failed: Option<*const DB>) {
         {
             let mut last = self.reopened.lock().expect("reopen lock");
             if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -107,7 +119,9 @@ impl RocksStore {
         }
         let mut slot = self.db.write().expect("db lock");
         let old = match (slot.take(), failed) {
-            (Some(current), Some(failed)) if Arc::ptr_eq(&current, &failed) => Some(current),
+            (Some(current), Some(failed)) if std::ptr::eq(Arc::as_ptr(&current), failed) => {
+                Some(current)
+            }
             (None, _) => None,
             // Someone else reopened it already.
             (current, _) => {

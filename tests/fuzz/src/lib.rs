@@ -344,8 +344,8 @@ fn key_and_rest(data: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Seals `value` under `tree` and `key` and opens it again, as every store
 /// does on a write and a read: the parser behind the checksum is reached.
 fn stored(tree: Tree, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let opened = record::open(tree, key, &record::seal(tree, key, value))
-        .expect("a sealed record opens");
+    let opened =
+        record::open(tree, key, &record::seal(tree, key, value)).expect("a sealed record opens");
     assert_eq!(opened, value, "a record holds what was sealed");
     opened
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use serde::Serialize;
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame;
 use shoal_client::proto::{
@@ -19,7 +20,6 @@ use shoal_node::replica::trees::index_key;
 use shoal_node::storage::{record, Tree};
 use shoal_node::version::{encode_context, encode_object, Actors, Object, VersionVector};
 use shoal_ring::{NodeId, Ring};
-use serde::Serialize;
 
 /// `(target, seed name, bytes)` for every seed.
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -44,16 +44,28 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             request: r,
         };
         add("peer_request", name, body(&(7u64, &envelope)));
-        add("frame", &format!("peer-request-{name}"), framed(&(7u64, &envelope)));
+        add(
+            "frame",
+            &format!("peer-request-{name}"),
+            framed(&(7u64, &envelope)),
+        );
     }
     for (name, r) in peer_responses(&object, &members[0]) {
         add("peer_response", name, body(&(7u64, &r)));
-        add("frame", &format!("peer-response-{name}"), framed(&(7u64, &r)));
+        add(
+            "frame",
+            &format!("peer-response-{name}"),
+            framed(&(7u64, &r)),
+        );
     }
 
     add("object", "three-siblings", encode_object(&object));
     add("object", "empty", encode_object(&Object::default()));
-    add("context", "three-entries", encode_context(&object.context()));
+    add(
+        "context",
+        "three-entries",
+        encode_context(&object.context()),
+    );
 
     let key = b"greeting".as_slice();
     let hk = [&NodeId::from_u128(3).0[..], key].concat();
@@ -65,15 +77,39 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         raw.extend_from_slice(&record::seal(tree, key, &value));
         add("record", tree.name(), raw);
     }
-    add("object_record", "object", keyed(key, &encode_object(&object)));
+    add(
+        "object_record",
+        "object",
+        keyed(key, &encode_object(&object)),
+    );
     add("object_record", "lost", keyed(key, &[0xEE]));
     add("hint_record", "hint", keyed(&hk, &encode_object(&object)));
-    add("meta_record", "node-id", [&[0u8][..], &NodeId::from_u128(9).0].concat());
-    add("meta_record", "incarnation", [&[1u8][..], &7u32.to_be_bytes()].concat());
-    add("meta_record", "members", [&[2u8][..], &encode_known(&members)].concat());
-    add("aae_record", "digest", keyed(&ik, &0x1234_5678_9abc_def0u64.to_le_bytes()));
+    add(
+        "meta_record",
+        "node-id",
+        [&[0u8][..], &NodeId::from_u128(9).0].concat(),
+    );
+    add(
+        "meta_record",
+        "incarnation",
+        [&[1u8][..], &7u32.to_be_bytes()].concat(),
+    );
+    add(
+        "meta_record",
+        "members",
+        [&[2u8][..], &encode_known(&members)].concat(),
+    );
+    add(
+        "aae_record",
+        "digest",
+        keyed(&ik, &0x1234_5678_9abc_def0u64.to_le_bytes()),
+    );
 
-    add("config", "example", include_bytes!("../../../deploy/shoal.example.toml").to_vec());
+    add(
+        "config",
+        "example",
+        include_bytes!("../../../deploy/shoal.example.toml").to_vec(),
+    );
     add(
         "config",
         "minimal",
@@ -103,7 +139,11 @@ fn keyed(key: &[u8], value: &[u8]) -> Vec<u8> {
 /// Two concurrent values and a tombstone, written by two actors.
 fn object() -> Object {
     let mut o = Object::default();
-    for (node, value) in [(1, Some(b"apple".to_vec())), (2, Some(b"pear".to_vec())), (2, None)] {
+    for (node, value) in [
+        (1, Some(b"apple".to_vec())),
+        (2, Some(b"pear".to_vec())),
+        (2, None),
+    ] {
         let actor = Actors::new(NodeId::from_u128(node), 3)
             .fresh()
             .expect("a fresh actor");
@@ -135,7 +175,13 @@ fn requests(object: &Object) -> Vec<(&'static str, Request)> {
     };
     let context = Some(CausalContext(encode_context(&object.context())));
     vec![
-        ("get", Request::Get { key: b"k".to_vec(), options }),
+        (
+            "get",
+            Request::Get {
+                key: b"k".to_vec(),
+                options,
+            },
+        ),
         (
             "put",
             Request::Put {
@@ -171,7 +217,13 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
                 context: context.clone(),
             }),
         ),
-        ("written", Response::Written(PutReply { context, siblings: 2 })),
+        (
+            "written",
+            Response::Written(PutReply {
+                context,
+                siblings: 2,
+            }),
+        ),
         (
             "ring",
             Response::Ring(RingInfo {
@@ -265,7 +317,10 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
                 object: object.clone(),
             }]),
         ),
-        ("aae-branches", PeerRequest::Aae(AaeRequest::Branches { partition: 1 })),
+        (
+            "aae-branches",
+            PeerRequest::Aae(AaeRequest::Branches { partition: 1 }),
+        ),
         (
             "aae-leaves",
             PeerRequest::Aae(AaeRequest::Leaves {
@@ -304,17 +359,20 @@ fn peer_responses(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerRe
         ("stored", PeerResponse::Stored),
         (
             "forwarded",
-            PeerResponse::Forwarded(Response::Error(WireError::new(
-                ErrorKind::Timeout,
-                "late",
-            ))),
+            PeerResponse::Forwarded(Response::Error(WireError::new(ErrorKind::Timeout, "late"))),
         ),
         (
             "hints",
             PeerResponse::Hints(vec![(NodeId::from_u128(2), object.clone())]),
         ),
-        ("aae-branches", PeerResponse::Aae(AaeResponse::Branches(vec![1, 2, 3]))),
-        ("aae-leaves", PeerResponse::Aae(AaeResponse::Leaves(vec![vec![4, 5]]))),
+        (
+            "aae-branches",
+            PeerResponse::Aae(AaeResponse::Branches(vec![1, 2, 3])),
+        ),
+        (
+            "aae-leaves",
+            PeerResponse::Aae(AaeResponse::Leaves(vec![vec![4, 5]])),
+        ),
         (
             "aae-keys",
             PeerResponse::Aae(AaeResponse::Keys(vec![(

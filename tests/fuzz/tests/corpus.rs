@@ -36,13 +36,21 @@ fn every_corpus_file_runs_through_its_target_without_a_panic() {
             }
         }
     }
-    assert!(failed.is_empty(), "panicked on {} input(s): {failed:#?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "panicked on {} input(s): {failed:#?}",
+        failed.len()
+    );
 }
 
 #[test]
 fn every_corpus_directory_is_a_target() {
     for dir in files_and_dirs(&corpus_dir()) {
-        let name = dir.file_name().expect("a name").to_string_lossy().into_owned();
+        let name = dir
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
         assert!(
             shoal_fuzz::TARGETS.iter().any(|(t, _)| *t == name),
             "corpus/{name} belongs to no target"

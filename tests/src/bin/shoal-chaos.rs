@@ -6,7 +6,8 @@
 //! Needs root (network namespaces, iptables, tmpfs mounts). Prints the seed
 //! first, so any run can be repeated; writes `report.json`, `history.jsonl`,
 //! `timeline.svg` and the node logs to `--out`; exits 1 if the checker found
-//! a lost, vanished, unexpected or resurrected write.
+//! a lost, vanished, unexpected or resurrected write, or keys whose replicas
+//! did not converge.
 
 use std::path::PathBuf;
 
@@ -68,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         println!("VIOLATION key {}: {}", v.key, v.detail);
     }
     println!("report: {}", out.join("report.json").display());
-    if !outcomes.verdict.safe() {
+    if !outcomes.verdict.passed() {
         std::process::exit(1);
     }
     Ok(())

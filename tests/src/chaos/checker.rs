@@ -76,6 +76,12 @@ impl Verdict {
             && self.resurrected.is_empty()
     }
 
+    /// Safe, and every key converged: resurrection is only judged on keys
+    /// that did, so a run with keys that did not has not shown safety.
+    pub fn passed(&self) -> bool {
+        self.safe() && self.not_converged.is_empty()
+    }
+
     pub fn summary(&self) -> String {
         let c = &self.counts;
         format!(
@@ -146,6 +152,9 @@ pub fn check(history: &[Event], finals: &[FinalKey]) -> Verdict {
             (Some(id), None) => Some(format!(
                 "{at}: value of write {id}, which was never attempted"
             )),
+            (Some(id), Some(w)) if w.outcome == Outcome::Failed => Some(format!(
+                "{at}: value of write {id}, which was refused (certainly not applied)"
+            )),
             (Some(id), Some(w)) if w.key != key => Some(format!(
                 "{at}: value of write {id}, which wrote key {}",
                 w.key
@@ -205,7 +214,13 @@ pub fn check(history: &[Event], finals: &[FinalKey]) -> Verdict {
         if effective {
             superseded.extend(observed);
         }
-        if e.outcome == Outcome::Ok {
+        // Certainly took effect: acknowledged, or a put whose value a read
+        // returned. What it observed must not come back.
+        let certain = match &e.op {
+            Op::Put { .. } => effective,
+            _ => e.outcome == Outcome::Ok,
+        };
+        if certain {
             let what = match &e.op {
                 Op::Put { id, .. } => format!("write {id}"),
                 _ => "a delete".to_string(),
@@ -213,8 +228,8 @@ pub fn check(history: &[Event], finals: &[FinalKey]) -> Verdict {
             for o in observed {
                 acked_superseded.entry(*o).or_insert_with(|| {
                     format!(
-                        "{what} by client {} acknowledged at {} ms",
-                        e.client, e.end_ms
+                        "{what} by client {} ({:?}, ended at {} ms)",
+                        e.client, e.outcome, e.end_ms
                     )
                 });
             }
@@ -389,6 +404,24 @@ mod tests {
         let v = check(&h, &f);
         assert!(v.resurrected.is_empty(), "{v:?}");
         assert_eq!(v.not_converged, vec![1]);
+    }
+
+    #[test]
+    fn a_write_of_unknown_outcome_that_was_read_supersedes_for_good() {
+        let h = vec![
+            put(1, 10, &[], Outcome::Ok),
+            put(1, 11, &[10], Outcome::Unknown),
+            read(1, &[(11, &[10, 11])]),
+        ];
+        let v = check(&h, &finals(1, &[(10, &[10]), (11, &[10, 11])]));
+        assert_eq!(v.resurrected.len(), 1, "{v:?}");
+    }
+
+    #[test]
+    fn the_value_of_a_refused_write_is_unexpected() {
+        let h = vec![put(1, 10, &[], Outcome::Failed)];
+        let v = check(&h, &finals(1, &[(10, &[10])]));
+        assert_eq!(v.unexpected.len(), 1, "{v:?}");
     }
 
     #[test]

@@ -189,9 +189,21 @@ async fn final_values(
     let client = shoal_client::Client::connect(config).await?;
     let deadline = Instant::now() + within;
     loop {
+        // A hint some node still holds may yet change a key: converged
+        // means every node answers and none holds one (an inspect asks only
+        // the nodes its coordinator sees up).
+        let hints_settled = match client.statuses().await {
+            Ok(all) => all.iter().all(|(_, s)| {
+                s.as_ref()
+                    .is_ok_and(|s| s.hints_pending.iter().all(|h| h.pending == 0))
+            }),
+            Err(_) => false,
+        };
         let mut finals = Vec::new();
         for key in 0..keys {
-            finals.push(final_key(&client, key).await);
+            let mut f = final_key(&client, key).await;
+            f.converged &= hints_settled;
+            finals.push(f);
         }
         let all = finals.iter().all(|f| f.converged);
         if all || Instant::now() >= deadline {
