@@ -17,12 +17,18 @@
 //! Repairs are paced to `anti-entropy.max-repairs-per-sec`. Exchanges, keys
 //! repaired and bytes are in the metrics and in `shoal status --json`.
 //!
+//! # Lost copies
+//! A copy lost to corruption is not restored by an exchange's merges (they
+//! land in its partial copy) but by [`AntiEntropy::restore_lost`] (see
+//! `restore`), at the start of every sweep and as soon as one is found.
+//!
 //! # Tombstones
 //! See [`crate::reaper`]: the same loop ([`AntiEntropy::run`]) has the
 //! reaper delete, every `reap-interval-ms`, tombstones older than
 //! `tombstone-grace-secs` that every primary holds exactly.
 
 mod exchange;
+mod restore;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -152,6 +158,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
     /// one exchange at a time, so a silent peer (every step has a deadline)
     /// holds up only its own exchanges.
     pub async fn sweep(&self) -> ExchangeReport {
+        self.restore_lost().await;
         let mut total = ExchangeReport::default();
         let Some(view) = self.membership.view() else {
             return total;
@@ -232,6 +239,9 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         let settings = self.settings;
         let mut next_rebuild = tokio::time::Instant::now();
         let mut next_reap = tokio::time::Instant::now();
+        // The first sweep waits one interval: a node that just started
+        // lets handoff and read repair act first.
+        let mut next_sweep = tokio::time::Instant::now() + settings.interval;
         loop {
             // A corrupt record whose index entry was unreadable left the
             // trees unsure: rebuilt now rather than at the daily turn.
@@ -256,14 +266,19 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 }
                 next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
             }
-            // The first sweep waits one interval: a node that just started
-            // lets handoff and read repair act first.
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tokio::time::sleep(settings.interval) => self.replica.timer_fired("anti-entropy"),
+                // A copy just found lost is restored now, not at the next
+                // sweep; the sweep keeps its time.
+                _ = self.replica.lost_found() => {
+                    self.restore_lost().await;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_sweep) => self.replica.timer_fired("anti-entropy"),
             }
             let swept = self.sweep().await;
+            next_sweep = tokio::time::Instant::now() + settings.interval;
             if swept.keys_repaired > 0 {
                 info!(
                     repaired = swept.keys_repaired,

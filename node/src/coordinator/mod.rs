@@ -504,6 +504,12 @@ impl<T: Transport, S: Store> Node<T, S> {
         self.inner.replica.get(key)
     }
 
+    /// This replica's copy of `key` as a read's answer: a copy lost to
+    /// corruption and not restored yet is [`crate::replica::ReplicaError::Lost`].
+    pub fn local_read(&self, key: &[u8]) -> Result<Option<Object>, crate::replica::ReplicaError> {
+        self.inner.replica.read(key)
+    }
+
     /// Merges an object into the local copy.
     pub fn local_merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
         self.inner.replica.merge(key, incoming)

@@ -69,11 +69,12 @@ impl<S: Store> Replica<S> {
                     Err(e) => failed("hints read", &key, e),
                 }
             }
+            // A lost copy is an error here: the reaper must not take it
+            // for "absent", nor its partial copy for the whole.
             PeerRequest::ReapCheck { key } => {
-                match self
-                    .get(&key)
-                    .and_then(|o| self.store().sync_wal().map(|()| o))
-                {
+                match self.read(&key).and_then(|o| {
+                    self.store().sync_wal().map(|()| o).map_err(ReplicaError::from)
+                }) {
                     Ok(o) => PeerResponse::Object(o),
                     Err(e) => failed("reap check", &key, e),
                 }

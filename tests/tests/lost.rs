@@ -1,0 +1,76 @@
+//! Copies lost to corruption, on the simulated cluster: a lost object or
+//! hint never passes for "absent" or for a complete copy, and is restored
+//! only from every other primary of its key.
+
+use std::time::Duration;
+
+use shoal_client::error::ErrorKind;
+use shoal_client::proto::{RequestOptions, Response};
+use shoal_node::storage::{Store, Tree, WriteBatch};
+use shoal_tests::sim::{value, values, written, SimCluster, D};
+
+/// Removes a hint as if it had never been written.
+fn forget_hint(c: &SimCluster, holder: &str, primary: &str, key: &[u8]) {
+    let mut hk = c.id(primary).0.to_vec();
+    hk.extend_from_slice(key);
+    let mut b = WriteBatch::default();
+    b.delete(Tree::Hints, &hk);
+    c.node(holder).store().write(b).unwrap();
+}
+
+/// A read that must not return `stale`: it either fails its quorum or
+/// returns `want`.
+fn not_stale(what: &str, r: Response, want: &[u8]) {
+    match r {
+        Response::Value(v) => assert_eq!(
+            values(&v),
+            vec![want.to_vec()],
+            "{what} missed the acknowledged write"
+        ),
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::Quorum, "{what}: {}", e.message),
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+const QUICK: RequestOptions = RequestOptions {
+    timeout_ms: Some(300),
+    ..D
+};
+
+/// v2 is acknowledged by `a` and `b` (W=2); `stale` missed it. `b`'s copy
+/// turns corrupt. A read at `stale` that reaches only `b` and `stale`
+/// misses its quorum, and its read repair carries `stale`'s v1 to `b`:
+/// that must not pass for `b`'s restored copy, or the next read at `b` and
+/// `stale` would have a quorum for v1. `b` is restored once it has merged
+/// with every other primary.
+#[tokio::test(start_paused = true)]
+async fn a_lost_copy_is_not_restored_from_a_stale_replica() {
+    let c = SimCluster::new(3);
+    let p = c.primaries(b"k");
+    let (a, b, stale) = (p[0].as_str(), p[1].as_str(), p[2].as_str());
+    written(c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D }).await);
+    let ctx = value(c.get(a, b"k", RequestOptions { r: Some(3), ..D }).await).context;
+    c.net.crash(stale);
+    written(c.put(a, b"k", b"v2", Some(ctx), D).await);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the sends land or fail
+    forget_hint(&c, a, stale, b"k");
+    c.net.restart(stale);
+    c.node(b).store().corrupt(Tree::Objects, b"k");
+    c.node(b).drop_cache();
+    // `a` is silent to the others.
+    c.net.blackhole(stale, a);
+    c.net.blackhole(b, a);
+    not_stale("the first read", c.get(stale, b"k", QUICK).await, b"v2");
+    tokio::time::sleep(Duration::from_secs(2)).await; // read repair
+    c.node(b).aae_sweep().await; // cannot restore: `a` is silent
+    for attempt in 0..2 {
+        let what = format!("read {attempt} at {b} and {stale}");
+        not_stale(&what, c.get(stale, b"k", QUICK).await, b"v2");
+    }
+    // Once `a` answers, `b` restores from every other primary.
+    c.net.heal();
+    c.node(b).aae_sweep().await;
+    c.net.blackhole(stale, a);
+    let read = value(c.get(stale, b"k", QUICK).await);
+    assert_eq!(values(&read), vec![b"v2".to_vec()]);
+}
