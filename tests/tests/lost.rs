@@ -74,3 +74,51 @@ async fn a_lost_copy_is_not_restored_from_a_stale_replica() {
     let read = value(c.get(stale, b"k", QUICK).await);
     assert_eq!(values(&read), vec![b"v2".to_vec()]);
 }
+
+/// The others reaped the key's tombstone; the reaper's own copy was found
+/// corrupt as it reaped (so it is lost). Nothing is left anywhere to
+/// restore it from: the marker is cleared (every other primary answered
+/// that it holds nothing, and nothing reached the lost copy since), not
+/// exchanged forever.
+#[tokio::test(start_paused = true)]
+async fn a_lost_copy_of_a_reaped_key_is_cleared() {
+    let c = SimCluster::new(3);
+    let all = RequestOptions {
+        w: Some(3),
+        r: Some(3),
+        ..D
+    };
+    written(c.put("node1", b"k", b"v", None, all).await);
+    let ctx = value(c.get("node1", b"k", all).await).context;
+    written(c.delete("node1", b"k", Some(ctx), all).await);
+    let p = c.primaries(b"k");
+    let victim = p[0].as_str();
+    let partition = c.node(victim).partition_of(b"k");
+    for other in &p[1..] {
+        let mut b = WriteBatch::default();
+        b.delete(Tree::Objects, b"k").delete(
+            Tree::Aae,
+            &shoal_node::antientropy::index_key(partition, b"k"),
+        );
+        c.node(other).store().write(b).unwrap();
+        c.node(other).drop_cache();
+    }
+    c.node(victim).store().corrupt(Tree::Objects, b"k");
+    c.node(victim).drop_cache();
+    for n in &c.nodes {
+        n.rebuild_trees(u32::MAX).await.unwrap();
+    }
+    for _ in 0..2 {
+        for n in &c.nodes {
+            n.aae_sweep().await;
+        }
+    }
+    assert_eq!(
+        c.node(victim).store().get(Tree::Objects, b"k").unwrap(),
+        None,
+        "the lost marker stays"
+    );
+    for other in &p[1..] {
+        assert_eq!(c.node(other).tree(partition), c.node(victim).tree(partition));
+    }
+}
