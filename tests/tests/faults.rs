@@ -223,8 +223,10 @@ async fn a_corrupt_copy_heals_in_one_sweep_and_rebuilds_go_on() {
     assert_eq!(c.node(victim).local_read(b"k").unwrap(), c.stored("node1", b"k"));
 }
 
+/// A corrupt hint is handed off as lost: its primary marks its copy lost
+/// and restores it from the other primaries.
 #[tokio::test(start_paused = true)]
-async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
+async fn a_corrupt_hint_is_handed_off_as_lost_and_the_rest_are_delivered() {
     let c = SimCluster::new(3);
     c.net.crash("node3");
     for k in [&b"a"[..], b"b", b"c"] {
@@ -242,6 +244,9 @@ async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
     assert!(c.stored("node3", b"a").is_some() && c.stored("node3", b"c").is_some());
     let m = c.node("node1").metrics().render();
     assert!(m.contains("shoal_corrupt_records_total{tree=\"hints\"} 1"), "{m}");
+    assert!(c.node("node3").local_read(b"b").is_err(), "b is lost on node3");
+    c.node("node3").aae_sweep().await;
+    assert_eq!(c.node("node3").local_read(b"b").unwrap(), c.stored("node1", b"b"));
 }
 
 fn limited(max_siblings: usize, max_object_bytes: usize) -> Settings {

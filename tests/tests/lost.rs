@@ -75,6 +75,47 @@ async fn a_lost_copy_is_not_restored_from_a_stale_replica() {
     assert_eq!(values(&read), vec![b"v2".to_vec()]);
 }
 
+/// v2 is acknowledged by `a` and by `b`'s fallback, whose hint then turns
+/// corrupt. A read standing in for `b` at that fallback must hear "lost",
+/// not "absent" (nor ask the next fallback, which never held anything).
+/// Once `b` is back, the lost hint makes `b` restore from the others.
+#[tokio::test(start_paused = true)]
+async fn a_lost_hint_is_not_absent_and_its_primary_restores() {
+    let c = SimCluster::new(5);
+    let p = c.primaries(b"k");
+    let (a, b, stale) = (p[0].as_str(), p[1].as_str(), p[2].as_str());
+    let holder = c.fallbacks(b"k")[0].clone();
+    written(c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D }).await);
+    let ctx = value(c.get(a, b"k", RequestOptions { r: Some(3), ..D }).await).context;
+    c.net.crash(b);
+    c.detect(10).await;
+    c.net.blackhole(a, stale);
+    written(c.put(a, b"k", b"v2", Some(ctx), QUICK).await);
+    tokio::time::sleep(Duration::from_secs(1)).await; // the send to `stale` gives up
+    forget_hint(&c, a, stale, b"k");
+    c.net.heal();
+    c.net.crash(b);
+    let mut hk = c.id(b).0.to_vec();
+    hk.extend_from_slice(b"k");
+    assert!(c.node(&holder).hint(c.id(b), b"k").unwrap().is_some());
+    c.node(&holder).store().corrupt(Tree::Hints, &hk);
+    // A read at `stale`: `a` silent, `b` down (its fallback answers).
+    c.net.blackhole(stale, a);
+    for attempt in 0..2 {
+        let what = format!("read {attempt} at {stale} and {b}'s fallback");
+        not_stale(&what, c.get(stale, b"k", QUICK).await, b"v2");
+    }
+    // `b` returns; the lost hint tells it its copy misses a write.
+    c.net.heal();
+    c.detect(10).await;
+    c.node(&holder).handoff_round().await;
+    assert_eq!(c.node(&holder).hint_queues().len(), 0, "the lost hint was handed off");
+    c.node(b).aae_sweep().await;
+    c.net.blackhole(b, a);
+    let read = value(c.get(b, b"k", QUICK).await);
+    assert_eq!(values(&read), vec![b"v2".to_vec()]);
+}
+
 /// The others reaped the key's tombstone; the reaper's own copy was found
 /// corrupt as it reaped (so it is lost). Nothing is left anywhere to
 /// restore it from: the marker is cleared (every other primary answered

@@ -293,6 +293,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 push.push(HandoffEntry {
                     key: key.into_vec(),
                     object: merged,
+                    lost: false,
                 });
                 changed = true;
             }

@@ -77,7 +77,9 @@ fn write_error(e: ReplicaError) -> WireError {
             WireError::new(kind, source.to_string())
         }
         e @ ReplicaError::ObjectTooLarge { .. } => WireError::new(ErrorKind::TooLarge, e.to_string()),
-        e @ ReplicaError::Lost { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
+        e @ (ReplicaError::Lost { .. } | ReplicaError::HintLost { .. }) => {
+            WireError::new(ErrorKind::Corruption, e.to_string())
+        }
     }
 }
 

@@ -285,6 +285,34 @@ impl<S: Store> Replica<S> {
         Ok(true)
     }
 
+    /// Merges `incoming`, what a lost hint kept for this node (see
+    /// [`super::hints`]), into `key`'s copy and marks the copy lost: a
+    /// write the hint carried may be missing here, so the copy is restored
+    /// from every other primary before it answers reads again. Nothing was
+    /// forgotten here, so no new incarnation; but a new generation, so that
+    /// a restore already under way (whose answers may predate that write)
+    /// does not complete.
+    pub fn merge_incomplete(&self, key: &[u8], incoming: &Object) -> Result<(), StoreError> {
+        let mut stripe = self.lock_stripe(key);
+        let record = self.stored_record(&mut stripe, key)?;
+        let mut object = match &record {
+            Stored::Present(b) => decode_object(b).map_err(|e| corruption(key, e))?,
+            Stored::Absent => Object::default(),
+            Stored::Lost { partial, .. } => partial.clone().unwrap_or_default(),
+        };
+        object.merge(incoming);
+        self.pruned(&mut object);
+        let marker = encode_marker(self.next_generation(), Some(&object));
+        let old = record.bytes().map(trees::digest);
+        self.write_object(&mut stripe, key, old, Some(&marker))?;
+        self.note_lost(key);
+        warn!(
+            key = %hex::encode(key),
+            "a hint for this copy was lost: marked lost until restored from the other primaries"
+        );
+        Ok(())
+    }
+
     /// Moves this node to a new incarnation, durably: every actor of the
     /// one before is retired (see [`crate::version`]).
     pub(super) fn new_incarnation(&self, why: &str) -> Result<(), StoreError> {

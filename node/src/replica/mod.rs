@@ -72,6 +72,10 @@ pub enum ReplicaError {
     /// yet (see [`lost`]).
     #[error("the copy of key {key} here failed its checksum; it is restored once every other primary of the key has answered")]
     Lost { key: String },
+    /// The hint for `primary` of `key` here was lost to corruption (see
+    /// [`hints`]): what it held is unknown, so it is not "no hint".
+    #[error("the hint of key {key} for {primary} here failed its checksum; handoff tells {primary} to restore the key from the other primaries")]
+    HintLost { key: String, primary: String },
     /// A client write could not be given a dot.
     #[error("cannot version the write of key {key}: {source}")]
     Version { key: String, source: VersionError },
