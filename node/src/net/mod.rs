@@ -12,7 +12,9 @@
 //! - [`sim`]: an in-memory network for tests, with faults a test names:
 //!   `partition(a, b)`, `crash(a)`, `blackhole(a, b)` and `delay(a, b, d)`.
 //! - [`tls`]: server and client TLS configurations and the name check.
+//! - `budget`: the node-wide budget of client request bodies held at once.
 
+mod budget;
 pub mod quic;
 pub mod sim;
 pub mod tls;
