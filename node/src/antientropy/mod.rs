@@ -127,6 +127,18 @@ pub enum ExchangeError {
     Store(#[from] StoreError),
 }
 
+/// A peer's part of a sweep's repair rate, given up when dropped (its
+/// sweep ended, or was abandoned).
+struct Sharing<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Sharing<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+}
+
 /// The exchange service: the handles it needs and the last exchange of
 /// each partition (for `shoal status`).
 pub struct AntiEntropy<T, S> {
@@ -142,7 +154,7 @@ pub struct AntiEntropy<T, S> {
     /// Last exchange per partition: (peer, unix ms, keys repaired).
     pub last: Mutex<BTreeMap<u32, (String, u64, u64)>>,
     /// Peers a sweep is exchanging with at once: they share
-    /// `max-repairs-per-sec`.
+    /// `max-repairs-per-sec` (readers take at least 1).
     pub sweeping: std::sync::atomic::AtomicU32,
 }
 
@@ -176,11 +188,16 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 }
             }
         }
+        // `max-repairs-per-sec` is shared by the peers exchanged with at
+        // once: not one the detector sees down (never swept), and a peer
+        // leaves the share when its sweep ends.
+        by_peer.retain(|peer, _| self.liveness.is_up(*peer));
         self.sweeping
             .store(by_peer.len().max(1) as u32, Ordering::Relaxed);
         let sweeps = by_peer.into_iter().filter_map(|(peer, partitions)| {
             let member = view.members.get(&peer)?.clone();
             Some(async move {
+                let _sharing = Sharing(&self.sweeping);
                 let mut report = ExchangeReport::default();
                 for p in partitions {
                     // Asked again per exchange: a peer that went down
