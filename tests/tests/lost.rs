@@ -48,7 +48,10 @@ async fn a_lost_copy_is_not_restored_from_a_stale_replica() {
     let c = SimCluster::new(3);
     let p = c.primaries(b"k");
     let (a, b, stale) = (p[0].as_str(), p[1].as_str(), p[2].as_str());
-    written(c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D }).await);
+    written(
+        c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D })
+            .await,
+    );
     let ctx = value(c.get(a, b"k", RequestOptions { r: Some(3), ..D }).await).context;
     c.net.crash(stale);
     written(c.put(a, b"k", b"v2", Some(ctx), D).await);
@@ -85,7 +88,10 @@ async fn a_lost_hint_is_not_absent_and_its_primary_restores() {
     let p = c.primaries(b"k");
     let (a, b, stale) = (p[0].as_str(), p[1].as_str(), p[2].as_str());
     let holder = c.fallbacks(b"k")[0].clone();
-    written(c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D }).await);
+    written(
+        c.put(a, b"k", b"v1", None, RequestOptions { w: Some(3), ..D })
+            .await,
+    );
     let ctx = value(c.get(a, b"k", RequestOptions { r: Some(3), ..D }).await).context;
     c.net.crash(b);
     c.detect(10).await;
@@ -109,7 +115,11 @@ async fn a_lost_hint_is_not_absent_and_its_primary_restores() {
     c.net.heal();
     c.detect(10).await;
     c.node(&holder).handoff_round().await;
-    assert_eq!(c.node(&holder).hint_queues().len(), 0, "the lost hint was handed off");
+    assert_eq!(
+        c.node(&holder).hint_queues().len(),
+        0,
+        "the lost hint was handed off"
+    );
     c.node(b).aae_sweep().await;
     c.net.blackhole(b, a);
     let read = value(c.get(b, b"k", QUICK).await);
@@ -160,6 +170,9 @@ async fn a_lost_copy_of_a_reaped_key_is_cleared() {
         "the lost marker stays"
     );
     for other in &p[1..] {
-        assert_eq!(c.node(other).tree(partition), c.node(victim).tree(partition));
+        assert_eq!(
+            c.node(other).tree(partition),
+            c.node(victim).tree(partition)
+        );
     }
 }

@@ -7,9 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_client::proto::{
-    CausalContext, GetReply, MemberInfo, Request, Response, RingInfo,
-};
+use shoal_client::proto::{CausalContext, GetReply, MemberInfo, Request, Response, RingInfo};
 use shoal_client::{Client, ClientConfig};
 use shoal_node::certs::{create_ca, issue, Kind};
 use shoal_node::net::quic::{serve_clients, FrameLimits};
@@ -60,7 +58,15 @@ async fn a_node_the_ring_says_is_down_keeps_its_connection() {
     create_ca(d).unwrap();
     let localhost = [Ipv4Addr::LOCALHOST.into()];
     issue(d, d, "node1", Kind::Node, &localhost, None).unwrap();
-    issue(d, d, "client", Kind::Client(shoal_client::proto::Role::ReadWrite), &[], None).unwrap();
+    issue(
+        d,
+        d,
+        "client",
+        Kind::Client(shoal_client::proto::Role::ReadWrite),
+        &[],
+        None,
+    )
+    .unwrap();
     let identity = Identity {
         ca_pem: read(d, "ca.pem"),
         chain: shoal_client::tls::parse_certs(&read(d, "node1.pem")).unwrap(),
@@ -77,7 +83,12 @@ async fn a_node_the_ring_says_is_down_keeps_its_connection() {
     };
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let limits = FrameLimits::new(&Default::default());
-    tokio::spawn(serve_clients(endpoint, Arc::new(SaysItIsDown { me }), limits, shutdown));
+    tokio::spawn(serve_clients(
+        endpoint,
+        Arc::new(SaysItIsDown { me }),
+        limits,
+        shutdown,
+    ));
 
     let mut config = ClientConfig::new(vec![addr], read(d, "ca.pem"));
     config.identity = Some((read(d, "client.pem"), read(d, "client.key")));

@@ -12,8 +12,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Where a request body's bytes come from: a QUIC stream (or a test's).
 pub(super) trait BodySource: Send {
     /// The next chunk of at most `max` bytes; `None` at the end.
-    fn next_chunk(&mut self, max: usize)
-        -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+    fn next_chunk(
+        &mut self,
+        max: usize,
+    ) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
 }
 
 impl BodySource for quinn::RecvStream {
@@ -128,7 +130,11 @@ mod tests {
         );
         assert_eq!(a.unwrap().unwrap(), size);
         assert_eq!(b.unwrap().unwrap(), size);
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(budget.available_permits(), size);
     }
 }

@@ -176,9 +176,7 @@ impl<S: Store> Replica<S> {
         let ikey = trees::index_key(self.partition_of(key), key);
         let indexed = match self.store.get(Tree::Aae, &ikey) {
             Ok(None) => None,
-            Ok(Some(d)) if d.len() == 8 => {
-                Some(u64::from_le_bytes(d.try_into().expect("8 bytes")))
-            }
+            Ok(Some(d)) if d.len() == 8 => Some(u64::from_le_bytes(d.try_into().expect("8 bytes"))),
             _ => {
                 self.rebuild_wanted.store(true, Ordering::Relaxed);
                 None
@@ -260,7 +258,12 @@ impl<S: Store> Replica<S> {
         if now != generation {
             return Ok(false);
         }
-        let heavy = copies.iter().flatten().map(Object::approx_size).sum::<usize>() + raw.len()
+        let heavy = copies
+            .iter()
+            .flatten()
+            .map(Object::approx_size)
+            .sum::<usize>()
+            + raw.len()
             > super::HEAVY_BYTES;
         let merge = || {
             let mut object = partial.unwrap_or_default();
@@ -269,7 +272,12 @@ impl<S: Store> Replica<S> {
             }
             self.pruned(&mut object);
             let bytes = (object != Object::default()).then(|| encode_object(&object));
-            self.write_object(&mut stripe, key, Some(trees::digest(&raw)), bytes.as_deref())
+            self.write_object(
+                &mut stripe,
+                key,
+                Some(trees::digest(&raw)),
+                bytes.as_deref(),
+            )
         };
         if heavy {
             crate::tasks::heavy(merge)?;
@@ -278,9 +286,7 @@ impl<S: Store> Replica<S> {
         }
         self.lock_lost().remove(key);
         drop(stripe);
-        self.metrics
-            .lost_restored
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.lost_restored.fetch_add(1, Ordering::Relaxed);
         info!(key = %hex::encode(key), "lost copy restored from every other primary");
         Ok(true)
     }
@@ -336,7 +342,12 @@ mod tests {
     #[test]
     fn markers_round_trip_and_are_never_objects() {
         let mut o = Object::default();
-        o.update(&Default::default(), Some(b"v".to_vec()), shoal_ring::NodeId::from_u128(7), 1);
+        o.update(
+            &Default::default(),
+            Some(b"v".to_vec()),
+            shoal_ring::NodeId::from_u128(7),
+            1,
+        );
         for partial in [None, Some(&o)] {
             let m = encode_marker(42, partial);
             let (g, p) = decode_marker(&m).unwrap().unwrap();
