@@ -108,6 +108,11 @@ struct Inner {
     /// until a background probe reconnects to them. So a dead node costs
     /// requests nothing while another node can serve them.
     down: Mutex<HashSet<SocketAddr>>,
+    /// Nodes the last ring said its node's failure detector sees down:
+    /// tried after the others (but before those in `down`), and their
+    /// connections kept: one node's view is not this client's, which may
+    /// well reach them.
+    reported_down: Mutex<HashSet<SocketAddr>>,
     ring: RwLock<Option<Arc<RingInfo>>>,
     /// Per partition, the client addresses to try in order (primaries, then
     /// every other member, then seeds); worked out once per ring, not per
@@ -148,6 +153,7 @@ impl Client {
                 config,
                 connections: Links::new(MAX_RESPONSE_BYTES),
                 down: Mutex::new(HashSet::new()),
+                reported_down: Mutex::new(HashSet::new()),
                 ring: RwLock::new(None),
                 routes: RwLock::default(),
             }),
@@ -159,7 +165,8 @@ impl Client {
     /// Fetches the ring again from any node that answers: the first
     /// [`RING_RACE`] addresses are asked at once and the first answer wins,
     /// so a seed that is down or stopped costs nothing. Members the
-    /// answering node sees down are tried last from then on.
+    /// answering node sees down are tried after the others from then on
+    /// (until the next ring says otherwise); their connections are kept.
     pub async fn refresh_ring(&self) -> Result<Arc<RingInfo>, Error> {
         let mut addrs = self.inner.config.seeds.clone();
         if let Some(ring) = self.ring_info() {
@@ -179,15 +186,23 @@ impl Client {
             Response::Ring(info) => {
                 let info = Arc::new(info);
                 let routes = Arc::new(routes(&info, &self.inner.config.seeds));
-                for m in info.members.iter().filter(|m| info.down.contains(&m.id)) {
-                    self.mark_down(m.client_addr);
-                }
+                *self.inner.reported_down.lock().expect("down lock") = info
+                    .members
+                    .iter()
+                    .filter(|m| info.down.contains(&m.id))
+                    .map(|m| m.client_addr)
+                    .collect();
                 *self.inner.ring.write().expect("ring lock") = Some(info.clone());
                 *self.inner.routes.write().expect("ring lock") = routes;
                 Ok(info)
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// The nodes (client addresses) this client holds a connection to.
+    pub fn connected(&self) -> Vec<SocketAddr> {
+        self.inner.connections.connected()
     }
 
     /// The ring as last fetched.
@@ -386,16 +401,18 @@ impl Client {
         self.send(&routes[partition as usize], request).await
     }
 
-    /// Tries `addrs` in order (recently failed ones last) within the time budget.
-    /// A request that may have run is retried elsewhere only if idempotent.
+    /// Tries `addrs` in order within the time budget: those the ring says
+    /// are down after the others, those that failed here last. A request
+    /// that may have run is retried elsewhere only if idempotent.
     async fn send(&self, addrs: &[SocketAddr], request: &Request) -> Result<Response, Error> {
         let ordered: std::borrow::Cow<[SocketAddr]> = {
             let down = self.inner.down.lock().expect("down lock");
-            if down.is_empty() {
+            let reported = self.inner.reported_down.lock().expect("down lock");
+            if down.is_empty() && reported.is_empty() {
                 addrs.into()
             } else {
                 let mut sorted = addrs.to_vec();
-                sorted.sort_by_key(|a| down.contains(a));
+                sorted.sort_by_key(|a| (down.contains(a), reported.contains(a)));
                 sorted.into()
             }
         };

@@ -381,6 +381,18 @@ impl<Resp: DeserializeOwned + Send + 'static> Links<Resp> {
         }
     }
 
+    /// Addresses with a link whose connection is not closed.
+    pub fn connected(&self) -> Vec<SocketAddr> {
+        let links = self.links.lock().expect("links lock");
+        let mut addrs: Vec<SocketAddr> = links
+            .iter()
+            .filter(|(_, l)| l.conn.close_reason().is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        addrs.sort();
+        addrs
+    }
+
     /// The open link to `addr`, with a new stream if only its stream failed;
     /// `None` if there is none or its connection closed (dial again).
     pub async fn get(&self, addr: SocketAddr) -> Option<Link<Resp>> {

@@ -36,10 +36,9 @@ use crate::liveness::Liveness;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::net::{byte_bounded, HandoffEntry, PeerRequest, PeerResponse, Transport};
-use crate::replica::hints::hinted_key;
+use crate::replica::hints::{decode_hint, hinted_key};
 use crate::replica::Replica;
 use crate::storage::Store;
-use crate::version::decode_object;
 
 /// Handoff settings, from the config's `[handoff]`.
 #[derive(Debug, Clone, Copy)]
@@ -127,12 +126,15 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             // Only what was sent is deleted after: an undecodable hint stays
             // (and is reported each round) rather than vanish as delivered.
             let mut sending = Vec::with_capacity(page.len());
+            // A lost hint goes too, flagged: its primary then restores the
+            // key from the other primaries (see `replica::hints`).
             for (hk, bytes) in &page {
-                match decode_object(bytes) {
-                    Ok(object) => {
+                match decode_hint(bytes) {
+                    Ok((object, lost)) => {
                         entries.push(HandoffEntry {
                             key: hinted_key(hk).to_vec(),
                             object,
+                            lost,
                         });
                         sending.push((hk.clone(), bytes.clone()));
                     }

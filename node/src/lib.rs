@@ -115,6 +115,7 @@
 //!   `delete_delivered`);
 //! - a key's stripe, then the actors lock (`Actors::for_write`, `retire`,
 //!   `is_current` while pruning);
+//! - a key's stripe, then the lost keys lock (a leaf: `replica::lost`);
 //! - the rebuild lock (a `tokio::sync::Mutex`, held across a whole rebuild
 //!   so two never run at once), then the locks above;
 //! - a fan-out's fallback pool, then the detector (`Fallbacks::next_live`);
@@ -148,11 +149,15 @@
 //!
 //! # Corruption
 //! A stored record failing its checksum ([`storage::record`]) is never
-//! served. The replica drops a corrupt object (counted, logged, its tree
-//! contribution removed) wherever it meets one: a read (which then fails
-//! on that replica and is read-repaired), a write or merge (which then
-//! applies as to a missing key), a tree rebuild. A corrupt hint is dropped
-//! when read or paged; scans list bad records with their error and go on.
+//! served. The replica replaces a corrupt object with a lost marker
+//! (counted, logged, a new incarnation) wherever it meets one: a read, a
+//! write or merge, a tree rebuild. A lost copy answers reads with an error
+//! (never counted as "absent"), keeps what writes and merges bring as a
+//! partial copy, and is restored only once it has merged with every other
+//! primary's copy (`replica::lost` has the rule and why it is enough;
+//! [`antientropy::AntiEntropy::restore_lost`] asks the primaries). A
+//! corrupt hint is dropped when read or paged; scans list bad records with
+//! their error and go on.
 //!
 //! # Errors
 //! `thiserror` enums that say what failed with which input:

@@ -88,6 +88,8 @@ pub struct Metrics {
     pub request_tasks: Arc<std::sync::atomic::AtomicUsize>,
     /// Records found failing their checksum, by tree (objects, hints, aae).
     pub corrupt_records: [AtomicU64; 3],
+    /// Copies lost to corruption restored from every other primary.
+    pub lost_restored: AtomicU64,
     /// Per peer name: currently up (1) or down (0), and transitions seen.
     pub peers: Mutex<BTreeMap<String, PeerMetric>>,
 }
@@ -231,6 +233,12 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
+        counter(
+            &mut out,
+            "shoal_lost_copies_restored_total",
+            "Copies lost to corruption restored from every other primary of their key.",
+            self.lost_restored.load(Ordering::Relaxed),
+        );
         let peers = self.peers.lock().expect("metrics lock");
         let _ = writeln!(out, "# HELP shoal_peer_up Whether this node considers the peer up.\n# TYPE shoal_peer_up gauge");
         for (name, p) in peers.iter() {

@@ -193,3 +193,35 @@ async fn reap_all(c: &SimCluster) -> u64 {
     }
     reaped
 }
+
+/// `max-repairs-per-sec` is shared by the peers a sweep exchanges with,
+/// not by every peer: with node3 down, node1's exchanges with node2 repair
+/// at the whole rate (200 keys at 100 a second: 2 s, not the 4 s of a rate
+/// halved for a peer nobody exchanges with).
+#[tokio::test(start_paused = true)]
+async fn the_repair_rate_is_shared_only_by_peers_being_swept() {
+    let mut s = shoal_tests::sim::settings();
+    s.aae.max_repairs_per_sec = 100;
+    let c = SimCluster::with_settings(3, s);
+    for i in 0..200 {
+        let mut o = Object::default();
+        o.update(&VersionVector::new(), Some(b"v".to_vec()), c.id("node1"), 1);
+        c.node("node1")
+            .local_merge(format!("key-{i}").as_bytes(), &o)
+            .unwrap();
+    }
+    for n in &c.nodes {
+        n.rebuild_trees(u32::MAX).await.unwrap();
+    }
+    c.net.crash("node3");
+    c.detect(10).await;
+    assert!(!c.node("node1").is_up(c.id("node3")));
+    let started = tokio::time::Instant::now();
+    let report = c.node("node1").aae_sweep().await;
+    let took = started.elapsed();
+    assert_eq!(report.keys_repaired, 200);
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "200 repairs at 100 a second took {took:?}"
+    );
+}

@@ -144,9 +144,13 @@ async fn a_corrupt_copy_is_not_counted_and_heals_after_one_read() {
     let via = c.primaries(b"k")[1].clone();
     let read = value(c.get(&via, b"k", D).await);
     assert_eq!(values(&read), vec![b"good".to_vec()]);
-    // Read repair restored the victim from the others.
+    // Read repair gave the victim the others' copy, but only its own
+    // restore, from every other primary, ends the loss.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(c.stored(&victim, b"k"), healthy);
+    assert!(c.node(&victim).local_read(b"k").is_err(), "still lost");
+    c.node(&victim).aae_sweep().await;
+    assert_eq!(c.node(&victim).local_read(b"k").unwrap(), healthy);
     let m = c.node(&victim).metrics().render();
     assert!(
         m.contains("shoal_corrupt_records_total{tree=\"objects\"} 1"),
@@ -224,6 +228,7 @@ async fn a_write_after_a_lost_copy_mints_a_dot_never_minted() {
         )
         .await,
     );
+    c.node("node1").aae_sweep().await; // restored from node2 and node3
     let mut seen = values(&value(c.get("node2", b"k", all).await));
     seen.sort();
     assert_eq!(seen, vec![b"v2".to_vec(), b"v3".to_vec()]);
@@ -248,10 +253,19 @@ async fn a_corrupt_copy_heals_in_one_sweep_and_rebuilds_go_on() {
     assert!(c.stored(victim, b"k").is_none());
     c.node("node1").aae_sweep().await;
     assert_eq!(c.stored(victim, b"k"), c.stored("node1", b"k"));
+    // The victim's own sweep restores it from both others.
+    assert!(c.node(victim).local_read(b"k").is_err(), "still lost");
+    c.node(victim).aae_sweep().await;
+    assert_eq!(
+        c.node(victim).local_read(b"k").unwrap(),
+        c.stored("node1", b"k")
+    );
 }
 
+/// A corrupt hint is handed off as lost: its primary marks its copy lost
+/// and restores it from the other primaries.
 #[tokio::test(start_paused = true)]
-async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
+async fn a_corrupt_hint_is_handed_off_as_lost_and_the_rest_are_delivered() {
     let c = SimCluster::new(3);
     c.net.crash("node3");
     for k in [&b"a"[..], b"b", b"c"] {
@@ -274,6 +288,15 @@ async fn a_corrupt_hint_is_dropped_and_the_rest_are_delivered() {
     assert!(
         m.contains("shoal_corrupt_records_total{tree=\"hints\"} 1"),
         "{m}"
+    );
+    assert!(
+        c.node("node3").local_read(b"b").is_err(),
+        "b is lost on node3"
+    );
+    c.node("node3").aae_sweep().await;
+    assert_eq!(
+        c.node("node3").local_read(b"b").unwrap(),
+        c.stored("node1", b"b")
     );
 }
 

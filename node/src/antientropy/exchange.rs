@@ -40,7 +40,11 @@ fn replica_failed(op: &str, key: &[u8], e: StoreError) -> PeerError {
     }
 }
 
-fn bad_answer(peer: &MemberInfo, step: &'static str, answer: &AaeResponse) -> ExchangeError {
+pub(super) fn bad_answer(
+    peer: &MemberInfo,
+    step: &'static str,
+    answer: &AaeResponse,
+) -> ExchangeError {
     ExchangeError::BadAnswer {
         peer: peer.name.clone(),
         step,
@@ -103,7 +107,7 @@ pub fn answer<S: Store>(
 }
 
 impl<T: Transport, S: Store> AntiEntropy<T, S> {
-    async fn aae_call(
+    pub(super) async fn aae_call(
         &self,
         peer: &MemberInfo,
         request: AaeRequest,
@@ -296,6 +300,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 push.push(HandoffEntry {
                     key: key.into_vec(),
                     object: merged,
+                    lost: false,
                 });
                 changed = true;
             }

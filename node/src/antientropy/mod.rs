@@ -17,12 +17,18 @@
 //! Repairs are paced to `anti-entropy.max-repairs-per-sec`. Exchanges, keys
 //! repaired and bytes are in the metrics and in `shoal status --json`.
 //!
+//! # Lost copies
+//! A copy lost to corruption is not restored by an exchange's merges (they
+//! land in its partial copy) but by [`AntiEntropy::restore_lost`] (see
+//! `restore`), at the start of every sweep and as soon as one is found.
+//!
 //! # Tombstones
 //! See [`crate::reaper`]: the same loop ([`AntiEntropy::run`]) has the
 //! reaper delete, every `reap-interval-ms`, tombstones older than
 //! `tombstone-grace-secs` that every primary holds exactly.
 
 mod exchange;
+mod restore;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -121,6 +127,20 @@ pub enum ExchangeError {
     Store(#[from] StoreError),
 }
 
+/// A peer's part of a sweep's repair rate, given up when dropped (its
+/// sweep ended, or was abandoned).
+struct Sharing<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Sharing<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+}
+
 /// The exchange service: the handles it needs and the last exchange of
 /// each partition (for `shoal status`).
 pub struct AntiEntropy<T, S> {
@@ -136,7 +156,7 @@ pub struct AntiEntropy<T, S> {
     /// Last exchange per partition: (peer, unix ms, keys repaired).
     pub last: Mutex<BTreeMap<u32, (String, u64, u64)>>,
     /// Peers a sweep is exchanging with at once: they share
-    /// `max-repairs-per-sec`.
+    /// `max-repairs-per-sec` (readers take at least 1).
     pub sweeping: std::sync::atomic::AtomicU32,
 }
 
@@ -152,6 +172,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
     /// one exchange at a time, so a silent peer (every step has a deadline)
     /// holds up only its own exchanges.
     pub async fn sweep(&self) -> ExchangeReport {
+        self.restore_lost().await;
         let mut total = ExchangeReport::default();
         let Some(view) = self.membership.view() else {
             return total;
@@ -169,11 +190,16 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 }
             }
         }
+        // `max-repairs-per-sec` is shared by the peers exchanged with at
+        // once: not one the detector sees down (never swept), and a peer
+        // leaves the share when its sweep ends.
+        by_peer.retain(|peer, _| self.liveness.is_up(*peer));
         self.sweeping
             .store(by_peer.len().max(1) as u32, Ordering::Relaxed);
         let sweeps = by_peer.into_iter().filter_map(|(peer, partitions)| {
             let member = view.members.get(&peer)?.clone();
             Some(async move {
+                let _sharing = Sharing(&self.sweeping);
                 let mut report = ExchangeReport::default();
                 for p in partitions {
                     // Asked again per exchange: a peer that went down
@@ -232,6 +258,9 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         let settings = self.settings;
         let mut next_rebuild = tokio::time::Instant::now();
         let mut next_reap = tokio::time::Instant::now();
+        // The first sweep waits one interval: a node that just started
+        // lets handoff and read repair act first.
+        let mut next_sweep = tokio::time::Instant::now() + settings.interval;
         loop {
             // A corrupt record whose index entry was unreadable left the
             // trees unsure: rebuilt now rather than at the daily turn.
@@ -256,14 +285,19 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 }
                 next_rebuild = tokio::time::Instant::now() + settings.rebuild_every;
             }
-            // The first sweep waits one interval: a node that just started
-            // lets handoff and read repair act first.
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tokio::time::sleep(settings.interval) => self.replica.timer_fired("anti-entropy"),
+                // A copy just found lost is restored now, not at the next
+                // sweep; the sweep keeps its time.
+                _ = self.replica.lost_found() => {
+                    self.restore_lost().await;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_sweep) => self.replica.timer_fired("anti-entropy"),
             }
             let swept = self.sweep().await;
+            next_sweep = tokio::time::Instant::now() + settings.interval;
             if swept.keys_repaired > 0 {
                 info!(
                     repaired = swept.keys_repaired,

@@ -103,13 +103,16 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     }
                 }
                 // The primary's copy was lost to corruption: its answer
-                // does not count, and read repair restores it.
-                Ok(PeerResponse::Error(e @ PeerError::Corrupt { .. })) if as_primary => {
+                // does not count, and read repair gives it what was heard.
+                // A fallback's hint for it was lost: nothing counts for
+                // that primary, and no other fallback is asked in its
+                // place (one that never held its hints would say "absent").
+                Ok(PeerResponse::Error(e @ PeerError::Corrupt { .. })) => {
                     return Reply {
                         result: Err(TransportError::Failed(target.name.clone(), e.to_string())),
+                        for_primary: (!as_primary).then_some(primary),
                         from: target,
-                        for_primary: None,
-                        corrupt: true,
+                        corrupt: as_primary,
                     }
                 }
                 Ok(other) => failures.push(format!("{}: {other:?}", target.name)),

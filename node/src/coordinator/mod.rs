@@ -75,7 +75,7 @@ use crate::membership::{Membership, MEMBERS_KEY};
 use crate::metrics::Metrics;
 use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
 use crate::reaper::Reaper;
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree};
 use crate::version::Object;
 
@@ -420,12 +420,12 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     /// Every hint held for `key`, by the primary it waits for.
-    pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, StoreError> {
+    pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, ReplicaError> {
         self.inner.replica.hints_of(key)
     }
 
     /// The hint held for `primary` and `key`, if any.
-    pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, StoreError> {
+    pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
         self.inner.replica.hint(primary, key)
     }
 
@@ -502,6 +502,12 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// This replica's stored object for `key`.
     pub fn local_get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
         self.inner.replica.get(key)
+    }
+
+    /// This replica's copy of `key` as a read's answer: a copy lost to
+    /// corruption and not restored yet is [`crate::replica::ReplicaError::Lost`].
+    pub fn local_read(&self, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        self.inner.replica.read(key)
     }
 
     /// Merges an object into the local copy.

@@ -79,7 +79,9 @@ fn write_error(e: ReplicaError) -> WireError {
         e @ ReplicaError::ObjectTooLarge { .. } => {
             WireError::new(ErrorKind::TooLarge, e.to_string())
         }
-        e @ ReplicaError::Lost { .. } => WireError::new(ErrorKind::Corruption, e.to_string()),
+        e @ (ReplicaError::Lost { .. } | ReplicaError::HintLost { .. }) => {
+            WireError::new(ErrorKind::Corruption, e.to_string())
+        }
     }
 }
 

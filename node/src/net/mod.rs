@@ -12,7 +12,9 @@
 //! - [`sim`]: an in-memory network for tests, with faults a test names:
 //!   `partition(a, b)`, `crash(a)`, `blackhole(a, b)` and `delay(a, b, d)`.
 //! - [`tls`]: server and client TLS configurations and the name check.
+//! - `budget`: the node-wide budget of client request bodies held at once.
 
+mod budget;
 pub mod quic;
 pub mod sim;
 pub mod tls;
@@ -180,12 +182,18 @@ pub fn byte_bounded<T>(items: &[T], size: impl Fn(&T) -> usize) -> usize {
     items.len()
 }
 
-/// One hint on its way to its primary.
+/// One hint on its way to its primary (or an object anti-entropy sends).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandoffEntry {
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub object: Object,
+    /// The hint was lost to corruption: `object` is only what was hinted
+    /// since, and the receiver's copy may miss a write it carried, so the
+    /// receiver marks its copy lost and restores it from every other
+    /// primary (see [`crate::replica::hints`]). Absent on the wire: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -228,7 +236,8 @@ pub enum PeerError {
     },
     /// `ReplicaGet`: the receiver's copy of `key` (hex) failed its checksum
     /// and is not restored yet: the coordinator does not count this answer
-    /// and read-repairs the replica.
+    /// and read-repairs the replica. `HintGet`: the receiver's hint for the
+    /// key was lost: nothing is counted for its primary.
     #[error("corrupt copy of key {key}: {detail}")]
     Corrupt { key: String, detail: String },
     /// `Reap`: the receiver's copy of `key` (hex) is not exactly the

@@ -16,9 +16,10 @@ use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::frame::{self, FrameError};
 use shoal_client::proto::{MemberInfo, Response, Role};
 use shoal_client::rpc::{self, CallError, Link, Links};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
+use super::budget::read_budgeted;
 use super::tls::{check_peer_name, client_role};
 use super::{
     Handler, PeerEnvelope, PeerError, PeerRequest, PeerResponse, Transport, TransportError,
@@ -159,59 +160,6 @@ fn permitted(role: Role, request: &shoal_client::proto::Request) -> Result<(), W
             needs.name()
         ),
     ))
-}
-
-/// How long a request body may take to arrive once its header has: a
-/// client that declares a body and sends it slowly, or never, holds the
-/// budget no longer than this.
-const BODY_WITHIN: Duration = Duration::from_secs(10);
-/// Budget taken at a time while a body arrives.
-const BUDGET_CHUNK: usize = 64 << 10;
-
-/// Reads a request body of `len` bytes as its bytes arrive, taking room for
-/// each chunk from `budget` before reading it (memory follows the bytes
-/// received, within the node-wide budget), within [`BODY_WITHIN`]. Returns
-/// the body and the budget it holds.
-async fn read_budgeted(
-    recv: &mut quinn::RecvStream,
-    len: usize,
-    budget: &Arc<Semaphore>,
-) -> Result<(Vec<u8>, OwnedSemaphorePermit), FrameError> {
-    let read = async {
-        let mut held = budget
-            .clone()
-            .acquire_many_owned(0)
-            .await
-            .expect("never closed");
-        let mut body = Vec::with_capacity(len.min(BUDGET_CHUNK));
-        while body.len() < len {
-            let want = (len - body.len()).min(BUDGET_CHUNK);
-            let mut room = budget
-                .clone()
-                .acquire_many_owned(want as u32)
-                .await
-                .expect("the budget is never closed");
-            match recv.read_chunk(want, true).await {
-                Ok(Some(chunk)) => {
-                    // Keep room for what arrived; the rest goes back.
-                    if let Some(used) = room.split(chunk.bytes.len()) {
-                        held.merge(used);
-                    }
-                    body.extend_from_slice(&chunk.bytes);
-                }
-                Ok(None) => return Err(FrameError::Truncated),
-                Err(e) => return Err(FrameError::Stream(e.to_string())),
-            }
-        }
-        Ok((body, held))
-    };
-    tokio::time::timeout(BODY_WITHIN, read)
-        .await
-        .unwrap_or_else(|_| {
-            Err(FrameError::Stream(format!(
-                "a {len}-byte body did not arrive within {BODY_WITHIN:?}"
-            )))
-        })
 }
 
 /// Requests one stream may have in progress at once; past this the server

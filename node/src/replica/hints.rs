@@ -7,6 +7,22 @@
 //! Hints are in the store like everything else, so they survive kill -9. The
 //! count per primary is kept in memory (loaded on start) for `shoal status`
 //! and for handoff to know whom to visit.
+//!
+//! # Lost hints
+//! A hint whose record fails its checksum carried a write this node
+//! acknowledged for its primary; that write may now live on fewer than W
+//! replicas, and the primary does not know it missed it. So the hint is not
+//! dropped but replaced by a lost marker (the object's format, see
+//! [`super::lost`]), which keeps what is hinted for the key afterwards:
+//! - a read standing in for the primary (`HintGet`) answers "lost"
+//!   ([`ReplicaError::HintLost`]), never "absent": the coordinator counts
+//!   nothing for that primary and asks no other fallback in its place;
+//! - `HintsOf` fails, so the reaper reaps nothing of the key meanwhile;
+//! - handoff delivers it like any hint, flagged lost
+//!   ([`crate::net::HandoffEntry::lost`]): the primary merges what it kept
+//!   and marks its own copy of the key lost, so that it restores the key
+//!   from every other primary ([`Replica::restore`]) instead of passing for
+//!   a complete copy.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -15,7 +31,8 @@ use std::sync::MutexGuard;
 use shoal_ring::NodeId;
 use tracing::warn;
 
-use super::Replica;
+use super::lost::{decode_marker, encode_marker};
+use super::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, Object};
 
@@ -50,6 +67,23 @@ fn corrupt(key: &[u8], detail: impl ToString) -> StoreError {
 /// A page of stored hints for one primary: (hints-tree key, stored bytes).
 pub type HintPage = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// A hint record as read.
+enum Held {
+    None,
+    Hint(Object),
+    /// Lost to corruption; what was hinted for the key since.
+    Lost(Option<Object>),
+}
+
+/// A hint as handoff delivers it: the object to merge, and whether the
+/// hint was lost (then the object is only what was hinted since).
+pub fn decode_hint(bytes: &[u8]) -> Result<(Object, bool), crate::version::DecodeError> {
+    match decode_marker(bytes) {
+        Some(marker) => marker.map(|(_, partial)| (partial.unwrap_or_default(), true)),
+        None => decode_object(bytes).map(|o| (o, false)),
+    }
+}
+
 /// The key a hints-tree key is a hint for.
 pub fn hinted_key(hint_key: &[u8]) -> &[u8] {
     &hint_key[16.min(hint_key.len())..]
@@ -76,69 +110,79 @@ impl<S: Store> Replica<S> {
     ) -> Result<(), StoreError> {
         let hk = hint_key(primary, key);
         let _guard = self.lock_stripe(key);
-        let (before, _) = self.read_hint_locked(&hk)?;
+        let (before, lost) = match self.read_hint_locked(&hk)? {
+            Held::None => (None, false),
+            Held::Hint(o) => (Some(o), false),
+            Held::Lost(partial) => (partial, true),
+        };
         let mut merged = before.clone().unwrap_or_default();
         merged.merge(object);
         if before.as_ref() != Some(&merged) {
-            self.store.put(Tree::Hints, &hk, &encode_object(&merged))?;
+            let bytes = if lost {
+                encode_marker(0, Some(&merged))
+            } else {
+                encode_object(&merged)
+            };
+            self.store.put(Tree::Hints, &hk, &bytes)?;
         }
         self.metrics.hints_stored.fetch_add(1, Ordering::Relaxed);
-        if before.is_none() {
+        if before.is_none() && !lost {
             self.count_hints(primary, 1);
         }
         Ok(())
     }
 
-    /// The hint stored under `hk`. A record failing its checksum is dropped
-    /// (see [`Self::drop_corrupt_hint`]) and read as absent; the corruption
-    /// is returned beside. The caller holds the stripe of the hinted key.
-    fn read_hint_locked(
-        &self,
-        hk: &[u8],
-    ) -> Result<(Option<Object>, Option<StoreError>), StoreError> {
+    /// The hint stored under `hk`. A record failing its checksum is marked
+    /// lost (see [`Self::mark_hint_lost`]). The caller holds the stripe of
+    /// the hinted key.
+    fn read_hint_locked(&self, hk: &[u8]) -> Result<Held, StoreError> {
         match self.store.get(Tree::Hints, hk) {
-            Ok(Some(bytes)) => decode_object(&bytes)
-                .map(|o| (Some(o), None))
-                .map_err(|d| corrupt(hk, d)),
-            Ok(None) => Ok((None, None)),
+            Ok(Some(bytes)) => match decode_marker(&bytes) {
+                Some(marker) => marker
+                    .map(|(_, partial)| Held::Lost(partial))
+                    .map_err(|d| corrupt(hk, d)),
+                None => decode_object(&bytes)
+                    .map(Held::Hint)
+                    .map_err(|d| corrupt(hk, d)),
+            },
+            Ok(None) => Ok(Held::None),
             Err(e @ StoreError::Corruption { .. }) => {
-                self.drop_corrupt_hint(hk, &e)?;
-                Ok((None, Some(e)))
+                self.mark_hint_lost(hk, &e)?;
+                Ok(Held::Lost(None))
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Deletes a hint whose record failed its checksum: it can never be
-    /// delivered, and kept it would be met again by every handoff round.
-    /// The write it carried lives on the replicas that acknowledged it,
-    /// and anti-entropy brings the primary up to date. The caller holds the
-    /// stripe of the hinted key.
-    fn drop_corrupt_hint(&self, hk: &[u8], error: &StoreError) -> Result<(), StoreError> {
+    /// Replaces a hint whose record failed its checksum with a lost marker
+    /// (see the module doc); it still counts as a hint for its primary. The
+    /// caller holds the stripe of the hinted key.
+    fn mark_hint_lost(&self, hk: &[u8], error: &StoreError) -> Result<Vec<u8>, StoreError> {
         self.metrics.count_corrupt(Tree::Hints);
-        warn!(hint = %hex::encode(hk), %error, "corrupt hint dropped");
-        let mut batch = WriteBatch::default();
-        batch.delete(Tree::Hints, hk);
-        self.store.write(batch)?;
-        if let Some(id) = hint_primary(hk) {
-            self.count_hints(id, -1);
-        }
-        Ok(())
+        warn!(hint = %hex::encode(hk), %error, "corrupt hint: marked lost; its primary restores the key from the other primaries");
+        let marker = encode_marker(0, None);
+        self.store.put(Tree::Hints, hk, &marker)?;
+        Ok(marker)
     }
 
-    /// The hint held for `primary` and `key`, if any. A corrupt one fails
-    /// this read (it must not count as "no hint" towards a read quorum, nor
-    /// for the reaper) and is dropped.
-    pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, StoreError> {
+    /// The hint held for `primary` and `key`, if any. A lost one (see the
+    /// module doc) fails this read: it must not count as "no hint" towards
+    /// a read quorum, nor for the reaper.
+    pub fn hint(&self, primary: NodeId, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
         let _guard = self.lock_stripe(key);
         match self.read_hint_locked(&hint_key(primary, key))? {
-            (_, Some(dropped)) => Err(dropped),
-            (hint, None) => Ok(hint),
+            Held::None => Ok(None),
+            Held::Hint(o) => Ok(Some(o)),
+            Held::Lost(_) => Err(ReplicaError::HintLost {
+                key: hex::encode(key),
+                primary: primary.to_hex(),
+            }),
         }
     }
 
-    /// Every hint held for `key`, by the primary it waits for.
-    pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, StoreError> {
+    /// Every hint held for `key`, by the primary it waits for; fails if one
+    /// of them is lost.
+    pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, ReplicaError> {
         let mut found = Vec::new();
         for m in self.membership.known() {
             if let Some(o) = self.hint(m.id, key)? {
@@ -188,7 +232,7 @@ impl<S: Store> Replica<S> {
 
     /// Up to `limit` hints for `primary`, in key order, from the hints-tree
     /// key `after` on (`None`: from the first). Corrupt ones found on the
-    /// way are dropped and left out.
+    /// way are marked lost, and listed as their markers.
     pub fn hint_page(
         &self,
         primary: NodeId,
@@ -213,10 +257,16 @@ impl<S: Store> Replica<S> {
                 Ok(bytes) => healthy.push((hk, bytes)),
                 Err(e) => {
                     // Checked again under the key's lock: a hint written
-                    // over it meanwhile is kept.
+                    // over it meanwhile is listed as it is now.
                     let _guard = self.lock_stripe(hinted_key(&hk));
-                    if let Err(StoreError::Corruption { .. }) = self.store.get(Tree::Hints, &hk) {
-                        self.drop_corrupt_hint(&hk, &e)?;
+                    match self.store.get(Tree::Hints, &hk) {
+                        Err(StoreError::Corruption { .. }) => {
+                            let marker = self.mark_hint_lost(&hk, &e)?;
+                            healthy.push((hk, marker));
+                        }
+                        Ok(Some(bytes)) => healthy.push((hk, bytes)),
+                        Ok(None) => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }

@@ -18,7 +18,8 @@
 //! # Lock order
 //! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
-//! `delete_delivered`). A rebuild holds the trees lock while it reads a page
+//! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
+//! see [`lost`]). A rebuild holds the trees lock while it reads a page
 //! of keys, without any stripe. No lock is held across an await.
 
 pub mod hints;
@@ -27,7 +28,8 @@ mod serve;
 pub mod stripe;
 pub mod trees;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,8 +70,12 @@ pub enum ReplicaError {
     Store(#[from] StoreError),
     /// The copy of `key` here was lost to corruption and is not restored
     /// yet (see [`lost`]).
-    #[error("the copy of key {key} here failed its checksum; it is restored from the other replicas by read repair or anti-entropy")]
+    #[error("the copy of key {key} here failed its checksum; it is restored once every other primary of the key has answered")]
     Lost { key: String },
+    /// The hint for `primary` of `key` here was lost to corruption (see
+    /// [`hints`]): what it held is unknown, so it is not "no hint".
+    #[error("the hint of key {key} for {primary} here failed its checksum; handoff tells {primary} to restore the key from the other primaries")]
+    HintLost { key: String, primary: String },
     /// A client write could not be given a dot.
     #[error("cannot version the write of key {key}: {source}")]
     Version { key: String, source: VersionError },
@@ -164,7 +170,13 @@ pub struct Replica<S> {
     /// Set when the live trees may no longer match the store (a corrupt
     /// record whose index entry could not be read): the anti-entropy loop
     /// rebuilds them at its next turn.
-    rebuild_wanted: std::sync::atomic::AtomicBool,
+    rebuild_wanted: AtomicBool,
+    /// Keys whose copy here is lost, for the restorer (see [`lost`]).
+    lost: Mutex<BTreeSet<Vec<u8>>>,
+    /// Woken when a key is added to `lost`.
+    lost_found: tokio::sync::Notify,
+    /// The next lost marker's generation (see [`lost`]).
+    marker_generations: AtomicU64,
 }
 
 impl<S: Store> Replica<S> {
@@ -193,7 +205,10 @@ impl<S: Store> Replica<S> {
             rebuilding: tokio::sync::Mutex::new(()),
             hints_pending: Mutex::new(BTreeMap::new()),
             incarnations: Mutex::new(()),
-            rebuild_wanted: std::sync::atomic::AtomicBool::new(false),
+            rebuild_wanted: AtomicBool::new(false),
+            lost: Mutex::default(),
+            lost_found: tokio::sync::Notify::new(),
+            marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
         })
     }
 
@@ -242,12 +257,14 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// This replica's stored object for `key`, for repair and bookkeeping:
-    /// a copy lost to corruption reads as absent (see [`lost`]).
+    /// This replica's stored object for `key`, for repair paths that only
+    /// add what they find: a copy lost to corruption gives what reached it
+    /// since (see [`lost`]).
     pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
         match self.stored_record(&mut self.lock_stripe(key), key)? {
             Stored::Present(b) => decode_object(&b).map(Some).map_err(|e| corruption(key, e)),
-            Stored::Absent | Stored::Lost => Ok(None),
+            Stored::Absent => Ok(None),
+            Stored::Lost { partial, .. } => Ok(partial),
         }
     }
 
@@ -258,7 +275,7 @@ impl<S: Store> Replica<S> {
         match self.stored_record(&mut self.lock_stripe(key), key)? {
             Stored::Present(b) => Ok(Some(decode_object(&b).map_err(|e| corruption(key, e))?)),
             Stored::Absent => Ok(None),
-            Stored::Lost => Err(ReplicaError::Lost {
+            Stored::Lost { .. } => Err(ReplicaError::Lost {
                 key: hex::encode(key),
             }),
         }
@@ -266,7 +283,7 @@ impl<S: Store> Replica<S> {
 
     /// Read-modify-write of the local object under the key's lock; nothing
     /// is written if `change` fails. A copy lost to corruption is changed
-    /// as a missing key would be: this is how repair restores it.
+    /// in its partial copy and stays lost (see [`lost`]).
     fn apply<E: From<StoreError>>(
         &self,
         key: &[u8],
@@ -276,26 +293,27 @@ impl<S: Store> Replica<S> {
         let record = self.stored_record(&mut stripe, key)?;
         let raw = record.bytes();
         let modify = || {
-            let before = match &record {
-                Stored::Present(b) => Some(decode_object(b).map_err(|e| corruption(key, e))?),
-                Stored::Absent | Stored::Lost => None,
+            let (before, lost) = match &record {
+                Stored::Present(b) => (
+                    Some(decode_object(b).map_err(|e| corruption(key, e))?),
+                    None,
+                ),
+                Stored::Absent => (None, None),
+                Stored::Lost {
+                    generation,
+                    partial,
+                    ..
+                } => (partial.clone(), Some(*generation)),
             };
             let mut object = before.clone().unwrap_or_default();
             change(before.as_ref(), &mut object)?;
-            let s = &self.settings;
-            object.prune(
-                s.clock_max_entries,
-                s.clock_min_age_ms,
-                s.clock.now_ms(),
-                |actor| self.actors.is_current(actor),
-            );
+            self.pruned(&mut object);
             if before.as_ref() != Some(&object) {
-                self.write_object(
-                    &mut stripe,
-                    key,
-                    raw.map(trees::digest),
-                    Some(&encode_object(&object)),
-                )?;
+                let bytes = match lost {
+                    Some(generation) => lost::encode_marker(generation, Some(&object)),
+                    None => encode_object(&object),
+                };
+                self.write_object(&mut stripe, key, raw.map(trees::digest), Some(&bytes))?;
             }
             Ok(object)
         };
@@ -306,6 +324,18 @@ impl<S: Store> Replica<S> {
         } else {
             modify()
         }
+    }
+
+    /// Prunes `object`'s clock past the configured bounds (see
+    /// [`Object::prune`]); entries of this incarnation's actors are kept.
+    fn pruned(&self, object: &mut Object) {
+        let s = &self.settings;
+        object.prune(
+            s.clock_max_entries,
+            s.clock_min_age_ms,
+            s.clock.now_ms(),
+            |actor| self.actors.is_current(actor),
+        );
     }
 
     /// Merges an object sent by a coordinator (or found by read repair,

@@ -55,25 +55,35 @@ impl<S: Store> Replica<S> {
             }
             PeerRequest::HintGet { key, for_primary } => match self.hint(for_primary, &key) {
                 Ok(o) => PeerResponse::Object(o),
+                Err(e @ ReplicaError::HintLost { .. }) => PeerResponse::Error(PeerError::Corrupt {
+                    key: hex::encode(&key),
+                    detail: e.to_string(),
+                }),
                 Err(e) => failed("hint read", &key, e),
             },
             // Read, then synced: the reaper acts on "no hint here" for good,
             // and a power loss must not bring back a hint deleted as
             // delivered.
             PeerRequest::HintsOf { key } => {
-                match self
-                    .hints_of(&key)
-                    .and_then(|h| self.store().sync_wal().map(|()| h))
-                {
+                match self.hints_of(&key).and_then(|h| {
+                    self.store()
+                        .sync_wal()
+                        .map(|()| h)
+                        .map_err(ReplicaError::from)
+                }) {
                     Ok(h) => PeerResponse::Hints(h),
                     Err(e) => failed("hints read", &key, e),
                 }
             }
+            // A lost copy is an error here: the reaper must not take it
+            // for "absent", nor its partial copy for the whole.
             PeerRequest::ReapCheck { key } => {
-                match self
-                    .get(&key)
-                    .and_then(|o| self.store().sync_wal().map(|()| o))
-                {
+                match self.read(&key).and_then(|o| {
+                    self.store()
+                        .sync_wal()
+                        .map(|()| o)
+                        .map_err(ReplicaError::from)
+                }) {
                     Ok(o) => PeerResponse::Object(o),
                     Err(e) => failed("reap check", &key, e),
                 }
@@ -93,12 +103,17 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// Merges handed-off objects into this node's copies; on failure, the
-    /// key that failed.
+    /// Merges handed-off objects into this node's copies; a hint that was
+    /// lost on its way marks the copy lost (see [`super::hints`]). On
+    /// failure, the key that failed.
     fn accept_handoff(&self, entries: &[HandoffEntry]) -> Result<(), (Vec<u8>, StoreError)> {
         for e in entries {
-            self.merge(&e.key, &e.object)
-                .map_err(|err| (e.key.clone(), err))?;
+            let merged = if e.lost {
+                self.merge_incomplete(&e.key, &e.object)
+            } else {
+                self.merge(&e.key, &e.object).map(drop)
+            };
+            merged.map_err(|err| (e.key.clone(), err))?;
         }
         Ok(())
     }

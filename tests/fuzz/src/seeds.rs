@@ -315,6 +315,7 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
             PeerRequest::Handoff(vec![HandoffEntry {
                 key: key.clone(),
                 object: object.clone(),
+                lost: false,
             }]),
         ),
         (

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
-//!           [--pruning-percent 20]
+//!           [--pruning-percent 20] [--corruption-percent 50]
 //! shoal-sim --seed 123 --verbose        # replay: summary, report, trace
 //! ```
 //! Prints a progress line, every failing seed with its report, and a final
@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
             "--verbose" => verbose = true,
             "--any-reply-context" => options.any_reply_context = true,
             "--pruning-percent" => options.pruning_percent = value()?.parse()?,
+            "--corruption-percent" => options.corruption_percent = value()?.parse()?,
             other => anyhow::bail!("unknown argument {other}; see the doc of shoal-sim"),
         }
     }

@@ -24,21 +24,25 @@
 //!    [`workload::MIN_FAULTS`] named faults: crashes (kill -9: tasks
 //!    aborted, the node rebuilt from its store by the normal start path),
 //!    power losses (a crash that also loses the unsynced tail), partitions
-//!    and one-way cuts, and heals.
+//!    and one-way cuts, heals, and (with `--corruption-percent`) a record
+//!    made to fail its checksum: an object or a hint.
 //! 3. Faults stop: random faults off, partitions healed, every node running.
 //!    The cluster stays quiet until no hint is left and every key's
 //!    primaries agree (at most [`QUIET_MAX`]); background loops stop.
 //! 4. The oracle ([`oracle`]): every acknowledged write is present unless a
 //!    context that saw it superseded it; nothing never written appears; a
 //!    value an acknowledged write or delete superseded (its context's read
-//!    saw it) is absent; all primaries hold identical objects; no hints
-//!    remain; every live Merkle tree equals a rebuild.
+//!    saw it) is absent; all primaries hold identical objects; no copy is
+//!    left lost to corruption; no hints remain; every live Merkle tree
+//!    equals a rebuild.
 //!
 //! # Fault envelope
 //! Inside it the oracle must hold for every seed:
 //! - at most one power loss per seed: with W = 2 that is at most W-1 = 1
 //!   permanent loss (of the unsynced tail, whole batches) per key between
-//!   re-replications; a seed whose nemesis drew more steps outside;
+//!   re-replications; a seed whose nemesis drew more steps outside; a
+//!   corrupted record is such a loss too (of one copy), so a seed with a
+//!   corruption and a power loss is outside;
 //! - power loss only through the modelled unsynced tail (the OS flushes
 //!   every [`world::SYNC_EVERY`]); a crash without power loss loses nothing;
 //! - at most one node down at a time (two in a tenth of the seeds), each
@@ -103,7 +107,7 @@ pub const QUIET_MIN: Duration = Duration::from_secs(5);
 pub const QUIET_MAX: Duration = Duration::from_secs(60);
 
 /// The fault envelope, as printed by the runner.
-pub const ENVELOPE: &str = "fault envelope: <= 1 power loss per seed (W-1 permanent losses of the unsynced tail per key), \
+pub const ENVELOPE: &str = "fault envelope: <= 1 power loss or corrupted record per seed (W-1 permanent losses per key), \
 power loss only through the unsynced tail (OS flush every 1 s), <= 1 node down at a time (2 in 10% of seeds), \
 each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period; \
 clock pruning only with --pruning-percent";
@@ -123,6 +127,10 @@ pub struct Options {
     /// 0.5 to 3 s); the others never prune. Off by default until pruning
     /// mints no dot twice (it fails about a third of such seeds today).
     pub pruning_percent: u64,
+    /// Odds (percent) that a seed's nemesis corrupts one record (an object
+    /// or a hint). Off by default: 0 draws nothing, so the default seeds'
+    /// schedules and trace hashes stay as they were.
+    pub corruption_percent: u64,
 }
 
 impl Default for Options {
@@ -132,6 +140,7 @@ impl Default for Options {
             trace_log: false,
             any_reply_context: false,
             pruning_percent: 0,
+            corruption_percent: 0,
         }
     }
 }
@@ -230,6 +239,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     )));
     let pruning = (rng.below(100) < options.pruning_percent)
         .then(|| (rng.range(1, 2) as usize, rng.range(500, 3000)));
+    let corrupt = options.corruption_percent > 0 && rng.below(100) < options.corruption_percent;
     let world = World::new(net.clone(), size, &mut rng, pruning);
     let shared = Arc::new(Shared {
         seed,
@@ -253,6 +263,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         SimRng::new(rng.next_u64()),
         done.clone(),
         options.power_loss_percent,
+        corrupt,
     ));
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -363,8 +374,12 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             report.push_str(&format!("    {f}\n"));
         }
     }
-    let outside =
-        (faults.power_losses > 1).then(|| format!("{} power losses", faults.power_losses));
+    let outside = (faults.power_losses + faults.corruptions > 1).then(|| {
+        format!(
+            "{} power losses, {} corrupted records",
+            faults.power_losses, faults.corruptions
+        )
+    });
     let (trace_hash, events) = net.trace_hash();
     Outcome {
         seed,

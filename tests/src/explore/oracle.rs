@@ -41,8 +41,14 @@ pub fn converged(world: &World, keys: usize) -> bool {
     }
     (0..keys).all(|k| {
         let key = Shared::key(k);
-        let objects: Vec<Option<Object>> = world
-            .primaries(&key)
+        let primaries = world.primaries(&key);
+        let lost = primaries.iter().any(|p| {
+            world.machines[*p]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.local_read(&key).is_err())
+        });
+        let objects: Vec<Option<Object>> = primaries
             .into_iter()
             .map(|p| {
                 world.machines[p]
@@ -51,7 +57,7 @@ pub fn converged(world: &World, keys: usize) -> bool {
                     .and_then(|n| n.local_get(&key).ok().flatten())
             })
             .collect();
-        objects.iter().all(|o| *o == objects[0])
+        !lost && objects.iter().all(|o| *o == objects[0])
     })
 }
 
@@ -104,6 +110,17 @@ pub fn check(
                 (m.me.name.clone(), o)
             })
             .collect();
+        for p in &primaries {
+            let m = &world.machines[*p];
+            if let Some(Err(e)) = m.node.as_ref().map(|n| n.local_read(&key)) {
+                out.push(Violation {
+                    family: "",
+                    rule: "no copy is left lost to corruption",
+                    key: Some(k),
+                    detail: format!("{}: {e}", m.me.name),
+                });
+            }
+        }
         if objects.iter().any(|(_, o)| *o != objects[0].1) {
             out.push(Violation {
                 family: "",

@@ -370,23 +370,27 @@ pub struct FaultStats {
     pub batches_lost: usize,
     pub partitions: usize,
     pub one_way: usize,
+    /// Records made to fail their checksum (an object or a hint).
+    pub corruptions: usize,
 }
 
 impl FaultStats {
     pub fn total(&self) -> usize {
-        self.crashes + self.power_losses + self.partitions + self.one_way
+        self.crashes + self.power_losses + self.partitions + self.one_way + self.corruptions
     }
 }
 
 /// Injects named faults until the clients are done and at least
 /// [`MIN_FAULTS`] happened: crashes (at most `max_down` nodes down at
 /// once, each for at most [`MAX_DOWN`]), power losses, partitions both ways
-/// and one way, heals.
+/// and one way, heals, and with `corrupt` one record (an object or a hint
+/// of a running node) made to fail its checksum.
 pub async fn nemesis(
     shared: Arc<Shared>,
     mut rng: SimRng,
     clients_done: Arc<std::sync::atomic::AtomicBool>,
     power_loss_odds: u64,
+    mut corrupt: bool,
 ) -> FaultStats {
     let mut stats = FaultStats::default();
     let size = shared.world.lock().expect("world lock").machines.len();
@@ -467,6 +471,17 @@ pub async fn nemesis(
             14..=17 => {
                 w.net.heal();
                 log("heal partitions".into());
+            }
+            // Drawn only in seeds that corrupt (the others' schedules stay).
+            18..=19 if corrupt => {
+                let i = pick(&mut rng);
+                let hint = rng.below(2) == 0;
+                let key = Shared::key(rng.below(shared.keys as u64) as usize);
+                if let Some(what) = w.corrupt(i, &key, hint) {
+                    corrupt = false;
+                    stats.corruptions += 1;
+                    log(format!("corrupt {what} on {}", w.name(i)));
+                }
             }
             _ => {}
         }

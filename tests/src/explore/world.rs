@@ -14,7 +14,7 @@ use shoal_node::coordinator::Settings;
 use shoal_node::detector::DetectorConfig;
 use shoal_node::handoff::HandoffSettings;
 use shoal_node::net::sim::{SimNetwork, SimRng};
-use shoal_node::storage::MemoryStore;
+use shoal_node::storage::{MemoryStore, Store, Tree};
 use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -232,6 +232,32 @@ impl World {
             }
             None => 0,
         }
+    }
+
+    /// Makes one record of running machine `i` fail its checksum: a hint
+    /// it holds for `key` (if `hint` and it holds one), else its object of
+    /// `key` (if any). Returns what it corrupted.
+    pub fn corrupt(&mut self, i: usize, key: &[u8], hint: bool) -> Option<String> {
+        let m = &self.machines[i];
+        let node = m.node.as_ref()?;
+        let hinted = hint
+            .then(|| {
+                m.store
+                    .scan(Tree::Hints, b"", None, usize::MAX)
+                    .ok()?
+                    .into_iter()
+                    .map(|(hk, _)| hk)
+                    .find(|hk| shoal_node::replica::hints::hinted_key(hk) == key)
+            })
+            .flatten();
+        let (tree, record, what) = match hinted {
+            Some(hk) => (Tree::Hints, hk, "hint"),
+            None => (Tree::Objects, key.to_vec(), "object"),
+        };
+        m.store.get(tree, &record).ok()??;
+        m.store.corrupt(tree, &record);
+        node.drop_cache();
+        Some(format!("{what} of {}", String::from_utf8_lossy(key)))
     }
 
     /// The operating system flushes every machine's WAL.
