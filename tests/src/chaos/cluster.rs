@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_node::config::{ClusterConfig, Config, MemberConfig, TlsConfig};
 
-use super::net::{enter_ns, Host, Lab};
+use super::net::{enter_ns, run, Host, Lab};
 use crate::process::shoal_bin;
 
 pub const CLIENT_PORT: u16 = 7400;
@@ -392,21 +392,6 @@ impl Drop for ChaosCluster {
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 temp path")
-}
-
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Kills the nodes and unmounts the disks of runs whose process is gone.

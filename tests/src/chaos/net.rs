@@ -327,7 +327,8 @@ fn iptables(ns: &str, args: &[&str]) -> anyhow::Result<()> {
     run("ip", &all)
 }
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+/// Runs a setup command; its stderr becomes the error.
+pub(super) fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
