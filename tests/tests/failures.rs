@@ -36,6 +36,8 @@ async fn two_primaries_killed_writes_go_through_fallbacks() {
     c.kill9(&p[2]).await;
     let detected = c.wait_seen(&p[1], false, Duration::from_secs(20)).await;
     c.wait_seen(&p[2], false, Duration::from_secs(20)).await;
+    // Learnt from the ring: a write to a silent node is not retried elsewhere.
+    client.refresh_ring().await.expect("ring");
     println!(
         "{} and {} killed; marked down after {detected:?}",
         p[1], p[2]
@@ -147,6 +149,8 @@ async fn hints_survive_a_killed_fallback() {
     let client = c.client().await;
     c.kill9("node5").await;
     c.wait_seen("node5", false, Duration::from_secs(20)).await;
+    // Learnt from the ring: a write to a silent node is not retried elsewhere.
+    client.refresh_ring().await.expect("ring");
     let keys: Vec<String> = (0..500).map(|i| format!("fb-{i:03}")).collect();
     put_all(&client, &keys, W2, 16).await;
 
@@ -161,6 +165,8 @@ async fn hints_survive_a_killed_fallback() {
     let holder = holder.name.clone();
     c.kill9(&holder).await;
     c.wait_seen(&holder, false, Duration::from_secs(20)).await;
+    // Learnt from the ring: a write to a silent node is not retried elsewhere.
+    client.refresh_ring().await.expect("ring");
     c.restart("node5");
     c.wait_for(
         "the other hints delivered",
@@ -211,6 +217,8 @@ async fn one_get_repairs_a_replica_that_missed_a_write() {
     client.put(b"k", b"v1", None).await.expect("put v1");
     c.kill9("node3").await;
     c.wait_seen("node3", false, Duration::from_secs(20)).await;
+    // Learnt from the ring: a write to a silent node is not retried elsewhere.
+    client.refresh_ring().await.expect("ring");
     let ctx = client.get(b"k").await.expect("get").context;
     client
         .put_with(b"k", b"v2", Some(&ctx), W2)
