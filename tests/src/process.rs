@@ -419,3 +419,23 @@ pub async fn assert_on_every_replica(client: &Client, keys: &[String]) {
     })
     .await;
 }
+
+/// Runs 200 CLI commands, alternately `get` and `put` over `key0`..`key19`,
+/// through `run` (which must check each succeeded); returns how long each
+/// took, sorted.
+pub fn time_cli_commands(mut run: impl FnMut(&[&str])) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for i in 0..200 {
+        let k = format!("key{}", i % 20);
+        let args: Vec<&str> = if i % 2 == 0 {
+            vec!["get", &k]
+        } else {
+            vec!["put", &k, "w"]
+        };
+        let started = Instant::now();
+        run(&args);
+        took.push(started.elapsed());
+    }
+    took.sort();
+    took
+}

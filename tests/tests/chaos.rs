@@ -3,11 +3,12 @@
 //! shown able to fail. The long run is `shoal-chaos --secs 600`.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shoal_tests::chaos::cluster::ChaosCluster;
 use shoal_tests::chaos::net::Host;
 use shoal_tests::chaos::{self, Settings};
+use shoal_tests::process::time_cli_commands;
 
 /// The tests here each run five nodes; side by side on two cores they
 /// would time each other out.
@@ -101,19 +102,7 @@ fn cli_commands_stay_fast_with_a_node_cut_off() {
                 .all(|s| s.peers.iter().any(|p| p.name == "node1" && !p.up))
     })
     .expect("node1 seen down");
-    let mut took = Vec::new();
-    for i in 0..200 {
-        let k = format!("key{}", i % 20);
-        let args: Vec<&str> = if i % 2 == 0 {
-            vec!["get", &k]
-        } else {
-            vec!["put", &k, "w"]
-        };
-        let started = Instant::now();
-        run(&c, &args);
-        took.push(started.elapsed());
-    }
-    took.sort();
+    let took = time_cli_commands(|args| run(&c, args));
     let (p50, p99) = (took[100], took[198]);
     println!(
         "200 CLI commands with node1 cut off: p50 {p50:?}, p99 {p99:?}, max {:?}",

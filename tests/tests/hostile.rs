@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use shoal_client::proto::RequestOptions;
 use shoal_client::Error;
 use shoal_node::storage::{RocksStore, Store, Tree};
-use shoal_tests::process::{all_hold, metric, DevCluster, W2};
+use shoal_tests::process::{all_hold, metric, time_cli_commands, DevCluster, W2};
 
 /// Waits (bounded) until `done` holds, polling every 200 ms.
 async fn eventually(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) -> Duration {
@@ -431,25 +431,15 @@ async fn cli_commands_stay_fast_with_a_node_paused() {
         })
     })
     .await;
-    let mut took = Vec::new();
-    for i in 0..200 {
-        let k = format!("key{}", i % 20);
-        let args: Vec<&str> = if i % 2 == 0 {
-            vec!["get", &k]
-        } else {
-            vec!["put", &k, "w"]
-        };
-        let started = Instant::now();
-        let out = c.shoal(&args);
-        took.push(started.elapsed());
+    let took = time_cli_commands(|args| {
+        let out = c.shoal(args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
+    });
     unsafe { libc::kill(paused, libc::SIGCONT) };
-    took.sort();
     let p50 = took[took.len() / 2];
     let p99 = took[took.len() * 99 / 100];
     println!(
