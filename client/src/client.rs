@@ -49,6 +49,10 @@ pub struct ClientConfig {
     pub options: RequestOptions,
     /// Values over this are refused before they are sent.
     pub max_value_bytes: usize,
+    /// The ring is fetched again in the background once it is this old, at
+    /// the next request: members joining and leaving reach the client's
+    /// routing without a restart (a stale ring only costs a forward).
+    pub ring_refresh: Duration,
 }
 
 impl ClientConfig {
@@ -61,6 +65,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(1),
             options: RequestOptions::default(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            ring_refresh: Duration::from_secs(5),
         }
     }
 
@@ -118,6 +123,10 @@ struct Inner {
     /// every other member, then seeds); worked out once per ring, not per
     /// request.
     routes: RwLock<Arc<Vec<Vec<SocketAddr>>>>,
+    /// When the ring was last fetched, and whether a background fetch is
+    /// running (see [`ClientConfig::ring_refresh`]).
+    ring_fetched: Mutex<std::time::Instant>,
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -156,6 +165,8 @@ impl Client {
                 reported_down: Mutex::new(HashSet::new()),
                 ring: RwLock::new(None),
                 routes: RwLock::default(),
+                ring_fetched: Mutex::new(std::time::Instant::now()),
+                refreshing: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         client.refresh_ring().await?;
@@ -194,6 +205,7 @@ impl Client {
                     .collect();
                 *self.inner.ring.write().expect("ring lock") = Some(info.clone());
                 *self.inner.routes.write().expect("ring lock") = routes;
+                *self.inner.ring_fetched.lock().expect("ring lock") = std::time::Instant::now();
                 Ok(info)
             }
             other => Err(unexpected(other)),
@@ -393,12 +405,48 @@ impl Client {
     /// Sends a keyed request to the key's primaries first (the node then
     /// coordinates locally, saving a hop), then to any other member.
     async fn route(&self, key: &[u8], request: &Request) -> Result<Response, Error> {
+        self.refresh_ring_if_old();
         let routes = self.inner.routes.read().expect("ring lock").clone();
         if routes.is_empty() {
             return self.send(&self.inner.config.seeds, request).await;
         }
         let partition = shoal_ring::partition_of(key, routes.len() as u32);
         self.send(&routes[partition as usize], request).await
+    }
+
+    /// Starts a background fetch of the ring when it is older than
+    /// [`ClientConfig::ring_refresh`] and none is running.
+    fn refresh_ring_if_old(&self) {
+        use std::sync::atomic::Ordering;
+        let age = self.inner.ring_fetched.lock().expect("ring lock").elapsed();
+        if age < self.inner.config.ring_refresh
+            || self.inner.refreshing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.refresh_ring().await {
+                tracing::debug!(error = %e, "ring refresh failed; routing on the last one");
+                // Try again after another interval, not at every request.
+                *client.inner.ring_fetched.lock().expect("ring lock") = std::time::Instant::now();
+            }
+            client.inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Runs a membership command (admin role) on any member that answers.
+    pub async fn cluster(&self, command: ClusterCommand) -> Result<ClusterReply, Error> {
+        let mut addrs: Vec<SocketAddr> = self
+            .ring_info()
+            .map(|r| r.members.iter().map(|m| m.client_addr).collect())
+            .unwrap_or_default();
+        addrs.extend(self.inner.config.seeds.iter().copied());
+        addrs.dedup();
+        match self.send(&addrs, &Request::Cluster(command)).await? {
+            Response::Cluster(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Tries `addrs` in order within the time budget: those the ring says

@@ -131,13 +131,78 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// A membership command (admin role): stage, plan, commit, clear.
+    Cluster(ClusterCommand),
+}
+
+/// Membership commands (`shoal cluster ...`, `shoal leave`, `shoal remove`,
+/// `shoal replace`). Changes are staged, shown as a plan, then committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterCommand {
+    /// The staged changes and what committing them would do.
+    Plan,
+    /// Commit the plan shown for `version` (a plan that changed since is refused).
+    Commit { version: u64 },
+    /// Drop every staged change.
+    Clear,
+    /// Stage: the named member hands its partitions to the others, then stops.
+    Leave { node: String },
+    /// Stage: the named member is gone for good; its partitions are rebuilt
+    /// from the surviving replicas.
+    Remove { node: String },
+    /// Stage: `new` (which has announced itself) takes `old`'s place.
+    Replace { old: String, new: String },
+}
+
+/// The answer to a [`ClusterCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReply {
+    /// The current layout version (0: the static ring of the config).
+    pub version: u64,
+    /// Staged changes: (member name, change).
+    pub staged: Vec<(String, String)>,
+    /// What committing would do (or, after a commit, what it does).
+    pub plan: Option<PlanView>,
+    /// Why there is no plan, or what was done.
+    pub message: String,
+}
+
+/// A plan as operators read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    /// The layout version committing would create.
+    pub version: u64,
+    /// Partitions whose replicas change, and the replicas moved (a replica
+    /// is one partition on one node).
+    pub partitions_moving: u32,
+    pub replicas_moving: u32,
+    /// Per member: partitions owned and replicas held, before and after.
+    pub members: Vec<PlanMember>,
+    /// Up to the first 64 partitions that move: (partition, from, to).
+    pub transfers: Vec<(u32, Vec<String>, Vec<String>)>,
+}
+
+/// One member's share before and after a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanMember {
+    pub name: String,
+    pub zone: Option<String>,
+    pub partitions_before: u32,
+    pub partitions_after: u32,
+    pub replicas_before: u32,
+    pub replicas_after: u32,
 }
 
 impl Request {
     /// Whether sending this request twice has the same effect as once. Writes
     /// are not: a retried put that had already landed would add a sibling.
     pub fn is_idempotent(&self) -> bool {
-        !matches!(self, Request::Put { .. } | Request::Delete { .. })
+        !matches!(
+            self,
+            Request::Put { .. }
+                | Request::Delete { .. }
+                | Request::Cluster(ClusterCommand::Commit { .. })
+        )
     }
 
     /// The least role that may make this request.
@@ -147,6 +212,7 @@ impl Request {
             Request::Get { .. } | Request::Inspect { .. } | Request::Ring | Request::Status => {
                 Role::ReadOnly
             }
+            Request::Cluster(_) => Role::Admin,
         }
     }
 
@@ -159,6 +225,7 @@ impl Request {
             Request::Inspect { .. } => "inspect",
             Request::Ring => "ring",
             Request::Status => "status",
+            Request::Cluster(_) => "cluster",
         }
     }
 
@@ -169,7 +236,7 @@ impl Request {
             | Request::Put { key, .. }
             | Request::Delete { key, .. }
             | Request::Inspect { key } => Some(key),
-            Request::Ring | Request::Status => None,
+            Request::Ring | Request::Status | Request::Cluster(_) => None,
         }
     }
 }
@@ -210,6 +277,10 @@ pub struct MemberInfo {
     pub name: String,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// The failure domain (rack, room, availability zone) the node is in:
+    /// preference lists spread over distinct zones. Absent: no zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// The ring as clients need it for routing.
@@ -224,6 +295,9 @@ pub struct RingInfo {
     /// a node the cluster already knows is gone.
     #[serde(default)]
     pub down: Vec<NodeId>,
+    /// The layout version of the ring (0: the static ring of the config).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A node's report on itself.
@@ -257,6 +331,42 @@ pub struct NodeStatus {
     /// Anti-entropy on this node.
     #[serde(default)]
     pub anti_entropy: AaeStatus,
+    /// The layout version of the node's ring (0: the config's static ring).
+    #[serde(default)]
+    pub ring_version: u64,
+    /// The node's zone, when it has one.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Layout versions still in transition (older layouts kept until every
+    /// member of the new one has synced), and the members not synced yet.
+    #[serde(default)]
+    pub transition: Option<Transition>,
+    /// This node's part of the transition: partitions it pulls.
+    #[serde(default)]
+    pub transfer: Option<TransferStatus>,
+}
+
+/// A node pulling the partitions a new layout gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// The layout version being synced.
+    pub version: u64,
+    pub partitions_total: u32,
+    pub partitions_done: u32,
+    /// Keys repaired and bytes exchanged so far.
+    pub keys: u64,
+    pub bytes: u64,
+    /// Estimated seconds left, from the pace so far.
+    pub eta_secs: Option<u64>,
+}
+
+/// A layout change in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub from_version: u64,
+    pub to_version: u64,
+    /// Members of the new layout that have not synced their new partitions.
+    pub unsynced: Vec<String>,
 }
 
 /// Anti-entropy work of one node since it started.
@@ -352,6 +462,7 @@ pub enum Response {
     Written(PutReply),
     Ring(RingInfo),
     Status(NodeStatus),
+    Cluster(ClusterReply),
     Inspect(InspectReport),
     Error(WireError),
 }

@@ -25,12 +25,13 @@
 //! that fails leaves the hints for the next round. Delivering twice is
 //! harmless: merge is idempotent.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_client::proto::MemberInfo;
 use shoal_ring::NodeId;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::liveness::Liveness;
 use crate::membership::Membership;
@@ -66,6 +67,8 @@ impl Default for HandoffSettings {
 /// The delivery service: holds the handles it needs and nothing else.
 pub struct Handoff<T, S> {
     pub me: NodeId,
+    /// Replicas per key: where hints of a departed node go.
+    pub n: usize,
     pub settings: HandoffSettings,
     pub replica: Arc<Replica<S>>,
     pub transport: Arc<T>,
@@ -88,15 +91,103 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             .filter(|m| m.id != self.me && waiting.contains_key(&m.id))
             .filter(|m| self.liveness.is_up(m.id))
             .collect();
+        // Hints for a node in no layout of the ring any more (it left or
+        // was removed, or its id changed): they go to the keys' replicas.
+        let departed: Vec<NodeId> = match self.membership.view() {
+            Some(view) if view.version > 0 => waiting
+                .keys()
+                .filter(|id| !view.members.contains_key(id))
+                .copied()
+                .collect(),
+            _ => Vec::new(),
+        };
         // `max-keys-per-sec` is the node's, shared by its deliveries.
-        let rate = (self.settings.max_keys_per_sec / targets.len().max(1) as u32).max(1);
+        let streams = (targets.len() + departed.len()).max(1) as u32;
+        let rate = (self.settings.max_keys_per_sec / streams).max(1);
         let deliveries = targets
             .iter()
             .map(|target| async move { self.hand_off_to(target, rate).await });
-        futures_util::future::join_all(deliveries)
+        let mut delivered: u64 = futures_util::future::join_all(deliveries)
             .await
             .into_iter()
-            .sum()
+            .sum();
+        for id in departed {
+            delivered += self.redirect(id, rate).await;
+        }
+        delivered
+    }
+
+    /// Delivers the hints held for `departed`, a node in no layout any
+    /// more, to every current replica of each key (merges are idempotent),
+    /// deleting them once all replicas stored them.
+    async fn redirect(&self, departed: NodeId, rate: u32) -> u64 {
+        let Some(view) = self.membership.view() else {
+            return 0;
+        };
+        let n = self.n;
+        let mut after: Option<Vec<u8>> = None;
+        let mut delivered = 0;
+        loop {
+            let page = match self
+                .replica
+                .hint_page(departed, after.as_deref(), self.settings.batch_size)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "cannot read hints of a departed node");
+                    return delivered;
+                }
+            };
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let sent = tokio::time::Instant::now();
+            let mut sending = Vec::new();
+            let mut by_target: BTreeMap<NodeId, (MemberInfo, Vec<HandoffEntry>)> = BTreeMap::new();
+            for (hk, bytes) in &page {
+                let Ok((object, lost)) = decode_hint(bytes) else {
+                    continue;
+                };
+                let key = hinted_key(hk).to_vec();
+                for m in view.replicas(&key, n) {
+                    by_target
+                        .entry(m.id)
+                        .or_insert_with(|| (m.clone(), Vec::new()))
+                        .1
+                        .push(HandoffEntry {
+                            key: key.clone(),
+                            object: object.clone(),
+                            lost,
+                        });
+                }
+                sending.push((hk.clone(), bytes.clone()));
+            }
+            for (id, (target, entries)) in by_target {
+                let stored = if id == self.me {
+                    self.replica.accept_entries(&entries).is_ok()
+                } else {
+                    let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
+                    matches!(
+                        self.transport
+                            .call(&target, PeerRequest::Handoff(entries), deadline)
+                            .await,
+                        Ok(PeerResponse::Stored)
+                    )
+                };
+                if !stored {
+                    debug!(peer = %target.name, "hints of a departed node not delivered yet");
+                    return delivered;
+                }
+            }
+            let count = sending.len();
+            delivered += self.replica.delete_delivered(departed, &sending);
+            crate::clock::pace(sent, count, rate).await;
+        }
+        if delivered > 0 {
+            info!(delivered, "hints of a departed node handed to the keys' replicas");
+        }
+        delivered
     }
 
     /// Delivers every hint for `target`, batch by batch, at most `rate` a

@@ -19,7 +19,10 @@
 //! - [`net`]: the peer protocol (every message type, [`net::PeerError`]), the
 //!   [`net::Transport`] and [`net::Handler`] traits, QUIC with (mutual) TLS,
 //!   and a simulated network for tests. It imports none of the services.
-//! - [`membership`]: the member list and the ring built from it.
+//! - [`membership`]: the member list and the ring built from it: the
+//!   founding members of the config, then the replicated, versioned
+//!   [`membership::state::ClusterState`] (members, layouts, staged changes,
+//!   plan and commit), pure.
 //! - [`detector`]: the phi-accrual failure detector, pure.
 //! - [`liveness`]: heartbeats feeding the detector, behind the
 //!   [`liveness::Liveness`] trait (`is_up`) that everything else uses.
@@ -31,9 +34,13 @@
 //! - [`coordinator`]: sloppy-quorum reads and writes, forwarding and read
 //!   repair ([`coordinator::quorum`], `fanout`, `read_repair`), and the
 //!   [`coordinator::Node`] facade with its request routing.
+//! - [`gossip`]: push-pull gossip of the cluster state between nodes.
 //! - [`handoff`]: delivers hints to their primaries when they are back.
 //! - [`antientropy`]: Merkle-tree exchanges between replicas, and the loop
 //!   that rebuilds trees, sweeps and reaps.
+//! - [`transfer`]: ownership transfer when a committed layout moves
+//!   partitions: ack, pull (hints, then Merkle exchanges with the old
+//!   replicas), prune, and dropping the copies no longer replicated.
 //! - [`reaper`]: deletes tombstones nothing can bring back any more.
 //! - [`tasks`]: the handle a node spawns its per-request tasks through, so
 //!   a crash ends them.
@@ -173,6 +180,7 @@ pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod detector;
+pub mod gossip;
 pub mod handoff;
 pub mod liveness;
 pub mod log;
@@ -184,4 +192,5 @@ pub mod replica;
 pub mod server;
 pub mod storage;
 pub mod tasks;
+pub mod transfer;
 pub mod version;

@@ -92,6 +92,14 @@ pub struct Metrics {
     pub lost_restored: AtomicU64,
     /// Per peer name: currently up (1) or down (0), and transitions seen.
     pub peers: Mutex<BTreeMap<String, PeerMetric>>,
+    /// Ownership transfer (see [`crate::transfer`]): the layout version in
+    /// use, partitions still to pull, and what was pulled and dropped.
+    pub ring_version: AtomicU64,
+    pub transfer_pending: AtomicU64,
+    pub transfer_partitions: AtomicU64,
+    pub transfer_keys: AtomicU64,
+    pub transfer_bytes: AtomicU64,
+    pub keys_dropped: AtomicU64,
 }
 
 /// Liveness of one peer as this node sees it.
@@ -176,6 +184,24 @@ impl Metrics {
             "Hints handed off to their primary and deleted.",
             self.hints_delivered.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP shoal_ring_version Layout version of this node's ring (0: the static ring of its config).\n# TYPE shoal_ring_version gauge\nshoal_ring_version {}",
+            self.ring_version.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shoal_transfer_partitions_pending Partitions this node still has to pull for the layout in transition.\n# TYPE shoal_transfer_partitions_pending gauge\nshoal_transfer_partitions_pending {}",
+            self.transfer_pending.load(Ordering::Relaxed)
+        );
+        for (name, help, v) in [
+            ("shoal_transfer_partitions_total", "Partitions pulled from their old replicas.", &self.transfer_partitions),
+            ("shoal_transfer_keys_total", "Keys repaired while pulling partitions.", &self.transfer_keys),
+            ("shoal_transfer_bytes_total", "Bytes exchanged while pulling partitions.", &self.transfer_bytes),
+            ("shoal_keys_dropped_total", "Copies dropped from partitions this node no longer replicates.", &self.keys_dropped),
+        ] {
+            counter(&mut out, name, help, v.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP shoal_hints_pending Hints waiting for their primary.\n# TYPE shoal_hints_pending gauge\nshoal_hints_pending {}",

@@ -64,6 +64,12 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         let Some(view) = self.membership.view() else {
             return 0;
         };
+        // While a layout change is in transition the old replicas still
+        // hold copies the new ones are syncing: a tombstone reaped from the
+        // new replicas alone would let an old value come back.
+        if view.in_transition() {
+            return 0;
+        }
         let me = self.me;
         let n = self.n;
         let now = self.replica.now_ms();

@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         name: config.name.clone(),
         client_addr,
         peer_addr,
+        zone: config.zone.clone(),
     };
     let limits = FrameLimits::new(&config.limits);
     let transport = QuicTransport::new(
@@ -195,18 +196,26 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Duration::from_millis(config.timeouts.peer_backoff_ms),
         limits.peer,
     );
-    let mut expected = config.all_members();
-    for m in &mut expected {
-        if m.name == config.name {
-            m.peer_addr = peer_addr;
+    // Founding members, or the seeds of the cluster to join.
+    let joining = !config.cluster.seeds.is_empty();
+    let expected = if joining {
+        config.cluster.seeds.clone()
+    } else {
+        let mut founding = config.all_members();
+        for m in &mut founding {
+            if m.name == config.name {
+                m.peer_addr = peer_addr;
+            }
         }
-    }
+        founding
+    };
     let node = open_node(
         me,
         Settings::from_config(&config),
         store,
         transport,
         expected,
+        joining,
         config.cluster.partitions,
     )
     .map_err(store_err)?;
@@ -261,14 +270,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
 /// Builds a node over its store as every start does, the real one and the
 /// simulation's restart alike: the members it learned before, a new
-/// incarnation, itself as a member, its hint counts. `expected` is the
-/// configured member list, `partitions` the ring's size.
+/// incarnation, itself as a member, its hint counts, the cluster state it
+/// persisted. `expected` is the configured member list, or the seeds to
+/// join through when `joining`; `partitions` the ring's size.
 pub fn open_node<T: Transport, S: Store>(
     me: MemberInfo,
     settings: Settings,
     store: Arc<S>,
     transport: T,
     expected: Vec<crate::config::MemberConfig>,
+    joining: bool,
     partitions: u32,
 ) -> Result<Node<T, S>, StoreError> {
     let known: Vec<MemberInfo> = match store.get(Tree::Meta, MEMBERS_KEY)? {
@@ -279,10 +290,23 @@ pub fn open_node<T: Transport, S: Store>(
         }),
         None => Vec::new(),
     };
+    let cluster = match store.get(Tree::Meta, crate::gossip::CLUSTER_KEY)? {
+        Some(bytes) => match crate::gossip::decode(&bytes) {
+            Ok(state) => Some(state),
+            // The other members hold it too: gossip brings it back.
+            Err(e) => {
+                tracing::warn!(error = %e, "stored cluster state unreadable; relearning it by gossip");
+                None
+            }
+        },
+        None => None,
+    };
     let n = settings.n as usize;
-    let membership = Membership::new(expected, known, partitions, n);
+    let membership =
+        Membership::with_state(expected, known, cluster, joining, partitions, n);
     let node = Node::new(me.clone(), settings, store, transport, membership)?;
     node.learn(me);
+    node.announce();
     let held = node.load_hint_counts()?;
     if held > 0 {
         info!(hints = held, "holding hints for other nodes");
@@ -323,6 +347,30 @@ pub fn start_background<T: Transport, S: Store>(
             async move {
                 handoff.handoff_round().await;
             }
+        },
+    )));
+    let gossip = node.clone();
+    tasks.push(tokio::spawn(every(
+        "gossip",
+        settings.clock.clone(),
+        settings.gossip,
+        stop.clone(),
+        move || {
+            let gossip = gossip.clone();
+            async move {
+                gossip.gossip_round().await;
+            }
+        },
+    )));
+    let transfer = node.clone();
+    tasks.push(tokio::spawn(every(
+        "transfer",
+        settings.clock.clone(),
+        settings.gossip,
+        stop.clone(),
+        move || {
+            let transfer = transfer.clone();
+            async move { transfer.transfer_round().await }
         },
     )));
     let aae = node.clone();

@@ -67,6 +67,7 @@ pub fn settings() -> Settings {
         max_siblings: 100,
         max_object_bytes: 64 << 20,
         request_timeout: Duration::from_secs(2),
+        gossip: Duration::from_secs(1),
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,
         detector: shoal_node::detector::DetectorConfig::default(),
@@ -92,6 +93,7 @@ impl SimCluster {
                 name: format!("node{i}"),
                 client_addr: ([127, 0, 0, 1], 7000 + i as u16).into(),
                 peer_addr: ([127, 0, 0, 1], 8000 + i as u16).into(),
+                zone: None,
             })
             .collect();
         let expected: Vec<MemberConfig> = members

@@ -31,6 +31,7 @@ impl Handler for SaysItIsDown {
                     members: vec![self.me.clone()],
                     n: 1,
                     down: vec![self.me.id],
+                    version: 0,
                 })
             }
             _ => Response::Value(GetReply {
@@ -80,6 +81,7 @@ async fn a_node_the_ring_says_is_down_keeps_its_connection() {
         name: "node1".into(),
         client_addr: addr,
         peer_addr: addr,
+        zone: None,
     };
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let limits = FrameLimits::new(&Default::default());

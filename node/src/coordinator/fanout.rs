@@ -189,9 +189,13 @@ impl Fallbacks {
     fn next_live(&mut self, live: &dyn Liveness) -> Option<MemberInfo> {
         let view = &self.view;
         let left = self.left.get_or_insert_with(|| {
+            // In transition, a replica of the key in an older layout is no
+            // fallback: it would be counted twice.
+            let replicas = view.replicas(&self.key, self.n);
             view.ring
                 .fallbacks(&self.key, self.n)
                 .iter()
+                .filter(|id| !replicas.iter().any(|r| r.id == **id))
                 .filter_map(|id| view.members.get(id).cloned())
                 .collect()
         });
@@ -259,9 +263,65 @@ pub(super) struct Tally {
     failed: Vec<String>,
     /// Replies read from the channel.
     pub(super) heard: usize,
+    /// While a layout change is in transition, the preference list of each
+    /// layout, each with its own count: the quorum must be met in every one.
+    groups: Vec<Group>,
+}
+
+/// One layout's preference list and how many of it (primaries, or
+/// fallbacks for them) answered.
+struct Group {
+    members: Vec<NodeId>,
+    ok: u32,
+    primaries: u32,
 }
 
 impl Tally {
+    /// A tally against one preference list per layout (`lists`): with more
+    /// than one, each must meet the quorum on its own.
+    pub(super) fn over(lists: &[Vec<MemberInfo>]) -> Self {
+        let mut tally = Tally::default();
+        if lists.len() > 1 {
+            tally.groups = lists
+                .iter()
+                .map(|l| Group {
+                    members: l.iter().map(|m| m.id).collect(),
+                    ok: 0,
+                    primaries: 0,
+                })
+                .collect();
+        }
+        tally
+    }
+
+    /// Counts a good answer from `from`, standing in for `for_primary` if set.
+    pub(super) fn count(&mut self, from: &MemberInfo, for_primary: Option<&MemberInfo>) {
+        match for_primary {
+            None => {
+                self.primaries += 1;
+                self.ok.push(from.name.clone());
+            }
+            Some(p) => self.ok.push(format!("{} for {}", from.name, p.name)),
+        }
+        let replica = for_primary.unwrap_or(from).id;
+        for g in self.groups.iter_mut().filter(|g| g.members.contains(&replica)) {
+            g.ok += 1;
+            if for_primary.is_none() {
+                g.primaries += 1;
+            }
+        }
+    }
+
+    /// Whether the quorum is met (in every layout's list, in transition).
+    fn met(&self, need: u32, need_primaries: u32) -> bool {
+        if self.groups.is_empty() {
+            return self.ok.len() as u32 >= need && self.primaries >= need_primaries;
+        }
+        self.groups
+            .iter()
+            .all(|g| g.ok >= need && g.primaries >= need_primaries)
+    }
+
     /// Reads replies until `need` replicas (`need_primaries` of them
     /// primaries) answered well, all `targets` replied, or the deadline
     /// passed. `seen` sees every good reply, and every corrupt one.
@@ -274,23 +334,13 @@ impl Tally {
         deadline: Instant,
         mut seen: impl FnMut(Reply),
     ) {
-        while ((self.ok.len() as u32) < need || self.primaries < need_primaries)
-            && self.heard < targets
-        {
+        while !self.met(need, need_primaries) && self.heard < targets {
             match tokio::time::timeout_at(deadline, answers.recv()).await {
                 Ok(Some(reply)) => {
                     self.heard += 1;
                     match &reply.result {
                         Ok(_) => {
-                            match &reply.for_primary {
-                                None => {
-                                    self.primaries += 1;
-                                    self.ok.push(reply.from.name.clone());
-                                }
-                                Some(p) => {
-                                    self.ok.push(format!("{} for {}", reply.from.name, p.name))
-                                }
-                            }
+                            self.count(&reply.from, reply.for_primary.as_ref());
                             seen(reply);
                         }
                         Err(e) => {
@@ -318,9 +368,18 @@ impl Tally {
         what: &str,
         reply: Response,
     ) -> Result<Response, WireError> {
-        if self.ok.len() as u32 >= need && self.primaries >= need_primaries {
+        if self.met(need, need_primaries) {
             return Ok(reply);
         }
+        let layouts = if self.groups.is_empty() {
+            String::new()
+        } else {
+            let counts: Vec<String> = self.groups.iter().map(|g| g.ok.to_string()).collect();
+            format!(
+                " in each layout of a membership change in transition ({} answered per layout)",
+                counts.join(" and ")
+            )
+        };
         let primaries = if need_primaries > 0 {
             format!(
                 " ({need_primaries} of them primaries; {} primaries answered)",
@@ -342,7 +401,7 @@ impl Tally {
         Err(WireError {
             kind: ErrorKind::Quorum,
             message: format!(
-                "{what} needed {need} replicas{primaries}, {} answered ({}); failures: {}{applied}",
+                "{what} needed {need} replicas{primaries}{layouts}, {} answered ({}); failures: {}{applied}",
                 self.ok.len(),
                 self.ok.join(", "),
                 self.failed.join("; ")

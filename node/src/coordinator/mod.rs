@@ -48,6 +48,7 @@
 //! heard, and sends the merge to every primary whose answer was older or
 //! missing. Repair never delays the reply.
 
+mod cluster;
 mod fanout;
 mod inspect;
 pub mod quorum;
@@ -75,6 +76,7 @@ use crate::membership::{Membership, MEMBERS_KEY};
 use crate::metrics::Metrics;
 use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
 use crate::reaper::Reaper;
+use crate::transfer::Transfer;
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree};
 use crate::version::Object;
@@ -161,6 +163,9 @@ struct Parts<T, S> {
     reaper: Reaper<T, S>,
     /// Forwards received lately (see [`ForwardsSeen`]).
     forwards_seen: ForwardsSeen,
+    /// Picks gossip partners, seeded from the node id (replayable).
+    partners: crate::gossip::Partners,
+    transfer: Transfer<T, S>,
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
@@ -199,6 +204,7 @@ impl<T: Transport, S: Store> Node<T, S> {
         });
         let handoff = Handoff {
             me: me.id,
+            n,
             settings: settings.handoff,
             replica: replica.clone(),
             transport: transport.clone(),
@@ -226,10 +232,25 @@ impl<T: Transport, S: Store> Node<T, S> {
             call_timeout: settings.aae.call_timeout,
             replica: replica.clone(),
             transport: transport.clone(),
-            liveness,
+            liveness: liveness.clone(),
             membership: membership.clone(),
             metrics: metrics.clone(),
         };
+        let transfer = Transfer::new(
+            me.clone(),
+            n,
+            settings.w as usize,
+            replica.clone(),
+            transport.clone(),
+            liveness.clone(),
+            membership.clone(),
+            metrics.clone(),
+            settings.request_timeout,
+            settings.aae.rebuild_keys_per_sec,
+        );
+        let partners = crate::gossip::Partners::seeded(u64::from_be_bytes(
+            me.id.0[..8].try_into().expect("8 bytes"),
+        ));
         Ok(Node {
             inner: Arc::new(Parts {
                 me,
@@ -246,6 +267,8 @@ impl<T: Transport, S: Store> Node<T, S> {
                 aae,
                 reaper,
                 forwards_seen: ForwardsSeen::default(),
+                partners,
+                transfer,
             }),
         })
     }
@@ -291,7 +314,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// need the others to be up to know the ring.
     pub fn learn(&self, info: MemberInfo) {
         if self.inner.membership.learn(info) {
-            let known = self.inner.membership.known();
+            let known = self.inner.membership.learned();
             let bytes = crate::membership::encode_known(&known);
             if let Err(e) = self.inner.store.put(Tree::Meta, MEMBERS_KEY, &bytes) {
                 error!(error = %e, "could not persist the member list");
@@ -337,6 +360,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
         match request {
             Request::Status => Response::Status(self.status()),
+            Request::Cluster(command) => self.cluster_command(command),
             other => self.inner.coordinator.coordinate(other, forwarded).await,
         }
     }
@@ -358,6 +382,10 @@ impl<T: Transport, S: Store> Node<T, S> {
             hints_pending: self.hint_queues(),
             hints_delivered: self.inner.metrics.hints_delivered.load(Ordering::Relaxed),
             anti_entropy: self.aae_status(),
+            ring_version: self.inner.membership.view().map_or(0, |v| v.version),
+            zone: me.zone.clone(),
+            transition: self.transition(),
+            transfer: self.inner.transfer.status(),
             unreachable: {
                 let addrs = self.inner.transport.unreachable();
                 let members = self.inner.membership.expected();
@@ -543,6 +571,9 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 PeerResponse::Hello(self.inner.me.clone())
             }
             PeerRequest::Ping => PeerResponse::Pong,
+            gossip @ (PeerRequest::Gossip { .. } | PeerRequest::GossipPush(_)) => {
+                self.answer_gossip(gossip)
+            }
             PeerRequest::Forward { id, request } => {
                 if !self.inner.forwards_seen.first(&from, id) {
                     return PeerResponse::Error(PeerError::DuplicateForward { from, id });

@@ -88,13 +88,9 @@ fn write_error(e: ReplicaError) -> WireError {
 impl<T: Transport, S: Store> Coordinator<T, S> {
     /// The ring, or the answer to give while it is not ready.
     pub fn view(&self) -> Result<View, Response> {
-        self.membership.view().ok_or_else(|| {
-            let missing = self.membership.missing_names();
-            wire(
-                ErrorKind::NotReady,
-                format!("ring not ready: waiting to identify {}", missing.join(", ")),
-            )
-        })
+        self.membership
+            .view()
+            .ok_or_else(|| wire(ErrorKind::NotReady, self.membership.not_ready_reason()))
     }
 
     /// Handles a client request; `forwarded` requests are coordinated here even
@@ -112,9 +108,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     Ok(v) => v,
                     Err(r) => return r,
                 };
-                let primaries = view.preference_list(key, self.settings.n as usize);
-                if !primaries.iter().any(|m| m.id == self.me.id) {
-                    return self.forward(&primaries, request.clone(), options).await;
+                // While a layout change is in transition a replica of the
+                // key in the old or the new layout coordinates.
+                let replicas = view.replicas(key, self.settings.n as usize);
+                if !replicas.iter().any(|m| m.id == self.me.id) {
+                    return self.forward(&replicas, request.clone(), options).await;
                 }
                 self.coordinate_local(request, view, false).await
             }
@@ -129,6 +127,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                         .filter(|id| **id != self.me.id && !self.liveness.is_up(**id))
                         .copied()
                         .collect(),
+                    version: v.version,
                 }),
                 Err(r) => r,
             },
@@ -300,6 +299,21 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         })
     }
 
+    /// The latest view, counted as in use by a write until the guard drops.
+    /// The count is taken before the version is checked, so a node that
+    /// adopts a newer layout meanwhile either sees this write counted or
+    /// this write sees the newer layout.
+    fn pin_view(&self, view: &View) -> (View, crate::membership::WriteGuard<'_>) {
+        let mut view = view.clone();
+        loop {
+            let guard = self.membership.write_started(view.version);
+            match self.membership.view() {
+                Some(latest) if latest.version != view.version => view = latest,
+                _ => return (view, guard),
+            }
+        }
+    }
+
     async fn put(
         self: &Arc<Self>,
         key: Vec<u8>,
@@ -342,10 +356,23 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 .map_err(|e| WireError::new(ErrorKind::BadRequest, e.to_string()))?,
             None => VersionVector::new(),
         };
-        let primaries = view.preference_list(&key, s.n as usize);
-        self.check_primaries_up(&primaries, pw, "PW", "nothing was written")?;
+        // One preference list per layout in the history (one, unless a
+        // change is in transition): W (PW) of each must hold the write.
+        // Until this write has its answer, its layout version counts as in
+        // use here (a new layout is acknowledged only after).
+        let (view, _in_flight) = self.pin_view(view);
+        let view = &view;
+        let lists = view.write_lists(&key, s.n as usize);
+        for primaries in &lists {
+            self.check_primaries_up(primaries, pw, "PW", "nothing was written")?;
+        }
         let me = self.me.id;
-        let others: Vec<MemberInfo> = primaries.iter().filter(|m| m.id != me).cloned().collect();
+        let mut others: Vec<MemberInfo> = Vec::new();
+        for m in lists.iter().flatten() {
+            if m.id != me && !others.iter().any(|o| o.id == m.id) {
+                others.push(m.clone());
+            }
+        }
         // Kept to hand the write on should this node fail to store it.
         let retry = (!forwarded && !others.is_empty()).then(|| (value.clone(), context.clone()));
         let (object, dot) = match self.replica.write(&key, &ctx, value) {
@@ -381,9 +408,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         });
         let mut answers =
             self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
-        let mut tally = Tally::default();
-        tally.ok.push(self.me.name.clone());
-        tally.primaries = 1;
+        let mut tally = Tally::over(&lists);
+        tally.count(&self.me, None);
         tally
             .collect(&mut answers, others.len(), w, pw, deadline, drop)
             .await;
@@ -406,7 +432,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             ));
         }
         let deadline = self.deadline(&options);
-        let primaries = view.preference_list(key, s.n as usize);
+        // The oldest layout's replicas while a change is in transition:
+        // they hold every acknowledged write until the new ones synced.
+        let primaries = view.read_list(key, s.n as usize);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
         let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline);
         let mut heard: Vec<Heard> = Vec::new();

@@ -22,6 +22,8 @@ pub struct Settings {
     pub max_siblings: usize,
     pub max_object_bytes: usize,
     pub request_timeout: Duration,
+    /// Pause between two gossip exchanges of the cluster state.
+    pub gossip: Duration,
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
     pub detector: DetectorConfig,
@@ -48,6 +50,7 @@ impl Settings {
             max_siblings: c.limits.max_siblings,
             max_object_bytes: c.limits.max_object_bytes,
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
+            gossip: Duration::from_millis(c.cluster.gossip_ms),
             clock_max_entries: c.cluster.clock_max_entries,
             clock_min_age_ms: c.cluster.clock_min_age_secs.saturating_mul(1000),
             detector: DetectorConfig {

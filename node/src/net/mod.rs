@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use shoal_client::proto::{MemberInfo, Request, Response};
 use shoal_ring::NodeId;
 
+use crate::membership::state::ClusterState;
 use crate::version::Object;
 
 /// ALPN protocol name of the peer port.
@@ -92,6 +93,21 @@ pub enum PeerRequest {
         key: Vec<u8>,
         object: Object,
     },
+    /// Membership gossip: the digest of the sender's cluster state; answered
+    /// with `Gossip(None)` when equal, else with the receiver's state
+    /// (see [`crate::membership::gossip`]).
+    Gossip { digest: u64 },
+    /// Ownership transfer: the hints the receiver holds, for any primary,
+    /// whose keys fall in `partitions`, scanning its hints after `after`;
+    /// answered with `HintsIn` (see [`crate::transfer`]).
+    HintsIn {
+        partitions: Vec<u32>,
+        #[serde(with = "serde_bytes")]
+        after: Vec<u8>,
+    },
+    /// Membership gossip: merge this state (the sender's, after it merged
+    /// the receiver's); answered with `Stored`.
+    GossipPush(Box<ClusterState>),
 }
 
 /// A request carrying more than this goes on a stream of its own.
@@ -118,6 +134,8 @@ impl PeerRequest {
             | PeerRequest::HintsOf { .. }
             | PeerRequest::Handoff(_)
             | PeerRequest::Aae(_)
+            | PeerRequest::GossipPush(_)
+            | PeerRequest::HintsIn { .. }
             | PeerRequest::Reap { .. } => true,
             PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
                 object.approx_size() > BULK_BYTES
@@ -207,6 +225,15 @@ pub enum PeerResponse {
     /// Hints held for a key, by the primary they are for.
     Hints(Vec<(NodeId, Object)>),
     Aae(AaeResponse),
+    /// The receiver's cluster state, unless the digests matched.
+    Gossip(Option<Box<ClusterState>>),
+    /// Hints for the partitions asked, and where the scan goes on from
+    /// (empty: it reached the end).
+    HintsIn {
+        entries: Vec<HandoffEntry>,
+        #[serde(with = "serde_bytes")]
+        next: Vec<u8>,
+    },
     Error(PeerError),
 }
 

@@ -206,6 +206,9 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::Handoff(_) => "handoff",
         PeerRequest::Aae(_) => "aae",
         PeerRequest::Reap { .. } => "reap",
+        PeerRequest::Gossip { .. } => "gossip",
+        PeerRequest::GossipPush(_) => "gossip-push",
+        PeerRequest::HintsIn { .. } => "hints-in",
     }
 }
 

@@ -22,6 +22,7 @@
 //! see [`lost`]). A rebuild holds the trees lock while it reads a page
 //! of keys, without any stripe. No lock is held across an await.
 
+mod handover;
 pub mod hints;
 mod lost;
 mod serve;

@@ -20,6 +20,9 @@ fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
     })
 }
 
+/// Hints scanned per `HintsIn` request.
+const HINTS_PAGE: usize = 512;
+
 impl<S: Store> Replica<S> {
     /// Answers a replica request from this node's copy; `me` is this node
     /// (a hint "for" it is merged as its own data).
@@ -92,6 +95,17 @@ impl<S: Store> Replica<S> {
                 Ok(()) => PeerResponse::Stored,
                 Err((key, e)) => failed("handoff merge", &key, e),
             },
+            PeerRequest::HintsIn { partitions, after } => {
+                let partitions = partitions.into_iter().collect();
+                let after = (!after.is_empty()).then_some(after.as_slice());
+                match self.hints_in(&partitions, after, HINTS_PAGE) {
+                    Ok((entries, next)) => PeerResponse::HintsIn {
+                        entries,
+                        next: next.unwrap_or_default(),
+                    },
+                    Err(e) => failed("hints scan", &[], e),
+                }
+            }
             PeerRequest::Reap { key, object } => match self.reap(&key, &object) {
                 Ok(true) => PeerResponse::Stored,
                 Ok(false) => PeerResponse::Error(PeerError::NotReaped {
@@ -106,7 +120,7 @@ impl<S: Store> Replica<S> {
     /// Merges handed-off objects into this node's copies; a hint that was
     /// lost on its way marks the copy lost (see [`super::hints`]). On
     /// failure, the key that failed.
-    fn accept_handoff(&self, entries: &[HandoffEntry]) -> Result<(), (Vec<u8>, StoreError)> {
+    pub(super) fn accept_handoff(&self, entries: &[HandoffEntry]) -> Result<(), (Vec<u8>, StoreError)> {
         for e in entries {
             let merged = if e.lost {
                 self.merge_incomplete(&e.key, &e.object)

@@ -381,6 +381,7 @@ mod tests {
             name: "n".into(),
             client_addr: ([127, 0, 0, 1], 1).into(),
             peer_addr: ([127, 0, 0, 1], 2).into(),
+            zone: None,
         };
         let membership = Membership::new(
             vec![MemberConfig {

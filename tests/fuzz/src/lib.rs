@@ -201,7 +201,7 @@ fn after_response(response: &Response) {
             let _ = ring.owner(ring.partition_of(b"key"));
             let _ = ring.sloppy_list(b"key", n, |id| id.0[0] % 2 == 0);
         }
-        Response::Status(_) | Response::Inspect(_) => {}
+        Response::Status(_) | Response::Inspect(_) | Response::Cluster(_) => {}
     }
 }
 
@@ -227,6 +227,7 @@ pub fn peer_request(data: &[u8]) {
         | PeerRequest::HintPut { object, .. }
         | PeerRequest::Reap { object, .. } => after_object(object),
         PeerRequest::Handoff(entries) => entries.iter().for_each(|e| after_object(&e.object)),
+        PeerRequest::GossipPush(state) => after_cluster_state(state),
         _ => {}
     }
     let me = NodeId::from_u128(1);
@@ -264,7 +265,23 @@ pub fn peer_response(data: &[u8]) {
         PeerResponse::Error(e) => {
             let _ = e.to_string();
         }
+        PeerResponse::Gossip(Some(state)) => after_cluster_state(state),
         _ => {}
+    }
+}
+
+/// What a node does with a gossiped cluster state: check it, merge it into
+/// its own (both ways), plan on the result, build its view.
+fn after_cluster_state(state: &shoal_node::membership::state::ClusterState) {
+    let _ = state.digest();
+    let m = membership(Vec::new());
+    if m.merge_cluster(state).is_ok() {
+        let _ = m.view();
+        let merged = m.cluster();
+        let _ = merged.plan();
+        let mut back = state.clone();
+        back.merge(&merged);
+        let _ = back.unsynced();
     }
 }
 

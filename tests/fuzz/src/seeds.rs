@@ -161,6 +161,7 @@ fn members() -> Vec<MemberInfo> {
             name: name.into(),
             client_addr: ([127, 0, 0, 1], 7400 + i as u16).into(),
             peer_addr: ([127, 0, 0, 1], 7500 + i as u16).into(),
+            zone: None,
         })
         .collect()
 }
@@ -231,6 +232,7 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
                 members: members.to_vec(),
                 n: 3,
                 down: vec![members[2].id],
+                version: 3,
             }),
         ),
         (
@@ -250,6 +252,10 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
                 hints_pending: vec![],
                 hints_delivered: 1,
                 anti_entropy: Default::default(),
+                ring_version: 2,
+                zone: Some("z1".into()),
+                transition: None,
+                transfer: None,
             }),
         ),
         (

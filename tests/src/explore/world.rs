@@ -53,6 +53,7 @@ pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
         max_siblings: 100,
         max_object_bytes: 64 << 20,
         request_timeout: Duration::from_millis(1500),
+        gossip: Duration::from_secs(1),
         clock_max_entries,
         clock_min_age_ms,
         detector: DetectorConfig {
@@ -96,6 +97,9 @@ pub struct Machine {
     background: Vec<JoinHandle<()>>,
     /// Wall-clock offset of this machine (skew), in ms.
     pub skew_ms: u64,
+    /// Started with seeds (the founding members) to join through, not as
+    /// a founding member.
+    joining: bool,
 }
 
 pub struct World {
@@ -119,6 +123,7 @@ impl World {
                 name: format!("node{i}"),
                 client_addr: ([127, 0, 0, 1], 7000 + i as u16).into(),
                 peer_addr: ([127, 0, 0, 1], 8000 + i as u16).into(),
+                zone: None,
             })
             .collect();
         let expected = members
@@ -140,6 +145,7 @@ impl World {
                     stop: None,
                     background: Vec::new(),
                     skew_ms: rng.below(400),
+                    joining: false,
                 }
             })
             .collect();
@@ -165,6 +171,36 @@ impl World {
             origin: tokio::time::Instant::now(),
             pruning: None,
         }
+    }
+
+    /// A new machine, started with the founding members as its seeds: it
+    /// announces itself and stages its own join. Returns its index.
+    pub fn join(&mut self, rng: &mut SimRng) -> usize {
+        let i = self.machines.len() + 1;
+        let store = MemoryStore::new();
+        store.track_unsynced();
+        self.machines.push(Machine {
+            me: MemberInfo {
+                id: NodeId::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15),
+                name: format!("node{i}"),
+                client_addr: ([127, 0, 0, 1], 7000 + i as u16).into(),
+                peer_addr: ([127, 0, 0, 1], 8000 + i as u16).into(),
+                zone: None,
+            },
+            store: Arc::new(store),
+            node: None,
+            stop: None,
+            background: Vec::new(),
+            skew_ms: rng.below(400),
+            joining: true,
+        });
+        self.start(i - 1);
+        i - 1
+    }
+
+    /// Running machine `i`'s node.
+    pub fn node(&self, i: usize) -> Option<&SimNode> {
+        self.machines[i].node.as_ref()
     }
 
     pub fn name(&self, i: usize) -> &str {
@@ -196,6 +232,7 @@ impl World {
             m.store.clone(),
             self.net.transport(&m.me.name),
             self.expected.clone(),
+            m.joining,
             PARTITIONS,
         )
         .expect("a memory store opens");

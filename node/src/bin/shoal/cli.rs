@@ -51,7 +51,7 @@ impl DataOpts {
     }
 }
 
-async fn connect(dir: &Path) -> anyhow::Result<Client> {
+pub async fn connect(dir: &Path) -> anyhow::Result<Client> {
     let config = ClientConfig::from_dir(dir).with_context(|| {
         format!(
             "no cluster found in {} (is `shoal dev` running? use --dir)",
@@ -140,7 +140,13 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
             let report = client.inspect(key.as_bytes()).await?;
             print_inspect(&key, &report, json);
         }
-        DataCommand::Dev { .. } | DataCommand::Node { .. } | DataCommand::Certs { .. } => {
+        DataCommand::Dev { .. }
+        | DataCommand::Node { .. }
+        | DataCommand::Certs { .. }
+        | DataCommand::Cluster { .. }
+        | DataCommand::Leave { .. }
+        | DataCommand::Remove { .. }
+        | DataCommand::Replace { .. } => {
             unreachable!("not a data command")
         }
     }
@@ -156,6 +162,8 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                 Ok(s) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
                     "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable,
+                    "ring_version": s.ring_version, "zone": s.zone,
+                    "transition": s.transition.as_ref().map(|t| json!({"from": t.from_version, "to": t.to_version, "unsynced": t.unsynced})),
                     "metrics_addr": s.metrics_addr.map(|a| a.to_string()),
                     "hints_pending": s.hints_pending.iter().map(|h| json!({"for": h.for_node, "pending": h.pending})).collect::<Vec<_>>(),
                     "hints_delivered": s.hints_delivered,
@@ -172,14 +180,16 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8} {:>9}  SEES DOWN",
-        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "PARTITIONS", "HINTS", "AAE FIXED"
+        "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>4} {:<8} {:>10} {:>8} {:>9}  SEES DOWN",
+        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "RING", "ZONE", "PARTITIONS", "HINTS", "AAE FIXED"
     );
     for (m, s) in &statuses {
-        let (pid, state, parts, hints, aae, cannot_reach) = match s {
+        let (pid, state, version, zone, parts, hints, aae, cannot_reach) = match s {
             Ok(s) => (
                 s.pid.to_string(),
                 if s.ring_ready { "up" } else { "start" },
+                s.ring_version.to_string(),
+                s.zone.clone().unwrap_or_else(|| "-".into()),
                 s.partitions_owned.to_string(),
                 s.hints_pending
                     .iter()
@@ -211,21 +221,38 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
+                "-".into(),
                 String::new(),
             ),
         };
         println!(
-            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>10} {:>8} {:>9}  {}",
+            "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>4} {:<8} {:>10} {:>8} {:>9}  {}",
             m.name,
             m.id.to_string(),
             m.client_addr,
             m.peer_addr,
             pid,
             state,
+            version,
+            zone,
             parts,
             hints,
             aae,
             cannot_reach
+        );
+    }
+    // A layout change in progress, as the most advanced node sees it.
+    if let Some(t) = statuses
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok()?.transition.clone())
+        .max_by_key(|t| t.to_version)
+    {
+        println!(
+            "transition: layout {} -> {}; not synced yet: {}",
+            t.from_version,
+            t.to_version,
+            if t.unsynced.is_empty() { "none".to_string() } else { t.unsynced.join(", ") }
         );
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dev;
+mod members;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -73,6 +74,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Membership changes: see the staged plan, commit it, or clear it.
+    Cluster {
+        #[command(subcommand)]
+        command: members::ClusterCmd,
+    },
+    /// Stage NODE's leave: it hands every partition to the others, then can be stopped.
+    Leave { node: String },
+    /// Stage the removal of NODE, a machine gone for good: its partitions
+    /// are rebuilt on their new owners from the surviving replicas.
+    Remove { node: String },
+    /// Stage NEW (started with seeds; it has announced itself) taking OLD's place.
+    Replace { old: String, new: String },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +125,25 @@ fn main() {
         Command::Node { config } => run_node(config),
         Command::Dev { nodes } => dev::run(&args.dir, nodes),
         Command::Certs { command } => certs(&args.dir, command),
+        Command::Cluster { command } => runtime().and_then(|rt| {
+            use members::ClusterCmd;
+            use shoal_client::proto::ClusterCommand;
+            let (command, json) = match command {
+                ClusterCmd::Plan { json } => (ClusterCommand::Plan, json),
+                ClusterCmd::Commit { version, json } => (ClusterCommand::Commit { version }, json),
+                ClusterCmd::Clear => (ClusterCommand::Clear, false),
+            };
+            rt.block_on(members::run(&args.dir, command, json))
+        }),
+        Command::Leave { node } => runtime().and_then(|rt| {
+            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Leave { node }, false))
+        }),
+        Command::Remove { node } => runtime().and_then(|rt| {
+            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Remove { node }, false))
+        }),
+        Command::Replace { old, new } => runtime().and_then(|rt| {
+            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Replace { old, new }, false))
+        }),
         data => runtime().and_then(|rt| rt.block_on(cli::run(&args.dir, data))),
     };
     if let Err(e) = result {

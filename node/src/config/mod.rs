@@ -40,6 +40,10 @@ pub struct Config {
     pub client_addr: SocketAddr,
     /// QUIC address for other nodes (mutual TLS).
     pub peer_addr: SocketAddr,
+    /// The failure domain this node is in (rack, room, availability zone):
+    /// a key's replicas are spread over distinct zones. Unset: no zone.
+    /// Takes effect for placement at the next committed layout change.
+    pub zone: Option<String>,
     /// Sync the WAL on every write batch: survive power loss, at a latency cost.
     pub fsync: bool,
     /// Worker threads serving requests; 0 means one per CPU core. Nodes that
@@ -162,8 +166,17 @@ pub struct ClusterConfig {
     /// Default number of primaries among R answers / W acknowledgements.
     pub pr: u32,
     pub pw: u32,
-    /// Every member of the cluster (this node may be listed too).
+    /// The founding members of a new cluster (this node may be listed too):
+    /// the first ring is built once every one is identified. Later changes
+    /// are committed by an operator (`shoal cluster plan` / `commit`) and
+    /// spread by gossip; this list is then only where gossip starts.
     pub members: Vec<MemberConfig>,
+    /// Members of an existing cluster to join through: a node with seeds
+    /// and no committed layout announces itself to them and stages its own
+    /// join, which an operator then commits. Exclusive with `members`.
+    pub seeds: Vec<MemberConfig>,
+    /// Pause between two gossip exchanges of the cluster state.
+    pub gossip_ms: u64,
     /// Clock entries kept per key before the oldest unused ones are pruned.
     pub clock_max_entries: usize,
     /// Clock entries younger than this are never pruned.
@@ -232,6 +245,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             client_addr: "127.0.0.1:7400".parse().expect("literal"),
             peer_addr: "127.0.0.1:7500".parse().expect("literal"),
+            zone: None,
             fsync: false,
             threads: 0,
             tls: TlsConfig::default(),
@@ -256,6 +270,8 @@ impl Default for ClusterConfig {
             pr: 0,
             pw: 0,
             members: Vec::new(),
+            seeds: Vec::new(),
+            gossip_ms: 1_000,
             clock_max_entries: 50,
             clock_min_age_secs: 86_400,
         }
@@ -354,6 +370,20 @@ impl Config {
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return invalid("cluster.members", format!("{} is listed twice", w[0]));
+        }
+        if !c.seeds.is_empty() && !c.members.is_empty() {
+            return invalid(
+                "cluster.seeds",
+                "a node either founds a cluster (members) or joins one (seeds), not both".into(),
+            );
+        }
+        if c.gossip_ms == 0 || c.gossip_ms > MAX_REQUEST_MS {
+            return invalid("cluster.gossip-ms", format!("must be between 1 and {MAX_REQUEST_MS}"));
+        }
+        if let Some(zone) = &self.zone {
+            if zone.is_empty() || zone.len() > 64 {
+                return invalid("zone", "must be 1 to 64 bytes when set".into());
+            }
         }
         if self.limits.object_cache_mb > 1 << 20 {
             return invalid(
@@ -499,100 +529,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, text: &str) -> PathBuf {
-        let p = dir.join("node.toml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    const MINIMAL: &str = r#"
-name = "node1"
-[tls]
-ca-cert = "ca.pem"
-cert = "node1.pem"
-key = "node1.key"
-"#;
-
-    #[test]
-    fn minimal_config_gets_defaults_and_resolved_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Config::load(&write(dir.path(), MINIMAL)).unwrap();
-        assert_eq!(c.cluster.n, 3);
-        assert_eq!(c.cluster.partitions, 256);
-        assert_eq!(c.tls.ca_cert, dir.path().join("ca.pem"));
-        assert_eq!(c.all_members().len(), 1);
-    }
-
-    #[test]
-    fn the_shipped_example_config_is_valid() {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/shoal.example.toml");
-        let c = Config::load(&example).unwrap();
-        assert_eq!(c.cluster.members.len(), 3);
-        assert!(c.metrics_addr.is_some());
-    }
-
-    #[test]
-    fn unknown_field_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(&write(
-            dir.path(),
-            &format!("{MINIMAL}\n[cluster]\nreplicas = 3\n"),
-        ))
-        .unwrap_err();
-        assert!(err.to_string().contains("replicas"), "{err}");
-    }
-
-    #[test]
-    fn impossible_quorum_names_the_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(&write(
-            dir.path(),
-            &format!("{MINIMAL}\n[cluster]\nn = 3\nw = 4\n"),
-        ))
-        .unwrap_err();
-        assert!(err.to_string().contains("cluster.w"), "{err}");
-    }
-
-    #[test]
-    fn out_of_range_threads_and_cache_name_the_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let load = |extra: &str| {
-            Config::load(&write(
-                dir.path(),
-                &format!("threads = 0\n{MINIMAL}{extra}"),
-            ))
-        };
-        let err = load("[limits]\nobject-cache-mb = 99999999\n").unwrap_err();
-        assert!(err.to_string().contains("limits.object-cache-mb"), "{err}");
-        let c = load("[limits]\nobject-cache-mb = 0\n").unwrap();
-        assert_eq!(c.limits.object_cache_mb, 0);
-        let err =
-            Config::load(&write(dir.path(), &format!("threads = 5000\n{MINIMAL}"))).unwrap_err();
-        assert!(err.to_string().contains("threads"), "{err}");
-    }
-
-    #[test]
-    fn a_grace_shorter_than_a_request_can_live_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let load = |grace: u64| {
-            Config::load(&write(
-                dir.path(),
-                &format!("{MINIMAL}[anti-entropy]\ntombstone-grace-secs = {grace}\n"),
-            ))
-        };
-        let err = load(0).unwrap_err().to_string();
-        assert!(
-            err.contains("anti-entropy.tombstone-grace-secs") && err.contains("at least 71 s"),
-            "{err}"
-        );
-        assert!(load(70).is_err());
-        assert_eq!(
-            load(71).unwrap().anti_entropy.tombstone_grace_secs,
-            71,
-            "the smallest grace accepted with the default timeouts"
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,258 @@
+//! The node's side of membership: gossip rounds, persisting the cluster
+//! state, announcing itself, and the operator's commands (`shoal cluster
+//! plan | commit | clear`, `leave`, `remove`, `replace`). The state and its
+//! rules are [`crate::membership::state`]'s; this file only wires them to
+//! the node's store, transport and clock.
+
+use std::collections::BTreeMap;
+
+use shoal_client::error::{ErrorKind, WireError};
+use shoal_client::proto::{
+    ClusterCommand, ClusterReply, PlanMember, PlanView, Response, Transition,
+};
+use shoal_ring::{NodeId, Ring};
+use tracing::{error, info};
+
+use super::Node;
+use crate::gossip::{self, Outcome, CLUSTER_KEY};
+use crate::membership::state::{Change, ClusterState, Plan, StateError};
+use crate::net::{PeerRequest, PeerResponse, Transport};
+use crate::storage::{Store, Tree};
+
+impl<T: Transport, S: Store> Node<T, S> {
+    /// Persists the cluster state, so a restart knows the layouts even when
+    /// no other node is up.
+    pub fn persist_cluster(&self) {
+        let bytes = gossip::encode(&self.inner.membership.cluster());
+        if let Err(e) = self.inner.store.put(Tree::Meta, CLUSTER_KEY, &bytes) {
+            error!(error = %e, "could not persist the cluster state");
+        }
+    }
+
+    /// Puts this node's own entry in the cluster state (its addresses and
+    /// zone may have changed since it last ran) and, when it was started
+    /// with seeds and is in no layout, stages its own join.
+    pub fn announce(&self) {
+        let me = self.inner.me.clone();
+        let now = self.inner.settings.clock.now_ms();
+        let joining = self.inner.membership.joining();
+        let changed = self.inner.membership.edit(|c| {
+            let mut changed = c.announce(me.clone(), now);
+            let in_a_layout = c.layouts.iter().any(|l| l.ring.members().contains(&me.id));
+            let staged = c.staged.get(&me.id).is_some_and(|s| s.change.is_some());
+            if joining && !in_a_layout && !staged {
+                changed |= c.stage(me.id, Some(Change::Join), now);
+            }
+            changed
+        });
+        if changed {
+            self.persist_cluster();
+        }
+    }
+
+    /// One gossip exchange with a random peer (see [`gossip`]).
+    pub async fn gossip_round(&self) -> Option<Outcome> {
+        let membership = &self.inner.membership;
+        let peer = self.inner.partners.pick(membership, &self.inner.me)?;
+        let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+        match gossip::exchange(membership, &*self.inner.transport, &peer, deadline).await {
+            Ok(outcome) => {
+                if let Outcome::Merged { changed: true, .. } = outcome {
+                    self.persist_cluster();
+                }
+                Some(outcome)
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer.name, error = %e, "gossip exchange failed");
+                None
+            }
+        }
+    }
+
+    /// Answers a peer's gossip.
+    pub(super) fn answer_gossip(&self, request: PeerRequest) -> PeerResponse {
+        let (answer, changed) = gossip::answer(&self.inner.membership, request);
+        if changed {
+            self.persist_cluster();
+        }
+        answer
+    }
+
+    /// One step of this node's part of a layout change (see
+    /// [`crate::transfer`]).
+    pub async fn transfer_round(&self) {
+        if self.inner.transfer.step(&self.inner.aae).await {
+            self.persist_cluster();
+        }
+    }
+
+    /// The layout change in progress, if any.
+    pub fn transition(&self) -> Option<Transition> {
+        let cluster = self.inner.membership.cluster();
+        if cluster.layouts.len() < 2 {
+            return None;
+        }
+        Some(Transition {
+            from_version: cluster.layouts[0].version,
+            to_version: cluster.version(),
+            unsynced: cluster
+                .unsynced()
+                .iter()
+                .map(|id| cluster.name_of(id))
+                .collect(),
+        })
+    }
+
+    /// Runs an operator's membership command.
+    pub(super) fn cluster_command(&self, command: ClusterCommand) -> Response {
+        let now = self.inner.settings.clock.now_ms();
+        // One edit: on a cluster still on its static ring the edit sees that
+        // ring as layout 1, for staging and planning alike.
+        let reply = self
+            .inner
+            .membership
+            .edit(|c| -> Result<ClusterReply, StateError> {
+                let before = c.current().map(|l| l.ring.clone());
+                let (message, committed) = run_command(c, command, now)?;
+                let (plan, message) = match committed {
+                    Some(plan) => (Some(plan), message),
+                    None => match c.plan() {
+                        Ok(plan) => (Some(plan), message),
+                        Err(e) if message.is_empty() => (None, e.to_string()),
+                        Err(e) => (None, format!("{message}; {e}")),
+                    },
+                };
+                Ok(ClusterReply {
+                    version: c.version(),
+                    staged: c
+                        .staged_changes()
+                        .iter()
+                        .map(|(id, ch)| (c.name_of(id), format!("{ch:?}").to_lowercase()))
+                        .collect(),
+                    plan: plan.map(|p| plan_view(c, before.as_ref(), &p)),
+                    message,
+                })
+            });
+        match reply {
+            Ok(reply) => {
+                self.persist_cluster();
+                info!(message = %reply.message, version = reply.version, "membership command");
+                Response::Cluster(reply)
+            }
+            Err(e) => {
+                let kind = match e {
+                    StateError::UnknownMember(_) => ErrorKind::BadRequest,
+                    StateError::NoLayout => ErrorKind::NotReady,
+                    _ => ErrorKind::BadRequest,
+                };
+                Response::Error(WireError::new(kind, e.to_string()))
+            }
+        }
+    }
+}
+
+/// Applies one command to the state: what was done, and the plan it
+/// committed, if it was a commit.
+fn run_command(
+    c: &mut ClusterState,
+    command: ClusterCommand,
+    now: u64,
+) -> Result<(String, Option<Plan>), StateError> {
+    match command {
+        ClusterCommand::Plan => Ok((String::new(), None)),
+        ClusterCommand::Clear => {
+            c.clear(now);
+            Ok(("staged changes cleared".into(), None))
+        }
+        ClusterCommand::Leave { node } => {
+            let id = member_in_layout(c, &node)?;
+            c.stage(id, Some(Change::Leave), now);
+            Ok((format!("staged: {node} leaves"), None))
+        }
+        ClusterCommand::Remove { node } => {
+            let id = member_in_layout(c, &node)?;
+            c.stage(id, Some(Change::Remove), now);
+            Ok((format!("staged: {node} is removed"), None))
+        }
+        ClusterCommand::Replace { old, new } => {
+            let old_id = member_in_layout(c, &old)?;
+            let new_id = c
+                .by_name(&new)
+                .map(|m| m.info.id)
+                .ok_or_else(|| StateError::UnknownMember(new.clone()))?;
+            c.stage(old_id, Some(Change::Remove), now);
+            c.stage(new_id, Some(Change::Join), now);
+            Ok((format!("staged: {new} replaces {old}"), None))
+        }
+        ClusterCommand::Commit { version } => {
+            let plan = c.commit(version, now)?;
+            Ok((format!("committed layout {}", plan.version), Some(plan)))
+        }
+    }
+}
+
+/// The id of the member named `name` in the current layout (or the static
+/// ring, adopted as version 1 for the edit).
+fn member_in_layout(c: &ClusterState, name: &str) -> Result<NodeId, StateError> {
+    let current = c.current().ok_or(StateError::NoLayout)?;
+    current
+        .ring
+        .members()
+        .into_iter()
+        .find(|id| c.name_of(id) == name)
+        .ok_or_else(|| StateError::UnknownMember(name.to_string()))
+}
+
+/// What operators read of a plan.
+fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> PlanView {
+    let n = cluster.n as usize;
+    let after_parts = owned(&plan.ring);
+    let after_reps = replicas(&plan.ring, n);
+    let (before_parts, before_reps) = before.map_or_else(Default::default, |r| (owned(r), replicas(r, n)));
+    let mut ids: Vec<NodeId> = after_parts.keys().chain(before_parts.keys()).copied().collect();
+    ids.sort();
+    ids.dedup();
+    PlanView {
+        version: plan.version,
+        partitions_moving: plan.moves.len() as u32,
+        replicas_moving: plan.moves.iter().map(|m| m.to.len() as u32).sum(),
+        members: ids
+            .iter()
+            .map(|id| PlanMember {
+                name: cluster.name_of(id),
+                zone: cluster.members.get(id).and_then(|m| m.info.zone.clone()),
+                partitions_before: before_parts.get(id).copied().unwrap_or(0),
+                partitions_after: after_parts.get(id).copied().unwrap_or(0),
+                replicas_before: before_reps.get(id).copied().unwrap_or(0),
+                replicas_after: after_reps.get(id).copied().unwrap_or(0),
+            })
+            .collect(),
+        transfers: plan
+            .moves
+            .iter()
+            .take(64)
+            .map(|m| {
+                let names = |ids: &[NodeId]| ids.iter().map(|i| cluster.name_of(i)).collect();
+                (m.partition, names(&m.from), names(&m.to))
+            })
+            .collect(),
+    }
+}
+
+fn owned(ring: &Ring) -> BTreeMap<NodeId, u32> {
+    let mut c = BTreeMap::new();
+    for o in ring.owners() {
+        *c.entry(*o).or_insert(0) += 1;
+    }
+    c
+}
+
+fn replicas(ring: &Ring, n: usize) -> BTreeMap<NodeId, u32> {
+    let mut c = BTreeMap::new();
+    for p in 0..ring.partition_count() {
+        for id in ring.preference_list_for_partition(p, n) {
+            *c.entry(id).or_insert(0) += 1;
+        }
+    }
+    c
+}

@@ -1,0 +1,584 @@
+//! The cluster state every node holds, persists and gossips: the members,
+//! the committed layouts (rings, versioned) and the changes staged for the
+//! next layout. Pure: no I/O, no clock (stamps come from the caller).
+//!
+//! # A join-semilattice
+//! Nodes change their copy independently (a member announces itself, an
+//! operator stages or commits a change) and copies meet by [`ClusterState::merge`],
+//! which is commutative, associative and idempotent (property-tested), so
+//! gossip converges whatever the order and repetition of exchanges:
+//! - members: per id, the announcement with the higher `stamp` wins (ties by
+//!   content); `removed` is sticky, so stale gossip cannot bring a removed
+//!   member back;
+//! - staged changes: per id, last writer wins by `stamp`; a cleared entry is
+//!   a `None` with a higher stamp (a tombstone, so the clear spreads too);
+//! - layouts: the union by version (two commits of one version, made at once
+//!   on two nodes, resolve to the one with the larger content digest); then
+//!   every layout older than the newest one that is fully synced is dropped
+//!   ([`ClusterState::prune`]), a function of the merged state only;
+//! - progress: per node, the highest version acknowledged and synced.
+//!
+//! # Layout history (Garage's, and Cassandra's pending ranges)
+//! The last layout is the current one. While a change is in transition the
+//! history holds the layouts before it too: writes go to the replicas of
+//! every layout in the history and reads to the oldest, until every member
+//! of the new layout has synced its new partitions; then the older layouts
+//! are dropped. One change is in transition at a time: planning waits.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use shoal_client::proto::MemberInfo;
+use shoal_ring::{NodeId, Ring};
+
+/// One member as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Id, name, addresses and zone, as the member announced them.
+    pub info: MemberInfo,
+    /// The announcement with the highest stamp wins: a member re-announces
+    /// itself (a new address, a new zone) with a higher one.
+    pub stamp: u64,
+    /// A removed member stays as a tombstone so that stale gossip cannot
+    /// bring it back; an id once removed never rejoins (a wiped machine
+    /// starts with a new id).
+    pub removed: bool,
+}
+
+/// A change staged for the next layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Change {
+    /// The member asked to join (`shoal join`, or seeds in its config).
+    Join,
+    /// The member hands its partitions to the others, then stops.
+    Leave,
+    /// The member is gone for good: its partitions are rebuilt on their new
+    /// owners from the surviving replicas.
+    Remove,
+}
+
+/// A staged change (or its clearing), last writer wins.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Staged {
+    pub stamp: u64,
+    /// `None`: cleared (a tombstone, so the clearing spreads by gossip).
+    pub change: Option<Change>,
+}
+
+/// A committed ring and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub version: u64,
+    pub ring: Ring,
+}
+
+/// How far a node has come with the layouts (Garage's trackers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The node writes to the replicas of every layout up to this version,
+    /// and no write of its own that ignored this version is still running.
+    pub acked: u64,
+    /// The node holds everything the layouts before this version held for
+    /// the partitions it replicates in this version.
+    pub synced: u64,
+    /// The node's history holds this version alone: it reads from the new
+    /// replicas only, so old copies may be dropped.
+    #[serde(default)]
+    pub settled: u64,
+}
+
+/// The replicated cluster state. See the module doc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Partitions Q and replicas N, fixed for the cluster's life; a state
+    /// with others belongs to another cluster and is refused.
+    pub partitions: u32,
+    pub n: u32,
+    pub members: BTreeMap<NodeId, Member>,
+    /// Committed layouts, oldest first; the last is current. Empty while the
+    /// cluster still runs on the ring of its static config (see
+    /// [`super::Membership`]).
+    pub layouts: Vec<Layout>,
+    pub staged: BTreeMap<NodeId, Staged>,
+    pub progress: BTreeMap<NodeId, Progress>,
+}
+
+/// Why a state was refused or a change could not be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "state of another cluster: Q={partitions} N={n}, this cluster has Q={our_partitions} N={our_n}"
+    )]
+    OtherCluster {
+        partitions: u32,
+        n: u32,
+        our_partitions: u32,
+        our_n: u32,
+    },
+    #[error("malformed cluster state: {0}")]
+    Malformed(String),
+    #[error("no layout yet: the cluster has not formed")]
+    NoLayout,
+    #[error("nothing staged: stage a join, leave or remove first")]
+    NothingStaged,
+    #[error(
+        "layout {version} is still in transition ({pending} members have not synced); wait until it completes"
+    )]
+    InTransition { version: u64, pending: usize },
+    #[error("the change would leave {left} members, fewer than N={n} replicas")]
+    TooFewMembers { left: usize, n: u32 },
+    #[error("unknown member {0}")]
+    UnknownMember(String),
+    #[error("{name} is {why}")]
+    BadChange { name: String, why: String },
+    #[error("the plan changed: it is now for version {now}, not {asked}; look at it again")]
+    StalePlan { asked: u64, now: u64 },
+    #[error("could not build the ring: {0}")]
+    Ring(String),
+}
+
+/// One partition whose replicas change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub partition: u32,
+    /// Replicas that stop holding the partition.
+    pub from: Vec<NodeId>,
+    /// Replicas that start holding it.
+    pub to: Vec<NodeId>,
+}
+
+/// What committing the staged changes would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The version the plan would commit.
+    pub version: u64,
+    pub changes: Vec<(NodeId, Change)>,
+    pub ring: Ring,
+    pub moves: Vec<Move>,
+}
+
+impl ClusterState {
+    pub fn new(partitions: u32, n: u32) -> Self {
+        ClusterState {
+            partitions,
+            n,
+            members: BTreeMap::new(),
+            layouts: Vec::new(),
+            staged: BTreeMap::new(),
+            progress: BTreeMap::new(),
+        }
+    }
+
+    /// The current layout.
+    pub fn current(&self) -> Option<&Layout> {
+        self.layouts.last()
+    }
+
+    /// The current version, 0 before the first layout.
+    pub fn version(&self) -> u64 {
+        self.current().map_or(0, |l| l.version)
+    }
+
+    /// A short digest of the whole state: equal digests, nothing to exchange.
+    pub fn digest(&self) -> u64 {
+        let bytes = rmp_serde::to_vec(self).expect("cluster state encodes");
+        let a = crc32fast::hash(&bytes);
+        let mut h = crc32fast::Hasher::new_with_initial(0x5ea1_5ea1);
+        h.update(&bytes);
+        (u64::from(a) << 32) | u64::from(h.finalize())
+    }
+
+    /// Records what a member says about itself. A removed member cannot
+    /// announce itself back. Returns whether anything changed.
+    pub fn announce(&mut self, info: MemberInfo, now: u64) -> bool {
+        match self.members.get(&info.id) {
+            Some(m) if m.removed => false,
+            Some(m) if m.info == info => false,
+            Some(m) => {
+                let stamp = now.max(m.stamp + 1);
+                self.members.insert(
+                    info.id,
+                    Member {
+                        info,
+                        stamp,
+                        removed: false,
+                    },
+                );
+                true
+            }
+            None => {
+                self.members.insert(
+                    info.id,
+                    Member {
+                        info,
+                        stamp: now,
+                        removed: false,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// The live (not removed) member named `name`; the latest announced when
+    /// a name was reused by a new id.
+    pub fn by_name(&self, name: &str) -> Option<&Member> {
+        self.members
+            .values()
+            .filter(|m| !m.removed && m.info.name == name)
+            .max_by_key(|m| m.stamp)
+    }
+
+    /// Stages `change` for `node` (or clears its entry, `None`).
+    pub fn stage(&mut self, node: NodeId, change: Option<Change>, now: u64) -> bool {
+        let stamp = self.staged.get(&node).map_or(now, |s| now.max(s.stamp + 1));
+        if self.staged.get(&node).map(|s| s.change) == Some(change) {
+            return false;
+        }
+        self.staged.insert(node, Staged { stamp, change });
+        true
+    }
+
+    /// Clears every staged change.
+    pub fn clear(&mut self, now: u64) -> bool {
+        let live: Vec<NodeId> = self
+            .staged
+            .iter()
+            .filter(|(_, s)| s.change.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &live {
+            self.stage(*id, None, now);
+        }
+        !live.is_empty()
+    }
+
+    /// The changes staged, in id order.
+    pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
+        self.staged
+            .iter()
+            .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
+            .collect()
+    }
+
+    /// Records this node's progress (only ever forward).
+    pub fn advance(&mut self, node: NodeId, acked: u64, synced: u64, settled: u64) -> bool {
+        let p = self.progress.entry(node).or_default();
+        let before = *p;
+        p.acked = p.acked.max(acked);
+        p.synced = p.synced.max(synced);
+        p.settled = p.settled.max(settled);
+        let changed = before != *p;
+        if changed {
+            self.prune();
+        }
+        changed
+    }
+
+    /// Makes `ring` the first layout, when there is none: the ring a
+    /// cluster formed from its static config becomes version 1 when the
+    /// first change is committed.
+    pub fn adopt(&mut self, ring: Ring) {
+        if self.layouts.is_empty() {
+            self.layouts.push(Layout { version: 1, ring });
+        }
+    }
+
+    /// Members of `layout`'s ring that are not removed: the ones whose
+    /// progress a transition waits for.
+    fn live_members_of(&self, layout: &Layout) -> Vec<NodeId> {
+        layout
+            .ring
+            .members()
+            .into_iter()
+            .filter(|id| !self.members.get(id).is_some_and(|m| m.removed))
+            .collect()
+    }
+
+    /// Whether every live member of the layouts in the history has acked
+    /// the current version: writes of every coordinator reach both the old
+    /// and new replicas, so the new replicas may start syncing.
+    pub fn all_acked(&self) -> bool {
+        let v = self.version();
+        self.history_members()
+            .iter()
+            .all(|id| self.progress.get(id).is_some_and(|p| p.acked >= v))
+    }
+
+    /// Whether every member not removed has seen the history reduced to
+    /// the current layout: nobody reads from older replicas any more.
+    pub fn all_settled(&self) -> bool {
+        let v = self.version();
+        self.members
+            .iter()
+            .filter(|(_, m)| !m.removed)
+            .all(|(id, _)| self.progress.get(id).is_some_and(|p| p.settled >= v))
+    }
+
+    /// Live members of any layout in the history.
+    pub fn history_members(&self) -> BTreeSet<NodeId> {
+        self.layouts
+            .iter()
+            .flat_map(|l| self.live_members_of(l))
+            .collect()
+    }
+
+    /// Members of the current layout that have not synced it yet.
+    pub fn unsynced(&self) -> Vec<NodeId> {
+        let Some(current) = self.current() else {
+            return Vec::new();
+        };
+        self.live_members_of(current)
+            .into_iter()
+            .filter(|id| {
+                self.progress
+                    .get(id)
+                    .is_none_or(|p| p.synced < current.version)
+            })
+            .collect()
+    }
+
+    /// Drops the layouts before the newest one whose live members have all
+    /// synced it: nobody needs them for reads or writes any more.
+    pub fn prune(&mut self) {
+        let keep_from = (1..self.layouts.len()).rev().find(|&i| {
+            let layout = &self.layouts[i];
+            self.live_members_of(layout).iter().all(|id| {
+                self.progress
+                    .get(id)
+                    .is_some_and(|p| p.synced >= layout.version)
+            })
+        });
+        if let Some(i) = keep_from {
+            self.layouts.drain(..i);
+        }
+    }
+
+    /// Checks a state that came from the network before it is merged.
+    pub fn check(&self, partitions: u32, n: u32) -> Result<(), StateError> {
+        if self.partitions != partitions || self.n != n {
+            return Err(StateError::OtherCluster {
+                partitions: self.partitions,
+                n: self.n,
+                our_partitions: partitions,
+                our_n: n,
+            });
+        }
+        for w in self.layouts.windows(2) {
+            if w[0].version >= w[1].version {
+                return Err(StateError::Malformed("layout versions not increasing".into()));
+            }
+        }
+        for l in &self.layouts {
+            if l.ring.partition_count() != partitions {
+                return Err(StateError::Malformed(format!(
+                    "layout {} has {} partitions",
+                    l.version,
+                    l.ring.partition_count()
+                )));
+            }
+        }
+        for (id, m) in &self.members {
+            if m.info.id != *id {
+                return Err(StateError::Malformed(format!("member {id} listed as {}", m.info.id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges `other` into this state (see the module doc). `other` must
+    /// have passed [`ClusterState::check`]. Returns whether this state changed.
+    pub fn merge(&mut self, other: &ClusterState) -> bool {
+        let before = self.clone();
+        for (id, theirs) in &other.members {
+            match self.members.get_mut(id) {
+                None => {
+                    self.members.insert(*id, theirs.clone());
+                }
+                Some(ours) => {
+                    let removed = ours.removed || theirs.removed;
+                    if later(theirs, ours, |m| m.stamp) {
+                        *ours = theirs.clone();
+                    }
+                    ours.removed = removed;
+                }
+            }
+        }
+        for (id, theirs) in &other.staged {
+            match self.staged.get_mut(id) {
+                None => {
+                    self.staged.insert(*id, theirs.clone());
+                }
+                Some(ours) => {
+                    if theirs > ours {
+                        *ours = theirs.clone();
+                    }
+                }
+            }
+        }
+        for (id, theirs) in &other.progress {
+            let ours = self.progress.entry(*id).or_default();
+            ours.acked = ours.acked.max(theirs.acked);
+            ours.synced = ours.synced.max(theirs.synced);
+            ours.settled = ours.settled.max(theirs.settled);
+        }
+        let mut by_version: BTreeMap<u64, Layout> = BTreeMap::new();
+        for l in self.layouts.iter().chain(&other.layouts) {
+            match by_version.get(&l.version) {
+                Some(kept) if !later(l, kept, |_| 0) => {}
+                _ => {
+                    by_version.insert(l.version, l.clone());
+                }
+            }
+        }
+        self.layouts = by_version.into_values().collect();
+        // A layout the other side had already dropped as synced comes back
+        // in the union; pruning on the merged progress drops it again.
+        self.prune();
+        *self != before
+    }
+
+    /// What committing the staged changes would do. Refused while a change
+    /// is in transition.
+    pub fn plan(&self) -> Result<Plan, StateError> {
+        let current = self.current().ok_or(StateError::NoLayout)?;
+        if self.layouts.len() > 1 {
+            return Err(StateError::InTransition {
+                version: current.version,
+                pending: self.unsynced().len(),
+            });
+        }
+        let changes = self.staged_changes();
+        if changes.is_empty() {
+            return Err(StateError::NothingStaged);
+        }
+        let mut members = current.ring.members();
+        for (id, change) in &changes {
+            let name = self.name_of(id);
+            let member = self
+                .members
+                .get(id)
+                .ok_or_else(|| StateError::UnknownMember(name.clone()))?;
+            match change {
+                Change::Join if member.removed => {
+                    return Err(StateError::BadChange {
+                        name,
+                        why: "removed; a removed machine rejoins with a new id (wipe its data directory)".into(),
+                    })
+                }
+                Change::Join => {
+                    members.insert(*id);
+                }
+                Change::Leave | Change::Remove => {
+                    if !members.remove(id) {
+                        return Err(StateError::BadChange {
+                            name,
+                            why: "not in the current layout".into(),
+                        });
+                    }
+                }
+            }
+        }
+        if members.len() < self.n as usize {
+            return Err(StateError::TooFewMembers {
+                left: members.len(),
+                n: self.n,
+            });
+        }
+        let zoned: BTreeMap<NodeId, Option<String>> = members
+            .iter()
+            .map(|id| (*id, self.members.get(id).and_then(|m| m.info.zone.clone())))
+            .collect();
+        let ring = claim_zoned(&current.ring, &zoned, self.partitions, self.n as usize)?;
+        let moves = moves(&current.ring, &ring, self.n as usize);
+        Ok(Plan {
+            version: current.version + 1,
+            changes,
+            ring,
+            moves,
+        })
+    }
+
+    /// Commits the plan for `version` (what [`ClusterState::plan`] showed):
+    /// appends its layout, marks removed members, clears what it consumed.
+    pub fn commit(&mut self, version: u64, now: u64) -> Result<Plan, StateError> {
+        let plan = self.plan()?;
+        if plan.version != version {
+            return Err(StateError::StalePlan {
+                asked: version,
+                now: plan.version,
+            });
+        }
+        for (id, change) in &plan.changes {
+            if *change == Change::Remove {
+                if let Some(m) = self.members.get_mut(id) {
+                    m.removed = true;
+                    m.stamp = now.max(m.stamp + 1);
+                }
+            }
+            self.stage(*id, None, now);
+        }
+        self.layouts.push(Layout {
+            version: plan.version,
+            ring: plan.ring.clone(),
+        });
+        Ok(plan)
+    }
+
+    /// A member's name, or its id when unknown.
+    pub fn name_of(&self, id: &NodeId) -> String {
+        self.members
+            .get(id)
+            .map_or_else(|| id.to_hex(), |m| m.info.name.clone())
+    }
+}
+
+/// Whether `a` wins over `b`: a higher stamp, or on a tie the larger
+/// encoding (any total order works; this one needs no extra field).
+fn later<T: Serialize>(a: &T, b: &T, stamp: impl Fn(&T) -> u64) -> bool {
+    match stamp(a).cmp(&stamp(b)) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => {
+            rmp_serde::to_vec(a).expect("encodes") > rmp_serde::to_vec(b).expect("encodes")
+        }
+    }
+}
+
+/// The ring for `members` (with zones), moving as little as possible from
+/// `previous`.
+fn claim_zoned(
+    previous: &Ring,
+    members: &BTreeMap<NodeId, Option<String>>,
+    q: u32,
+    n: usize,
+) -> Result<Ring, StateError> {
+    let ids: BTreeSet<NodeId> = members.keys().copied().collect();
+    let zones: BTreeMap<NodeId, String> = members
+        .iter()
+        .filter_map(|(id, z)| z.clone().map(|z| (*id, z)))
+        .collect();
+    Ring::claim(Some(previous), &ids, q, n)
+        .map(|r| r.with_zones(zones))
+        .map_err(|e| StateError::Ring(e.to_string()))
+}
+
+/// Every partition whose preference list changes from `old` to `new`.
+pub fn moves(old: &Ring, new: &Ring, n: usize) -> Vec<Move> {
+    (0..new.partition_count())
+        .filter_map(|p| {
+            let before = old.preference_list_for_partition(p, n);
+            let after = new.preference_list_for_partition(p, n);
+            let from: Vec<NodeId> = before.iter().filter(|x| !after.contains(x)).copied().collect();
+            let to: Vec<NodeId> = after.iter().filter(|x| !before.contains(x)).copied().collect();
+            (!from.is_empty() || !to.is_empty()).then_some(Move {
+                partition: p,
+                from,
+                to,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

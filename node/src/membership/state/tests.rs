@@ -1,0 +1,173 @@
+use super::*;
+use proptest::prelude::*;
+
+const Q: u32 = 64;
+
+fn info(i: u8) -> MemberInfo {
+    MemberInfo {
+        id: NodeId::from_u128(u128::from(i) + 1),
+        name: format!("n{i}"),
+        client_addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
+        peer_addr: ([127, 0, 0, 1], 8000 + u16::from(i)).into(),
+        zone: None,
+    }
+}
+
+fn founded(members: u8) -> ClusterState {
+    let mut s = ClusterState::new(Q, 3);
+    for i in 0..members {
+        s.announce(info(i), 1);
+    }
+    let ids = (0..members).map(|i| info(i).id).collect();
+    s.adopt(Ring::claim(None, &ids, Q, 3).unwrap());
+    s
+}
+
+/// One edit a node may make to its copy.
+#[derive(Debug, Clone)]
+enum Edit {
+    Announce(u8, u16),
+    Stage(u8, Option<Change>),
+    Clear,
+    Commit,
+    Advance(u8, bool),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (0u8..6, any::<u16>()).prop_map(|(i, port)| Edit::Announce(i, port)),
+        (
+            0u8..6,
+            prop_oneof![
+                Just(None),
+                Just(Some(Change::Join)),
+                Just(Some(Change::Leave)),
+                Just(Some(Change::Remove))
+            ]
+        )
+            .prop_map(|(i, c)| Edit::Stage(i, c)),
+        Just(Edit::Clear),
+        Just(Edit::Commit),
+        (0u8..6, any::<bool>()).prop_map(|(i, s)| Edit::Advance(i, s)),
+    ]
+}
+
+fn apply(s: &mut ClusterState, e: &Edit, now: u64) {
+    match e {
+        Edit::Announce(i, port) => {
+            let mut m = info(*i);
+            m.client_addr.set_port(*port);
+            s.announce(m, now);
+        }
+        Edit::Stage(i, c) => {
+            s.stage(info(*i).id, *c, now);
+        }
+        Edit::Clear => {
+            s.clear(now);
+        }
+        Edit::Commit => {
+            if let Ok(plan) = s.plan() {
+                s.commit(plan.version, now).unwrap();
+            }
+        }
+        Edit::Advance(i, synced) => {
+            let v = s.version();
+            s.advance(info(*i).id, v, if *synced { v } else { 0 }, 0);
+        }
+    }
+}
+
+/// Three replicas edited independently from one founding state.
+fn replicas(edits: &[(usize, Edit)]) -> Vec<ClusterState> {
+    let mut copies = vec![founded(3); 3];
+    for (t, (who, e)) in edits.iter().enumerate() {
+        apply(&mut copies[*who % 3], e, 10 + t as u64);
+    }
+    copies
+}
+
+fn merged(a: &ClusterState, b: &ClusterState) -> ClusterState {
+    let mut m = a.clone();
+    m.merge(b);
+    m
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Merge is commutative, associative and idempotent, so gossip
+    /// converges whatever order and repetition exchanges come in.
+    #[test]
+    fn merge_is_a_semilattice(edits in proptest::collection::vec((0usize..3, edit()), 0..24)) {
+        let c = replicas(&edits);
+        let (a, b, d) = (&c[0], &c[1], &c[2]);
+        prop_assert_eq!(merged(a, b), merged(b, a));
+        prop_assert_eq!(merged(&merged(a, b), d), merged(a, &merged(b, d)));
+        prop_assert_eq!(merged(a, a), a.clone());
+        let ab = merged(a, b);
+        prop_assert_eq!(merged(&ab, a), ab.clone());
+        // Layouts stay ordered and well formed after any merge.
+        prop_assert!(ab.check(Q, 3).is_ok());
+    }
+}
+
+#[test]
+fn a_join_is_planned_then_committed_then_pruned_once_synced() {
+    let mut s = founded(3);
+    s.announce(info(3), 5);
+    s.stage(info(3).id, Some(Change::Join), 5);
+    let plan = s.plan().unwrap();
+    assert_eq!(plan.version, 2);
+    assert_eq!(plan.ring.members().len(), 4);
+    assert!(!plan.moves.is_empty());
+    assert!(plan.moves.iter().all(|m| m.to.contains(&info(3).id)));
+    // A plan for another version is refused: the operator saw another.
+    assert!(matches!(s.commit(3, 6), Err(StateError::StalePlan { .. })));
+    s.commit(2, 6).unwrap();
+    assert_eq!(s.layouts.len(), 2);
+    assert!(s.staged_changes().is_empty());
+    assert!(matches!(s.plan(), Err(StateError::InTransition { .. })));
+    for i in 0..4 {
+        s.advance(info(i).id, 2, 2, 0);
+    }
+    assert_eq!(s.layouts.len(), 1, "the old layout goes once all synced");
+    assert_eq!(s.version(), 2);
+}
+
+#[test]
+fn a_removed_member_cannot_come_back() {
+    let mut s = founded(4);
+    s.stage(info(3).id, Some(Change::Remove), 5);
+    s.commit(2, 6).unwrap();
+    assert!(s.members[&info(3).id].removed);
+    // Its stale copy, announcing itself again, changes nothing.
+    let mut stale = founded(4);
+    stale.announce(
+        MemberInfo {
+            name: "n3".into(),
+            ..info(3)
+        },
+        100,
+    );
+    s.merge(&stale);
+    assert!(s.members[&info(3).id].removed);
+    assert!(!s.announce(info(3), 200));
+    for i in 0..3 {
+        s.advance(info(i).id, 2, 2, 0);
+    }
+    s.stage(info(3).id, Some(Change::Join), 300);
+    assert!(matches!(s.plan(), Err(StateError::BadChange { .. })));
+}
+
+#[test]
+fn too_few_members_are_refused() {
+    let mut s = founded(3);
+    s.stage(info(2).id, Some(Change::Leave), 5);
+    assert!(matches!(s.plan(), Err(StateError::TooFewMembers { left: 2, n: 3 })));
+}
+
+#[test]
+fn another_clusters_state_is_refused() {
+    let s = ClusterState::new(128, 3);
+    assert!(matches!(s.check(Q, 3), Err(StateError::OtherCluster { .. })));
+}

@@ -1,0 +1,409 @@
+//! Ownership transfer: moving partitions to their new replicas when a
+//! committed layout changes them, losing nothing and serving throughout
+//! (Garage's layout history with its ack and sync trackers; Cassandra's
+//! pending ranges).
+//!
+//! While a change is in transition the history holds the old layout and the
+//! new one ([`crate::membership::state`]). Every node runs [`Transfer::step`]
+//! each gossip interval, and each step moves its own part forward:
+//! 1. **Ack.** Once the node has adopted the new layout (its writes reach W
+//!    replicas of the old *and* the new preference list) and no write it
+//!    routed by an older layout is still running, it records `acked`.
+//! 2. **Sync.** Once every live member of the history has acked, no write
+//!    is acknowledged by the old replicas alone any more. Each member of the
+//!    new layout then pulls every partition it replicates now but did not
+//!    before: first the hints any live node holds for keys of those
+//!    partitions (a hint stands for an old replica's copy), then a Merkle
+//!    exchange ([`crate::antientropy`]) with old replicas, at least `N-W+1`
+//!    of them, so every W-set of the old list is met: every write
+//!    acknowledged before the acks is then on this node. Exchanges are
+//!    throttled by `anti-entropy.max-repairs-per-sec`. A partition done is
+//!    persisted, so a restarted node resumes where it stopped. When all are
+//!    done the node records `synced`.
+//! 3. **Prune.** When every live member of the new layout has synced, the
+//!    old layout is dropped from the history (by every node, as a function
+//!    of the merged state): reads move to the new replicas, which hold every
+//!    acknowledged write (W of them held each write made during the
+//!    transition; the synced ones hold every write made before).
+//! 4. **Clean up.** Once every live member has seen the prune (`settled`),
+//!    so no node reads from the old replicas any more, a node drops its
+//!    copies of the partitions it no longer replicates, retiring their
+//!    actors (a later write here never reuses a forgotten dot).
+//!
+//! Reads go to the oldest layout's replicas until the prune; the reaper
+//! reaps nothing during a transition (an old replica's copy must not come
+//! back after its tombstone was reaped from the new ones).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_client::proto::{MemberInfo, TransferStatus};
+use shoal_ring::NodeId;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::antientropy::AntiEntropy;
+use crate::liveness::Liveness;
+use crate::membership::state::ClusterState;
+use crate::membership::Membership;
+use crate::metrics::Metrics;
+use crate::net::{PeerRequest, PeerResponse, Transport};
+use crate::replica::Replica;
+use crate::storage::{Store, Tree};
+
+/// Meta-tree key of the partitions pulled for the layout in transition.
+pub const TRANSFER_KEY: &[u8] = b"transfer-done";
+
+/// Keys dropped per page when cleaning up a partition.
+const DROP_PAGE: usize = 256;
+
+/// What a node has pulled for one layout version (persisted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Pulled {
+    version: u64,
+    done: BTreeSet<u32>,
+}
+
+/// Progress of this node's part of a transition.
+#[derive(Debug, Default)]
+struct Local {
+    pulled: Pulled,
+    /// Partitions to pull for `pulled.version`, when known.
+    total: usize,
+    started: Option<Instant>,
+    keys: u64,
+    bytes: u64,
+    /// The layout version whose old partitions were dropped here.
+    cleaned: u64,
+}
+
+/// The transfer service: the narrow handles it needs and its progress.
+pub struct Transfer<T, S> {
+    pub me: MemberInfo,
+    pub n: usize,
+    pub w: usize,
+    pub replica: Arc<Replica<S>>,
+    pub transport: Arc<T>,
+    pub liveness: Arc<dyn Liveness>,
+    pub membership: Arc<Membership>,
+    pub metrics: Arc<Metrics>,
+    pub call_timeout: Duration,
+    /// Keys dropped per second when cleaning up.
+    pub drop_keys_per_sec: u32,
+    local: Mutex<Local>,
+}
+
+impl<T: Transport, S: Store> Transfer<T, S> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: MemberInfo,
+        n: usize,
+        w: usize,
+        replica: Arc<Replica<S>>,
+        transport: Arc<T>,
+        liveness: Arc<dyn Liveness>,
+        membership: Arc<Membership>,
+        metrics: Arc<Metrics>,
+        call_timeout: Duration,
+        drop_keys_per_sec: u32,
+    ) -> Self {
+        let pulled = match replica.store().get(Tree::Meta, TRANSFER_KEY) {
+            Ok(Some(bytes)) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(error = %e, "transfer progress unreadable; pulling again");
+                Pulled::default()
+            }),
+            _ => Pulled::default(),
+        };
+        Transfer {
+            me,
+            n,
+            w,
+            replica,
+            transport,
+            liveness,
+            membership,
+            metrics,
+            call_timeout,
+            drop_keys_per_sec,
+            local: Mutex::new(Local {
+                pulled,
+                ..Local::default()
+            }),
+        }
+    }
+
+    /// One step of this node's part (see the module doc). Returns whether
+    /// the cluster state changed (the caller persists it).
+    pub async fn step(&self, aae: &AntiEntropy<T, S>) -> bool {
+        let cluster = self.membership.cluster();
+        let v = cluster.version();
+        self.metrics.ring_version.store(v, Ordering::Relaxed);
+        if v == 0 {
+            return false;
+        }
+        let me = self.me.id;
+        let mine = cluster.progress.get(&me).copied().unwrap_or_default();
+        let mut next = mine;
+        if mine.acked < v && self.membership.writes_before(v) == 0 {
+            next.acked = v;
+        }
+        let current = cluster.current().expect("version > 0");
+        let member = current.ring.members().contains(&me);
+        if mine.synced < v {
+            if !member || cluster.layouts.len() == 1 {
+                // Nothing to receive: not a replica of the new layout, or
+                // no older layout left to receive from.
+                next.synced = v;
+            } else if cluster.all_acked() && self.pull(&cluster, aae).await {
+                next.synced = v;
+            }
+        }
+        if cluster.layouts.len() == 1 {
+            next.settled = v;
+        }
+        if next != mine {
+            let changed = self
+                .membership
+                .edit(|c| c.advance(me, next.acked, next.synced, next.settled));
+            if next.synced > mine.synced && member {
+                info!(version = v, "partitions of the new layout synced");
+            }
+            return changed;
+        }
+        if cluster.layouts.len() == 1 && cluster.all_settled() {
+            self.clean_up(&cluster).await;
+        }
+        false
+    }
+
+    /// Partitions this node replicates in the current layout but not in an
+    /// older one of the history, with the old replicas to pull from.
+    fn to_pull(&self, cluster: &ClusterState) -> Vec<(u32, Vec<NodeId>)> {
+        let me = self.me.id;
+        let Some((current, older)) = cluster.layouts.split_last() else {
+            return Vec::new();
+        };
+        (0..current.ring.partition_count())
+            .filter_map(|p| {
+                if !current.ring.preference_list_for_partition(p, self.n).contains(&me) {
+                    return None;
+                }
+                let mut sources: Vec<NodeId> = Vec::new();
+                let mut new_here = false;
+                for layout in older {
+                    let list = layout.ring.preference_list_for_partition(p, self.n);
+                    if !list.contains(&me) {
+                        new_here = true;
+                    }
+                    for id in list {
+                        let removed = cluster.members.get(&id).is_some_and(|m| m.removed);
+                        if id != me && !removed && !sources.contains(&id) {
+                            sources.push(id);
+                        }
+                    }
+                }
+                new_here.then_some((p, sources))
+            })
+            .collect()
+    }
+
+    /// Pulls what is left to pull of the current layout's new partitions.
+    /// Returns whether all are done.
+    async fn pull(&self, cluster: &ClusterState, aae: &AntiEntropy<T, S>) -> bool {
+        let v = cluster.version();
+        let work = self.to_pull(cluster);
+        let pending: Vec<(u32, Vec<NodeId>)> = {
+            let mut local = self.local.lock().expect("transfer lock");
+            if local.pulled.version != v {
+                local.pulled = Pulled {
+                    version: v,
+                    done: BTreeSet::new(),
+                };
+                local.started = None;
+                local.keys = 0;
+                local.bytes = 0;
+            }
+            local.total = work.len();
+            local.started.get_or_insert_with(Instant::now);
+            work.into_iter()
+                .filter(|(p, _)| !local.pulled.done.contains(p))
+                .collect()
+        };
+        self.metrics
+            .transfer_pending
+            .store(pending.len() as u64, Ordering::Relaxed);
+        if pending.is_empty() {
+            return true;
+        }
+        // Hints first: a hint delivered to an old replica after this scan is
+        // on that replica, durably, when the exchanges below reach it.
+        let partitions: Vec<u32> = pending.iter().map(|(p, _)| *p).collect();
+        if let Err(e) = self.pull_hints(cluster, &partitions).await {
+            debug!(error = %e, "hints not pulled yet; the transfer waits");
+            return false;
+        }
+        let needed = self.n.saturating_sub(self.w) + 1;
+        for (p, sources) in pending {
+            let mut exchanged = 0;
+            for id in &sources {
+                let Some(peer) = cluster.members.get(id).map(|m| m.info.clone()) else {
+                    continue;
+                };
+                if !self.liveness.is_up(peer.id) {
+                    continue;
+                }
+                match aae.exchange(p, &peer).await {
+                    Ok(report) => {
+                        exchanged += 1;
+                        let mut local = self.local.lock().expect("transfer lock");
+                        local.keys += report.keys_repaired;
+                        local.bytes += report.bytes;
+                        self.metrics
+                            .transfer_keys
+                            .fetch_add(report.keys_repaired, Ordering::Relaxed);
+                        self.metrics
+                            .transfer_bytes
+                            .fetch_add(report.bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => debug!(partition = p, peer = %peer.name, error = %e, "pull exchange failed"),
+                }
+            }
+            if exchanged < needed.min(sources.len()) {
+                debug!(partition = p, exchanged, needed, "not enough old replicas reached; retried next step");
+                return false;
+            }
+            let pulled = {
+                let mut local = self.local.lock().expect("transfer lock");
+                local.pulled.done.insert(p);
+                local.pulled.clone()
+            };
+            self.metrics.transfer_partitions.fetch_add(1, Ordering::Relaxed);
+            self.metrics.transfer_pending.fetch_sub(1, Ordering::Relaxed);
+            let bytes = rmp_serde::to_vec(&pulled).expect("progress encodes");
+            if let Err(e) = self.replica.store().put(Tree::Meta, TRANSFER_KEY, &bytes) {
+                warn!(error = %e, "cannot persist transfer progress");
+            }
+        }
+        true
+    }
+
+    /// Merges every hint any live member of the history (this node
+    /// included) holds for keys of `partitions`.
+    async fn pull_hints(&self, cluster: &ClusterState, partitions: &[u32]) -> Result<(), String> {
+        let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        for id in cluster.history_members() {
+            let Some(peer) = cluster.members.get(&id).map(|m| m.info.clone()) else {
+                continue;
+            };
+            let mut after = Vec::new();
+            loop {
+                let (entries, next) = if id == self.me.id {
+                    let from = (!after.is_empty()).then_some(after.as_slice());
+                    let (entries, next) = self
+                        .replica
+                        .hints_in(&set, from, 512)
+                        .map_err(|e| e.to_string())?;
+                    (entries, next.unwrap_or_default())
+                } else {
+                    let deadline = Instant::now() + self.call_timeout;
+                    let request = PeerRequest::HintsIn {
+                        partitions: partitions.to_vec(),
+                        after: after.clone(),
+                    };
+                    match self.transport.call(&peer, request, deadline).await {
+                        Ok(PeerResponse::HintsIn { entries, next }) => (entries, next),
+                        other => return Err(format!("{}: {other:?}", peer.name)),
+                    }
+                };
+                self.replica
+                    .accept_entries(&entries)
+                    .map_err(|e| e.to_string())?;
+                if next.is_empty() {
+                    break;
+                }
+                after = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the copies of partitions this node no longer replicates.
+    async fn clean_up(&self, cluster: &ClusterState) {
+        let v = cluster.version();
+        if self.local.lock().expect("transfer lock").cleaned >= v {
+            return;
+        }
+        let current = &cluster.current().expect("a layout").ring;
+        let mut dropped = 0u64;
+        for p in 0..current.partition_count() {
+            if current.preference_list_for_partition(p, self.n).contains(&self.me.id) {
+                continue;
+            }
+            loop {
+                let started = Instant::now();
+                let keys = match self.replica.partition_keys(p, None, DROP_PAGE) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        warn!(partition = p, error = %e, "cannot list keys to drop; retried later");
+                        return;
+                    }
+                };
+                if keys.is_empty() {
+                    break;
+                }
+                for key in &keys {
+                    // A key that became this node's again meanwhile (a
+                    // newer layout) is not dropped.
+                    if self.membership.view().is_some_and(|view| {
+                        view.version != v
+                            || view.replicas(key, self.n).iter().any(|m| m.id == self.me.id)
+                    }) {
+                        return;
+                    }
+                    match self.replica.drop_key(key) {
+                        Ok(_) => dropped += 1,
+                        Err(e) => {
+                            warn!(error = %e, "cannot drop a copy; retried later");
+                            return;
+                        }
+                    }
+                }
+                crate::clock::pace(started, keys.len(), self.drop_keys_per_sec).await;
+            }
+        }
+        self.metrics.keys_dropped.fetch_add(dropped, Ordering::Relaxed);
+        if dropped > 0 {
+            info!(version = v, keys = dropped, "dropped copies this node no longer replicates");
+        }
+        self.local.lock().expect("transfer lock").cleaned = v;
+    }
+
+    /// The transfer in progress here, for `shoal status`.
+    pub fn status(&self) -> Option<TransferStatus> {
+        let cluster = self.membership.cluster();
+        if cluster.layouts.len() < 2 {
+            return None;
+        }
+        let local = self.local.lock().expect("transfer lock");
+        let done = if local.pulled.version == cluster.version() {
+            local.pulled.done.len()
+        } else {
+            0
+        };
+        let eta_secs = local.started.filter(|_| done > 0).map(|s| {
+            let per = s.elapsed().as_secs_f64() / done as f64;
+            (per * local.total.saturating_sub(done) as f64).ceil() as u64
+        });
+        Some(TransferStatus {
+            version: cluster.version(),
+            partitions_total: local.total as u32,
+            partitions_done: done as u32,
+            keys: local.keys,
+            bytes: local.bytes,
+            eta_secs,
+        })
+    }
+}

@@ -1,0 +1,211 @@
+//! Membership changes in the simulated cluster (real nodes, simulated
+//! network, paused time): a join, a leave and a remove are staged, planned
+//! and committed while clients write and read; nothing acknowledged is
+//! lost or missed, and afterwards every key is on exactly its new
+//! primaries.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::proto::{
+    ClusterCommand, ClusterReply, GetReply, PutReply, Request, RequestOptions, Response,
+};
+use shoal_node::net::sim::{SimNetwork, SimRng};
+use shoal_node::storage::{Store, Tree};
+use shoal_tests::explore::world::World;
+
+const KEYS: usize = 120;
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key-{i:04}").into_bytes()
+}
+
+async fn cluster(w: &World, i: usize, command: ClusterCommand) -> Result<ClusterReply, String> {
+    let node = w.node(i).expect("running").clone();
+    match node.coordinate(Request::Cluster(command), false).await {
+        Response::Cluster(reply) => Ok(reply),
+        Response::Error(e) => Err(e.message),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+async fn put(w: &World, i: usize, k: &[u8], v: &[u8]) -> Result<PutReply, String> {
+    let node = w.node(i).expect("running").clone();
+    let request = Request::Put {
+        key: k.to_vec(),
+        value: v.to_vec(),
+        context: None,
+        options: RequestOptions::default(),
+    };
+    match node.coordinate(request, false).await {
+        Response::Written(r) => Ok(r),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+async fn get(w: &World, i: usize, k: &[u8]) -> Result<GetReply, String> {
+    let node = w.node(i).expect("running").clone();
+    let request = Request::Get {
+        key: k.to_vec(),
+        options: RequestOptions::default(),
+    };
+    match node.coordinate(request, false).await {
+        Response::Value(r) => Ok(r),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Waits (bounded, simulated time) until `done` holds.
+async fn until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every running node's history holds `version` alone and every node
+/// has dropped what it no longer replicates.
+fn settled(w: &World, version: u64) -> bool {
+    (0..w.machines.len())
+        .filter_map(|i| w.node(i))
+        .all(|n| n.membership().view().is_some_and(|v| v.version == version && !v.in_transition()))
+}
+
+/// Which machines store `k` in their objects tree.
+fn holders(w: &World, k: &[u8]) -> Vec<usize> {
+    (0..w.machines.len())
+        .filter(|&i| w.is_up(i))
+        .filter(|&i| w.machines[i].store.get(Tree::Objects, k).ok().flatten().is_some())
+        .collect()
+}
+
+/// Writes every key once, then checks during the change and after it.
+async fn change_under_load(
+    w: &mut World,
+    stage: impl FnOnce(&mut World) -> Vec<(usize, ClusterCommand)>,
+    version: u64,
+) {
+    let mut acked: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    for i in 0..KEYS {
+        let v = format!("v0-{i}").into_bytes();
+        put(w, i % 3, &key(i), &v).await.expect("a write before the change");
+        acked.insert(i, v);
+    }
+    for (at, command) in stage(w) {
+        cluster(w, at, command).await.expect("staged");
+    }
+    // The staged changes reach the operator's node by gossip.
+    let mut plan = None;
+    for _ in 0..100 {
+        if let Ok(reply) = cluster(w, 0, ClusterCommand::Plan).await {
+            if let Some(p) = reply.plan {
+                if reply.staged.len() >= 1 {
+                    plan = Some(p);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let plan = plan.expect("a plan for the staged changes");
+    assert_eq!(plan.version, version);
+    println!(
+        "plan {}: {} partitions move, {} replicas",
+        plan.version, plan.partitions_moving, plan.replicas_moving
+    );
+    cluster(w, 0, ClusterCommand::Commit { version })
+        .await
+        .expect("committed");
+    // Writes and reads during the transition: every read sees the latest
+    // acknowledged write of its key.
+    let mut round = 1;
+    let started = tokio::time::Instant::now();
+    let mut seen_transition = false;
+    while !settled(w, version) {
+        assert!(started.elapsed() < Duration::from_secs(120), "transition did not end");
+        seen_transition |= (0..w.machines.len())
+            .filter_map(|i| w.node(i))
+            .any(|n| n.membership().view().is_some_and(|v| v.in_transition()));
+        for i in (round % 7..KEYS).step_by(7) {
+            let coordinator = (0..w.machines.len()).filter(|j| w.is_up(*j)).nth(i % 3).unwrap();
+            let got = get(w, coordinator, &key(i)).await.expect("a read during the change");
+            let values: Vec<Vec<u8>> = got.values.iter().map(|v| v.0.clone()).collect();
+            assert!(
+                values.contains(&acked[&i]),
+                "key {i}: read {values:?} misses the acknowledged {:?}",
+                String::from_utf8_lossy(&acked[&i])
+            );
+            let v = format!("v{round}-{i}").into_bytes();
+            // Overwrite with the read's context: exactly one value stays.
+            let node = w.node(coordinator).unwrap().clone();
+            let request = Request::Put {
+                key: key(i),
+                value: v.clone(),
+                context: Some(got.context),
+                options: RequestOptions::default(),
+            };
+            if let Response::Written(_) = node.coordinate(request, false).await {
+                acked.insert(i, v);
+            }
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_transition, "the change went through a transition");
+    // Old copies are dropped once every node settled.
+    until("old copies dropped", Duration::from_secs(60), || {
+        (0..KEYS).all(|i| {
+            let view = w.node(0).unwrap().membership().view().unwrap();
+            let mut primaries: Vec<usize> = view
+                .preference_list(&key(i), 3)
+                .iter()
+                .map(|m| w.machines.iter().position(|x| x.me.id == m.id).unwrap())
+                .collect();
+            primaries.sort();
+            holders(w, &key(i)) == primaries
+        })
+    })
+    .await;
+    for i in 0..KEYS {
+        let got = get(w, i % 3, &key(i)).await.expect("a read after the change");
+        let values: Vec<Vec<u8>> = got.values.iter().map(|v| v.0.clone()).collect();
+        assert_eq!(values, vec![acked[&i].clone()], "key {i}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn three_nodes_grow_to_five_and_shrink_to_four() {
+    let net = SimNetwork::new();
+    let mut rng = SimRng::new(7);
+    let mut w = World::new(net.clone(), 3, &mut rng, None);
+    until("ring", Duration::from_secs(10), || {
+        (0..3).all(|i| w.node(i).unwrap().membership().view().is_some())
+    })
+    .await;
+    change_under_load(
+        &mut w,
+        |w| {
+            w.join(&mut SimRng::new(8));
+            w.join(&mut SimRng::new(9));
+            Vec::new()
+        },
+        2,
+    )
+    .await;
+    let view = w.node(0).unwrap().membership().view().unwrap();
+    let mut owned: Vec<usize> = (0..5)
+        .map(|i| view.ring.partitions_of(w.machines[i].me.id).len())
+        .collect();
+    owned.sort();
+    println!("after growing to five: partitions owned {owned:?}");
+    assert!(owned[4] - owned[0] <= 1);
+    change_under_load(
+        &mut w,
+        |_| vec![(0, ClusterCommand::Leave { node: "node2".into() })],
+        3,
+    )
+    .await;
+    let _ = Arc::clone(&net);
+}
