@@ -34,7 +34,7 @@ use shoal_ring::NodeId;
 use tracing::{debug, info, warn};
 
 use crate::liveness::Liveness;
-use crate::membership::Membership;
+use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
 use crate::net::{byte_bounded, HandoffEntry, PeerRequest, PeerResponse, Transport};
 use crate::replica::hints::{decode_hint, hinted_key};
@@ -124,7 +124,6 @@ impl<T: Transport, S: Store> Handoff<T, S> {
         let Some(view) = self.membership.view() else {
             return 0;
         };
-        let n = self.n;
         let mut after: Option<Vec<u8>> = None;
         let mut delivered = 0;
         loop {
@@ -144,41 +143,20 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             after = Some(last.clone());
             let sent = tokio::time::Instant::now();
             let mut sending = Vec::new();
-            let mut by_target: BTreeMap<NodeId, (MemberInfo, Vec<HandoffEntry>)> = BTreeMap::new();
+            let mut entries = Vec::new();
             for (hk, bytes) in &page {
                 let Ok((object, lost)) = decode_hint(bytes) else {
                     continue;
                 };
-                let key = hinted_key(hk).to_vec();
-                for m in view.replicas(&key, n) {
-                    by_target
-                        .entry(m.id)
-                        .or_insert_with(|| (m.clone(), Vec::new()))
-                        .1
-                        .push(HandoffEntry {
-                            key: key.clone(),
-                            object: object.clone(),
-                            lost,
-                        });
-                }
+                entries.push(HandoffEntry {
+                    key: hinted_key(hk).to_vec(),
+                    object,
+                    lost,
+                });
                 sending.push((hk.clone(), bytes.clone()));
             }
-            for (id, (target, entries)) in by_target {
-                let stored = if id == self.me {
-                    self.replica.accept_entries(&entries).is_ok()
-                } else {
-                    let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
-                    matches!(
-                        self.transport
-                            .call(&target, PeerRequest::Handoff(entries), deadline)
-                            .await,
-                        Ok(PeerResponse::Stored)
-                    )
-                };
-                if !stored {
-                    debug!(peer = %target.name, "hints of a departed node not delivered yet");
-                    return delivered;
-                }
+            if !self.deliver_to_replicas(&view, entries).await {
+                return delivered;
             }
             let count = sending.len();
             delivered += self.replica.delete_delivered(departed, &sending);
@@ -188,6 +166,39 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             info!(delivered, "hints of a departed node handed to the keys' replicas");
         }
         delivered
+    }
+
+    /// Merges `entries` into every replica of each key, in every layout of
+    /// `view` (merges are idempotent); whether all of them stored theirs.
+    async fn deliver_to_replicas(&self, view: &View, entries: Vec<HandoffEntry>) -> bool {
+        let mut by_target: BTreeMap<NodeId, (MemberInfo, Vec<HandoffEntry>)> = BTreeMap::new();
+        for entry in entries {
+            for m in view.replicas(&entry.key, self.n) {
+                by_target
+                    .entry(m.id)
+                    .or_insert_with(|| (m.clone(), Vec::new()))
+                    .1
+                    .push(entry.clone());
+            }
+        }
+        for (id, (target, entries)) in by_target {
+            let stored = if id == self.me {
+                self.replica.accept_entries(&entries).is_ok()
+            } else {
+                let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
+                matches!(
+                    self.transport
+                        .call(&target, PeerRequest::Handoff(entries), deadline)
+                        .await,
+                    Ok(PeerResponse::Stored)
+                )
+            };
+            if !stored {
+                debug!(peer = %target.name, "hints not delivered to a replica yet");
+                return false;
+            }
+        }
+        true
     }
 
     /// Delivers every hint for `target`, batch by batch, at most `rate` a
@@ -233,6 +244,19 @@ impl<T: Transport, S: Store> Handoff<T, S> {
                         warn!(key = %hex::encode(hk), error = %e, "undecodable hint kept, not delivered")
                     }
                 }
+            }
+            // A key `target` no longer replicates (a layout change moved
+            // it): its hint goes to the key's replicas instead, so no copy
+            // lands on a node that dropped the partition.
+            if let Some(view) = self.membership.view().filter(|v| v.version > 0) {
+                let (keep, elsewhere): (Vec<HandoffEntry>, Vec<HandoffEntry>) =
+                    entries.into_iter().partition(|e| {
+                        view.replicas(&e.key, self.n).iter().any(|m| m.id == target.id)
+                    });
+                if !elsewhere.is_empty() && !self.deliver_to_replicas(&view, elsewhere).await {
+                    return delivered;
+                }
+                entries = keep;
             }
             let sent = tokio::time::Instant::now();
             let count = entries.len();

@@ -64,10 +64,18 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         let Some(view) = self.membership.view() else {
             return 0;
         };
-        // While a layout change is in transition the old replicas still
-        // hold copies the new ones are syncing: a tombstone reaped from the
-        // new replicas alone would let an old value come back.
-        if view.in_transition() {
+        // Until a layout change is over everywhere, old copies dropped
+        // included, old replicas may hold copies of keys they no longer
+        // replicate: a tombstone reaped from the new replicas alone would
+        // let such a value come back.
+        if view.in_transition()
+            || (view.version > 0
+                && !self
+                    .membership
+                    .cluster()
+                    .waiting_for(|p| p.cleaned)
+                    .is_empty())
+        {
             return 0;
         }
         let me = self.me;

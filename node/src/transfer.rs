@@ -20,19 +20,29 @@
 //!    throttled by `anti-entropy.max-repairs-per-sec`. A partition done is
 //!    persisted, so a restarted node resumes where it stopped. When all are
 //!    done the node records `synced`.
-//! 3. **Prune.** When every live member of the new layout has synced, the
+//! 3. **Switch.** Once every live member of the new layout has synced,
+//!    reads go to the new replicas, which hold every acknowledged write (W
+//!    of them held each write made during the transition; the synced ones
+//!    hold every write made before). Writes still reach both. Once no read
+//!    it routed to the old replicas runs, a node records `switched`.
+//! 4. **Prune.** When every live member of the history has switched, the
 //!    old layout is dropped from the history (by every node, as a function
-//!    of the merged state): reads move to the new replicas, which hold every
-//!    acknowledged write (W of them held each write made during the
-//!    transition; the synced ones hold every write made before).
-//! 4. **Clean up.** Once every live member has seen the prune (`settled`),
-//!    so no node reads from the old replicas any more, a node drops its
-//!    copies of the partitions it no longer replicates, retiring their
-//!    actors (a later write here never reuses a forgotten dot).
+//!    of the merged state): no reader needs the old replicas any more, so
+//!    writes stop reaching them. A node records `pruned` once no request it
+//!    routed by the longer history runs.
+//! 5. **Clean up.** Once every participant (every member not removed) has
+//!    pruned, nobody routes anything to the old replicas; a node drops its
+//!    copies of the partitions it no longer replicates (retiring their
+//!    actors: a later write here never reuses a forgotten dot), and again
+//!    after `linger` (late deliveries of requests routed before), then
+//!    records `cleaned`. The next change is planned only once every
+//!    participant has cleaned, so no node gets a partition back while it
+//!    still holds stale copies of it, and the reaper waits for it too.
 //!
-//! Reads go to the oldest layout's replicas until the prune; the reaper
-//! reaps nothing during a transition (an old replica's copy must not come
-//! back after its tombstone was reaped from the new ones).
+//! The reaper reaps nothing until every participant has cleaned (an old
+//! replica's copy must not come back after its tombstone was reaped from
+//! the new ones). A member gone for good is removed (`shoal remove`, also
+//! during a transition) so that no step waits for it.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -76,8 +86,8 @@ struct Local {
     started: Option<Instant>,
     keys: u64,
     bytes: u64,
-    /// The layout version whose old partitions were dropped here.
-    cleaned: u64,
+    /// The first clean-up pass for a version, and when it ended.
+    cleaning: Option<(u64, Instant)>,
 }
 
 /// The transfer service: the narrow handles it needs and its progress.
@@ -93,6 +103,9 @@ pub struct Transfer<T, S> {
     pub call_timeout: Duration,
     /// Keys dropped per second when cleaning up.
     pub drop_keys_per_sec: u32,
+    /// How long after the first clean-up pass the second runs: longer than
+    /// any request routed before the prune may still deliver.
+    pub linger: Duration,
     local: Mutex<Local>,
 }
 
@@ -109,6 +122,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         metrics: Arc<Metrics>,
         call_timeout: Duration,
         drop_keys_per_sec: u32,
+        linger: Duration,
     ) -> Self {
         let pulled = match replica.store().get(Tree::Meta, TRANSFER_KEY) {
             Ok(Some(bytes)) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
@@ -128,6 +142,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
             metrics,
             call_timeout,
             drop_keys_per_sec,
+            linger,
             local: Mutex::new(Local {
                 pulled,
                 ..Local::default()
@@ -141,13 +156,16 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         let cluster = self.membership.cluster();
         let v = cluster.version();
         self.metrics.ring_version.store(v, Ordering::Relaxed);
-        if v == 0 {
+        let Some(view) = self.membership.view().filter(|view| v > 0 && view.version == v) else {
             return false;
-        }
+        };
         let me = self.me.id;
         let mine = cluster.progress.get(&me).copied().unwrap_or_default();
         let mut next = mine;
-        if mine.acked < v && self.membership.writes_before(v) == 0 {
+        // Each step is reported only once no request routed by an earlier
+        // stage of the layouts is still running here (`Membership::pin`).
+        let idle_before = |stage: u64| self.membership.requests_before(stage) == 0;
+        if mine.acked < v && idle_before(v * 4) {
             next.acked = v;
         }
         let current = cluster.current().expect("version > 0");
@@ -161,22 +179,27 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 next.synced = v;
             }
         }
-        if cluster.layouts.len() == 1 {
-            next.settled = v;
+        let reads_new = view.reads_new || !view.in_transition();
+        if mine.switched < v && reads_new && idle_before(v * 4 + 1) {
+            next.switched = v;
         }
-        if next != mine {
-            let changed = self
-                .membership
-                .edit(|c| c.advance(me, next.acked, next.synced, next.settled));
-            if next.synced > mine.synced && member {
-                info!(version = v, "partitions of the new layout synced");
-            }
-            return changed;
+        if mine.pruned < v && !view.in_transition() && idle_before(v * 4 + 2) {
+            next.pruned = v;
         }
-        if cluster.layouts.len() == 1 && cluster.all_settled() {
-            self.clean_up(&cluster).await;
+        if next.pruned >= v
+            && mine.cleaned < v
+            && cluster.waiting_for(|p| p.pruned).iter().all(|id| *id == me)
+            && self.clean_up(&cluster).await
+        {
+            next.cleaned = v;
         }
-        false
+        if next == mine {
+            return false;
+        }
+        if next.synced > mine.synced && member {
+            info!(version = v, "partitions of the new layout synced");
+        }
+        self.membership.edit(|c| c.advance(me, next))
     }
 
     /// Partitions this node replicates in the current layout but not in an
@@ -330,12 +353,38 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         Ok(())
     }
 
-    /// Drops the copies of partitions this node no longer replicates.
-    async fn clean_up(&self, cluster: &ClusterState) {
+    /// Drops the copies of partitions this node no longer replicates: a
+    /// pass once every participant has pruned, and another once `linger`
+    /// has passed, for what requests routed before the prune (their
+    /// background sends, read repair) delivered late. Returns whether both
+    /// passes are done.
+    async fn clean_up(&self, cluster: &ClusterState) -> bool {
         let v = cluster.version();
-        if self.local.lock().expect("transfer lock").cleaned >= v {
-            return;
+        let first = {
+            let local = self.local.lock().expect("transfer lock");
+            local.cleaning.filter(|(version, _)| *version == v).map(|(_, at)| at)
+        };
+        match first {
+            Some(at) if at.elapsed() < self.linger => return false,
+            _ => {}
         }
+        if !self.drop_unowned(cluster).await {
+            return false;
+        }
+        let mut local = self.local.lock().expect("transfer lock");
+        match first {
+            None => {
+                local.cleaning = Some((v, Instant::now()));
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
+    /// One pass of dropping copies of partitions not replicated here.
+    /// Returns whether it went through.
+    async fn drop_unowned(&self, cluster: &ClusterState) -> bool {
+        let v = cluster.version();
         let current = &cluster.current().expect("a layout").ring;
         let mut dropped = 0u64;
         for p in 0..current.partition_count() {
@@ -348,28 +397,22 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                     Ok(keys) => keys,
                     Err(e) => {
                         warn!(partition = p, error = %e, "cannot list keys to drop; retried later");
-                        return;
+                        return false;
                     }
                 };
                 if keys.is_empty() {
                     break;
                 }
                 for key in &keys {
-                    // A key that became this node's again meanwhile (a
-                    // newer layout) is not dropped.
-                    if self.membership.view().is_some_and(|view| {
-                        view.version != v
-                            || view.replicas(key, self.n).iter().any(|m| m.id == self.me.id)
-                    }) {
-                        return;
+                    // A newer layout meanwhile: the next step starts over.
+                    if self.membership.view().is_none_or(|view| view.version != v) {
+                        return false;
                     }
-                    match self.replica.drop_key(key) {
-                        Ok(_) => dropped += 1,
-                        Err(e) => {
-                            warn!(error = %e, "cannot drop a copy; retried later");
-                            return;
-                        }
+                    if let Err(e) = self.replica.drop_key(key) {
+                        warn!(error = %e, "cannot drop a copy; retried later");
+                        return false;
                     }
+                    dropped += 1;
                 }
                 crate::clock::pace(started, keys.len(), self.drop_keys_per_sec).await;
             }
@@ -378,7 +421,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         if dropped > 0 {
             info!(version = v, keys = dropped, "dropped copies this node no longer replicates");
         }
-        self.local.lock().expect("transfer lock").cleaned = v;
+        true
     }
 
     /// The transfer in progress here, for `shoal status`.

@@ -68,6 +68,7 @@ pub fn settings() -> Settings {
         max_object_bytes: 64 << 20,
         request_timeout: Duration::from_secs(2),
         gossip: Duration::from_secs(1),
+        cleanup_linger: Duration::from_secs(3),
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,
         detector: shoal_node::detector::DetectorConfig::default(),

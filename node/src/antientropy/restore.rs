@@ -57,7 +57,8 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             return Ok(false);
         };
         let mut others = Vec::new();
-        for id in view.ring.preference_list(key, self.n) {
+        // Every replica of the key, in every layout of a change in progress.
+        for id in view.replicas(key, self.n).into_iter().map(|m| m.id) {
             if id == self.me {
                 continue;
             }

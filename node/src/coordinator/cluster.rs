@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::proto::{
-    ClusterCommand, ClusterReply, PlanMember, PlanView, Response, Transition,
+    ClusterCommand, ClusterReply, MemberInfo, PlanMember, PlanView, Request, Response, Transition,
 };
 use shoal_ring::{NodeId, Ring};
 use tracing::{error, info};
@@ -40,7 +40,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             let mut changed = c.announce(me.clone(), now);
             let in_a_layout = c.layouts.iter().any(|l| l.ring.members().contains(&me.id));
             let staged = c.staged.get(&me.id).is_some_and(|s| s.change.is_some());
-            if joining && !in_a_layout && !staged {
+            let removed = c.members.get(&me.id).is_some_and(|m| m.removed);
+            if joining && !in_a_layout && !staged && !removed {
                 changed |= c.stage(me.id, Some(Change::Join), now);
             }
             changed
@@ -103,8 +104,40 @@ impl<T: Transport, S: Store> Node<T, S> {
         })
     }
 
-    /// Runs an operator's membership command.
-    pub(super) fn cluster_command(&self, command: ClusterCommand) -> Response {
+    /// The member that commits changes (Riak's claimant): the lowest id
+    /// among the current layout's members that are not removed, the same
+    /// on every node that has the same state. Commits made on one node
+    /// cannot race each other to the same version. While it is down no
+    /// change commits; removing it (`shoal remove`) hands the role to the
+    /// next.
+    fn claimant(&self) -> Option<MemberInfo> {
+        let view = self.inner.membership.view()?;
+        let cluster = self.inner.membership.cluster();
+        claimant_of(&cluster, &view.ring).and_then(|id| view.members.get(&id).cloned())
+    }
+
+    /// Runs an operator's membership command; a commit runs on the
+    /// claimant (handed there unless `forwarded`).
+    pub(super) async fn cluster_command(&self, command: ClusterCommand, forwarded: bool) -> Response {
+        if let (ClusterCommand::Commit { .. }, false) = (&command, forwarded) {
+            if let Some(claimant) = self.claimant().filter(|c| c.id != self.inner.me.id) {
+                let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+                let forward = PeerRequest::Forward {
+                    id: self.inner.coordinator.forward_ids.next(),
+                    request: Request::Cluster(command),
+                };
+                return match self.inner.transport.call(&claimant, forward, deadline).await {
+                    Ok(PeerResponse::Forwarded(response)) => response,
+                    other => Response::Error(WireError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the claimant {} (which commits changes) did not take the commit: {other:?}; it may have been applied",
+                            claimant.name
+                        ),
+                    )),
+                };
+            }
+        }
         let now = self.inner.settings.clock.now_ms();
         // One edit: on a cluster still on its static ring the edit sees that
         // ring as layout 1, for staging and planning alike.
@@ -170,8 +203,37 @@ fn run_command(
             Ok((format!("staged: {node} leaves"), None))
         }
         ClusterCommand::Remove { node } => {
-            let id = member_in_layout(c, &node)?;
+            let id = c
+                .by_name(&node)
+                .map(|m| m.info.id)
+                .ok_or_else(|| StateError::UnknownMember(node.clone()))?;
+            if member_in_layout(c, &node).is_err() {
+                // In no layout (it left, or never joined): nothing moves.
+                c.remove_now(id, now);
+                c.stage(id, None, now);
+                return Ok((format!("{node} removed (it held no partitions)"), None));
+            }
             c.stage(id, Some(Change::Remove), now);
+            let current = c.current().map(|l| l.ring.clone());
+            if current.is_some_and(|ring| claimant_of(c, &ring) == Some(id)) {
+                // The claimant commits the plan: removed now, so that the
+                // next member can commit the plan that moves its partitions.
+                c.remove_now(id, now);
+                return Ok((
+                    format!("{node} removed; it was the claimant, the next member commits the plan that moves its partitions"),
+                    None,
+                ));
+            }
+            if c.plan().is_err_and(|e| matches!(e, StateError::InTransition { .. })) {
+                // A change is being applied and may wait for this member:
+                // nothing waits for it from now on; its partitions move
+                // with the next plan.
+                c.remove_now(id, now);
+                return Ok((
+                    format!("{node} removed from the change in progress; its partitions move with the next plan"),
+                    None,
+                ));
+            }
             Ok((format!("staged: {node} is removed"), None))
         }
         ClusterCommand::Replace { old, new } => {
@@ -189,6 +251,14 @@ fn run_command(
             Ok((format!("committed layout {}", plan.version), Some(plan)))
         }
     }
+}
+
+/// The claimant of a state whose current ring is `ring` (see
+/// `Node::claimant`).
+fn claimant_of(c: &ClusterState, ring: &Ring) -> Option<NodeId> {
+    ring.members()
+        .into_iter()
+        .find(|id| !c.members.get(id).is_some_and(|m| m.removed))
 }
 
 /// The id of the member named `name` in the current layout (or the static

@@ -263,8 +263,9 @@ pub(super) struct Tally {
     failed: Vec<String>,
     /// Replies read from the channel.
     pub(super) heard: usize,
-    /// While a layout change is in transition, the preference list of each
-    /// layout, each with its own count: the quorum must be met in every one.
+    /// For writes: the preference list of each layout in the history (one
+    /// unless a change is in transition), each with its own count: the
+    /// quorum must be met in every one.
     groups: Vec<Group>,
 }
 
@@ -277,11 +278,13 @@ struct Group {
 }
 
 impl Tally {
-    /// A tally against one preference list per layout (`lists`): with more
-    /// than one, each must meet the quorum on its own.
+    /// A tally against one preference list per layout (`lists`): each
+    /// must meet the quorum on its own, and only its members (or fallbacks
+    /// standing in for them) count; a coordinator in none of them (a node
+    /// whose view is behind, handed a forward) counts for nothing.
     pub(super) fn over(lists: &[Vec<MemberInfo>]) -> Self {
         let mut tally = Tally::default();
-        if lists.len() > 1 {
+        {
             tally.groups = lists
                 .iter()
                 .map(|l| Group {
@@ -371,7 +374,7 @@ impl Tally {
         if self.met(need, need_primaries) {
             return Ok(reply);
         }
-        let layouts = if self.groups.is_empty() {
+        let layouts = if self.groups.len() < 2 {
             String::new()
         } else {
             let counts: Vec<String> = self.groups.iter().map(|g| g.ok.to_string()).collect();

@@ -247,6 +247,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             metrics.clone(),
             settings.request_timeout,
             settings.aae.rebuild_keys_per_sec,
+            settings.cleanup_linger,
         );
         let partners = crate::gossip::Partners::seeded(u64::from_be_bytes(
             me.id.0[..8].try_into().expect("8 bytes"),
@@ -360,7 +361,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
         match request {
             Request::Status => Response::Status(self.status()),
-            Request::Cluster(command) => self.cluster_command(command),
+            Request::Cluster(command) => self.cluster_command(command, forwarded).await,
             other => self.inner.coordinator.coordinate(other, forwarded).await,
         }
     }

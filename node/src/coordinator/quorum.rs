@@ -151,6 +151,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         forwarded: bool,
     ) -> Response {
         let started = Instant::now();
+        // Until this request has its answer, the stage of the layouts it is
+        // routed by counts as in use here (see `Membership::pin`).
+        let pinned = self.membership.pin();
+        let (view, _in_flight) = match pinned {
+            Some((latest, guard)) => (latest, Some(guard)),
+            None => (view, None),
+        };
         let m = &self.metrics;
         let (op, result) = match request {
             Request::Get { key, options } => (&m.get, self.get(&key, options, &view).await),
@@ -299,21 +306,6 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         })
     }
 
-    /// The latest view, counted as in use by a write until the guard drops.
-    /// The count is taken before the version is checked, so a node that
-    /// adopts a newer layout meanwhile either sees this write counted or
-    /// this write sees the newer layout.
-    fn pin_view(&self, view: &View) -> (View, crate::membership::WriteGuard<'_>) {
-        let mut view = view.clone();
-        loop {
-            let guard = self.membership.write_started(view.version);
-            match self.membership.view() {
-                Some(latest) if latest.version != view.version => view = latest,
-                _ => return (view, guard),
-            }
-        }
-    }
-
     async fn put(
         self: &Arc<Self>,
         key: Vec<u8>,
@@ -358,10 +350,6 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         };
         // One preference list per layout in the history (one, unless a
         // change is in transition): W (PW) of each must hold the write.
-        // Until this write has its answer, its layout version counts as in
-        // use here (a new layout is acknowledged only after).
-        let (view, _in_flight) = self.pin_view(view);
-        let view = &view;
         let lists = view.write_lists(&key, s.n as usize);
         for primaries in &lists {
             self.check_primaries_up(primaries, pw, "PW", "nothing was written")?;

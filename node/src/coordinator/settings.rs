@@ -24,6 +24,10 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Pause between two gossip exchanges of the cluster state.
     pub gossip: Duration,
+    /// How long after dropping copies it no longer replicates a node drops
+    /// them again: longer than any request routed before may still deliver
+    /// (see [`crate::transfer`]).
+    pub cleanup_linger: Duration,
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
     pub detector: DetectorConfig,
@@ -51,6 +55,9 @@ impl Settings {
             max_object_bytes: c.limits.max_object_bytes,
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
             gossip: Duration::from_millis(c.cluster.gossip_ms),
+            cleanup_linger: Duration::from_millis(
+                crate::config::MAX_REQUEST_MS + c.timeouts.read_repair_ms + 1_000,
+            ),
             clock_max_entries: c.cluster.clock_max_entries,
             clock_min_age_ms: c.cluster.clock_min_age_secs.saturating_mul(1000),
             detector: DetectorConfig {

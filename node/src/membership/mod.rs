@@ -56,8 +56,11 @@ pub struct View {
     pub version: u64,
     /// Older layouts still in transition to `ring`, oldest first; empty
     /// when no change is in progress. Writes reach the replicas of every
-    /// layout, reads the oldest's (see [`state`]).
+    /// layout, reads the oldest's until `reads_new` (see [`state`]).
     pub older: Arc<Vec<Ring>>,
+    /// In a transition, every member of the new layout has synced: reads
+    /// go to its replicas.
+    pub reads_new: bool,
 }
 
 impl View {
@@ -91,9 +94,23 @@ impl View {
     /// hold every acknowledged write until the new ones have synced.
     pub fn read_list(&self, key: &[u8], n: usize) -> Vec<MemberInfo> {
         match self.older.first() {
-            Some(oldest) => self.members_of(oldest.preference_list(key, n)),
-            None => self.preference_list(key, n),
+            Some(oldest) if !self.reads_new => self.members_of(oldest.preference_list(key, n)),
+            _ => self.preference_list(key, n),
         }
+    }
+
+    /// Which stage of the layouts this view routes by: requests are counted
+    /// under it until they end (see [`Membership::request_started`]), and a
+    /// node reports a step only once none routed by an earlier stage runs.
+    /// Stages of one version: 0 while reads go to the old replicas, 1 once
+    /// they go to the new, 2 once the old layouts are dropped.
+    pub fn stage(&self) -> u64 {
+        let phase = match (self.in_transition(), self.reads_new) {
+            (true, false) => 0,
+            (true, true) => 1,
+            (false, _) => 2,
+        };
+        self.version * 4 + phase
     }
 
     /// Every replica of the key in any layout, current ones first.
@@ -133,25 +150,26 @@ pub struct Membership {
     partitions: u32,
     n: usize,
     state: RwLock<State>,
-    /// Writes being coordinated here, by the layout version they were
-    /// routed with: a node acknowledges a new layout only once no write
-    /// routed by an older one is still running (see [`crate::transfer`]).
-    writes: std::sync::Mutex<BTreeMap<u64, usize>>,
+    /// Requests being coordinated here, by the stage of the layouts they
+    /// were routed by ([`View::stage`]): a node reports a step of a change
+    /// only once no request routed by an earlier stage is still running
+    /// (see [`crate::transfer`]).
+    requests: std::sync::Mutex<BTreeMap<u64, usize>>,
 }
 
-/// A write in progress, counted under its layout version until dropped.
-pub struct WriteGuard<'a> {
+/// A request in progress, counted under its stage until dropped.
+pub struct RequestGuard<'a> {
     membership: &'a Membership,
-    version: u64,
+    stage: u64,
 }
 
-impl Drop for WriteGuard<'_> {
+impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
-        let mut writes = self.membership.writes.lock().expect("writes lock");
-        if let Some(n) = writes.get_mut(&self.version) {
+        let mut requests = self.membership.requests.lock().expect("requests lock");
+        if let Some(n) = requests.get_mut(&self.stage) {
             *n -= 1;
             if *n == 0 {
-                writes.remove(&self.version);
+                requests.remove(&self.stage);
             }
         }
     }
@@ -189,7 +207,7 @@ impl Membership {
                 cluster: cluster.unwrap_or_else(|| ClusterState::new(partitions, n as u32)),
                 view: None,
             }),
-            writes: Default::default(),
+            requests: Default::default(),
         };
         {
             let mut state = m.state.write().expect("membership lock");
@@ -244,6 +262,7 @@ impl Membership {
                         .map(|l| l.ring.clone())
                         .collect(),
                 ),
+                reads_new: layouts.len() > 1 && state.cluster.all_synced(),
             });
         }
         if self.joining {
@@ -256,6 +275,7 @@ impl Membership {
             members: Arc::new(members),
             version: 0,
             older: Arc::default(),
+            reads_new: false,
         })
     }
 
@@ -271,21 +291,36 @@ impl Membership {
         Ring::claim(None, &ids, self.partitions, self.n).ok()
     }
 
-    /// Counts a write routed with the layout `version` until the guard drops.
-    pub fn write_started(&self, version: u64) -> WriteGuard<'_> {
-        *self.writes.lock().expect("writes lock").entry(version).or_default() += 1;
-        WriteGuard {
-            membership: self,
-            version,
+    /// The latest view, its stage counted as in use until the guard drops.
+    /// The count is taken before the view is read again, so a node that
+    /// moves to a later stage meanwhile either sees this request counted
+    /// or this request sees the later stage.
+    pub fn pin(&self) -> Option<(View, RequestGuard<'_>)> {
+        let mut view = self.view()?;
+        loop {
+            let guard = RequestGuard {
+                membership: self,
+                stage: view.stage(),
+            };
+            *self
+                .requests
+                .lock()
+                .expect("requests lock")
+                .entry(guard.stage)
+                .or_default() += 1;
+            match self.view() {
+                Some(latest) if latest.stage() != view.stage() => view = latest,
+                _ => return Some((view, guard)),
+            }
         }
     }
 
-    /// Writes still running that were routed with a layout older than `version`.
-    pub fn writes_before(&self, version: u64) -> usize {
-        self.writes
+    /// Requests still running that were routed by a stage before `stage`.
+    pub fn requests_before(&self, stage: u64) -> usize {
+        self.requests
             .lock()
-            .expect("writes lock")
-            .range(..version)
+            .expect("requests lock")
+            .range(..stage)
             .map(|(_, n)| n)
             .sum()
     }
@@ -323,6 +358,18 @@ impl Membership {
         if before_layouts && !self.joining {
             if let Some(ring) = self.static_ring(&state.known) {
                 draft.adopt(ring);
+                // Founding members known by hello, whose own announcement
+                // has not arrived by gossip yet (it wins: stamp 0 loses).
+                for info in state.known.values() {
+                    draft
+                        .members
+                        .entry(info.id)
+                        .or_insert_with(|| state::Member {
+                            info: info.clone(),
+                            stamp: 0,
+                            removed: false,
+                        });
+                }
             }
         }
         let out = f(&mut draft);

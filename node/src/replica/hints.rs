@@ -183,10 +183,17 @@ impl<S: Store> Replica<S> {
     /// Every hint held for `key`, by the primary it waits for; fails if one
     /// of them is lost.
     pub fn hints_of(&self, key: &[u8]) -> Result<Vec<(NodeId, Object)>, ReplicaError> {
+        // Every primary hints are held for, members or not: hints for a
+        // node that was removed (or whose id changed) wait here too, and
+        // the reaper must see them (a hint hidden from it comes back after
+        // the reap).
+        let mut primaries: std::collections::BTreeSet<NodeId> =
+            self.hint_counts().into_keys().collect();
+        primaries.extend(self.membership.known().iter().map(|m| m.id));
         let mut found = Vec::new();
-        for m in self.membership.known() {
-            if let Some(o) = self.hint(m.id, key)? {
-                found.push((m.id, o));
+        for id in primaries {
+            if let Some(o) = self.hint(id, key)? {
+                found.push((id, o));
             }
         }
         Ok(found)

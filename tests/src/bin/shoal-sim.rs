@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
-//!           [--pruning-percent 20] [--corruption-percent 50]
+//!           [--pruning-percent 20] [--corruption-percent 50] [--membership-percent 30]
 //! shoal-sim --seed 123 --verbose        # replay: summary, report, trace
 //! ```
 //! Prints a progress line, every failing seed with its report, and a final
@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             "--any-reply-context" => options.any_reply_context = true,
             "--pruning-percent" => options.pruning_percent = value()?.parse()?,
             "--corruption-percent" => options.corruption_percent = value()?.parse()?,
+            "--membership-percent" => options.membership_percent = value()?.parse()?,
             other => anyhow::bail!("unknown argument {other}; see the doc of shoal-sim"),
         }
     }

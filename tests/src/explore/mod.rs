@@ -25,11 +25,16 @@
 //!    aborted, the node rebuilt from its store by the normal start path),
 //!    power losses (a crash that also loses the unsynced tail), partitions
 //!    and one-way cuts, heals, and (with `--corruption-percent`) a record
-//!    made to fail its checksum: an object or a hint.
+//!    made to fail its checksum: an object or a hint. In a share of the
+//!    seeds an operator ([`operator`]) meanwhile makes one or two
+//!    membership changes: a join (a new machine), a leave, a remove (of a
+//!    machine destroyed for good), each staged, planned and committed.
 //! 3. Faults stop: random faults off, partitions healed, every node running.
 //!    The cluster stays quiet until no hint is left and every key's
 //!    primaries agree (at most [`QUIET_MAX`]); background loops stop.
-//! 4. The oracle ([`oracle`]): every acknowledged write is present unless a
+//! 4. The oracle ([`oracle`]): every running node on the same layout with
+//!    no change in transition, and a key held by its primaries only (old
+//!    copies dropped); every acknowledged write is present unless a
 //!    context that saw it superseded it; nothing never written appears; a
 //!    value an acknowledged write or delete superseded (its context's read
 //!    saw it) is absent; all primaries hold identical objects; no copy is
@@ -88,6 +93,7 @@
 //! `SHOAL_SEED=n cargo test -p shoal-tests --test explore replay --
 //! --nocapture` (or `shoal-sim --seed n --verbose`) replays it.
 
+pub mod operator;
 pub mod oracle;
 pub mod workload;
 pub mod world;
@@ -110,7 +116,9 @@ pub const QUIET_MAX: Duration = Duration::from_secs(60);
 pub const ENVELOPE: &str = "fault envelope: <= 1 power loss or corrupted record per seed (W-1 permanent losses per key), \
 power loss only through the unsynced tail (OS flush every 1 s), <= 1 node down at a time (2 in 10% of seeds), \
 each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period; \
-clock pruning only with --pruning-percent";
+clock pruning only with --pruning-percent; \
+membership changes (1 or 2 joins, leaves, removes, one at a time) in 30% of seeds, a remove destroying its machine \
+for good (counted as the seed's one permanent loss)";
 
 /// What to explore.
 #[derive(Debug, Clone, Copy)]
@@ -131,6 +139,10 @@ pub struct Options {
     /// or a hint). Off by default: 0 draws nothing, so the default seeds'
     /// schedules and trace hashes stay as they were.
     pub corruption_percent: u64,
+    /// Odds (percent) that a seed's operator makes membership changes
+    /// (joins, leaves, removes; see [`operator`]). Drawn from a generator
+    /// of its own, so the other seeds' schedules stay as they were.
+    pub membership_percent: u64,
 }
 
 impl Default for Options {
@@ -141,6 +153,7 @@ impl Default for Options {
             any_reply_context: false,
             pruning_percent: 0,
             corruption_percent: 0,
+            membership_percent: 30,
         }
     }
 }
@@ -239,7 +252,21 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     )));
     let pruning = (rng.below(100) < options.pruning_percent)
         .then(|| (rng.range(1, 2) as usize, rng.range(500, 3000)));
-    let corrupt = options.corruption_percent > 0 && rng.below(100) < options.corruption_percent;
+    let mut corrupt =
+        options.corruption_percent > 0 && rng.below(100) < options.corruption_percent;
+    let mut changes_rng = SimRng::new(seed ^ 0x6d65_6d62_6572_7321);
+    let changes = if changes_rng.below(100) < options.membership_percent {
+        operator::draw(&mut changes_rng, size)
+    } else {
+        Vec::new()
+    };
+    // A machine destroyed for good is the one permanent loss a key may
+    // take (W-1 with W=2): such seeds draw no power loss or corruption.
+    let mut power_loss_percent = options.power_loss_percent;
+    if changes.contains(&operator::Change::Remove) {
+        power_loss_percent = 0;
+        corrupt = false;
+    }
     let world = World::new(net.clone(), size, &mut rng, pruning);
     let shared = Arc::new(Shared {
         seed,
@@ -262,9 +289,17 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         shared.clone(),
         SimRng::new(rng.next_u64()),
         done.clone(),
-        options.power_loss_percent,
+        power_loss_percent,
         corrupt,
     ));
+    let operator = (!changes.is_empty()).then(|| {
+        tokio::spawn(operator::operator(
+            shared.clone(),
+            changes_rng,
+            changes,
+            done.clone(),
+        ))
+    });
     let mut tasks = Vec::new();
     for c in 0..clients {
         let ops = total_ops / clients + usize::from(c < total_ops % clients);
@@ -279,7 +314,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         t.await.expect("a client");
     }
     done.store(true, Ordering::SeqCst);
-    let faults = nemesis.await.expect("the nemesis");
+    let mut faults = nemesis.await.expect("the nemesis");
 
     // Faults stop; the cluster goes quiet.
     net.set_chaos(None);
@@ -297,13 +332,22 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     let mut stable = 0;
     while quiet_start.elapsed() < QUIET_MAX {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let ok = oracle::converged(&shared.world.lock().expect("world lock"), keys);
+        // An operator still committing its last change keeps it from quiet.
+        let ok = operator.as_ref().is_none_or(|o| o.is_finished())
+            && oracle::converged(&shared.world.lock().expect("world lock"), keys);
         stable = if ok { stable + 1 } else { 0 };
         if stable >= 2 && quiet_start.elapsed() >= QUIET_MIN {
             break;
         }
     }
     syncer.abort();
+    if let Some(operator) = operator {
+        if operator.is_finished() {
+            faults.add_changes(operator.await.expect("the operator"));
+        } else {
+            operator.abort();
+        }
+    }
     shared.world.lock().expect("world lock").sync_all();
     let mut world = std::mem::replace(
         &mut *shared.world.lock().expect("world lock"),
@@ -374,10 +418,10 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             report.push_str(&format!("    {f}\n"));
         }
     }
-    let outside = (faults.power_losses + faults.corruptions > 1).then(|| {
+    let outside = (faults.power_losses + faults.corruptions + faults.removes > 1).then(|| {
         format!(
-            "{} power losses, {} corrupted records",
-            faults.power_losses, faults.corruptions
+            "{} power losses, {} corrupted records, {} machines destroyed",
+            faults.power_losses, faults.corruptions, faults.removes
         )
     });
     let (trace_hash, events) = net.trace_hash();

@@ -39,6 +39,25 @@ pub fn converged(world: &World, keys: usize) -> bool {
     if hints > 0 {
         return false;
     }
+    // Membership: every running node on the same layout, no change in
+    // transition, and old copies dropped (a key only on its primaries).
+    let Some(view) = world.view() else {
+        return false;
+    };
+    let views_agree = world
+        .machines
+        .iter()
+        .filter_map(|m| m.node.as_ref())
+        .all(|n| {
+            let c = n.membership().cluster();
+            n.membership()
+                .view()
+                .is_some_and(|v| v.version == view.version && !v.in_transition())
+                && (c.version() == 0 || c.waiting_for(|p| p.cleaned).is_empty())
+        });
+    if !views_agree || !(0..keys).all(|k| only_on_primaries(world, &Shared::key(k))) {
+        return false;
+    }
     (0..keys).all(|k| {
         let key = Shared::key(k);
         let primaries = world.primaries(&key);
@@ -61,6 +80,18 @@ pub fn converged(world: &World, keys: usize) -> bool {
     })
 }
 
+/// Whether no running node but the key's primaries stores it.
+fn only_on_primaries(world: &World, key: &[u8]) -> bool {
+    let primaries = world.primaries(key);
+    world.machines.iter().enumerate().all(|(i, m)| {
+        primaries.contains(&i)
+            || m
+                .node
+                .as_ref()
+                .is_none_or(|n| n.local_get(key).ok().flatten().is_none())
+    })
+}
+
 /// Checks every rule against the history; the trees are checked by the
 /// caller (they need a rebuild, which is async).
 pub fn check(
@@ -72,7 +103,7 @@ pub fn check(
 ) -> Vec<Violation> {
     let mut out = Vec::new();
     // Rule: no hints remain.
-    for m in &world.machines {
+    for m in world.machines.iter().filter(|m| !m.gone) {
         let Some(n) = &m.node else {
             out.push(Violation {
                 family: "",
@@ -91,6 +122,52 @@ pub fn check(
             });
         }
     }
+    // Rule: the last membership change is over (every running node on
+    // one layout, none in transition, every step reached).
+    if let Some(view) = world.view().filter(|v| v.version > 0) {
+        let states: Vec<String> = world
+            .machines
+            .iter()
+            .filter_map(|m| m.node.as_ref().map(|n| (m, n)))
+            .map(|(m, n)| {
+                let c = n.membership().cluster();
+                let v = n.membership().view();
+                format!(
+                    "{} sees layout {:?} (history {}, reads new {:?}) progress {:?}",
+                    m.me.name,
+                    v.as_ref().map(|v| v.version),
+                    c.layouts.len(),
+                    v.as_ref().map(|v| v.reads_new),
+                    c.progress
+                        .iter()
+                        .map(|(id, p)| format!(
+                            "{}:{}/{}/{}/{}/{}",
+                            c.name_of(id),
+                            p.acked,
+                            p.synced,
+                            p.switched,
+                            p.pruned,
+                            p.cleaned
+                        ))
+                        .collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        let over = world.machines.iter().filter_map(|m| m.node.as_ref()).all(|n| {
+            let c = n.membership().cluster();
+            c.version() == view.version
+                && c.layouts.len() == 1
+                && c.waiting_for(|p| p.cleaned).is_empty()
+        });
+        if !over {
+            out.push(Violation {
+                family: "",
+                rule: "the last membership change is over",
+                key: None,
+                detail: states.join("\n      "),
+            });
+        }
+    }
     let written: BTreeSet<&str> = history
         .iter()
         .filter(|o| o.what == "put")
@@ -99,6 +176,26 @@ pub fn check(
     for k in 0..keys {
         let key = Shared::key(k);
         let primaries = world.primaries(&key);
+        if !only_on_primaries(world, &key) {
+            out.push(Violation {
+                family: "",
+                rule: "a key is held by its primaries only (old copies dropped)",
+                key: Some(k),
+                detail: format!(
+                    "primaries {:?}, held by {:?}",
+                    primaries.iter().map(|p| world.name(*p)).collect::<Vec<_>>(),
+                    world
+                        .machines
+                        .iter()
+                        .filter(|m| m
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.local_get(&key).ok().flatten().is_some()))
+                        .map(|m| m.me.name.as_str())
+                        .collect::<Vec<_>>()
+                ),
+            });
+        }
         let objects: Vec<(String, Option<Object>)> = primaries
             .iter()
             .map(|p| {

@@ -372,11 +372,29 @@ pub struct FaultStats {
     pub one_way: usize,
     /// Records made to fail their checksum (an object or a hint).
     pub corruptions: usize,
+    /// Membership changes committed by the operator (see [`super::operator`]).
+    pub joins: usize,
+    pub leaves: usize,
+    pub removes: usize,
 }
 
 impl FaultStats {
     pub fn total(&self) -> usize {
-        self.crashes + self.power_losses + self.partitions + self.one_way + self.corruptions
+        self.crashes
+            + self.power_losses
+            + self.partitions
+            + self.one_way
+            + self.corruptions
+            + self.joins
+            + self.leaves
+            + self.removes
+    }
+
+    /// Adds the operator's counts.
+    pub fn add_changes(&mut self, other: FaultStats) {
+        self.joins += other.joins;
+        self.leaves += other.leaves;
+        self.removes += other.removes;
     }
 }
 
@@ -410,6 +428,10 @@ pub async fn nemesis(
         let mut w = shared.world.lock().expect("world lock");
         // Nobody stays down past MAX_DOWN.
         for (i, since) in down_since.iter_mut().enumerate() {
+            if w.machines[i].gone {
+                *since = None;
+                continue;
+            }
             if since.is_some_and(|t| now - t >= MAX_DOWN.as_millis() as u64) {
                 *since = None;
                 w.start(i);
@@ -417,7 +439,9 @@ pub async fn nemesis(
             }
         }
         let pick = |rng: &mut SimRng| rng.below(size as u64) as usize;
-        let down: Vec<usize> = (0..size).filter(|i| !w.is_up(*i)).collect();
+        let down: Vec<usize> = (0..size)
+            .filter(|i| !w.is_up(*i) && !w.machines[*i].gone)
+            .collect();
         let dice = rng.below(100);
         shared.net.note(|| format!("nemesis draws {dice}"));
         if !down.is_empty() && dice < 40 {

@@ -54,6 +54,7 @@ pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
         max_object_bytes: 64 << 20,
         request_timeout: Duration::from_millis(1500),
         gossip: Duration::from_secs(1),
+        cleanup_linger: Duration::from_secs(3),
         clock_max_entries,
         clock_min_age_ms,
         detector: DetectorConfig {
@@ -100,6 +101,8 @@ pub struct Machine {
     /// Started with seeds (the founding members) to join through, not as
     /// a founding member.
     joining: bool,
+    /// Killed for good (and removed from the cluster): never restarted.
+    pub gone: bool,
 }
 
 pub struct World {
@@ -146,6 +149,7 @@ impl World {
                     background: Vec::new(),
                     skew_ms: rng.below(400),
                     joining: false,
+                    gone: false,
                 }
             })
             .collect();
@@ -193,9 +197,19 @@ impl World {
             background: Vec::new(),
             skew_ms: rng.below(400),
             joining: true,
+            gone: false,
         });
         self.start(i - 1);
         i - 1
+    }
+
+    /// Kills machine `i` for good: it is never restarted (its data is lost
+    /// with it, as with a machine that burned).
+    pub fn destroy(&mut self, i: usize) {
+        if self.is_up(i) {
+            self.crash(i, None);
+        }
+        self.machines[i].gone = true;
     }
 
     /// Running machine `i`'s node.
@@ -221,6 +235,9 @@ impl World {
     pub fn start(&mut self, i: usize) {
         let m = &mut self.machines[i];
         assert!(m.node.is_none(), "{} is already running", m.me.name);
+        if m.gone {
+            return;
+        }
         // Timer firings go into the trace hash, named by node and timer.
         let (net, name) = (self.net.clone(), m.me.name.clone());
         let clock = Clock::tokio(START_MS + m.skew_ms, self.origin)
@@ -317,13 +334,17 @@ impl World {
         }
     }
 
-    /// Names of the key's primaries (from any running node's view).
-    pub fn primaries(&self, key: &[u8]) -> Vec<usize> {
-        let view = self
-            .machines
+    /// The most advanced view among the running nodes.
+    pub fn view(&self) -> Option<shoal_node::membership::View> {
+        self.machines
             .iter()
-            .find_map(|m| m.node.as_ref().and_then(|n| n.membership().view()))
-            .expect("a ring view");
+            .filter_map(|m| m.node.as_ref().and_then(|n| n.membership().view()))
+            .max_by_key(|v| (v.version, !v.in_transition()))
+    }
+
+    /// Names of the key's primaries (from the most advanced running view).
+    pub fn primaries(&self, key: &[u8]) -> Vec<usize> {
+        let view = self.view().expect("a ring view");
         view.preference_list(key, 3)
             .into_iter()
             .map(|p| {

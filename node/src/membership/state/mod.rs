@@ -16,14 +16,16 @@
 //!   on two nodes, resolve to the one with the larger content digest); then
 //!   every layout older than the newest one that is fully synced is dropped
 //!   ([`ClusterState::prune`]), a function of the merged state only;
-//! - progress: per node, the highest version acknowledged and synced.
+//! - progress: per node and step, the highest version reached.
 //!
 //! # Layout history (Garage's, and Cassandra's pending ranges)
 //! The last layout is the current one. While a change is in transition the
 //! history holds the layouts before it too: writes go to the replicas of
-//! every layout in the history and reads to the oldest, until every member
-//! of the new layout has synced its new partitions; then the older layouts
-//! are dropped. One change is in transition at a time: planning waits.
+//! every layout in the history; reads go to the oldest until every member
+//! of the new layout has synced its new partitions, then to the new one;
+//! once every member reads from the new one the older layouts are dropped.
+//! One change at a time: the next is planned once every member has pruned
+//! and cleaned up the last (see [`crate::transfer`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -72,19 +74,38 @@ pub struct Layout {
     pub ring: Ring,
 }
 
-/// How far a node has come with the layouts (Garage's trackers).
+/// How far a node has come with the current layout (Garage's trackers,
+/// one more for reads, two for the end). Each is the highest version the
+/// node has reached that step for; see [`crate::transfer`] for who moves
+/// them and when.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
-    /// The node writes to the replicas of every layout up to this version,
-    /// and no write of its own that ignored this version is still running.
+    /// The node writes to the replicas of every layout in its history, and
+    /// no write it routed by an older history is still running.
     pub acked: u64,
-    /// The node holds everything the layouts before this version held for
-    /// the partitions it replicates in this version.
+    /// The node holds everything the older layouts held for the partitions
+    /// it replicates in this version.
     pub synced: u64,
-    /// The node's history holds this version alone: it reads from the new
-    /// replicas only, so old copies may be dropped.
-    #[serde(default)]
-    pub settled: u64,
+    /// The node reads from this version's replicas (every member synced),
+    /// and no read it routed to older replicas is still running.
+    pub switched: u64,
+    /// The node's history holds this version alone: it writes to its
+    /// replicas only, and no request routed by the longer history runs.
+    pub pruned: u64,
+    /// The node has dropped its copies of partitions it does not replicate
+    /// in this version, late messages included.
+    pub cleaned: u64,
+}
+
+impl Progress {
+    /// The pointwise maximum: progress only moves forward.
+    fn join(&mut self, other: &Progress) {
+        self.acked = self.acked.max(other.acked);
+        self.synced = self.synced.max(other.synced);
+        self.switched = self.switched.max(other.switched);
+        self.pruned = self.pruned.max(other.pruned);
+        self.cleaned = self.cleaned.max(other.cleaned);
+    }
 }
 
 /// The replicated cluster state. See the module doc.
@@ -122,9 +143,10 @@ pub enum StateError {
     #[error("nothing staged: stage a join, leave or remove first")]
     NothingStaged,
     #[error(
-        "layout {version} is still in transition ({pending} members have not synced); wait until it completes"
+        "layout {version} is still being applied (waiting for {}); wait until it completes, or remove a member that is gone for good",
+        waiting.join(", ")
     )]
-    InTransition { version: u64, pending: usize },
+    InTransition { version: u64, waiting: Vec<String> },
     #[error("the change would leave {left} members, fewer than N={n} replicas")]
     TooFewMembers { left: usize, n: u32 },
     #[error("unknown member {0}")]
@@ -239,6 +261,23 @@ impl ClusterState {
         true
     }
 
+    /// Marks `node` removed now, without a new layout: nothing waits for
+    /// it any more (acks, pulls, pruning, clean-up). For a member gone for
+    /// good during a change, or one in no layout (a node that left, or a
+    /// joiner abandoned); a member of the current layout also needs a
+    /// staged `Remove` so the next plan gives its partitions away.
+    pub fn remove_now(&mut self, node: NodeId, now: u64) -> bool {
+        match self.members.get_mut(&node) {
+            Some(m) if !m.removed => {
+                m.removed = true;
+                m.stamp = now.max(m.stamp + 1);
+                self.prune();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Clears every staged change.
     pub fn clear(&mut self, now: u64) -> bool {
         let live: Vec<NodeId> = self
@@ -261,13 +300,11 @@ impl ClusterState {
             .collect()
     }
 
-    /// Records this node's progress (only ever forward).
-    pub fn advance(&mut self, node: NodeId, acked: u64, synced: u64, settled: u64) -> bool {
+    /// Records a node's progress (only ever forward).
+    pub fn advance(&mut self, node: NodeId, reached: Progress) -> bool {
         let p = self.progress.entry(node).or_default();
         let before = *p;
-        p.acked = p.acked.max(acked);
-        p.synced = p.synced.max(synced);
-        p.settled = p.settled.max(settled);
+        p.join(&reached);
         let changed = before != *p;
         if changed {
             self.prune();
@@ -302,17 +339,39 @@ impl ClusterState {
         let v = self.version();
         self.history_members()
             .iter()
-            .all(|id| self.progress.get(id).is_some_and(|p| p.acked >= v))
+            .all(|id| self.reached(id, |p| p.acked >= v))
     }
 
-    /// Whether every member not removed has seen the history reduced to
-    /// the current layout: nobody reads from older replicas any more.
-    pub fn all_settled(&self) -> bool {
-        let v = self.version();
+    /// Whether every live member of the current layout has synced it:
+    /// reads may move to its replicas.
+    pub fn all_synced(&self) -> bool {
+        self.unsynced().is_empty()
+    }
+
+    /// Members not removed: every one of them must have pruned (and
+    /// cleaned) a version before the next change, since any of them may
+    /// coordinate requests. A member that is gone for good is removed
+    /// (`shoal remove`) so that nothing waits for it.
+    pub fn participants(&self) -> Vec<NodeId> {
         self.members
             .iter()
             .filter(|(_, m)| !m.removed)
-            .all(|(id, _)| self.progress.get(id).is_some_and(|p| p.settled >= v))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Participants that have not yet reached `step` for the current
+    /// version (all of them while it is still in transition).
+    pub fn waiting_for(&self, step: impl Fn(&Progress) -> u64) -> Vec<NodeId> {
+        let v = self.version();
+        self.participants()
+            .into_iter()
+            .filter(|id| self.layouts.len() > 1 || !self.reached(id, |p| step(p) >= v))
+            .collect()
+    }
+
+    fn reached(&self, id: &NodeId, done: impl Fn(&Progress) -> bool) -> bool {
+        self.progress.get(id).is_some_and(done)
     }
 
     /// Live members of any layout in the history.
@@ -330,24 +389,20 @@ impl ClusterState {
         };
         self.live_members_of(current)
             .into_iter()
-            .filter(|id| {
-                self.progress
-                    .get(id)
-                    .is_none_or(|p| p.synced < current.version)
-            })
+            .filter(|id| !self.reached(id, |p| p.synced >= current.version))
             .collect()
     }
 
-    /// Drops the layouts before the newest one whose live members have all
-    /// synced it: nobody needs them for reads or writes any more.
+    /// Drops the layouts before the newest one that every live member of
+    /// the history reads from: writes to the old replicas are no longer
+    /// needed by any reader.
     pub fn prune(&mut self) {
+        let members = self.history_members();
         let keep_from = (1..self.layouts.len()).rev().find(|&i| {
-            let layout = &self.layouts[i];
-            self.live_members_of(layout).iter().all(|id| {
-                self.progress
-                    .get(id)
-                    .is_some_and(|p| p.synced >= layout.version)
-            })
+            let version = self.layouts[i].version;
+            members
+                .iter()
+                .all(|id| self.reached(id, |p| p.switched >= version))
         });
         if let Some(i) = keep_from {
             self.layouts.drain(..i);
@@ -417,10 +472,7 @@ impl ClusterState {
             }
         }
         for (id, theirs) in &other.progress {
-            let ours = self.progress.entry(*id).or_default();
-            ours.acked = ours.acked.max(theirs.acked);
-            ours.synced = ours.synced.max(theirs.synced);
-            ours.settled = ours.settled.max(theirs.settled);
+            self.progress.entry(*id).or_default().join(theirs);
         }
         let mut by_version: BTreeMap<u64, Layout> = BTreeMap::new();
         for l in self.layouts.iter().chain(&other.layouts) {
@@ -442,10 +494,14 @@ impl ClusterState {
     /// is in transition.
     pub fn plan(&self) -> Result<Plan, StateError> {
         let current = self.current().ok_or(StateError::NoLayout)?;
-        if self.layouts.len() > 1 {
+        // The previous change must be over everywhere, old copies dropped
+        // included: a node must not get back a partition it still holds
+        // stale copies of.
+        let waiting = self.waiting_for(|p| p.cleaned);
+        if !waiting.is_empty() && current.version > 1 {
             return Err(StateError::InTransition {
                 version: current.version,
-                pending: self.unsynced().len(),
+                waiting: waiting.iter().map(|id| self.name_of(id)).collect(),
             });
         }
         let changes = self.staged_changes();

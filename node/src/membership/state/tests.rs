@@ -1,4 +1,15 @@
 use super::*;
+
+/// Every step reached for version `v`.
+fn all(v: u64) -> Progress {
+    Progress {
+        acked: v,
+        synced: v,
+        switched: v,
+        pruned: v,
+        cleaned: v,
+    }
+}
 use proptest::prelude::*;
 
 const Q: u32 = 64;
@@ -72,7 +83,15 @@ fn apply(s: &mut ClusterState, e: &Edit, now: u64) {
         }
         Edit::Advance(i, synced) => {
             let v = s.version();
-            s.advance(info(*i).id, v, if *synced { v } else { 0 }, 0);
+            s.advance(
+                    info(*i).id,
+                    Progress {
+                        acked: v,
+                        synced: if *synced { v } else { 0 },
+                        switched: if *synced { v } else { 0 },
+                        ..Progress::default()
+                    },
+                );
         }
     }
 }
@@ -128,7 +147,7 @@ fn a_join_is_planned_then_committed_then_pruned_once_synced() {
     assert!(s.staged_changes().is_empty());
     assert!(matches!(s.plan(), Err(StateError::InTransition { .. })));
     for i in 0..4 {
-        s.advance(info(i).id, 2, 2, 0);
+        s.advance(info(i).id, all(2));
     }
     assert_eq!(s.layouts.len(), 1, "the old layout goes once all synced");
     assert_eq!(s.version(), 2);
@@ -153,7 +172,7 @@ fn a_removed_member_cannot_come_back() {
     assert!(s.members[&info(3).id].removed);
     assert!(!s.announce(info(3), 200));
     for i in 0..3 {
-        s.advance(info(i).id, 2, 2, 0);
+        s.advance(info(i).id, all(2));
     }
     s.stage(info(3).id, Some(Change::Join), 300);
     assert!(matches!(s.plan(), Err(StateError::BadChange { .. })));
