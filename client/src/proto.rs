@@ -344,6 +344,10 @@ pub struct NodeStatus {
     /// This node's part of the transition: partitions it pulls.
     #[serde(default)]
     pub transfer: Option<TransferStatus>,
+    /// Copies this node holds of keys in partitions it no longer replicates
+    /// (dropped once a change is over), counted up to a million.
+    #[serde(default)]
+    pub keys_unowned: u64,
 }
 
 /// A node pulling the partitions a new layout gives it.

@@ -424,6 +424,40 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         true
     }
 
+    /// Copies held here of keys in partitions this node replicates in no
+    /// layout of its view (counted up to `limit`): what clean-up drops.
+    pub fn unowned_keys(&self, limit: u64) -> u64 {
+        let Some(view) = self.membership.view() else {
+            return 0;
+        };
+        let mut rings: Vec<&shoal_ring::Ring> = view.older.iter().collect();
+        rings.push(&view.ring);
+        let mut count = 0;
+        for p in 0..view.ring.partition_count() {
+            if rings
+                .iter()
+                .any(|r| r.preference_list_for_partition(p, self.n).contains(&self.me.id))
+            {
+                continue;
+            }
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let Ok(keys) = self.replica.partition_keys(p, after.as_deref(), DROP_PAGE) else {
+                    break;
+                };
+                count += keys.len() as u64;
+                if keys.len() < DROP_PAGE || count >= limit {
+                    break;
+                }
+                after = keys.last().cloned();
+            }
+            if count >= limit {
+                break;
+            }
+        }
+        count.min(limit)
+    }
+
     /// The transfer in progress here, for `shoal status`.
     pub fn status(&self) -> Option<TransferStatus> {
         let cluster = self.membership.cluster();

@@ -387,6 +387,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             zone: me.zone.clone(),
             transition: self.transition(),
             transfer: self.inner.transfer.status(),
+            keys_unowned: self.inner.transfer.unowned_keys(1_000_000),
             unreachable: {
                 let addrs = self.inner.transport.unreachable();
                 let members = self.inner.membership.expected();

@@ -256,6 +256,7 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
                 zone: Some("z1".into()),
                 transition: None,
                 transfer: None,
+                keys_unowned: 0,
             }),
         ),
         (

@@ -162,7 +162,9 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                 Ok(s) => json!({"name": m.name, "id": m.id.to_hex(), "client_addr": m.client_addr.to_string(),
                     "peer_addr": m.peer_addr.to_string(), "up": true, "pid": s.pid,
                     "ring_ready": s.ring_ready, "partitions": s.partitions_owned, "unreachable": s.unreachable,
-                    "ring_version": s.ring_version, "zone": s.zone,
+                    "ring_version": s.ring_version, "zone": s.zone, "keys_unowned": s.keys_unowned,
+                    "transfer": s.transfer.as_ref().map(|t| json!({"version": t.version, "partitions_total": t.partitions_total,
+                        "partitions_done": t.partitions_done, "keys": t.keys, "bytes": t.bytes, "eta_secs": t.eta_secs})),
                     "transition": s.transition.as_ref().map(|t| json!({"from": t.from_version, "to": t.to_version, "unsynced": t.unsynced})),
                     "metrics_addr": s.metrics_addr.map(|a| a.to_string()),
                     "hints_pending": s.hints_pending.iter().map(|h| json!({"for": h.for_node, "pending": h.pending})).collect::<Vec<_>>(),
@@ -241,6 +243,20 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             aae,
             cannot_reach
         );
+    }
+    for (m, s) in &statuses {
+        if let Ok(Some(t)) = s.as_ref().map(|s| s.transfer.as_ref()) {
+            println!(
+                "{}: pulling layout {}: {}/{} partitions, {} keys, {} bytes{}",
+                m.name,
+                t.version,
+                t.partitions_done,
+                t.partitions_total,
+                t.keys,
+                t.bytes,
+                t.eta_secs.map_or(String::new(), |s| format!(", about {s} s left"))
+            );
+        }
     }
     // A layout change in progress, as the most advanced node sees it.
     if let Some(t) = statuses

@@ -82,9 +82,111 @@ fn client_certificate(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Nodes configured in `dir` (founding and added alike).
+fn configured(dir: &Path) -> usize {
+    (1..).take_while(|i| config_path(dir, *i).exists()).count()
+}
+
+/// `shoal dev --add`: configures one more node for the dev cluster in `dir`
+/// (certificate, ports, a config whose seeds are the nodes already there),
+/// adds its client address to `seeds.txt` and, with `start`, starts it in
+/// the background. It announces itself and stages its own join; `shoal
+/// cluster plan` shows what committing it moves. Returns its name.
+pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<String> {
+    let existing = configured(dir);
+    if existing == 0 {
+        bail!("no dev cluster in {}; start one with `shoal dev`", dir.display());
+    }
+    let i = existing + 1;
+    let name = format!("node{i}");
+    let mut seeds = Vec::new();
+    for k in 1..=existing {
+        let c = Config::load(&config_path(dir, k))?;
+        seeds.push(MemberConfig {
+            name: c.name,
+            peer_addr: c.peer_addr,
+        });
+    }
+    let first = Config::load(&config_path(dir, 1))?;
+    shoal_node::certs::issue(
+        dir,
+        dir,
+        &name,
+        shoal_node::certs::Kind::Node,
+        &["127.0.0.1".parse()?],
+        None,
+    )?;
+    let ports = free_ports(3)?;
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let config = Config {
+        name: name.clone(),
+        data_dir: PathBuf::from(&name),
+        client_addr: addr(ports[0]),
+        peer_addr: addr(ports[1]),
+        metrics_addr: Some(addr(ports[2])),
+        tls: TlsConfig {
+            ca_cert: "ca.pem".into(),
+            cert: format!("{name}.pem").into(),
+            key: format!("{name}.key").into(),
+        },
+        cluster: ClusterConfig {
+            members: Vec::new(),
+            seeds,
+            ..first.cluster.clone()
+        },
+        threads: first.threads,
+        zone,
+        ..Default::default()
+    };
+    config.validate()?;
+    let text = format!(
+        "# Shoal dev node {i}, added to the cluster: it joins through its seeds\n{}",
+        toml::to_string_pretty(&config)?
+    );
+    std::fs::write(config_path(dir, i), text)?;
+    let mut listed = std::fs::read_to_string(dir.join("seeds.txt")).unwrap_or_default();
+    listed.push_str(&format!("{}\n", config.client_addr));
+    std::fs::write(dir.join("seeds.txt"), listed)?;
+    if start {
+        // Detached (no parent-death signal): it outlives this command, and
+        // is stopped by hand (or by the launcher, which starts every
+        // configured node on its next run).
+        let dir = dir.canonicalize()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))?;
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(std::env::current_exe()?)
+                .arg("node")
+                .arg("--config")
+                .arg(config_path(&dir, i))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {name}"))?
+        };
+        println!(
+            "{name} started (pid {}, log {}); it asked to join: see `shoal cluster plan`, then `shoal cluster commit VERSION`",
+            child.id(),
+            dir.join(format!("{name}.log")).display()
+        );
+    } else {
+        println!("{name} configured: start it with `shoal node --config {}`", config_path(dir, i).display());
+    }
+    Ok(name)
+}
+
 /// Creates the cluster directory, or checks an existing one matches `nodes`.
 fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
-    let existing = (1..).take_while(|i| config_path(dir, *i).exists()).count();
+    // Nodes added with `--add` are not counted: they join by themselves.
+    let existing = (1..)
+        .take_while(|i| config_path(dir, *i).exists())
+        .filter(|i| Config::load(&config_path(dir, *i)).is_ok_and(|c| c.cluster.seeds.is_empty()))
+        .count();
     if existing > 0 {
         if existing != nodes {
             bail!(
@@ -204,7 +306,8 @@ pub fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     prepare(dir, nodes)?;
     let dir = dir.canonicalize()?;
     let mut children: Vec<Option<Child>> = Vec::new();
-    for i in 1..=nodes {
+    // Founding nodes, and those added since with `--add`.
+    for i in 1..=configured(&dir).max(nodes) {
         children.push(Some(spawn_node(&dir, i)?));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -33,6 +33,19 @@ enum Command {
     Dev {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Add a node to the dev cluster in --dir (running or not): it gets
+        /// a certificate and a config whose seeds are the nodes there, and
+        /// is started in the background; it stages its own join, which
+        /// `shoal cluster plan` / `commit` apply. To shrink, `shoal leave
+        /// NODE`, plan and commit, then stop the node.
+        #[arg(long)]
+        add: bool,
+        /// With --add: write the config, do not start the node.
+        #[arg(long, requires = "add")]
+        no_start: bool,
+        /// With --add: the new node's zone (failure domain).
+        #[arg(long, requires = "add")]
+        zone: Option<String>,
     },
     /// Run one node.
     Node {
@@ -123,7 +136,13 @@ fn main() {
     let args = Args::parse();
     let result = match args.command {
         Command::Node { config } => run_node(config),
-        Command::Dev { nodes } => dev::run(&args.dir, nodes),
+        Command::Dev {
+            add: true,
+            no_start,
+            zone,
+            ..
+        } => dev::add(&args.dir, !no_start, zone).map(drop),
+        Command::Dev { nodes, .. } => dev::run(&args.dir, nodes),
         Command::Certs { command } => certs(&args.dir, command),
         Command::Cluster { command } => runtime().and_then(|rt| {
             use members::ClusterCmd;
