@@ -30,6 +30,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod claim;
+mod plan;
+
+pub use plan::{partitions_moved, preference_lists, replica_counts, transfers, Plan, Share, Transfer};
+
 /// Default number of partitions.
 pub const DEFAULT_PARTITIONS: u32 = 256;
 
@@ -198,96 +203,49 @@ impl TryFrom<RingParts> for Ring {
 }
 
 impl Ring {
-    /// Builds a ring for `members`, starting from `previous` when there is one so
-    /// that as few partitions as possible move. `n` is the replication factor the
-    /// spreading step aims for.
+    /// Builds a ring for `members`, starting from `previous` when there is one
+    /// so that as few partitions as possible move; `n` is the replication
+    /// factor. Members keep the zones `previous` gave them (the result carries
+    /// `previous`'s zone map unchanged); use [`Ring::claim_zoned`] to set zones.
+    /// From scratch this is the round-robin deal in id order, exactly as every
+    /// earlier release computed it. See the crate doc for the algorithm.
     pub fn claim(
         previous: Option<&Ring>,
         members: &BTreeSet<NodeId>,
         q: u32,
         n: usize,
     ) -> Result<Ring, RingError> {
-        if !q.is_power_of_two() || q > 65536 {
-            return Err(RingError::BadPartitionCount(q));
-        }
-        if members.is_empty() {
-            return Err(RingError::NoMembers);
-        }
-        let q = q as usize;
-        let nodes: Vec<NodeId> = members.iter().copied().collect();
-        let mut owners: Vec<Option<NodeId>> = match previous {
-            Some(prev) if prev.owners.len() == q => prev
-                .owners
-                .iter()
-                .map(|o| members.contains(o).then_some(*o))
-                .collect(),
-            // From scratch: deal partitions round-robin in id order, which already
-            // puts consecutive partitions on distinct nodes.
-            _ => (0..q).map(|p| Some(nodes[p % nodes.len()])).collect(),
-        };
-
-        let mut counts: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
-        for o in owners.iter().flatten() {
-            *counts.get_mut(o).expect("owner is a member") += 1;
-        }
-        let targets = Self::targets(&nodes, &counts, q);
-
-        // Release surplus partitions, preferring ones whose neighbourhood already
-        // holds the same node (they are the worst placed).
-        for node in &nodes {
-            let target = targets[node];
-            while counts[node] > target {
-                let mut mine: Vec<usize> = (0..q).filter(|&p| owners[p] == Some(*node)).collect();
-                mine.sort_by_key(|&p| (std::cmp::Reverse(conflicts(&owners, p, *node, n)), p));
-                owners[mine[0]] = None;
-                *counts.get_mut(node).expect("member") -= 1;
-            }
-        }
-
-        // Hand free partitions to members under target.
-        for p in 0..q {
-            if owners[p].is_some() {
-                continue;
-            }
-            let under: Vec<NodeId> = nodes
-                .iter()
-                .copied()
-                .filter(|c| counts[c] < targets[c])
-                .collect();
-            let chosen = under
-                .iter()
-                .copied()
-                .min_by_key(|c| (conflicts(&owners, p, *c, n), counts[c], *c))
-                .expect("free partitions never outnumber missing claims");
-            owners[p] = Some(chosen);
-            *counts.get_mut(&chosen).expect("member") += 1;
-        }
-
-        Ok(Ring {
-            owners: owners
-                .into_iter()
-                .map(|o| o.expect("all assigned"))
-                .collect(),
-            zones: previous.map(|p| p.zones.clone()).unwrap_or_default(),
-        })
+        let zones = previous.map(|p| p.zones.clone()).unwrap_or_default();
+        let zoned: BTreeMap<NodeId, Option<String>> = members
+            .iter()
+            .map(|m| (*m, zones.get(m).cloned()))
+            .collect();
+        let owners = claim::claim(previous, &zoned, q, n)?;
+        Ok(Ring { owners, zones })
     }
 
-    /// Target partition counts: floor(Q/M) each, plus one for the `Q mod M`
-    /// members that already own the most.
-    fn targets(
-        nodes: &[NodeId],
-        counts: &BTreeMap<NodeId, usize>,
-        q: usize,
-    ) -> BTreeMap<NodeId, usize> {
-        let base = q / nodes.len();
-        let extra = q % nodes.len();
-        let mut by_load: Vec<NodeId> = nodes.to_vec();
-        by_load.sort_by_key(|n| (std::cmp::Reverse(counts[n]), *n));
-        by_load
+    /// [`Ring::claim`] for members with zones (`None`: in no zone). Preference
+    /// lists then span `min(N, zones)` zones, and the claim places owners so
+    /// that lists rarely need to skip one; see the crate doc for the order in
+    /// which zone spread, balance and movement win. The ring's zone map is
+    /// exactly the zones given here.
+    pub fn claim_zoned(
+        previous: Option<&Ring>,
+        members: &BTreeMap<NodeId, Option<String>>,
+        q: u32,
+        n: usize,
+    ) -> Result<Ring, RingError> {
+        let owners = claim::claim(previous, members, q, n)?;
+        let zones = members
             .iter()
-            .enumerate()
-            .map(|(i, n)| (*n, base + usize::from(i < extra)))
-            .collect()
+            .filter_map(|(m, z)| Some((*m, z.clone()?)))
+            .collect();
+        Ok(Ring { owners, zones })
+    }
+
+    /// The zone of each node that has one.
+    pub fn zones(&self) -> &BTreeMap<NodeId, String> {
+        &self.zones
     }
 
     /// Sets the zone of each node; preference lists then prefer distinct zones.
@@ -337,27 +295,52 @@ impl Ring {
 
     /// [`Ring::preference_list`] for a partition.
     pub fn preference_list_for_partition(&self, partition: u32, n: usize) -> Vec<NodeId> {
-        let walk = self.walk(partition);
+        self.list_from(partition, n, None)
+    }
+
+    /// The preference list, walking only as far as it needs to: the same
+    /// lists as a walk over every distinct node (the tests compare the two),
+    /// in `O(N)` steps when the next `N` owners are distinct. `zones_owning`,
+    /// when the caller knows every owner has a zone and how many zones own
+    /// partitions, ends the zone pass once every zone is used instead of
+    /// walking the whole ring (lists longer than the zone count need that).
+    pub(crate) fn list_from(
+        &self,
+        partition: u32,
+        n: usize,
+        zones_owning: Option<usize>,
+    ) -> Vec<NodeId> {
+        let q = self.owners.len();
+        let at = |i: usize| self.owners[(partition as usize + i) % q];
         // `n` may come from the network (a client's ring info).
-        let mut list: Vec<NodeId> = Vec::with_capacity(n.min(walk.len()));
+        let mut list: Vec<NodeId> = Vec::with_capacity(n.min(q));
+        let mut in_list = BTreeSet::new();
         if !self.zones.is_empty() {
             let mut used_zones = BTreeSet::new();
-            for node in &walk {
-                if list.len() == n {
+            for i in 0..q {
+                if list.len() == n || zones_owning == Some(used_zones.len()) {
                     break;
                 }
-                let zone = self.zones.get(node);
-                if zone.map_or(true, |z| used_zones.insert(z.clone())) {
-                    list.push(*node);
+                let node = at(i);
+                if in_list.contains(&node) {
+                    continue;
+                }
+                // A node whose zone was used stays skipped at its later
+                // partitions too, so a pass over partitions takes the same
+                // nodes as a pass over distinct nodes.
+                if self.zones.get(&node).is_none_or(|z| used_zones.insert(z)) {
+                    list.push(node);
+                    in_list.insert(node);
                 }
             }
         }
-        for node in &walk {
+        for i in 0..q {
             if list.len() == n {
                 break;
             }
-            if !list.contains(node) {
-                list.push(*node);
+            let node = at(i);
+            if in_list.insert(node) {
+                list.push(node);
             }
         }
         list
@@ -421,15 +404,6 @@ impl Ring {
         }
         walk
     }
-}
-
-/// How many of the `n-1` partitions on either side of `p` are owned by `node`.
-fn conflicts(owners: &[Option<NodeId>], p: usize, node: NodeId, n: usize) -> usize {
-    let q = owners.len();
-    let span = n.saturating_sub(1).min(q / 2);
-    (1..=span)
-        .filter(|d| owners[(p + d) % q] == Some(node) || owners[(p + q - d) % q] == Some(node))
-        .count()
 }
 
 #[cfg(test)]
