@@ -37,6 +37,15 @@ const REACH: usize = 24;
 /// two or three passes.
 const MAX_PASSES: usize = 8;
 
+/// Above this many (hole, needy member) pairs, holes are filled in partition
+/// order rather than most-constrained first (a mass change: many members
+/// joined or left at once), to keep the claim's time near-linear.
+const ORDER_LIMIT: usize = 1 << 20;
+
+/// Chains are looked for only while at most this many members need
+/// partitions: each candidate partner is tried with every needy member.
+const CHAIN_LIMIT: usize = 128;
+
 /// See the module doc: breaches of `target_n_val`, then same-zone pairs, both
 /// weighted by how many windows of `N` the pair shares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,6 +94,9 @@ pub(crate) fn claim(
 ) -> Result<Vec<NodeId>, RingError> {
     check(q, members.len())?;
     let q = q as usize;
+    // A list never holds more than the ring's Q partitions' owners; `n` may
+    // come from configuration, and windows longer than the ring mean nothing.
+    let n = n.clamp(1, q);
     let nodes: Vec<NodeId> = members.keys().copied().collect();
     let zoned = members.values().any(Option::is_some);
     let mut c = Claim::new(members, q, n);
@@ -116,6 +128,21 @@ pub(crate) fn claim(
         }
     }
     Ok(c.owners.iter().map(|&i| nodes[i as usize]).collect())
+}
+
+/// Whether the claim guarantees `target_n_val` (no member twice within `N`
+/// consecutive partitions) for `M` members: when `N * ceil(Q/M) <= Q` (no
+/// member has too many partitions to keep them `N` apart) and a clean
+/// round-robin template exists for those counts ([`Claim::template`]:
+/// `Q mod M` is 0 or at least `N`, or `M >= 2N - 1`). For `N <= 3` that is
+/// every `M > N`; for `N = 4` it leaves out `M = 5` with `Q mod 5` in 1..=3 and
+/// `M = 6` with `Q mod 6 = 2`.
+pub(crate) fn keeps_target_n_val(q: usize, m: usize, n: usize) -> bool {
+    if m == 0 || q == 0 {
+        return false;
+    }
+    let n = n.clamp(1, q);
+    window(q, m, n) == n && Claim::template(q, m, n).is_some()
 }
 
 /// The window `w` within which no node may own two partitions: `N`, unless
@@ -290,15 +317,18 @@ impl Claim {
             .collect();
         let mut holes: Vec<(usize, usize)> = (0..self.q)
             .filter(|&p| self.owners[p] == HOLE)
-            .map(|p| {
-                let clean = needy
-                    .iter()
-                    .filter(|&&x| self.cost_at(p, x) == Cost::default())
-                    .count();
-                (clean, p)
-            })
+            .map(|p| (0, p))
             .collect();
-        holes.sort_unstable();
+        // Ordering costs holes x needy; a mass change skips it.
+        if holes.len() * needy.len() <= ORDER_LIMIT {
+            for (clean, p) in &mut holes {
+                *clean = needy
+                    .iter()
+                    .filter(|&&x| self.cost_at(*p, x) == Cost::default())
+                    .count();
+            }
+            holes.sort_unstable();
+        }
         for (_, p) in holes {
             let (cost, x) = needy
                 .iter()
@@ -306,7 +336,7 @@ impl Claim {
                 .min()
                 .map(|(c, _, x)| (c, x))
                 .expect("targets sum to Q, so members miss at least as many as there are holes");
-            let chain = if cost == Cost::default() {
+            let chain = if cost == Cost::default() || needy.len() > CHAIN_LIMIT {
                 None
             } else {
                 self.best_chain(p, cost, &needy)

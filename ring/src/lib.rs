@@ -133,6 +133,13 @@ pub fn partition_of(key: &[u8], q: u32) -> u32 {
     (key_hash(key) >> (64 - bits)) as u32
 }
 
+/// Whether [`Ring::claim`] keeps `target_n_val` for `members` members: with a
+/// previous ring, the claimed ring then never has a node twice within `n`
+/// consecutive partitions. See the crate doc for when it holds.
+pub fn target_n_val_holds(q: u32, members: usize, n: usize) -> bool {
+    claim::keeps_target_n_val(q as usize, members, n)
+}
+
 /// Why a ring could not be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingError {
@@ -314,7 +321,7 @@ impl Ring {
         let at = |i: usize| self.owners[(partition as usize + i) % q];
         // `n` may come from the network (a client's ring info).
         let mut list: Vec<NodeId> = Vec::with_capacity(n.min(q));
-        let mut in_list = BTreeSet::new();
+        let mut in_list = Seen::new(n);
         if !self.zones.is_empty() {
             let mut used_zones = BTreeSet::new();
             for i in 0..q {
@@ -322,15 +329,15 @@ impl Ring {
                     break;
                 }
                 let node = at(i);
-                if in_list.contains(&node) {
+                if in_list.contains(&list, node) {
                     continue;
                 }
                 // A node whose zone was used stays skipped at its later
                 // partitions too, so a pass over partitions takes the same
                 // nodes as a pass over distinct nodes.
                 if self.zones.get(&node).is_none_or(|z| used_zones.insert(z)) {
-                    list.push(node);
                     in_list.insert(node);
+                    list.push(node);
                 }
             }
         }
@@ -339,7 +346,8 @@ impl Ring {
                 break;
             }
             let node = at(i);
-            if in_list.insert(node) {
+            if !in_list.contains(&list, node) {
+                in_list.insert(node);
                 list.push(node);
             }
         }
@@ -403,6 +411,37 @@ impl Ring {
             }
         }
         walk
+    }
+}
+
+/// Which nodes a preference list holds: a scan of the list itself while it
+/// is short (every list, at Shoal's `N`), a set when a caller asks for a long
+/// one, so a huge `n` costs `log` per step rather than the list's length.
+enum Seen {
+    Scan,
+    Set(BTreeSet<NodeId>),
+}
+
+impl Seen {
+    fn new(n: usize) -> Seen {
+        if n <= 16 {
+            Seen::Scan
+        } else {
+            Seen::Set(BTreeSet::new())
+        }
+    }
+
+    fn contains(&self, list: &[NodeId], node: NodeId) -> bool {
+        match self {
+            Seen::Scan => list.contains(&node),
+            Seen::Set(set) => set.contains(&node),
+        }
+    }
+
+    fn insert(&mut self, node: NodeId) {
+        if let Seen::Set(set) = self {
+            set.insert(node);
+        }
     }
 }
 

@@ -144,8 +144,6 @@ impl Claim {
                 }
                 if let Some(p2) = self.best_swap(p, here.node > 0) {
                     self.owners.swap(p, p2);
-                    self.touched[p] = true;
-                    self.touched[p2] = true;
                     changed = true;
                 }
             }
