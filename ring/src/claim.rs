@@ -453,13 +453,16 @@ impl Claim {
     /// six takes every third place), then deal round robin in that order.
     fn deal_interleaved(&mut self) {
         let m = self.count.len();
+        // With fewer partitions than members, only the members the targets
+        // pick are dealt (one per zone first).
+        let dealt = targets(&vec![0; m], &self.zone, self.named_zones, self.q);
         let mut by_zone: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for i in 0..m as u32 {
+        for i in (0..m as u32).filter(|&i| dealt[i as usize] > 0) {
             by_zone.entry(self.zone[i as usize]).or_default().push(i);
         }
         // Member k of a zone of size s sits at (2k + 1) / 2s of the way round;
         // compare those fractions exactly by cross-multiplying.
-        let mut places: Vec<(u64, u64, u32, u32)> = Vec::with_capacity(m);
+        let mut places: Vec<(u64, u64, u32, u32)> = Vec::new();
         for (z, list) in &by_zone {
             let s = list.len() as u64;
             for (k, &i) in list.iter().enumerate() {
@@ -472,7 +475,7 @@ impl Claim {
                 .then((a.2, a.3).cmp(&(b.2, b.3)))
         });
         for p in 0..self.q {
-            self.set(p, places[p % m].3);
+            self.set(p, places[p % places.len()].3);
         }
     }
 }

@@ -1,10 +1,16 @@
+//! The claim's bounds as the crate doc states them. Random cases come from a
+//! seeded generator; every test prints how many cases it ran, and a failure
+//! names the seed and step that replay it.
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::{partitions_moved, replica_counts, transfers, NodeId, Ring};
+use super::Claim;
+use crate::{partitions_moved, preference_lists, target_n_val_holds, NodeId, Ring};
 
-/// splitmix64: a seeded source for the random sequences, so a failure names
-/// the seed that replays it.
+mod v1;
+
+/// splitmix64: the seeded source of every random case here.
 struct Rng(u64);
 
 impl Rng {
@@ -23,6 +29,8 @@ impl Rng {
     }
 }
 
+type Members = BTreeMap<NodeId, Option<String>>;
+
 fn counts(ring: &Ring) -> BTreeMap<NodeId, usize> {
     let mut c = BTreeMap::new();
     for o in ring.owners() {
@@ -31,8 +39,16 @@ fn counts(ring: &Ring) -> BTreeMap<NodeId, usize> {
     c
 }
 
-/// Partitions whose owner owns another of the next `n - 1`: each is a
-/// window of `n` with a node twice.
+/// Most owned minus least owned, over `members` (a member owning nothing
+/// counts as 0).
+fn imbalance(ring: &Ring, members: &Members) -> usize {
+    let c = counts(ring);
+    let owned: Vec<usize> = members.keys().map(|m| c.get(m).copied().unwrap_or(0)).collect();
+    owned.iter().max().unwrap() - owned.iter().min().unwrap()
+}
+
+/// Partitions whose owner owns another of the next `n - 1`: one per pair of
+/// one node's partitions closer than `n`.
 fn breaches(ring: &Ring, n: usize) -> usize {
     let o = ring.owners();
     let q = o.len();
@@ -41,14 +57,15 @@ fn breaches(ring: &Ring, n: usize) -> usize {
         .count()
 }
 
+/// Windows of `n` consecutive partitions with two owners in one zone (or one
+/// owner twice).
 fn zone_repeats(ring: &Ring, n: usize) -> usize {
     let o = ring.owners();
     let q = o.len();
-    let z = ring.zones();
-    let zone = |x: &NodeId| z.get(x).map(|s| s.as_str());
+    let zone = |x: &NodeId| ring.zones().get(x);
     (0..q)
         .filter(|&p| {
-            let w: Vec<_> = (0..n.min(q)).map(|d| o[(p + d) % q]).collect();
+            let w: Vec<NodeId> = (0..n.min(q)).map(|d| o[(p + d) % q]).collect();
             w.iter().enumerate().any(|(i, a)| {
                 w[i + 1..]
                     .iter()
@@ -58,312 +75,612 @@ fn zone_repeats(ring: &Ring, n: usize) -> usize {
         .count()
 }
 
-/// Partitions that changed owner minus those the change had to move (what
-/// members gained in count): the repair term.
-fn repair_term(before: &Ring, after: &Ring) -> usize {
+/// What members gained in owned count: the partitions a change must move.
+fn gains(before: &Ring, after: &Ring) -> usize {
     let (cb, ca) = (counts(before), counts(after));
-    let gains: usize = ca
-        .iter()
+    ca.iter()
         .map(|(x, c)| c.saturating_sub(cb.get(x).copied().unwrap_or(0)))
-        .sum();
-    partitions_moved(before, after) - gains
+        .sum()
 }
 
-fn zones_of(ring: &Ring, list: &[NodeId]) -> usize {
-    let z: BTreeSet<Option<&String>> = list.iter().map(|x| ring.zones().get(x)).collect();
-    z.len()
+fn replicas(lists: &[Vec<NodeId>]) -> BTreeMap<NodeId, usize> {
+    let mut c = BTreeMap::new();
+    for node in lists.iter().flatten() {
+        *c.entry(*node).or_insert(0) += 1;
+    }
+    c
 }
 
-#[test]
-fn explore() {
-    let cases: &[(u32, usize, usize, u64, usize)] = &[
-        (64, 3, 20, 100, 13), (256, 3, 40, 100, 13), (1024, 3, 110, 20, 13), (256, 3, 40, 100, 14), (256, 2, 40, 100, 12),
-    ];
-    for &(q, n, goal, seqs, nz) in cases {
-        let t = Instant::now();
-        let mut table: BTreeMap<(&str, usize), usize> = BTreeMap::new();
-        let mut worst_breach = 0;
-        let mut worst_rep = 0.0f64;
-        let mut worst_rmove = 0.0f64;
-        let mut worst_zone_miss = 0;
-        let mut claims = 0;
-        let (mut zone_bad_inc, mut zone_bad_fresh) = (0, 0);
-        let (mut eq_dev_inc, mut eq_dev_fresh, mut eq_points) = (0.0f64, 0.0f64, 0);
-        for seed in 0..seqs {
-            let mut rng = Rng(seed * 7919 + q as u64 + n as u64);
-            let mut zone_of: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
-            let mut add = |rng: &mut Rng, zone_of: &mut BTreeMap<NodeId, Option<String>>| {
-                let id = rng.id();
-                let z = if nz == 0 { None } else if nz > 10 {
-                    // Balanced: the zone with fewest members.
-                    let k = nz - 10;
-                    let mut per = vec![0usize; k];
-                    for v in zone_of.values().flatten() { per[v[1..].parse::<usize>().unwrap()] += 1; }
-                    let zmin = (0..k).min_by_key(|&z| (per[z], z)).unwrap();
-                    Some(format!("z{zmin}"))
-                } else { Some(format!("z{}", rng.below(nz))) };
-                zone_of.insert(id, z);
+/// Replicas arriving: (partition, node) pairs in the new lists, not the old.
+fn replicas_moved(old: &[Vec<NodeId>], new: &[Vec<NodeId>]) -> usize {
+    old.iter()
+        .zip(new)
+        .map(|(o, n)| n.iter().filter(|x| !o.contains(x)).count())
+        .sum()
+}
+
+/// Distinct zones in a list, a zone-less node counting as a zone of its own.
+fn zones_spanned(ring: &Ring, list: &[NodeId]) -> usize {
+    let labels: BTreeSet<Result<&String, NodeId>> = list
+        .iter()
+        .map(|x| ring.zones().get(x).ok_or(*x))
+        .collect();
+    labels.len()
+}
+
+fn zones_owning(ring: &Ring) -> usize {
+    let labels: BTreeSet<Result<&String, NodeId>> = ring
+        .owners()
+        .iter()
+        .map(|x| ring.zones().get(x).ok_or(*x))
+        .collect();
+    labels.len()
+}
+
+/// How members get zones in a sequence.
+#[derive(Clone, Copy, Debug)]
+enum Zones {
+    Off,
+    /// Each member in one of this many zones, at random: zone sizes differ.
+    Random(usize),
+}
+
+/// One family of random join/leave sequences.
+struct Sequences {
+    label: &'static str,
+    q: u32,
+    n: usize,
+    seeds: u64,
+    /// Members before the first claim with a previous ring.
+    start: usize,
+    /// Sequences grow (by batches while under 90% of it) to about this size.
+    goal: usize,
+    steps: usize,
+    zones: Zones,
+}
+
+/// What a family of sequences saw; printed, and its worst cases asserted.
+#[derive(Default)]
+struct Tally {
+    sequences: u64,
+    claims: usize,
+    joins: usize,
+    leaves: usize,
+    batches: usize,
+    /// Partitions moved beyond what members gained, most seen.
+    worst_extra: usize,
+    /// Replicas moved per partition moved, most seen (rings with no breach).
+    worst_replicas_per_move: f64,
+    /// Replica count off the fair `N * Q / M`, most seen, in replicas.
+    worst_replica_gap: f64,
+    /// Partitions moved, less the slack, over what members gained: most seen
+    /// for single joins and leaves that keep at least 2N + 2 members.
+    worst_ratio: f64,
+    slowest: Duration,
+}
+
+impl Sequences {
+    fn run(&self) -> Tally {
+        let (q, n) = (self.q, self.n);
+        let qs = q as usize;
+        let mut t = Tally::default();
+        let started = Instant::now();
+        for seed in 0..self.seeds {
+            t.sequences += 1;
+            let mut rng = Rng(seed.wrapping_mul(0x51_7cc1) ^ u64::from(q) ^ (n as u64) << 40);
+            let zones = self.zones;
+            let zone = |rng: &mut Rng| match zones {
+                Zones::Off => None,
+                Zones::Random(k) => Some(format!("z{}", rng.below(k))),
             };
-            for _ in 0..4 { add(&mut rng, &mut zone_of); }
-            let mut ring = Ring::claim_zoned(None, &zone_of, q, n).unwrap();
-            for _step in 0..60 {
-                let m = zone_of.len();
-                let mut next = zone_of.clone();
-                let single = m >= goal * 9 / 10 || rng.below(3) == 0;
-                let kind;
-                if m < goal && (rng.below(4) != 0 || m <= 4) {
-                    let k = if single { 1 } else { 1 + rng.below((m / 8).max(1)) };
-                    for _ in 0..k { add(&mut rng, &mut next); }
-                    kind = if k == 1 { "join" } else { "batch" };
+            let mut members: Members = (0..self.start).map(|_| (rng.id(), zone(&mut rng))).collect();
+            let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
+            let mut lists = preference_lists(&ring, n);
+            for step in 0..self.steps {
+                let at = format!("{} seed {seed} step {step}", self.label);
+                let m = members.len();
+                let mut next = members.clone();
+                let grow = m < self.goal && (m <= self.start || rng.below(4) != 0);
+                let k = if m < self.goal * 9 / 10 && rng.below(2) == 0 {
+                    1 + rng.below((m / 8).max(1))
                 } else {
-                    let k = if single { 1 } else { 1 + rng.below((m / 10).max(1)) };
-                    for _ in 0..k { let v: Vec<_> = next.keys().copied().collect(); let x = v[rng.below(v.len())]; next.remove(&x); }
-                    kind = if k == 1 { "leave" } else { "batch" };
+                    1
+                };
+                for _ in 0..k {
+                    if grow {
+                        next.insert(rng.id(), zone(&mut rng));
+                    } else if next.len() > 1 {
+                        let x = *next.keys().nth(rng.below(next.len())).unwrap();
+                        next.remove(&x);
+                    }
                 }
+                let clock = Instant::now();
                 let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
-                claims += 1;
-                let r = repair_term(&ring, &new);
+                t.slowest = t.slowest.max(clock.elapsed());
+                t.claims += 1;
+                assert_eq!(
+                    new,
+                    Ring::claim_zoned(Some(&ring), &next, q, n).unwrap(),
+                    "{at}: not deterministic"
+                );
                 let mm = next.len();
-                let e = table.entry((kind, mm.min(13))).or_insert(0usize); *e = (*e).max(r);
-                let c = counts(&new);
-                assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1);
+                assert!(imbalance(&new, &next) <= 1, "{at}: unbalanced");
+                let b_prev = breaches(&ring, n);
                 let b = breaches(&new, n);
-                if n * (q as usize).div_ceil(mm) <= q as usize {
-                    worst_breach = worst_breach.max(b);
+                if target_n_val_holds(q, mm, n) {
+                    assert_eq!(b, 0, "{at}: {mm} members, breaches");
                 }
                 let moved = partitions_moved(&ring, &new);
-                let rmoved: usize = transfers(&ring, &new, n).iter().map(|t| t.to.len()).sum();
-                if moved > 0 && breaches(&ring, n) == 0 && b == 0 { worst_rmove = worst_rmove.max(rmoved as f64 / moved as f64); }
-                if mm >= n + 1 {
-                    let rc = replica_counts(&new, n);
-                    let fair = (n * q as usize) as f64 / mm as f64;
-                    for v in rc.values() { worst_rep = worst_rep.max((*v as f64 - fair).abs()); }
+                let must = gains(&ring, &new);
+                t.worst_extra = t.worst_extra.max(moved - must);
+                let slack = 2 * (n - 1) + 2 * b_prev;
+                let zoned = !matches!(self.zones, Zones::Off);
+                let new_lists = preference_lists(&new, n);
+                if k == 1 && mm >= 2 * n + 2 && must > 0 {
+                    let r = moved.saturating_sub(slack) as f64 / must as f64;
+                    t.worst_ratio = t.worst_ratio.max(r);
                 }
-                if nz > 0 {
-                    let zs: BTreeSet<_> = next.values().collect();
-                    let want = n.min(zs.len());
-                    for p in 0..q { let l = new.preference_list_for_partition(p, n); worst_zone_miss = worst_zone_miss.max(want - zones_of(&new, &l).min(want)); }
+                if k == 1 && grow {
+                    t.joins += 1;
+                    if !zoned {
+                        let bound = qs.div_ceil(m + 1) + slack;
+                        assert!(moved <= bound, "{at}: join moved {moved} > {bound}");
+                    }
+                } else if k == 1 {
+                    t.leaves += 1;
+                    if !zoned && mm >= 2 * n + 2 {
+                        let bound = 2 * must + slack;
+                        assert!(moved <= bound, "{at}: leave moved {moved} > {bound}");
+                    }
+                } else {
+                    t.batches += 1;
                 }
-                let per_zone = |zo: &BTreeMap<NodeId, Option<String>>| { let mut c: BTreeMap<String, usize> = BTreeMap::new(); for z in zo.values().flatten() { *c.entry(z.clone()).or_insert(0) += 1; } c };
-                let pz = per_zone(&next);
-                if nz > 10 && pz.values().min() == pz.values().max() && pz.len() == nz - 10 {
-                    let fresh = Ring::claim_zoned(None, &next, q, n).unwrap();
-                    let fair = (n * q as usize) as f64 / mm as f64;
-                    let dev = |r: &Ring| replica_counts(r, n).values().map(|v| (*v as f64 - fair).abs()).fold(0.0, f64::max);
-                    eq_dev_inc = eq_dev_inc.max(dev(&new) / fair);
-                    eq_dev_fresh = eq_dev_fresh.max(dev(&fresh) / fair);
-                    eq_points += 1;
-                }
-                if nz > 0 {
-                    let fresh = Ring::claim_zoned(None, &next, q, n).unwrap();
-                    zone_bad_inc += zone_repeats(&new, n);
-                    zone_bad_fresh += zone_repeats(&fresh, n);
+                if zoned {
+                    if k == 1 && mm >= 2 * n + 2 {
+                        let bound = 3 * must + slack;
+                        assert!(moved <= bound, "{at}: zoned change moved {moved} > {bound}");
+                    }
+                    if moved > 0 {
+                        let r = replicas_moved(&lists, &new_lists);
+                        t.worst_replicas_per_move = t.worst_replicas_per_move.max(r as f64 / moved as f64);
+                    }
+                    let want = n.min(zones_owning(&new));
+                    for (p, list) in new_lists.iter().enumerate() {
+                        assert!(zones_spanned(&new, list) >= want, "{at}: partition {p}: {list:?}");
+                    }
+                } else if b == 0 {
+                    // No breach: the list of p is owners[p..p+N], so every node
+                    // holds exactly N replicas per partition it owns.
+                    let fair = (n * qs) as f64 / mm as f64;
+                    let c = counts(&new);
+                    for (x, r) in replicas(&new_lists) {
+                        assert_eq!(r, n.min(mm) * c[&x], "{at}: replicas of {x}");
+                        t.worst_replica_gap = t.worst_replica_gap.max((r as f64 - fair).abs());
+                    }
+                    if b_prev == 0 && moved > 0 {
+                        let r = replicas_moved(&lists, &new_lists);
+                        assert!(r <= n * moved, "{at}: {r} replicas for {moved} partitions");
+                        t.worst_replicas_per_move = t.worst_replicas_per_move.max(r as f64 / moved as f64);
+                    }
                 }
                 ring = new;
-                zone_of = next;
+                lists = new_lists;
+                members = next;
             }
         }
-        eprintln!("q {q} n {n} zones {nz}: {claims} claims in {:?}; breaches {worst_breach}; replica dev {worst_rep:.2}; replicas/moved {worst_rmove:.2}; zone miss {worst_zone_miss}", t.elapsed());
-        eprintln!("    {table:?}");
-        eprintln!("    same-zone windows: incremental {zone_bad_inc}, fresh {zone_bad_fresh}");
-        eprintln!("    equal zones at {eq_points} steps: worst replica deviation incremental {eq_dev_inc:.3} fresh {eq_dev_fresh:.3} of fair");
+        eprintln!(
+            "{} (Q={q}, N={n}, {:?}): {} sequences, {} claims ({} joins, {} leaves, {} batches) in {:.2?}; \
+             slowest claim {:.2?}; most moved beyond gains {}; replicas per moved partition \
+             <= {:.2}; replica counts within {:.2} of fair; single changes moved <= {:.2} x gains + slack",
+            self.label,
+            self.zones,
+            t.sequences,
+            t.claims,
+            t.joins,
+            t.leaves,
+            t.batches,
+            started.elapsed(),
+            t.slowest,
+            t.worst_extra,
+            t.worst_replicas_per_move,
+            t.worst_replica_gap,
+            t.worst_ratio,
+        );
+        t
     }
 }
 
 #[test]
-fn explore_cycles() {
-    for &q in &[256u32, 1024, 4096] {
-        let n = 3;
-        let mut rng = Rng(q as u64);
-        let mut members: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
-        for i in 0..6 { members.insert(rng.id(), Some(format!("z{}", i % 3))); }
-        let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
-        let report = |tag: &str, ring: &Ring, members: &BTreeMap<NodeId, Option<String>>, moved: usize| {
-            let fresh = Ring::claim_zoned(None, members, q, n).unwrap();
-            let m = members.len();
-            let fair = (n * q as usize) as f64 / m as f64;
-            let dev = |r: &Ring| replica_counts(r, n).values().map(|v| (*v as f64 - fair).abs()).fold(0.0, f64::max) / fair;
-            eprintln!("q {q} {tag} m {m}: moved {moved}; same-zone windows {} (fresh {}); replica dev {:.3} (fresh {:.3})", zone_repeats(ring, n), zone_repeats(&fresh, n), dev(ring), dev(&fresh));
-        };
-        report("start", &ring, &members, 0);
-        for cycle in 0..4 {
-            for z in 0..3 {
-                let mut next = members.clone();
-                next.insert(rng.id(), Some(format!("z{z}")));
-                let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
-                report(&format!("c{cycle} join z{z}"), &new, &next, partitions_moved(&ring, &new));
-                ring = new; members = next;
+fn sequences_grow_to_1000_nodes_at_q16384() {
+    let t = Sequences {
+        label: "1000-node ring",
+        q: 16384,
+        n: 3,
+        seeds: 3,
+        start: 8,
+        goal: 1000,
+        steps: 70,
+        zones: Zones::Off,
+    }
+    .run();
+    assert!(t.worst_replica_gap < 3.0);
+}
+
+#[test]
+fn sequences_around_100_nodes_at_q1024() {
+    for n in [2, 3, 4] {
+        Sequences {
+            label: "100-node ring",
+            q: 1024,
+            n,
+            seeds: 8,
+            start: 4,
+            goal: 110,
+            steps: 60,
+            zones: Zones::Off,
+        }
+        .run();
+    }
+}
+
+#[test]
+fn sequences_of_small_clusters_at_q256_and_q64() {
+    for (q, goal) in [(256, 40), (64, 20)] {
+        for n in [2, 3, 4, 5] {
+            Sequences {
+                label: "small cluster",
+                q,
+                n,
+                seeds: 40,
+                start: 3,
+                goal,
+                steps: 40,
+                zones: Zones::Off,
             }
-            for z in 0..3 {
-                let mut next = members.clone();
-                let victim = *next.iter().filter(|(_, v)| v.as_deref() == Some(&format!("z{z}"))).nth(rng.below(2)).unwrap().0;
-                next.remove(&victim);
-                let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
-                report(&format!("c{cycle} leave z{z}"), &new, &next, partitions_moved(&ring, &new));
-                ring = new; members = next;
-            }
+            .run();
         }
     }
 }
 
 #[test]
-fn explore_batch_cycles() {
-    for &q in &[256u32, 1024, 4096] {
-        let n = 3;
-        let mut rng = Rng(q as u64);
-        let mut members: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
-        for i in 0..6 { members.insert(rng.id(), Some(format!("z{}", i % 3))); }
-        let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
-        let report = |tag: &str, ring: &Ring, members: &BTreeMap<NodeId, Option<String>>, moved: usize| {
-            let fresh = Ring::claim_zoned(None, members, q, n).unwrap();
-            let m = members.len();
-            let fair = (n * q as usize) as f64 / m as f64;
-            let dev = |r: &Ring| replica_counts(r, n).values().map(|v| (*v as f64 - fair).abs()).fold(0.0, f64::max) / fair;
-            eprintln!("q {q} {tag} m {m}: moved {moved}; same-zone windows {} (fresh {}); replica dev {:.3} (fresh {:.3})", zone_repeats(ring, n), zone_repeats(&fresh, n), dev(ring), dev(&fresh));
-        };
-        for cycle in 0..4 {
-            let mut next = members.clone();
-            for z in 0..3 { next.insert(rng.id(), Some(format!("z{z}"))); }
-            let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
-            report(&format!("c{cycle} join 3"), &new, &next, partitions_moved(&ring, &new));
-            ring = new; members = next;
-            let mut next = members.clone();
-            for z in 0..3 {
-                let victim = *next.iter().filter(|(_, v)| v.as_deref() == Some(&format!("z{z}"))).nth(rng.below(2)).unwrap().0;
-                next.remove(&victim);
-            }
-            let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
-            report(&format!("c{cycle} leave 3"), &new, &next, partitions_moved(&ring, &new));
-            ring = new; members = next;
+fn sequences_with_random_zones() {
+    for (q, goal, k, seeds) in [(64, 20, 3, 40), (256, 40, 3, 30), (256, 40, 4, 30), (256, 30, 2, 30), (1024, 60, 3, 10)] {
+        Sequences {
+            label: "random zones",
+            q,
+            n: 3,
+            seeds,
+            start: 4,
+            goal,
+            steps: 30,
+            zones: Zones::Random(k),
         }
+        .run();
     }
 }
 
 #[test]
-fn explore_timing() {
-    let q = 16384;
-    let n = 3;
-    let mut rng = Rng(5);
-    let members: BTreeSet<NodeId> = (0..1000).map(|_| rng.id()).collect();
-    let t = Instant::now();
-    let ring = Ring::claim(None, &members, q, n).unwrap();
-    eprintln!("from scratch: {:?}", t.elapsed());
-    let mut more = members.clone();
-    more.insert(rng.id());
-    let t = Instant::now();
-    let joined = Ring::claim(Some(&ring), &more, q, n).unwrap();
-    eprintln!("join: {:?} moved {}", t.elapsed(), partitions_moved(&ring, &joined));
-    let mut less = more.clone();
-    let x = *less.iter().nth(500).unwrap();
-    less.remove(&x);
-    let t = Instant::now();
-    let left = Ring::claim(Some(&joined), &less, q, n).unwrap();
-    eprintln!("leave: {:?} moved {}", t.elapsed(), partitions_moved(&joined, &left));
-    let t = Instant::now();
-    let same = Ring::claim(Some(&left), &less, q, n).unwrap();
-    eprintln!("same: {:?} moved {}", t.elapsed(), partitions_moved(&left, &same));
-    let mut big = less.clone();
-    for _ in 0..100 { big.insert(rng.id()); }
-    let t = Instant::now();
-    let b = Ring::claim(Some(&left), &big, q, n).unwrap();
-    eprintln!("join 100: {:?} moved {}", t.elapsed(), partitions_moved(&left, &b));
-    let zoned: BTreeMap<NodeId, Option<String>> = members.iter().enumerate().map(|(i, x)| (*x, Some(format!("z{}", i % 3)))).collect();
-    let t = Instant::now();
-    let zr = Ring::claim_zoned(None, &zoned, q, n).unwrap();
-    eprintln!("zoned from scratch: {:?}", t.elapsed());
-    let mut zm = zoned.clone();
-    zm.insert(rng.id(), Some("z1".into()));
-    let t = Instant::now();
-    let zj = Ring::claim_zoned(Some(&zr), &zm, q, n).unwrap();
-    eprintln!("zoned join: {:?} moved {}", t.elapsed(), partitions_moved(&zr, &zj));
-    let t = Instant::now();
-    let rc = replica_counts(&zj, n);
-    eprintln!("replica counts: {:?} {}", t.elapsed(), rc.len());
-    let t = Instant::now();
-    let tr = transfers(&zr, &zj, n);
-    eprintln!("transfers: {:?} {}", t.elapsed(), tr.len());
+fn from_scratch_is_todays_round_robin() {
+    let mut rng = Rng(1);
+    let mut cases = 0;
+    for m in 1..=40usize {
+        for qbits in 0..=12 {
+            for n in [1, 2, 3, 5] {
+                let members: BTreeSet<NodeId> = if m % 2 == 0 {
+                    (0..m).map(|_| rng.id()).collect()
+                } else {
+                    (1..=m as u128).map(NodeId::from_u128).collect()
+                };
+                let q = 1 << qbits;
+                let before = v1::claim(None, &members, q, n);
+                let ring = Ring::claim(None, &members, q, n).unwrap();
+                assert_eq!(ring.owners(), &before[..], "{m} members, Q={q}, N={n}");
+                let zoneless: Members = members.iter().map(|x| (*x, None)).collect();
+                let zoned = Ring::claim_zoned(None, &zoneless, q, n).unwrap();
+                assert_eq!(zoned.owners(), &before[..], "{m} members, Q={q}, N={n}");
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("from scratch = the previous release's ring: {cases} member sets x (claim, claim_zoned)");
 }
 
 #[test]
-fn explore_small() {
-    for n in 2..=5usize {
-        let mut join_tab: BTreeMap<usize, usize> = BTreeMap::new();
-        let mut leave_tab: BTreeMap<usize, f64> = BTreeMap::new();
-        let mut breach_tab: BTreeMap<usize, usize> = BTreeMap::new();
-        for seed in 0..1500u64 {
-            let mut rng = Rng(seed);
-            let qbits = 4 + rng.below(7) as u32;
-            let q = 1u32 << qbits;
-            let s = 1 + rng.below(24);
-            let members: BTreeSet<NodeId> = (0..s).map(|_| rng.id()).collect();
-            let rr = Ring::claim(None, &members, q, n).unwrap();
-            // settle: a claim with the same members repairs the round robin
-            let base = if rng.below(2) == 0 { rr } else { Ring::claim(Some(&rr), &members, q, n).unwrap() };
-            let b_prev = breaches(&base, n);
-            let mut more = members.clone();
-            let j = rng.id();
-            more.insert(j);
-            let joined = Ring::claim(Some(&base), &more, q, n).unwrap();
-            let r = repair_term(&base, &joined) as isize - 2 * b_prev as isize;
-            let e = join_tab.entry(s + 1).or_insert(0); *e = (*e).max(r.max(0) as usize);
-            if n * (q as usize).div_ceil(s + 1) <= q as usize {
-                let e = breach_tab.entry(s + 1).or_insert(0); *e = (*e).max(breaches(&joined, n));
-            }
-            if s >= 2 {
-                let mut less = members.clone();
-                let x = *less.iter().nth(rng.below(s)).unwrap();
-                less.remove(&x);
-                let left = Ring::claim(Some(&base), &less, q, n).unwrap();
-                let c = base.owners().iter().filter(|o| **o == x).count();
-                let r = (partitions_moved(&base, &left) as f64 - 2.0 * b_prev as f64 - 2.0 * (n as f64 - 1.0)) / c as f64;
-                let e = leave_tab.entry(s - 1).or_insert(-9.0); *e = e.max(r);
-                if n * (q as usize).div_ceil(s - 1) <= q as usize {
-                    let e = breach_tab.entry(s - 1).or_insert(0); *e = (*e).max(breaches(&left, n));
+fn the_template_has_no_breach() {
+    let (mut checked, mut with) = (0, 0);
+    for n in 1..=6usize {
+        for qbits in 0..=12 {
+            let q = 1usize << qbits;
+            for m in (1..=4 * n + 4).chain([50, 100, 1000]) {
+                checked += 1;
+                let Some(slots) = Claim::template(q, m, n) else {
+                    let r = q % m;
+                    assert!(r > 0 && r < n && (m < 2 * n - 1 || q < m), "Q={q} M={m} N={n}");
+                    continue;
+                };
+                with += 1;
+                assert_eq!(slots.len(), q);
+                let mut c = vec![0usize; m];
+                for s in &slots {
+                    c[*s as usize] += 1;
+                }
+                for (s, k) in c.iter().enumerate() {
+                    assert_eq!(*k, q / m + usize::from(s < q % m), "Q={q} M={m} N={n} slot {s}");
+                }
+                // Clean wherever no slot owns too many partitions to be clean.
+                if super::window(q, m, n) == n {
+                    for p in 0..q {
+                        for d in 1..n {
+                            assert_ne!(slots[p], slots[(p + d) % q], "Q={q} M={m} N={n} at {p}");
+                        }
+                    }
                 }
             }
         }
-        eprintln!("n {n}: join (M after -> worst repair beyond 2*prev breaches) {join_tab:?}");
-        eprintln!("n {n}: leave {leave_tab:?}");
-        eprintln!("n {n}: breaches where N*ceil(Q/M) <= Q {breach_tab:?}");
+    }
+    eprintln!("template: {checked} (Q, M, N) checked, {with} with a template, none with a breach where N * ceil(Q/M) <= Q");
+}
+
+#[test]
+fn a_claim_with_the_same_members_repairs_a_round_robin() {
+    let (mut cases, mut repaired, mut worst) = (0, 0, 0);
+    let mut rng = Rng(2);
+    for n in [2, 3, 4] {
+        for q in [16u32, 64, 256, 1024] {
+            for m in n + 1..=60 {
+                let members: BTreeSet<NodeId> = (0..m).map(|_| rng.id()).collect();
+                let rr = Ring::claim(None, &members, q, n).unwrap();
+                let b = breaches(&rr, n);
+                // The deal breaches exactly at the wrap, when Q mod M < N.
+                let r = q as usize % m;
+                assert_eq!(b, if r > 0 && r < n { r } else { 0 }, "Q={q} M={m} N={n}");
+                let again = Ring::claim(Some(&rr), &members, q, n).unwrap();
+                let moved = partitions_moved(&rr, &again);
+                if target_n_val_holds(q, m, n) {
+                    assert_eq!(breaches(&again, n), 0, "Q={q} M={m} N={n}");
+                    assert!(moved <= 2 * b, "Q={q} M={m} N={n}: moved {moved} for {b} breaches");
+                }
+                cases += 1;
+                repaired += usize::from(b > 0);
+                worst = worst.max(moved);
+            }
+        }
+    }
+    eprintln!("round robin repaired: {cases} rings, {repaired} with breaches; most moved {worst}");
+}
+
+#[test]
+fn one_join_to_100_nodes_takes_a_fair_share_of_replicas() {
+    for (q, m) in [(1024u32, 100usize), (16384, 1000)] {
+        let n = 3;
+        let mut rng = Rng(q.into());
+        let members: BTreeSet<NodeId> = (0..m).map(|_| rng.id()).collect();
+        let joiner = rng.id();
+        let mut after = members.clone();
+        after.insert(joiner);
+        let fair = (n * q as usize) as f64 / (m + 1) as f64;
+        let old_before = Ring::claim(None, &members, q, n).unwrap();
+        let old_after = Ring {
+            owners: v1::claim(Some(old_before.owners()), &after, q, n),
+            zones: BTreeMap::new(),
+        };
+        let new_after = Ring::claim(Some(&old_before), &after, q, n).unwrap();
+        let show = |label: &str, ring: &Ring| {
+            let r = replicas(&preference_lists(ring, n));
+            let (lo, hi) = (r.values().min().unwrap(), r.values().max().unwrap());
+            eprintln!(
+                "{m} + 1 nodes (Q={q}, N={n}), {label}: the joiner owns {} partitions and holds \
+                 {} replicas (fair {fair:.1}); replicas per node {lo}..={hi}",
+                counts(ring)[&joiner],
+                r[&joiner],
+            );
+            r
+        };
+        show("previous claim", &old_after);
+        let r = show("this claim", &new_after);
+        for (x, k) in &r {
+            assert!((*k as f64 - fair).abs() < n as f64, "{x}: {k} replicas, fair {fair:.1}");
+        }
+    }
+}
+
+/// Members `per_zone[z]` in zone `z`.
+fn zoned_members(rng: &mut Rng, per_zone: &[usize]) -> Members {
+    let mut m = Members::new();
+    for (z, k) in per_zone.iter().enumerate() {
+        for _ in 0..*k {
+            m.insert(rng.id(), Some(format!("z{z}")));
+        }
+    }
+    m
+}
+
+fn assert_lists_span(ring: &Ring, n: usize, at: &str) {
+    let want = n.min(zones_owning(ring));
+    for (p, list) in preference_lists(ring, n).iter().enumerate() {
+        assert!(zones_spanned(ring, list) >= want, "{at}: partition {p}: {list:?}");
+    }
+}
+
+/// Largest gap between a node's replica count and the fair `N * Q / M`.
+fn replica_gap(ring: &Ring, n: usize, m: usize) -> f64 {
+    let fair = (n * ring.owners().len()) as f64 / m as f64;
+    replicas(&preference_lists(ring, n))
+        .values()
+        .map(|r| (*r as f64 - fair).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn six_nodes_in_three_zones_span_three_zones() {
+    let n = 3;
+    for q in [64u32, 256, 1024] {
+        let mut rng = Rng(q.into());
+        let mut members = zoned_members(&mut rng, &[2, 2, 2]);
+        let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
+        assert_lists_span(&ring, n, "fresh");
+        eprintln!(
+            "6 nodes in 3 zones (Q={q}): {} same-zone windows of {q}, replicas within {:.1} of fair",
+            zone_repeats(&ring, n),
+            replica_gap(&ring, n, 6)
+        );
+        // Zone-balanced changes: one node per zone joins, then one per zone
+        // leaves, four times over.
+        let (mut claims, mut worst_gap, mut worst_extra) = (0, 0.0f64, 0);
+        for cycle in 0..4 {
+            for join in [true, false] {
+                let mut next = members.clone();
+                for z in 0..3 {
+                    let zone = Some(format!("z{z}"));
+                    if join {
+                        next.insert(rng.id(), zone);
+                    } else {
+                        let here: Vec<NodeId> =
+                            next.iter().filter(|(_, v)| **v == zone).map(|(k, _)| *k).collect();
+                        next.remove(&here[rng.below(here.len())]);
+                    }
+                }
+                let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
+                let at = format!("Q={q} cycle {cycle} join {join}");
+                assert_lists_span(&new, n, &at);
+                assert!(imbalance(&new, &next) <= 1, "{at}");
+                assert_eq!(breaches(&new, n), 0, "{at}");
+                let (moved, must) = (partitions_moved(&ring, &new), gains(&ring, &new));
+                assert!(moved <= 2 * must + 2 * (n - 1), "{at}: moved {moved}, gained {must}");
+                let gap = replica_gap(&new, n, next.len());
+                assert!(gap <= (2 * n) as f64, "{at}: replicas {gap:.1} off fair");
+                worst_gap = worst_gap.max(gap);
+                worst_extra = worst_extra.max(moved - must);
+                claims += 1;
+                ring = new;
+                members = next;
+            }
+        }
+        eprintln!(
+            "  then {claims} zone-balanced claims (3 join, 3 leave): lists span 3 zones; \
+             most moved beyond gains {worst_extra}; replicas within {worst_gap:.1} of fair"
+        );
     }
 }
 
 #[test]
-fn explore_debug() {
+fn single_zone_changes_keep_lists_spread() {
+    // One node at a time into 3 equal zones (the zones are unequal in
+    // between), then out again.
     let n = 3;
-    let q = 1024;
-    let members: BTreeSet<NodeId> = (1..=10u128).map(NodeId::from_u128).collect();
-    let rr = Ring::claim(None, &members, q, n).unwrap();
-    let mut less = members.clone();
-    less.remove(&NodeId::from_u128(4));
-    let left = Ring::claim(Some(&rr), &less, q, n).unwrap();
-    let ix: BTreeMap<NodeId, usize> = members.iter().enumerate().map(|(i, x)| (*x, i)).collect();
-    eprintln!("moved {} repair {} breaches {}", partitions_moved(&rr, &left), repair_term(&rr, &left), breaches(&left, n));
-    eprintln!("before {:?}", rr.owners()[..60].iter().map(|x| ix[x]).collect::<Vec<_>>());
-    eprintln!("after  {:?}", left.owners()[..60].iter().map(|x| ix[x]).collect::<Vec<_>>());
-    eprintln!("counts {:?}", counts(&left).values().collect::<Vec<_>>());
+    for q in [256u32, 1024] {
+        let mut rng = Rng(q.into());
+        let mut members = zoned_members(&mut rng, &[2, 2, 2]);
+        let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
+        let (mut claims, mut worst_ratio, mut worst_equal_gap) = (0, 0.0f64, 0.0f64);
+        for _cycle in 0..3 {
+            for join in [true, false] {
+                for z in 0..3 {
+                    let mut next = members.clone();
+                    let zone = Some(format!("z{z}"));
+                    if join {
+                        next.insert(rng.id(), zone);
+                    } else {
+                        let here: Vec<NodeId> =
+                            next.iter().filter(|(_, v)| **v == zone).map(|(k, _)| *k).collect();
+                        next.remove(&here[rng.below(here.len())]);
+                    }
+                    let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
+                    let at = format!("Q={q} {} z{z}", if join { "join" } else { "leave" });
+                    assert_lists_span(&new, n, &at);
+                    assert!(imbalance(&new, &next) <= 1, "{at}");
+                    let (moved, must) = (partitions_moved(&ring, &new), gains(&ring, &new));
+                    assert!(moved <= 3 * must + 2 * (n - 1), "{at}: moved {moved}, gained {must}");
+                    worst_ratio = worst_ratio.max(moved as f64 / must as f64);
+                    if z == 2 {
+                        worst_equal_gap = worst_equal_gap.max(replica_gap(&new, n, next.len()) / (3 * q as usize) as f64 * next.len() as f64);
+                    }
+                    claims += 1;
+                    ring = new;
+                    members = next;
+                }
+            }
+        }
+        eprintln!(
+            "single-zone changes (Q={q}): {claims} claims; moved <= {worst_ratio:.2} x gains; \
+             when zones are equal again, replicas within {:.1}% of fair",
+            100.0 * worst_equal_gap
+        );
+    }
 }
 
 #[test]
-fn explore_mass() {
-    let q = 16384;
+fn unequal_zones_and_members_without_a_zone() {
     let n = 3;
-    let mut rng = Rng(9);
-    let a: BTreeSet<NodeId> = (0..1000).map(|_| rng.id()).collect();
-    let b: BTreeSet<NodeId> = (0..1000).map(|_| rng.id()).collect();
-    let ra = Ring::claim(None, &a, q, n).unwrap();
-    let t = Instant::now();
-    let rb = Ring::claim(Some(&ra), &b, q, n).unwrap();
-    eprintln!("replace all: {:?} breaches {}", t.elapsed(), breaches(&rb, n));
-    let half: BTreeSet<NodeId> = a.iter().step_by(2).copied().chain(b.iter().take(500).copied()).collect();
-    let t = Instant::now();
-    let rh = Ring::claim(Some(&ra), &half, q, n).unwrap();
-    eprintln!("replace half: {:?} breaches {} moved {}", t.elapsed(), breaches(&rh, n), partitions_moved(&ra, &rh));
-    let few: BTreeSet<NodeId> = a.iter().take(10).copied().collect();
-    let t = Instant::now();
-    let rf = Ring::claim(Some(&ra), &few, q, n).unwrap();
-    eprintln!("shrink to 10: {:?} breaches {} moved {}", t.elapsed(), breaches(&rf, n), partitions_moved(&ra, &rf));
-    let t = Instant::now();
-    let rg = Ring::claim(Some(&rf), &a, q, n).unwrap();
-    eprintln!("grow back to 1000: {:?} breaches {} moved {}", t.elapsed(), breaches(&rg, n), partitions_moved(&rf, &rg));
+    let mut rng = Rng(3);
+    let mut cases = 0;
+    for q in [16u32, 64, 256] {
+        for sizes in [&[3usize, 1, 1][..], &[5, 1], &[4, 2, 1, 1], &[1, 1], &[6], &[2, 2, 2, 2]] {
+            let mut members = zoned_members(&mut rng, sizes);
+            for zoneless in 0..3 {
+                if zoneless > 0 {
+                    members.insert(rng.id(), None);
+                }
+                let fresh = Ring::claim_zoned(None, &members, q, n).unwrap();
+                let at = format!("Q={q} zones {sizes:?} + {zoneless} without");
+                assert_lists_span(&fresh, n, &at);
+                assert!(imbalance(&fresh, &members) <= 1, "{at}");
+                let mut more = members.clone();
+                more.insert(rng.id(), Some("z0".into()));
+                let joined = Ring::claim_zoned(Some(&fresh), &more, q, n).unwrap();
+                assert_lists_span(&joined, n, &at);
+                assert!(imbalance(&joined, &more) <= 1, "{at}");
+                cases += 2;
+            }
+        }
+    }
+    eprintln!("unequal zones and zone-less members: {cases} rings, every list spans min(N, zones)");
+}
+
+#[test]
+fn every_zone_owns_a_partition_when_q_is_below_m() {
+    let mut rng = Rng(4);
+    let mut members = zoned_members(&mut rng, &[20, 15, 4, 1]);
+    for q in [8u32, 16] {
+        let ring = Ring::claim_zoned(None, &members, q, 3).unwrap();
+        let mut grown = members.clone();
+        grown.insert(rng.id(), Some("z0".into()));
+        let again = Ring::claim_zoned(Some(&ring), &grown, q, 3).unwrap();
+        for r in [&ring, &again] {
+            let zones: BTreeSet<&String> = r.owners().iter().map(|o| &r.zones()[o]).collect();
+            assert_eq!(zones.len(), 4, "Q={q}");
+            assert_lists_span(r, 3, "Q below M");
+        }
+        members = grown;
+    }
+    eprintln!("Q < M: 2 partition counts x 2 claims, every zone owns a partition");
+}
+
+#[test]
+fn claims_for_1000_members_take_milliseconds() {
+    let (q, n) = (16384, 3);
+    let mut rng = Rng(5);
+    let members: BTreeSet<NodeId> = (0..1000).map(|_| rng.id()).collect();
+    let ring = Ring::claim(None, &members, q, n).unwrap();
+    let settled = Ring::claim(Some(&ring), &members, q, n).unwrap();
+    let mut more = members.clone();
+    more.insert(rng.id());
+    let mut less = members.clone();
+    less.remove(&members.iter().nth(500).copied().unwrap());
+    let zoned: Members = members.iter().enumerate().map(|(i, x)| (*x, Some(format!("z{}", i % 3)))).collect();
+    let zoned_ring = Ring::claim_zoned(None, &zoned, q, n).unwrap();
+    let mut zoned_more = zoned.clone();
+    zoned_more.insert(rng.id(), Some("z1".into()));
+    let timed = |label: &str, f: &dyn Fn() -> Ring| {
+        let t = Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        eprintln!("1000 members, Q={q}: {label} in {took:.2?}");
+        assert!(took < Duration::from_secs(1), "{label} took {took:?}");
+        r
+    };
+    timed("a join", &|| Ring::claim(Some(&settled), &more, q, n).unwrap());
+    timed("a leave", &|| Ring::claim(Some(&settled), &less, q, n).unwrap());
+    timed("a zoned ring from scratch", &|| Ring::claim_zoned(None, &zoned, q, n).unwrap());
+    timed("a zoned join", &|| Ring::claim_zoned(Some(&zoned_ring), &zoned_more, q, n).unwrap());
 }
