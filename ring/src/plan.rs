@@ -132,3 +132,95 @@ pub fn preference_lists(ring: &Ring, n: usize) -> Vec<Vec<NodeId>> {
         .map(|p| ring.list_from(p, n, zones_owning))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: std::ops::Range<u128>) -> BTreeSet<NodeId> {
+        ids.map(NodeId::from_u128).collect()
+    }
+
+    #[test]
+    fn a_join_plan_sends_the_joiners_replicas_to_it() {
+        let (q, n) = (256, 3);
+        let before = Ring::claim(None, &members(1..11), q, n).unwrap();
+        let before = Ring::claim(Some(&before), &members(1..11), q, n).unwrap();
+        let after = Ring::claim(Some(&before), &members(1..12), q, n).unwrap();
+        let joiner = NodeId::from_u128(11);
+        let plan = Plan::new(&before, &after, n);
+        let taken = after.partitions_of(joiner).len();
+        assert_eq!(plan.partitions_moved, taken);
+        // Each partition the joiner takes puts it in the N lists that reach it,
+        // in place of the partition's old owner.
+        assert_eq!(plan.replicas_moved, n * taken);
+        for t in &plan.transfers {
+            assert_eq!(t.to, vec![joiner], "partition {}", t.partition);
+            assert_eq!(t.from.len(), 1);
+        }
+        let share = |node| plan.shares.iter().find(|s| s.node == node).unwrap().clone();
+        assert_eq!((share(joiner).before, share(joiner).after), (0, n * taken));
+        for side in [|s: &Share| s.before, |s: &Share| s.after] {
+            assert_eq!(plan.shares.iter().map(side).sum::<usize>(), n * q as usize);
+        }
+        eprintln!(
+            "plan of 10 + 1 nodes (Q={q}): {} partitions, {} replicas, {} transfers",
+            plan.partitions_moved,
+            plan.replicas_moved,
+            plan.transfers.len()
+        );
+    }
+
+    #[test]
+    fn transfers_across_a_change_of_q_use_the_finer_partitions() {
+        let n = 3;
+        let coarse = Ring::claim(None, &members(1..6), 64, n).unwrap();
+        let fine = Ring::claim(None, &members(1..6), 128, n).unwrap();
+        let (coarse_lists, fine_lists) = (preference_lists(&coarse, n), preference_lists(&fine, n));
+        for (old, new) in [(&coarse, &fine), (&fine, &coarse)] {
+            let t = transfers(old, new, n);
+            let changed: Vec<u32> = (0..128u32)
+                .filter(|&p| {
+                    let (a, b) = (&coarse_lists[p as usize / 2], &fine_lists[p as usize]);
+                    a.iter().collect::<BTreeSet<_>>() != b.iter().collect::<BTreeSet<_>>()
+                })
+                .collect();
+            assert_eq!(t.iter().map(|t| t.partition).collect::<Vec<_>>(), changed);
+            assert!(!changed.is_empty());
+        }
+        assert_eq!(partitions_moved(&coarse, &fine), partitions_moved(&fine, &coarse));
+    }
+
+    #[test]
+    fn replica_counts_sum_to_n_q() {
+        let mut cases = 0;
+        for m in 1..12u128 {
+            for q in [1u32, 4, 64, 256] {
+                for n in 1..5usize {
+                    let zoned: BTreeMap<NodeId, Option<String>> = (1..=m)
+                        .map(|i| (NodeId::from_u128(i), (i % 3 > 0).then(|| format!("z{}", i % 3))))
+                        .collect();
+                    let plain = Ring::claim(None, &members(1..m + 1), q, n).unwrap();
+                    let zoned = Ring::claim_zoned(None, &zoned, q, n).unwrap();
+                    for ring in [plain, zoned] {
+                        let owners = ring.members().len();
+                        let total: usize = replica_counts(&ring, n).values().sum();
+                        assert_eq!(total, n.min(owners) * q as usize, "M={m} Q={q} N={n}");
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        eprintln!("replica counts sum to min(N, M) * Q: {cases} rings");
+    }
+
+    /// The plan crosses the operator's wire as any message does. (A JSON
+    /// round trip would need serde_json here, a dependency this crate avoids.)
+    #[test]
+    fn plans_are_serde_messages() {
+        fn message<T: Serialize + serde::de::DeserializeOwned>() {}
+        message::<Plan>();
+        message::<Transfer>();
+        message::<Share>();
+    }
+}
