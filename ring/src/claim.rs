@@ -32,9 +32,8 @@ const HOLE: u32 = u32::MAX;
 /// is crowded.
 const REACH: usize = 24;
 
-/// Repair passes over the ring. Each pass only makes swaps that lower the
-/// cost, so this bounds time, not quality: the rings the tests build settle in
-/// two or three passes.
+/// Swap passes over the ring per repair round. Each pass only makes swaps
+/// that lower the cost, so the repair ends anyway; this bounds its time.
 const MAX_PASSES: usize = 8;
 
 /// Above this many (hole, needy member) pairs, holes are filled in partition
@@ -102,8 +101,11 @@ pub(crate) fn claim(
     let mut c = Claim::new(members, q, n);
     match previous {
         Some(prev) if prev.owners.len() == q => {
-            let number: BTreeMap<NodeId, u32> =
-                nodes.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
+            let number: BTreeMap<NodeId, u32> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i as u32))
+                .collect();
             for (p, owner) in prev.owners.iter().enumerate() {
                 if let Some(&i) = number.get(owner) {
                     c.owners[p] = i;
@@ -477,6 +479,8 @@ impl Claim {
         for p in 0..self.q {
             self.set(p, places[p % places.len()].3);
         }
+        // The deal is balanced; the repair's template keeps these counts.
+        self.target = self.count.clone();
     }
 }
 

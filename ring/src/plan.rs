@@ -188,7 +188,10 @@ mod tests {
             assert_eq!(t.iter().map(|t| t.partition).collect::<Vec<_>>(), changed);
             assert!(!changed.is_empty());
         }
-        assert_eq!(partitions_moved(&coarse, &fine), partitions_moved(&fine, &coarse));
+        assert_eq!(
+            partitions_moved(&coarse, &fine),
+            partitions_moved(&fine, &coarse)
+        );
     }
 
     #[test]
@@ -198,7 +201,12 @@ mod tests {
             for q in [1u32, 4, 64, 256] {
                 for n in 1..5usize {
                     let zoned: BTreeMap<NodeId, Option<String>> = (1..=m)
-                        .map(|i| (NodeId::from_u128(i), (i % 3 > 0).then(|| format!("z{}", i % 3))))
+                        .map(|i| {
+                            (
+                                NodeId::from_u128(i),
+                                (i % 3 > 0).then(|| format!("z{}", i % 3)),
+                            )
+                        })
                         .collect();
                     let plain = Ring::claim(None, &members(1..m + 1), q, n).unwrap();
                     let zoned = Ring::claim_zoned(None, &zoned, q, n).unwrap();

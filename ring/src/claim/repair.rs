@@ -61,7 +61,7 @@ impl Claim {
     /// partition): replaces the ring by [`Claim::template`], its slots given
     /// to members so that as many partitions as possible keep their owner.
     /// Returns false when there is no template for these counts.
-    fn adopt_template(&mut self) -> bool {
+    pub(super) fn adopt_template(&mut self) -> bool {
         let Some(slots) = Claim::template(self.q, self.count.len(), self.w) else {
             return false;
         };
@@ -92,13 +92,13 @@ impl Claim {
             }
         }
         // Slots nobody overlaps take the remaining members, in order.
-        for s in 0..m {
-            if member_of[s] == HOLE {
+        for (s, slot) in member_of.iter_mut().enumerate() {
+            if *slot == HOLE {
                 let x = (0..m)
                     .find(|&x| !taken[x] && large(x, self) == (s < extra))
                     .expect("as many larger targets as extra slots");
                 taken[x] = true;
-                member_of[s] = x as u32;
+                *slot = x as u32;
             }
         }
         for (p, &s) in slots.iter().enumerate() {

@@ -43,7 +43,10 @@ fn counts(ring: &Ring) -> BTreeMap<NodeId, usize> {
 /// counts as 0).
 fn imbalance(ring: &Ring, members: &Members) -> usize {
     let c = counts(ring);
-    let owned: Vec<usize> = members.keys().map(|m| c.get(m).copied().unwrap_or(0)).collect();
+    let owned: Vec<usize> = members
+        .keys()
+        .map(|m| c.get(m).copied().unwrap_or(0))
+        .collect();
     owned.iter().max().unwrap() - owned.iter().min().unwrap()
 }
 
@@ -101,10 +104,8 @@ fn replicas_moved(old: &[Vec<NodeId>], new: &[Vec<NodeId>]) -> usize {
 
 /// Distinct zones in a list, a zone-less node counting as a zone of its own.
 fn zones_spanned(ring: &Ring, list: &[NodeId]) -> usize {
-    let labels: BTreeSet<Result<&String, NodeId>> = list
-        .iter()
-        .map(|x| ring.zones().get(x).ok_or(*x))
-        .collect();
+    let labels: BTreeSet<Result<&String, NodeId>> =
+        list.iter().map(|x| ring.zones().get(x).ok_or(*x)).collect();
     labels.len()
 }
 
@@ -156,6 +157,12 @@ struct Tally {
     /// Partitions moved, less the slack, over what members gained: most seen
     /// for single joins and leaves that keep at least 2N + 2 members.
     worst_ratio: f64,
+    /// Claims where `target_n_val_holds` is false, and how many of those
+    /// left a breach.
+    unguaranteed: usize,
+    unguaranteed_breached: usize,
+    /// Most of the ring a single leave moved when fewer than 2N + 2 stay.
+    worst_small_leave: f64,
     slowest: Duration,
 }
 
@@ -173,7 +180,9 @@ impl Sequences {
                 Zones::Off => None,
                 Zones::Random(k) => Some(format!("z{}", rng.below(k))),
             };
-            let mut members: Members = (0..self.start).map(|_| (rng.id(), zone(&mut rng))).collect();
+            let mut members: Members = (0..self.start)
+                .map(|_| (rng.id(), zone(&mut rng)))
+                .collect();
             let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
             let mut lists = preference_lists(&ring, n);
             for step in 0..self.steps {
@@ -209,6 +218,9 @@ impl Sequences {
                 let b = breaches(&new, n);
                 if target_n_val_holds(q, mm, n) {
                     assert_eq!(b, 0, "{at}: {mm} members, breaches");
+                } else if mm > n {
+                    t.unguaranteed += 1;
+                    t.unguaranteed_breached += usize::from(b > 0);
                 }
                 let moved = partitions_moved(&ring, &new);
                 let must = gains(&ring, &new);
@@ -231,6 +243,8 @@ impl Sequences {
                     if !zoned && mm >= 2 * n + 2 {
                         let bound = 2 * must + slack;
                         assert!(moved <= bound, "{at}: leave moved {moved} > {bound}");
+                    } else if !zoned {
+                        t.worst_small_leave = t.worst_small_leave.max(moved as f64 / qs as f64);
                     }
                 } else {
                     t.batches += 1;
@@ -242,11 +256,15 @@ impl Sequences {
                     }
                     if moved > 0 {
                         let r = replicas_moved(&lists, &new_lists);
-                        t.worst_replicas_per_move = t.worst_replicas_per_move.max(r as f64 / moved as f64);
+                        t.worst_replicas_per_move =
+                            t.worst_replicas_per_move.max(r as f64 / moved as f64);
                     }
                     let want = n.min(zones_owning(&new));
                     for (p, list) in new_lists.iter().enumerate() {
-                        assert!(zones_spanned(&new, list) >= want, "{at}: partition {p}: {list:?}");
+                        assert!(
+                            zones_spanned(&new, list) >= want,
+                            "{at}: partition {p}: {list:?}"
+                        );
                     }
                 } else if b == 0 {
                     // No breach: the list of p is owners[p..p+N], so every node
@@ -260,7 +278,8 @@ impl Sequences {
                     if b_prev == 0 && moved > 0 {
                         let r = replicas_moved(&lists, &new_lists);
                         assert!(r <= n * moved, "{at}: {r} replicas for {moved} partitions");
-                        t.worst_replicas_per_move = t.worst_replicas_per_move.max(r as f64 / moved as f64);
+                        t.worst_replicas_per_move =
+                            t.worst_replicas_per_move.max(r as f64 / moved as f64);
                     }
                 }
                 ring = new;
@@ -271,7 +290,7 @@ impl Sequences {
         eprintln!(
             "{} (Q={q}, N={n}, {:?}): {} sequences, {} claims ({} joins, {} leaves, {} batches) in {:.2?}; \
              slowest claim {:.2?}; most moved beyond gains {}; replicas per moved partition \
-             <= {:.2}; replica counts within {:.2} of fair; single changes moved <= {:.2} x gains + slack",
+             <= {:.2}; replica counts within {} of fair; single changes moved <= {:.2} x gains + slack",
             self.label,
             self.zones,
             t.sequences,
@@ -283,9 +302,21 @@ impl Sequences {
             t.slowest,
             t.worst_extra,
             t.worst_replicas_per_move,
-            t.worst_replica_gap,
+            match self.zones {
+                Zones::Off => format!("{:.2}", t.worst_replica_gap),
+                Zones::Random(_) => "(unequal zones: not compared)".into(),
+            },
             t.worst_ratio,
         );
+        if t.unguaranteed > 0 || t.worst_small_leave > 0.0 {
+            eprintln!(
+                "  where target_n_val is not guaranteed (M > N): {} claims, {} left a breach; \
+                 a leave keeping under 2N + 2 members moved at most {:.0}% of the ring",
+                t.unguaranteed,
+                t.unguaranteed_breached,
+                100.0 * t.worst_small_leave
+            );
+        }
         t
     }
 }
@@ -344,7 +375,13 @@ fn sequences_of_small_clusters_at_q256_and_q64() {
 
 #[test]
 fn sequences_with_random_zones() {
-    for (q, goal, k, seeds) in [(64, 20, 3, 40), (256, 40, 3, 30), (256, 40, 4, 30), (256, 30, 2, 30), (1024, 60, 3, 10)] {
+    for (q, goal, k, seeds) in [
+        (64, 20, 3, 40),
+        (256, 40, 3, 30),
+        (256, 40, 4, 30),
+        (256, 30, 2, 30),
+        (1024, 60, 3, 10),
+    ] {
         Sequences {
             label: "random zones",
             q,
@@ -382,7 +419,9 @@ fn from_scratch_is_todays_round_robin() {
             }
         }
     }
-    eprintln!("from scratch = the previous release's ring: {cases} member sets x (claim, claim_zoned)");
+    eprintln!(
+        "from scratch = the previous release's ring: {cases} member sets x (claim, claim_zoned)"
+    );
 }
 
 #[test]
@@ -395,7 +434,10 @@ fn the_template_has_no_breach() {
                 checked += 1;
                 let Some(slots) = Claim::template(q, m, n) else {
                     let r = q % m;
-                    assert!(r > 0 && r < n && (m < 2 * n - 1 || q < m), "Q={q} M={m} N={n}");
+                    assert!(
+                        r > 0 && r < n && (m < 2 * n - 1 || q < m),
+                        "Q={q} M={m} N={n}"
+                    );
                     continue;
                 };
                 with += 1;
@@ -405,7 +447,11 @@ fn the_template_has_no_breach() {
                     c[*s as usize] += 1;
                 }
                 for (s, k) in c.iter().enumerate() {
-                    assert_eq!(*k, q / m + usize::from(s < q % m), "Q={q} M={m} N={n} slot {s}");
+                    assert_eq!(
+                        *k,
+                        q / m + usize::from(s < q % m),
+                        "Q={q} M={m} N={n} slot {s}"
+                    );
                 }
                 // Clean wherever no slot owns too many partitions to be clean.
                 if super::window(q, m, n) == n {
@@ -438,7 +484,10 @@ fn a_claim_with_the_same_members_repairs_a_round_robin() {
                 let moved = partitions_moved(&rr, &again);
                 if target_n_val_holds(q, m, n) {
                     assert_eq!(breaches(&again, n), 0, "Q={q} M={m} N={n}");
-                    assert!(moved <= 2 * b, "Q={q} M={m} N={n}: moved {moved} for {b} breaches");
+                    assert!(
+                        moved <= 2 * b,
+                        "Q={q} M={m} N={n}: moved {moved} for {b} breaches"
+                    );
                 }
                 cases += 1;
                 repaired += usize::from(b > 0);
@@ -479,7 +528,10 @@ fn one_join_to_100_nodes_takes_a_fair_share_of_replicas() {
         show("previous claim", &old_after);
         let r = show("this claim", &new_after);
         for (x, k) in &r {
-            assert!((*k as f64 - fair).abs() < n as f64, "{x}: {k} replicas, fair {fair:.1}");
+            assert!(
+                (*k as f64 - fair).abs() < n as f64,
+                "{x}: {k} replicas, fair {fair:.1}"
+            );
         }
     }
 }
@@ -498,7 +550,10 @@ fn zoned_members(rng: &mut Rng, per_zone: &[usize]) -> Members {
 fn assert_lists_span(ring: &Ring, n: usize, at: &str) {
     let want = n.min(zones_owning(ring));
     for (p, list) in preference_lists(ring, n).iter().enumerate() {
-        assert!(zones_spanned(ring, list) >= want, "{at}: partition {p}: {list:?}");
+        assert!(
+            zones_spanned(ring, list) >= want,
+            "{at}: partition {p}: {list:?}"
+        );
     }
 }
 
@@ -535,8 +590,11 @@ fn six_nodes_in_three_zones_span_three_zones() {
                     if join {
                         next.insert(rng.id(), zone);
                     } else {
-                        let here: Vec<NodeId> =
-                            next.iter().filter(|(_, v)| **v == zone).map(|(k, _)| *k).collect();
+                        let here: Vec<NodeId> = next
+                            .iter()
+                            .filter(|(_, v)| **v == zone)
+                            .map(|(k, _)| *k)
+                            .collect();
                         next.remove(&here[rng.below(here.len())]);
                     }
                 }
@@ -546,7 +604,10 @@ fn six_nodes_in_three_zones_span_three_zones() {
                 assert!(imbalance(&new, &next) <= 1, "{at}");
                 assert_eq!(breaches(&new, n), 0, "{at}");
                 let (moved, must) = (partitions_moved(&ring, &new), gains(&ring, &new));
-                assert!(moved <= 2 * must + 2 * (n - 1), "{at}: moved {moved}, gained {must}");
+                assert!(
+                    moved <= 2 * must + 2 * (n - 1),
+                    "{at}: moved {moved}, gained {must}"
+                );
                 let gap = replica_gap(&new, n, next.len());
                 assert!(gap <= (2 * n) as f64, "{at}: replicas {gap:.1} off fair");
                 worst_gap = worst_gap.max(gap);
@@ -573,6 +634,7 @@ fn single_zone_changes_keep_lists_spread() {
         let mut members = zoned_members(&mut rng, &[2, 2, 2]);
         let mut ring = Ring::claim_zoned(None, &members, q, n).unwrap();
         let (mut claims, mut worst_ratio, mut worst_equal_gap) = (0, 0.0f64, 0.0f64);
+        let mut worst_fresh_gap = 0.0f64;
         for _cycle in 0..3 {
             for join in [true, false] {
                 for z in 0..3 {
@@ -581,8 +643,11 @@ fn single_zone_changes_keep_lists_spread() {
                     if join {
                         next.insert(rng.id(), zone);
                     } else {
-                        let here: Vec<NodeId> =
-                            next.iter().filter(|(_, v)| **v == zone).map(|(k, _)| *k).collect();
+                        let here: Vec<NodeId> = next
+                            .iter()
+                            .filter(|(_, v)| **v == zone)
+                            .map(|(k, _)| *k)
+                            .collect();
                         next.remove(&here[rng.below(here.len())]);
                     }
                     let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
@@ -590,10 +655,20 @@ fn single_zone_changes_keep_lists_spread() {
                     assert_lists_span(&new, n, &at);
                     assert!(imbalance(&new, &next) <= 1, "{at}");
                     let (moved, must) = (partitions_moved(&ring, &new), gains(&ring, &new));
-                    assert!(moved <= 3 * must + 2 * (n - 1), "{at}: moved {moved}, gained {must}");
+                    assert!(
+                        moved <= 3 * must + 2 * (n - 1),
+                        "{at}: moved {moved}, gained {must}"
+                    );
                     worst_ratio = worst_ratio.max(moved as f64 / must as f64);
                     if z == 2 {
-                        worst_equal_gap = worst_equal_gap.max(replica_gap(&new, n, next.len()) / (3 * q as usize) as f64 * next.len() as f64);
+                        // Zones are equal again.
+                        let fair = (n * q as usize) as f64 / next.len() as f64;
+                        let gap = replica_gap(&new, n, next.len()) / fair;
+                        assert!(gap <= 0.1, "{at}: replicas {:.1}% off fair", 100.0 * gap);
+                        worst_equal_gap = worst_equal_gap.max(gap);
+                        let fresh = Ring::claim_zoned(None, &next, q, n).unwrap();
+                        worst_fresh_gap =
+                            worst_fresh_gap.max(replica_gap(&fresh, n, next.len()) / fair);
                     }
                     claims += 1;
                     ring = new;
@@ -603,8 +678,10 @@ fn single_zone_changes_keep_lists_spread() {
         }
         eprintln!(
             "single-zone changes (Q={q}): {claims} claims; moved <= {worst_ratio:.2} x gains; \
-             when zones are equal again, replicas within {:.1}% of fair",
-            100.0 * worst_equal_gap
+             when zones are equal again, replicas within {:.1}% of fair (dealt from scratch: \
+             {:.1}%)",
+            100.0 * worst_equal_gap,
+            100.0 * worst_fresh_gap
         );
     }
 }
@@ -615,7 +692,14 @@ fn unequal_zones_and_members_without_a_zone() {
     let mut rng = Rng(3);
     let mut cases = 0;
     for q in [16u32, 64, 256] {
-        for sizes in [&[3usize, 1, 1][..], &[5, 1], &[4, 2, 1, 1], &[1, 1], &[6], &[2, 2, 2, 2]] {
+        for sizes in [
+            &[3usize, 1, 1][..],
+            &[5, 1],
+            &[4, 2, 1, 1],
+            &[1, 1],
+            &[6],
+            &[2, 2, 2, 2],
+        ] {
             let mut members = zoned_members(&mut rng, sizes);
             for zoneless in 0..3 {
                 if zoneless > 0 {
@@ -667,7 +751,11 @@ fn claims_for_1000_members_take_milliseconds() {
     more.insert(rng.id());
     let mut less = members.clone();
     less.remove(&members.iter().nth(500).copied().unwrap());
-    let zoned: Members = members.iter().enumerate().map(|(i, x)| (*x, Some(format!("z{}", i % 3)))).collect();
+    let zoned: Members = members
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (*x, Some(format!("z{}", i % 3))))
+        .collect();
     let zoned_ring = Ring::claim_zoned(None, &zoned, q, n).unwrap();
     let mut zoned_more = zoned.clone();
     zoned_more.insert(rng.id(), Some("z1".into()));
@@ -679,8 +767,109 @@ fn claims_for_1000_members_take_milliseconds() {
         assert!(took < Duration::from_secs(1), "{label} took {took:?}");
         r
     };
-    timed("a join", &|| Ring::claim(Some(&settled), &more, q, n).unwrap());
-    timed("a leave", &|| Ring::claim(Some(&settled), &less, q, n).unwrap());
-    timed("a zoned ring from scratch", &|| Ring::claim_zoned(None, &zoned, q, n).unwrap());
-    timed("a zoned join", &|| Ring::claim_zoned(Some(&zoned_ring), &zoned_more, q, n).unwrap());
+    timed("a join", &|| {
+        Ring::claim(Some(&settled), &more, q, n).unwrap()
+    });
+    timed("a leave", &|| {
+        Ring::claim(Some(&settled), &less, q, n).unwrap()
+    });
+    timed("a zoned ring from scratch", &|| {
+        Ring::claim_zoned(None, &zoned, q, n).unwrap()
+    });
+    timed("a zoned join", &|| {
+        Ring::claim_zoned(Some(&zoned_ring), &zoned_more, q, n).unwrap()
+    });
+    let others: BTreeSet<NodeId> = (0..1000).map(|_| rng.id()).collect();
+    let t = Instant::now();
+    let replaced = Ring::claim(Some(&settled), &others, q, n).unwrap();
+    let took = t.elapsed();
+    eprintln!("1000 members, Q={q}: all 1000 replaced at once in {took:.2?}");
+    assert!(took < Duration::from_secs(3) && breaches(&replaced, n) == 0);
+}
+
+#[test]
+fn a_leave_from_a_round_robin_grows_the_leavers_neighbours_by_chains() {
+    // Round robin over ids 1..=10: the leaver's 2(N-1) neighbours on either
+    // side are the same four nodes at every one of its partitions, none can
+    // take one, and all nine must grow.
+    let (q, n) = (1024, 3);
+    let members: BTreeSet<NodeId> = (1..=10u128).map(NodeId::from_u128).collect();
+    let before = Ring::claim(None, &members, q, n).unwrap();
+    let mut rest = members.clone();
+    rest.remove(&NodeId::from_u128(4));
+    let after = Ring::claim(Some(&before), &rest, q, n).unwrap();
+    let (c, moved) = (
+        before.partitions_of(NodeId::from_u128(4)).len(),
+        partitions_moved(&before, &after),
+    );
+    eprintln!("10 to 9 nodes (Q={q}, N={n}): the leaver owned {c}, {moved} partitions moved");
+    assert_eq!(breaches(&after, n), 0);
+    assert!(moved <= 2 * c + 2 * (n - 1));
+}
+
+#[test]
+fn zoned_rings_from_scratch_keep_target_n_val() {
+    // Every way to put 4 to 8 members in zones of sizes summing to M (up to
+    // order), dealt from scratch: no breach where the counts allow, every
+    // list spread.
+    fn partitions(m: usize, most: usize) -> Vec<Vec<usize>> {
+        if m == 0 {
+            return vec![vec![]];
+        }
+        (1..=most.min(m))
+            .rev()
+            .flat_map(|k| {
+                partitions(m - k, k).into_iter().map(move |mut rest| {
+                    rest.insert(0, k);
+                    rest
+                })
+            })
+            .collect()
+    }
+    let mut rng = Rng(6);
+    let mut cases = 0;
+    for n in [2, 3, 4] {
+        for m in 4..=8 {
+            for sizes in partitions(m, m) {
+                for q in [16u32, 64, 256] {
+                    let members = zoned_members(&mut rng, &sizes);
+                    let ring = Ring::claim_zoned(None, &members, q, n).unwrap();
+                    let at = format!("Q={q} N={n} zones {sizes:?}");
+                    assert!(imbalance(&ring, &members) <= 1, "{at}");
+                    if target_n_val_holds(q, m, n) {
+                        assert_eq!(breaches(&ring, n), 0, "{at}");
+                    }
+                    assert_lists_span(&ring, n, &at);
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!("zoned rings from scratch: {cases} rings (4 to 8 members, every zone split)");
+}
+
+#[test]
+fn the_template_keeps_every_count() {
+    // The template is the repair's last resort; whichever path reaches it (a
+    // claim from a previous ring or a zoned deal from scratch), the members'
+    // counts must stay on target.
+    let mut rng = Rng(7);
+    let mut cases = 0;
+    for sizes in [&[3usize, 2][..], &[1, 1, 1, 1, 1, 1, 1], &[4, 4]] {
+        let members = zoned_members(&mut rng, sizes);
+        for q in [4usize, 16, 64, 256] {
+            let mut c = Claim::new(&members, q, 3);
+            c.deal_interleaved();
+            let dealt = c.count.clone();
+            if c.adopt_template() {
+                let mut after = vec![0; dealt.len()];
+                for o in &c.owners {
+                    after[*o as usize] += 1;
+                }
+                assert_eq!(after, dealt, "Q={q} zones {sizes:?}");
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("template adopted over a zoned deal: {cases} rings, counts kept");
 }
