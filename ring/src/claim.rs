@@ -205,10 +205,12 @@ struct Claim {
     count: Vec<usize>,
     /// Partitions each member should own; see [`targets`].
     target: Vec<usize>,
-    /// Partitions this claim gave a new owner (or whose owner changed zone).
+    /// Partitions that filling holes, taking surplus, local deals or the
+    /// template gave a new owner, and those whose owner changed zone.
     /// Same-zone pairs are repaired only near these: pairs the previous ring
     /// already had were the best it could do then, and chasing them again
-    /// at every claim would move partitions for little.
+    /// at every claim would move partitions for little. (Repair swaps do not
+    /// mark theirs, so repairs do not spread from repairs.)
     touched: Vec<bool>,
 }
 

@@ -464,6 +464,17 @@ fn the_template_has_no_breach() {
             }
         }
     }
+    // The crate doc's claim: for N <= 3, target_n_val holds for every M > N.
+    for n in 1..=3 {
+        for qbits in 2..=16 {
+            for m in (n + 1..=200).chain([1000, 5000, 65536]) {
+                assert!(
+                    target_n_val_holds(1 << qbits, m, n),
+                    "Q=2^{qbits} M={m} N={n}"
+                );
+            }
+        }
+    }
     eprintln!("template: {checked} (Q, M, N) checked, {with} with a template, none with a breach where N * ceil(Q/M) <= Q");
 }
 
