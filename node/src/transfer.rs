@@ -193,6 +193,11 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         {
             next.cleaned = v;
         }
+        // After the clean-up, a copy that arrived late (a request with a
+        // longer timeout than `linger`) is dropped at the next step.
+        if mine.cleaned >= v && self.unowned_keys(1) > 0 {
+            self.drop_unowned(&cluster).await;
+        }
         if next == mine {
             return false;
         }

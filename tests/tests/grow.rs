@@ -183,7 +183,16 @@ async fn check_keys(client: &Client, tally: &Tally) {
             for i in (t..KEYS).step_by(16) {
                 let k = key(i);
                 let (acked, unsure) = last.get(&i).cloned().unwrap_or((k.clone(), BTreeSet::new()));
-                let report = client.inspect(k.as_bytes()).await.expect("inspect");
+                // A replica that did not answer (busy, just restarted) is
+                // asked again, a few times.
+                let mut report = client.inspect(k.as_bytes()).await.expect("inspect");
+                for _ in 0..5 {
+                    if report.replicas.iter().all(|r| r.error.is_none()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    report = client.inspect(k.as_bytes()).await.expect("inspect");
+                }
                 if report.replicas.len() != 3 {
                     bad.lock().unwrap().push(format!("{k}: {} replicas", report.replicas.len()));
                 }
@@ -197,8 +206,8 @@ async fn check_keys(client: &Client, tally: &Tally) {
                         .collect();
                     if !values.contains(&acked) && values.is_disjoint(&unsure) {
                         bad.lock().unwrap().push(format!(
-                            "{k} on {}: {values:?}, last acknowledged {acked:?}",
-                            r.node
+                            "{k} on {}: {values:?} (error {:?}), last acknowledged {acked:?}",
+                            r.node, r.error
                         ));
                     }
                 }

@@ -277,8 +277,8 @@ fn member_in_layout(c: &ClusterState, name: &str) -> Result<NodeId, StateError> 
 fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> PlanView {
     let n = cluster.n as usize;
     let after_parts = owned(&plan.ring);
-    let after_reps = replicas(&plan.ring, n);
-    let (before_parts, before_reps) = before.map_or_else(Default::default, |r| (owned(r), replicas(r, n)));
+    let after_reps = shoal_ring::replica_counts(&plan.ring, n);
+    let (before_parts, before_reps) = before.map_or_else(Default::default, |r| (owned(r), shoal_ring::replica_counts(r, n)));
     let mut ids: Vec<NodeId> = after_parts.keys().chain(before_parts.keys()).copied().collect();
     ids.sort();
     ids.dedup();
@@ -293,8 +293,8 @@ fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> Plan
                 zone: cluster.members.get(id).and_then(|m| m.info.zone.clone()),
                 partitions_before: before_parts.get(id).copied().unwrap_or(0),
                 partitions_after: after_parts.get(id).copied().unwrap_or(0),
-                replicas_before: before_reps.get(id).copied().unwrap_or(0),
-                replicas_after: after_reps.get(id).copied().unwrap_or(0),
+                replicas_before: before_reps.get(id).copied().unwrap_or(0) as u32,
+                replicas_after: after_reps.get(id).copied().unwrap_or(0) as u32,
             })
             .collect(),
         transfers: plan
@@ -317,12 +317,3 @@ fn owned(ring: &Ring) -> BTreeMap<NodeId, u32> {
     c
 }
 
-fn replicas(ring: &Ring, n: usize) -> BTreeMap<NodeId, u32> {
-    let mut c = BTreeMap::new();
-    for p in 0..ring.partition_count() {
-        for id in ring.preference_list_for_partition(p, n) {
-            *c.entry(id).or_insert(0) += 1;
-        }
-    }
-    c
-}

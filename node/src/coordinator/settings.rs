@@ -25,8 +25,10 @@ pub struct Settings {
     /// Pause between two gossip exchanges of the cluster state.
     pub gossip: Duration,
     /// How long after dropping copies it no longer replicates a node drops
-    /// them again: longer than any request routed before may still deliver
-    /// (see [`crate::transfer`]).
+    /// them again: longer than a request routed before may still deliver
+    /// (`timeouts.request-ms` and the read-repair window; a client asking a
+    /// longer timeout may leave a late copy, which the next pass drops:
+    /// see [`crate::transfer`]).
     pub cleanup_linger: Duration,
     pub clock_max_entries: usize,
     pub clock_min_age_ms: u64,
@@ -56,7 +58,7 @@ impl Settings {
             request_timeout: Duration::from_millis(c.timeouts.request_ms),
             gossip: Duration::from_millis(c.cluster.gossip_ms),
             cleanup_linger: Duration::from_millis(
-                crate::config::MAX_REQUEST_MS + c.timeouts.read_repair_ms + 1_000,
+                c.timeouts.request_ms + c.timeouts.read_repair_ms + 1_000,
             ),
             clock_max_entries: c.cluster.clock_max_entries,
             clock_min_age_ms: c.cluster.clock_min_age_secs.saturating_mul(1000),

@@ -159,16 +159,6 @@ pub enum StateError {
     Ring(String),
 }
 
-/// One partition whose replicas change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Move {
-    pub partition: u32,
-    /// Replicas that stop holding the partition.
-    pub from: Vec<NodeId>,
-    /// Replicas that start holding it.
-    pub to: Vec<NodeId>,
-}
-
 /// What committing the staged changes would do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -176,7 +166,8 @@ pub struct Plan {
     pub version: u64,
     pub changes: Vec<(NodeId, Change)>,
     pub ring: Ring,
-    pub moves: Vec<Move>,
+    /// Partitions whose replicas change, and which.
+    pub moves: Vec<shoal_ring::Transfer>,
 }
 
 impl ClusterState {
@@ -545,8 +536,9 @@ impl ClusterState {
             .iter()
             .map(|id| (*id, self.members.get(id).and_then(|m| m.info.zone.clone())))
             .collect();
-        let ring = claim_zoned(&current.ring, &zoned, self.partitions, self.n as usize)?;
-        let moves = moves(&current.ring, &ring, self.n as usize);
+        let ring = Ring::claim_zoned(Some(&current.ring), &zoned, self.partitions, self.n as usize)
+            .map_err(|e| StateError::Ring(e.to_string()))?;
+        let moves = shoal_ring::transfers(&current.ring, &ring, self.n as usize);
         Ok(Plan {
             version: current.version + 1,
             changes,
@@ -601,40 +593,6 @@ fn later<T: Serialize>(a: &T, b: &T, stamp: impl Fn(&T) -> u64) -> bool {
     }
 }
 
-/// The ring for `members` (with zones), moving as little as possible from
-/// `previous`.
-fn claim_zoned(
-    previous: &Ring,
-    members: &BTreeMap<NodeId, Option<String>>,
-    q: u32,
-    n: usize,
-) -> Result<Ring, StateError> {
-    let ids: BTreeSet<NodeId> = members.keys().copied().collect();
-    let zones: BTreeMap<NodeId, String> = members
-        .iter()
-        .filter_map(|(id, z)| z.clone().map(|z| (*id, z)))
-        .collect();
-    Ring::claim(Some(previous), &ids, q, n)
-        .map(|r| r.with_zones(zones))
-        .map_err(|e| StateError::Ring(e.to_string()))
-}
-
-/// Every partition whose preference list changes from `old` to `new`.
-pub fn moves(old: &Ring, new: &Ring, n: usize) -> Vec<Move> {
-    (0..new.partition_count())
-        .filter_map(|p| {
-            let before = old.preference_list_for_partition(p, n);
-            let after = new.preference_list_for_partition(p, n);
-            let from: Vec<NodeId> = before.iter().filter(|x| !after.contains(x)).copied().collect();
-            let to: Vec<NodeId> = after.iter().filter(|x| !before.contains(x)).copied().collect();
-            (!from.is_empty() || !to.is_empty()).then_some(Move {
-                partition: p,
-                from,
-                to,
-            })
-        })
-        .collect()
-}
 
 #[cfg(test)]
 mod tests;
