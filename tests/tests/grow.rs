@@ -284,6 +284,7 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
 
     // 3 -> 5: two nodes configured with the founding nodes as seeds.
     let before = shares(&client).await;
+    let ring_before = client.refresh_ring().await.expect("ring").ring.clone();
     for _ in 0..2 {
         let out = c.shoal(&["dev", "--add", "--no-start"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -297,6 +298,20 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     println!("partitions and replicas per node: before {before:?}, after {after:?}");
     assert_eq!(after.len(), 5);
     assert_balanced(&after, q);
+    // Movement within the ring's stated bounds: a join of S+1 to S moves at
+    // most ceil(Q/(S+1)) + 2(N-1) partitions (plus repairs of breaches of
+    // the previous ring, 2 per breach); a replica moves per partition moved
+    // at most N times.
+    let ring_after = client.refresh_ring().await.expect("ring").ring.clone();
+    let moved = shoal_ring::partitions_moved(&ring_before, &ring_after);
+    let replicas_moved: usize = shoal_ring::transfers(&ring_before, &ring_after, 3)
+        .iter()
+        .map(|t| t.to.len())
+        .sum();
+    let fair = 3 * q * 2 / 5;
+    println!("3 -> 5 moved {moved} partitions and {replicas_moved} replicas (the two new nodes' fair share: {fair})");
+    assert!(replicas_moved <= 3 * moved, "{replicas_moved} replicas for {moved} partitions");
+    assert!(replicas_moved <= fair + fair / 20, "{replicas_moved} replicas moved, fair share {fair}");
     // The SDK follows the ring without a restart.
     assert_eq!(client.ring_info().unwrap().members.len(), 5);
 

@@ -94,7 +94,13 @@ async fn change_under_load(
         acked.insert(i, v);
     }
     for (at, command) in stage(w) {
-        cluster(w, at, command).await.expect("staged");
+        // A newcomer named in the command is known once gossip brought it.
+        let mut tries = 0;
+        while let Err(e) = cluster(w, at, command.clone()).await {
+            tries += 1;
+            assert!(tries < 50, "not staged: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     // The staged changes reach the operator's node by gossip.
     let mut plan = None;
@@ -208,4 +214,34 @@ async fn three_nodes_grow_to_five_and_shrink_to_four() {
     )
     .await;
     let _ = Arc::clone(&net);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_replacement_takes_the_old_nodes_partitions() {
+    let net = SimNetwork::new();
+    let mut rng = SimRng::new(11);
+    let mut w = World::new(net.clone(), 4, &mut rng, None);
+    until("ring", Duration::from_secs(10), || {
+        (0..4).all(|i| w.node(i).unwrap().membership().view().is_some())
+    })
+    .await;
+    let old_ring = w.view().unwrap().ring.clone();
+    let old_id = w.machines[2].me.id;
+    change_under_load(
+        &mut w,
+        |w| {
+            let new = w.join(&mut SimRng::new(12));
+            let name = w.name(new).to_string();
+            vec![(0, ClusterCommand::Replace { old: "node3".into(), new: name })]
+        },
+        2,
+    )
+    .await;
+    let view = w.view().unwrap();
+    let new_id = w.machines[4].me.id;
+    assert!(!view.ring.members().contains(&old_id));
+    // The newcomer took over node3's partitions; others kept theirs.
+    let moved = shoal_ring::partitions_moved(&old_ring, &view.ring);
+    println!("replace moved {moved} partitions; node3 owned {}", old_ring.partitions_of(old_id).len());
+    assert_eq!(view.ring.partitions_of(new_id).len(), old_ring.partitions_of(old_id).len());
 }

@@ -597,17 +597,7 @@ fn six_nodes_in_three_zones_span_three_zones() {
             for join in [true, false] {
                 let mut next = members.clone();
                 for z in 0..3 {
-                    let zone = Some(format!("z{z}"));
-                    if join {
-                        next.insert(rng.id(), zone);
-                    } else {
-                        let here: Vec<NodeId> = next
-                            .iter()
-                            .filter(|(_, v)| **v == zone)
-                            .map(|(k, _)| *k)
-                            .collect();
-                        next.remove(&here[rng.below(here.len())]);
-                    }
+                    join_or_leave_zone(&mut next, z, join, &mut rng);
                 }
                 let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
                 let at = format!("Q={q} cycle {cycle} join {join}");
@@ -635,6 +625,26 @@ fn six_nodes_in_three_zones_span_three_zones() {
     }
 }
 
+/// A new member in zone `z{z}`, or one of that zone's members gone.
+fn join_or_leave_zone(
+    members: &mut BTreeMap<NodeId, Option<String>>,
+    z: usize,
+    join: bool,
+    rng: &mut Rng,
+) {
+    let zone = Some(format!("z{z}"));
+    if join {
+        members.insert(rng.id(), zone);
+    } else {
+        let here: Vec<NodeId> = members
+            .iter()
+            .filter(|(_, v)| **v == zone)
+            .map(|(k, _)| *k)
+            .collect();
+        members.remove(&here[rng.below(here.len())]);
+    }
+}
+
 #[test]
 fn single_zone_changes_keep_lists_spread() {
     // One node at a time into 3 equal zones (the zones are unequal in
@@ -650,17 +660,7 @@ fn single_zone_changes_keep_lists_spread() {
             for join in [true, false] {
                 for z in 0..3 {
                     let mut next = members.clone();
-                    let zone = Some(format!("z{z}"));
-                    if join {
-                        next.insert(rng.id(), zone);
-                    } else {
-                        let here: Vec<NodeId> = next
-                            .iter()
-                            .filter(|(_, v)| **v == zone)
-                            .map(|(k, _)| *k)
-                            .collect();
-                        next.remove(&here[rng.below(here.len())]);
-                    }
+                    join_or_leave_zone(&mut next, z, join, &mut rng);
                     let new = Ring::claim_zoned(Some(&ring), &next, q, n).unwrap();
                     let at = format!("Q={q} {} z{z}", if join { "join" } else { "leave" });
                     assert_lists_span(&new, n, &at);

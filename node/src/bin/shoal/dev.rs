@@ -65,6 +65,19 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
     )
 }
 
+/// Issues node `name`'s certificate (for loopback) in `dir`.
+fn node_certificate(dir: &Path, name: &str) -> anyhow::Result<()> {
+    shoal_node::certs::issue(
+        dir,
+        dir,
+        name,
+        shoal_node::certs::Kind::Node,
+        &["127.0.0.1".parse()?],
+        None,
+    )?;
+    Ok(())
+}
+
 /// Issues the dev user's admin client certificate, unless there is one.
 fn client_certificate(dir: &Path) -> anyhow::Result<()> {
     use shoal_client::client::{CLIENT_CERT, CLIENT_KEY};
@@ -108,14 +121,7 @@ pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<Stri
         });
     }
     let first = Config::load(&config_path(dir, 1))?;
-    shoal_node::certs::issue(
-        dir,
-        dir,
-        &name,
-        shoal_node::certs::Kind::Node,
-        &["127.0.0.1".parse()?],
-        None,
-    )?;
+    node_certificate(dir, &name)?;
     let ports = free_ports(3)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let config = Config {
@@ -217,14 +223,7 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for i in 1..=nodes {
         let name = format!("node{i}");
-        shoal_node::certs::issue(
-            dir,
-            dir,
-            &name,
-            shoal_node::certs::Kind::Node,
-            &["127.0.0.1".parse()?],
-            None,
-        )?;
+        node_certificate(dir, &name)?;
         let config = Config {
             name: name.clone(),
             data_dir: PathBuf::from(&name),
