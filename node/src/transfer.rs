@@ -198,7 +198,29 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         if mine.cleaned >= v && self.unowned_keys(1) > 0 {
             self.drop_unowned(&cluster).await;
         }
+        // A node that left: once it dropped everything and holds no hint
+        // (handoff delivers them), it removes itself, so that nothing waits
+        // for it any more; it then serves nothing and can be stopped.
+        let staged_join = cluster
+            .staged
+            .get(&me)
+            .is_some_and(|s| s.change == Some(crate::membership::state::Change::Join));
+        if !member
+            && mine.cleaned >= v
+            && !staged_join
+            && !self.membership.removed(&me)
+            && self.replica.hint_counts().is_empty()
+        {
+            info!(version = v, "left the cluster: every partition handed off; this node can be stopped");
+            let now = self.replica.now_ms();
+            return self.membership.edit(|c| c.remove_now(me, now));
+        }
         if next == mine {
+            return false;
+        }
+        // What the step reports (pulled data above all) is durable first.
+        if let Err(e) = self.replica.store().sync_wal() {
+            warn!(error = %e, "cannot sync before reporting transfer progress; retried");
             return false;
         }
         if next.synced > mine.synced && member {

@@ -24,7 +24,14 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// no other node is up.
     pub fn persist_cluster(&self) {
         let bytes = gossip::encode(&self.inner.membership.cluster());
-        if let Err(e) = self.inner.store.put(Tree::Meta, CLUSTER_KEY, &bytes) {
+        // Synced: a node must not come back from a power loss behind the
+        // progress it already gossiped.
+        if let Err(e) = self
+            .inner
+            .store
+            .put(Tree::Meta, CLUSTER_KEY, &bytes)
+            .and_then(|()| self.inner.store.sync_wal())
+        {
             error!(error = %e, "could not persist the cluster state");
         }
     }
@@ -131,13 +138,25 @@ impl<T: Transport, S: Store> Node<T, S> {
                     other => Response::Error(WireError::new(
                         ErrorKind::Timeout,
                         format!(
-                            "the claimant {} (which commits changes) did not take the commit: {other:?}; it may have been applied",
-                            claimant.name
+                            "the claimant {} (which commits changes) did not take the commit: {other:?}; it may have been applied. If {} is gone for good, run `shoal remove {}` again once `shoal status` shows it down",
+                            claimant.name, claimant.name, claimant.name
                         ),
                     )),
                 };
             }
         }
+        if let (ClusterCommand::Commit { .. }, true) = (&command, forwarded) {
+            if self.claimant().is_some_and(|c| c.id != self.inner.me.id) {
+                return Response::Error(WireError::new(
+                    ErrorKind::BadRequest,
+                    format!("{} is not the claimant: commit refused", self.inner.me.name),
+                ));
+            }
+        }
+        let claimant_down = self
+            .claimant()
+            .filter(|c| c.id != self.inner.me.id && !self.is_up(c.id))
+            .map(|c| c.id);
         let now = self.inner.settings.clock.now_ms();
         // One edit: on a cluster still on its static ring the edit sees that
         // ring as layout 1, for staging and planning alike.
@@ -146,7 +165,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             .membership
             .edit(|c| -> Result<ClusterReply, StateError> {
                 let before = c.current().map(|l| l.ring.clone());
-                let (message, committed) = run_command(c, command, now)?;
+                let (message, committed) = run_command(c, command, now, claimant_down)?;
                 let (plan, message) = match committed {
                     Some(plan) => (Some(plan), message),
                     None => match c.plan() {
@@ -190,6 +209,7 @@ fn run_command(
     c: &mut ClusterState,
     command: ClusterCommand,
     now: u64,
+    claimant_down: Option<NodeId>,
 ) -> Result<(String, Option<Plan>), StateError> {
     match command {
         ClusterCommand::Plan => Ok((String::new(), None)),
@@ -214,10 +234,10 @@ fn run_command(
                 return Ok((format!("{node} removed (it held no partitions)"), None));
             }
             c.stage(id, Some(Change::Remove), now);
-            let current = c.current().map(|l| l.ring.clone());
-            if current.is_some_and(|ring| claimant_of(c, &ring) == Some(id)) {
-                // The claimant commits the plan: removed now, so that the
-                // next member can commit the plan that moves its partitions.
+            if claimant_down == Some(id) {
+                // The claimant commits plans and is down: removed now, so
+                // that the next member can commit the plan that moves its
+                // partitions. (A claimant that is up commits its own removal.)
                 c.remove_now(id, now);
                 return Ok((
                     format!("{node} removed; it was the claimant, the next member commits the plan that moves its partitions"),

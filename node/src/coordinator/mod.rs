@@ -50,6 +50,7 @@
 
 mod cluster;
 mod fanout;
+mod forwards;
 mod inspect;
 pub mod quorum;
 mod read_repair;
@@ -57,7 +58,7 @@ pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use shoal_client::proto::{
     AaeStatus, HintQueue, MemberInfo, NodeStatus, PeerView, Request, Response,
@@ -66,6 +67,8 @@ use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tracing::{error, warn};
 
+pub use forwards::ForwardIds;
+use forwards::ForwardsSeen;
 pub use quorum::Coordinator;
 pub use settings::Settings;
 
@@ -91,56 +94,6 @@ impl<T, S> Clone for Node<T, S> {
         Node {
             inner: self.inner.clone(),
         }
-    }
-}
-
-/// Ids of the requests a node forwards: unique per sender across its
-/// restarts (they start from the wall clock's milliseconds, shifted, and
-/// count up), so a receiver can tell a duplicate from a new request.
-#[derive(Debug)]
-pub struct ForwardIds(std::sync::atomic::AtomicU64);
-
-impl ForwardIds {
-    pub fn starting_at(now_ms: u64) -> Self {
-        ForwardIds(std::sync::atomic::AtomicU64::new(now_ms << 16))
-    }
-
-    pub fn next(&self) -> u64 {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// The forwards a node received lately, by sender and id, so a duplicate
-/// does not run a write again; the oldest are forgotten past a bound
-/// (a duplicate arrives within a request timeout, not 100,000 forwards
-/// later).
-#[derive(Default)]
-struct ForwardsSeen(
-    Mutex<(
-        std::collections::HashSet<(String, u64)>,
-        std::collections::VecDeque<(String, u64)>,
-    )>,
-);
-
-/// Forwards remembered per node.
-const FORWARDS_REMEMBERED: usize = 100_000;
-
-impl ForwardsSeen {
-    /// Whether this is the first delivery of `id` from `from` (and records it).
-    fn first(&self, from: &str, id: u64) -> bool {
-        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (seen, order) = &mut *guard;
-        let entry = (from.to_string(), id);
-        if !seen.insert(entry.clone()) {
-            return false;
-        }
-        order.push_back(entry);
-        if order.len() > FORWARDS_REMEMBERED {
-            if let Some(old) = order.pop_front() {
-                seen.remove(&old);
-            }
-        }
-        true
     }
 }
 
@@ -361,6 +314,18 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
         match request {
             Request::Status => Response::Status(self.status()),
+            // A node removed from the cluster (it left, or an operator
+            // removed it) serves nothing: its copies may be gone, and
+            // nothing waits for the requests it would route.
+            _ if self.inner.membership.removed(&self.inner.me.id) => {
+                Response::Error(shoal_client::error::WireError::new(
+                    shoal_client::error::ErrorKind::NotReady,
+                    format!(
+                        "{} is no longer a member of the cluster (it left or was removed); it can be stopped",
+                        self.inner.me.name
+                    ),
+                ))
+            }
             Request::Cluster(command) => self.cluster_command(command, forwarded).await,
             other => self.inner.coordinator.coordinate(other, forwarded).await,
         }
@@ -560,6 +525,19 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
     async fn peer(&self, from: String, request: PeerRequest) -> PeerResponse {
         if let Some(sender) = self.inner.membership.by_name(&from) {
             self.inner.transport.heard_from(&sender);
+        }
+        // Nothing is taken from or served to a removed node but gossip (so
+        // it learns it was removed) and heartbeats.
+        let gossip = matches!(
+            request,
+            PeerRequest::Gossip { .. } | PeerRequest::GossipPush(_) | PeerRequest::Ping
+        );
+        let membership = &self.inner.membership;
+        if !gossip && (membership.removed(&self.inner.me.id) || membership.removed_name(&from)) {
+            return PeerResponse::Error(PeerError::Refused(format!(
+                "{from} -> {}: a removed node takes part in nothing",
+                self.inner.me.name
+            )));
         }
         match request {
             PeerRequest::Hello(info) => {

@@ -452,6 +452,29 @@ impl Membership {
         self.missing().into_iter().map(|m| m.name).collect()
     }
 
+    /// Whether `id` was removed from the cluster (it left, or was removed
+    /// by an operator): it serves nothing and nothing is taken from it.
+    pub fn removed(&self, id: &NodeId) -> bool {
+        let state = self.state.read().expect("membership lock");
+        state.cluster.members.get(id).is_some_and(|m| m.removed)
+    }
+
+    /// Whether the member named `name` was removed (and no live member has
+    /// taken the name since).
+    pub fn removed_name(&self, name: &str) -> bool {
+        let state = self.state.read().expect("membership lock");
+        let members = state.cluster.members.values().filter(|m| m.info.name == name);
+        let (mut removed, mut live) = (false, false);
+        for m in members {
+            if m.removed {
+                removed = true;
+            } else {
+                live = true;
+            }
+        }
+        removed && !live
+    }
+
     /// Whether the config names seeds to join through.
     pub fn joining(&self) -> bool {
         self.joining

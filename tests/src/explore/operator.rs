@@ -98,8 +98,8 @@ pub async fn operator(
             }
         };
         log(format!("{change:?} of {target} staged"));
-        for command in commands {
-            if let Err(e) = run(&shared, &mut rng, command).await {
+        for command in &commands {
+            if let Err(e) = run(&shared, &mut rng, command.clone()).await {
                 log(format!("staging failed: {e}"));
             }
         }
@@ -107,8 +107,15 @@ pub async fn operator(
         // plan, once the previous change is over (which may wait for a
         // crashed node to come back: the quiet period restarts them all).
         let mut committed = false;
-        for _ in 0..COMMIT_TRIES {
+        for attempt in 0..COMMIT_TRIES {
             tokio::time::sleep(Duration::from_millis(250)).await;
+            // As an operator would when told the claimant is down: the
+            // remove again, now that the cluster sees the machine down.
+            if attempt % 8 == 7 {
+                for command in &commands {
+                    let _ = run(&shared, &mut rng, command.clone()).await;
+                }
+            }
             let Ok(reply) = run(&shared, &mut rng, ClusterCommand::Plan).await else {
                 continue;
             };
