@@ -3,6 +3,7 @@
 //! request within that role. Each refusal says what is wrong and what to do.
 //! `cargo test -p shoal-tests --test auth -- --nocapture`
 
+use shoal_client::proto::ClusterCommand;
 use shoal_client::{Client, ClientConfig, Error};
 use shoal_node::certs::{issue, Kind, Role};
 use shoal_tests::process::DevCluster;
@@ -105,6 +106,15 @@ async fn only_clients_with_a_current_certificate_and_role_get_in() {
         .put(b"k2", b"x", None)
         .await
         .expect("a read-write client writes");
+    // Membership commands need the admin role.
+    match writer.cluster(ClusterCommand::Plan).await {
+        Err(Error::Unauthorised(message)) => {
+            assert!(message.contains("cluster needs admin"), "{message}")
+        }
+        other => panic!("a read-write client's membership command was not refused: {other:?}"),
+    }
+    let plan = admin.cluster(ClusterCommand::Plan).await.expect("an admin plans");
+    assert!(plan.message.contains("nothing staged"), "{plan:?}");
 
     // The CLI finds the dev cluster's own certificate.
     let out = c.shoal(&["put", "tour", "hi"]);
