@@ -361,6 +361,36 @@ impl ClusterState {
             .collect()
     }
 
+    /// Who holds up the change in progress, and at which step: "name (step)".
+    pub fn blockers(&self) -> Vec<String> {
+        let v = self.version();
+        let mut out = Vec::new();
+        let current = self.current().map(|l| l.ring.members()).unwrap_or_default();
+        let ids: Vec<NodeId> = if self.layouts.len() > 1 {
+            self.history_members().into_iter().collect()
+        } else {
+            self.participants()
+        };
+        for id in ids {
+            let p = self.progress.get(&id).copied().unwrap_or_default();
+            let step = if p.acked < v {
+                "ack"
+            } else if self.layouts.len() > 1 && current.contains(&id) && p.synced < v {
+                "pull its new partitions"
+            } else if p.switched < v {
+                "read from the new replicas"
+            } else if p.pruned < v {
+                "drop the old layout"
+            } else if p.cleaned < v {
+                "drop old copies"
+            } else {
+                continue;
+            };
+            out.push(format!("{} ({step})", self.name_of(&id)));
+        }
+        out
+    }
+
     fn reached(&self, id: &NodeId, done: impl Fn(&Progress) -> bool) -> bool {
         self.progress.get(id).is_some_and(done)
     }
@@ -492,7 +522,7 @@ impl ClusterState {
         if !waiting.is_empty() && current.version > 1 {
             return Err(StateError::InTransition {
                 version: current.version,
-                waiting: waiting.iter().map(|id| self.name_of(id)).collect(),
+                waiting: self.blockers(),
             });
         }
         let changes = self.staged_changes();

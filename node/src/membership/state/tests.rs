@@ -145,7 +145,14 @@ fn a_join_is_planned_then_committed_then_pruned_once_synced() {
     s.commit(2, 6).unwrap();
     assert_eq!(s.layouts.len(), 2);
     assert!(s.staged_changes().is_empty());
-    assert!(matches!(s.plan(), Err(StateError::InTransition { .. })));
+    match s.plan() {
+        // Each member is named with the step it has not reached.
+        Err(StateError::InTransition { waiting, .. }) => {
+            assert_eq!(waiting.len(), 4, "{waiting:?}");
+            assert!(waiting.iter().all(|w| w.ends_with("(ack)")), "{waiting:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     for i in 0..4 {
         s.advance(info(i).id, all(2));
     }
