@@ -27,8 +27,9 @@ fn announce(test: &'static str) {
     }
 }
 
-/// Partitions whose owner owns another of the next `n - 1`.
-fn breaches(ring: &Ring, n: usize) -> usize {
+/// Partitions whose owner owns another of the next `n - 1`: one per pair of
+/// one node's partitions closer than `n` (the claim's tests count them too).
+pub(crate) fn breaches(ring: &Ring, n: usize) -> usize {
     let o = ring.owners();
     let q = o.len();
     (0..q)

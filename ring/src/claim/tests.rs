@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::Claim;
+use crate::tests::breaches;
 use crate::{partitions_moved, preference_lists, target_n_val_holds, NodeId, Ring};
 
 mod v1;
@@ -48,16 +49,6 @@ fn imbalance(ring: &Ring, members: &Members) -> usize {
         .map(|m| c.get(m).copied().unwrap_or(0))
         .collect();
     owned.iter().max().unwrap() - owned.iter().min().unwrap()
-}
-
-/// Partitions whose owner owns another of the next `n - 1`: one per pair of
-/// one node's partitions closer than `n`.
-fn breaches(ring: &Ring, n: usize) -> usize {
-    let o = ring.owners();
-    let q = o.len();
-    (0..q)
-        .filter(|&p| (1..n.min(q)).any(|d| o[(p + d) % q] == o[p]))
-        .count()
 }
 
 /// Windows of `n` consecutive partitions with two owners in one zone (or one
