@@ -125,10 +125,31 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     /// Runs an operator's membership command; a commit runs on the
     /// claimant (handed there unless `forwarded`).
-    pub(super) async fn cluster_command(&self, command: ClusterCommand, forwarded: bool) -> Response {
+    pub(super) async fn cluster_command(
+        &self,
+        command: ClusterCommand,
+        forwarded: bool,
+    ) -> Response {
         if let (ClusterCommand::Commit { .. }, false) = (&command, forwarded) {
             if let Some(claimant) = self.claimant().filter(|c| c.id != self.inner.me.id) {
                 let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+                // The claimant first learns what this node knows: the
+                // operator staged and planned here, and gossip may not
+                // have carried it there yet.
+                match gossip::exchange(
+                    &self.inner.membership,
+                    &*self.inner.transport,
+                    &claimant,
+                    deadline,
+                )
+                .await
+                {
+                    Ok(Outcome::Merged { changed: true, .. }) => self.persist_cluster(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(claimant = %claimant.name, error = %e, "state not exchanged before a commit")
+                    }
+                }
                 let forward = PeerRequest::Forward {
                     id: self.inner.coordinator.forward_ids.next(),
                     request: Request::Cluster(command),
@@ -244,7 +265,9 @@ fn run_command(
                     None,
                 ));
             }
-            if c.plan().is_err_and(|e| matches!(e, StateError::InTransition { .. })) {
+            if c.plan()
+                .is_err_and(|e| matches!(e, StateError::InTransition { .. }))
+            {
                 // A change is being applied and may wait for this member:
                 // nothing waits for it from now on; its partitions move
                 // with the next plan.
@@ -298,8 +321,14 @@ fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> Plan
     let n = cluster.n as usize;
     let after_parts = owned(&plan.ring);
     let after_reps = shoal_ring::replica_counts(&plan.ring, n);
-    let (before_parts, before_reps) = before.map_or_else(Default::default, |r| (owned(r), shoal_ring::replica_counts(r, n)));
-    let mut ids: Vec<NodeId> = after_parts.keys().chain(before_parts.keys()).copied().collect();
+    let (before_parts, before_reps) = before.map_or_else(Default::default, |r| {
+        (owned(r), shoal_ring::replica_counts(r, n))
+    });
+    let mut ids: Vec<NodeId> = after_parts
+        .keys()
+        .chain(before_parts.keys())
+        .copied()
+        .collect();
     ids.sort();
     ids.dedup();
     PlanView {
@@ -336,4 +365,3 @@ fn owned(ring: &Ring) -> BTreeMap<NodeId, u32> {
     }
     c
 }
-
