@@ -110,7 +110,10 @@ pub fn answer(membership: &Membership, request: PeerRequest) -> (PeerResponse, b
         }
         PeerRequest::GossipPush(theirs) => match membership.merge_cluster(&theirs) {
             Ok(changed) => (PeerResponse::Stored, changed),
-            Err(e) => (PeerResponse::Error(PeerError::Refused(e.to_string())), false),
+            Err(e) => (
+                PeerResponse::Error(PeerError::Refused(e.to_string())),
+                false,
+            ),
         },
         other => (
             PeerResponse::Error(PeerError::NotAReplicaRequest(format!("{other:?}"))),
@@ -166,7 +169,8 @@ mod tests {
                 return Err(TransportError::Unreachable(to.name.clone(), "down".into()));
             }
             let m = self.members.lock().unwrap().get(&to.name).cloned();
-            let m = m.ok_or_else(|| TransportError::Unreachable(to.name.clone(), "no such".into()))?;
+            let m =
+                m.ok_or_else(|| TransportError::Unreachable(to.name.clone(), "no such".into()))?;
             Ok(answer(&m, request).0)
         }
     }
@@ -273,7 +277,10 @@ mod tests {
                 assert_eq!(m.view().unwrap().version, 2);
             }
             worst = worst.max(rounds);
-            assert!(rounds <= ROUNDS_100, "seed {seed}: {rounds} rounds > {ROUNDS_100}");
+            assert!(
+                rounds <= ROUNDS_100,
+                "seed {seed}: {rounds} rounds > {ROUNDS_100}"
+            );
         }
         println!("100 members, 20 seeds: a commit reached every member in at most {worst} rounds (bound {ROUNDS_100})");
     }

@@ -127,16 +127,17 @@ impl<T: Transport, S: Store> Handoff<T, S> {
         let mut after: Option<Vec<u8>> = None;
         let mut delivered = 0;
         loop {
-            let page = match self
-                .replica
-                .hint_page(departed, after.as_deref(), self.settings.batch_size)
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "cannot read hints of a departed node");
-                    return delivered;
-                }
-            };
+            let page =
+                match self
+                    .replica
+                    .hint_page(departed, after.as_deref(), self.settings.batch_size)
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read hints of a departed node");
+                        return delivered;
+                    }
+                };
             let Some((last, _)) = page.last() else {
                 break;
             };
@@ -163,7 +164,10 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             crate::clock::pace(sent, count, rate).await;
         }
         if delivered > 0 {
-            info!(delivered, "hints of a departed node handed to the keys' replicas");
+            info!(
+                delivered,
+                "hints of a departed node handed to the keys' replicas"
+            );
         }
         delivered
     }
@@ -251,7 +255,9 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             if let Some(view) = self.membership.view().filter(|v| v.version > 0) {
                 let (keep, elsewhere): (Vec<HandoffEntry>, Vec<HandoffEntry>) =
                     entries.into_iter().partition(|e| {
-                        view.replicas(&e.key, self.n).iter().any(|m| m.id == target.id)
+                        view.replicas(&e.key, self.n)
+                            .iter()
+                            .any(|m| m.id == target.id)
                     });
                 if !elsewhere.is_empty() && !self.deliver_to_replicas(&view, elsewhere).await {
                     return delivered;

@@ -195,10 +195,26 @@ impl Metrics {
             self.transfer_pending.load(Ordering::Relaxed)
         );
         for (name, help, v) in [
-            ("shoal_transfer_partitions_total", "Partitions pulled from their old replicas.", &self.transfer_partitions),
-            ("shoal_transfer_keys_total", "Keys repaired while pulling partitions.", &self.transfer_keys),
-            ("shoal_transfer_bytes_total", "Bytes exchanged while pulling partitions.", &self.transfer_bytes),
-            ("shoal_keys_dropped_total", "Copies dropped from partitions this node no longer replicates.", &self.keys_dropped),
+            (
+                "shoal_transfer_partitions_total",
+                "Partitions pulled from their old replicas.",
+                &self.transfer_partitions,
+            ),
+            (
+                "shoal_transfer_keys_total",
+                "Keys repaired while pulling partitions.",
+                &self.transfer_keys,
+            ),
+            (
+                "shoal_transfer_bytes_total",
+                "Bytes exchanged while pulling partitions.",
+                &self.transfer_bytes,
+            ),
+            (
+                "shoal_keys_dropped_total",
+                "Copies dropped from partitions this node no longer replicates.",
+                &self.keys_dropped,
+            ),
         ] {
             counter(&mut out, name, help, v.load(Ordering::Relaxed));
         }

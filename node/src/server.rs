@@ -302,8 +302,7 @@ pub fn open_node<T: Transport, S: Store>(
         None => None,
     };
     let n = settings.n as usize;
-    let membership =
-        Membership::with_state(expected, known, cluster, joining, partitions, n);
+    let membership = Membership::with_state(expected, known, cluster, joining, partitions, n);
     let node = Node::new(me.clone(), settings, store, transport, membership)?;
     node.learn(me);
     node.announce();

@@ -156,7 +156,11 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         let cluster = self.membership.cluster();
         let v = cluster.version();
         self.metrics.ring_version.store(v, Ordering::Relaxed);
-        let Some(view) = self.membership.view().filter(|view| v > 0 && view.version == v) else {
+        let Some(view) = self
+            .membership
+            .view()
+            .filter(|view| v > 0 && view.version == v)
+        else {
             return false;
         };
         let me = self.me.id;
@@ -211,7 +215,10 @@ impl<T: Transport, S: Store> Transfer<T, S> {
             && !self.membership.removed(&me)
             && self.replica.hint_counts().is_empty()
         {
-            info!(version = v, "left the cluster: every partition handed off; this node can be stopped");
+            info!(
+                version = v,
+                "left the cluster: every partition handed off; this node can be stopped"
+            );
             let now = self.replica.now_ms();
             return self.membership.edit(|c| c.remove_now(me, now));
         }
@@ -238,7 +245,11 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         };
         (0..current.ring.partition_count())
             .filter_map(|p| {
-                if !current.ring.preference_list_for_partition(p, self.n).contains(&me) {
+                if !current
+                    .ring
+                    .preference_list_for_partition(p, self.n)
+                    .contains(&me)
+                {
                     return None;
                 }
                 let mut sources: Vec<NodeId> = Vec::new();
@@ -318,11 +329,16 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                             .transfer_bytes
                             .fetch_add(report.bytes, Ordering::Relaxed);
                     }
-                    Err(e) => debug!(partition = p, peer = %peer.name, error = %e, "pull exchange failed"),
+                    Err(e) => {
+                        debug!(partition = p, peer = %peer.name, error = %e, "pull exchange failed")
+                    }
                 }
             }
             if exchanged < needed.min(sources.len()) {
-                debug!(partition = p, exchanged, needed, "not enough old replicas reached; retried next step");
+                debug!(
+                    partition = p,
+                    exchanged, needed, "not enough old replicas reached; retried next step"
+                );
                 return false;
             }
             let pulled = {
@@ -330,8 +346,12 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 local.pulled.done.insert(p);
                 local.pulled.clone()
             };
-            self.metrics.transfer_partitions.fetch_add(1, Ordering::Relaxed);
-            self.metrics.transfer_pending.fetch_sub(1, Ordering::Relaxed);
+            self.metrics
+                .transfer_partitions
+                .fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .transfer_pending
+                .fetch_sub(1, Ordering::Relaxed);
             let bytes = rmp_serde::to_vec(&pulled).expect("progress encodes");
             if let Err(e) = self.replica.store().put(Tree::Meta, TRANSFER_KEY, &bytes) {
                 warn!(error = %e, "cannot persist transfer progress");
@@ -389,7 +409,10 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         let v = cluster.version();
         let first = {
             let local = self.local.lock().expect("transfer lock");
-            local.cleaning.filter(|(version, _)| *version == v).map(|(_, at)| at)
+            local
+                .cleaning
+                .filter(|(version, _)| *version == v)
+                .map(|(_, at)| at)
         };
         match first {
             Some(at) if at.elapsed() < self.linger => return false,
@@ -415,7 +438,10 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         let current = &cluster.current().expect("a layout").ring;
         let mut dropped = 0u64;
         for p in 0..current.partition_count() {
-            if current.preference_list_for_partition(p, self.n).contains(&self.me.id) {
+            if current
+                .preference_list_for_partition(p, self.n)
+                .contains(&self.me.id)
+            {
                 continue;
             }
             loop {
@@ -444,9 +470,15 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 crate::clock::pace(started, keys.len(), self.drop_keys_per_sec).await;
             }
         }
-        self.metrics.keys_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.metrics
+            .keys_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
         if dropped > 0 {
-            info!(version = v, keys = dropped, "dropped copies this node no longer replicates");
+            info!(
+                version = v,
+                keys = dropped,
+                "dropped copies this node no longer replicates"
+            );
         }
         true
     }
@@ -461,10 +493,10 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         rings.push(&view.ring);
         let mut count = 0;
         for p in 0..view.ring.partition_count() {
-            if rings
-                .iter()
-                .any(|r| r.preference_list_for_partition(p, self.n).contains(&self.me.id))
-            {
+            if rings.iter().any(|r| {
+                r.preference_list_for_partition(p, self.n)
+                    .contains(&self.me.id)
+            }) {
                 continue;
             }
             let mut after: Option<Vec<u8>> = None;

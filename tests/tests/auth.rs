@@ -113,7 +113,10 @@ async fn only_clients_with_a_current_certificate_and_role_get_in() {
         }
         other => panic!("a read-write client's membership command was not refused: {other:?}"),
     }
-    let plan = admin.cluster(ClusterCommand::Plan).await.expect("an admin plans");
+    let plan = admin
+        .cluster(ClusterCommand::Plan)
+        .await
+        .expect("an admin plans");
     assert!(plan.message.contains("nothing staged"), "{plan:?}");
 
     // The CLI finds the dev cluster's own certificate.

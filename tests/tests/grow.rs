@@ -101,12 +101,18 @@ async fn workload(client: Client, w: usize, tally: Arc<Tally>, stop: Arc<AtomicB
         {
             Ok(_) => {
                 tally.acked.fetch_add(1, Ordering::Relaxed);
-                tally.last.lock().unwrap().insert(i, (value, BTreeSet::new()));
+                tally
+                    .last
+                    .lock()
+                    .unwrap()
+                    .insert(i, (value, BTreeSet::new()));
             }
             Err(_) => {
                 tally.errors.fetch_add(1, Ordering::Relaxed);
                 let mut last = tally.last.lock().unwrap();
-                let entry = last.entry(i).or_insert_with(|| (k.clone(), BTreeSet::new()));
+                let entry = last
+                    .entry(i)
+                    .or_insert_with(|| (k.clone(), BTreeSet::new()));
                 entry.1.insert(value);
             }
         }
@@ -126,7 +132,10 @@ async fn commit(c: &DevCluster, client: &Client, expect: usize) -> u64 {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "no plan for {expect} changes: {reply:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no plan for {expect} changes: {reply:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     let shown = c.shoal(&["cluster", "plan"]);
@@ -162,7 +171,13 @@ async fn settled(c: &DevCluster, version: u64, members: usize) -> Duration {
             Instant::now() < deadline,
             "layout {version} not settled: {:?}\nlogs:\n{}",
             all.iter()
-                .map(|s| (&s.name, s.ring_version, &s.transition, &s.transfer, s.keys_unowned))
+                .map(|s| (
+                    &s.name,
+                    s.ring_version,
+                    &s.transition,
+                    &s.transfer,
+                    s.keys_unowned
+                ))
                 .collect::<Vec<_>>(),
             c.logs()
         );
@@ -182,7 +197,10 @@ async fn check_keys(client: &Client, tally: &Tally) {
         tasks.push(tokio::spawn(async move {
             for i in (t..KEYS).step_by(16) {
                 let k = key(i);
-                let (acked, unsure) = last.get(&i).cloned().unwrap_or((k.clone(), BTreeSet::new()));
+                let (acked, unsure) = last
+                    .get(&i)
+                    .cloned()
+                    .unwrap_or((k.clone(), BTreeSet::new()));
                 // A replica that did not answer (busy, just restarted) is
                 // asked again, a few times.
                 let mut report = client.inspect(k.as_bytes()).await.expect("inspect");
@@ -194,7 +212,9 @@ async fn check_keys(client: &Client, tally: &Tally) {
                     report = client.inspect(k.as_bytes()).await.expect("inspect");
                 }
                 if report.replicas.len() != 3 {
-                    bad.lock().unwrap().push(format!("{k}: {} replicas", report.replicas.len()));
+                    bad.lock()
+                        .unwrap()
+                        .push(format!("{k}: {} replicas", report.replicas.len()));
                 }
                 for r in &report.replicas {
                     let values: BTreeSet<String> = r
@@ -218,13 +238,22 @@ async fn check_keys(client: &Client, tally: &Tally) {
         t.await.expect("checker");
     }
     let bad = bad.lock().unwrap();
-    assert!(bad.is_empty(), "{} keys not on their primaries: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} keys not on their primaries: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 }
 
 /// Partitions and replicas per node, from a node's ring.
 async fn shares(client: &Client) -> BTreeMap<String, (usize, usize)> {
     let info = client.refresh_ring().await.expect("ring");
-    let names: BTreeMap<_, _> = info.members.iter().map(|m| (m.id, m.name.clone())).collect();
+    let names: BTreeMap<_, _> = info
+        .members
+        .iter()
+        .map(|m| (m.id, m.name.clone()))
+        .collect();
     let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for p in 0..info.ring.partition_count() {
         out.entry(names[&info.ring.owner(p)].clone()).or_default().0 += 1;
@@ -261,8 +290,15 @@ fn report(what: &str, tally: &Tally, took: Duration) {
         100.0 * errors as f64 / ops.max(1) as f64,
         tally.misses.lock().unwrap().len()
     );
-    assert!(tally.misses.lock().unwrap().is_empty(), "{:?}", tally.misses.lock().unwrap());
-    assert!(errors * 1000 < ops.max(1), "errors {errors} of {ops} operations");
+    assert!(
+        tally.misses.lock().unwrap().is_empty(),
+        "{:?}",
+        tally.misses.lock().unwrap()
+    );
+    assert!(
+        errors * 1000 < ops.max(1),
+        "errors {errors} of {ops} operations"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -287,7 +323,11 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     let ring_before = client.refresh_ring().await.expect("ring").ring.clone();
     for _ in 0..2 {
         let out = c.shoal(&["dev", "--add", "--no-start"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     c.restart("node4");
     c.restart("node5");
@@ -310,14 +350,24 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
         .sum();
     let fair = 3 * q * 2 / 5;
     println!("3 -> 5 moved {moved} partitions and {replicas_moved} replicas (the two new nodes' fair share: {fair})");
-    assert!(replicas_moved <= 3 * moved, "{replicas_moved} replicas for {moved} partitions");
-    assert!(replicas_moved <= fair + fair / 20, "{replicas_moved} replicas moved, fair share {fair}");
+    assert!(
+        replicas_moved <= 3 * moved,
+        "{replicas_moved} replicas for {moved} partitions"
+    );
+    assert!(
+        replicas_moved <= fair + fair / 20,
+        "{replicas_moved} replicas moved, fair share {fair}"
+    );
     // The SDK follows the ring without a restart.
     assert_eq!(client.ring_info().unwrap().members.len(), 5);
 
     // 5 -> 4: node2 leaves.
     let out = c.shoal(&["leave", "node2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = commit(&c, &client, 1).await;
     let took = settled(&c, v, 4).await;
     report("5 -> 4 (leave)", &tally, took);
@@ -336,7 +386,11 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     // with no client reads (the new replicas pull them).
     c.kill9("node3").await;
     let out = c.shoal(&["remove", "node3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let started = Instant::now();
     let v = commit(&c, &client, 1).await;
     let took = settled(&c, v, 3).await;
@@ -350,13 +404,26 @@ async fn mid_transfer(c: &DevCluster, node: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let all = c.statuses().await;
-        if let Some(t) = all.iter().find(|s| s.name == node).and_then(|s| s.transfer.clone()) {
+        if let Some(t) = all
+            .iter()
+            .find(|s| s.name == node)
+            .and_then(|s| s.transfer.clone())
+        {
             if t.partitions_done > 0 && t.partitions_done < t.partitions_total {
-                println!("{node} mid-transfer: {}/{} partitions, {} keys", t.partitions_done, t.partitions_total, t.keys);
+                println!(
+                    "{node} mid-transfer: {}/{} partitions, {} keys",
+                    t.partitions_done, t.partitions_total, t.keys
+                );
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{node} never mid-transfer: {:?}", all.iter().map(|s| (&s.name, &s.transfer)).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "{node} never mid-transfer: {:?}",
+            all.iter()
+                .map(|s| (&s.name, &s.transfer))
+                .collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -383,7 +450,11 @@ async fn a_transfer_resumes_after_the_receiver_or_a_sender_is_killed() {
 
     for (joiner, killed) in [("node4", "node4"), ("node5", "node1")] {
         let out = c.shoal(&["dev", "--add", "--no-start"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // The new node's config gets the same slow transfers.
         let path = c.path().join(format!("{joiner}.toml"));
         let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
@@ -401,7 +472,9 @@ async fn a_transfer_resumes_after_the_receiver_or_a_sender_is_killed() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         c.restart(killed);
         let took = settled(&c, v, 4 + usize::from(joiner == "node5")).await;
-        println!("{joiner} joined; {killed} killed mid-transfer and restarted; settled {took:.1?} after");
+        println!(
+            "{joiner} joined; {killed} killed mid-transfer and restarted; settled {took:.1?} after"
+        );
         check_keys(&client, &tally).await;
     }
 }
@@ -420,7 +493,11 @@ async fn six_nodes_in_three_zones_spread_every_preference_list() {
     let client = c.client().await;
     for zone in ["z1", "z2", "z3"] {
         let out = c.shoal(&["dev", "--add", "--no-start", "--zone", zone]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for node in ["node4", "node5", "node6"] {
         c.restart(node);
@@ -428,12 +505,19 @@ async fn six_nodes_in_three_zones_spread_every_preference_list() {
     let v = commit(&c, &client, 3).await;
     settled(&c, v, 6).await;
     let info = client.refresh_ring().await.expect("ring");
-    let zones: BTreeMap<_, _> = info.members.iter().map(|m| (m.id, m.zone.clone().expect("a zone"))).collect();
+    let zones: BTreeMap<_, _> = info
+        .members
+        .iter()
+        .map(|m| (m.id, m.zone.clone().expect("a zone")))
+        .collect();
     assert_eq!(info.members.len(), 6);
     for p in 0..info.ring.partition_count() {
         let list = info.ring.preference_list_for_partition(p, 3);
         let spanned: BTreeSet<&String> = list.iter().map(|id| &zones[id]).collect();
         assert_eq!(spanned.len(), 3, "partition {p}: {list:?}");
     }
-    println!("6 nodes, 3 zones: all {} preference lists span 3 zones", info.ring.partition_count());
+    println!(
+        "6 nodes, 3 zones: all {} preference lists span 3 zones",
+        info.ring.partition_count()
+    );
 }

@@ -378,7 +378,10 @@ impl Config {
             );
         }
         if c.gossip_ms == 0 || c.gossip_ms > MAX_REQUEST_MS {
-            return invalid("cluster.gossip-ms", format!("must be between 1 and {MAX_REQUEST_MS}"));
+            return invalid(
+                "cluster.gossip-ms",
+                format!("must be between 1 and {MAX_REQUEST_MS}"),
+            );
         }
         if let Some(zone) = &self.zone {
             if zone.is_empty() || zone.len() > 64 {

@@ -67,8 +67,7 @@ fn out_of_range_threads_and_cache_name_the_field() {
     assert!(err.to_string().contains("limits.object-cache-mb"), "{err}");
     let c = load("[limits]\nobject-cache-mb = 0\n").unwrap();
     assert_eq!(c.limits.object_cache_mb, 0);
-    let err =
-        Config::load(&write(dir.path(), &format!("threads = 5000\n{MINIMAL}"))).unwrap_err();
+    let err = Config::load(&write(dir.path(), &format!("threads = 5000\n{MINIMAL}"))).unwrap_err();
     assert!(err.to_string().contains("threads"), "{err}");
 }
 

@@ -307,7 +307,11 @@ impl Tally {
             Some(p) => self.ok.push(format!("{} for {}", from.name, p.name)),
         }
         let replica = for_primary.unwrap_or(from).id;
-        for g in self.groups.iter_mut().filter(|g| g.members.contains(&replica)) {
+        for g in self
+            .groups
+            .iter_mut()
+            .filter(|g| g.members.contains(&replica))
+        {
             g.ok += 1;
             if for_primary.is_none() {
                 g.primaries += 1;

@@ -79,9 +79,9 @@ use crate::membership::{Membership, MEMBERS_KEY};
 use crate::metrics::Metrics;
 use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
 use crate::reaper::Reaper;
-use crate::transfer::Transfer;
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree};
+use crate::transfer::Transfer;
 use crate::version::Object;
 
 /// A Shoal node: its components, wired. Cheap to clone.

@@ -463,7 +463,11 @@ impl Membership {
     /// taken the name since).
     pub fn removed_name(&self, name: &str) -> bool {
         let state = self.state.read().expect("membership lock");
-        let members = state.cluster.members.values().filter(|m| m.info.name == name);
+        let members = state
+            .cluster
+            .members
+            .values()
+            .filter(|m| m.info.name == name);
         let (mut removed, mut live) = (false, false);
         for m in members {
             if m.removed {

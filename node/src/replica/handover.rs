@@ -77,9 +77,10 @@ impl<S: Store> Replica<S> {
             if !partitions.contains(&self.partition_of(key)) {
                 continue;
             }
-            let entry = match record.map_err(|_| ()).and_then(|bytes| {
-                hints::decode_hint(&bytes).map_err(|_| ())
-            }) {
+            let entry = match record
+                .map_err(|_| ())
+                .and_then(|bytes| hints::decode_hint(&bytes).map_err(|_| ()))
+            {
                 Ok((object, lost)) => HandoffEntry {
                     key: key.to_vec(),
                     object,

@@ -120,7 +120,10 @@ impl<S: Store> Replica<S> {
     /// Merges handed-off objects into this node's copies; a hint that was
     /// lost on its way marks the copy lost (see [`super::hints`]). On
     /// failure, the key that failed.
-    pub(super) fn accept_handoff(&self, entries: &[HandoffEntry]) -> Result<(), (Vec<u8>, StoreError)> {
+    pub(super) fn accept_handoff(
+        &self,
+        entries: &[HandoffEntry],
+    ) -> Result<(), (Vec<u8>, StoreError)> {
         for e in entries {
             let merged = if e.lost {
                 self.merge_incomplete(&e.key, &e.object)

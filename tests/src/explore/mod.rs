@@ -252,8 +252,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
     )));
     let pruning = (rng.below(100) < options.pruning_percent)
         .then(|| (rng.range(1, 2) as usize, rng.range(500, 3000)));
-    let mut corrupt =
-        options.corruption_percent > 0 && rng.below(100) < options.corruption_percent;
+    let mut corrupt = options.corruption_percent > 0 && rng.below(100) < options.corruption_percent;
     let mut changes_rng = SimRng::new(seed ^ 0x6d65_6d62_6572_7321);
     let changes = if changes_rng.below(100) < options.membership_percent {
         operator::draw(&mut changes_rng, size)

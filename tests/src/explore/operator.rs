@@ -44,7 +44,11 @@ pub fn draw(rng: &mut SimRng, size: usize) -> Vec<Change> {
             2 if members > 3 => Change::Remove,
             _ => Change::Join,
         };
-        members = if change == Change::Join { members + 1 } else { members - 1 };
+        members = if change == Change::Join {
+            members + 1
+        } else {
+            members - 1
+        };
         plan.push(change);
     }
     plan
@@ -119,12 +123,21 @@ pub async fn operator(
             let Ok(reply) = run(&shared, &mut rng, ClusterCommand::Plan).await else {
                 continue;
             };
-            let Some(plan) = reply.plan.filter(|_| {
-                reply.staged.iter().any(|(name, _)| *name == target)
-            }) else {
+            let Some(plan) = reply
+                .plan
+                .filter(|_| reply.staged.iter().any(|(name, _)| *name == target))
+            else {
                 continue;
             };
-            match run(&shared, &mut rng, ClusterCommand::Commit { version: plan.version }).await {
+            match run(
+                &shared,
+                &mut rng,
+                ClusterCommand::Commit {
+                    version: plan.version,
+                },
+            )
+            .await
+            {
                 Ok(_) => {
                     log(format!(
                         "{change:?} of {target} committed as layout {}: {} partitions move",

@@ -85,8 +85,7 @@ fn only_on_primaries(world: &World, key: &[u8]) -> bool {
     let primaries = world.primaries(key);
     world.machines.iter().enumerate().all(|(i, m)| {
         primaries.contains(&i)
-            || m
-                .node
+            || m.node
                 .as_ref()
                 .is_none_or(|n| n.local_get(key).ok().flatten().is_none())
     })
@@ -153,12 +152,16 @@ pub fn check(
                 )
             })
             .collect();
-        let over = world.machines.iter().filter_map(|m| m.node.as_ref()).all(|n| {
-            let c = n.membership().cluster();
-            c.version() == view.version
-                && c.layouts.len() == 1
-                && c.waiting_for(|p| p.cleaned).is_empty()
-        });
+        let over = world
+            .machines
+            .iter()
+            .filter_map(|m| m.node.as_ref())
+            .all(|n| {
+                let c = n.membership().cluster();
+                c.version() == view.version
+                    && c.layouts.len() == 1
+                    && c.waiting_for(|p| p.cleaned).is_empty()
+            });
         if !over {
             out.push(Violation {
                 family: "",
@@ -187,10 +190,11 @@ pub fn check(
                     world
                         .machines
                         .iter()
-                        .filter(|m| m
-                            .node
-                            .as_ref()
-                            .is_some_and(|n| n.local_get(&key).ok().flatten().is_some()))
+                        .filter(|m| m.node.as_ref().is_some_and(|n| n
+                            .local_get(&key)
+                            .ok()
+                            .flatten()
+                            .is_some()))
                         .map(|m| m.me.name.as_str())
                         .collect::<Vec<_>>()
                 ),

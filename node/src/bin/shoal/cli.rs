@@ -183,7 +183,17 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:<10} {:<10} {:<22} {:<22} {:>8} {:<6} {:>4} {:<8} {:>10} {:>8} {:>9}  SEES DOWN",
-        "NAME", "ID", "CLIENT", "PEER", "PID", "STATE", "RING", "ZONE", "PARTITIONS", "HINTS", "AAE FIXED"
+        "NAME",
+        "ID",
+        "CLIENT",
+        "PEER",
+        "PID",
+        "STATE",
+        "RING",
+        "ZONE",
+        "PARTITIONS",
+        "HINTS",
+        "AAE FIXED"
     );
     for (m, s) in &statuses {
         let (pid, state, version, zone, parts, hints, aae, cannot_reach) = match s {
@@ -254,7 +264,8 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
                 t.partitions_total,
                 t.keys,
                 t.bytes,
-                t.eta_secs.map_or(String::new(), |s| format!(", about {s} s left"))
+                t.eta_secs
+                    .map_or(String::new(), |s| format!(", about {s} s left"))
             );
         }
     }
@@ -268,7 +279,11 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
             "transition: layout {} -> {}; not synced yet: {}",
             t.from_version,
             t.to_version,
-            if t.unsynced.is_empty() { "none".to_string() } else { t.unsynced.join(", ") }
+            if t.unsynced.is_empty() {
+                "none".to_string()
+            } else {
+                t.unsynced.join(", ")
+            }
         );
     }
     Ok(())

@@ -108,7 +108,10 @@ fn configured(dir: &Path) -> usize {
 pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<String> {
     let existing = configured(dir);
     if existing == 0 {
-        bail!("no dev cluster in {}; start one with `shoal dev`", dir.display());
+        bail!(
+            "no dev cluster in {}; start one with `shoal dev`",
+            dir.display()
+        );
     }
     let i = existing + 1;
     let name = format!("node{i}");
@@ -181,7 +184,10 @@ pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<Stri
             dir.join(format!("{name}.log")).display()
         );
     } else {
-        println!("{name} configured: start it with `shoal node --config {}`", config_path(dir, i).display());
+        println!(
+            "{name} configured: start it with `shoal node --config {}`",
+            config_path(dir, i).display()
+        );
     }
     Ok(name)
 }

@@ -155,13 +155,25 @@ fn main() {
             rt.block_on(members::run(&args.dir, command, json))
         }),
         Command::Leave { node } => runtime().and_then(|rt| {
-            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Leave { node }, false))
+            rt.block_on(members::run(
+                &args.dir,
+                shoal_client::proto::ClusterCommand::Leave { node },
+                false,
+            ))
         }),
         Command::Remove { node } => runtime().and_then(|rt| {
-            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Remove { node }, false))
+            rt.block_on(members::run(
+                &args.dir,
+                shoal_client::proto::ClusterCommand::Remove { node },
+                false,
+            ))
         }),
         Command::Replace { old, new } => runtime().and_then(|rt| {
-            rt.block_on(members::run(&args.dir, shoal_client::proto::ClusterCommand::Replace { old, new }, false))
+            rt.block_on(members::run(
+                &args.dir,
+                shoal_client::proto::ClusterCommand::Replace { old, new },
+                false,
+            ))
         }),
         data => runtime().and_then(|rt| rt.block_on(cli::run(&args.dir, data))),
     };

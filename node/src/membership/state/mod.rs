@@ -378,7 +378,9 @@ impl ClusterState {
         }
         for w in self.layouts.windows(2) {
             if w[0].version >= w[1].version {
-                return Err(StateError::Malformed("layout versions not increasing".into()));
+                return Err(StateError::Malformed(
+                    "layout versions not increasing".into(),
+                ));
             }
         }
         for l in &self.layouts {
@@ -392,7 +394,10 @@ impl ClusterState {
         }
         for (id, m) in &self.members {
             if m.info.id != *id {
-                return Err(StateError::Malformed(format!("member {id} listed as {}", m.info.id)));
+                return Err(StateError::Malformed(format!(
+                    "member {id} listed as {}",
+                    m.info.id
+                )));
             }
         }
         Ok(())
@@ -473,12 +478,12 @@ impl ClusterState {
                 .get(id)
                 .ok_or_else(|| StateError::UnknownMember(name.clone()))?;
             match change {
-                Change::Join if member.removed => {
-                    return Err(StateError::BadChange {
-                        name,
-                        why: "removed; a removed machine rejoins with a new id (wipe its data directory)".into(),
-                    })
-                }
+                Change::Join if member.removed => return Err(StateError::BadChange {
+                    name,
+                    why:
+                        "removed; a removed machine rejoins with a new id (wipe its data directory)"
+                            .into(),
+                }),
                 Change::Join => {
                     members.insert(*id);
                 }
@@ -502,8 +507,13 @@ impl ClusterState {
             .iter()
             .map(|id| (*id, self.members.get(id).and_then(|m| m.info.zone.clone())))
             .collect();
-        let ring = Ring::claim_zoned(Some(&current.ring), &zoned, self.partitions, self.n as usize)
-            .map_err(|e| StateError::Ring(e.to_string()))?;
+        let ring = Ring::claim_zoned(
+            Some(&current.ring),
+            &zoned,
+            self.partitions,
+            self.n as usize,
+        )
+        .map_err(|e| StateError::Ring(e.to_string()))?;
         let moves = shoal_ring::transfers(&current.ring, &ring, self.n as usize);
         Ok(Plan {
             version: current.version + 1,
@@ -558,7 +568,6 @@ fn later<T: Serialize>(a: &T, b: &T, stamp: impl Fn(&T) -> u64) -> bool {
         }
     }
 }
-
 
 mod progress;
 #[cfg(test)]

@@ -69,5 +69,4 @@ impl ClusterState {
         }
         out
     }
-
 }

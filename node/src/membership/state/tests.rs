@@ -84,14 +84,14 @@ fn apply(s: &mut ClusterState, e: &Edit, now: u64) {
         Edit::Advance(i, synced) => {
             let v = s.version();
             s.advance(
-                    info(*i).id,
-                    Progress {
-                        acked: v,
-                        synced: if *synced { v } else { 0 },
-                        switched: if *synced { v } else { 0 },
-                        ..Progress::default()
-                    },
-                );
+                info(*i).id,
+                Progress {
+                    acked: v,
+                    synced: if *synced { v } else { 0 },
+                    switched: if *synced { v } else { 0 },
+                    ..Progress::default()
+                },
+            );
         }
     }
 }
@@ -189,11 +189,17 @@ fn a_removed_member_cannot_come_back() {
 fn too_few_members_are_refused() {
     let mut s = founded(3);
     s.stage(info(2).id, Some(Change::Leave), 5);
-    assert!(matches!(s.plan(), Err(StateError::TooFewMembers { left: 2, n: 3 })));
+    assert!(matches!(
+        s.plan(),
+        Err(StateError::TooFewMembers { left: 2, n: 3 })
+    ));
 }
 
 #[test]
 fn another_clusters_state_is_refused() {
     let s = ClusterState::new(128, 3);
-    assert!(matches!(s.check(Q, 3), Err(StateError::OtherCluster { .. })));
+    assert!(matches!(
+        s.check(Q, 3),
+        Err(StateError::OtherCluster { .. })
+    ));
 }
