@@ -68,6 +68,20 @@ pub struct Running {
 
 #[cfg(feature = "rocksdb")]
 impl Running {
+    /// Resolves when `shutdown` does, or when this node is no longer a
+    /// member of the cluster (it left, or was removed) and a peer has heard
+    /// so: a node that left stops by itself.
+    pub async fn until_stopped(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut departed = self.node.departed();
+        tokio::select! {
+            _ = shutdown => info!("shutting down"),
+            _ = departed.wait_for(|d| *d) => info!(
+                "this node is no longer a member of the cluster (it left, or was removed): shutting down; \
+                 to join again, wipe its data directory and start it with seeds"
+            ),
+        }
+    }
+
     /// Stops accepting, closes connections and waits for the server tasks.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -435,8 +449,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let running = start(config).await?;
-    shutdown.await;
-    info!("shutting down");
+    running.until_stopped(shutdown).await;
     running.stop().await;
     Ok(())
 }

@@ -204,7 +204,8 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         }
         // A node that left: once it dropped everything and holds no hint
         // (handoff delivers them), it removes itself, so that nothing waits
-        // for it any more; it then serves nothing and can be stopped.
+        // for it any more; it then serves nothing and stops once a peer has
+        // heard (`Node::departed`).
         let staged_join = cluster
             .staged
             .get(&me)
@@ -217,7 +218,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         {
             info!(
                 version = v,
-                "left the cluster: every partition handed off; this node can be stopped"
+                "left the cluster: every partition handed off; this node stops once a peer has heard"
             );
             let now = self.replica.now_ms();
             return self.membership.edit(|c| c.remove_now(me, now));

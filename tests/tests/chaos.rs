@@ -77,7 +77,7 @@ fn safety_holds_under_every_fault_kind() {
 #[test]
 fn cli_commands_stay_fast_with_a_node_cut_off() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = ChaosCluster::start(5, 2).expect("cluster");
+    let mut c = ChaosCluster::start(5, 0, 2).expect("cluster");
     c.wait_serving(Duration::from_secs(60)).expect("serving");
     let dir = c.cli_dir().expect("cli dir");
     let run = |c: &ChaosCluster, args: &[&str]| {

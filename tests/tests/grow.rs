@@ -362,6 +362,7 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     assert_eq!(client.ring_info().unwrap().members.len(), 5);
 
     // 5 -> 4: node2 leaves.
+    let leaver = c.pid_of("node2").await;
     let out = c.shoal(&["leave", "node2"]);
     assert!(
         out.status.success(),
@@ -375,6 +376,15 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     assert_eq!(after.len(), 4);
     assert!(!after.contains_key("node2"));
     assert_balanced(&after, q);
+    // Having handed everything off, the leaver stops by itself.
+    let stopped = wait_exit(leaver, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(c.path().join("node2.log")).unwrap_or_default();
+            let said: Vec<&str> = log.lines().filter(|l| l.contains("left") || l.contains("member") || l.contains("WARN")).collect();
+            panic!("node2 left and did not stop: {e}\nwhat its log says of it:\n{}\nlogs:\n{}", said.join("\n"), c.logs())
+        });
+    println!("node2 stopped by itself {stopped:.1?} after the leave settled");
 
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -397,6 +407,22 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     println!("node3 removed: every key back on 3 replicas {:.1?} after the commit ({took:.1?} to settle)", started.elapsed());
     check_keys(&client, &tally).await;
     assert_balanced(&shares(&client).await, q);
+}
+
+/// Waits (bounded) until process `pid` has exited (a zombie counts: the
+/// launcher reaps it); returns how long that took.
+async fn wait_exit(pid: u32, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        if stat.is_err() || stat.is_ok_and(|s| s.contains(") Z ")) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err(format!("process {pid} still running after {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits (bounded) until `node` reports a transfer partly done.

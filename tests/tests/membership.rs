@@ -251,6 +251,13 @@ async fn three_nodes_grow_to_five_and_shrink_to_four() {
         3,
     )
     .await;
+    // Having handed everything off, node2 is told to stop (the process
+    // exits on this).
+    let leaver = w.node(1).expect("node2 runs").clone();
+    until("node2 departed", Duration::from_secs(60), || {
+        *leaver.departed().borrow()
+    })
+    .await;
     let _ = Arc::clone(&net);
 }
 
@@ -323,6 +330,37 @@ async fn a_commit_right_after_staging_at_another_node_is_taken() {
         committed.is_ok(),
         "commit through {} of {name}'s leave: {committed:?}",
         w.name(at)
+    );
+    let _ = Arc::clone(&net);
+}
+
+/// The claimant killed and removed at once, before any detector saw it
+/// down: the removal is taken and the plan that moves its partitions
+/// commits on the next claimant (the commit was forwarded to the dead
+/// claimant and failed).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_claimant_just_killed_can_be_removed_and_the_plan_committed() {
+    let net = SimNetwork::new();
+    let mut rng = SimRng::new(23);
+    let mut w = World::new(net.clone(), 4, &mut rng, None);
+    until("ring", Duration::from_secs(10), || {
+        (0..4).all(|i| w.node(i).unwrap().membership().view().is_some())
+    })
+    .await;
+    let claimant = (0..4).min_by_key(|&i| w.machines[i].me.id).unwrap();
+    let at = (0..4).find(|&i| i != claimant).unwrap();
+    let name = w.name(claimant).to_string();
+    w.destroy(claimant);
+    let staged = cluster(&w, at, ClusterCommand::Remove { node: name.clone() })
+        .await
+        .expect("remove staged");
+    let version = staged.plan.map(|p| p.version).unwrap_or(2);
+    let committed = cluster(&w, at, ClusterCommand::Commit { version }).await;
+    assert!(
+        committed.is_ok(),
+        "commit of {name}'s removal through {}: {committed:?} (staged: {:?})",
+        w.name(at),
+        staged.message
     );
     let _ = Arc::clone(&net);
 }

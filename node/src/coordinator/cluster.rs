@@ -5,6 +5,7 @@
 //! the node's store, transport and clock.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use shoal_client::error::{ErrorKind, WireError};
 use shoal_client::proto::{
@@ -68,6 +69,11 @@ impl<T: Transport, S: Store> Node<T, S> {
                 if let Outcome::Merged { changed: true, .. } = outcome {
                     self.persist_cluster();
                 }
+                // The peer now has our state: a removal of this node is
+                // known beyond it, so it may stop.
+                if membership.removed(&self.inner.me.id) {
+                    self.inner.departed.send_replace(true);
+                }
                 Some(outcome)
             }
             Err(e) => {
@@ -123,6 +129,15 @@ impl<T: Transport, S: Store> Node<T, S> {
         claimant_of(&cluster, &view.ring).and_then(|id| view.members.get(&id).cloned())
     }
 
+    /// Whether `peer` answers a ping within a second.
+    async fn answers(&self, peer: &MemberInfo) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        matches!(
+            self.inner.transport.call(peer, PeerRequest::Ping, deadline).await,
+            Ok(PeerResponse::Pong)
+        )
+    }
+
     /// Runs an operator's membership command; a commit runs on the
     /// claimant (handed there unless `forwarded`).
     pub(super) async fn cluster_command(
@@ -174,10 +189,15 @@ impl<T: Transport, S: Store> Node<T, S> {
                 ));
             }
         }
-        let claimant_down = self
-            .claimant()
-            .filter(|c| c.id != self.inner.me.id && !self.is_up(c.id))
-            .map(|c| c.id);
+        let claimant_down = match self.claimant().filter(|c| c.id != self.inner.me.id) {
+            Some(c) if !self.is_up(c.id) => Some(c.id),
+            // A claimant the operator removes may have died a moment ago,
+            // before the detector noticed: asked at once.
+            Some(c) if matches!(&command, ClusterCommand::Remove { node } if *node == c.name) => {
+                (!self.answers(&c).await).then_some(c.id)
+            }
+            _ => None,
+        };
         let now = self.inner.settings.clock.now_ms();
         // One edit: on a cluster still on its static ring the edit sees that
         // ring as layout 1, for staging and planning alike.

@@ -119,6 +119,9 @@ struct Parts<T, S> {
     /// Picks gossip partners, seeded from the node id (replayable).
     partners: crate::gossip::Partners,
     transfer: Transfer<T, S>,
+    /// Turns true once this node is removed from the cluster (it left, or
+    /// an operator removed it) and a peer has its state.
+    departed: tokio::sync::watch::Sender<bool>,
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
@@ -223,6 +226,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 forwards_seen: ForwardsSeen::default(),
                 partners,
                 transfer,
+                departed: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -233,6 +237,12 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// Turns true once this node is no longer a member (it left, or was
+    /// removed) and a peer has heard so: `server::run` then stops it.
+    pub fn departed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.departed.subscribe()
     }
 
     pub fn membership(&self) -> &Membership {
@@ -321,7 +331,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 Response::Error(shoal_client::error::WireError::new(
                     shoal_client::error::ErrorKind::NotReady,
                     format!(
-                        "{} is no longer a member of the cluster (it left or was removed); it can be stopped",
+                        "{} is no longer a member of the cluster (it left or was removed); it is stopping",
                         self.inner.me.name
                     ),
                 ))

@@ -38,17 +38,21 @@ pub struct NodeProc {
     clock: PathBuf,
     child: Option<Child>,
     pub paused: bool,
+    /// Not a member: a spare slot not yet joined, or a node that left or
+    /// was removed. It is not started again until it joins (afresh).
+    pub retired: bool,
 }
 
 impl ChaosCluster {
     /// Sets up the lab, the certificates, configs and tmpfs disks of `nodes`
-    /// nodes, and starts them.
-    pub fn start(nodes: usize, seed: u64) -> anyhow::Result<ChaosCluster> {
+    /// founding nodes and `spares` more slots (a namespace, a certificate
+    /// and a disk each, for joins), and starts the founding nodes.
+    pub fn start(nodes: usize, spares: usize, seed: u64) -> anyhow::Result<ChaosCluster> {
         if !Path::new(FAKETIME_LIB).exists() {
             bail!("{FAKETIME_LIB} not found: run deploy/setup.sh (it installs libfaketime)");
         }
         remove_stale_processes_and_mounts();
-        let lab = Lab::create(nodes, seed)?;
+        let lab = Lab::create(nodes + spares, seed)?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()?;
@@ -74,7 +78,7 @@ impl ChaosCluster {
             lab,
             nodes: Vec::new(),
         };
-        for i in 1..=nodes {
+        for i in 1..=nodes + spares {
             let host = Host::Node(i);
             let name = host.to_string();
             let root = cluster.dir.path();
@@ -103,9 +107,16 @@ impl ChaosCluster {
                     cert: root.join(format!("{name}.pem")),
                     key: root.join(format!("{name}.key")),
                 },
-                cluster: ClusterConfig {
-                    members: members.clone(),
-                    ..Default::default()
+                cluster: if i <= nodes {
+                    ClusterConfig {
+                        members: members.clone(),
+                        ..Default::default()
+                    }
+                } else {
+                    ClusterConfig {
+                        seeds: members.clone(),
+                        ..Default::default()
+                    }
                 },
                 threads: 1,
                 ..Default::default()
@@ -127,12 +138,51 @@ impl ChaosCluster {
                 clock,
                 child: None,
                 paused: false,
+                retired: i > nodes,
             });
         }
         for i in 0..nodes {
             cluster.spawn(i)?;
         }
         Ok(cluster)
+    }
+
+    /// Makes retired slot `i` a new machine that joins through the
+    /// members' addresses: its disk wiped (so it gets a new id), its config
+    /// naming seeds; then starts it. It stages its own join.
+    pub fn join(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(self.nodes[i].retired && !self.running(i), "{} is not a spare", self.nodes[i].name);
+        let seeds: Vec<MemberConfig> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.retired)
+            .map(|n| MemberConfig {
+                name: n.name.clone(),
+                peer_addr: SocketAddr::from((n.host.ip(), PEER_PORT)),
+            })
+            .collect();
+        let node = &self.nodes[i];
+        for entry in std::fs::read_dir(&node.data)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let mut config = Config::load(&node.config)?;
+        config.cluster.members.clear();
+        config.cluster.seeds = seeds;
+        config.validate()?;
+        std::fs::write(&node.config, toml::to_string_pretty(&config)?)?;
+        std::fs::write(&node.clock, "+0\n")?;
+        self.nodes[i].retired = false;
+        self.spawn(i)
+    }
+
+    /// Slots that are members (or joining): not retired.
+    pub fn members(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| !self.nodes[i].retired).collect()
     }
 
     pub fn seeds(&self) -> Vec<SocketAddr> {
@@ -205,7 +255,7 @@ impl ChaosCluster {
     /// Nodes that exited on their own (the nemesis only kills with
     /// [`Self::kill`], which forgets the child), with their exit status;
     /// they are forgotten too, so [`Self::spawn`] can start them again.
-    pub fn exited(&mut self) -> Vec<(usize, String)> {
+    pub fn exited(&mut self) -> Vec<(usize, std::process::ExitStatus)> {
         let mut out = Vec::new();
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let status = node
@@ -214,7 +264,7 @@ impl ChaosCluster {
                 .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = status {
                 node.child = None;
-                out.push((i, status.to_string()));
+                out.push((i, status));
             }
         }
         out
@@ -298,7 +348,7 @@ impl ChaosCluster {
     /// Waits (bounded) until every node knows the ring and sees every peer
     /// up, asking from the clients' namespace.
     pub fn wait_serving(&self, within: Duration) -> anyhow::Result<()> {
-        let nodes = self.nodes.len();
+        let nodes = self.members().len();
         self.wait_statuses("every node ready", within, move |all| {
             all.len() == nodes
                 && all

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod history;
 pub mod nemesis;
 pub mod net;
+pub mod operator;
 pub mod report;
 pub mod workload;
 
@@ -36,7 +37,11 @@ use self::net::Host;
 pub struct Settings {
     /// Drives the nemesis, the workload's choices and the delays.
     pub seed: u64,
+    /// Founding members.
     pub nodes: usize,
+    /// Slots beyond them, for joins (a node that left or was removed
+    /// frees its slot for a later join, wiped).
+    pub spares: usize,
     pub clients: u32,
     pub keys: u32,
     /// How long faults are injected while the workload runs.
@@ -53,6 +58,7 @@ impl Settings {
         Settings {
             seed,
             nodes: 5,
+            spares: 1,
             clients: 16,
             keys: 48,
             fault_secs,
@@ -85,7 +91,7 @@ pub struct Outcomes {
 
 pub fn run(settings: Settings) -> anyhow::Result<Outcomes> {
     let began = Instant::now();
-    let mut cluster = ChaosCluster::start(settings.nodes, settings.seed)?;
+    let mut cluster = ChaosCluster::start(settings.nodes, settings.spares, settings.seed)?;
     let result = run_on(&mut cluster, &settings, began);
     if result.is_err() {
         eprintln!("node logs:\n{}", cluster.logs(30));
@@ -116,7 +122,7 @@ fn run_on(
             client_runtime().block_on(workload::run(workload, config, started, until))
         })?
     };
-    let mut nemesis = nemesis::Nemesis::new(settings.seed, started);
+    let mut nemesis = nemesis::Nemesis::new(settings.seed, started, cluster)?;
     let faults = nemesis.run(cluster, until);
     // The workload stops at `until` on its own; heal before waiting for it.
     let healed = nemesis.heal_all(cluster);

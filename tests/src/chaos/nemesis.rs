@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::cluster::ChaosCluster;
 use super::net::Host;
+use super::operator::{Change, Operator, Step, MIN_MEMBERS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Kind {
@@ -24,9 +25,15 @@ pub enum Kind {
     Degrade,
     DiskFull,
     ClockJump,
+    /// A new machine joins (a spare slot, or one that left, wiped).
+    Join,
+    /// A member leaves: `shoal leave`, commit; it hands off, then stops.
+    Leave,
+    /// A member is killed for good and `shoal remove`d.
+    Remove,
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 13] = [
     Kind::Kill,
     Kind::Pause,
     Kind::PartitionHalves,
@@ -37,9 +44,16 @@ pub const KINDS: [Kind; 10] = [
     Kind::Degrade,
     Kind::DiskFull,
     Kind::ClockJump,
+    Kind::Join,
+    Kind::Leave,
+    Kind::Remove,
 ];
 
 impl Kind {
+    pub fn is_membership(self) -> bool {
+        matches!(self, Kind::Join | Kind::Leave | Kind::Remove)
+    }
+
     fn is_partition(self) -> bool {
         matches!(
             self,
@@ -81,14 +95,17 @@ pub struct Nemesis {
     /// tail).
     pub crashes: Vec<String>,
     next_start: Instant,
+    operator: Operator,
+    /// The membership change under way, if any (one at a time).
+    change: Option<Change>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, started: Instant) -> Nemesis {
+    pub fn new(seed: u64, started: Instant, cluster: &ChaosCluster) -> anyhow::Result<Nemesis> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
         let mut pending = KINDS.to_vec();
         pending.shuffle(&mut rng);
-        Nemesis {
+        Ok(Nemesis {
             rng,
             started,
             active: Vec::new(),
@@ -96,7 +113,9 @@ impl Nemesis {
             spans: Vec::new(),
             crashes: Vec::new(),
             next_start: started + Duration::from_secs(3),
-        }
+            operator: Operator::new(cluster)?,
+            change: None,
+        })
     }
 
     fn ms(&self) -> u64 {
@@ -114,6 +133,7 @@ impl Nemesis {
 
     fn tick(&mut self, cluster: &mut ChaosCluster) -> anyhow::Result<()> {
         self.restart_crashed(cluster)?;
+        self.drive_change(cluster)?;
         let now = Instant::now();
         let mut i = 0;
         while i < self.active.len() {
@@ -124,7 +144,7 @@ impl Nemesis {
                 i += 1;
             }
         }
-        if self.active.len() >= 2 || now < self.next_start {
+        if self.active.len() + usize::from(self.change.is_some()) >= 2 || now < self.next_start {
             return Ok(());
         }
         let kind = match self.pending.last() {
@@ -138,13 +158,47 @@ impl Nemesis {
             self.pending.insert(0, kind);
             return Ok(());
         }
+        let mut busy: Vec<usize> = self.active.iter().flat_map(|a| a.nodes.clone()).collect();
+        busy.extend(self.change.as_ref().map(|c| c.node));
+        let free: Vec<usize> = (0..cluster.nodes.len())
+            .filter(|n| !busy.contains(n) && !cluster.nodes[*n].retired)
+            .collect();
+        if kind.is_membership() {
+            let spares: Vec<usize> = (0..cluster.nodes.len())
+                .filter(|n| cluster.nodes[*n].retired && !cluster.running(*n))
+                .collect();
+            let possible = self.change.is_none()
+                && match kind {
+                    Kind::Join => !spares.is_empty(),
+                    _ => cluster.members().len() > MIN_MEMBERS && !free.is_empty(),
+                };
+            if !possible {
+                // Another change first, or a join before the next leave.
+                self.pending.retain(|k| *k != kind);
+                self.pending.insert(0, kind);
+                return Ok(());
+            }
+            if self.pending.last() == Some(&kind) {
+                self.pending.pop();
+            }
+            let node = *if kind == Kind::Join { &spares } else { &free }
+                .choose(&mut self.rng)
+                .expect("a node");
+            let span = self.spans.len();
+            let change = self.operator.start(cluster, kind, node, span)?;
+            self.spans.push(Span {
+                kind,
+                target: change.name.clone(),
+                start_ms: self.ms(),
+                end_ms: 0,
+            });
+            self.change = Some(change);
+            self.next_start = now + Duration::from_millis(self.rng.gen_range(1_000..4_000));
+            return Ok(());
+        }
         if self.pending.last() == Some(&kind) {
             self.pending.pop();
         }
-        let busy: Vec<usize> = self.active.iter().flat_map(|a| a.nodes.clone()).collect();
-        let free: Vec<usize> = (0..cluster.nodes.len())
-            .filter(|n| !busy.contains(n))
-            .collect();
         let Some(&node) = free.choose(&mut self.rng) else {
             return Ok(());
         };
@@ -258,10 +312,33 @@ impl Nemesis {
         })
     }
 
+    /// Drives the membership change under way (see [`Operator::step`]).
+    fn drive_change(&mut self, cluster: &mut ChaosCluster) -> anyhow::Result<()> {
+        let ms = self.ms();
+        let Some(change) = self.change.as_mut() else {
+            return Ok(());
+        };
+        let step = self.operator.step(cluster, change)?;
+        let span = &mut self.spans[change.span];
+        match step {
+            Step::Waiting => return Ok(()),
+            Step::Committed(version) => span.target = format!("{} (layout {version})", change.name),
+            Step::GaveUp => span.target = format!("{} (given up: {})", change.name, change.last_error),
+        }
+        span.end_ms = ms;
+        self.change = None;
+        Ok(())
+    }
+
     /// Notes nodes that exited on their own and starts them again, unless a
-    /// fault still holds them (its heal starts them).
+    /// fault still holds them (its heal starts them). A node that stopped
+    /// cleanly (exit status 0) left the cluster: it is retired, not a crash.
     pub fn restart_crashed(&mut self, cluster: &mut ChaosCluster) -> anyhow::Result<()> {
         for (node, status) in cluster.exited() {
+            if status.success() {
+                cluster.nodes[node].retired = true;
+                continue;
+            }
             let ms = self.ms();
             self.crashes.push(format!(
                 "{ms} ms: node{} exited ({status}); its log ends:\n{}",
@@ -285,7 +362,7 @@ impl Nemesis {
             _ => cluster.lab.heal_partitions()?,
         }
         for &n in &a.nodes {
-            if !cluster.running(n) {
+            if !cluster.running(n) && !cluster.nodes[n].retired {
                 cluster.spawn(n)?;
             }
         }
@@ -311,7 +388,7 @@ impl Nemesis {
         }
         self.restart_crashed(cluster)?;
         for i in 0..cluster.nodes.len() {
-            if !cluster.running(i) {
+            if !cluster.running(i) && !cluster.nodes[i].retired {
                 cluster.spawn(i)?;
             }
         }

@@ -419,7 +419,12 @@ async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result
                 for (i, slot) in children.iter_mut().enumerate() {
                     if let Some(child) = slot {
                         if let Some(status) = child.try_wait()? {
-                            println!("node{} exited ({status}); bring it back with: shoal node --config {}", i + 1, config_path(dir, i + 1).display());
+                            if status.success() {
+                                // A node stops by itself once it has left.
+                                println!("node{} stopped: it is no longer a member (it left, or was removed)", i + 1);
+                            } else {
+                                println!("node{} exited ({status}); bring it back with: shoal node --config {}", i + 1, config_path(dir, i + 1).display());
+                            }
                             *slot = None;
                         }
                     }

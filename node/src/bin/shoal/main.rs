@@ -37,7 +37,7 @@ enum Command {
         /// a certificate and a config whose seeds are the nodes there, and
         /// is started in the background; it stages its own join, which
         /// `shoal cluster plan` / `commit` apply. To shrink, `shoal leave
-        /// NODE`, plan and commit, then stop the node.
+        /// NODE`, plan and commit: the node stops once it handed everything off.
         #[arg(long)]
         add: bool,
         /// With --add: write the config, do not start the node.
@@ -92,7 +92,7 @@ enum Command {
         #[command(subcommand)]
         command: members::ClusterCmd,
     },
-    /// Stage NODE's leave: it hands every partition to the others, then can be stopped.
+    /// Stage NODE's leave: once committed, it hands every partition to the others, then stops.
     Leave { node: String },
     /// Stage the removal of NODE, a machine gone for good: its partitions
     /// are rebuilt on their new owners from the surviving replicas.
@@ -237,7 +237,7 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
             "ready: client {} peer {}",
             running.client_addr, running.peer_addr
         );
-        shutdown_signal().await;
+        running.until_stopped(shutdown_signal()).await;
         notify_systemd("STOPPING=1");
         running.stop().await;
         Ok(())
