@@ -92,8 +92,15 @@ impl LocalCluster {
 }
 
 impl Handle {
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many nodes the directory configures (`nodeN.toml`).
+    pub fn configured(&self) -> usize {
+        (1..)
+            .take_while(|i| self.dir.join(format!("node{i}.toml")).exists())
+            .count()
     }
 
     /// (name, ready, pid) of every node that answers.

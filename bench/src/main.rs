@@ -8,8 +8,10 @@
 //! shoal-bench --target redis://127.0.0.1:6379 --workload a --duration 30s
 //! shoal-bench --target etcd://127.0.0.1:2379 --workload b --rate 5000 --duration 30s
 //! shoal-bench --local 3 --workload a --duration 30s --kill-at 10s --restart-at 20s
+//! shoal-bench --local 3 --workload a --duration 90s --grow-by 2 --grow-at 20s
 //! ```
 
+mod grow;
 mod local;
 mod plot;
 mod report;
@@ -100,6 +102,13 @@ struct Args {
     kill_at: Option<Duration>,
     #[arg(long, value_parser = parse_duration, requires = "kill_at")]
     restart_at: Option<Duration>,
+    /// With --local: this many nodes join at --grow-at (configured with
+    /// seeds, started, the plan committed); the report gives the transfer
+    /// time, the bytes moved and the throughput dip.
+    #[arg(long, requires = "local")]
+    grow_by: Option<usize>,
+    #[arg(long, value_parser = parse_duration, default_value = "20s")]
+    grow_at: Duration,
     /// Where the JSON report goes.
     #[arg(long, default_value = "shoal-bench-out")]
     out: PathBuf,
@@ -229,6 +238,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let growth = match (&local, args.grow_by) {
+        (Some(l), Some(by)) if by > 0 => Some(tokio::spawn(grow::grow(
+            l.handle.clone(),
+            tokio::time::Instant::now(),
+            args.grow_at,
+            by,
+            duration.unwrap_or(Duration::from_secs(60)) + Duration::from_secs(120),
+        ))),
+        _ => None,
+    };
     let chooser = Arc::new(Chooser::new(
         args.workload,
         args.records,
@@ -249,6 +268,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(f) = fault {
         f.await?.context("fault injection")?;
     }
+    let growth = match growth {
+        Some(g) => Some(g.await?.context("growing the cluster")?),
+        None => None,
+    };
 
     let mode = match args.rate {
         Some(r) => format!("open loop at {r} ops/s, {} workers", args.concurrency),
@@ -265,6 +288,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         results.elapsed
     );
     print!("{}", report::table(&results));
+    if let Some(g) = &growth {
+        print!("{}", grow::summary(g, &results));
+    }
     if let Some(rate) = args.rate {
         let achieved = results.total() as f64 / results.elapsed.as_secs_f64();
         if results.fell_behind {
@@ -291,6 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "kill_at_secs": args.kill_at.map(|d| d.as_secs_f64()),
         "restart_at_secs": args.restart_at.map(|d| d.as_secs_f64()),
         "fault_node": args.kill_at.map(|_| args.fault_node.clone()),
+        "growth": growth,
     });
     let path = report::write_json(&args.out, &report::json_report(settings, &results))?;
     println!("report: {}", path.display());
@@ -300,6 +327,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(r) = args.restart_at {
         marks.push((r.as_secs_f64(), format!("RESTART {}", args.fault_node)));
+    }
+    if let Some(g) = &growth {
+        marks.push((g.committed_at_secs, format!("COMMIT +{}", g.nodes_added)));
+        if let Some(s) = g.settled_at_secs {
+            marks.push((s, "SETTLED".to_string()));
+        }
     }
     for p in plot::write(&args.out, &results, &marks)? {
         println!("plot: {}", p.display());

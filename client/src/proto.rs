@@ -180,6 +180,11 @@ pub struct PlanView {
     pub members: Vec<PlanMember>,
     /// Up to the first 64 partitions that move: (partition, from, to).
     pub transfers: Vec<(u32, Vec<String>, Vec<String>)>,
+    /// About how many bytes the new replicas will pull: the replicas moving
+    /// times the average replica size on the node that made the plan
+    /// (`None` when that node holds no replica to tell from).
+    #[serde(default)]
+    pub expected_bytes: Option<u64>,
 }
 
 /// One member's share before and after a plan.

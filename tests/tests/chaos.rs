@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use shoal_tests::chaos::cluster::ChaosCluster;
+use shoal_tests::chaos::nemesis::Kind;
 use shoal_tests::chaos::net::Host;
 use shoal_tests::chaos::{self, Settings};
 use shoal_tests::process::time_cli_commands;
@@ -41,6 +42,17 @@ fn safety_holds_under_every_fault_kind() {
     for c in &outcomes.crashes {
         println!("CRASH {c}");
     }
+    let changes: Vec<_> = outcomes
+        .faults
+        .iter()
+        .filter(|f| f.kind.is_membership())
+        .collect();
+    for f in &changes {
+        println!(
+            "{:?} {} from {} ms to {} ms",
+            f.kind, f.target, f.start_ms, f.end_ms
+        );
+    }
     assert!(v.safe(), "unsafe: {v:#?}");
     // Not safety, but resurrection is judged on converged keys only, and
     // two minutes is ample.
@@ -54,6 +66,16 @@ fn safety_holds_under_every_fault_kind() {
         "fault kinds never injected: {:?}",
         outcomes.unused_kinds
     );
+    // Each kind of membership change went through (committed), not only
+    // started.
+    for kind in [Kind::Join, Kind::Leave, Kind::Remove] {
+        assert!(
+            changes
+                .iter()
+                .any(|f| f.kind == kind && f.target.contains("(layout")),
+            "no {kind:?} committed: {changes:?}"
+        );
+    }
     assert!(
         outcomes.injected_lost_write_caught,
         "the checker missed an injected lost write"

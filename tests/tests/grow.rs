@@ -138,6 +138,11 @@ async fn commit(c: &DevCluster, client: &Client, expect: usize) -> u64 {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    // The plan says about how much will be copied (10,000 keys are there).
+    assert!(
+        plan.expected_bytes.is_some_and(|b| b > 0),
+        "no expected bytes in the plan: {plan:?}"
+    );
     let shown = c.shoal(&["cluster", "plan"]);
     println!("{}", String::from_utf8_lossy(&shown.stdout));
     let out = c.shoal(&["cluster", "commit", &plan.version.to_string()]);

@@ -129,6 +129,18 @@ impl<T: Transport, S: Store> Node<T, S> {
         claimant_of(&cluster, &view.ring).and_then(|id| view.members.get(&id).cloned())
     }
 
+    /// The average size of a replica (one partition's copy) here: what the
+    /// objects tree holds over the replicas this node holds. `None` when it
+    /// holds none.
+    fn bytes_per_replica(&self) -> Option<u64> {
+        let view = self.inner.membership.view()?;
+        let held = shoal_ring::replica_counts(&view.ring, self.inner.settings.n as usize)
+            .get(&self.inner.me.id)
+            .copied()
+            .filter(|h| *h > 0)?;
+        Some(self.inner.store.approximate_bytes(Tree::Objects) / held as u64)
+    }
+
     /// Whether `peer` answers a ping within a second.
     async fn answers(&self, peer: &MemberInfo) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -199,6 +211,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             _ => None,
         };
         let now = self.inner.settings.clock.now_ms();
+        let bytes_per_replica = self.bytes_per_replica();
         // One edit: on a cluster still on its static ring the edit sees that
         // ring as layout 1, for staging and planning alike.
         let reply = self
@@ -222,7 +235,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                         .iter()
                         .map(|(id, ch)| (c.name_of(id), format!("{ch:?}").to_lowercase()))
                         .collect(),
-                    plan: plan.map(|p| plan_view(c, before.as_ref(), &p)),
+                    plan: plan.map(|p| plan_view(c, before.as_ref(), &p, bytes_per_replica)),
                     message,
                 })
             });
@@ -337,7 +350,12 @@ fn member_in_layout(c: &ClusterState, name: &str) -> Result<NodeId, StateError> 
 }
 
 /// What operators read of a plan.
-fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> PlanView {
+fn plan_view(
+    cluster: &ClusterState,
+    before: Option<&Ring>,
+    plan: &Plan,
+    bytes_per_replica: Option<u64>,
+) -> PlanView {
     let n = cluster.n as usize;
     let after_parts = owned(&plan.ring);
     let after_reps = shoal_ring::replica_counts(&plan.ring, n);
@@ -351,10 +369,12 @@ fn plan_view(cluster: &ClusterState, before: Option<&Ring>, plan: &Plan) -> Plan
         .collect();
     ids.sort();
     ids.dedup();
+    let replicas_moving: u32 = plan.moves.iter().map(|m| m.to.len() as u32).sum();
     PlanView {
         version: plan.version,
         partitions_moving: plan.moves.len() as u32,
-        replicas_moving: plan.moves.iter().map(|m| m.to.len() as u32).sum(),
+        replicas_moving,
+        expected_bytes: bytes_per_replica.map(|b| b * u64::from(replicas_moving)),
         members: ids
             .iter()
             .map(|id| PlanMember {

@@ -128,6 +128,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Scanned>, StoreError>;
 
+    /// About how many bytes `tree` holds (the engine's estimate; 0 when it
+    /// cannot tell): for plans' expected transfer sizes, not for decisions.
+    fn approximate_bytes(&self, tree: Tree) -> u64;
+
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut b = WriteBatch::default();
         b.put(tree, key, value);

@@ -245,6 +245,17 @@ impl RocksStore {
 }
 
 impl Store for RocksStore {
+    fn approximate_bytes(&self, tree: Tree) -> u64 {
+        let Ok(db) = self.db() else { return 0 };
+        let property = |name: &str| {
+            db.property_int_value_cf(cf(&db, tree), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables")
+    }
+
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         let raw = db.get_pinned_cf(cf(&db, tree), key).map_err(io("get"))?;

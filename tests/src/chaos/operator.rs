@@ -16,7 +16,7 @@ use super::nemesis::Kind;
 /// otherwise leave keys with no quorum for the whole change.
 pub const MIN_MEMBERS: usize = 4;
 /// How long a change may wait for its commit.
-const COMMIT_WITHIN: Duration = Duration::from_secs(60);
+const COMMIT_WITHIN: Duration = Duration::from_secs(90);
 const RETRY: Duration = Duration::from_secs(2);
 
 /// A membership change under way: staged, then committed.

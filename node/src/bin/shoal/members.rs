@@ -56,8 +56,11 @@ fn print_reply(reply: &ClusterReply) {
     let Some(plan) = &reply.plan else {
         return;
     };
+    let bytes = plan.expected_bytes.map_or(String::new(), |b| {
+        format!(", about {} to copy", human_bytes(b))
+    });
     println!(
-        "plan for version {}: {} partitions change replicas, {} replicas move",
+        "plan for version {}: {} partitions change replicas, {} replicas move{bytes}",
         plan.version, plan.partitions_moving, plan.replicas_moving
     );
     println!(
@@ -95,5 +98,21 @@ fn list(names: &[String]) -> String {
         "-".into()
     } else {
         names.join(",")
+    }
+}
+
+/// 1536 -> "1.5 KiB".
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
