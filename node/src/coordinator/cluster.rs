@@ -64,14 +64,18 @@ impl<T: Transport, S: Store> Node<T, S> {
         let membership = &self.inner.membership;
         let peer = self.inner.partners.pick(membership, &self.inner.me)?;
         let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+        // Read before the exchange: a removal made while it ran (the
+        // transfer step removes a node that left) may not have reached
+        // the peer.
+        let removed = membership.removed(&self.inner.me.id);
         match gossip::exchange(membership, &*self.inner.transport, &peer, deadline).await {
             Ok(outcome) => {
                 if let Outcome::Merged { changed: true, .. } = outcome {
                     self.persist_cluster();
                 }
-                // The peer now has our state: a removal of this node is
-                // known beyond it, so it may stop.
-                if membership.removed(&self.inner.me.id) {
+                // The peer now has our state: this node's removal is known
+                // beyond it, so it may stop.
+                if removed {
                     self.inner.departed.send_replace(true);
                 }
                 Some(outcome)

@@ -98,6 +98,8 @@ pub struct Nemesis {
     operator: Operator,
     /// The membership change under way, if any (one at a time).
     change: Option<Change>,
+    /// Members whose leave is committed and who have not stopped yet.
+    leaving: Vec<usize>,
 }
 
 impl Nemesis {
@@ -115,6 +117,7 @@ impl Nemesis {
             next_start: started + Duration::from_secs(3),
             operator: Operator::new(cluster)?,
             change: None,
+            leaving: Vec::new(),
         })
     }
 
@@ -160,9 +163,11 @@ impl Nemesis {
         }
         let mut busy: Vec<usize> = self.active.iter().flat_map(|a| a.nodes.clone()).collect();
         busy.extend(self.change.as_ref().map(|c| c.node));
+        busy.extend(self.leaving.iter().copied());
         let free: Vec<usize> = (0..cluster.nodes.len())
             .filter(|n| !busy.contains(n) && !cluster.nodes[*n].retired)
             .collect();
+        let members = cluster.members().len() - self.leaving.len();
         if kind.is_membership() {
             let spares: Vec<usize> = (0..cluster.nodes.len())
                 .filter(|n| cluster.nodes[*n].retired && !cluster.running(*n))
@@ -170,7 +175,7 @@ impl Nemesis {
             let possible = self.change.is_none()
                 && match kind {
                     Kind::Join => !spares.is_empty(),
-                    _ => cluster.members().len() > MIN_MEMBERS && !free.is_empty(),
+                    _ => members > MIN_MEMBERS && !free.is_empty(),
                 };
             if !possible {
                 // Another change first, or a join before the next leave.
@@ -323,10 +328,33 @@ impl Nemesis {
         match step {
             Step::Waiting => return Ok(()),
             Step::Committed(version) => span.target = format!("{} (layout {version})", change.name),
-            Step::GaveUp => span.target = format!("{} (given up: {})", change.name, change.last_error),
         }
         span.end_ms = ms;
+        if change.kind == Kind::Leave {
+            // A member until it has handed off and stopped.
+            self.leaving.push(change.node);
+        }
         self.change = None;
+        Ok(())
+    }
+
+    /// After the final heal: waits (bounded) until the change under way
+    /// is committed, so that no run ends with one half made.
+    fn finish_change(&mut self, cluster: &mut ChaosCluster) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Some(change) = &self.change {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{:?} of {} not committed within 120 s of the final heal: {}",
+                    change.kind,
+                    change.name,
+                    change.last_error
+                );
+            }
+            self.restart_crashed(cluster)?;
+            self.drive_change(cluster)?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
         Ok(())
     }
 
@@ -337,6 +365,7 @@ impl Nemesis {
         for (node, status) in cluster.exited() {
             if status.success() {
                 cluster.nodes[node].retired = true;
+                self.leaving.retain(|n| *n != node);
                 continue;
             }
             let ms = self.ms();
@@ -392,7 +421,7 @@ impl Nemesis {
                 cluster.spawn(i)?;
             }
         }
-        Ok(())
+        self.finish_change(cluster)
     }
 
     /// Kinds not yet used.

@@ -2,7 +2,9 @@
 //! would, with the `shoal` CLI from the clients' namespace (stage, plan,
 //! commit), among the other faults. One change at a time; a commit that is
 //! refused (a change still being applied, the claimant cut off) is tried
-//! again until a deadline, after which the change is given up and undone.
+//! again until it goes through: a change is never abandoned half made (a
+//! killed machine left in the layout, a joiner left staged). After the
+//! final heal the nemesis waits (bounded) for the change under way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,8 +17,6 @@ use super::nemesis::Kind;
 /// Members never go below this: with N=3 two faults at a time would
 /// otherwise leave keys with no quorum for the whole change.
 pub const MIN_MEMBERS: usize = 4;
-/// How long a change may wait for its commit.
-const COMMIT_WITHIN: Duration = Duration::from_secs(90);
 const RETRY: Duration = Duration::from_secs(2);
 
 /// A membership change under way: staged, then committed.
@@ -27,7 +27,10 @@ pub struct Change {
     pub name: String,
     /// Whether the stage command went through (a join stages itself).
     staged: bool,
-    deadline: Instant,
+    /// The layout version when the change was first seen staged: a later
+    /// version with the change no longer staged means a commit took it
+    /// (one whose reply was lost, say).
+    staged_at: Option<u64>,
     next_try: Instant,
     /// Index of its span in the nemesis's.
     pub span: usize,
@@ -38,7 +41,6 @@ pub struct Change {
 pub enum Step {
     Waiting,
     Committed(u64),
-    GaveUp,
 }
 
 /// The CLI directory, made once.
@@ -77,31 +79,26 @@ impl Operator {
             }
             other => unreachable!("{other:?} is not a membership change"),
         };
-        let now = Instant::now();
         Ok(Change {
             kind,
             node,
             name,
             staged,
-            deadline: now + COMMIT_WITHIN,
-            next_try: now,
+            staged_at: None,
+            next_try: Instant::now(),
             span,
             last_error: String::new(),
         })
     }
 
     /// Drives `change` one step: stage it, then commit the plan that
-    /// stages it, or give it up past its deadline.
+    /// stages it.
     pub fn step(&self, cluster: &mut ChaosCluster, change: &mut Change) -> anyhow::Result<Step> {
         let now = Instant::now();
         if now < change.next_try {
             return Ok(Step::Waiting);
         }
         change.next_try = now + RETRY;
-        if now >= change.deadline {
-            self.give_up(cluster, change)?;
-            return Ok(Step::GaveUp);
-        }
         if !change.staged {
             let verb = if change.kind == Kind::Leave { "leave" } else { "remove" };
             match self.run(cluster, &[verb, &change.name]) {
@@ -120,10 +117,14 @@ impl Operator {
             }
         };
         if !reply.staged.iter().any(|(name, _)| *name == change.name) {
+            if change.staged_at.is_some_and(|v| reply.version > v) {
+                return Ok(Step::Committed(reply.version));
+            }
             // A join shows up once gossip brought it to the node asked.
             change.last_error = format!("not staged yet: {}", reply.message);
             return Ok(Step::Waiting);
         }
+        change.staged_at.get_or_insert(reply.version);
         let Some(plan) = reply.plan else {
             change.last_error = reply.message;
             return Ok(Step::Waiting);
@@ -135,28 +136,6 @@ impl Operator {
                 Ok(Step::Waiting)
             }
         }
-    }
-
-    /// Undoes a change that was never committed.
-    fn give_up(&self, cluster: &mut ChaosCluster, change: &Change) -> anyhow::Result<()> {
-        match change.kind {
-            Kind::Join => {
-                // In no layout: removed at once, and the slot is free again.
-                let _ = self.run(cluster, &["remove", &change.name]);
-                cluster.kill(change.node);
-                cluster.nodes[change.node].retired = true;
-            }
-            _ => {
-                let _ = self.run(cluster, &["cluster", "clear"]);
-                if change.kind == Kind::Remove {
-                    // Still a member: back it comes. (If the remove took
-                    // effect after all, it stops by itself.)
-                    cluster.nodes[change.node].retired = false;
-                    cluster.spawn(change.node)?;
-                }
-            }
-        }
-        Ok(())
     }
 
     fn run(&self, cluster: &ChaosCluster, args: &[&str]) -> Result<String, String> {

@@ -249,12 +249,23 @@ impl ClusterState {
         !live.is_empty()
     }
 
-    /// The changes staged, in id order.
+    /// The changes staged, in id order. A removed member still in the
+    /// current layout counts as a staged `Remove` whatever was staged (a
+    /// `clear` may have un-staged it, and a removed member can never be
+    /// staged again): its partitions must go with the next plan.
     pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
-        self.staged
+        let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
+        let mut changes: BTreeMap<NodeId, Change> = self
+            .staged
             .iter()
             .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
-            .collect()
+            .collect();
+        for (id, m) in &self.members {
+            if m.removed && in_layout.contains(id) {
+                changes.insert(*id, Change::Remove);
+            }
+        }
+        changes.into_iter().collect()
     }
 
     /// Records a node's progress (only ever forward).

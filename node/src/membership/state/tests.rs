@@ -203,3 +203,20 @@ fn another_clusters_state_is_refused() {
         Err(StateError::OtherCluster { .. })
     ));
 }
+
+#[test]
+fn a_removed_member_leaves_the_next_layout_even_when_its_removal_was_cleared() {
+    // `shoal remove` during a change removes at once; a `shoal cluster
+    // clear` then un-stages it. The next plan still gives its partitions
+    // away (it was kept, for good, with nothing able to stage it again).
+    let mut s = founded(4);
+    let x = info(2).id;
+    s.stage(x, Some(Change::Remove), 5);
+    s.remove_now(x, 5);
+    s.clear(6);
+    let plan = s.plan().expect("a plan that drops the removed member");
+    assert!(!plan.ring.members().contains(&x));
+    assert_eq!(plan.changes, vec![(x, Change::Remove)]);
+    s.commit(plan.version, 7).unwrap();
+    assert!(!s.current().unwrap().ring.members().contains(&x));
+}
