@@ -334,6 +334,17 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // node5 is pointed at the cluster with `shoal join SEED`, from one
+    // member's address alone.
+    let path = c.path().join("node5.toml");
+    let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    config["cluster"].as_table_mut().unwrap().remove("seeds");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let seed = c.config_of("node1").client_addr.to_string();
+    let out = c.shoal(&["join", &seed, "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    assert!(c.config_of("node5").cluster.seeds.len() >= 3);
     c.restart("node4");
     c.restart("node5");
     let v = commit(&c, &client, 2).await;

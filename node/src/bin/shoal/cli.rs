@@ -144,6 +144,7 @@ pub async fn run(dir: &Path, command: DataCommand) -> anyhow::Result<()> {
         | DataCommand::Node { .. }
         | DataCommand::Certs { .. }
         | DataCommand::Cluster { .. }
+        | DataCommand::Join { .. }
         | DataCommand::Leave { .. }
         | DataCommand::Remove { .. }
         | DataCommand::Replace { .. } => {

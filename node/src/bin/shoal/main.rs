@@ -92,6 +92,17 @@ enum Command {
         #[command(subcommand)]
         command: members::ClusterCmd,
     },
+    /// Point a new node's config at a running cluster: the members are read
+    /// from SEED (any member's client address, with the CA and a client
+    /// certificate from --dir) and written as the config's `cluster.seeds`.
+    /// Started, the node announces itself and stages its join; then
+    /// `shoal cluster plan` and `shoal cluster commit`.
+    Join {
+        seed: std::net::SocketAddr,
+        /// The new node's config file (rewritten in place).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Stage NODE's leave: once committed, it hands every partition to the others, then stops.
     Leave { node: String },
     /// Stage the removal of NODE, a machine gone for good: its partitions
@@ -154,6 +165,9 @@ fn main() {
             };
             rt.block_on(members::run(&args.dir, command, json))
         }),
+        Command::Join { seed, config } => {
+            runtime().and_then(|rt| rt.block_on(members::join(&args.dir, seed, &config)))
+        }
         Command::Leave { node } => runtime().and_then(|rt| {
             rt.block_on(members::run(
                 &args.dir,

@@ -2,9 +2,13 @@
 //! leave`, `shoal remove`, `shoal replace`. Each stages or commits through
 //! any member (admin role); the plan is printed before anything moves.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
+use anyhow::{bail, Context};
 use shoal_client::proto::{ClusterCommand, ClusterReply};
+use shoal_client::{Client, ClientConfig};
+use shoal_node::config::{Config, MemberConfig};
 
 use crate::cli::connect;
 
@@ -26,6 +30,56 @@ pub enum ClusterCmd {
     },
     /// Drop every staged change.
     Clear,
+}
+
+/// `shoal join SEED --config PATH`: the members SEED knows become the
+/// config's seeds (its founding `members`, if any, are dropped: a node
+/// either founds a cluster or joins one).
+pub async fn join(dir: &Path, seed: SocketAddr, path: &Path) -> anyhow::Result<()> {
+    let mut config = Config::load(path)?;
+    let mut client_config = ClientConfig::from_dir(dir)
+        .or_else(|_| -> anyhow::Result<ClientConfig> {
+            // No seeds.txt: the CA (and certificate) alone will do.
+            let ca = std::fs::read(dir.join("ca.pem"))
+                .with_context(|| format!("no ca.pem in {} (use --dir)", dir.display()))?;
+            let mut c = ClientConfig::new(vec![seed], ca);
+            if let (Ok(cert), Ok(key)) = (
+                std::fs::read(dir.join("client.pem")),
+                std::fs::read(dir.join("client.key")),
+            ) {
+                c.identity = Some((cert, key));
+            }
+            Ok(c)
+        })?;
+    client_config.seeds = vec![seed];
+    let client = Client::connect(client_config).await?;
+    let ring = client.refresh_ring().await?;
+    let seeds: Vec<MemberConfig> = ring
+        .members
+        .iter()
+        .filter(|m| m.name != config.name)
+        .map(|m| MemberConfig {
+            name: m.name.clone(),
+            peer_addr: m.peer_addr,
+        })
+        .collect();
+    if seeds.is_empty() {
+        bail!("{seed} names no member other than {}", config.name);
+    }
+    let names: Vec<&str> = seeds.iter().map(|s| s.name.as_str()).collect();
+    config.cluster.members.clear();
+    config.cluster.seeds = seeds.clone();
+    config.validate()?;
+    std::fs::write(path, toml::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "{} now joins through {} seeds ({}); start it with `shoal node --config {}`: it stages its own join, then `shoal cluster plan` and `shoal cluster commit VERSION`",
+        path.display(),
+        names.len(),
+        names.join(", "),
+        path.display()
+    );
+    Ok(())
 }
 
 /// Runs one membership command and prints the reply.
