@@ -159,6 +159,10 @@ pub fn summary(g: &Growth, results: &Results) -> String {
     };
     let before = window(commit.saturating_sub(10), commit);
     let during = window(commit, end.max(commit + 1));
+    let after = match g.settled_at_secs {
+        Some(_) => window(end, full),
+        None => Vec::new(),
+    };
     let mean = |w: &[(u64, u64)]| w.iter().map(|x| x.0).sum::<u64>() as f64 / w.len().max(1) as f64;
     let worst = during.iter().map(|x| x.0).min().unwrap_or(0);
     let p99 = |w: &[(u64, u64)]| w.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1000.0;
@@ -170,16 +174,18 @@ pub fn summary(g: &Growth, results: &Results) -> String {
     format!(
         "growth: +{} nodes, layout {} committed at {:.1} s; transfer time (commit to settled everywhere): {transfer}\n\
          moved: {:.1} MiB in {} keys (pulled by the new replicas)\n\
-         throughput: {b:.0} ops/s in the {} s before the commit, {d:.0} ops/s during the transfer (dip {dip:.1}%), worst second {worst} ops/s\n\
-         p99 (worst second): {:.1} ms before, {:.1} ms during\n",
+         throughput: {b:.0} ops/s in the {} s before the commit, {d:.0} ops/s during the transfer (dip {dip:.1}%), worst second {worst} ops/s, {:.0} ops/s after it (on more processes)\n\
+         p99 (worst second): {:.1} ms before, {:.1} ms during, {:.1} ms after\n",
         g.nodes_added,
         g.layout,
         g.committed_at_secs,
         g.bytes_moved as f64 / (1 << 20) as f64,
         g.keys_moved,
         before.len(),
+        mean(&after),
         p99(&before),
         p99(&during),
+        p99(&after),
     )
 }
 

@@ -5,7 +5,6 @@
 //! primaries.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_client::proto::{
@@ -101,6 +100,23 @@ fn member(w: &World, i: usize) -> usize {
         })
         .collect();
     members[i % members.len()]
+}
+
+/// A simulated cluster of `size` founding nodes (seeded), every node
+/// knowing the ring.
+async fn ready(size: usize, seed: u64) -> World {
+    let mut rng = SimRng::new(seed);
+    let w = World::new(SimNetwork::new(), size, &mut rng, None);
+    until("ring", Duration::from_secs(10), || {
+        (0..size).all(|i| w.node(i).unwrap().membership().view().is_some())
+    })
+    .await;
+    w
+}
+
+/// The machine that commits changes: the lowest id.
+fn claimant(w: &World) -> usize {
+    (0..w.machines.len()).min_by_key(|&i| w.machines[i].me.id).unwrap()
 }
 
 /// Writes every key once, then checks during the change and after it.
@@ -214,13 +230,7 @@ async fn change_under_load(
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn three_nodes_grow_to_five_and_shrink_to_four() {
-    let net = SimNetwork::new();
-    let mut rng = SimRng::new(7);
-    let mut w = World::new(net.clone(), 3, &mut rng, None);
-    until("ring", Duration::from_secs(10), || {
-        (0..3).all(|i| w.node(i).unwrap().membership().view().is_some())
-    })
-    .await;
+    let mut w = ready(3, 7).await;
     change_under_load(
         &mut w,
         |w| {
@@ -258,18 +268,11 @@ async fn three_nodes_grow_to_five_and_shrink_to_four() {
         *leaver.departed().borrow()
     })
     .await;
-    let _ = Arc::clone(&net);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_replacement_takes_the_old_nodes_partitions() {
-    let net = SimNetwork::new();
-    let mut rng = SimRng::new(11);
-    let mut w = World::new(net.clone(), 4, &mut rng, None);
-    until("ring", Duration::from_secs(10), || {
-        (0..4).all(|i| w.node(i).unwrap().membership().view().is_some())
-    })
-    .await;
+    let mut w = ready(4, 11).await;
     let old_ring = w.view().unwrap().ring.clone();
     let old_id = w.machines[2].me.id;
     change_under_load(
@@ -310,14 +313,8 @@ async fn a_replacement_takes_the_old_nodes_partitions() {
 /// yet heard of the leave).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_commit_right_after_staging_at_another_node_is_taken() {
-    let net = SimNetwork::new();
-    let mut rng = SimRng::new(21);
-    let w = World::new(net.clone(), 4, &mut rng, None);
-    until("ring", Duration::from_secs(10), || {
-        (0..4).all(|i| w.node(i).unwrap().membership().view().is_some())
-    })
-    .await;
-    let claimant = (0..4).min_by_key(|&i| w.machines[i].me.id).unwrap();
+    let w = ready(4, 21).await;
+    let claimant = claimant(&w);
     let at = (0..4).find(|&i| i != claimant).unwrap();
     let leaver = (0..4).find(|&i| i != claimant && i != at).unwrap();
     let name = w.name(leaver).to_string();
@@ -331,7 +328,6 @@ async fn a_commit_right_after_staging_at_another_node_is_taken() {
         "commit through {} of {name}'s leave: {committed:?}",
         w.name(at)
     );
-    let _ = Arc::clone(&net);
 }
 
 /// The claimant killed and removed at once, before any detector saw it
@@ -340,14 +336,8 @@ async fn a_commit_right_after_staging_at_another_node_is_taken() {
 /// claimant and failed).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_claimant_just_killed_can_be_removed_and_the_plan_committed() {
-    let net = SimNetwork::new();
-    let mut rng = SimRng::new(23);
-    let mut w = World::new(net.clone(), 4, &mut rng, None);
-    until("ring", Duration::from_secs(10), || {
-        (0..4).all(|i| w.node(i).unwrap().membership().view().is_some())
-    })
-    .await;
-    let claimant = (0..4).min_by_key(|&i| w.machines[i].me.id).unwrap();
+    let mut w = ready(4, 23).await;
+    let claimant = claimant(&w);
     let at = (0..4).find(|&i| i != claimant).unwrap();
     let name = w.name(claimant).to_string();
     w.destroy(claimant);
@@ -362,5 +352,4 @@ async fn a_claimant_just_killed_can_be_removed_and_the_plan_committed() {
         w.name(at),
         staged.message
     );
-    let _ = Arc::clone(&net);
 }

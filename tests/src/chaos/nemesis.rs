@@ -1,7 +1,8 @@
 //! The nemesis: a seeded schedule of faults over the chaos cluster. Every
 //! kind is used at least once (in a seeded order), then kinds are drawn at
 //! random; at most two faults are active at a time, at most one of them a
-//! partition, and never two on one node.
+//! partition, and never two on one node. Membership changes (join, leave,
+//! remove; see [`super::operator`]) run one at a time beside them.
 
 use std::time::{Duration, Instant};
 
@@ -147,7 +148,9 @@ impl Nemesis {
                 i += 1;
             }
         }
-        if self.active.len() + usize::from(self.change.is_some()) >= 2 || now < self.next_start {
+        // A membership change is an operator's action beside the faults,
+        // not one of the two.
+        if self.active.len() >= 2 || now < self.next_start {
             return Ok(());
         }
         let kind = match self.pending.last() {
