@@ -71,7 +71,10 @@ pub async fn grow(
             .to_string();
         // Started in the run's process group, so it goes with the cluster.
         handle.restart(&name)?;
-        eprintln!("\n[{:.1?}] {name} started; it stages its join", start.elapsed());
+        eprintln!(
+            "\n[{:.1?}] {name} started; it stages its join",
+            start.elapsed()
+        );
     }
     // The joins reach the node asked by gossip.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -149,9 +152,9 @@ pub fn summary(g: &Growth, results: &Results) -> String {
         })
         .collect();
     let commit = g.committed_at_secs.floor() as usize;
-    let end = g
-        .settled_at_secs
-        .map_or(per_second.len(), |s| (s.ceil() as usize).min(per_second.len()));
+    let end = g.settled_at_secs.map_or(per_second.len(), |s| {
+        (s.ceil() as usize).min(per_second.len())
+    });
     // Whole seconds only: the last second of the run is partial.
     let full = per_second.len().saturating_sub(1);
     let window = |from: usize, to: usize| -> Vec<(u64, u64)> {
@@ -170,7 +173,9 @@ pub fn summary(g: &Growth, results: &Results) -> String {
     let dip = if b > 0.0 { 100.0 * (b - d) / b } else { 0.0 };
     let transfer = g
         .transfer_secs()
-        .map_or("not settled within the wait".to_string(), |t| format!("{t:.1} s"));
+        .map_or("not settled within the wait".to_string(), |t| {
+            format!("{t:.1} s")
+        });
     format!(
         "growth: +{} nodes, layout {} committed at {:.1} s; transfer time (commit to settled everywhere): {transfer}\n\
          moved: {:.1} MiB in {} keys (pulled by the new replicas)\n\

@@ -342,7 +342,11 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
     std::fs::write(&path, config.to_string()).unwrap();
     let seed = c.config_of("node1").client_addr.to_string();
     let out = c.shoal(&["join", &seed, "--config", path.to_str().unwrap()]);
-    assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{}", String::from_utf8_lossy(&out.stdout).trim());
     assert!(c.config_of("node5").cluster.seeds.len() >= 3);
     c.restart("node4");
@@ -397,8 +401,15 @@ async fn grow_to_five_shrink_to_four_and_replace_a_dead_node_while_serving() {
         .await
         .unwrap_or_else(|e| {
             let log = std::fs::read_to_string(c.path().join("node2.log")).unwrap_or_default();
-            let said: Vec<&str> = log.lines().filter(|l| l.contains("left") || l.contains("member") || l.contains("WARN")).collect();
-            panic!("node2 left and did not stop: {e}\nwhat its log says of it:\n{}\nlogs:\n{}", said.join("\n"), c.logs())
+            let said: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("left") || l.contains("member") || l.contains("WARN"))
+                .collect();
+            panic!(
+                "node2 left and did not stop: {e}\nwhat its log says of it:\n{}\nlogs:\n{}",
+                said.join("\n"),
+                c.logs()
+            )
         });
     println!("node2 stopped by itself {stopped:.1?} after the leave settled");
 

@@ -116,7 +116,9 @@ async fn ready(size: usize, seed: u64) -> World {
 
 /// The machine that commits changes: the lowest id.
 fn claimant(w: &World) -> usize {
-    (0..w.machines.len()).min_by_key(|&i| w.machines[i].me.id).unwrap()
+    (0..w.machines.len())
+        .min_by_key(|&i| w.machines[i].me.id)
+        .unwrap()
 }
 
 /// Writes every key once, then checks during the change and after it.

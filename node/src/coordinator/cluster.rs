@@ -149,7 +149,10 @@ impl<T: Transport, S: Store> Node<T, S> {
     async fn answers(&self, peer: &MemberInfo) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         matches!(
-            self.inner.transport.call(peer, PeerRequest::Ping, deadline).await,
+            self.inner
+                .transport
+                .call(peer, PeerRequest::Ping, deadline)
+                .await,
             Ok(PeerResponse::Pong)
         )
     }

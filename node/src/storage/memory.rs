@@ -128,9 +128,9 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn approximate_bytes(&self, tree: Tree) -> u64 {
         let d = self.data.read().expect("store lock");
-        d.trees
-            .get(&tree)
-            .map_or(0, |t| t.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
+        d.trees.get(&tree).map_or(0, |t| {
+            t.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+        })
     }
 
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -151,7 +151,11 @@ impl ChaosCluster {
     /// members' addresses: its disk wiped (so it gets a new id), its config
     /// naming seeds; then starts it. It stages its own join.
     pub fn join(&mut self, i: usize) -> anyhow::Result<()> {
-        anyhow::ensure!(self.nodes[i].retired && !self.running(i), "{} is not a spare", self.nodes[i].name);
+        anyhow::ensure!(
+            self.nodes[i].retired && !self.running(i),
+            "{} is not a spare",
+            self.nodes[i].name
+        );
         let seeds: Vec<MemberConfig> = self
             .nodes
             .iter()
@@ -182,7 +186,9 @@ impl ChaosCluster {
 
     /// Slots that are members (or joining): not retired.
     pub fn members(&self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| !self.nodes[i].retired).collect()
+        (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].retired)
+            .collect()
     }
 
     pub fn seeds(&self) -> Vec<SocketAddr> {

@@ -100,7 +100,11 @@ impl Operator {
         }
         change.next_try = now + RETRY;
         if !change.staged {
-            let verb = if change.kind == Kind::Leave { "leave" } else { "remove" };
+            let verb = if change.kind == Kind::Leave {
+                "leave"
+            } else {
+                "remove"
+            };
             match self.run(cluster, &[verb, &change.name]) {
                 Ok(_) => change.staged = true,
                 Err(e) => {
@@ -129,7 +133,10 @@ impl Operator {
             change.last_error = reply.message;
             return Ok(Step::Waiting);
         };
-        match self.reply(cluster, &["cluster", "commit", &plan.version.to_string(), "--json"]) {
+        match self.reply(
+            cluster,
+            &["cluster", "commit", &plan.version.to_string(), "--json"],
+        ) {
             Ok(_) => Ok(Step::Committed(plan.version)),
             Err(e) => {
                 change.last_error = e;

@@ -37,8 +37,8 @@ pub enum ClusterCmd {
 /// either founds a cluster or joins one).
 pub async fn join(dir: &Path, seed: SocketAddr, path: &Path) -> anyhow::Result<()> {
     let mut config = Config::load(path)?;
-    let mut client_config = ClientConfig::from_dir(dir)
-        .or_else(|_| -> anyhow::Result<ClientConfig> {
+    let mut client_config =
+        ClientConfig::from_dir(dir).or_else(|_| -> anyhow::Result<ClientConfig> {
             // No seeds.txt: the CA (and certificate) alone will do.
             let ca = std::fs::read(dir.join("ca.pem"))
                 .with_context(|| format!("no ca.pem in {} (use --dir)", dir.display()))?;
