@@ -68,11 +68,8 @@ impl<T: Transport, S: Store> Node<T, S> {
         // transfer step removes a node that left) may not have reached
         // the peer.
         let removed = membership.removed(&self.inner.me.id);
-        match gossip::exchange(membership, &*self.inner.transport, &peer, deadline).await {
+        match self.exchange_with(&peer, deadline).await {
             Ok(outcome) => {
-                if let Outcome::Merged { changed: true, .. } = outcome {
-                    self.persist_cluster();
-                }
                 // The peer now has our state: this node's removal is known
                 // beyond it, so it may stop.
                 if removed {
@@ -85,6 +82,26 @@ impl<T: Transport, S: Store> Node<T, S> {
                 None
             }
         }
+    }
+
+    /// One push-pull exchange with `peer`; our state is persisted if it
+    /// changed.
+    async fn exchange_with(
+        &self,
+        peer: &MemberInfo,
+        deadline: tokio::time::Instant,
+    ) -> Result<Outcome, String> {
+        let outcome = gossip::exchange(
+            &self.inner.membership,
+            &*self.inner.transport,
+            peer,
+            deadline,
+        )
+        .await?;
+        if let Outcome::Merged { changed: true, .. } = outcome {
+            self.persist_cluster();
+        }
+        Ok(outcome)
     }
 
     /// Answers a peer's gossip.
@@ -170,19 +187,8 @@ impl<T: Transport, S: Store> Node<T, S> {
                 // The claimant first learns what this node knows: the
                 // operator staged and planned here, and gossip may not
                 // have carried it there yet.
-                match gossip::exchange(
-                    &self.inner.membership,
-                    &*self.inner.transport,
-                    &claimant,
-                    deadline,
-                )
-                .await
-                {
-                    Ok(Outcome::Merged { changed: true, .. }) => self.persist_cluster(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(claimant = %claimant.name, error = %e, "state not exchanged before a commit")
-                    }
+                if let Err(e) = self.exchange_with(&claimant, deadline).await {
+                    tracing::debug!(claimant = %claimant.name, error = %e, "state not exchanged before a commit");
                 }
                 let forward = PeerRequest::Forward {
                     id: self.inner.coordinator.forward_ids.next(),

@@ -240,7 +240,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     }
 
     /// Turns true once this node is no longer a member (it left, or was
-    /// removed) and a peer has heard so: `server::run` then stops it.
+    /// removed) and a peer has heard so: `Running::until_stopped` then returns.
     pub fn departed(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.departed.subscribe()
     }

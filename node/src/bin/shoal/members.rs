@@ -37,6 +37,15 @@ pub enum ClusterCmd {
 /// either founds a cluster or joins one).
 pub async fn join(dir: &Path, seed: SocketAddr, path: &Path) -> anyhow::Result<()> {
     let mut config = Config::load(path)?;
+    // A node that has run has an id and data of its own cluster: it joins
+    // as a new machine only once wiped.
+    if std::fs::read_dir(&config.data_dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "{} already holds data ({}): a machine joins with an empty data directory (wipe it to join as a new node)",
+            config.name,
+            config.data_dir.display()
+        );
+    }
     let mut client_config =
         ClientConfig::from_dir(dir).or_else(|_| -> anyhow::Result<ClientConfig> {
             // No seeds.txt: the CA (and certificate) alone will do.
@@ -66,9 +75,9 @@ pub async fn join(dir: &Path, seed: SocketAddr, path: &Path) -> anyhow::Result<(
     if seeds.is_empty() {
         bail!("{seed} names no member other than {}", config.name);
     }
-    let names: Vec<&str> = seeds.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<String> = seeds.iter().map(|s| s.name.clone()).collect();
     config.cluster.members.clear();
-    config.cluster.seeds = seeds.clone();
+    config.cluster.seeds = seeds;
     config.validate()?;
     std::fs::write(path, toml::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", path.display()))?;
