@@ -145,6 +145,12 @@ enum CertsCommand {
 
 fn main() {
     let args = Args::parse();
+    if !matches!(args.command, Command::Node { .. } | Command::Dev { .. }) {
+        // A command's output piped into `head` ends quietly, as other
+        // command-line tools do, rather than panicking on a closed pipe.
+        // SAFETY: restores the default disposition before any thread runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match args.command {
         Command::Node { config } => run_node(config),
         Command::Dev {
