@@ -41,9 +41,10 @@ pub struct Handle {
 }
 
 impl LocalCluster {
-    /// Starts `shoal dev --nodes N` and waits (at most 60 s) until every
-    /// node knows the ring.
-    pub async fn start(nodes: usize) -> anyhow::Result<LocalCluster> {
+    /// Starts `shoal dev --nodes N` (`--fsync`: every write synced to disk
+    /// before it is acknowledged) and waits (at most 60 s) until every node
+    /// knows the ring.
+    pub async fn start(nodes: usize, fsync: bool) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
         let log = std::fs::File::create(dir.path().join("dev.log"))?;
         let launcher = Command::new(shoal_bin())
@@ -52,6 +53,7 @@ impl LocalCluster {
             .arg("dev")
             .arg("--nodes")
             .arg(nodes.to_string())
+            .args(fsync.then_some("--fsync"))
             .env_remove("SHOAL_DEV_DIR")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -94,6 +96,11 @@ impl LocalCluster {
 impl Handle {
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// The process group of the launcher and every node it started.
+    pub fn pgid(&self) -> i32 {
+        self.pgid
     }
 
     /// How many nodes the directory configures (`nodeN.toml`).

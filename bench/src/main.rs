@@ -9,13 +9,17 @@
 //! shoal-bench --target etcd://127.0.0.1:2379 --workload b --rate 5000 --duration 30s
 //! shoal-bench --local 3 --workload a --duration 30s --kill-at 10s --restart-at 20s
 //! shoal-bench --local 3 --workload a --duration 90s --grow-by 2 --grow-at 20s
+//! shoal-bench --local 3 --workload a --sweep 2000:2000 --duration 10s --out s
+//! shoal-bench --curves s,r,e --out curves
 //! ```
 
+mod cpu;
 mod grow;
 mod local;
 mod plot;
 mod report;
 mod runner;
+mod sweep;
 mod target;
 mod workload;
 
@@ -109,6 +113,23 @@ struct Args {
     grow_by: Option<usize>,
     #[arg(long, value_parser = parse_duration, default_value = "20s")]
     grow_at: Duration,
+    /// With --local: the nodes sync their WAL before acknowledging a write.
+    #[arg(long, requires = "local")]
+    fsync: bool,
+    /// The server processes whose CPU is reported, by name (`redis-server`,
+    /// `etcd`); a local cluster's are its own, a shoal:// target's are the
+    /// processes named `shoal`.
+    #[arg(long, value_delimiter = ',')]
+    server_process: Vec<String>,
+    /// Open-loop steps at rising rates until one falls behind, each
+    /// --duration long: FROM:STEP[:TO] or R1,R2,... (ops/s). Writes
+    /// sweep.json and latency-throughput.png to --out.
+    #[arg(long, conflicts_with_all = ["rate", "kill_at", "grow_by", "operations"])]
+    sweep: Option<sweep::Rates>,
+    /// Draw the sweeps in these directories (each from a --sweep run) as one
+    /// latency-throughput.png in --out, and exit.
+    #[arg(long, value_delimiter = ',')]
+    curves: Vec<PathBuf>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "shoal-bench-out")]
     out: PathBuf,
@@ -167,6 +188,11 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.curves.is_empty() {
+        let path = sweep::draw(&args.curves, &args.out)?;
+        println!("plot: {}", path.display());
+        return Ok(());
+    }
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -182,7 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(0) => bail!("--local needs at least one node"),
         Some(n) => {
             eprintln!("starting a local {n}-node Shoal cluster ...");
-            Some(local::LocalCluster::start(n).await?)
+            Some(local::LocalCluster::start(n, args.fsync).await?)
         }
         None => None,
     };
@@ -197,6 +223,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..RequestOptions::default()
     };
     let target = Target::connect(&spec, options).await?;
+    let servers = match (&local, &spec) {
+        (Some(l), _) => cpu::Servers::Group(l.handle.pgid()),
+        _ if !args.server_process.is_empty() => cpu::Servers::Named(args.server_process.clone()),
+        (None, TargetSpec::Shoal(_)) => cpu::Servers::Named(vec!["shoal".into()]),
+        _ => cpu::Servers::Unknown,
+    };
     let duration = match (args.duration, args.operations) {
         (None, None) => Some(Duration::from_secs(30)),
         (d, _) => d,
@@ -224,6 +256,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "\rpreloaded {} records in {:.1?} ({errors} errors){:40}",
             args.records, loaded.elapsed, ""
         );
+    }
+
+    if let Some(rates) = &args.sweep {
+        let chooser = Arc::new(Chooser::new(
+            args.workload,
+            args.records,
+            args.distribution,
+            args.value_size,
+        ));
+        let step = args.duration.unwrap_or(Duration::from_secs(10));
+        let steps = sweep::run(&target, chooser, rates, args.concurrency, step, &servers).await?;
+        println!(
+            "{} | workload {:?} | {:?} keys over {} records | values {}..{} B | open loop sweep, {} workers, {:.0?} per step",
+            spec.name(),
+            args.workload,
+            args.distribution,
+            args.records,
+            args.value_size.min,
+            args.value_size.max,
+            args.concurrency,
+            step
+        );
+        print!("{}", sweep::table(&steps));
+        let settings = json!({
+            "workload": args.workload,
+            "distribution": args.distribution,
+            "records": args.records,
+            "value_size": args.value_size,
+            "concurrency": args.concurrency,
+            "step_secs": step.as_secs_f64(),
+            "r": args.r,
+            "w": args.w,
+            "fsync": args.fsync,
+        });
+        let sweep = sweep::Sweep {
+            target: spec.name(),
+            settings,
+            steps,
+        };
+        println!("report: {}", sweep::write(&args.out, &sweep)?.display());
+        let path = sweep::draw(std::slice::from_ref(&args.out), &args.out)?;
+        println!("plot: {}", path.display());
+        drop(local);
+        return Ok(());
     }
 
     let fault = match (&local, args.kill_at) {
@@ -262,7 +338,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let count = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(count.clone(), args.operations, duration, "run");
+    let before = cpu::Sample::now(&servers);
     let results = runner::run(&target, chooser, &config, count).await?;
+    let cpu = before.until(&cpu::Sample::now(&servers), results.total(), &servers);
     bar.abort();
     eprintln!();
     if let Some(f) = fault {
@@ -291,6 +369,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(g) = &growth {
         print!("{}", grow::summary(g, &results));
     }
+    println!("{}", cpu.line());
     if let Some(rate) = args.rate {
         let achieved = results.total() as f64 / results.elapsed.as_secs_f64();
         if results.fell_behind {
@@ -318,8 +397,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "restart_at_secs": args.restart_at.map(|d| d.as_secs_f64()),
         "fault_node": args.kill_at.map(|_| args.fault_node.clone()),
         "growth": growth,
+        "fsync": args.fsync,
     });
-    let path = report::write_json(&args.out, &report::json_report(settings, &results))?;
+    let mut report = report::json_report(settings, &results);
+    report["cpu"] = json!(cpu);
+    let path = report::write_json(&args.out, &report)?;
     println!("report: {}", path.display());
     let mut marks = Vec::new();
     if let Some(k) = args.kill_at {

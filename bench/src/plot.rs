@@ -213,33 +213,47 @@ fn panel(
     x_range: (f64, f64),
     x_ticks: &[(f64, String)],
     marks: &[(f64, String)],
+    log_y: bool,
 ) {
     let (left, bottom) = (x + 90, y + h - 40);
     let (right, top) = (x + w - 20, y + 40);
-    let y_max = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max)
-        .max(1e-9)
-        * 1.1;
-    let step = nice_step(y_max, 5.0);
+    let values = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let y_max = values().fold(0.0f64, f64::max).max(1e-9);
+    // Linear: 0 to the largest value and a tenth; log: whole decades
+    // around every positive value.
+    let (y_lo, y_hi, y_ticks): (f64, f64, Vec<f64>) = if log_y {
+        let y_min = values().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+        let lo = y_min.min(y_max).log10().floor();
+        let hi = y_max.log10().ceil().max(lo + 1.0);
+        let ticks = (lo as i32..=hi as i32).map(|e| 10f64.powi(e)).collect();
+        (lo, hi, ticks)
+    } else {
+        let y_hi = y_max * 1.1;
+        let step = nice_step(y_hi, 5.0);
+        let ticks = (0..)
+            .map(|i| i as f64 * step)
+            .take_while(|t| *t <= y_hi)
+            .collect();
+        (0.0, y_hi, ticks)
+    };
+    let scale = |v: f64| if log_y { v.max(1e-12).log10() } else { v };
     let px_x = |v: f64| {
         left + ((v - x_range.0) / (x_range.1 - x_range.0).max(1e-9) * (right - left) as f64) as i64
     };
-    let px_y = |v: f64| bottom - (v / y_max * (bottom - top) as f64) as i64;
+    let px_y = |v: f64| {
+        bottom - ((scale(v) - y_lo) / (y_hi - y_lo).max(1e-9) * (bottom - top) as f64) as i64
+    };
     c.text(
         x + (w - Canvas::text_width(title)) / 2,
         y + 10,
         title,
         BLACK,
     );
-    let mut t = 0.0;
-    while t <= y_max {
+    for t in y_ticks {
         let py = px_y(t);
         c.line((left, py), (right, py), GRID, false);
         let l = label(t);
         c.text(left - 10 - Canvas::text_width(&l), py - 7, &l, BLACK);
-        t += step;
     }
     for (v, l) in x_ticks {
         let px = px_x(*v);
@@ -262,6 +276,15 @@ fn panel(
                 color,
                 true,
             );
+        }
+        // Curves of a few measured steps (the log panels): each step marked.
+        if log_y {
+            for p in &s.points {
+                let (px, py) = (px_x(p.0), px_y(p.1));
+                for d in -3..=3 {
+                    c.line((px - 3, py + d), (px + 3, py + d), color, false);
+                }
+            }
         }
         if let [only] = s.points.as_slice() {
             c.line(
@@ -315,6 +338,7 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         (0.0, secs),
         &x_ticks,
         marks,
+        false,
     );
     panel(
         &mut timeline,
@@ -326,6 +350,7 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         (0.0, secs),
         &x_ticks,
         marks,
+        false,
     );
     std::fs::create_dir_all(dir)?;
     let timeline_path = dir.join("timeline.png");
@@ -370,10 +395,60 @@ pub fn write(dir: &Path, r: &Results, marks: &[(f64, String)]) -> anyhow::Result
         (std::f64::consts::LOG10_2, 4.3),
         &ticks,
         &[],
+        false,
     );
     let spectrum_path = dir.join("spectrum.png");
     spectrum.png(&spectrum_path)?;
     Ok(vec![timeline_path, spectrum_path])
+}
+
+/// One target's latency-throughput curve: per sweep step, the achieved
+/// throughput (ops/s) and the p50, p99 and p99.9 latency (ms).
+pub struct Curve {
+    pub name: String,
+    pub points: Vec<(f64, [f64; 3])>,
+}
+
+/// Writes the latency-throughput curves of `curves` to `path`: three panels
+/// (p50, p99, p99.9), latency on a log scale against achieved throughput,
+/// one line per target.
+pub fn curves(path: &Path, curves: &[Curve]) -> anyhow::Result<()> {
+    let x_max = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max)
+        * 1.05;
+    let step = nice_step(x_max, 8.0);
+    let x_ticks: Vec<(f64, String)> = (0..)
+        .map(|i| i as f64 * step)
+        .take_while(|v| *v <= x_max)
+        .map(|v| (v, format!("{v:.0}")))
+        .collect();
+    let mut canvas = Canvas::new(1200, 1200);
+    for (i, name) in ["P50", "P99", "P99.9"].iter().enumerate() {
+        let series: Vec<Series> = curves
+            .iter()
+            .map(|c| Series {
+                name: c.name.clone(),
+                points: c.points.iter().map(|(x, l)| (*x, l[i])).collect(),
+            })
+            .collect();
+        let top = i as i64 * 400;
+        panel(
+            &mut canvas,
+            (0, top, 1200, 400),
+            &format!("{name} LATENCY (MS, LOG) AGAINST ACHIEVED OPS/S"),
+            &series,
+            (0.0, x_max),
+            &x_ticks,
+            &[],
+            true,
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    canvas.png(path)
 }
 
 #[cfg(test)]
@@ -397,6 +472,26 @@ mod tests {
             assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{}", p.display());
             assert!(bytes.ends_with(&[0xae, 0x42, 0x60, 0x82]), "IEND crc");
         }
+    }
+
+    #[test]
+    fn writes_a_latency_throughput_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("curves.png");
+        let curve = |name: &str, k: f64| Curve {
+            name: name.into(),
+            points: (1..=5)
+                .map(|i| {
+                    (
+                        i as f64 * 1000.0 * k,
+                        [0.3 * i as f64, 1.0 * i as f64, 5.0 * i as f64],
+                    )
+                })
+                .collect(),
+        };
+        curves(&path, &[curve("SHOAL", 2.0), curve("REDIS", 10.0)]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
     }
 
     #[test]

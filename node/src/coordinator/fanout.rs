@@ -30,7 +30,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         deadline: Instant,
     ) -> Result<PeerResponse, TransportError> {
         if to.id == self.me.id {
-            Ok(self.replica.answer(self.me.id, request))
+            Ok(self.replica.answer(self.me.id, request).settled().await)
         } else {
             self.transport.call(to, request, deadline).await
         }
@@ -317,6 +317,11 @@ impl Tally {
                 g.primaries += 1;
             }
         }
+    }
+
+    /// A replica that failed outside of the fan-out (the local copy).
+    pub(super) fn fail(&mut self, why: String) {
+        self.failed.push(why);
     }
 
     /// Whether the quorum is met (in every layout's list, in transition).

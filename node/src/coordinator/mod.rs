@@ -579,8 +579,16 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
             // off the worker, which also drives the node's connections.
             replica if replica.is_bulk() => {
                 crate::tasks::heavy(|| self.inner.replica.answer(self.inner.me.id, replica))
+                    .settled()
+                    .await
             }
-            replica => self.inner.replica.answer(self.inner.me.id, replica),
+            replica => {
+                self.inner
+                    .replica
+                    .answer(self.inner.me.id, replica)
+                    .settled()
+                    .await
+            }
         }
     }
 }

@@ -363,7 +363,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         // Kept to hand the write on should this node fail to store it.
         let retry = (!forwarded && !others.is_empty()).then(|| (value.clone(), context.clone()));
-        let (object, dot) = match self.replica.write(&key, &ctx, value) {
+        let (object, dot, durable) = match self.replica.write(&key, &ctx, value) {
             Ok(written) => written,
             // This node cannot store (a full or failing disk), so it cannot
             // mint a version; nothing was written here, and another primary
@@ -397,7 +397,16 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let mut answers =
             self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
         let mut tally = Tally::over(&lists);
-        tally.count(&self.me, None);
+        // The local copy counts once durable (with `fsync`, when a WAL
+        // sync shared with other writes covers it), while the others store.
+        match tokio::time::timeout_at(deadline, durable.wait()).await {
+            Ok(Ok(())) => tally.count(&self.me, None),
+            Ok(Err(e)) => tally.fail(format!("{}: {e}", self.me.name)),
+            Err(_) => tally.fail(format!(
+                "{}: the local write was not synced in time",
+                self.me.name
+            )),
+        }
         tally
             .collect(&mut answers, others.len(), w, pw, deadline, drop)
             .await;

@@ -39,7 +39,7 @@ use shoal_ring::NodeId;
 use crate::clock::Clock;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::storage::{Store, StoreError, Tree, WriteBatch};
+use crate::storage::{Durable, Store, StoreError, Tree, WriteBatch};
 use crate::version::{
     decode_object, encode_object, Actors, Dot, Object, VersionError, VersionVector,
 };
@@ -62,6 +62,16 @@ pub struct ReplicaSettings {
     pub max_object_bytes: usize,
     /// Wall-clock time for stored timestamps (see [`crate::clock`]).
     pub clock: Clock,
+}
+
+/// When a change to a stored object must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Before the call returns (the engine's `fsync` setting).
+    Now,
+    /// When the returned [`Durable`] resolves: the caller awaits it before
+    /// acknowledging, and concurrent writes share a WAL sync.
+    Deferred,
 }
 
 /// Why a replica operation failed.
@@ -285,11 +295,15 @@ impl<S: Store> Replica<S> {
     /// Read-modify-write of the local object under the key's lock; nothing
     /// is written if `change` fails. A copy lost to corruption is changed
     /// in its partial copy and stays lost (see [`lost`]).
+    ///
+    /// With [`Commit::Deferred`], the change may not be durable yet when
+    /// this returns: acknowledge it only once the [`Durable`] resolves.
     fn apply<E: From<StoreError>>(
         &self,
         key: &[u8],
+        commit: Commit,
         change: impl FnOnce(Option<&Object>, &mut Object) -> Result<(), E>,
-    ) -> Result<Object, E> {
+    ) -> Result<(Object, Durable), E> {
         let mut stripe = self.lock_stripe(key);
         let record = self.stored_record(&mut stripe, key)?;
         let raw = record.bytes();
@@ -309,14 +323,21 @@ impl<S: Store> Replica<S> {
             let mut object = before.clone().unwrap_or_default();
             change(before.as_ref(), &mut object)?;
             self.pruned(&mut object);
+            let mut durable = Durable::now();
             if before.as_ref() != Some(&object) {
                 let bytes = match lost {
                     Some(generation) => lost::encode_marker(generation, Some(&object)),
                     None => encode_object(&object),
                 };
-                self.write_object(&mut stripe, key, raw.map(trees::digest), Some(&bytes))?;
+                durable = self.store_object(
+                    &mut stripe,
+                    key,
+                    raw.map(trees::digest),
+                    Some(&bytes),
+                    commit,
+                )?;
             }
-            Ok(object)
+            Ok((object, durable))
         };
         // Decoding, merging and storing megabytes takes a while: off the
         // worker, which also drives the node's connections.
@@ -342,7 +363,27 @@ impl<S: Store> Replica<S> {
     /// Merges an object sent by a coordinator (or found by read repair,
     /// handoff or anti-entropy) into the local copy.
     pub fn merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
-        self.apply(key, |_, o| {
+        self.merge_with(key, incoming, Commit::Now).map(|(o, _)| o)
+    }
+
+    /// [`Self::merge`] for a caller that awaits durability itself (a
+    /// replica answering a coordinator's write): concurrent merges share
+    /// WAL syncs.
+    pub fn merge_deferred(
+        &self,
+        key: &[u8],
+        incoming: &Object,
+    ) -> Result<(Object, Durable), StoreError> {
+        self.merge_with(key, incoming, Commit::Deferred)
+    }
+
+    fn merge_with(
+        &self,
+        key: &[u8],
+        incoming: &Object,
+        commit: Commit,
+    ) -> Result<(Object, Durable), StoreError> {
+        self.apply(key, commit, |_, o| {
             o.merge(incoming);
             Ok::<(), StoreError>(())
         })
@@ -357,15 +398,17 @@ impl<S: Store> Replica<S> {
     /// anything is written: the limits admit writes, and a write that
     /// resolves siblings always gets in. They never drop what is stored;
     /// merges (repair, handoff, both sides of a partition) may exceed them.
+    ///
+    /// The write is durable once the returned [`Durable`] resolves.
     pub fn write(
         &self,
         key: &[u8],
         ctx: &VersionVector,
         value: Option<Vec<u8>>,
-    ) -> Result<(Object, Dot), ReplicaError> {
+    ) -> Result<(Object, Dot, Durable), ReplicaError> {
         let now = self.now_ms();
         let mut dot = None;
-        let object = self.apply(key, |before, o| {
+        let (object, durable) = self.apply(key, Commit::Deferred, |before, o| {
             let version = |source| ReplicaError::Version {
                 key: hex::encode(key),
                 source,
@@ -380,7 +423,7 @@ impl<S: Store> Replica<S> {
             dot = Some(minted);
             Ok::<(), ReplicaError>(())
         })?;
-        Ok((object, dot.expect("minted when the write applied")))
+        Ok((object, dot.expect("minted when the write applied"), durable))
     }
 
     /// The admission limits of [`Self::write`], each on its own: `after`
@@ -459,6 +502,20 @@ impl<S: Store> Replica<S> {
         old_digest: Option<u64>,
         new: Option<&[u8]>,
     ) -> Result<(), StoreError> {
+        self.store_object(stripe, key, old_digest, new, Commit::Now)
+            .map(drop)
+    }
+
+    /// [`Self::write_object`], durable at once or (deferred) when the
+    /// returned [`Durable`] resolves.
+    fn store_object(
+        &self,
+        stripe: &mut Stripe,
+        key: &[u8],
+        old_digest: Option<u64>,
+        new: Option<&[u8]>,
+        commit: Commit,
+    ) -> Result<Durable, StoreError> {
         let partition = self.partition_of(key);
         let ikey = trees::index_key(partition, key);
         let new_digest = new.map(trees::digest);
@@ -473,16 +530,23 @@ impl<S: Store> Replica<S> {
                 batch.delete(Tree::Objects, key).delete(Tree::Aae, &ikey);
             }
         }
-        if let Err(e) = self.store.write(batch) {
-            stripe.forget(key); // what the store now holds is unknown
-            return Err(e);
-        }
+        let written = match commit {
+            Commit::Now => self.store.write(batch).map(|()| Durable::now()),
+            Commit::Deferred => self.store.write_deferred(batch),
+        };
+        let durable = match written {
+            Ok(d) => d,
+            Err(e) => {
+                stripe.forget(key); // what the store now holds is unknown
+                return Err(e);
+            }
+        };
         match new {
             Some(bytes) => stripe.remember(key, Arc::from(bytes)),
             None => stripe.forget(key),
         }
         self.lock_trees()
             .apply(partition, key, old_digest, new_digest);
-        Ok(())
+        Ok(durable)
     }
 }

@@ -8,7 +8,7 @@ use tracing::error;
 
 use super::{Replica, ReplicaError};
 use crate::net::{HandoffEntry, PeerError, PeerRequest, PeerResponse};
-use crate::storage::{Store, StoreError};
+use crate::storage::{Durable, Store, StoreError};
 
 fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
     let e = e.into();
@@ -23,10 +23,53 @@ fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
 /// Hints scanned per `HintsIn` request.
 const HINTS_PAGE: usize = 512;
 
+/// A replica's answer, to be sent once the write it made is durable.
+#[must_use = "an answer is sent only once settled"]
+pub struct Answer {
+    response: PeerResponse,
+    /// The written key and its durability (deferred writes only).
+    pending: Option<(Vec<u8>, Durable)>,
+}
+
+impl Answer {
+    fn ready(response: PeerResponse) -> Answer {
+        Answer {
+            response,
+            pending: None,
+        }
+    }
+
+    /// The answer once its write is durable; an error if it cannot be.
+    pub async fn settled(self) -> PeerResponse {
+        match self.pending {
+            None => self.response,
+            Some((key, durable)) => match durable.wait().await {
+                Ok(()) => self.response,
+                Err(e) => failed("sync", &key, e),
+            },
+        }
+    }
+}
+
 impl<S: Store> Replica<S> {
     /// Answers a replica request from this node's copy; `me` is this node
-    /// (a hint "for" it is merged as its own data).
-    pub fn answer(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
+    /// (a hint "for" it is merged as its own data). A coordinator's write
+    /// ([`PeerRequest::ReplicaPut`]) shares WAL syncs with the writes made
+    /// meanwhile: send the answer once [`Answer::settled`].
+    pub fn answer(&self, me: NodeId, request: PeerRequest) -> Answer {
+        if let PeerRequest::ReplicaPut { key, object } = request {
+            return match self.merge_deferred(&key, &object) {
+                Ok((_, durable)) => Answer {
+                    response: PeerResponse::Stored,
+                    pending: Some((key, durable)),
+                },
+                Err(e) => Answer::ready(failed("merge", &key, e)),
+            };
+        }
+        Answer::ready(self.answer_now(me, request))
+    }
+
+    fn answer_now(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::ReplicaGet { key } => match self.read(&key) {
                 Ok(o) => PeerResponse::Object(o),
@@ -35,10 +78,6 @@ impl<S: Store> Replica<S> {
                     detail: e.to_string(),
                 }),
                 Err(e) => failed("read", &key, e),
-            },
-            PeerRequest::ReplicaPut { key, object } => match self.merge(&key, &object) {
-                Ok(_) => PeerResponse::Stored,
-                Err(e) => failed("merge", &key, e),
             },
             PeerRequest::HintPut {
                 key,

@@ -1,5 +1,6 @@
 //! The RocksDB engine: one column family per [`Tree`], lz4-compressed, with the
-//! WAL synced on every batch when `fsync` is set (durability across power loss)
+//! WAL synced before a write is acknowledged when `fsync` is set (durability
+//! across power loss; concurrent writes share a sync, see [`super::group`])
 //! and left to the OS page cache otherwise (durability across process crashes).
 //!
 //! A full disk: a write whose WAL append fails (ENOSPC) fails with a clear
@@ -20,6 +21,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
+use super::group::{Durable, GroupCommit};
 use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 
 /// Block cache shared by every column family of a node.
@@ -29,11 +31,24 @@ const BLOCK_CACHE_BYTES: usize = 128 << 20;
 /// a new WAL and a memtable flush.
 pub const REOPEN_MIN_FREE: u64 = 32 << 20;
 
+/// An open database, with its group commit when `fsync` is set.
+struct Open {
+    db: DB,
+    group: Option<Arc<GroupCommit>>,
+}
+
+impl std::ops::Deref for Open {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        &self.db
+    }
+}
+
 pub struct RocksStore {
     /// The open database; `None` only between closing one stuck on a write
     /// error and opening it again (see the module doc). Each operation
     /// holds a clone for its duration, so a reopen waits for those.
-    db: RwLock<Option<Arc<DB>>>,
+    db: RwLock<Option<Arc<Open>>>,
     path: PathBuf,
     /// Whether each batch waits for its WAL record to reach the disk.
     fsync: bool,
@@ -60,7 +75,7 @@ impl RocksStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: &Path, fsync: bool) -> Result<Self, StoreError> {
         Ok(RocksStore {
-            db: RwLock::new(Some(Arc::new(open_db(path)?))),
+            db: RwLock::new(Some(open_db(path, fsync)?)),
             path: path.to_path_buf(),
             fsync,
             reopened: Mutex::new(None),
@@ -68,7 +83,7 @@ impl RocksStore {
     }
 
     /// The open database, reopening it if a reopen left it closed.
-    fn db(&self) -> Result<Arc<DB>, StoreError> {
+    fn db(&self) -> Result<Arc<Open>, StoreError> {
         if let Some(db) = &*self.db.read().expect("db lock") {
             return Ok(db.clone());
         }
@@ -91,7 +106,7 @@ impl RocksStore {
 
     /// After a failed write through `failed`: reopens the database if the
     /// disk has room again (see the module doc).
-    fn recover(&self, failed: Arc<DB>) {
+    fn recover(&self, failed: Arc<Open>) {
         // The pointer only: a clone held while waiting for the lock would
         // keep the reopen waiting for it.
         let ptr = Arc::as_ptr(&failed);
@@ -109,7 +124,7 @@ impl RocksStore {
 
     /// Closes the database (`failed`, if it is still the current one) and
     /// opens it again; at most once a second.
-    fn reopen(&self, failed: Option<*const DB>) {
+    fn reopen(&self, failed: Option<*const Open>) {
         {
             let mut last = self.reopened.lock().expect("reopen lock");
             if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -142,10 +157,10 @@ impl RocksStore {
             }
             drop(old);
         }
-        match open_db(&self.path) {
+        match open_db(&self.path, self.fsync) {
             Ok(db) => {
                 tracing::warn!(path = %self.path.display(), "reopened the database after a write error; writes resume");
-                *slot = Some(Arc::new(db));
+                *slot = Some(db);
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, "reopening the database after a write error failed; retrying");
@@ -165,7 +180,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn open_db(path: &Path) -> Result<DB, StoreError> {
+fn open_db(path: &Path, fsync: bool) -> Result<Arc<Open>, StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -189,7 +204,15 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
         cf.set_memtable_prefix_bloom_ratio(0.05);
         ColumnFamilyDescriptor::new(t.name(), cf)
     });
-    DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
+    Ok(Arc::new_cyclic(|weak| Open {
+        db,
+        group: fsync.then(|| {
+            GroupCommit::start(weak.clone(), |open: &Open| {
+                open.db.flush_wal(true).map_err(io("sync"))
+            })
+        }),
+    }))
 }
 
 fn cf(db: &DB, tree: Tree) -> &rocksdb::ColumnFamily {
@@ -223,8 +246,20 @@ impl RocksStore {
         db.put_cf(cf(&db, tree), key, raw).map_err(io("put"))
     }
 
+    /// WAL syncs made by group commit so far (tests; 0 without `fsync`).
+    pub fn group_syncs(&self) -> u64 {
+        self.db()
+            .ok()
+            .and_then(|db| db.group.as_ref().map(|g| g.syncs()))
+            .unwrap_or(0)
+    }
+
+    /// Writes `batch` to `db` (the current database), its WAL synced if `sync`.
     fn write_with(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
-        let db = self.db()?;
+        self.write_to(self.db()?, batch, sync)
+    }
+
+    fn write_to(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
@@ -271,6 +306,15 @@ impl Store for RocksStore {
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.write_with(batch, true)
+    }
+
+    fn write_deferred(&self, batch: WriteBatch) -> Result<Durable, StoreError> {
+        let db = self.db()?;
+        let Some(group) = db.group.clone() else {
+            return self.write_to(db, batch, false).map(|()| Durable::now());
+        };
+        self.write_to(db, batch, false)?;
+        Ok(group.register())
     }
 
     fn sync_wal(&self) -> Result<(), StoreError> {

@@ -193,7 +193,9 @@ pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<Stri
 }
 
 /// Creates the cluster directory, or checks an existing one matches `nodes`.
-fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+/// `fsync` goes into the configs of a new cluster (an existing one keeps
+/// what its configs say).
+fn prepare(dir: &Path, nodes: usize, fsync: bool) -> anyhow::Result<()> {
     // Nodes added with `--add` are not counted: they join by themselves.
     let existing = (1..)
         .take_while(|i| config_path(dir, *i).exists())
@@ -250,6 +252,7 @@ fn prepare(dir: &Path, nodes: usize) -> anyhow::Result<()> {
             },
             // The nodes share this machine's cores.
             threads: cores.div_ceil(nodes).max(1),
+            fsync,
             ..Default::default()
         };
         let text = format!(
@@ -306,9 +309,9 @@ fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-pub fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+pub fn run(dir: &Path, nodes: usize, fsync: bool) -> anyhow::Result<()> {
     let _lock = lock(dir)?;
-    prepare(dir, nodes)?;
+    prepare(dir, nodes, fsync)?;
     let dir = dir.canonicalize()?;
     let mut children: Vec<Option<Child>> = Vec::new();
     // Founding nodes, and those added since with `--add`.

@@ -46,6 +46,10 @@ enum Command {
         /// With --add: the new node's zone (failure domain).
         #[arg(long, requires = "add")]
         zone: Option<String>,
+        /// A new cluster's nodes sync their WAL before acknowledging a
+        /// write (`fsync = true`: durable across power loss).
+        #[arg(long, conflicts_with = "add")]
+        fsync: bool,
     },
     /// Run one node.
     Node {
@@ -159,7 +163,7 @@ fn main() {
             zone,
             ..
         } => dev::add(&args.dir, !no_start, zone).map(drop),
-        Command::Dev { nodes, .. } => dev::run(&args.dir, nodes),
+        Command::Dev { nodes, fsync, .. } => dev::run(&args.dir, nodes, fsync),
         Command::Certs { command } => certs(&args.dir, command),
         Command::Cluster { command } => runtime().and_then(|rt| {
             use members::ClusterCmd;

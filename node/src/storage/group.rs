@@ -1,0 +1,242 @@
+//! Group commit: with `fsync = true`, concurrent writes share one WAL sync
+//! instead of one each (as Cassandra's batch commit log and most databases
+//! do), so durable writes are not capped at one fsync per write.
+//!
+//! A write applies its batch with the WAL appended but not synced, then
+//! [`GroupCommit::register`]s and gets a [`Durable`] to await before it is
+//! acknowledged. One syncer thread per database syncs the WAL whenever
+//! writes are waiting: a sync that starts after a write registered covers
+//! it (the write's WAL record was appended before it registered), so every
+//! write that registers while a sync runs shares the next one.
+//!
+//! A write is visible to reads between its apply and its sync, as RocksDB
+//! documents for a write followed by `SyncWAL`: a power loss in that window
+//! can take back a write that was read but never acknowledged, which a
+//! write in flight may do anyway. No write is acknowledged before the disk
+//! holds it.
+//!
+//! A sync that fails fails every write it was to cover, and the syncer goes
+//! on (the engine's own error handling takes the next writes). Once the
+//! database a write went to is closed, its wait fails too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::StoreError;
+
+/// How often an idle syncer checks whether its database is still open.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
+/// What the syncer has done so far. Both counts only grow.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Every write registered up to this one is on disk, except those
+    /// covered by a failed sync.
+    synced: u64,
+    /// Writes registered up to this one may be covered by a failed sync;
+    /// they fail (a write synced after all may fail too: never the other way).
+    failed_upto: u64,
+    /// The last sync failure.
+    error: String,
+}
+
+/// The registration and sync side of group commit for one database.
+pub struct GroupCommit {
+    /// Writes registered so far.
+    registered: Mutex<u64>,
+    wake: Condvar,
+    progress: watch::Sender<Progress>,
+    syncs: AtomicU64,
+}
+
+impl GroupCommit {
+    /// Starts the syncer thread for `owner` (the database), which calls
+    /// `sync(owner)` for each group; it ends once `owner` is dropped.
+    pub fn start<T: Send + Sync + 'static>(
+        owner: Weak<T>,
+        sync: impl Fn(&T) -> Result<(), StoreError> + Send + 'static,
+    ) -> Arc<GroupCommit> {
+        let group = Arc::new(GroupCommit {
+            registered: Mutex::new(0),
+            wake: Condvar::new(),
+            progress: watch::Sender::new(Progress::default()),
+            syncs: AtomicU64::new(0),
+        });
+        let g = group.clone();
+        std::thread::Builder::new()
+            .name("shoal-wal-sync".into())
+            .spawn(move || g.syncer(owner, sync))
+            .expect("spawning the WAL sync thread");
+        group
+    }
+
+    fn syncer<T>(&self, owner: Weak<T>, sync: impl Fn(&T) -> Result<(), StoreError>) {
+        let mut done = 0;
+        loop {
+            let target = {
+                let mut registered = self.registered.lock().expect("group commit lock");
+                while *registered <= done {
+                    let (guard, waited) = self
+                        .wake
+                        .wait_timeout(registered, IDLE_CHECK)
+                        .expect("group commit lock");
+                    registered = guard;
+                    if waited.timed_out() && owner.strong_count() == 0 {
+                        return;
+                    }
+                }
+                *registered
+            };
+            let Some(db) = owner.upgrade() else { return };
+            let result = sync(&db);
+            drop(db);
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.progress.send_modify(|p| match result {
+                Ok(()) => p.synced = target,
+                Err(e) => {
+                    p.failed_upto = target;
+                    p.error = e.to_string();
+                }
+            });
+            done = target;
+        }
+    }
+
+    /// Registers a write whose WAL record was just appended: the returned
+    /// [`Durable`] resolves once a sync covers it.
+    pub fn register(&self) -> Durable {
+        let rx = self.progress.subscribe();
+        let seq = {
+            let mut registered = self.registered.lock().expect("group commit lock");
+            *registered += 1;
+            *registered
+        };
+        self.wake.notify_one();
+        Durable(Some((seq, rx)))
+    }
+
+    /// WAL syncs made so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// A written batch's durability: await [`Durable::wait`] before
+/// acknowledging the write.
+#[must_use = "a write is durable only once its Durable resolves"]
+pub struct Durable(Option<(u64, watch::Receiver<Progress>)>);
+
+impl Durable {
+    /// Durable already (synced with the write, or `fsync` is off).
+    pub fn now() -> Durable {
+        Durable(None)
+    }
+
+    /// Resolves once a WAL sync covers the write; fails if the sync failed
+    /// or the database closed first.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        let Some((seq, mut rx)) = self.0 else {
+            return Ok(());
+        };
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if p.failed_upto >= seq {
+                    return Err(StoreError::Io {
+                        op: "sync",
+                        detail: p.error.clone(),
+                    });
+                }
+                if p.synced >= seq {
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Io {
+                    op: "sync",
+                    detail: "the database closed before this write was synced".into(),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A stand-in database: counts syncs, fails them on demand, and takes
+    /// a while for each, as a disk does.
+    #[derive(Default)]
+    struct Disk {
+        syncs: AtomicU64,
+        failing: AtomicBool,
+    }
+
+    fn disk_sync(d: &Disk) -> Result<(), StoreError> {
+        std::thread::sleep(Duration::from_millis(2));
+        d.syncs.fetch_add(1, Ordering::Relaxed);
+        if d.failing.load(Ordering::Relaxed) {
+            return Err(StoreError::Io {
+                op: "sync",
+                detail: "EIO".into(),
+            });
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_syncs_and_each_waits_for_one() {
+        let disk = Arc::new(Disk::default());
+        let group = GroupCommit::start(Arc::downgrade(&disk), disk_sync);
+        let mut waits = Vec::new();
+        for _ in 0..200 {
+            let ticket = group.register();
+            waits.push(tokio::spawn(ticket.wait()));
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        let syncs = disk.syncs.load(Ordering::Relaxed);
+        assert!(syncs >= 1 && syncs <= 20, "200 writes took {syncs} syncs");
+        // A write registered after the last sync waits for a new one.
+        let before = disk.syncs.load(Ordering::Relaxed);
+        group.register().wait().await.unwrap();
+        assert!(disk.syncs.load(Ordering::Relaxed) > before);
+        assert_eq!(group.syncs(), disk.syncs.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_fails_the_writes_it_covered_and_later_ones_succeed() {
+        let disk = Arc::new(Disk::default());
+        let group = GroupCommit::start(Arc::downgrade(&disk), disk_sync);
+        disk.failing.store(true, Ordering::Relaxed);
+        let err = group.register().wait().await.unwrap_err();
+        assert!(err.to_string().contains("EIO"), "{err}");
+        disk.failing.store(false, Ordering::Relaxed);
+        group.register().wait().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_closed_database_is_not_durable() {
+        let disk = Arc::new(Disk::default());
+        let group = GroupCommit::start(Arc::downgrade(&disk), disk_sync);
+        drop(disk);
+        let ticket = group.register();
+        drop(group);
+        let err = ticket.wait().await.unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
+    }
+
+    #[test]
+    fn durable_now_needs_no_sync() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(Durable::now().wait()).unwrap();
+    }
+}
