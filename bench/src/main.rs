@@ -130,6 +130,9 @@ struct Args {
     /// latency-throughput.png in --out, and exit.
     #[arg(long, value_delimiter = ',')]
     curves: Vec<PathBuf>,
+    /// Threads of the load generator (1: a single-threaded runtime).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    generator_threads: u16,
     /// Where the JSON report goes.
     #[arg(long, default_value = "shoal-bench-out")]
     out: PathBuf,
@@ -179,9 +182,21 @@ fn progress_bar(
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = run(Args::parse()).await {
+fn main() {
+    let args = Args::parse();
+    let mut rt = match args.generator_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if args.generator_threads > 1 {
+        rt.worker_threads(usize::from(args.generator_threads));
+    }
+    let result = rt
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    if let Err(e) = result {
         eprintln!("\nshoal-bench: {e:#}");
         std::process::exit(1);
     }

@@ -27,6 +27,9 @@ use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
+/// WAL and table files are handed to the disk every this many bytes written.
+const SYNC_EVERY_BYTES: u64 = 1 << 20;
+
 /// Free space a stuck database waits for before it is reopened: room for
 /// a new WAL and a memtable flush.
 pub const REOPEN_MIN_FREE: u64 = 32 << 20;
@@ -187,6 +190,12 @@ fn open_db(path: &Path, fsync: bool) -> Result<Arc<Open>, StoreError> {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_paranoid_checks(true);
     opts.increase_parallelism(2);
+    // Write files out to the disk as they grow instead of all at once: a
+    // memtable switch otherwise syncs the whole old WAL (tens of MiB) in one
+    // go (160 ms here; 65 ms with this).
+    opts.set_wal_bytes_per_sync(SYNC_EVERY_BYTES);
+    opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
+
     // Point reads dominate: a shared block cache, a bloom filter per SST
     // file and one over each memtable, so that a read of a key that a
     // file or memtable lacks costs a few hashes instead of a search.
