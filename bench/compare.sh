@@ -2,18 +2,23 @@
 # The comparison of bench/README.md: Shoal (3 local nodes, N=3, R=W=2),
 # Redis (one server, no persistence) and etcd (3 members), workloads a, b
 # and c with 100-byte values over 100,000 records, closed loop (64 workers)
-# and open loop (RATE ops/s, 256 workers). Everything runs on loopback and
-# is stopped on exit. Prints a Markdown table; reports go to $OUT.
+# and open loop (RATE ops/s, 256 workers); durable writes (workload w,
+# Shoal with fsync = true, etcd which always syncs); then, unless SWEEP=0,
+# an open-loop rate sweep of each target and one latency-throughput PNG.
+# Everything runs on loopback and is stopped on exit. Prints a Markdown
+# table with CPU per operation (servers and whole machine); reports go to $OUT.
 #
-#   bench/compare.sh                 # DUR=30s RATE=10000 OUT=bench-compare
-#   DUR=10s WORKLOADS="a" bench/compare.sh
+#   bench/compare.sh                 # DUR=60s RATE=10000 OUT=bench-compare
+#   DUR=10s WORKLOADS="a" SWEEP=0 bench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=${DUR:-30s}
+DUR=${DUR:-60s}
 RATE=${RATE:-10000}
 OUT=${OUT:-bench-compare}
 WORKLOADS=${WORKLOADS:-"a b c"}
 TARGETS=${TARGETS:-"shoal redis etcd"}
+SWEEP=${SWEEP:-1}
+STEP_DUR=${STEP_DUR:-10s}
 
 need() {
     command -v "$1" >/dev/null && return
@@ -24,7 +29,7 @@ need redis-server redis-server
 need etcd etcd-server
 ./deploy/setup.sh
 cargo build --release -p shoal-bench -p shoal-node
-BENCH=target/release/shoal-bench
+BENCH="${CARGO_TARGET_DIR:-target}/release/shoal-bench"
 
 WORK=$(mktemp -d)
 pids=()
@@ -44,37 +49,75 @@ for m in 1 2 3; do
 done
 sleep 3
 
-for t in $TARGETS; do
-    case $t in
+where() {
+    case $1 in
         shoal) where=(--local 3 -r 2 -w 2) ;;
-        redis) where=(--target redis://127.0.0.1:16379) ;;
-        etcd) where=(--target etcd://127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379) ;;
+        redis) where=(--target redis://127.0.0.1:16379 --server-process redis-server) ;;
+        etcd) where=(--target etcd://127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379 --server-process etcd) ;;
     esac
+}
+for t in $TARGETS; do
+    where "$t"
     for w in $WORKLOADS; do
         echo "== $t workload $w closed loop" >&2
         "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 64 --out "$OUT/$t-$w-closed" 2>/dev/null >&2
         echo "== $t workload $w open loop at $RATE/s" >&2
         "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 256 --rate "$RATE" --out "$OUT/$t-$w-open" 2>/dev/null >&2
     done
+    # Durable writes: every acknowledged write is on disk (Redis here keeps none).
+    case $t in
+        shoal) durable=(--fsync) ;;
+        etcd) durable=() ;;
+        *) continue ;;
+    esac
+    echo "== $t workload w closed loop, durable" >&2
+    "$BENCH" "${where[@]}" "${durable[@]}" --workload w --duration "$DUR" -c 64 --out "$OUT/$t-w-durable" 2>/dev/null >&2
 done
 
+if [ "$SWEEP" != 0 ]; then
+    curves=()
+    for t in $TARGETS; do
+        where "$t"
+        case $t in
+            shoal) rates=2000:2000 ;;
+            redis) rates=5000:5000 ;;
+            etcd) rates=500:500 ;;
+        esac
+        echo "== $t rate sweep from ${rates%%:*} ops/s in steps of ${rates##*:}" >&2
+        "$BENCH" "${where[@]}" --workload a --sweep "$rates" --duration "$STEP_DUR" -c 256 --out "$OUT/$t-sweep" 2>/dev/null >&2
+        curves+=("$OUT/$t-sweep")
+    done
+    (IFS=,; "$BENCH" --curves "${curves[*]}" --out "$OUT" >&2)
+fi
+
 python3 - "$OUT" $TARGETS -- $WORKLOADS <<'PY'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
 i = sys.argv.index("--")
 targets, workloads = sys.argv[2:i], sys.argv[i + 1:]
-print("| target | workload | mode | ops/s | p50 ms | p99 ms | p99.9 ms | errors | note |")
-print("|---|---|---|---:|---:|---:|---:|---:|---|")
+print("| target | workload | mode | ops/s | p50 ms | p99 ms | p99.9 ms | errors | servers us/op | machine us/op | note |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+def row(t, w, mode, label):
+    path = f"{out}/{t}-{w}-{mode}/report.json"
+    if not os.path.exists(path):
+        return
+    r = json.load(open(path))
+    ops = r["ops"]
+    count = sum(o["count"] for o in ops.values())
+    errors = sum(o["errors"] for o in ops.values())
+    worst = lambda k: max(o[k] for o in ops.values())
+    note = "fell behind" if r["fell_behind"] else ""
+    cpu = r.get("cpu") or {}
+    servers = cpu.get("servers_us_per_op")
+    servers = f"{servers:.1f}" if servers is not None else "-"
+    machine = cpu.get("machine_us_per_op")
+    machine = f"{machine:.1f}" if machine is not None else "-"
+    label = label or (f"open, {r['settings']['rate']:.0f}/s" if r["settings"]["rate"] else "closed, 64 workers")
+    print(f"| {t} | {w} | {label} | {count / r['elapsed_secs']:.0f} | {worst('p50_ms'):.3f} | "
+          f"{worst('p99_ms'):.3f} | {worst('p999_ms'):.3f} | {errors} | {servers} | {machine} | {note} |")
 for t in targets:
     for w in workloads:
         for mode in ("closed", "open"):
-            r = json.load(open(f"{out}/{t}-{w}-{mode}/report.json"))
-            ops = r["ops"]
-            count = sum(o["count"] for o in ops.values())
-            errors = sum(o["errors"] for o in ops.values())
-            worst = lambda k: max(o[k] for o in ops.values())
-            note = "fell behind" if r["fell_behind"] else ""
-            label = "closed, 64 workers" if mode == "closed" else f"open, {r['settings']['rate']:.0f}/s"
-            print(f"| {t} | {w} | {label} | {count / r['elapsed_secs']:.0f} | {worst('p50_ms'):.3f} | "
-                  f"{worst('p99_ms'):.3f} | {worst('p999_ms'):.3f} | {errors} | {note} |")
+            row(t, w, mode, None)
+    row(t, "w", "durable", "closed, 64 workers, durable")
 PY
