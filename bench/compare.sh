@@ -17,6 +17,11 @@ RATE=${RATE:-10000}
 OUT=${OUT:-bench-compare}
 WORKLOADS=${WORKLOADS:-"a b c"}
 TARGETS=${TARGETS:-"shoal redis etcd"}
+# SHOAL_BEFORE=path/to/an/older/shoal adds the target shoal-before: that
+# binary's nodes, measured in the same run (a before/after table).
+if [ -n "${SHOAL_BEFORE:-}" ] && [[ " $TARGETS " != *" shoal-before "* ]]; then
+    TARGETS="shoal-before $TARGETS"
+fi
 SWEEP=${SWEEP:-1}
 STEP_DUR=${STEP_DUR:-10s}
 
@@ -50,8 +55,10 @@ done
 sleep 3
 
 where() {
+    run=(env)
     case $1 in
         shoal) where=(--local 3 -r 2 -w 2) ;;
+        shoal-before) where=(--local 3 -r 2 -w 2); run=(env "SHOAL_BIN=$SHOAL_BEFORE") ;;
         redis) where=(--target redis://127.0.0.1:16379 --server-process redis-server) ;;
         etcd) where=(--target etcd://127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379 --server-process etcd) ;;
     esac
@@ -60,18 +67,18 @@ for t in $TARGETS; do
     where "$t"
     for w in $WORKLOADS; do
         echo "== $t workload $w closed loop" >&2
-        "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 64 --out "$OUT/$t-$w-closed" 2>/dev/null >&2
+        "${run[@]}" "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 64 --out "$OUT/$t-$w-closed" 2>/dev/null >&2
         echo "== $t workload $w open loop at $RATE/s" >&2
-        "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 256 --rate "$RATE" --out "$OUT/$t-$w-open" 2>/dev/null >&2
+        "${run[@]}" "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 256 --rate "$RATE" --out "$OUT/$t-$w-open" 2>/dev/null >&2
     done
     # Durable writes: every acknowledged write is on disk (Redis here keeps none).
     case $t in
-        shoal) durable=(--fsync) ;;
+        shoal | shoal-before) durable=(--fsync) ;;
         etcd) durable=() ;;
         *) continue ;;
     esac
     echo "== $t workload w closed loop, durable" >&2
-    "$BENCH" "${where[@]}" "${durable[@]}" --workload w --duration "$DUR" -c 64 --out "$OUT/$t-w-durable" 2>/dev/null >&2
+    "${run[@]}" "$BENCH" "${where[@]}" "${durable[@]}" --workload w --duration "$DUR" -c 64 --out "$OUT/$t-w-durable" 2>/dev/null >&2
 done
 
 if [ "$SWEEP" != 0 ]; then
@@ -79,13 +86,13 @@ if [ "$SWEEP" != 0 ]; then
     for t in $TARGETS; do
         where "$t"
         case $t in
-            shoal) rates=2000:2000 ;;
+            shoal | shoal-before) rates=2000:2000 ;;
             redis) rates=5000:5000 ;;
             etcd) rates=500:500 ;;
         esac
         echo "== $t rate sweep from ${rates%%:*} ops/s in steps of ${rates##*:}" >&2
-        "$BENCH" "${where[@]}" --workload a --sweep "$rates" --duration "$STEP_DUR" -c 256 --out "$OUT/$t-sweep" 2>/dev/null >&2
-        curves+=("$OUT/$t-sweep")
+        "${run[@]}" "$BENCH" "${where[@]}" --workload a --sweep "$rates" --duration "$STEP_DUR" -c 256 --out "$OUT/$t-sweep" 2>/dev/null >&2
+        curves+=("$(echo "$t" | tr a-z A-Z)=$OUT/$t-sweep")
     done
     (IFS=,; "$BENCH" --curves "${curves[*]}" --out "$OUT" >&2)
 fi

@@ -11,6 +11,7 @@
 //! shoal-bench --local 3 --workload a --duration 90s --grow-by 2 --grow-at 20s
 //! shoal-bench --local 3 --workload a --sweep 2000:2000 --duration 10s --out s
 //! shoal-bench --curves s,r,e --out curves
+//! shoal-bench --curves before=s0,after=s --out curves
 //! ```
 
 mod cpu;
@@ -127,9 +128,10 @@ struct Args {
     #[arg(long, conflicts_with_all = ["rate", "kill_at", "grow_by", "operations"])]
     sweep: Option<sweep::Rates>,
     /// Draw the sweeps in these directories (each from a --sweep run) as one
-    /// latency-throughput.png in --out, and exit.
+    /// latency-throughput.png in --out, and exit. `NAME=DIR` names a curve
+    /// (else it is named by its target's kind: SHOAL, REDIS, ETCD).
     #[arg(long, value_delimiter = ',')]
-    curves: Vec<PathBuf>,
+    curves: Vec<String>,
     /// Threads of the load generator (1: a single-threaded runtime).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     generator_threads: u16,
@@ -311,7 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             steps,
         };
         println!("report: {}", sweep::write(&args.out, &sweep)?.display());
-        let path = sweep::draw(std::slice::from_ref(&args.out), &args.out)?;
+        let path = sweep::draw(&[args.out.display().to_string()], &args.out)?;
         println!("plot: {}", path.display());
         drop(local);
         return Ok(());

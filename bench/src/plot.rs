@@ -18,7 +18,7 @@ const WHITE: Rgb = [255, 255, 255];
 const BLACK: Rgb = [0, 0, 0];
 const GRID: Rgb = [225, 225, 225];
 const RED: Rgb = [200, 40, 40];
-const COLORS: [Rgb; 3] = [[31, 119, 180], [255, 127, 14], [44, 160, 44]];
+const COLORS: [Rgb; 4] = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]];
 
 /// 5x7 glyphs, one byte per row, bit 4 the leftmost column.
 fn glyph(c: char) -> [u8; 7] {

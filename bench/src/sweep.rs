@@ -196,14 +196,17 @@ pub fn write(dir: &Path, sweep: &Sweep) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The curve of one sweep, named by its target's kind (`shoal`, `redis`, `etcd`).
-fn curve(sweep: &Sweep) -> Curve {
-    let name = sweep
-        .target
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_uppercase();
+/// The curve of one sweep, named `name` or else by its target's kind
+/// (`shoal`, `redis`, `etcd`).
+fn curve(sweep: &Sweep, name: Option<&str>) -> Curve {
+    let name = name.map(str::to_string).unwrap_or_else(|| {
+        sweep
+            .target
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+            .to_uppercase()
+    });
     Curve {
         name,
         points: sweep
@@ -214,20 +217,24 @@ fn curve(sweep: &Sweep) -> Curve {
     }
 }
 
-/// `--curves`: reads `sweep.json` from each of `dirs` and draws them in
-/// `out`/latency-throughput.png.
-pub fn draw(dirs: &[PathBuf], out: &Path) -> anyhow::Result<PathBuf> {
+/// `--curves`: reads `sweep.json` from each of `dirs` (`DIR` or
+/// `NAME=DIR`) and draws them in `out`/latency-throughput.png.
+pub fn draw(dirs: &[String], out: &Path) -> anyhow::Result<PathBuf> {
     if dirs.is_empty() {
         bail!("--curves needs at least one directory holding a sweep.json");
     }
     let mut curves = Vec::new();
     for d in dirs {
+        let (name, d) = match d.split_once('=') {
+            Some((name, dir)) if !Path::new(d).is_dir() => (Some(name), Path::new(dir)),
+            _ => (None, Path::new(d.as_str())),
+        };
         let path = d.join("sweep.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {} (made by a --sweep run)", path.display()))?;
         let sweep: Sweep =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        curves.push(curve(&sweep));
+        curves.push(curve(&sweep, name));
     }
     let path = out.join("latency-throughput.png");
     plot::curves(&path, &curves)?;

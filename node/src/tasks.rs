@@ -65,6 +65,18 @@ impl Tasks {
         });
     }
 
+    /// Like [`Self::spawn`], but polls `work` once here first: work that is
+    /// done at once (a local replica's answer) costs no task of its own.
+    pub fn spawn_unless_done(&self, work: impl Future<Output = ()> + Send + 'static) {
+        if *self.stop.borrow() {
+            return;
+        }
+        let mut work = Box::pin(work);
+        if futures_util::FutureExt::now_or_never(&mut work).is_none() {
+            self.spawn(work);
+        }
+    }
+
     /// Tasks spawned through this handle (and its clones) still running:
     /// every one has a deadline, so under steady load this stays flat.
     pub fn running(&self) -> usize {

@@ -67,13 +67,21 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         let pool = Arc::new(Mutex::new(pool));
         let (tx, rx) = mpsc::unbounded_channel();
+        // Remote sends first: this node's own answer is read in place.
+        first_tries.sort_by_key(|(_, first)| first.as_ref().is_some_and(|f| f.id == self.me.id));
         for (primary, first) in first_tries {
+            let local = first.as_ref().is_some_and(|f| f.id == self.me.id);
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.to_vec();
-            self.tasks.spawn(async move {
+            let work = async move {
                 let reply = node.reach(primary, first, &key, &op, &pool, deadline).await;
                 let _ = tx.send(reply);
-            });
+            };
+            if local {
+                self.tasks.spawn_unless_done(work);
+            } else {
+                self.tasks.spawn(work);
+            }
         }
         rx
     }
@@ -164,12 +172,20 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         deadline: Instant,
     ) -> mpsc::UnboundedReceiver<Answer> {
         let (tx, rx) = mpsc::unbounded_channel();
-        for target in targets.iter().cloned() {
+        let mut targets = targets.to_vec();
+        targets.sort_by_key(|t| t.id == self.me.id);
+        for target in targets {
+            let local = target.id == self.me.id;
             let (node, tx, request) = (self.clone(), tx.clone(), request.clone());
-            self.tasks.spawn(async move {
+            let work = async move {
                 let answer = node.replica_call(&target, request, deadline).await;
                 let _ = tx.send((target, answer));
-            });
+            };
+            if local {
+                self.tasks.spawn_unless_done(work);
+            } else {
+                self.tasks.spawn(work);
+            }
         }
         rx
     }
