@@ -323,20 +323,30 @@ impl<S: Store> Replica<S> {
             let mut object = before.clone().unwrap_or_default();
             change(before.as_ref(), &mut object)?;
             self.pruned(&mut object);
-            let mut durable = Durable::now();
-            if before.as_ref() != Some(&object) {
+            let durable = if before.as_ref() == Some(&object) {
+                // Nothing to write; but what is stored may be a deferred
+                // write whose sync is still to come (or failed), and this
+                // answer vouches for it too.
+                let durable = self.store.durable_so_far()?;
+                if matches!(commit, Commit::Now) && !durable.is_done() {
+                    self.store.sync_wal()?;
+                    Durable::now()
+                } else {
+                    durable
+                }
+            } else {
                 let bytes = match lost {
                     Some(generation) => lost::encode_marker(generation, Some(&object)),
                     None => encode_object(&object),
                 };
-                durable = self.store_object(
+                self.store_object(
                     &mut stripe,
                     key,
                     raw.map(trees::digest),
                     Some(&bytes),
                     commit,
-                )?;
-            }
+                )?
+            };
             Ok((object, durable))
         };
         // Decoding, merging and storing megabytes takes a while: off the
@@ -548,5 +558,38 @@ impl<S: Store> Replica<S> {
         self.lock_trees()
             .apply(partition, key, old_digest, new_digest);
         Ok(durable)
+    }
+}
+
+#[cfg(all(test, feature = "rocksdb"))]
+mod group_commit_tests {
+    use super::*;
+    use crate::storage::RocksStore;
+
+    /// With `fsync`, a write is applied (and visible) before the WAL sync
+    /// that makes it durable. Once that sync fails, nothing on this node
+    /// may say the write is stored: not a repeat of it that changes
+    /// nothing (a coordinator's copy arriving after read repair's, a
+    /// handoff of it), which answered "stored" at once.
+    #[tokio::test]
+    async fn nothing_vouches_for_a_write_whose_sync_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(dir.path(), true).unwrap());
+        let replica = trees::tests::replica_over(store.clone());
+        store.fail_syncs();
+        let (object, _, durable) = replica
+            .write(b"k", &VersionVector::new(), Some(b"v".to_vec()))
+            .unwrap();
+        assert!(durable.wait().await.is_err());
+        assert!(
+            replica.merge(b"k", &object).is_err(),
+            "a merge vouched for a write whose sync failed"
+        );
+        let repeated = match replica.merge_deferred(b"k", &object) {
+            Ok((_, durable)) => durable.wait().await,
+            Err(e) => Err(e),
+        };
+        let err = repeated.expect_err("a deferred merge vouched for it");
+        assert!(err.to_string().contains("WAL sync failed"), "{err}");
     }
 }

@@ -335,7 +335,7 @@ impl<S: Store> Replica<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use proptest::prelude::*;
@@ -376,6 +376,11 @@ mod tests {
     }
 
     fn replica() -> Replica<MemoryStore> {
+        replica_over(Arc::new(MemoryStore::new()))
+    }
+
+    /// A one-node replica over `store` (tests of the replica).
+    pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
         let me = MemberInfo {
             id: NodeId::from_u128(1),
             name: "n".into(),
@@ -401,14 +406,8 @@ mod tests {
             max_object_bytes: 64 << 20,
             clock: crate::clock::Clock::system(),
         };
-        Replica::new(
-            me.id,
-            Arc::new(MemoryStore::new()),
-            settings,
-            Arc::new(membership),
-            Arc::default(),
-        )
-        .expect("a memory store records the incarnation")
+        Replica::new(me.id, store, settings, Arc::new(membership), Arc::default())
+            .expect("the store records the incarnation")
     }
 
     #[derive(Debug, Clone)]

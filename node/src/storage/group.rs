@@ -15,9 +15,14 @@
 //! write in flight may do anyway. No write is acknowledged before the disk
 //! holds it.
 //!
-//! A sync that fails fails every write it was to cover, and the syncer goes
-//! on (the engine's own error handling takes the next writes). Once the
-//! database a write went to is closed, its wait fails too.
+//! A sync that fails fails every write it was to cover (and the RocksDB
+//! store then refuses everything until a restart: see `rocks`). Once the
+//! database a write went to is closed, or its syncer ends for any reason,
+//! its wait fails too; it never waits for ever.
+//!
+//! An answer that vouches for what is stored without writing (a merge
+//! that changed nothing) waits for [`GroupCommit::so_far`]: the stored
+//! copy may be a write whose sync is still to come.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -68,7 +73,10 @@ impl GroupCommit {
         let g = group.clone();
         std::thread::Builder::new()
             .name("shoal-wal-sync".into())
-            .spawn(move || g.syncer(owner, sync))
+            .spawn(move || {
+                let _ended = Ended(&g);
+                g.syncer(owner, sync)
+            })
             .expect("spawning the WAL sync thread");
         group
     }
@@ -118,9 +126,35 @@ impl GroupCommit {
         Durable(Some((seq, rx)))
     }
 
+    /// A [`Durable`] for every write registered so far (at once if all are
+    /// synced): for an answer that vouches for what is stored without
+    /// writing, as a merge that changes nothing does.
+    pub fn so_far(&self) -> Durable {
+        let rx = self.progress.subscribe();
+        match *self.registered.lock().expect("group commit lock") {
+            0 => Durable::now(),
+            seq => Durable(Some((seq, rx))),
+        }
+    }
+
     /// WAL syncs made so far.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// Fails every write registered, now and later, once the syncer thread
+/// ends (its database closed, or it panicked): none of them would be synced.
+struct Ended<'a>(&'a GroupCommit);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.progress.send_modify(|p| {
+            p.failed_upto = u64::MAX;
+            p.error =
+                "the database closed (its WAL sync thread ended) before this write was synced"
+                    .into();
+        });
     }
 }
 
@@ -133,6 +167,17 @@ impl Durable {
     /// Durable already (synced with the write, or `fsync` is off).
     pub fn now() -> Durable {
         Durable(None)
+    }
+
+    /// Whether the write is durable already (a sync covered it).
+    pub fn is_done(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some((seq, rx)) => {
+                let p = rx.borrow();
+                p.synced >= *seq && p.failed_upto < *seq
+            }
+        }
     }
 
     /// Resolves once a WAL sync covers the write; fails if the sync failed
@@ -230,6 +275,46 @@ mod tests {
         drop(group);
         let err = ticket.wait().await.unwrap_err();
         assert!(err.to_string().contains("closed"), "{err}");
+    }
+
+    /// A syncer that dies (here a sync that panics) fails the writes
+    /// waiting for it and those registered later, instead of leaving them
+    /// waiting for ever.
+    #[tokio::test]
+    async fn writes_fail_once_the_syncer_is_gone() {
+        let disk = Arc::new(Disk::default());
+        let group = GroupCommit::start(
+            Arc::downgrade(&disk),
+            |_: &Disk| -> Result<(), StoreError> { panic!("a sync that panics (test)") },
+        );
+        for ticket in [group.register(), group.register()] {
+            let waited = tokio::time::timeout(Duration::from_secs(10), ticket.wait()).await;
+            let err = waited.expect("the write waits for ever").unwrap_err();
+            assert!(err.to_string().contains("closed"), "{err}");
+        }
+        assert!(!group.register().is_done());
+    }
+
+    /// `so_far` covers what was registered before it, and nothing is
+    /// waited for when everything is synced.
+    #[tokio::test]
+    async fn so_far_waits_for_the_writes_before_it() {
+        let disk = Arc::new(Disk::default());
+        let group = GroupCommit::start(Arc::downgrade(&disk), disk_sync);
+        assert!(group.so_far().is_done());
+        disk.failing.store(true, Ordering::Relaxed);
+        let ticket = group.register();
+        let repeat = group.so_far();
+        assert!(ticket.wait().await.is_err());
+        assert!(
+            repeat.wait().await.is_err(),
+            "vouched for a write whose sync failed"
+        );
+        disk.failing.store(false, Ordering::Relaxed);
+        group.register().wait().await.unwrap();
+        let after = group.so_far();
+        assert!(after.is_done());
+        after.wait().await.unwrap();
     }
 
     #[test]

@@ -122,6 +122,13 @@ pub trait Store: Send + Sync + 'static {
     fn write_deferred(&self, batch: WriteBatch) -> Result<Durable, StoreError> {
         self.write(batch).map(|()| Durable::now())
     }
+    /// A [`Durable`] for every write made so far: an answer that vouches
+    /// for what is stored without writing (a merge that changed nothing)
+    /// may be vouching for a deferred write whose sync is still to come.
+    /// By default: durable now.
+    fn durable_so_far(&self) -> Result<Durable, StoreError> {
+        Ok(Durable::now())
+    }
     /// Makes every write so far durable (the WAL synced), whatever the
     /// engine's `fsync` setting: before a node vouches for a state that
     /// others will act on for good (the reaper's checks).
