@@ -329,7 +329,7 @@ impl<S: Store> Replica<S> {
                 // answer vouches for it too.
                 let durable = self.store.durable_so_far()?;
                 if matches!(commit, Commit::Now) && !durable.is_done() {
-                    self.store.sync_wal()?;
+                    crate::tasks::heavy(|| self.store.sync_wal())?;
                     Durable::now()
                 } else {
                     durable

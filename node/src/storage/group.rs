@@ -15,8 +15,9 @@
 //! write in flight may do anyway. No write is acknowledged before the disk
 //! holds it.
 //!
-//! A sync that fails fails every write it was to cover (and the RocksDB
-//! store then refuses everything until a restart: see `rocks`). Once the
+//! A sync that fails fails every write it was to cover (and unless the
+//! disk is full, the RocksDB store then refuses everything until a
+//! restart: see `rocks`). Once the
 //! database a write went to is closed, or its syncer ends for any reason,
 //! its wait fails too; it never waits for ever.
 //!

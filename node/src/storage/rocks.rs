@@ -12,13 +12,19 @@
 //! restart. No reopen is tried on a disk still full: it would fail and take
 //! reads down with it.
 //!
-//! A failed WAL sync with `fsync` set is another matter: writes applied
-//! since the last good sync were visible (group commit applies a write
-//! before its sync) and may not be on disk, and which of them are cannot be
-//! known (after a failed fsync the kernel may have dropped the pages). As
-//! PostgreSQL and Cassandra's `commit_failure_policy: stop` do, the store
-//! then refuses every operation with that error until the node restarts;
-//! the restart replays what the disk holds, under a new incarnation.
+//! A WAL that fails otherwise with `fsync` set (an I/O error on append or
+//! sync) is another matter: writes applied since the last good sync were
+//! visible (group commit applies a write before its sync) and may not be on
+//! disk, and which of them are cannot be known (after a failed fsync the
+//! kernel may have dropped the pages). As PostgreSQL and Cassandra's
+//! `commit_failure_policy: stop` do, the store then refuses every operation
+//! with that error until the node restarts; the restart replays what the
+//! disk holds, under a new incarnation. (The replica still answers reads
+//! of the keys in its object cache: a write it may show had its sync fail,
+//! so it was never acknowledged.) A full disk is not such a failure: an
+//! append that fails for want of space leaves the WAL before it intact, so
+//! it and the syncs that fail after it (the sticky error) fail only their
+//! own writes, and the reopen replays the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,11 +56,15 @@ struct Open {
     group: OnceLock<Arc<GroupCommit>>,
 }
 
-/// WAL sync failures, kept across reopens (see the module doc).
+/// WAL failures, kept across reopens (see the module doc).
 #[derive(Default)]
 struct Syncs {
-    /// The first failed sync with `fsync` set: the store refuses everything.
+    /// The first WAL failure with `fsync` set that was no full disk: the
+    /// store refuses everything.
     failed: OnceLock<String>,
+    /// An append failed for want of space since the database was opened:
+    /// the WAL's errors until the reopen are that one, kept.
+    full: AtomicBool,
     /// Tests: every sync fails, as on a disk error.
     fail: AtomicBool,
 }
@@ -85,11 +95,23 @@ impl Syncs {
             db.flush_wal(true).map_err(io("sync"))
         };
         if let Err(e) = &result {
-            if self.failed.set(e.to_string()).is_ok() {
-                tracing::error!(error = %e, "a WAL sync failed: this node's store refuses every read and write until it restarts");
-            }
+            self.failure(e);
         }
         result
+    }
+
+    /// A failed WAL append or sync with `fsync` set: refuses everything
+    /// from now on, unless it is (or follows) a full disk's.
+    fn failure(&self, e: &StoreError) {
+        if e.to_string().contains("No space left") {
+            self.full.store(true, Ordering::Relaxed);
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.failed.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "the WAL failed: this node's store refuses every read and write until it restarts");
+        }
     }
 }
 
@@ -227,6 +249,7 @@ impl RocksStore {
         }
         match open_db(&self.path, self.fsync, &self.syncs) {
             Ok(db) => {
+                self.syncs.full.store(false, Ordering::Relaxed);
                 tracing::warn!(path = %self.path.display(), "reopened the database after a write error; writes resume");
                 *slot = Some(db);
             }
@@ -361,8 +384,13 @@ impl RocksStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         let result = db.write_opt(wb, &wo).map_err(io("write"));
-        if matches!(result, Err(StoreError::Io { .. })) {
-            self.recover(db);
+        if let Err(e @ StoreError::Io { .. }) = &result {
+            if self.fsync {
+                self.syncs.failure(e);
+            }
+            if self.syncs.failed.get().is_none() {
+                self.recover(db);
+            }
         }
         result
     }
@@ -418,7 +446,7 @@ impl Store for RocksStore {
         } else {
             db.flush_wal(true).map_err(io("sync"))
         };
-        if matches!(result, Err(StoreError::Io { .. })) {
+        if matches!(result, Err(StoreError::Io { .. })) && self.syncs.failed.get().is_none() {
             self.recover(db);
         }
         result
