@@ -284,17 +284,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
         let step = args.duration.unwrap_or(Duration::from_secs(10));
         let steps = sweep::run(&target, chooser, rates, args.concurrency, step, &servers).await?;
-        println!(
-            "{} | workload {:?} | {:?} keys over {} records | values {}..{} B | open loop sweep, {} workers, {:.0?} per step",
-            spec.name(),
-            args.workload,
-            args.distribution,
-            args.records,
-            args.value_size.min,
-            args.value_size.max,
-            args.concurrency,
-            step
+        let mode = format!(
+            "open loop sweep, {} workers, {step:.0?} per step",
+            args.concurrency
         );
+        println!("{}", header(&spec.name(), &args, &mode));
         print!("{}", sweep::table(&steps));
         let settings = json!({
             "workload": args.workload,
@@ -373,13 +367,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => format!("closed loop, {} workers", args.concurrency),
     };
     println!(
-        "{} | workload {:?} | {:?} keys over {} records | values {}..{} B | {mode} | {:.1?}",
-        spec.name(),
-        args.workload,
-        args.distribution,
-        args.records,
-        args.value_size.min,
-        args.value_size.max,
+        "{} | {:.1?}",
+        header(&spec.name(), &args, &mode),
         results.elapsed
     );
     print!("{}", report::table(&results));
@@ -457,4 +446,12 @@ async fn fault_schedule(
         eprintln!("\n[{:.1?}] restarted {node}", start.elapsed());
     }
     Ok(())
+}
+
+/// The first line of a run's output: target, workload, keys, values, mode.
+fn header(target: &str, args: &Args, mode: &str) -> String {
+    format!(
+        "{target} | workload {:?} | {:?} keys over {} records | values {}..{} B | {mode}",
+        args.workload, args.distribution, args.records, args.value_size.min, args.value_size.max,
+    )
 }

@@ -295,9 +295,15 @@ fn panel(
             );
         }
         // Legend in the title row, right-aligned, clear of the plot area.
+        let name_w = series
+            .iter()
+            .map(|s| Canvas::text_width(&s.name))
+            .max()
+            .unwrap_or(0);
+        let lx = right - name_w - 40;
         let ly = y + 2 + i as i64 * 18;
-        c.line((right - 130, ly + 7), (right - 105, ly + 7), color, true);
-        c.text(right - 95, ly, &s.name, BLACK);
+        c.line((lx, ly + 7), (lx + 25, ly + 7), color, true);
+        c.text(lx + 35, ly, &s.name, BLACK);
     }
 }
 
