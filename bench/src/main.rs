@@ -273,6 +273,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "\rpreloaded {} records in {:.1?} ({errors} errors){:40}",
             args.records, loaded.elapsed, ""
         );
+        for (kind, n) in &loaded.error_kinds {
+            eprintln!("preload errors: {n} x {kind}");
+        }
     }
 
     if let Some(rates) = &args.sweep {

@@ -42,6 +42,9 @@ pub fn table(r: &Results) -> String {
     if r.ops.len() > 1 {
         out.push_str(&row("total", &all, r.elapsed));
     }
+    for (kind, n) in &r.error_kinds {
+        out.push_str(&format!("errors: {n} x {kind}\n"));
+    }
     out
 }
 
@@ -104,6 +107,7 @@ pub fn json_report(settings: Value, r: &Results) -> Value {
         "fell_behind": r.fell_behind,
         "max_lag_ms": r.max_lag.as_secs_f64() * 1000.0,
         "ops": ops,
+        "error_kinds": r.error_kinds,
         "seconds": seconds,
         "completed": completed,
         "spectrum": spectrum,

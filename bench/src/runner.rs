@@ -83,7 +83,13 @@ pub struct Results {
     /// sending, and whether the run fell behind its target rate.
     pub max_lag: Duration,
     pub fell_behind: bool,
+    /// Failed operations by kind: the error's message with its numbers
+    /// blanked (`#`), at most [`MAX_ERROR_KINDS`] kinds.
+    pub error_kinds: BTreeMap<String, u64>,
 }
+
+/// Kinds of error a run tells apart; the rest count as "(other)".
+const MAX_ERROR_KINDS: usize = 16;
 
 /// The latencies of a run (the whole run's and each second's), shared by
 /// its workers: one set of histograms for the run, not one per worker.
@@ -127,6 +133,32 @@ impl Results {
             }
         }
         self.max_lag = self.max_lag.max(other.max_lag);
+        for (kind, n) in &other.error_kinds {
+            self.count_error(kind.clone(), *n);
+        }
+    }
+
+    /// Counts a failed operation under the kind of `error`.
+    fn error(&mut self, error: &anyhow::Error) {
+        let mut kind = String::new();
+        for c in format!("{error:#}").chars().take(160) {
+            match c {
+                '0'..='9' if kind.ends_with('#') => {}
+                '0'..='9' => kind.push('#'),
+                c => kind.push(c),
+            }
+        }
+        self.count_error(kind, 1);
+    }
+
+    fn count_error(&mut self, kind: String, n: u64) {
+        let kind =
+            if self.error_kinds.len() < MAX_ERROR_KINDS || self.error_kinds.contains_key(&kind) {
+                kind
+            } else {
+                "(other)".to_string()
+            };
+        *self.error_kinds.entry(kind).or_default() += n;
     }
 
     pub fn total(&self) -> u64 {
@@ -206,6 +238,9 @@ pub async fn run(
                 let micros = begin.elapsed().as_micros() as u64;
                 let second = due.duration_since(start).as_secs() as usize;
                 latencies.record(second, op, micros, outcome.is_ok());
+                if let Err(e) = &outcome {
+                    results.error(e);
+                }
                 results.complete(start.elapsed().as_secs() as usize, op);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
