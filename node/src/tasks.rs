@@ -65,9 +65,13 @@ impl Tasks {
         });
     }
 
-    /// Like [`Self::spawn`], but polls `work` once here first: work that is
-    /// done at once (a local replica's answer) costs no task of its own.
-    pub fn spawn_unless_done(&self, work: impl Future<Output = ()> + Send + 'static) {
+    /// [`Self::spawn`], but when `here` (a local replica's answer, done at
+    /// once as a rule) polls `work` once in place first: work done then
+    /// costs no task of its own.
+    pub fn spawn_unless_done(&self, here: bool, work: impl Future<Output = ()> + Send + 'static) {
+        if !here {
+            return self.spawn(work);
+        }
         if *self.stop.borrow() {
             return;
         }

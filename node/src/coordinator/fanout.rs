@@ -77,11 +77,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 let reply = node.reach(primary, first, &key, &op, &pool, deadline).await;
                 let _ = tx.send(reply);
             };
-            if local {
-                self.tasks.spawn_unless_done(work);
-            } else {
-                self.tasks.spawn(work);
-            }
+            self.tasks.spawn_unless_done(local, work);
         }
         rx
     }
@@ -181,11 +177,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 let answer = node.replica_call(&target, request, deadline).await;
                 let _ = tx.send((target, answer));
             };
-            if local {
-                self.tasks.spawn_unless_done(work);
-            } else {
-                self.tasks.spawn(work);
-            }
+            self.tasks.spawn_unless_done(local, work);
         }
         rx
     }
