@@ -362,7 +362,7 @@ impl Client {
             let client = self.clone();
             tasks.push(tokio::spawn(async move {
                 let status = match client.send(&[member.client_addr], &Request::Status).await {
-                    Ok(Response::Status(s)) => Ok(s),
+                    Ok(Response::Status(s)) => Ok(*s),
                     Ok(other) => Err(unexpected(other)),
                     Err(e) => Err(e),
                 };

@@ -470,7 +470,9 @@ pub enum Response {
     Value(GetReply),
     Written(PutReply),
     Ring(RingInfo),
-    Status(NodeStatus),
+    /// Boxed (the same on the wire): a status is large and rare, and every
+    /// response, a node's and the SDK's, would otherwise take its size.
+    Status(Box<NodeStatus>),
     Cluster(ClusterReply),
     Inspect(InspectReport),
     Error(WireError),

@@ -393,6 +393,13 @@ impl<Resp: DeserializeOwned + Send + 'static> Links<Resp> {
         addrs
     }
 
+    /// The link to `addr` if calls can go on it as it is: the common
+    /// case, answered without a future (see [`Self::get`] for the rest).
+    pub fn ready(&self, addr: SocketAddr) -> Option<Link<Resp>> {
+        let links = self.links.lock().expect("links lock");
+        links.get(&addr).filter(|l| l.usable()).cloned()
+    }
+
     /// The open link to `addr`, with a new stream if only its stream failed;
     /// `None` if there is none or its connection closed (dial again).
     pub async fn get(&self, addr: SocketAddr) -> Option<Link<Resp>> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use shoal_client::error::ErrorKind;
-use shoal_client::proto::RequestOptions;
+use shoal_client::proto::{Request, RequestOptions, Response};
 use shoal_node::storage::Tree;
 use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
 
@@ -134,6 +134,9 @@ async fn without_fallbacks_the_coordinator_keeps_the_hints() {
                 .await,
         );
     }
+    // The sends no quorum waited for (a spare goes a batching window
+    // after the reply) have failed, and their hints are kept.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(c.hints_held(), 100);
     // Delivery to a primary still down fails and keeps every hint.
     assert_eq!(c.hand_off(1).await, 100);
@@ -163,6 +166,9 @@ async fn handoff_is_rate_limited() {
                 .await,
         );
     }
+    // The sends no quorum waited for (a spare goes a batching window
+    // after the reply) have failed, and their hints are kept.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     c.net.restart("node3");
     let started = tokio::time::Instant::now();
     assert_eq!(c.node("node1").handoff_round().await, 50);
@@ -189,6 +195,9 @@ async fn a_hint_updated_during_delivery_is_kept_and_delivered_next() {
     c.net.crash("node3");
     let ctx = value(c.get("node1", b"k", D).await).context;
     written(c.put("node1", b"k", b"new", Some(ctx), D).await);
+    // The sends no quorum waited for (a spare goes a batching window
+    // after the reply) have failed, and their hint is updated.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     c.net.restart("node3");
     assert_eq!(round.await.unwrap(), 0, "the changed hint is not deleted");
     assert_eq!(c.hints_held(), 1);
@@ -225,6 +234,9 @@ async fn one_get_repairs_a_missing_and_a_stale_replica() {
     c.net.partition("node1", "node3");
     let ctx = value(c.get("node1", b"k", D).await).context;
     written(c.put("node1", b"k", b"v2", Some(ctx), D).await);
+    // The send to node3 (perhaps a spare, a batching window after the
+    // reply) failed before the partition heals.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     c.net.heal();
     assert_ne!(c.stored("node3", b"k"), c.stored("node1", b"k"));
     value(
@@ -275,4 +287,136 @@ async fn repaired(c: &SimCluster, node: &str, reference: &str, key: &[u8]) -> bo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+/// 32 requests at `via`, all at once, each on its own key; their answers.
+async fn at_once(c: &SimCluster, via: &str, keys: &[Vec<u8>], put: bool) -> Vec<Response> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let node = c.node(via).clone();
+        let request = if put {
+            Request::Put {
+                key: key.clone(),
+                value: b"v".to_vec(),
+                context: None,
+                options: D,
+            }
+        } else {
+            Request::Get {
+                key: key.clone(),
+                options: D,
+            }
+        };
+        set.spawn(async move { (i, node.coordinate(request, false).await) });
+    }
+    let mut answers: Vec<(usize, Response)> = set.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The sends no quorum waits for (at N=3, R=W=2: the third replica's) go
+/// to each peer in batches. 32 concurrent writes at node1 take 32 single
+/// sends (one per key, to the replica after node1) and a batch or two;
+/// every replica holds every write. Reads likewise.
+#[tokio::test(start_paused = true)]
+async fn the_sends_no_quorum_waits_for_travel_in_batches() {
+    let c = SimCluster::new(3);
+    let keys: Vec<Vec<u8>> = (0..32).map(|i| format!("key{i}").into_bytes()).collect();
+    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
+
+    c.net.keep_trace_log();
+    for r in at_once(&c, "node1", &keys, true).await {
+        written(r);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(count(&log, "deliver replica-put"), 32, "{log:#?}");
+    let batches = count(&log, "deliver batch");
+    assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
+    for node in ["node1", "node2", "node3"] {
+        for key in &keys {
+            assert!(c.stored(node, key).is_some(), "{node} lacks a write");
+        }
+    }
+
+    c.net.keep_trace_log();
+    for r in at_once(&c, "node1", &keys, false).await {
+        assert_eq!(values(&value(r)), [b"v".to_vec()]);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(count(&log, "deliver replica-get"), 32, "{log:#?}");
+    let batches = count(&log, "deliver batch");
+    assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
+}
+
+/// A quorum send that gets no answer is made up by the spare: with
+/// node1's sends to either other replica lost, its W=2 writes and R=2
+/// reads succeed a batching window later, not at the request timeout;
+/// and the read repairs the replica the lost sends missed, once it
+/// answers again.
+#[tokio::test(start_paused = true)]
+async fn a_spare_completes_the_quorum_when_a_send_gets_no_answer() {
+    for silent in ["node2", "node3"] {
+        let c = SimCluster::new(3);
+        c.net.blackhole("node1", silent);
+        let started = tokio::time::Instant::now();
+        let key = format!("to-{silent}");
+        let key = key.as_bytes();
+        written(c.put("node1", key, b"v", None, D).await);
+        let read = value(c.get("node1", key, D).await);
+        assert_eq!(values(&read), [b"v".to_vec()]);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(50),
+            "{silent} silent: {took:?}"
+        );
+        assert!(c.stored(silent, key).is_none(), "{silent} got nothing");
+        c.net.heal();
+        value(c.get("node1", key, D).await);
+        assert!(
+            repaired(&c, silent, "node1", key).await,
+            "{silent} repaired"
+        );
+    }
+}
+
+/// A batch is answered request by request: one that may not travel in a
+/// batch is refused on its own, and the others are answered.
+#[tokio::test(start_paused = true)]
+async fn a_batch_refuses_only_what_may_not_travel_in_one() {
+    use shoal_node::net::{Handler, PeerError, PeerRequest, PeerResponse};
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v", None, D).await);
+    let stored = c.stored("node2", b"k");
+    assert!(stored.is_some());
+    let answer = c
+        .node("node2")
+        .peer(
+            "node1".into(),
+            PeerRequest::Batch(vec![
+                PeerRequest::ReplicaGet { key: b"k".to_vec() },
+                PeerRequest::Ping,
+                PeerRequest::Batch(vec![]),
+                PeerRequest::ReplicaGet {
+                    key: b"absent".to_vec(),
+                },
+            ]),
+        )
+        .await;
+    let PeerResponse::Batch(answers) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(answers.len(), 4);
+    assert_eq!(answers[0], PeerResponse::Object(stored));
+    for refused in &answers[1..3] {
+        assert!(
+            matches!(
+                refused,
+                PeerResponse::Error(PeerError::NotAReplicaRequest(_))
+            ),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(answers[3], PeerResponse::Object(None));
 }

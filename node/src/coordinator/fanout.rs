@@ -42,6 +42,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// order at once; a primary whose send fails takes the next one. A write
     /// that nobody took for a primary becomes a hint kept here. Sends stop
     /// at `deadline`, and so do the tasks that make them.
+    /// The first `eager` remote ones (in `primaries`' order) are sent at
+    /// once; the quorum need not wait for the others, which travel as
+    /// spares, batched per peer (see `spare`).
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -49,6 +52,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         primaries: &[MemberInfo],
         op: ReplicaOp,
         deadline: Instant,
+        eager: usize,
     ) -> mpsc::UnboundedReceiver<Reply> {
         let mut pool = Fallbacks {
             view: view.clone(),
@@ -67,14 +71,18 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         let pool = Arc::new(Mutex::new(pool));
         let (tx, rx) = mpsc::unbounded_channel();
-        // Remote sends first: this node's own answer is read in place.
+        // Remote sends first (stable: in `primaries`' order): this node's
+        // own answer is read in place.
         first_tries.sort_by_key(|(_, first)| first.as_ref().is_some_and(|f| f.id == self.me.id));
-        for (primary, first) in first_tries {
+        for (i, (primary, first)) in first_tries.into_iter().enumerate() {
             let local = first.as_ref().is_some_and(|f| f.id == self.me.id);
+            let spare = !local && i >= eager;
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.to_vec();
             let work = async move {
-                let reply = node.reach(primary, first, &key, &op, &pool, deadline).await;
+                let reply = node
+                    .reach(primary, first, &key, &op, &pool, deadline, spare)
+                    .await;
                 let _ = tx.send(reply);
             };
             self.tasks.spawn_unless_done(local, work);
@@ -82,22 +90,30 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         rx
     }
 
-    /// One primary's part of [`Self::sloppy_fan_out`].
+    /// One primary's part of [`Self::sloppy_fan_out`]; a `spare` is sent
+    /// to the primary itself in a batch, and to fallbacks as usual.
+    #[allow(clippy::too_many_arguments)]
     async fn reach(
-        &self,
+        self: &Arc<Self>,
         primary: MemberInfo,
         first: Option<MemberInfo>,
         key: &[u8],
         op: &ReplicaOp,
         pool: &Mutex<Fallbacks>,
         deadline: Instant,
+        spare: bool,
     ) -> Reply {
         let mut failures = Vec::new();
         let mut next = first;
         while let Some(target) = next {
             let as_primary = target.id == primary.id;
             let request = op.request(key, (!as_primary).then_some(primary.id));
-            match self.replica_call(&target, request, deadline).await {
+            let answer = if spare && as_primary && request.is_batchable() {
+                self.spare_call(&target, request, deadline).await
+            } else {
+                self.replica_call(&target, request, deadline).await
+            };
+            match answer {
                 Ok(resp) if op.accepts(&resp) => {
                     return Reply {
                         from: target,

@@ -15,6 +15,7 @@
 //! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
 //! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
 //! - `read_repair`: the background repair after a read.
+//! - `spare`: the sends a quorum need not wait for, batched per peer.
 //! - `inspect`: `shoal inspect`.
 //! - [`settings`]: [`Settings`], from the config.
 //!
@@ -35,14 +36,17 @@
 //! copy, minting the new dot under its own node id, then sends the resulting
 //! object to the other primaries (or their fallbacks), which merge it. The
 //! write is acknowledged once W replicas (PW of them primaries) hold it; the
-//! remaining sends carry on in the background. A primary that neither it nor
+//! remaining sends carry on in the background. The W-1 primaries after the
+//! coordinator in ring order are sent to at once; the quorum need not wait
+//! for the others, whose sends are batched per peer (see `spare`). A primary that neither it nor
 //! a fallback could reach gets a hint kept by the coordinator itself. If the
 //! quorum is not met the error says how many and which replicas acknowledged;
 //! the copies that did land are not rolled back (as in Dynamo: an
 //! unacknowledged write may still appear later).
 //!
 //! # Read path and read repair
-//! The coordinator asks the whole sloppy list and answers with the merge of
+//! The coordinator asks the whole sloppy list (itself and the R-1 after it
+//! at once, the others as batched spares) and answers with the merge of
 //! the first R answers (PR of them primaries). In the background it keeps
 //! collecting answers for `timeouts.read-repair-ms` more, merges everything it
 //! heard, and sends the merge to every primary whose answer was older or
@@ -55,6 +59,7 @@ mod inspect;
 pub mod quorum;
 mod read_repair;
 pub mod settings;
+mod spare;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -157,6 +162,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             metrics: metrics.clone(),
             tasks: crate::tasks::Tasks::counted_in(metrics.request_tasks.clone()),
             forward_ids: ForwardIds::starting_at(settings.clock.now_ms()),
+            spares: Default::default(),
         });
         let handoff = Handoff {
             me: me.id,
@@ -323,7 +329,7 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// if this node's ring disagrees that it is a replica (no forwarding loops).
     pub async fn coordinate(&self, request: Request, forwarded: bool) -> Response {
         match request {
-            Request::Status => Response::Status(self.status()),
+            Request::Status => Response::Status(Box::new(self.status())),
             // A node removed from the cluster (it left, or an operator
             // removed it) serves nothing: its copies may be gone, and
             // nothing waits for the requests it would route.
@@ -336,7 +342,9 @@ impl<T: Transport, S: Store> Node<T, S> {
                     ),
                 ))
             }
-            Request::Cluster(command) => self.cluster_command(command, forwarded).await,
+            // Boxed: rare, and large (each request's future is as large
+            // as its largest way, and is moved into its task).
+            Request::Cluster(command) => Box::pin(self.cluster_command(command, forwarded)).await,
             other => self.inner.coordinator.coordinate(other, forwarded).await,
         }
     }
@@ -568,12 +576,18 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 if !self.inner.forwards_seen.first(&from, id) {
                     return PeerResponse::Error(PeerError::DuplicateForward { from, id });
                 }
-                PeerResponse::Forwarded(self.coordinate(request, true).await)
+                // Boxed: a client request's future is large, and every peer
+                // request's would be as large (and moved into its task).
+                PeerResponse::Forwarded(Box::pin(self.coordinate(request, true)).await)
             }
             PeerRequest::Aae(request) => {
                 let replica = &self.inner.replica;
                 crate::tasks::heavy(|| crate::antientropy::answer(replica, request))
                     .map_or_else(PeerResponse::Error, PeerResponse::Aae)
+            }
+            PeerRequest::Batch(requests) => {
+                let replica = &self.inner.replica;
+                replica.answer_batch(self.inner.me.id, requests).await
             }
             // Merging and storing a batch or a large object takes a while:
             // off the worker, which also drives the node's connections.

@@ -43,6 +43,8 @@ pub struct Coordinator<T, S> {
     pub tasks: crate::tasks::Tasks,
     /// Ids for the requests this node forwards.
     pub forward_ids: super::ForwardIds,
+    /// The sends no quorum waits for, gathered per peer (see `spare`).
+    pub(super) spares: super::spare::Spares,
 }
 
 /// Most entries a client's causal context may have: more than any clock
@@ -112,7 +114,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 // key in the old or the new layout coordinates.
                 let replicas = view.replicas(key, self.settings.n as usize);
                 if !replicas.iter().any(|m| m.id == self.me.id) {
-                    return self.forward(&replicas, request.clone(), options).await;
+                    // Boxed, as every rare way here: the future of each
+                    // request is as large as its largest way, and moved.
+                    return Box::pin(self.forward(&replicas, request.clone(), options)).await;
                 }
                 self.coordinate_local(request, view, false).await
             }
@@ -132,7 +136,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 Err(r) => r,
             },
             Request::Inspect { key } => match self.view() {
-                Ok(v) => self.inspect(&key, &v).await,
+                Ok(v) => Box::pin(self.inspect(&key, &v)).await,
                 Err(r) => r,
             },
             other => match self.view() {
@@ -193,6 +197,17 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             }
         }
         result.unwrap_or_else(Response::Error)
+    }
+
+    /// A key's replicas in ring order starting after this node (which
+    /// comes last, if it is one): each node's quorum sends go to the
+    /// replicas after it, so that each replica takes its share of them.
+    fn after_me(&self, list: &[MemberInfo]) -> Vec<MemberInfo> {
+        let mut list = list.to_vec();
+        if let Some(mine) = list.iter().position(|m| m.id == self.me.id) {
+            list.rotate_left(mine + 1);
+        }
+        list
     }
 
     pub(super) fn deadline(&self, options: &RequestOptions) -> Instant {
@@ -356,11 +371,18 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         let me = self.me.id;
         let mut others: Vec<MemberInfo> = Vec::new();
-        for m in lists.iter().flatten() {
+        for m in lists.iter().flat_map(|l| self.after_me(l)) {
             if m.id != me && !others.iter().any(|o| o.id == m.id) {
-                others.push(m.clone());
+                others.push(m);
             }
         }
+        // This node's copy and the next W-1 replicas make the quorum; the
+        // others' copies travel as spares. In transition every layout's
+        // quorum must be met, so every send is made at once.
+        let eager = match lists.len() {
+            1 => w.saturating_sub(1) as usize,
+            _ => usize::MAX,
+        };
         // Kept to hand the write on should this node fail to store it.
         let retry = (!forwarded && !others.is_empty()).then(|| (value.clone(), context.clone()));
         let (object, dot, durable) = match self.replica.write(&key, &ctx, value) {
@@ -386,7 +408,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                         options,
                     },
                 };
-                return Ok(self.forward(&others, request, options).await);
+                return Ok(Box::pin(self.forward(&others, request, options)).await);
             }
             Err(e) => return Err(write_error(e)),
         };
@@ -395,7 +417,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             siblings: object.values().count() as u32,
         });
         let mut answers =
-            self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline);
+            self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline, eager);
         let mut tally = Tally::over(&lists);
         // The local copy counts once durable (with `fsync`, when a WAL
         // sync shared with other writes covers it), while the others store.
@@ -431,9 +453,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let deadline = self.deadline(&options);
         // The oldest layout's replicas while a change is in transition:
         // they hold every acknowledged write until the new ones synced.
-        let primaries = view.read_list(key, s.n as usize);
+        let primaries = self.after_me(&view.read_list(key, s.n as usize));
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
-        let mut answers = self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline);
+        // This node's copy and the next R-1 replicas make the quorum; the
+        // others are asked as spares, for read repair.
+        let local = primaries.iter().any(|p| p.id == self.me.id);
+        let eager = (r as usize).saturating_sub(local as usize);
+        let mut answers =
+            self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
         tally

@@ -108,16 +108,17 @@ pub enum PeerRequest {
     /// Membership gossip: merge this state (the sender's, after it merged
     /// the receiver's); answered with `Stored`.
     GossipPush(Box<ClusterState>),
+    /// Several small replica requests ([`PeerRequest::is_batchable`]) in
+    /// one message, answered with `Batch`: one answer per request, in
+    /// order. The sends a quorum does not wait for travel this way (see
+    /// `coordinator::spare`).
+    Batch(Vec<PeerRequest>),
 }
 
 /// A request carrying more than this goes on a stream of its own.
 const BULK_BYTES: usize = 1 << 20;
 
 impl PeerRequest {
-    /// Requests that may carry megabytes (batches of objects, hint lists,
-    /// a large object or value) or are rare. Each gets a stream of its own,
-    /// so that it never holds up the small requests pipelined on a
-    /// connection's shared stream, and if it fails only it fails.
     /// Whether running the request twice does no harm: every request but a
     /// forwarded client write is a read, a merge or a conditional removal.
     /// Only such requests may be retried elsewhere after a silent peer.
@@ -128,6 +129,30 @@ impl PeerRequest {
         }
     }
 
+    /// Whether the request may travel in a [`PeerRequest::Batch`]: a
+    /// replica's read or a small write, each answered on its own.
+    pub fn is_batchable(&self) -> bool {
+        match self {
+            PeerRequest::ReplicaGet { .. } => true,
+            PeerRequest::ReplicaPut { .. } => !self.is_bulk(),
+            _ => false,
+        }
+    }
+
+    /// About how many bytes a batchable request adds to a batch (0 for
+    /// the others, which never travel in one).
+    pub fn batched_size(&self) -> usize {
+        match self {
+            PeerRequest::ReplicaGet { key } => key.len() + 16,
+            PeerRequest::ReplicaPut { key, object } => key.len() + object.approx_size() + 16,
+            _ => 0,
+        }
+    }
+
+    /// Requests that may carry megabytes (batches of objects, hint lists,
+    /// a large object or value) or are rare. Each gets a stream of its own,
+    /// so that it never holds up the small requests pipelined on a
+    /// connection's shared stream, and if it fails only it fails.
     pub fn is_bulk(&self) -> bool {
         match self {
             PeerRequest::Hello(_)
@@ -139,6 +164,13 @@ impl PeerRequest {
             | PeerRequest::Reap { .. } => true,
             PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
                 object.approx_size() > BULK_BYTES
+            }
+            PeerRequest::Batch(requests) => {
+                requests
+                    .iter()
+                    .map(PeerRequest::batched_size)
+                    .sum::<usize>()
+                    > BULK_BYTES
             }
             PeerRequest::Forward {
                 request: Request::Put { value, .. },
@@ -234,6 +266,8 @@ pub enum PeerResponse {
         #[serde(with = "serde_bytes")]
         next: Vec<u8>,
     },
+    /// The answers to a [`PeerRequest::Batch`], in its order.
+    Batch(Vec<PeerResponse>),
     Error(PeerError),
 }
 

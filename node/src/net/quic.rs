@@ -490,7 +490,13 @@ impl Transport for QuicTransport {
         to: &MemberInfo,
         request: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
-        let link = self.connection(to).await?;
+        // Boxed, the rare way (a dial, a new stream): every call's future
+        // would otherwise carry its space, and a call's future is moved
+        // into each task that makes one.
+        let link = match self.connections.ready(to.peer_addr) {
+            Some(link) => link,
+            None => Box::pin(self.connection(to)).await?,
+        };
         let bulk = request.is_bulk();
         let idempotent = request.is_idempotent();
         let envelope = PeerEnvelope {
@@ -498,7 +504,7 @@ impl Transport for QuicTransport {
             request,
         };
         let result = if bulk {
-            rpc::call(&link.conn, &envelope, self.max_frame).await
+            Box::pin(rpc::call(&link.conn, &envelope, self.max_frame)).await
         } else {
             link.mux.call(&envelope).await
         };

@@ -209,6 +209,7 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::Gossip { .. } => "gossip",
         PeerRequest::GossipPush(_) => "gossip-push",
         PeerRequest::HintsIn { .. } => "hints-in",
+        PeerRequest::Batch(_) => "batch",
     }
 }
 

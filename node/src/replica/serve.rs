@@ -69,6 +69,27 @@ impl<S: Store> Replica<S> {
         Answer::ready(self.answer_now(me, request))
     }
 
+    /// Answers a [`PeerRequest::Batch`]: each request as [`Self::answer`]
+    /// does, the writes sharing their WAL syncs, one answer per request in
+    /// order. A request that may not travel in a batch is refused on its
+    /// own; the others are answered.
+    pub async fn answer_batch(&self, me: NodeId, requests: Vec<PeerRequest>) -> PeerResponse {
+        let answers: Vec<Answer> = requests
+            .into_iter()
+            .map(|request| {
+                if request.is_batchable() {
+                    self.answer(me, request)
+                } else {
+                    Answer::ready(PeerResponse::Error(PeerError::NotAReplicaRequest(
+                        "only replica reads and small writes travel in a batch".into(),
+                    )))
+                }
+            })
+            .collect();
+        let settled = answers.into_iter().map(Answer::settled);
+        PeerResponse::Batch(futures_util::future::join_all(settled).await)
+    }
+
     fn answer_now(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::ReplicaGet { key } => match self.read(&key) {

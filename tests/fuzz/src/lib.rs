@@ -231,8 +231,16 @@ pub fn peer_request(data: &[u8]) {
         _ => {}
     }
     let me = NodeId::from_u128(1);
-    let _ = replica.answer(me, request.clone());
-    let _ = replica.answer(me, request);
+    // A batch is answered request by request (`Replica::answer_batch`),
+    // those that may travel in one.
+    let requests = match request {
+        PeerRequest::Batch(requests) => requests.into_iter().filter(|r| r.is_batchable()).collect(),
+        request => vec![request],
+    };
+    for request in requests {
+        let _ = replica.answer(me, request.clone());
+        let _ = replica.answer(me, request);
+    }
 }
 
 /// A peer answer body, then what the coordinator, handoff and anti-entropy
@@ -252,6 +260,15 @@ pub fn peer_response(data: &[u8]) {
             after_object(&all);
         }
         PeerResponse::Forwarded(r) => after_response(r),
+        PeerResponse::Batch(answers) => {
+            let mut all = Object::default();
+            for answer in answers {
+                if let PeerResponse::Object(Some(o)) = answer {
+                    all.merge(o);
+                }
+            }
+            after_object(&all);
+        }
         PeerResponse::Hello(info) => {
             let _ = membership(vec![info.clone()]).view();
         }

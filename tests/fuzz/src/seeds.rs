@@ -237,7 +237,7 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
         ),
         (
             "status",
-            Response::Status(NodeStatus {
+            Response::Status(Box::new(NodeStatus {
                 id: members[0].id,
                 name: "a".into(),
                 client_addr: members[0].client_addr,
@@ -257,7 +257,7 @@ fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Resp
                 transition: None,
                 transfer: None,
                 keys_unowned: 0,
-            }),
+            })),
         ),
         (
             "inspect",
@@ -286,6 +286,16 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
         ("hello", PeerRequest::Hello(me.clone())),
         ("ping", PeerRequest::Ping),
         ("replica-get", PeerRequest::ReplicaGet { key: key.clone() }),
+        (
+            "batch",
+            PeerRequest::Batch(vec![
+                PeerRequest::ReplicaGet { key: key.clone() },
+                PeerRequest::ReplicaPut {
+                    key: key.clone(),
+                    object: object.clone(),
+                },
+            ]),
+        ),
         ("reap-check", PeerRequest::ReapCheck { key: key.clone() }),
         (
             "replica-put",
@@ -365,6 +375,13 @@ fn peer_responses(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerRe
         ("pong", PeerResponse::Pong),
         ("object", PeerResponse::Object(Some(object.clone()))),
         ("stored", PeerResponse::Stored),
+        (
+            "batch",
+            PeerResponse::Batch(vec![
+                PeerResponse::Object(Some(object.clone())),
+                PeerResponse::Stored,
+            ]),
+        ),
         (
             "forwarded",
             PeerResponse::Forwarded(Response::Error(WireError::new(ErrorKind::Timeout, "late"))),
