@@ -135,6 +135,8 @@ async fn a_corrupt_copy_is_not_counted_and_heals_after_one_read() {
     let c = SimCluster::new(3);
     let good = written(c.put("node1", b"k", b"good", None, D).await);
     drop(good);
+    // The send the quorum did not wait for outlives the reply.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     c.node("node1").handoff_round().await;
     let victim = c.primaries(b"k")[0].clone();
     c.node(&victim).rebuild_trees(u32::MAX).await.unwrap();

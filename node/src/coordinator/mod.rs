@@ -9,14 +9,15 @@
 //! [`Detector`], [`Handoff`], [`AntiEntropy`], the [`Reaper`]), hands each
 //! the narrow handles it needs, routes client and peer requests to them
 //! (the [`Handler`] impl), and delegates the methods tests, the server and
-//! the simulation call. It holds no logic of its own beyond that routing,
-//! hello/learn and `shoal status`.
+//! the simulation call. It holds no logic of its own beyond that routing
+//! and hello/learn.
 //!
 //! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
 //! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
 //! - `read_repair`: the background repair after a read.
 //! - `spare`: the sends a quorum need not wait for, batched per peer.
 //! - `inspect`: `shoal inspect`.
+//! - `status`: `shoal status`.
 //! - [`settings`]: [`Settings`], from the config.
 //!
 //! # Sloppy quorum
@@ -60,14 +61,12 @@ pub mod quorum;
 mod read_repair;
 pub mod settings;
 mod spare;
+mod status;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use shoal_client::proto::{
-    AaeStatus, HintQueue, MemberInfo, NodeStatus, PeerView, Request, Response,
-};
+use shoal_client::proto::{AaeStatus, HintQueue, MemberInfo, PeerView, Request, Response};
 use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tracing::{error, warn};
@@ -346,40 +345,6 @@ impl<T: Transport, S: Store> Node<T, S> {
             // as its largest way, and is moved into its task).
             Request::Cluster(command) => Box::pin(self.cluster_command(command, forwarded)).await,
             other => self.inner.coordinator.coordinate(other, forwarded).await,
-        }
-    }
-
-    fn status(&self) -> NodeStatus {
-        let me = &self.inner.me;
-        let view = self.inner.membership.view();
-        NodeStatus {
-            id: me.id,
-            name: me.name.clone(),
-            client_addr: me.client_addr,
-            peer_addr: me.peer_addr,
-            pid: std::process::id(),
-            ring_ready: view.is_some(),
-            partitions_owned: view.map_or(0, |v| v.ring.partitions_of(me.id).len() as u32),
-            waiting_for: self.inner.membership.missing_names(),
-            peers: self.peer_views(),
-            metrics_addr: self.inner.metrics_addr.get().copied(),
-            hints_pending: self.hint_queues(),
-            hints_delivered: self.inner.metrics.hints_delivered.load(Ordering::Relaxed),
-            anti_entropy: self.aae_status(),
-            ring_version: self.inner.membership.view().map_or(0, |v| v.version),
-            zone: me.zone.clone(),
-            transition: self.transition(),
-            transfer: self.inner.transfer.status(),
-            keys_unowned: self.inner.transfer.unowned_keys(1_000_000),
-            unreachable: {
-                let addrs = self.inner.transport.unreachable();
-                let members = self.inner.membership.expected();
-                members
-                    .into_iter()
-                    .filter(|m| addrs.contains(&m.peer_addr))
-                    .map(|m| m.name)
-                    .collect()
-            },
         }
     }
 

@@ -199,15 +199,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         result.unwrap_or_else(Response::Error)
     }
 
-    /// A key's replicas in ring order starting after this node (which
-    /// comes last, if it is one): each node's quorum sends go to the
-    /// replicas after it, so that each replica takes its share of them.
-    fn after_me(&self, list: &[MemberInfo]) -> Vec<MemberInfo> {
-        let mut list = list.to_vec();
-        if let Some(mine) = list.iter().position(|m| m.id == self.me.id) {
-            list.rotate_left(mine + 1);
-        }
-        list
+    /// Where a key's replicas (`list`, in ring order) start after this
+    /// node, which comes last if it is one of them: each node sends its
+    /// quorum's requests to the replicas after it, so that each replica
+    /// takes its share of them.
+    fn after_me(&self, list: &[MemberInfo]) -> usize {
+        list.iter()
+            .position(|m| m.id == self.me.id)
+            .map_or(0, |mine| mine + 1)
     }
 
     pub(super) fn deadline(&self, options: &RequestOptions) -> Instant {
@@ -371,9 +370,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         let me = self.me.id;
         let mut others: Vec<MemberInfo> = Vec::new();
-        for m in lists.iter().flat_map(|l| self.after_me(l)) {
-            if m.id != me && !others.iter().any(|o| o.id == m.id) {
-                others.push(m);
+        for list in &lists {
+            let start = self.after_me(list);
+            for m in list[start..].iter().chain(&list[..start]) {
+                if m.id != me && !others.iter().any(|o| o.id == m.id) {
+                    others.push(m.clone());
+                }
             }
         }
         // This node's copy and the next W-1 replicas make the quorum; the
@@ -453,7 +455,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let deadline = self.deadline(&options);
         // The oldest layout's replicas while a change is in transition:
         // they hold every acknowledged write until the new ones synced.
-        let primaries = self.after_me(&view.read_list(key, s.n as usize));
+        let mut primaries = view.read_list(key, s.n as usize);
+        let start = self.after_me(&primaries);
+        primaries.rotate_left(start);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
         // This node's copy and the next R-1 replicas make the quorum; the
         // others are asked as spares, for read repair.
