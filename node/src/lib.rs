@@ -75,9 +75,11 @@
 //!    primary if [`liveness::Liveness`] says it is up, else the next live
 //!    fallback with a `HintPut`; a failed send moves to the next fallback; a
 //!    write nobody took becomes a hint kept here ([`replica::Replica::store_hint`]).
-//!    The W-1 primaries after this node in ring order are sent to at once;
-//!    the others' sends wait a millisecond for others to the same peer
-//!    and travel as one [`net::PeerRequest::Batch`] (`coordinator::spare`).
+//!    The W-1 primaries after this node in ring order (W if this node is
+//!    not one) are sent to at once; the others' sends wait a millisecond
+//!    for others to the same peer and travel as one
+//!    [`net::PeerRequest::Batch`] (`coordinator::spare`); what a batch
+//!    hands back goes again on its own to the same primary.
 //! 7. Each receiver's [`net::Handler::peer`] passes the request (each of a
 //!    batch's) to [`replica::Replica::answer`], which merges
 //!    ([`replica::Replica::merge`]) or keeps the hint.

@@ -381,42 +381,198 @@ async fn a_spare_completes_the_quorum_when_a_send_gets_no_answer() {
     }
 }
 
-/// A batch is answered request by request: one that may not travel in a
-/// batch is refused on its own, and the others are answered.
+/// A batch is answered request by request: a write too large for one is
+/// refused on its own and the others are answered; a read whose object
+/// would take the answers past `BATCH_ANSWER_BYTES` comes back `Alone`
+/// (the first one never does), and a smaller one after it still fits. A
+/// batch of more than `BATCH_REQUESTS` is refused whole.
 #[tokio::test(start_paused = true)]
-async fn a_batch_refuses_only_what_may_not_travel_in_one() {
-    use shoal_node::net::{Handler, PeerError, PeerRequest, PeerResponse};
-    let c = SimCluster::new(3);
+async fn a_batch_is_answered_request_by_request_within_its_bounds() {
+    use shoal_node::net::{
+        Batched, BatchedAnswer, Handler, PeerError, PeerRequest, PeerResponse, BATCH_REQUESTS,
+    };
+    use shoal_node::version::{Actors, Object, VersionVector};
+    let mut settings = settings();
+    settings.max_value_bytes = 200 << 10;
+    let c = SimCluster::with_settings(3, settings);
+    written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
     written(c.put("node1", b"k", b"v", None, D).await);
-    let stored = c.stored("node2", b"k");
-    assert!(stored.is_some());
+    let (big, k) = (c.stored("node2", b"big"), c.stored("node2", b"k"));
+    assert!(big.is_some() && k.is_some());
+    let mut huge = Object::default();
+    let actor = Actors::new(c.id("node1"), 1).fresh().unwrap();
+    huge.update(
+        &VersionVector::new(),
+        Some(vec![1; (1 << 20) + 1]),
+        actor,
+        1,
+    );
+    let get = |key: &[u8]| Batched::ReplicaGet { key: key.to_vec() };
+    let batch = vec![
+        get(b"big"),
+        Batched::ReplicaPut {
+            key: b"huge".to_vec(),
+            object: huge,
+        },
+        get(b"big"),
+        get(b"big"),
+        get(b"k"),
+        get(b"absent"),
+    ];
     let answer = c
         .node("node2")
-        .peer(
-            "node1".into(),
-            PeerRequest::Batch(vec![
-                PeerRequest::ReplicaGet { key: b"k".to_vec() },
-                PeerRequest::Ping,
-                PeerRequest::Batch(vec![]),
-                PeerRequest::ReplicaGet {
-                    key: b"absent".to_vec(),
-                },
-            ]),
-        )
+        .peer("node1".into(), PeerRequest::Batch(batch))
         .await;
     let PeerResponse::Batch(answers) = answer else {
         panic!("{answer:?}")
     };
-    assert_eq!(answers.len(), 4);
-    assert_eq!(answers[0], PeerResponse::Object(stored));
-    for refused in &answers[1..3] {
-        assert!(
-            matches!(
-                refused,
-                PeerResponse::Error(PeerError::NotAReplicaRequest(_))
-            ),
-            "{refused:?}"
-        );
+    assert_eq!(answers.len(), 6);
+    assert_eq!(answers[0], BatchedAnswer::Object(big.clone()));
+    assert!(
+        matches!(
+            &answers[1],
+            BatchedAnswer::Error(PeerError::NotAReplicaRequest(_))
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert!(c.stored("node2", b"huge").is_none());
+    assert_eq!(answers[2], BatchedAnswer::Object(big));
+    assert_eq!(answers[3], BatchedAnswer::Alone);
+    assert_eq!(answers[4], BatchedAnswer::Object(k));
+    assert_eq!(answers[5], BatchedAnswer::Object(None));
+
+    let many = vec![get(b"k"); BATCH_REQUESTS + 1];
+    let answer = c
+        .node("node2")
+        .peer("node1".into(), PeerRequest::Batch(many))
+        .await;
+    assert!(
+        matches!(answer, PeerResponse::Error(PeerError::Refused(_))),
+        "{answer:?}"
+    );
+}
+
+/// Reads of objects too large for all their answers to fit in one batch's:
+/// the spares answered `Alone` are asked again on their own, of the same
+/// primary, and every replica is still asked and every read answered.
+#[tokio::test(start_paused = true)]
+async fn spares_a_batch_hands_back_are_sent_on_their_own() {
+    let mut settings = settings();
+    settings.max_value_bytes = 200 << 10;
+    let c = SimCluster::with_settings(3, settings);
+    let keys: Vec<Vec<u8>> = (0..8).map(|i| format!("big{i}").into_bytes()).collect();
+    for key in &keys {
+        written(c.put("node1", key, &vec![7; 100 << 10], None, D).await);
     }
-    assert_eq!(answers[3], PeerResponse::Object(None));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
+    c.net.keep_trace_log();
+    for r in at_once(&c, "node1", &keys, false).await {
+        assert_eq!(values(&value(r)), [vec![7; 100 << 10]]);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    // 8 sent at once, the 8 spares in a batch to each other node, where
+    // two of 100 KiB fit in each batch's answer: the others go again.
+    assert!(count(&log, "deliver batch") >= 1, "{log:#?}");
+    let alone = count(&log, "deliver replica-get");
+    assert!(alone > 8, "{alone} replica reads sent alone: {log:#?}");
+}
+
+/// A node that does not know batches (an older version, during a rolling
+/// upgrade) refuses them whole. Each spare goes again on its own to the
+/// same primary, not to a fallback (whose "absent" would stand in for a
+/// primary that is up and holds the key), and the next spares to such a
+/// node go on their own from the start: every primary holds every write,
+/// no hint is made, and no fallback is asked.
+#[tokio::test(start_paused = true)]
+async fn spares_to_a_node_that_refuses_batches_go_on_their_own() {
+    let c = SimCluster::new(4);
+    for old in ["node2", "node3", "node4"] {
+        c.net
+            .register(old, std::sync::Arc::new(Older(c.node(old).clone())));
+    }
+    let keys: Vec<Vec<u8>> = (0..)
+        .map(|i| format!("key{i}").into_bytes())
+        .filter(|k| c.primaries(k).iter().any(|p| p == "node1"))
+        .take(16)
+        .collect();
+    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
+
+    c.net.keep_trace_log();
+    for r in at_once(&c, "node1", &keys, true).await {
+        written(r);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(count(&log, "deliver hint-put"), 0, "{log:#?}");
+    assert!(count(&log, "deliver batch") <= 3, "{log:#?}");
+    for key in &keys {
+        for node in c.primaries(key) {
+            assert!(c.stored(&node, key).is_some(), "{node} lacks a write");
+        }
+    }
+    assert_eq!(c.hints_held(), 0);
+
+    c.net.keep_trace_log();
+    for r in at_once(&c, "node1", &keys, false).await {
+        assert_eq!(values(&value(r)), [b"v".to_vec()]);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(count(&log, "deliver batch"), 0, "{log:#?}");
+    assert_eq!(count(&log, "deliver hint-get"), 0, "{log:#?}");
+    assert_eq!(
+        count(&log, "deliver replica-get"),
+        2 * keys.len(),
+        "{log:#?}"
+    );
+}
+
+/// A node of a version before batches: it cannot decode one.
+struct Older(shoal_tests::sim::SimNode);
+
+impl shoal_node::net::Handler for Older {
+    async fn client(&self, request: Request) -> Response {
+        self.0.client(request).await
+    }
+
+    async fn peer(
+        &self,
+        from: String,
+        request: shoal_node::net::PeerRequest,
+    ) -> shoal_node::net::PeerResponse {
+        use shoal_node::net::{PeerError, PeerRequest, PeerResponse};
+        match request {
+            PeerRequest::Batch(_) => {
+                PeerResponse::Error(PeerError::Refused("unknown variant `Batch`".into()))
+            }
+            request => self.0.peer(from, request).await,
+        }
+    }
+}
+
+/// A forwarded write coordinated by a node whose ring does not list it as
+/// a replica (its view lags the forwarder's): its own copy makes no part
+/// of the quorum, so W replicas are sent to at once and only the rest
+/// travel as spares.
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
+    let c = SimCluster::new(4);
+    let key = b"elsewhere";
+    let outsider = c.non_replica(key);
+    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
+    c.net.keep_trace_log();
+    let request = Request::Put {
+        key: key.to_vec(),
+        value: b"v".to_vec(),
+        context: None,
+        options: D,
+    };
+    written(c.node(&outsider).coordinate(request, true).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(count(&log, "deliver replica-put"), 2, "{log:#?}");
+    assert_eq!(count(&log, "deliver batch"), 1, "{log:#?}");
 }

@@ -107,11 +107,22 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let mut next = first;
         while let Some(target) = next {
             let as_primary = target.id == primary.id;
-            let request = op.request(key, (!as_primary).then_some(primary.id));
-            let answer = if spare && as_primary && request.is_batchable() {
-                self.spare_call(&target, request, deadline).await
-            } else {
-                self.replica_call(&target, request, deadline).await
+            let hint_for = (!as_primary).then_some(primary.id);
+            // A spare the batch hands back goes on its own (built again:
+            // rare, and only then is its object copied twice).
+            let spared = match spare && as_primary {
+                true => {
+                    self.spare_call(&target, op.request(key, None), deadline)
+                        .await
+                }
+                false => None,
+            };
+            let answer = match spared {
+                Some(answer) => answer,
+                None => {
+                    self.replica_call(&target, op.request(key, hint_for), deadline)
+                        .await
+                }
             };
             match answer {
                 Ok(resp) if op.accepts(&resp) => {

@@ -551,8 +551,13 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                     .map_or_else(PeerResponse::Error, PeerResponse::Aae)
             }
             PeerRequest::Batch(requests) => {
-                let replica = &self.inner.replica;
-                replica.answer_batch(self.inner.me.id, requests).await
+                let (replica, me) = (&self.inner.replica, self.inner.me.id);
+                let answers = if crate::net::is_bulk_batch(&requests) {
+                    crate::tasks::heavy(|| replica.answer_batch(me, requests))
+                } else {
+                    replica.answer_batch(me, requests)
+                };
+                answers.settled().await
             }
             // Merging and storing a batch or a large object takes a while:
             // off the worker, which also drives the node's connections.

@@ -378,11 +378,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 }
             }
         }
-        // This node's copy and the next W-1 replicas make the quorum; the
+        // This node's copy and the next replicas make the quorum; the
         // others' copies travel as spares. In transition every layout's
         // quorum must be met, so every send is made at once.
         let eager = match lists.len() {
-            1 => w.saturating_sub(1) as usize,
+            1 => self.quorum_sends(w, &lists[0]),
             _ => usize::MAX,
         };
         // Kept to hand the write on should this node fail to store it.
@@ -437,6 +437,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         tally.result(w, pw, "write", reply)
     }
 
+    /// How many replicas, after this node in ring order, are sent to at
+    /// once to make a quorum of `quorum` among `primaries`: it, less this
+    /// node's own copy when this node is one of them (a forwarded request
+    /// may be coordinated by a node whose ring does not list it).
+    fn quorum_sends(&self, quorum: u32, primaries: &[MemberInfo]) -> usize {
+        let local = primaries.iter().any(|p| p.id == self.me.id);
+        (quorum as usize).saturating_sub(local as usize)
+    }
+
     async fn get(
         self: &Arc<Self>,
         key: &[u8],
@@ -459,10 +468,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let start = self.after_me(&primaries);
         primaries.rotate_left(start);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
-        // This node's copy and the next R-1 replicas make the quorum; the
+        // This node's copy and the next replicas make the quorum; the
         // others are asked as spares, for read repair.
-        let local = primaries.iter().any(|p| p.id == self.me.id);
-        let eager = (r as usize).saturating_sub(local as usize);
+        let eager = self.quorum_sends(r, &primaries);
         let mut answers =
             self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager);
         let mut heard: Vec<Heard> = Vec::new();

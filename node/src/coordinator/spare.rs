@@ -18,9 +18,15 @@
 //! away (bench/README.md). Cassandra gets the same saving by asking only
 //! R replicas, at the price of read repair of the others; this keeps it.
 //!
-//! A peer that does not know `Batch` (an older node during a rolling
-//! upgrade) answers with an error: each spare then fails there, as a send
-//! to a down primary does, and a fallback is asked in its place.
+//! A batch that comes back refused whole (from an older node during a
+//! rolling upgrade, which does not know `Batch`) or answered with the
+//! wrong count is not a failure of its requests: each is sent again on its
+//! own to the same primary, and so are the next spares to that peer for
+//! [`ALONE_FOR`]. A read whose answer would make the batch's too large
+//! comes back `Alone` and is sent again likewise. Only a peer that cannot
+//! be reached (or no answer by the deadline) fails a spare, and a fallback
+//! is asked in its place, as for any send: a fallback's "absent" must
+//! never stand in for a primary that is up and holds the key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +38,10 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::quorum::Coordinator;
-use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
+use crate::net::{
+    Batched, PeerRequest, PeerResponse, Transport, TransportError, BATCH_ANSWER_BYTES,
+    BATCH_REQUESTS,
+};
 use crate::storage::Store;
 
 /// How long a spare waits for others to the same peer. Its answer is
@@ -40,13 +49,17 @@ use crate::storage::Store;
 /// beside the timeouts; under load it gathers tens of requests.
 pub(super) const WINDOW: Duration = Duration::from_millis(1);
 
-/// A batch is sent at once when it holds this many requests ...
-const MAX_REQUESTS: usize = 128;
+/// How long spares to a peer that refused a batch go one by one.
+const ALONE_FOR: Duration = Duration::from_secs(60);
 
-/// ... or about this many bytes (far under a pipelined frame's size).
-const MAX_BYTES: usize = 256 << 10;
+/// What a spare's batch brought it.
+enum Spared {
+    Answer(Result<PeerResponse, TransportError>),
+    /// Send the request again on its own.
+    Alone,
+}
 
-type Waiter = oneshot::Sender<Result<PeerResponse, TransportError>>;
+type Waiter = oneshot::Sender<Spared>;
 
 /// The spares waiting for their batch, per peer.
 #[derive(Default)]
@@ -57,7 +70,7 @@ pub struct Spares {
 /// One peer's batch in the making.
 #[derive(Default)]
 struct Pending {
-    requests: Vec<PeerRequest>,
+    requests: Vec<Batched>,
     waiters: Vec<Waiter>,
     bytes: usize,
     /// The latest deadline of the requests in it (each waiter keeps its own).
@@ -65,12 +78,14 @@ struct Pending {
     /// Counts the batches taken, so that a window's timer takes only the
     /// batch it was started for, not one started after a full batch left.
     taken: u64,
+    /// The peer refused a batch: until then its spares go one by one.
+    alone_until: Option<Instant>,
 }
 
 /// A batch on its way.
 struct Batch {
     to: MemberInfo,
-    requests: Vec<PeerRequest>,
+    requests: Vec<Batched>,
     waiters: Vec<Waiter>,
     deadline: Instant,
 }
@@ -98,26 +113,38 @@ enum Next {
 }
 
 impl Spares {
+    /// Adds `request` to the batch for `to`, unless `to` refused one lately.
     fn add(
         &self,
         to: &MemberInfo,
-        request: PeerRequest,
+        request: Batched,
         waiter: Waiter,
         deadline: Instant,
-    ) -> Next {
+    ) -> Option<Next> {
         let mut pending = self.pending.lock().expect("spares lock");
         let p = pending.entry(to.id).or_default();
-        p.bytes += request.batched_size();
+        if p.alone_until.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        p.bytes += request.size();
         p.requests.push(request);
         p.waiters.push(waiter);
         p.deadline = Some(p.deadline.map_or(deadline, |d| d.max(deadline)));
-        if p.requests.len() >= MAX_REQUESTS || p.bytes >= MAX_BYTES {
-            Next::Send(p.take(to))
-        } else if p.requests.len() == 1 {
-            Next::Timer(p.taken)
-        } else {
-            Next::Wait
-        }
+        Some(
+            if p.requests.len() >= BATCH_REQUESTS || p.bytes >= BATCH_ANSWER_BYTES {
+                Next::Send(p.take(to))
+            } else if p.requests.len() == 1 {
+                Next::Timer(p.taken)
+            } else {
+                Next::Wait
+            },
+        )
+    }
+
+    /// `to` refused a batch: send it none for [`ALONE_FOR`].
+    fn refused_by(&self, to: &MemberInfo) {
+        let mut pending = self.pending.lock().expect("spares lock");
+        pending.entry(to.id).or_default().alone_until = Some(Instant::now() + ALONE_FOR);
     }
 
     /// The batch `number` for `to`, unless it left already.
@@ -129,17 +156,19 @@ impl Spares {
 }
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
-    /// Sends `request` (a batchable one) to `to` with the other spares
-    /// bound there within [`WINDOW`], and waits for its own answer until
-    /// `deadline`.
+    /// Sends `request` to `to` with the other spares bound there within
+    /// [`WINDOW`], and waits for its own answer until `deadline`. `None`:
+    /// send the request on its own instead, as it may not travel in a
+    /// batch, `to` refused one lately, or its batch did not answer it.
     pub(super) async fn spare_call(
         self: &Arc<Self>,
         to: &MemberInfo,
         request: PeerRequest,
         deadline: Instant,
-    ) -> Result<PeerResponse, TransportError> {
+    ) -> Option<Result<PeerResponse, TransportError>> {
+        let request = request.batched().ok()?;
         let (tx, rx) = oneshot::channel();
-        match self.spares.add(to, request, tx, deadline) {
+        match self.spares.add(to, request, tx, deadline)? {
             Next::Send(batch) => {
                 let node = self.clone();
                 self.tasks
@@ -156,16 +185,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             }
             Next::Wait => {}
         }
+        let failed = |why: &str| Err(TransportError::Failed(to.name.clone(), why.into()));
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(TransportError::Failed(
-                to.name.clone(),
-                "its batch was dropped (the node is stopping)".into(),
-            )),
-            Err(_) => Err(TransportError::Failed(
-                to.name.clone(),
-                "no answer before the deadline".into(),
-            )),
+            Ok(Ok(Spared::Answer(answer))) => Some(answer),
+            Ok(Ok(Spared::Alone)) => None,
+            Ok(Err(_)) => Some(failed("its batch was dropped (the node is stopping)")),
+            Err(_) => Some(failed("no answer before the deadline")),
         }
     }
 
@@ -178,30 +203,38 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         } = batch;
         let sent = requests.len();
         let request = PeerRequest::Batch(requests);
-        match self.transport.call(&to, request, deadline).await {
-            Ok(PeerResponse::Batch(answers)) if answers.len() == sent => {
-                for (waiter, answer) in waiters.into_iter().zip(answers) {
-                    let _ = waiter.send(Ok(answer));
-                }
-            }
-            // Refused whole (a node that does not know batches): each
-            // request was refused.
-            Ok(PeerResponse::Error(e)) => {
-                for waiter in waiters {
-                    let _ = waiter.send(Ok(PeerResponse::Error(e.clone())));
-                }
-            }
-            Ok(_) => {
-                let why = format!("answered a batch of {sent} requests with something else");
-                for waiter in waiters {
-                    let _ = waiter.send(Err(TransportError::Failed(to.name.clone(), why.clone())));
-                }
-            }
+        let answers = match self.transport.call(&to, request, deadline).await {
+            Ok(PeerResponse::Batch(answers)) if answers.len() == sent => answers,
+            // The peer cannot be reached: each request failed there, and
+            // is sent to a fallback.
             Err(e) => {
                 for waiter in waiters {
-                    let _ = waiter.send(Err(e.clone()));
+                    let _ = waiter.send(Spared::Answer(Err(e.clone())));
                 }
+                return;
             }
+            // Refused whole (a node that does not know batches) or not
+            // answered request by request: each goes again on its own.
+            Ok(other) => {
+                crate::log::warn_limited("batch refused", || {
+                    format!(
+                        "{} answered a batch of {sent} requests with {other:?}; sending it \
+                         requests one by one for {ALONE_FOR:?}",
+                        to.name
+                    )
+                });
+                self.spares.refused_by(&to);
+                for waiter in waiters {
+                    let _ = waiter.send(Spared::Alone);
+                }
+                return;
+            }
+        };
+        for (waiter, answer) in waiters.into_iter().zip(answers) {
+            let _ = waiter.send(match answer.alone() {
+                Some(response) => Spared::Answer(Ok(response)),
+                None => Spared::Alone,
+            });
         }
     }
 }

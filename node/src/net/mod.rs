@@ -108,11 +108,109 @@ pub enum PeerRequest {
     /// Membership gossip: merge this state (the sender's, after it merged
     /// the receiver's); answered with `Stored`.
     GossipPush(Box<ClusterState>),
-    /// Several small replica requests ([`PeerRequest::is_batchable`]) in
-    /// one message, answered with `Batch`: one answer per request, in
-    /// order. The sends a quorum does not wait for travel this way (see
-    /// `coordinator::spare`).
-    Batch(Vec<PeerRequest>),
+    /// Several replica reads and small writes in one message, answered with
+    /// `Batch`: one answer per request, in order. The sends a quorum does
+    /// not wait for travel this way (see `coordinator::spare`). At most
+    /// [`BATCH_REQUESTS`]; a batch never holds another.
+    Batch(Vec<Batched>),
+}
+
+/// A batch holds at most this many requests; the receiver refuses a larger
+/// one whole.
+pub const BATCH_REQUESTS: usize = 128;
+
+/// About how many bytes of objects a batch carries, each way: the sender
+/// closes a batch at this size, and the receiver answers a request whose
+/// object would take its answer past it with [`BatchedAnswer::Alone`].
+/// Both keep a batch's frame small on the shared stream of a connection.
+pub const BATCH_ANSWER_BYTES: usize = 256 << 10;
+
+/// A request that may travel in a [`PeerRequest::Batch`]: a replica's read
+/// or a write of at most [`BULK_BYTES`]. Its variants are spelled as the
+/// [`PeerRequest`] ones they stand for, so they encode alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Batched {
+    ReplicaGet {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    ReplicaPut {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        object: Object,
+    },
+}
+
+impl Batched {
+    /// The request as it travels on its own.
+    pub fn alone(self) -> PeerRequest {
+        match self {
+            Batched::ReplicaGet { key } => PeerRequest::ReplicaGet { key },
+            Batched::ReplicaPut { key, object } => PeerRequest::ReplicaPut { key, object },
+        }
+    }
+
+    /// Whether it may travel in a batch (a write of a large object may not).
+    pub fn fits(&self) -> bool {
+        match self {
+            Batched::ReplicaGet { .. } => true,
+            Batched::ReplicaPut { object, .. } => object.approx_size() <= BULK_BYTES,
+        }
+    }
+
+    /// About how many bytes it adds to a batch.
+    pub fn size(&self) -> usize {
+        match self {
+            Batched::ReplicaGet { key } => key.len() + 16,
+            Batched::ReplicaPut { key, object } => key.len() + object.approx_size() + 16,
+        }
+    }
+}
+
+/// Whether a batch carries more than a bulk request's bytes (a hostile or
+/// future sender's: this one's stay far under): it travels and is answered
+/// as one.
+pub fn is_bulk_batch(requests: &[Batched]) -> bool {
+    requests.iter().map(Batched::size).sum::<usize>() > BULK_BYTES
+}
+
+/// The answer to one [`Batched`] request: what the request alone would
+/// get, or `Alone`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BatchedAnswer {
+    Object(Option<Object>),
+    Stored,
+    Error(PeerError),
+    /// Not answered here, as its answer would have made the batch's too
+    /// large: send the request again on its own.
+    Alone,
+}
+
+impl BatchedAnswer {
+    /// The answer to the request as it would have come alone (`None`:
+    /// [`BatchedAnswer::Alone`]).
+    pub fn alone(self) -> Option<PeerResponse> {
+        match self {
+            BatchedAnswer::Object(o) => Some(PeerResponse::Object(o)),
+            BatchedAnswer::Stored => Some(PeerResponse::Stored),
+            BatchedAnswer::Error(e) => Some(PeerResponse::Error(e)),
+            BatchedAnswer::Alone => None,
+        }
+    }
+}
+
+impl From<PeerResponse> for BatchedAnswer {
+    /// A replica's answer to a read or a write, which is one of the three.
+    fn from(response: PeerResponse) -> Self {
+        match response {
+            PeerResponse::Object(o) => BatchedAnswer::Object(o),
+            PeerResponse::Stored => BatchedAnswer::Stored,
+            PeerResponse::Error(e) => BatchedAnswer::Error(e),
+            other => BatchedAnswer::Error(PeerError::Refused(format!(
+                "a batched request was answered with {other:?}"
+            ))),
+        }
+    }
 }
 
 /// A request carrying more than this goes on a stream of its own.
@@ -129,23 +227,16 @@ impl PeerRequest {
         }
     }
 
-    /// Whether the request may travel in a [`PeerRequest::Batch`]: a
-    /// replica's read or a small write, each answered on its own.
-    pub fn is_batchable(&self) -> bool {
-        match self {
-            PeerRequest::ReplicaGet { .. } => true,
-            PeerRequest::ReplicaPut { .. } => !self.is_bulk(),
-            _ => false,
-        }
-    }
-
-    /// About how many bytes a batchable request adds to a batch (0 for
-    /// the others, which never travel in one).
-    pub fn batched_size(&self) -> usize {
-        match self {
-            PeerRequest::ReplicaGet { key } => key.len() + 16,
-            PeerRequest::ReplicaPut { key, object } => key.len() + object.approx_size() + 16,
-            _ => 0,
+    /// The request as it travels in a [`PeerRequest::Batch`], if it may.
+    pub fn batched(self) -> Result<Batched, PeerRequest> {
+        let batched = match self {
+            PeerRequest::ReplicaGet { key } => Batched::ReplicaGet { key },
+            PeerRequest::ReplicaPut { key, object } => Batched::ReplicaPut { key, object },
+            other => return Err(other),
+        };
+        match batched.fits() {
+            true => Ok(batched),
+            false => Err(batched.alone()),
         }
     }
 
@@ -165,13 +256,7 @@ impl PeerRequest {
             PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
                 object.approx_size() > BULK_BYTES
             }
-            PeerRequest::Batch(requests) => {
-                requests
-                    .iter()
-                    .map(PeerRequest::batched_size)
-                    .sum::<usize>()
-                    > BULK_BYTES
-            }
+            PeerRequest::Batch(requests) => is_bulk_batch(requests),
             PeerRequest::Forward {
                 request: Request::Put { value, .. },
                 ..
@@ -267,7 +352,7 @@ pub enum PeerResponse {
         next: Vec<u8>,
     },
     /// The answers to a [`PeerRequest::Batch`], in its order.
-    Batch(Vec<PeerResponse>),
+    Batch(Vec<BatchedAnswer>),
     Error(PeerError),
 }
 
@@ -401,5 +486,33 @@ mod tests {
         assert_eq!(byte_bounded(&[BATCH_BYTES * 3, 1], |s| *s), 1);
         assert_eq!(byte_bounded(&[1, 2, 3], |s| *s), 3);
         assert_eq!(byte_bounded::<usize>(&[], |s| *s), 0);
+    }
+
+    /// A batch holding a batch, a thousand deep (within the decoder's depth
+    /// limit, in 8 KB), is refused at the first: decoding it whole took
+    /// over half a MiB of a worker's stack (2 MiB, tokio's), and dropping
+    /// or printing it as much again.
+    #[test]
+    fn a_batch_in_a_batch_is_refused() {
+        // MessagePack: (7, {"Batch": [{"Batch": [... "Ping" ...]}]}).
+        let level = [&[0x81, 0xa5][..], b"Batch", &[0x91]].concat();
+        let mut body = vec![0x92, 0x07];
+        for _ in 0..1_000 {
+            body.extend_from_slice(&level);
+        }
+        body.extend_from_slice(&[&[0xa4][..], b"Ping"].concat());
+        let crc = crc32fast::hash(&body);
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                shoal_client::frame::decode_body::<(u64, PeerRequest)>(&body, crc)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap()
+            .join()
+            .expect("the decoding thread survives");
+        let error = decoded.expect_err("a nested batch was accepted");
+        assert!(error.contains("Batch"), "{error}");
     }
 }

@@ -7,7 +7,10 @@ use shoal_ring::NodeId;
 use tracing::error;
 
 use super::{Replica, ReplicaError};
-use crate::net::{HandoffEntry, PeerError, PeerRequest, PeerResponse};
+use crate::net::{
+    Batched, BatchedAnswer, HandoffEntry, PeerError, PeerRequest, PeerResponse, BATCH_ANSWER_BYTES,
+    BATCH_REQUESTS,
+};
 use crate::storage::{Durable, Store, StoreError};
 
 fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
@@ -51,6 +54,27 @@ impl Answer {
     }
 }
 
+/// A batch's answers (`None`: answered [`BatchedAnswer::Alone`]), to be
+/// sent once the writes in it are durable; or why it was refused whole.
+#[must_use = "answers are sent only once settled"]
+pub struct BatchAnswers(Result<Vec<Option<Answer>>, PeerError>);
+
+impl BatchAnswers {
+    pub async fn settled(self) -> PeerResponse {
+        let answers = match self.0 {
+            Ok(answers) => answers,
+            Err(e) => return PeerResponse::Error(e),
+        };
+        let settled = answers.into_iter().map(|answer| async move {
+            match answer {
+                Some(answer) => BatchedAnswer::from(answer.settled().await),
+                None => BatchedAnswer::Alone,
+            }
+        });
+        PeerResponse::Batch(futures_util::future::join_all(settled).await)
+    }
+}
+
 impl<S: Store> Replica<S> {
     /// Answers a replica request from this node's copy; `me` is this node
     /// (a hint "for" it is merged as its own data). A coordinator's write
@@ -71,23 +95,42 @@ impl<S: Store> Replica<S> {
 
     /// Answers a [`PeerRequest::Batch`]: each request as [`Self::answer`]
     /// does, the writes sharing their WAL syncs, one answer per request in
-    /// order. A request that may not travel in a batch is refused on its
-    /// own; the others are answered.
-    pub async fn answer_batch(&self, me: NodeId, requests: Vec<PeerRequest>) -> PeerResponse {
-        let answers: Vec<Answer> = requests
-            .into_iter()
-            .map(|request| {
-                if request.is_batchable() {
-                    self.answer(me, request)
-                } else {
-                    Answer::ready(PeerResponse::Error(PeerError::NotAReplicaRequest(
-                        "only replica reads and small writes travel in a batch".into(),
-                    )))
-                }
-            })
-            .collect();
-        let settled = answers.into_iter().map(Answer::settled);
-        PeerResponse::Batch(futures_util::future::join_all(settled).await)
+    /// order; send them once [`BatchAnswers::settled`]. A batch of more
+    /// than [`BATCH_REQUESTS`] is refused whole, a write too large for a
+    /// batch on its own, and a read whose object would take the answers
+    /// past [`BATCH_ANSWER_BYTES`] is answered [`BatchedAnswer::Alone`]
+    /// (never the first: an object larger than that still moves).
+    pub fn answer_batch(&self, me: NodeId, requests: Vec<Batched>) -> BatchAnswers {
+        if requests.len() > BATCH_REQUESTS {
+            return BatchAnswers(Err(PeerError::Refused(format!(
+                "a batch of {} requests, over the {BATCH_REQUESTS} allowed",
+                requests.len()
+            ))));
+        }
+        let mut bytes = 0;
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            if !request.fits() {
+                answers.push(Some(Answer::ready(PeerResponse::Error(
+                    PeerError::NotAReplicaRequest(
+                        "a write of a large object travels on its own, not in a batch".into(),
+                    ),
+                ))));
+                continue;
+            }
+            let answer = self.answer(me, request.alone());
+            let size = match &answer.response {
+                PeerResponse::Object(Some(o)) => o.approx_size(),
+                _ => 0,
+            };
+            if !answers.is_empty() && bytes + size > BATCH_ANSWER_BYTES {
+                answers.push(None);
+                continue;
+            }
+            bytes += size;
+            answers.push(Some(answer));
+        }
+        BatchAnswers(Ok(answers))
     }
 
     fn answer_now(&self, me: NodeId, request: PeerRequest) -> PeerResponse {

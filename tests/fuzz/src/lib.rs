@@ -37,7 +37,9 @@ use shoal_node::coordinator::Settings;
 use shoal_node::membership::{decode_known, Membership};
 use shoal_node::net::quic::FrameLimits;
 use shoal_node::net::tls::{check_peer_name, client_role};
-use shoal_node::net::{AaeResponse, PeerEnvelope, PeerRequest, PeerResponse};
+use shoal_node::net::{
+    AaeResponse, Batched, BatchedAnswer, PeerEnvelope, PeerRequest, PeerResponse,
+};
 use shoal_node::replica::hints::{hint_primary, hinted_key};
 use shoal_node::replica::trees::{decode_index_entry, digest};
 use shoal_node::replica::{
@@ -228,18 +230,25 @@ pub fn peer_request(data: &[u8]) {
         | PeerRequest::Reap { object, .. } => after_object(object),
         PeerRequest::Handoff(entries) => entries.iter().for_each(|e| after_object(&e.object)),
         PeerRequest::GossipPush(state) => after_cluster_state(state),
+        PeerRequest::Batch(requests) => {
+            for request in requests {
+                if let Batched::ReplicaPut { object, .. } = request {
+                    after_object(object);
+                }
+            }
+        }
         _ => {}
     }
     let me = NodeId::from_u128(1);
-    // A batch is answered request by request (`Replica::answer_batch`),
-    // those that may travel in one.
-    let requests = match request {
-        PeerRequest::Batch(requests) => requests.into_iter().filter(|r| r.is_batchable()).collect(),
-        request => vec![request],
-    };
-    for request in requests {
-        let _ = replica.answer(me, request.clone());
-        let _ = replica.answer(me, request);
+    match request {
+        PeerRequest::Batch(requests) => {
+            let _ = replica.answer_batch(me, requests.clone());
+            let _ = replica.answer_batch(me, requests);
+        }
+        request => {
+            let _ = replica.answer(me, request.clone());
+            let _ = replica.answer(me, request);
+        }
     }
 }
 
@@ -263,7 +272,7 @@ pub fn peer_response(data: &[u8]) {
         PeerResponse::Batch(answers) => {
             let mut all = Object::default();
             for answer in answers {
-                if let PeerResponse::Object(Some(o)) = answer {
+                if let BatchedAnswer::Object(Some(o)) = answer {
                     all.merge(o);
                 }
             }

@@ -14,7 +14,8 @@ use shoal_client::proto::{
 };
 use shoal_node::membership::encode_known;
 use shoal_node::net::{
-    AaeRequest, AaeResponse, HandoffEntry, PeerEnvelope, PeerError, PeerRequest, PeerResponse,
+    AaeRequest, AaeResponse, Batched, BatchedAnswer, HandoffEntry, PeerEnvelope, PeerError,
+    PeerRequest, PeerResponse,
 };
 use shoal_node::replica::trees::index_key;
 use shoal_node::storage::{record, Tree};
@@ -50,6 +51,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             framed(&(7u64, &envelope)),
         );
     }
+    add("peer_request", "batch-nested", nested_batch(1_000));
     for (name, r) in peer_responses(&object, &members[0]) {
         add("peer_response", name, body(&(7u64, &r)));
         add(
@@ -116,6 +118,28 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         b"name = \"node1\"\n[tls]\nca-cert = \"ca.pem\"\ncert = \"node1.pem\"\nkey = \"node1.key\"\n"
             .to_vec(),
     );
+    out
+}
+
+/// Hostile: a peer request body whose batch holds a batch, `depth` deep,
+/// in a few kilobytes (a batch may not hold one; its decoding stops at
+/// the first).
+fn nested_batch(depth: usize) -> Vec<u8> {
+    let get = Batched::ReplicaGet { key: b"k".to_vec() };
+    let batch = PeerRequest::Batch(vec![get.clone()]);
+    let envelope = PeerEnvelope {
+        from: "a".into(),
+        request: batch.clone(),
+    };
+    let whole = body(&(7u64, &envelope));
+    let get = rmp_serde::to_vec(&get).expect("encodes");
+    let level = rmp_serde::to_vec(&batch).expect("encodes");
+    let head = &level[..level.len() - get.len()];
+    let mut out = whole[..whole.len() - get.len()].to_vec();
+    for _ in 1..depth {
+        out.extend_from_slice(head);
+    }
+    out.extend_from_slice(&get);
     out
 }
 
@@ -289,8 +313,8 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
         (
             "batch",
             PeerRequest::Batch(vec![
-                PeerRequest::ReplicaGet { key: key.clone() },
-                PeerRequest::ReplicaPut {
+                Batched::ReplicaGet { key: key.clone() },
+                Batched::ReplicaPut {
                     key: key.clone(),
                     object: object.clone(),
                 },
@@ -378,8 +402,9 @@ fn peer_responses(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerRe
         (
             "batch",
             PeerResponse::Batch(vec![
-                PeerResponse::Object(Some(object.clone())),
-                PeerResponse::Stored,
+                BatchedAnswer::Object(Some(object.clone())),
+                BatchedAnswer::Stored,
+                BatchedAnswer::Alone,
             ]),
         ),
         (
