@@ -78,7 +78,7 @@
 //!    The W-1 primaries after this node in ring order (W if this node is
 //!    not one) are sent to at once; the others' sends wait a millisecond
 //!    for others to the same peer and travel as one
-//!    [`net::PeerRequest::Batch`] (`coordinator::spare`); what a batch
+//!    [`net::PeerRequest::Spares`] (`coordinator::spare`); what a batch
 //!    hands back goes again on its own to the same primary.
 //! 7. Each receiver's [`net::Handler::peer`] passes the request (each of a
 //!    batch's) to [`replica::Replica::answer`], which merges

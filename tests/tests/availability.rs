@@ -314,6 +314,25 @@ async fn at_once(c: &SimCluster, via: &str, keys: &[Vec<u8>], put: bool) -> Vec<
     answers.into_iter().map(|(_, r)| r).collect()
 }
 
+/// `at_once`, then 100 ms for the sends that outlive the replies: the
+/// answers, and the network's trace log of it all.
+async fn traced_at_once(
+    c: &SimCluster,
+    via: &str,
+    keys: &[Vec<u8>],
+    put: bool,
+) -> (Vec<Response>, Vec<String>) {
+    c.net.keep_trace_log();
+    let answers = at_once(c, via, keys, put).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (answers, c.net.take_trace_log())
+}
+
+/// How many events of a trace log end with `what` ("deliver batch").
+fn delivered(log: &[String], what: &str) -> usize {
+    log.iter().filter(|l| l.ends_with(what)).count()
+}
+
 /// The sends no quorum waits for (at N=3, R=W=2: the third replica's) go
 /// to each peer in batches. 32 concurrent writes at node1 take 32 single
 /// sends (one per key, to the replica after node1) and a batch or two;
@@ -322,16 +341,13 @@ async fn at_once(c: &SimCluster, via: &str, keys: &[Vec<u8>], put: bool) -> Vec<
 async fn the_sends_no_quorum_waits_for_travel_in_batches() {
     let c = SimCluster::new(3);
     let keys: Vec<Vec<u8>> = (0..32).map(|i| format!("key{i}").into_bytes()).collect();
-    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
 
-    c.net.keep_trace_log();
-    for r in at_once(&c, "node1", &keys, true).await {
+    let (answers, log) = traced_at_once(&c, "node1", &keys, true).await;
+    for r in answers {
         written(r);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(count(&log, "deliver replica-put"), 32, "{log:#?}");
-    let batches = count(&log, "deliver batch");
+    assert_eq!(delivered(&log, "deliver replica-put"), 32, "{log:#?}");
+    let batches = delivered(&log, "deliver batch");
     assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
     for node in ["node1", "node2", "node3"] {
         for key in &keys {
@@ -339,14 +355,12 @@ async fn the_sends_no_quorum_waits_for_travel_in_batches() {
         }
     }
 
-    c.net.keep_trace_log();
-    for r in at_once(&c, "node1", &keys, false).await {
+    let (answers, log) = traced_at_once(&c, "node1", &keys, false).await;
+    for r in answers {
         assert_eq!(values(&value(r)), [b"v".to_vec()]);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(count(&log, "deliver replica-get"), 32, "{log:#?}");
-    let batches = count(&log, "deliver batch");
+    assert_eq!(delivered(&log, "deliver replica-get"), 32, "{log:#?}");
+    let batches = delivered(&log, "deliver batch");
     assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
 }
 
@@ -421,9 +435,9 @@ async fn a_batch_is_answered_request_by_request_within_its_bounds() {
     ];
     let answer = c
         .node("node2")
-        .peer("node1".into(), PeerRequest::Batch(batch))
+        .peer("node1".into(), PeerRequest::Spares(batch))
         .await;
-    let PeerResponse::Batch(answers) = answer else {
+    let PeerResponse::Spares(answers) = answer else {
         panic!("{answer:?}")
     };
     assert_eq!(answers.len(), 6);
@@ -445,11 +459,75 @@ async fn a_batch_is_answered_request_by_request_within_its_bounds() {
     let many = vec![get(b"k"); BATCH_REQUESTS + 1];
     let answer = c
         .node("node2")
-        .peer("node1".into(), PeerRequest::Batch(many))
+        .peer("node1".into(), PeerRequest::Spares(many))
         .await;
     assert!(
         matches!(answer, PeerResponse::Error(PeerError::Refused(_))),
         "{answer:?}"
+    );
+}
+
+/// A batch in the form of nodes 297ac1c..6d1d943 (`PeerRequest::Batch`) is
+/// answered whole, every read in it, however large: those nodes cannot
+/// decode `Alone`, and one they cannot decode ends their stream to the
+/// peer.
+#[tokio::test(start_paused = true)]
+async fn an_old_style_batch_is_answered_whole() {
+    use shoal_node::net::{Batched, BatchedAnswer, Handler, PeerRequest, PeerResponse};
+    let mut settings = settings();
+    settings.max_value_bytes = 200 << 10;
+    let c = SimCluster::with_settings(3, settings);
+    written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
+    let big = c.stored("node2", b"big");
+    assert!(big.is_some());
+    let get = Batched::ReplicaGet {
+        key: b"big".to_vec(),
+    };
+    let answer = c
+        .node("node2")
+        .peer("node1".into(), PeerRequest::Batch(vec![get; 4]))
+        .await;
+    assert_eq!(
+        answer,
+        PeerResponse::Batch(vec![BatchedAnswer::Object(big); 4])
+    );
+}
+
+/// Past the answer's budget only reads that carry an object are handed
+/// back: a write (already merged, its sync under way) and a read of a key
+/// that is absent are answered in the batch.
+#[tokio::test(start_paused = true)]
+async fn past_the_budget_only_reads_of_objects_are_handed_back() {
+    use shoal_node::net::{Batched, BatchedAnswer, Handler, PeerRequest, PeerResponse};
+    let mut settings = settings();
+    settings.max_value_bytes = 300 << 10;
+    let c = SimCluster::with_settings(3, settings);
+    written(c.put("node1", b"huge", &vec![7; 300 << 10], None, D).await);
+    written(c.put("node1", b"k", b"v", None, D).await);
+    let huge = c.stored("node2", b"huge");
+    let k = c.stored("node1", b"k").unwrap();
+    let get = |key: &[u8]| Batched::ReplicaGet { key: key.to_vec() };
+    let batch = vec![
+        get(b"huge"),
+        Batched::ReplicaPut {
+            key: b"k".to_vec(),
+            object: k,
+        },
+        get(b"absent"),
+        get(b"huge"),
+    ];
+    let answer = c
+        .node("node2")
+        .peer("node1".into(), PeerRequest::Spares(batch))
+        .await;
+    assert_eq!(
+        answer,
+        PeerResponse::Spares(vec![
+            BatchedAnswer::Object(huge),
+            BatchedAnswer::Stored,
+            BatchedAnswer::Object(None),
+            BatchedAnswer::Alone,
+        ])
     );
 }
 
@@ -466,17 +544,14 @@ async fn spares_a_batch_hands_back_are_sent_on_their_own() {
         written(c.put("node1", key, &vec![7; 100 << 10], None, D).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
-    c.net.keep_trace_log();
-    for r in at_once(&c, "node1", &keys, false).await {
+    let (answers, log) = traced_at_once(&c, "node1", &keys, false).await;
+    for r in answers {
         assert_eq!(values(&value(r)), [vec![7; 100 << 10]]);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
     // 8 sent at once, the 8 spares in a batch to each other node, where
     // two of 100 KiB fit in each batch's answer: the others go again.
-    assert!(count(&log, "deliver batch") >= 1, "{log:#?}");
-    let alone = count(&log, "deliver replica-get");
+    assert!(delivered(&log, "deliver batch") >= 1, "{log:#?}");
+    let alone = delivered(&log, "deliver replica-get");
     assert!(alone > 8, "{alone} replica reads sent alone: {log:#?}");
 }
 
@@ -488,26 +563,41 @@ async fn spares_a_batch_hands_back_are_sent_on_their_own() {
 /// no hint is made, and no fallback is asked.
 #[tokio::test(start_paused = true)]
 async fn spares_to_a_node_that_refuses_batches_go_on_their_own() {
+    spares_go_on_their_own_to(older).await;
+}
+
+/// A faulty node that hands back every request of a batch, the first
+/// included (which is always answered), is taken for one that refuses
+/// batches: its spares go on their own from then on.
+#[tokio::test(start_paused = true)]
+async fn spares_to_a_node_that_hands_back_a_whole_batch_go_on_their_own() {
+    use shoal_node::net::{BatchedAnswer, PeerResponse};
+    spares_go_on_their_own_to(|n| PeerResponse::Spares(vec![BatchedAnswer::Alone; n])).await;
+}
+
+/// Writes then reads at node1 of a 4-node cluster whose other nodes answer
+/// every batch with `answer`: no hint, no fallback asked, every primary
+/// holds every write, and once refused the spares go on their own.
+async fn spares_go_on_their_own_to(answer: fn(usize) -> shoal_node::net::PeerResponse) {
     let c = SimCluster::new(4);
     for old in ["node2", "node3", "node4"] {
-        c.net
-            .register(old, std::sync::Arc::new(Older(c.node(old).clone())));
+        c.net.register(
+            old,
+            std::sync::Arc::new(Doctored(c.node(old).clone(), answer)),
+        );
     }
     let keys: Vec<Vec<u8>> = (0..)
         .map(|i| format!("key{i}").into_bytes())
         .filter(|k| c.primaries(k).iter().any(|p| p == "node1"))
         .take(16)
         .collect();
-    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
 
-    c.net.keep_trace_log();
-    for r in at_once(&c, "node1", &keys, true).await {
+    let (answers, log) = traced_at_once(&c, "node1", &keys, true).await;
+    for r in answers {
         written(r);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(count(&log, "deliver hint-put"), 0, "{log:#?}");
-    assert!(count(&log, "deliver batch") <= 3, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver hint-put"), 0, "{log:#?}");
+    assert!(delivered(&log, "deliver batch") <= 3, "{log:#?}");
     for key in &keys {
         for node in c.primaries(key) {
             assert!(c.stored(&node, key).is_some(), "{node} lacks a write");
@@ -515,25 +605,27 @@ async fn spares_to_a_node_that_refuses_batches_go_on_their_own() {
     }
     assert_eq!(c.hints_held(), 0);
 
-    c.net.keep_trace_log();
-    for r in at_once(&c, "node1", &keys, false).await {
+    let (answers, log) = traced_at_once(&c, "node1", &keys, false).await;
+    for r in answers {
         assert_eq!(values(&value(r)), [b"v".to_vec()]);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(count(&log, "deliver batch"), 0, "{log:#?}");
-    assert_eq!(count(&log, "deliver hint-get"), 0, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver batch"), 0, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver hint-get"), 0, "{log:#?}");
     assert_eq!(
-        count(&log, "deliver replica-get"),
+        delivered(&log, "deliver replica-get"),
         2 * keys.len(),
         "{log:#?}"
     );
 }
 
-/// A node of a version before batches: it cannot decode one.
-struct Older(shoal_tests::sim::SimNode);
+/// A node whose answer to any batch is `.1` of the batch's length: one of
+/// a version before batches, which cannot decode one, or a faulty one.
+struct Doctored(
+    shoal_tests::sim::SimNode,
+    fn(usize) -> shoal_node::net::PeerResponse,
+);
 
-impl shoal_node::net::Handler for Older {
+impl shoal_node::net::Handler for Doctored {
     async fn client(&self, request: Request) -> Response {
         self.0.client(request).await
     }
@@ -543,14 +635,18 @@ impl shoal_node::net::Handler for Older {
         from: String,
         request: shoal_node::net::PeerRequest,
     ) -> shoal_node::net::PeerResponse {
-        use shoal_node::net::{PeerError, PeerRequest, PeerResponse};
+        use shoal_node::net::PeerRequest;
         match request {
-            PeerRequest::Batch(_) => {
-                PeerResponse::Error(PeerError::Refused("unknown variant `Batch`".into()))
-            }
+            PeerRequest::Batch(r) | PeerRequest::Spares(r) => (self.1)(r.len()),
             request => self.0.peer(from, request).await,
         }
     }
+}
+
+/// A node of a version before batches.
+fn older(_: usize) -> shoal_node::net::PeerResponse {
+    use shoal_node::net::{PeerError, PeerResponse};
+    PeerResponse::Error(PeerError::Refused("unknown variant `Spares`".into()))
 }
 
 /// A forwarded write coordinated by a node whose ring does not list it as
@@ -562,7 +658,6 @@ async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
     let c = SimCluster::new(4);
     let key = b"elsewhere";
     let outsider = c.non_replica(key);
-    let count = |log: &[String], what: &str| log.iter().filter(|l| l.ends_with(what)).count();
     c.net.keep_trace_log();
     let request = Request::Put {
         key: key.to_vec(),
@@ -573,6 +668,6 @@ async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
     written(c.node(&outsider).coordinate(request, true).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let log = c.net.take_trace_log();
-    assert_eq!(count(&log, "deliver replica-put"), 2, "{log:#?}");
-    assert_eq!(count(&log, "deliver batch"), 1, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver replica-put"), 2, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver batch"), 1, "{log:#?}");
 }

@@ -108,7 +108,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         while let Some(target) = next {
             let as_primary = target.id == primary.id;
             let hint_for = (!as_primary).then_some(primary.id);
-            // A spare the batch hands back goes on its own (built again:
+            // A spare its batch hands back goes on its own (built again:
             // rare, and only then is its object copied twice).
             let spared = match spare && as_primary {
                 true => {

@@ -498,6 +498,22 @@ impl<T: Transport, S: Store> Node<T, S> {
     pub fn drop_cache(&self) {
         self.inner.replica.drop_cache()
     }
+
+    /// A batch's answers ([`crate::replica::Replica::answer_batch`]); one
+    /// of more than a bulk request's bytes is merged off the worker.
+    async fn answer_batch(
+        &self,
+        requests: Vec<crate::net::Batched>,
+        hand_back: bool,
+    ) -> Result<Vec<crate::net::BatchedAnswer>, PeerError> {
+        let (replica, me) = (&self.inner.replica, self.inner.me.id);
+        let answers = if crate::net::is_bulk_batch(&requests) {
+            crate::tasks::heavy(|| replica.answer_batch(me, requests, hand_back))
+        } else {
+            replica.answer_batch(me, requests, hand_back)
+        };
+        answers.settled().await
+    }
 }
 
 impl<T: Transport, S: Store> Handler for Node<T, S> {
@@ -550,15 +566,14 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 crate::tasks::heavy(|| crate::antientropy::answer(replica, request))
                     .map_or_else(PeerResponse::Error, PeerResponse::Aae)
             }
-            PeerRequest::Batch(requests) => {
-                let (replica, me) = (&self.inner.replica, self.inner.me.id);
-                let answers = if crate::net::is_bulk_batch(&requests) {
-                    crate::tasks::heavy(|| replica.answer_batch(me, requests))
-                } else {
-                    replica.answer_batch(me, requests)
-                };
-                answers.settled().await
-            }
+            PeerRequest::Spares(requests) => self
+                .answer_batch(requests, true)
+                .await
+                .map_or_else(PeerResponse::Error, PeerResponse::Spares),
+            PeerRequest::Batch(requests) => self
+                .answer_batch(requests, false)
+                .await
+                .map_or_else(PeerResponse::Error, PeerResponse::Batch),
             // Merging and storing a batch or a large object takes a while:
             // off the worker, which also drives the node's connections.
             replica if replica.is_bulk() => {

@@ -7,8 +7,8 @@
 //! later through anti-entropy. The quorum's own sends (the local replica
 //! and the R-1 or W-1 next ones in ring order after this node) go as
 //! before; each spare waits up to [`WINDOW`] for other spares bound to the
-//! same peer, and they travel as one [`PeerRequest::Batch`], answered with
-//! one message. A spare's answer counts like any other: when a quorum
+//! same peer, and they travel as one [`PeerRequest::Spares`], answered
+//! with one message. A spare's answer counts like any other: when a quorum
 //! send is slow or fails, the spare completes the quorum a window later.
 //!
 //! Why: a small remote request costs far more in framing, QUIC packets,
@@ -19,11 +19,13 @@
 //! R replicas, at the price of read repair of the others; this keeps it.
 //!
 //! A batch that comes back refused whole (from an older node during a
-//! rolling upgrade, which does not know `Batch`) or answered with the
-//! wrong count is not a failure of its requests: each is sent again on its
-//! own to the same primary, and so are the next spares to that peer for
-//! [`ALONE_FOR`]. A read whose answer would make the batch's too large
-//! comes back `Alone` and is sent again likewise. Only a peer that cannot
+//! rolling upgrade, which does not know `Spares`) or answered with the
+//! wrong count, or handing back its first request, is not a failure of its
+//! requests: each is sent again on its own to the same primary, and so are
+//! the next spares to that peer for [`ALONE_FOR`]. A read whose answer
+//! would make the batch's too large comes back `Alone` and is sent again
+//! likewise. (Nodes of 297ac1c..6d1d943 sent `PeerRequest::Batch`, which
+//! is still answered, whole, for them.) Only a peer that cannot
 //! be reached (or no answer by the deadline) fails a spare, and a fallback
 //! is asked in its place, as for any send: a fallback's "absent" must
 //! never stand in for a primary that is up and holds the key.
@@ -39,8 +41,8 @@ use tokio::time::Instant;
 
 use super::quorum::Coordinator;
 use crate::net::{
-    Batched, PeerRequest, PeerResponse, Transport, TransportError, BATCH_ANSWER_BYTES,
-    BATCH_REQUESTS,
+    Batched, BatchedAnswer, PeerRequest, PeerResponse, Transport, TransportError,
+    BATCH_ANSWER_BYTES, BATCH_REQUESTS,
 };
 use crate::storage::Store;
 
@@ -120,17 +122,17 @@ impl Spares {
         request: Batched,
         waiter: Waiter,
         deadline: Instant,
-    ) -> Option<Next> {
+    ) -> Result<Next, Batched> {
         let mut pending = self.pending.lock().expect("spares lock");
         let p = pending.entry(to.id).or_default();
         if p.alone_until.is_some_and(|until| Instant::now() < until) {
-            return None;
+            return Err(request);
         }
         p.bytes += request.size();
         p.requests.push(request);
         p.waiters.push(waiter);
         p.deadline = Some(p.deadline.map_or(deadline, |d| d.max(deadline)));
-        Some(
+        Ok(
             if p.requests.len() >= BATCH_REQUESTS || p.bytes >= BATCH_ANSWER_BYTES {
                 Next::Send(p.take(to))
             } else if p.requests.len() == 1 {
@@ -157,18 +159,26 @@ impl Spares {
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
     /// Sends `request` to `to` with the other spares bound there within
-    /// [`WINDOW`], and waits for its own answer until `deadline`. `None`:
-    /// send the request on its own instead, as it may not travel in a
-    /// batch, `to` refused one lately, or its batch did not answer it.
+    /// [`WINDOW`], and waits for its own answer until `deadline`; sends it
+    /// on its own if it may not travel in a batch or `to` refused one
+    /// lately. `None`: its batch handed it back; build it again and send
+    /// it on its own.
     pub(super) async fn spare_call(
         self: &Arc<Self>,
         to: &MemberInfo,
         request: PeerRequest,
         deadline: Instant,
     ) -> Option<Result<PeerResponse, TransportError>> {
-        let request = request.batched().ok()?;
+        let request = match request.batched() {
+            Ok(request) => request,
+            Err(request) => return Some(self.replica_call(to, request, deadline).await),
+        };
         let (tx, rx) = oneshot::channel();
-        match self.spares.add(to, request, tx, deadline)? {
+        let next = match self.spares.add(to, request, tx, deadline) {
+            Ok(next) => next,
+            Err(request) => return Some(self.replica_call(to, request.alone(), deadline).await),
+        };
+        match next {
             Next::Send(batch) => {
                 let node = self.clone();
                 self.tasks
@@ -202,9 +212,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             deadline,
         } = batch;
         let sent = requests.len();
-        let request = PeerRequest::Batch(requests);
+        let request = PeerRequest::Spares(requests);
         let answers = match self.transport.call(&to, request, deadline).await {
-            Ok(PeerResponse::Batch(answers)) if answers.len() == sent => answers,
+            // The first request is never handed back (its object moves
+            // whatever its size).
+            Ok(PeerResponse::Spares(answers))
+                if answers.len() == sent && answers.first() != Some(&BatchedAnswer::Alone) =>
+            {
+                answers
+            }
             // The peer cannot be reached: each request failed there, and
             // is sent to a fallback.
             Err(e) => {
@@ -217,9 +233,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             // answered request by request: each goes again on its own.
             Ok(other) => {
                 crate::log::warn_limited("batch refused", || {
+                    let answer = match other {
+                        PeerResponse::Error(e) => e.to_string(),
+                        PeerResponse::Spares(answers) => format!("{} answers", answers.len()),
+                        _ => "another kind of answer".into(),
+                    };
                     format!(
-                        "{} answered a batch of {sent} requests with {other:?}; sending it \
-                         requests one by one for {ALONE_FOR:?}",
+                        "{} answered a batch of {sent} requests with {answer}; sending requests to it \
+                         one by one for {ALONE_FOR:?}",
                         to.name
                     )
                 });

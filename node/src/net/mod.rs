@@ -109,9 +109,16 @@ pub enum PeerRequest {
     /// the receiver's); answered with `Stored`.
     GossipPush(Box<ClusterState>),
     /// Several replica reads and small writes in one message, answered with
-    /// `Batch`: one answer per request, in order. The sends a quorum does
-    /// not wait for travel this way (see `coordinator::spare`). At most
-    /// [`BATCH_REQUESTS`]; a batch never holds another.
+    /// `Spares`: one answer per request, in order, where a read whose
+    /// object would take the answers past [`BATCH_ANSWER_BYTES`] is handed
+    /// back ([`BatchedAnswer::Alone`]). The sends a quorum does not wait
+    /// for travel this way (see `coordinator::spare`). At most
+    /// [`BATCH_REQUESTS`]; it never holds another batch.
+    Spares(Vec<Batched>),
+    /// The batch of nodes 297ac1c..6d1d943 (the first with batches), still
+    /// answered for a rolling upgrade from them: as `Spares`, but every
+    /// request is answered in its `Batch`, never handed back (they cannot
+    /// decode [`BatchedAnswer::Alone`]). No longer sent.
     Batch(Vec<Batched>),
 }
 
@@ -120,12 +127,12 @@ pub enum PeerRequest {
 pub const BATCH_REQUESTS: usize = 128;
 
 /// About how many bytes of objects a batch carries, each way: the sender
-/// closes a batch at this size, and the receiver answers a request whose
-/// object would take its answer past it with [`BatchedAnswer::Alone`].
+/// closes a batch at this size, and the receiver of [`PeerRequest::Spares`]
+/// hands back a read whose object would take its answer past it.
 /// Both keep a batch's frame small on the shared stream of a connection.
 pub const BATCH_ANSWER_BYTES: usize = 256 << 10;
 
-/// A request that may travel in a [`PeerRequest::Batch`]: a replica's read
+/// A request that may travel in a [`PeerRequest::Spares`]: a replica's read
 /// or a write of at most [`BULK_BYTES`]. Its variants are spelled as the
 /// [`PeerRequest`] ones they stand for, so they encode alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,7 +234,7 @@ impl PeerRequest {
         }
     }
 
-    /// The request as it travels in a [`PeerRequest::Batch`], if it may.
+    /// The request as it travels in a [`PeerRequest::Spares`], if it may.
     pub fn batched(self) -> Result<Batched, PeerRequest> {
         let batched = match self {
             PeerRequest::ReplicaGet { key } => Batched::ReplicaGet { key },
@@ -256,7 +263,7 @@ impl PeerRequest {
             PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
                 object.approx_size() > BULK_BYTES
             }
-            PeerRequest::Batch(requests) => is_bulk_batch(requests),
+            PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => is_bulk_batch(requests),
             PeerRequest::Forward {
                 request: Request::Put { value, .. },
                 ..
@@ -351,7 +358,10 @@ pub enum PeerResponse {
         #[serde(with = "serde_bytes")]
         next: Vec<u8>,
     },
-    /// The answers to a [`PeerRequest::Batch`], in its order.
+    /// The answers to a [`PeerRequest::Spares`], in its order.
+    Spares(Vec<BatchedAnswer>),
+    /// The answers to a [`PeerRequest::Batch`], in its order (never
+    /// [`BatchedAnswer::Alone`]).
     Batch(Vec<BatchedAnswer>),
     Error(PeerError),
 }

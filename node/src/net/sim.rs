@@ -209,7 +209,8 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::Gossip { .. } => "gossip",
         PeerRequest::GossipPush(_) => "gossip-push",
         PeerRequest::HintsIn { .. } => "hints-in",
-        PeerRequest::Batch(_) => "batch",
+        PeerRequest::Spares(_) => "batch",
+        PeerRequest::Batch(_) => "batch-v1",
     }
 }
 

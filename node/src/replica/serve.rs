@@ -60,18 +60,14 @@ impl Answer {
 pub struct BatchAnswers(Result<Vec<Option<Answer>>, PeerError>);
 
 impl BatchAnswers {
-    pub async fn settled(self) -> PeerResponse {
-        let answers = match self.0 {
-            Ok(answers) => answers,
-            Err(e) => return PeerResponse::Error(e),
-        };
-        let settled = answers.into_iter().map(|answer| async move {
+    pub async fn settled(self) -> Result<Vec<BatchedAnswer>, PeerError> {
+        let settled = self.0?.into_iter().map(|answer| async move {
             match answer {
                 Some(answer) => BatchedAnswer::from(answer.settled().await),
                 None => BatchedAnswer::Alone,
             }
         });
-        PeerResponse::Batch(futures_util::future::join_all(settled).await)
+        Ok(futures_util::future::join_all(settled).await)
     }
 }
 
@@ -93,14 +89,20 @@ impl<S: Store> Replica<S> {
         Answer::ready(self.answer_now(me, request))
     }
 
-    /// Answers a [`PeerRequest::Batch`]: each request as [`Self::answer`]
-    /// does, the writes sharing their WAL syncs, one answer per request in
-    /// order; send them once [`BatchAnswers::settled`]. A batch of more
-    /// than [`BATCH_REQUESTS`] is refused whole, a write too large for a
-    /// batch on its own, and a read whose object would take the answers
-    /// past [`BATCH_ANSWER_BYTES`] is answered [`BatchedAnswer::Alone`]
-    /// (never the first: an object larger than that still moves).
-    pub fn answer_batch(&self, me: NodeId, requests: Vec<Batched>) -> BatchAnswers {
+    /// Answers a batch ([`PeerRequest::Spares`] or `Batch`): each request
+    /// as [`Self::answer`] does, the writes sharing their WAL syncs, one
+    /// answer per request in order; send them once [`BatchAnswers::settled`].
+    /// A batch of more than [`BATCH_REQUESTS`] is refused whole, a write too
+    /// large for a batch on its own. With `hand_back`, a read whose object
+    /// would take the answers past [`BATCH_ANSWER_BYTES`] is answered
+    /// [`BatchedAnswer::Alone`] (never the first: an object larger than
+    /// that still moves); writes and reads of absent keys never are.
+    pub fn answer_batch(
+        &self,
+        me: NodeId,
+        requests: Vec<Batched>,
+        hand_back: bool,
+    ) -> BatchAnswers {
         if requests.len() > BATCH_REQUESTS {
             return BatchAnswers(Err(PeerError::Refused(format!(
                 "a batch of {} requests, over the {BATCH_REQUESTS} allowed",
@@ -123,7 +125,7 @@ impl<S: Store> Replica<S> {
                 PeerResponse::Object(Some(o)) => o.approx_size(),
                 _ => 0,
             };
-            if !answers.is_empty() && bytes + size > BATCH_ANSWER_BYTES {
+            if hand_back && size > 0 && !answers.is_empty() && bytes + size > BATCH_ANSWER_BYTES {
                 answers.push(None);
                 continue;
             }

@@ -230,7 +230,7 @@ pub fn peer_request(data: &[u8]) {
         | PeerRequest::Reap { object, .. } => after_object(object),
         PeerRequest::Handoff(entries) => entries.iter().for_each(|e| after_object(&e.object)),
         PeerRequest::GossipPush(state) => after_cluster_state(state),
-        PeerRequest::Batch(requests) => {
+        PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => {
             for request in requests {
                 if let Batched::ReplicaPut { object, .. } = request {
                     after_object(object);
@@ -241,9 +241,9 @@ pub fn peer_request(data: &[u8]) {
     }
     let me = NodeId::from_u128(1);
     match request {
-        PeerRequest::Batch(requests) => {
-            let _ = replica.answer_batch(me, requests.clone());
-            let _ = replica.answer_batch(me, requests);
+        PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => {
+            let _ = replica.answer_batch(me, requests.clone(), true);
+            let _ = replica.answer_batch(me, requests, false);
         }
         request => {
             let _ = replica.answer(me, request.clone());
@@ -269,7 +269,7 @@ pub fn peer_response(data: &[u8]) {
             after_object(&all);
         }
         PeerResponse::Forwarded(r) => after_response(r),
-        PeerResponse::Batch(answers) => {
+        PeerResponse::Spares(answers) | PeerResponse::Batch(answers) => {
             let mut all = Object::default();
             for answer in answers {
                 if let BatchedAnswer::Object(Some(o)) = answer {

@@ -126,14 +126,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
 /// the first).
 fn nested_batch(depth: usize) -> Vec<u8> {
     let get = Batched::ReplicaGet { key: b"k".to_vec() };
-    let batch = PeerRequest::Batch(vec![get.clone()]);
+    let batch = PeerRequest::Spares(vec![get.clone()]);
     let envelope = PeerEnvelope {
         from: "a".into(),
         request: batch.clone(),
     };
     let whole = body(&(7u64, &envelope));
-    let get = rmp_serde::to_vec(&get).expect("encodes");
-    let level = rmp_serde::to_vec(&batch).expect("encodes");
+    // Encoded as frames are (`frame::encode`: structs as maps).
+    let get = rmp_serde::to_vec_named(&get).expect("encodes");
+    let level = rmp_serde::to_vec_named(&batch).expect("encodes");
     let head = &level[..level.len() - get.len()];
     let mut out = whole[..whole.len() - get.len()].to_vec();
     for _ in 1..depth {
@@ -312,13 +313,17 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
         ("replica-get", PeerRequest::ReplicaGet { key: key.clone() }),
         (
             "batch",
-            PeerRequest::Batch(vec![
+            PeerRequest::Spares(vec![
                 Batched::ReplicaGet { key: key.clone() },
                 Batched::ReplicaPut {
                     key: key.clone(),
                     object: object.clone(),
                 },
             ]),
+        ),
+        (
+            "batch-v1",
+            PeerRequest::Batch(vec![Batched::ReplicaGet { key: key.clone() }]),
         ),
         ("reap-check", PeerRequest::ReapCheck { key: key.clone() }),
         (
@@ -401,11 +406,15 @@ fn peer_responses(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerRe
         ("stored", PeerResponse::Stored),
         (
             "batch",
-            PeerResponse::Batch(vec![
+            PeerResponse::Spares(vec![
                 BatchedAnswer::Object(Some(object.clone())),
                 BatchedAnswer::Stored,
                 BatchedAnswer::Alone,
             ]),
+        ),
+        (
+            "batch-v1",
+            PeerResponse::Batch(vec![BatchedAnswer::Object(Some(object.clone()))]),
         ),
         (
             "forwarded",
