@@ -292,3 +292,60 @@ async fn a_killed_node_is_marked_down_and_up_again() {
     let log = std::fs::read_to_string(c.path().join("node1.log")).unwrap();
     assert!(log.contains("peer is up"), "{log}");
 }
+
+/// Ctrl-C stops `shoal dev` at any moment, here the moment it says the
+/// cluster is up, while it still asks the nodes for the status it prints. A
+/// SIGINT there was lost before: each wait made its own listener, and a
+/// signal that came between two listeners stopped nothing, so the launcher
+/// ran on (CI saw it not stop within 15 s of a test's SIGINT).
+#[test]
+fn shoal_dev_stops_on_ctrl_c_the_moment_it_says_it_is_up() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut launcher = Command::new(shoal_tests::process::shoal_bin())
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["dev", "--nodes", "1"])
+        .env_remove("SHOAL_DEV_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start shoal dev");
+    // The launcher, its node and anything they started die with the test.
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            unsafe { libc::kill(-self.0, libc::SIGKILL) };
+        }
+    }
+    let _group = Group(launcher.id() as i32);
+    // Kept open until the end: a closed pipe would end the launcher at its
+    // next line (SIGPIPE), not the Ctrl-C.
+    let mut lines = std::io::BufReader::new(launcher.stdout.take().expect("stdout")).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines
+            .next()
+            .expect("shoal dev said it was up")
+            .expect("read stdout");
+        if line.starts_with("Shoal dev cluster") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shoal dev not up within 60 s");
+    }
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while launcher.try_wait().expect("launcher status").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "shoal dev did not stop within 15 s of Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(lines);
+}

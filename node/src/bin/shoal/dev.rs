@@ -381,10 +381,17 @@ async fn wait_ready(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Resul
 }
 
 async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // One listener each, made before anything is awaited: a signal is kept
+    // for the listener that exists when it comes, so one per wait would lose
+    // a Ctrl-C that came between two waits (the launcher then ran on).
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let nodes = children.len();
     let client = tokio::select! {
         c = wait_ready(dir, children) => c?,
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = interrupt.recv() => return Ok(()),
+        _ = term.recv() => return Ok(()),
     };
     println!(
         "Shoal dev cluster: {nodes} nodes on loopback, data and certificates in {}",
@@ -411,12 +418,10 @@ async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result
         config_path(dir, 1).display()
     );
     println!("Ctrl-C stops the cluster; running `shoal dev` again keeps the data.");
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = tick.tick() => {
                 for (i, slot) in children.iter_mut().enumerate() {
