@@ -45,6 +45,18 @@ const BLOCK_CACHE_BYTES: usize = 128 << 20;
 /// WAL and table files are handed to the disk every this many bytes written.
 const SYNC_EVERY_BYTES: u64 = 1 << 20;
 
+/// Memtable size of every column family: RocksDB's 64 MiB, scaled by a
+/// factor drawn once per process from [0.75, 1.25). Replicas take the same
+/// writes, so with one size all of a key's replicas switch memtables and
+/// flush in the same few milliseconds, and the latency spike of a flush
+/// meets every replica a quorum could use at once; staggered, a quorum
+/// mostly finds two that are not flushing.
+fn memtable_bytes() -> usize {
+    use rand::Rng;
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| rand::thread_rng().gen_range((48 << 20)..(80 << 20)))
+}
+
 /// Free space a stuck database waits for before it is reopened: room for
 /// a new WAL and a memtable flush.
 pub const REOPEN_MIN_FREE: u64 = 32 << 20;
@@ -310,6 +322,7 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         cf.set_block_based_table_factory(&table);
         cf.set_memtable_whole_key_filtering(true);
         cf.set_memtable_prefix_bloom_ratio(0.05);
+        cf.set_write_buffer_size(memtable_bytes());
         ColumnFamilyDescriptor::new(t.name(), cf)
     });
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
