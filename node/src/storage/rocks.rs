@@ -45,8 +45,9 @@ const BLOCK_CACHE_BYTES: usize = 128 << 20;
 /// WAL and table files are handed to the disk every this many bytes written.
 const SYNC_EVERY_BYTES: u64 = 1 << 20;
 
-/// Memtable size of every column family: RocksDB's 64 MiB, scaled by a
-/// factor drawn once per process from [0.75, 1.25). Replicas take the same
+/// Memtable size of every column family Shoal uses: RocksDB's 64 MiB,
+/// scaled by a factor drawn once per process from [0.75, 1.25) (RocksDB's
+/// own `default` family, unused, keeps 64 MiB). Replicas take the same
 /// writes, so with one size all of a key's replicas switch memtables and
 /// flush in the same few milliseconds, and the latency spike of a flush
 /// meets every replica a quorum could use at once; staggered, a quorum
@@ -54,7 +55,11 @@ const SYNC_EVERY_BYTES: u64 = 1 << 20;
 fn memtable_bytes() -> usize {
     use rand::Rng;
     static BYTES: OnceLock<usize> = OnceLock::new();
-    *BYTES.get_or_init(|| rand::thread_rng().gen_range((48 << 20)..(80 << 20)))
+    *BYTES.get_or_init(|| {
+        let bytes = rand::thread_rng().gen_range((48 << 20)..(80 << 20));
+        tracing::info!(mib = bytes >> 20, "memtable size drawn for this process");
+        bytes
+    })
 }
 
 /// Free space a stuck database waits for before it is reopened: room for
@@ -294,8 +299,9 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
     // once (a memtable switch syncs the whole old WAL, tens of MiB, in one
     // go). In this build they do nothing: librocksdb-sys compiles RocksDB
     // without ROCKSDB_RANGESYNC_PRESENT, so its `sync_file_range` is left
-    // out (strace shows none), and the old WAL and the new tables reach the
-    // disk in one burst at each switch. Kept for a build that has it.
+    // out (strace shows none). Built with it, RocksDB calls it from the
+    // writing thread, a request's, and the open-loop tail was no better
+    // (bench/README.md, "The open-loop tail").
     opts.set_wal_bytes_per_sync(SYNC_EVERY_BYTES);
     opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
     // Flushes and compactions run at the lowest CPU priority (nice 19):
