@@ -328,6 +328,14 @@ async fn traced_at_once(
     (answers, c.net.take_trace_log())
 }
 
+/// Three simulated nodes that take values of up to `bytes` (the batch
+/// tests need objects past a batch's answer budget).
+fn taking_values_of(bytes: usize) -> SimCluster {
+    let mut s = settings();
+    s.max_value_bytes = bytes;
+    SimCluster::with_settings(3, s)
+}
+
 /// How many events of a trace log end with `what` ("deliver batch").
 fn delivered(log: &[String], what: &str) -> usize {
     log.iter().filter(|l| l.ends_with(what)).count()
@@ -406,9 +414,7 @@ async fn a_batch_is_answered_request_by_request_within_its_bounds() {
         Batched, BatchedAnswer, Handler, PeerError, PeerRequest, PeerResponse, BATCH_REQUESTS,
     };
     use shoal_node::version::{Actors, Object, VersionVector};
-    let mut settings = settings();
-    settings.max_value_bytes = 200 << 10;
-    let c = SimCluster::with_settings(3, settings);
+    let c = taking_values_of(200 << 10);
     written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
     written(c.put("node1", b"k", b"v", None, D).await);
     let (big, k) = (c.stored("node2", b"big"), c.stored("node2", b"k"));
@@ -474,9 +480,7 @@ async fn a_batch_is_answered_request_by_request_within_its_bounds() {
 #[tokio::test(start_paused = true)]
 async fn an_old_style_batch_is_answered_whole() {
     use shoal_node::net::{Batched, BatchedAnswer, Handler, PeerRequest, PeerResponse};
-    let mut settings = settings();
-    settings.max_value_bytes = 200 << 10;
-    let c = SimCluster::with_settings(3, settings);
+    let c = taking_values_of(200 << 10);
     written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
     let big = c.stored("node2", b"big");
     assert!(big.is_some());
@@ -499,9 +503,7 @@ async fn an_old_style_batch_is_answered_whole() {
 #[tokio::test(start_paused = true)]
 async fn past_the_budget_only_reads_of_objects_are_handed_back() {
     use shoal_node::net::{Batched, BatchedAnswer, Handler, PeerRequest, PeerResponse};
-    let mut settings = settings();
-    settings.max_value_bytes = 300 << 10;
-    let c = SimCluster::with_settings(3, settings);
+    let c = taking_values_of(300 << 10);
     written(c.put("node1", b"huge", &vec![7; 300 << 10], None, D).await);
     written(c.put("node1", b"k", b"v", None, D).await);
     let huge = c.stored("node2", b"huge");
@@ -536,9 +538,7 @@ async fn past_the_budget_only_reads_of_objects_are_handed_back() {
 /// primary, and every replica is still asked and every read answered.
 #[tokio::test(start_paused = true)]
 async fn spares_a_batch_hands_back_are_sent_on_their_own() {
-    let mut settings = settings();
-    settings.max_value_bytes = 200 << 10;
-    let c = SimCluster::with_settings(3, settings);
+    let c = taking_values_of(200 << 10);
     let keys: Vec<Vec<u8>> = (0..8).map(|i| format!("big{i}").into_bytes()).collect();
     for key in &keys {
         written(c.put("node1", key, &vec![7; 100 << 10], None, D).await);

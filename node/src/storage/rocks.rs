@@ -42,9 +42,6 @@ use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
-/// WAL and table files are handed to the disk every this many bytes written.
-const SYNC_EVERY_BYTES: u64 = 1 << 20;
-
 /// Memtable size of every column family Shoal uses: RocksDB's 64 MiB,
 /// scaled by a factor drawn once per process from [0.75, 1.25) (RocksDB's
 /// own `default` family, unused, keeps 64 MiB). Replicas take the same
@@ -295,15 +292,12 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_paranoid_checks(true);
     opts.increase_parallelism(2);
-    // Meant to write files out to the disk as they grow instead of all at
-    // once (a memtable switch syncs the whole old WAL, tens of MiB, in one
-    // go). In this build they do nothing: librocksdb-sys compiles RocksDB
-    // without ROCKSDB_RANGESYNC_PRESENT, so its `sync_file_range` is left
-    // out (strace shows none). Built with it, RocksDB calls it from the
-    // writing thread, a request's, and the open-loop tail was no better
-    // (bench/README.md, "The open-loop tail").
-    opts.set_wal_bytes_per_sync(SYNC_EVERY_BYTES);
-    opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
+    // No `bytes_per_sync` / `wal_bytes_per_sync`: librocksdb-sys compiles
+    // RocksDB without ROCKSDB_RANGESYNC_PRESENT, so they do nothing here
+    // (strace shows no `sync_file_range`), and a RocksDB built with it calls
+    // `sync_file_range` from the writing thread, a request's, where the
+    // open-loop tail was no better (bench/README.md, "The open-loop tail").
+    // Files reach the disk at a memtable switch, in one burst.
     // Flushes and compactions run at the lowest CPU priority (nice 19):
     // they take the cores only when the threads serving requests leave
     // them idle. At the normal priority a memtable flush (all three nodes
