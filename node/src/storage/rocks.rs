@@ -297,7 +297,8 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
     // (strace shows no `sync_file_range`), and a RocksDB built with it calls
     // `sync_file_range` from the writing thread, a request's, where the
     // open-loop tail was no better (bench/README.md, "The open-loop tail").
-    // Files reach the disk at a memtable switch, in one burst.
+    // A thread of our own starts the files' writeback instead (see
+    // `writeback`).
     // Flushes and compactions run at the lowest CPU priority (nice 19):
     // they take the cores only when the threads serving requests leave
     // them idle. At the normal priority a memtable flush (all three nodes
@@ -333,6 +334,7 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         db,
         group: OnceLock::new(),
     });
+    super::writeback::start(path.to_path_buf(), Arc::downgrade(&open));
     if fsync {
         let syncs = syncs.clone();
         let group = GroupCommit::start(Arc::downgrade(&open), move |open: &Open| {
