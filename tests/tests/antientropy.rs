@@ -228,3 +228,29 @@ async fn the_repair_rate_is_shared_only_by_peers_being_swept() {
         "200 repairs at 100 a second took {took:?}"
     );
 }
+
+/// A reaper pass reads every key of the store at `reap-keys-per-sec`, not
+/// at the rebuild's rate: 2,000 keys at 1,000 a second take 2 s (pages of
+/// 256, each paced), with the rebuild's rate at a million.
+#[tokio::test(start_paused = true)]
+async fn a_reaper_pass_reads_at_the_reapers_own_rate() {
+    let mut s = shoal_tests::sim::settings();
+    s.aae.rebuild_keys_per_sec = 1_000_000;
+    s.aae.reap_keys_per_sec = 1_000;
+    let c = SimCluster::with_settings(3, s);
+    for i in 0..2_000 {
+        let mut o = Object::default();
+        o.update(&VersionVector::new(), Some(b"v".to_vec()), c.id("node1"), 1);
+        c.node("node1")
+            .local_merge(format!("key-{i}").as_bytes(), &o)
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    assert_eq!(c.node("node1").reap_tombstones().await, 0);
+    let took = started.elapsed();
+    assert!(
+        (std::time::Duration::from_millis(1_750)..std::time::Duration::from_secs(3))
+            .contains(&took),
+        "a pass over 2,000 keys at 1,000 a second took {took:?}"
+    );
+}

@@ -62,6 +62,7 @@ pub struct AaeSettings {
     pub interval: Duration,
     pub rebuild_every: Duration,
     pub rebuild_keys_per_sec: u32,
+    pub reap_keys_per_sec: u32,
     pub max_repairs_per_sec: u32,
     pub tombstone_grace: Duration,
     /// Pause between two reaper passes.
@@ -79,6 +80,7 @@ impl AaeSettings {
             interval: Duration::from_millis(c.interval_ms),
             rebuild_every: Duration::from_secs(c.rebuild_secs),
             rebuild_keys_per_sec: c.rebuild_keys_per_sec,
+            reap_keys_per_sec: c.reap_keys_per_sec,
             max_repairs_per_sec: c.max_repairs_per_sec,
             tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
             reap_every: Duration::from_millis(c.reap_interval_ms),

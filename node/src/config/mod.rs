@@ -118,6 +118,10 @@ pub struct AntiEntropyConfig {
     pub rebuild_secs: u64,
     /// Most keys a rebuild reads per second.
     pub rebuild_keys_per_sec: u32,
+    /// Most keys the tombstone reaper reads per second. Low: a pass reads
+    /// every key of the store and is never in a hurry (the grace is days),
+    /// so it should take little from the requests it runs beside.
+    pub reap_keys_per_sec: u32,
     /// Most keys an exchange repairs per second.
     pub max_repairs_per_sec: u32,
     /// A tombstone is reaped once every primary holds it and it is this old.
@@ -133,6 +137,7 @@ impl Default for AntiEntropyConfig {
             interval_ms: 10_000,
             rebuild_secs: 86_400,
             rebuild_keys_per_sec: 50_000,
+            reap_keys_per_sec: 5_000,
             max_repairs_per_sec: 5_000,
             tombstone_grace_secs: 7 * 86_400,
             reap_interval_ms: 3_600_000,
@@ -475,6 +480,10 @@ impl Config {
             (
                 "anti-entropy.rebuild-keys-per-sec",
                 u64::from(self.anti_entropy.rebuild_keys_per_sec),
+            ),
+            (
+                "anti-entropy.reap-keys-per-sec",
+                u64::from(self.anti_entropy.reap_keys_per_sec),
             ),
             (
                 "anti-entropy.max-repairs-per-sec",

@@ -81,7 +81,7 @@ use crate::handoff::Handoff;
 use crate::liveness::{Detector, Liveness};
 use crate::membership::{Membership, MEMBERS_KEY};
 use crate::metrics::Metrics;
-use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
+use crate::net::{AaeRequest, Handler, PeerError, PeerRequest, PeerResponse, Transport};
 use crate::reaper::Reaper;
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree};
@@ -189,7 +189,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             me: me.id,
             n,
             grace: settings.aae.tombstone_grace,
-            keys_per_sec: settings.aae.rebuild_keys_per_sec,
+            keys_per_sec: settings.aae.reap_keys_per_sec,
             call_timeout: settings.aae.call_timeout,
             replica: replica.clone(),
             transport: transport.clone(),
@@ -563,8 +563,21 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
             }
             PeerRequest::Aae(request) => {
                 let replica = &self.inner.replica;
-                crate::tasks::heavy(|| crate::antientropy::answer(replica, request))
-                    .map_or_else(PeerResponse::Error, PeerResponse::Aae)
+                let reads_store = matches!(
+                    request,
+                    AaeRequest::Keys { .. } | AaeRequest::Objects { .. }
+                );
+                let answer = || crate::antientropy::answer(replica, request);
+                // Branches and leaves come from the trees in memory in
+                // microseconds, less than handing the worker's tasks to
+                // another thread costs (a thread started, every sweep);
+                // only the steps that read the store go off the worker.
+                if reads_store {
+                    crate::tasks::heavy(answer)
+                } else {
+                    answer()
+                }
+                .map_or_else(PeerResponse::Error, PeerResponse::Aae)
             }
             PeerRequest::Spares(requests) => self
                 .answer_batch(requests, true)

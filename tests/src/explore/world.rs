@@ -74,6 +74,7 @@ pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
             interval: Duration::from_millis(1000),
             rebuild_every: Duration::from_secs(10),
             rebuild_keys_per_sec: 1_000_000,
+            reap_keys_per_sec: 1_000_000,
             max_repairs_per_sec: 1_000_000,
             tombstone_grace: TOMBSTONE_GRACE,
             reap_every: REAP_EVERY,
