@@ -52,6 +52,22 @@ pub(super) fn bad_answer(
     }
 }
 
+/// Answers one exchange step on a request's worker thread: the steps that
+/// read the store go off it ([`crate::tasks::heavy`]); branches and leaves
+/// come from the trees in memory in microseconds, less than handing the
+/// worker's tasks to another thread costs (a thread started at every sweep).
+pub fn answer_on_worker<S: Store>(
+    replica: &Replica<S>,
+    request: AaeRequest,
+) -> Result<AaeResponse, PeerError> {
+    match request {
+        AaeRequest::Keys { .. } | AaeRequest::Objects { .. } => {
+            crate::tasks::heavy(|| answer(replica, request))
+        }
+        AaeRequest::Branches { .. } | AaeRequest::Leaves { .. } => answer(replica, request),
+    }
+}
+
 /// Answers one exchange step from this node's trees and store.
 pub fn answer<S: Store>(
     replica: &Replica<S>,

@@ -40,7 +40,7 @@ use shoal_ring::NodeId;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-pub use exchange::answer;
+pub use exchange::{answer, answer_on_worker};
 
 use crate::liveness::Liveness;
 use crate::membership::Membership;

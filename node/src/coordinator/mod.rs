@@ -81,7 +81,7 @@ use crate::handoff::Handoff;
 use crate::liveness::{Detector, Liveness};
 use crate::membership::{Membership, MEMBERS_KEY};
 use crate::metrics::Metrics;
-use crate::net::{AaeRequest, Handler, PeerError, PeerRequest, PeerResponse, Transport};
+use crate::net::{Handler, PeerError, PeerRequest, PeerResponse, Transport};
 use crate::reaper::Reaper;
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError, Tree};
@@ -562,22 +562,8 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 PeerResponse::Forwarded(Box::pin(self.coordinate(request, true)).await)
             }
             PeerRequest::Aae(request) => {
-                let replica = &self.inner.replica;
-                let reads_store = matches!(
-                    request,
-                    AaeRequest::Keys { .. } | AaeRequest::Objects { .. }
-                );
-                let answer = || crate::antientropy::answer(replica, request);
-                // Branches and leaves come from the trees in memory in
-                // microseconds, less than handing the worker's tasks to
-                // another thread costs (a thread started, every sweep);
-                // only the steps that read the store go off the worker.
-                if reads_store {
-                    crate::tasks::heavy(answer)
-                } else {
-                    answer()
-                }
-                .map_or_else(PeerResponse::Error, PeerResponse::Aae)
+                crate::antientropy::answer_on_worker(&self.inner.replica, request)
+                    .map_or_else(PeerResponse::Error, PeerResponse::Aae)
             }
             PeerRequest::Spares(requests) => self
                 .answer_batch(requests, true)
