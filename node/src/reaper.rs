@@ -52,6 +52,9 @@ pub struct Reaper<T, S> {
     pub liveness: Arc<dyn Liveness>,
     pub membership: Arc<Membership>,
     pub metrics: Arc<Metrics>,
+    /// A pass [`Self::reap_until`] left unfinished: the next key to read,
+    /// and the keys it reaped so far.
+    pub unfinished: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
 }
 
 impl<T: Transport, S: Store> Reaper<T, S> {
@@ -67,8 +70,51 @@ impl<T: Transport, S: Store> Reaper<T, S> {
     /// that still holds the old value gets the tombstone from anti-entropy
     /// first, so a reaped key never comes back. Returns the keys reaped.
     pub async fn reap_tombstones(&self) -> u64 {
+        loop {
+            if let Some(reaped) = self.reap_until(None).await {
+                return reaped;
+            }
+        }
+    }
+
+    /// Goes on with the pass in progress (or starts one) until it is over,
+    /// then returns the keys it reaped; or until `deadline`, then returns
+    /// `None` and the next call goes on from there. The anti-entropy loop
+    /// reaps between sweeps this way, so that a long pass (a slow one, as
+    /// passes are: see the module doc) does not hold the sweeps up. Each
+    /// call checks again that reaping may happen at all.
+    pub async fn reap_until(&self, deadline: Option<tokio::time::Instant>) -> Option<u64> {
+        let (start, reaped) = self
+            .unfinished
+            .lock()
+            .expect("reaper lock")
+            .take()
+            .unwrap_or_default();
+        let (start, reaped, done) = self.reap_pages(start, reaped, deadline).await;
+        if !done {
+            *self.unfinished.lock().expect("reaper lock") = Some((start, reaped));
+            return None;
+        }
+        if reaped > 0 {
+            self.metrics
+                .tombstones_reaped
+                .fetch_add(reaped, Ordering::Relaxed);
+            info!(reaped, "tombstones reaped");
+        }
+        Some(reaped)
+    }
+
+    /// Reaps from `start` on, adding to `reaped`, until the store's end or
+    /// a reason to stop (the pass is over: `true`), or until `deadline`
+    /// (`false`, with where to go on from).
+    async fn reap_pages(
+        &self,
+        mut start: Vec<u8>,
+        mut reaped: u64,
+        deadline: Option<tokio::time::Instant>,
+    ) -> (Vec<u8>, u64, bool) {
         let Some(view) = self.membership.view() else {
-            return 0;
+            return (start, reaped, true);
         };
         // Until a layout change is over everywhere, old copies dropped
         // included, old replicas may hold copies of keys they no longer
@@ -82,7 +128,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                     .waiting_for(|p| p.cleaned)
                     .is_empty())
         {
-            return 0;
+            return (start, reaped, true);
         }
         let me = self.me;
         let n = self.n;
@@ -99,15 +145,16 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             .collect();
         if !down.is_empty() {
             debug!(?down, "no tombstones reaped while members are down");
-            return 0;
+            return (start, reaped, true);
         }
         // Per partition: its primaries if this node is the first of them and
         // all are up (worked out once per pass), else `None`: not reaped here.
         let mut reapers: HashMap<u32, Option<Vec<NodeId>>> = HashMap::new();
-        let mut reaped = 0;
-        let mut start = Vec::new();
         'pass: loop {
             let began = tokio::time::Instant::now();
+            if deadline.is_some_and(|d| began >= d) {
+                return (start, reaped, false);
+            }
             let page = match self
                 .replica
                 .store()
@@ -167,13 +214,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             }
             crate::clock::pace(began, page.len(), self.keys_per_sec).await;
         }
-        if reaped > 0 {
-            self.metrics
-                .tombstones_reaped
-                .fetch_add(reaped, Ordering::Relaxed);
-            info!(reaped, "tombstones reaped");
-        }
-        reaped
+        (start, reaped, true)
     }
 
     /// Reaps one tombstone if every other primary holds exactly it and no

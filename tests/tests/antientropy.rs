@@ -253,6 +253,22 @@ async fn a_reaper_pass_reads_at_the_reapers_own_rate() {
             .contains(&took),
         "a pass over 2,000 keys at 1,000 a second took {took:?}"
     );
+    // The anti-entropy loop reaps in slices between sweeps: a slice ends
+    // at its deadline, and the next goes on where it stopped.
+    let reaper = c.node("node1").reaper();
+    let started = tokio::time::Instant::now();
+    let slice_end = started + std::time::Duration::from_millis(500);
+    assert_eq!(reaper.reap_until(Some(slice_end)).await, None);
+    assert!(started.elapsed() < std::time::Duration::from_millis(800));
+    assert!(reaper.unfinished.lock().unwrap().is_some());
+    assert_eq!(reaper.reap_until(None).await, Some(0));
+    let took = started.elapsed();
+    assert!(
+        (std::time::Duration::from_millis(1_750)..std::time::Duration::from_secs(3))
+            .contains(&took),
+        "a pass in two slices took {took:?}"
+    );
+    assert!(reaper.unfinished.lock().unwrap().is_none());
 }
 
 /// The anti-entropy loop spreads a sweep's exchanges with each peer over

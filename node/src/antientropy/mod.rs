@@ -24,7 +24,8 @@
 //! # Lost copies
 //! A copy lost to corruption is not restored by an exchange's merges (they
 //! land in its partial copy) but by [`AntiEntropy::restore_lost`] (see
-//! `restore`), at the start of every sweep and as soon as one is found.
+//! `restore`), at the start of every sweep and as soon as one is found
+//! (once the sweep in progress, if any, is over).
 //!
 //! # Tombstones
 //! See [`crate::reaper`]: the same loop ([`AntiEntropy::run`]) has the
@@ -315,17 +316,15 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             }
             let began = tokio::time::Instant::now();
             let sweep = self.sweep_over(settings.interval / 2);
-            tokio::pin!(sweep);
-            let swept = loop {
-                tokio::select! {
-                    biased;
-                    _ = stop.changed() => return,
-                    swept = &mut sweep => break swept,
-                    // Restored now, not once the sweep is over.
-                    _ = self.replica.lost_found() => {
-                        self.restore_lost().await;
-                    }
-                }
+            // A copy found lost meanwhile is restored when the sweep ends
+            // (the select above): running it inside the sweep would hold
+            // an exchange's answer unread for as long as the restore takes,
+            // and a stale answer merged after a reap could bring a deleted
+            // key back.
+            let swept = tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                swept = sweep => swept,
             };
             next_sweep = began + settings.interval;
             if swept.keys_repaired > 0 {
@@ -335,9 +334,14 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                     "anti-entropy sweep"
                 );
             }
+            // A pass is slow (`reap-keys-per-sec`): it goes on in slices of
+            // at most half an interval after each sweep, so that the sweeps
+            // keep their pace.
             if tokio::time::Instant::now() >= next_reap {
-                reaper.reap_tombstones().await;
-                next_reap = tokio::time::Instant::now() + settings.reap_every;
+                let slice_end = tokio::time::Instant::now() + settings.interval / 2;
+                if reaper.reap_until(Some(slice_end)).await.is_some() {
+                    next_reap = tokio::time::Instant::now() + settings.reap_every;
+                }
             }
         }
     }

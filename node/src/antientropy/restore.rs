@@ -5,7 +5,8 @@
 //! `Objects` step, which a lost peer answers with its partial copy.
 //!
 //! Runs at the start of every sweep and as soon as the replica finds a copy
-//! lost (see [`AntiEntropy::run`]); a key whose other primaries are not all
+//! lost, once the sweep or reaper slice in progress is over (see
+//! [`AntiEntropy::run`]); a key whose other primaries are not all
 //! up, or do not all answer, stays lost until a later turn.
 
 use std::sync::atomic::Ordering;

@@ -112,9 +112,9 @@ pub const MAX_REQUEST_MS: u64 = 60_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct AntiEntropyConfig {
-    /// A sweep over every partition this node holds starts this often (or
-    /// when the last one ends, if later); its exchanges with each peer are
-    /// spread over the first half.
+    /// A sweep over every partition this node holds starts this often
+    /// (later if the last sweep, or the reaper's slice after it, ran past
+    /// it); its exchanges with each peer are spread over the first half.
     pub interval_ms: u64,
     /// Trees are rebuilt from the store this often (and on start).
     pub rebuild_secs: u64,

@@ -196,6 +196,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             liveness: liveness.clone(),
             membership: membership.clone(),
             metrics: metrics.clone(),
+            unfinished: Default::default(),
         };
         let transfer = Transfer::new(
             me.clone(),
@@ -447,6 +448,11 @@ impl<T: Transport, S: Store> Node<T, S> {
     /// One reaping pass (see [`Reaper::reap_tombstones`]).
     pub async fn reap_tombstones(&self) -> u64 {
         self.inner.reaper.reap_tombstones().await
+    }
+
+    /// The tombstone reaper (tests).
+    pub fn reaper(&self) -> &Reaper<T, S> {
+        &self.inner.reaper
     }
 
     /// Rebuilds every tree from the stored objects (see
