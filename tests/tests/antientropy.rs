@@ -189,6 +189,17 @@ async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
     }
 }
 
+/// `count` keys written straight into node1's store alone.
+fn stored_on_node1(c: &SimCluster, count: usize) {
+    for i in 0..count {
+        let mut o = Object::default();
+        o.update(&VersionVector::new(), Some(b"v".to_vec()), c.id("node1"), 1);
+        c.node("node1")
+            .local_merge(format!("key-{i}").as_bytes(), &o)
+            .unwrap();
+    }
+}
+
 async fn reap_all(c: &SimCluster) -> u64 {
     let mut reaped = 0;
     for n in &c.nodes {
@@ -206,13 +217,7 @@ async fn the_repair_rate_is_shared_only_by_peers_being_swept() {
     let mut s = shoal_tests::sim::settings();
     s.aae.max_repairs_per_sec = 100;
     let c = SimCluster::with_settings(3, s);
-    for i in 0..200 {
-        let mut o = Object::default();
-        o.update(&VersionVector::new(), Some(b"v".to_vec()), c.id("node1"), 1);
-        c.node("node1")
-            .local_merge(format!("key-{i}").as_bytes(), &o)
-            .unwrap();
-    }
+    stored_on_node1(&c, 200);
     for n in &c.nodes {
         n.rebuild_trees(u32::MAX).await.unwrap();
     }
@@ -238,13 +243,7 @@ async fn a_reaper_pass_reads_at_the_reapers_own_rate() {
     s.aae.rebuild_keys_per_sec = 1_000_000;
     s.aae.reap_keys_per_sec = 1_000;
     let c = SimCluster::with_settings(3, s);
-    for i in 0..2_000 {
-        let mut o = Object::default();
-        o.update(&VersionVector::new(), Some(b"v".to_vec()), c.id("node1"), 1);
-        c.node("node1")
-            .local_merge(format!("key-{i}").as_bytes(), &o)
-            .unwrap();
-    }
+    stored_on_node1(&c, 2_000);
     let started = tokio::time::Instant::now();
     assert_eq!(c.node("node1").reap_tombstones().await, 0);
     let took = started.elapsed();
