@@ -148,7 +148,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             return (start, reaped, true);
         }
         // Per partition: its primaries if this node is the first of them and
-        // all are up (worked out once per pass), else `None`: not reaped here.
+        // all are up (worked out once per slice), else `None`: not reaped here.
         let mut reapers: HashMap<u32, Option<Vec<NodeId>>> = HashMap::new();
         'pass: loop {
             let began = tokio::time::Instant::now();
