@@ -25,7 +25,7 @@
 //! A copy lost to corruption is not restored by an exchange's merges (they
 //! land in its partial copy) but by [`AntiEntropy::restore_lost`] (see
 //! `restore`), at the start of every sweep and as soon as one is found
-//! (once the sweep in progress, if any, is over).
+//! (once the sweep or reaper slice in progress, if any, is over).
 //!
 //! # Tombstones
 //! See [`crate::reaper`]: the same loop ([`AntiEntropy::run`]) has the
