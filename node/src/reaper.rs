@@ -6,9 +6,10 @@
 //! longer happen: every `anti-entropy.reap-interval-ms` the first primary of
 //! each partition looks for tombstones older than `tombstone-grace-secs`
 //! (by its own clock; each primary judges the grace again by its own before
-//! deleting) and, while every member is up and none holds a hint for the
-//! key, has every primary compare-and-delete exactly that tombstone. The
-//! config refuses a grace shorter than a request can stay in flight.
+//! deleting) and, while every member is up, on the same layout with no
+//! change in progress, and none holds a hint for the key, has every primary
+//! compare-and-delete exactly that tombstone. The config refuses a grace
+//! shorter than a request can stay in flight.
 //! Deleting a key forgets its history: the next write to it mints under a
 //! fresh actor epoch (see [`crate::version`]).
 //!
@@ -113,21 +114,15 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         mut reaped: u64,
         deadline: Option<tokio::time::Instant>,
     ) -> (Vec<u8>, u64, bool) {
-        let Some(view) = self.membership.view() else {
-            return (start, reaped, true);
-        };
         // Until a layout change is over everywhere, old copies dropped
         // included, old replicas may hold copies of keys they no longer
         // replicate: a tombstone reaped from the new replicas alone would
-        // let such a value come back.
-        if view.in_transition()
-            || (view.version > 0
-                && !self
-                    .membership
-                    .cluster()
-                    .waiting_for(|p| p.cleaned)
-                    .is_empty())
-        {
+        // let such a value come back. Every member asked confirms it is on
+        // this same settled layout (see `reap`).
+        let (Some(layout), Some(view)) = (self.membership.settled(), self.membership.view()) else {
+            return (start, reaped, true);
+        };
+        if view.version != layout {
             return (start, reaped, true);
         }
         let me = self.me;
@@ -221,8 +216,12 @@ impl<T: Transport, S: Store> Reaper<T, S> {
     /// member holds a hint for its key (a hint older than the tombstone,
     /// handed off after the reap, would bring the deleted value back; it is
     /// delivered first and merged into the tombstone, and the key is reaped
-    /// on a later pass). Returns whether it reaped, or the call that failed
-    /// (every call has a deadline).
+    /// on a later pass). Every member must also be on `view`'s layout, with
+    /// no change in progress: one that has committed or learned a change
+    /// the others have not heard of yet may be a new primary of the key,
+    /// holding a copy from before the delete (explore seed 6866). Returns
+    /// whether it reaped, or the call that failed (every call has a
+    /// deadline).
     async fn reap(
         &self,
         key: &[u8],
@@ -240,7 +239,8 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         // `HintsOf` sync after reading too): a power loss after the reap
         // must not roll a node back to a copy before the tombstone, or to
         // a hint it had delivered.
-        if !self.replica.hints_of(key).is_ok_and(|h| h.is_empty())
+        if self.membership.settled() != Some(view.version)
+            || !self.replica.hints_of(key).is_ok_and(|h| h.is_empty())
             || self.replica.store().sync_wal().is_err()
         {
             return Ok(false);
@@ -253,7 +253,10 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             }
         }
         for member in view.members.values().filter(|m| m.id != self.me) {
-            let asked = PeerRequest::HintsOf { key: key.to_vec() };
+            let asked = PeerRequest::HintsOf {
+                key: key.to_vec(),
+                layout: Some(view.version),
+            };
             match self.transport.call(member, asked, self.deadline()).await? {
                 PeerResponse::Hints(held) if held.is_empty() => {}
                 _ => return Ok(false),
@@ -271,4 +274,24 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         }
         Ok(self.replica.reap(key, object).unwrap_or(false))
     }
+}
+
+/// The refusal of a reaper's `HintsOf` by a member not on the reaper's
+/// settled layout (see [`Reaper::reap`]); `None` for any other request.
+pub fn refusal(membership: &Membership, request: &PeerRequest) -> Option<PeerResponse> {
+    let PeerRequest::HintsOf {
+        layout: Some(layout),
+        ..
+    } = request
+    else {
+        return None;
+    };
+    let mine = membership.settled();
+    if mine == Some(*layout) {
+        return None;
+    }
+    let on = mine.map_or_else(|| "a change in progress".into(), |v| format!("layout {v}"));
+    Some(PeerResponse::Error(crate::net::PeerError::Refused(
+        format!("not reaping under layout {layout}: this node is on {on}"),
+    )))
 }

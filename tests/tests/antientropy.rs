@@ -1,7 +1,7 @@
 //! Issue 4 over the simulated network: Merkle-tree exchanges repair exactly
 //! the keys that differ, cheaply, with nobody reading.
 
-use shoal_client::proto::RequestOptions;
+use shoal_client::proto::{ClusterCommand, Request, RequestOptions, Response};
 use shoal_node::antientropy::index_key;
 use shoal_node::storage::Tree;
 use shoal_node::version::{encode_object, Object, VersionVector};
@@ -187,6 +187,73 @@ async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
     for n in ["node1", "node2", "node3"] {
         assert_eq!(c.stored(n, b"k"), None, "{n} resurrected the key");
     }
+}
+
+/// A layout change one member has committed and the others have not heard
+/// of yet (explore seed 6866): that member is a new primary of the key and
+/// may hold a copy from before the delete, which the others' view does not
+/// count. Nothing is reaped until every member is on the reaper's layout
+/// with no change in progress; before, the old primaries reaped, and the
+/// copy came back once the change went on.
+#[tokio::test]
+async fn nothing_is_reaped_while_a_member_knows_a_layout_change_the_reaper_does_not() {
+    let mut s = shoal_tests::sim::settings();
+    s.aae.tombstone_grace = std::time::Duration::ZERO;
+    let c = SimCluster::with_settings(4, s);
+    // A key node1 (the claimant, which commits) does not replicate yet.
+    let k = (0..)
+        .map(|i| format!("key-{i}").into_bytes())
+        .find(|k| c.non_replica(k) == "node1")
+        .unwrap();
+    let primaries = c.primaries(&k);
+    let first = primaries[0].clone();
+    shoal_tests::sim::written(c.put(&first, &k, b"old", None, D).await);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // node1 commits a leave that makes it a primary of the key; no gossip
+    // runs here, so the others stay on the static ring. A write node1
+    // coordinated under its new layout left it a copy.
+    let leaving = primaries[1].clone();
+    let command = |command| async {
+        match c
+            .node("node1")
+            .coordinate(Request::Cluster(command), false)
+            .await
+        {
+            Response::Cluster(reply) => reply,
+            other => panic!("{other:?}"),
+        }
+    };
+    command(ClusterCommand::Leave { node: leaving }).await;
+    let plan = command(ClusterCommand::Plan).await.plan.expect("a plan");
+    command(ClusterCommand::Commit {
+        version: plan.version,
+    })
+    .await;
+    let view = c.node("node1").membership().view().unwrap();
+    assert!(
+        view.in_transition()
+            && view
+                .preference_list(&k, 3)
+                .iter()
+                .any(|m| m.name == "node1")
+    );
+    c.node("node1")
+        .local_merge(&k, &c.stored(&first, &k).unwrap())
+        .unwrap();
+    // The key is deleted on the static ring's primaries.
+    let ctx = value(c.get(&first, &k, D).await).context;
+    shoal_tests::sim::written(c.delete(&first, &k, Some(ctx), D).await);
+    // The send the quorum did not wait for lands too.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for p in &primaries {
+        assert!(c.stored(p, &k).unwrap().is_deleted(), "{p}");
+    }
+    assert_eq!(
+        reap_all(&c).await,
+        0,
+        "reaped while node1 held a copy under a layout the reaper did not know"
+    );
+    assert!(c.stored(&first, &k).unwrap().is_deleted());
 }
 
 /// `count` keys written straight into node1's store alone.

@@ -5,12 +5,11 @@
 //! simulated network with the in-memory store.
 //!
 //! This module is also the node's front door: [`Node`] owns one of each
-//! component (the [`Replica`], the [`Coordinator`], the liveness
-//! [`Detector`], [`Handoff`], [`AntiEntropy`], the [`Reaper`]), hands each
-//! the narrow handles it needs, routes client and peer requests to them
-//! (the [`Handler`] impl), and delegates the methods tests, the server and
-//! the simulation call. It holds no logic of its own beyond that routing
-//! and hello/learn.
+//! component (the [`Replica`], the [`Coordinator`], the liveness [`Detector`],
+//! [`Handoff`], [`AntiEntropy`], the [`Reaper`]), hands each the narrow
+//! handles it needs, routes client and peer requests to them (the [`Handler`]
+//! impl), and delegates the methods tests, the server and the simulation call.
+//! It holds no logic of its own beyond that routing and hello/learn.
 //!
 //! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
 //! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
@@ -38,12 +37,12 @@
 //! object to the other primaries (or their fallbacks), which merge it. The
 //! write is acknowledged once W replicas (PW of them primaries) hold it; the
 //! remaining sends carry on in the background. The W-1 primaries after the
-//! coordinator in ring order are sent to at once; the quorum need not wait
-//! for the others, whose sends are batched per peer (see `spare`). A primary that neither it nor
-//! a fallback could reach gets a hint kept by the coordinator itself. If the
-//! quorum is not met the error says how many and which replicas acknowledged;
-//! the copies that did land are not rolled back (as in Dynamo: an
-//! unacknowledged write may still appear later).
+//! coordinator in ring order are sent to at once; the quorum need not wait for
+//! the others, whose sends are batched per peer (see `spare`). A primary that
+//! neither it nor a fallback could reach gets a hint kept by the coordinator
+//! itself. If the quorum is not met the error says how many and which replicas
+//! acknowledged; the copies that did land are not rolled back (as in Dynamo:
+//! an unacknowledged write may still appear later).
 //!
 //! # Read path and read repair
 //! The coordinator asks the whole sloppy list (itself and the R-1 after it
@@ -543,6 +542,9 @@ impl<T: Transport, S: Store> Handler for Node<T, S> {
                 "{from} -> {}: a removed node takes part in nothing",
                 self.inner.me.name
             )));
+        }
+        if let Some(refused) = crate::reaper::refusal(membership, &request) {
+            return refused;
         }
         match request {
             PeerRequest::Hello(info) => {

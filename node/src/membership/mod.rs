@@ -335,6 +335,17 @@ impl Membership {
         self.state.read().expect("membership lock").view.clone()
     }
 
+    /// The layout version tombstones may be reaped under: the current one,
+    /// once no change is in progress and every member has dropped the
+    /// copies it no longer replicates; `None` before the ring is known and
+    /// while a change is under way (see [`crate::reaper`]).
+    pub fn settled(&self) -> Option<u64> {
+        let state = self.state.read().expect("membership lock");
+        let view = state.view.as_ref()?;
+        let cleaning = view.version > 0 && !state.cluster.waiting_for(|p| p.cleaned).is_empty();
+        (!view.in_transition() && !cleaning).then_some(view.version)
+    }
+
     /// A copy of the gossiped cluster state.
     pub fn cluster(&self) -> ClusterState {
         self.state.read().expect("membership lock").cluster.clone()

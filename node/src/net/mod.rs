@@ -77,10 +77,16 @@ pub enum PeerRequest {
         key: Vec<u8>,
         for_primary: NodeId,
     },
-    /// Every hint this node holds for the key, whoever it is for (inspect).
+    /// Every hint this node holds for the key, whoever it is for (inspect,
+    /// the reaper).
     HintsOf {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        /// The reaper's settled layout ([`crate::membership::Membership::settled`]):
+        /// the receiver refuses unless its own is the same, for it may hold
+        /// copies of the key under a layout the reaper does not know.
+        #[serde(default)]
+        layout: Option<u64>,
     },
     /// Hinted handoff: merge each object into the receiver's copy, which the
     /// receiver is a primary of; answered with `Stored` once all are durable.
