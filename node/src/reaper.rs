@@ -253,9 +253,9 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             }
         }
         for member in view.members.values().filter(|m| m.id != self.me) {
-            let asked = PeerRequest::HintsOf {
+            let asked = PeerRequest::ReapHintsOf {
                 key: key.to_vec(),
-                layout: Some(view.version),
+                layout: view.version,
             };
             match self.transport.call(member, asked, self.deadline()).await? {
                 PeerResponse::Hints(held) if held.is_empty() => {}
@@ -276,14 +276,11 @@ impl<T: Transport, S: Store> Reaper<T, S> {
     }
 }
 
-/// The refusal of a reaper's `HintsOf` by a member not on the reaper's
-/// settled layout (see [`Reaper::reap`]); `None` for any other request.
+/// The refusal of a [`PeerRequest::ReapHintsOf`] by a member not on the
+/// reaper's settled layout (see [`Reaper::reap`]); `None` for any other
+/// request.
 pub fn refusal(membership: &Membership, request: &PeerRequest) -> Option<PeerResponse> {
-    let PeerRequest::HintsOf {
-        layout: Some(layout),
-        ..
-    } = request
-    else {
+    let PeerRequest::ReapHintsOf { layout, .. } = request else {
         return None;
     };
     let mine = membership.settled();

@@ -58,10 +58,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             .filter(|m| self.liveness.is_up(m.id))
             .cloned()
             .collect();
-        let hints_of = PeerRequest::HintsOf {
-            key: key.to_vec(),
-            layout: None,
-        };
+        let hints_of = PeerRequest::HintsOf { key: key.to_vec() };
         let mut hint_answers = self.fan_out(&holders, hints_of, deadline);
         let mut hints = Vec::new();
         for _ in 0..holders.len() {

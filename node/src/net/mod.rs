@@ -77,16 +77,20 @@ pub enum PeerRequest {
         key: Vec<u8>,
         for_primary: NodeId,
     },
-    /// Every hint this node holds for the key, whoever it is for (inspect,
-    /// the reaper).
+    /// Every hint this node holds for the key, whoever it is for (inspect).
     HintsOf {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
-        /// The reaper's settled layout ([`crate::membership::Membership::settled`]):
-        /// the receiver refuses unless its own is the same, for it may hold
-        /// copies of the key under a layout the reaper does not know.
-        #[serde(default)]
-        layout: Option<u64>,
+    },
+    /// The reaper's `HintsOf`, answered alike, but only by a member whose
+    /// settled layout ([`crate::membership::Membership::settled`]) is
+    /// `layout`: one on another, or in a change, may hold copies of the key
+    /// the reaper's layout does not count. A node from before this request
+    /// cannot decode it, so it never agrees by default.
+    ReapHintsOf {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        layout: u64,
     },
     /// Hinted handoff: merge each object into the receiver's copy, which the
     /// receiver is a primary of; answered with `Stored` once all are durable.
@@ -261,6 +265,7 @@ impl PeerRequest {
         match self {
             PeerRequest::Hello(_)
             | PeerRequest::HintsOf { .. }
+            | PeerRequest::ReapHintsOf { .. }
             | PeerRequest::Handoff(_)
             | PeerRequest::Aae(_)
             | PeerRequest::GossipPush(_)

@@ -203,6 +203,7 @@ fn kind(r: &PeerRequest) -> &'static str {
         PeerRequest::HintPut { .. } => "hint-put",
         PeerRequest::HintGet { .. } => "hint-get",
         PeerRequest::HintsOf { .. } => "hints-of",
+        PeerRequest::ReapHintsOf { .. } => "reap-hints-of",
         PeerRequest::Handoff(_) => "handoff",
         PeerRequest::Aae(_) => "aae",
         PeerRequest::Reap { .. } => "reap",

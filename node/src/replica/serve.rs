@@ -172,7 +172,7 @@ impl<S: Store> Replica<S> {
             // Read, then synced: the reaper acts on "no hint here" for good,
             // and a power loss must not bring back a hint deleted as
             // delivered.
-            PeerRequest::HintsOf { key, .. } => {
+            PeerRequest::HintsOf { key } | PeerRequest::ReapHintsOf { key, .. } => {
                 match self.hints_of(&key).and_then(|h| {
                     self.store()
                         .sync_wal()
