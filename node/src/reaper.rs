@@ -19,7 +19,7 @@
 //! 2-core bench machine's idle time, and the open-loop p99 of that second
 //! rose to 20-54 ms.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use shoal_ring::NodeId;
 use tracing::{debug, info, warn};
 
 use crate::liveness::Liveness;
+use crate::membership::state::Change;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
 use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
@@ -131,11 +132,11 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         // A copy of a key may wait anywhere, not only on its primaries: a
         // fallback holds a hint, a node that was away holds an old value.
         // Reaping forgets the tombstone that covers such copies, so nothing
-        // is reaped unless every member is up to be asked.
-        let down: Vec<String> = view
-            .members
-            .values()
-            .filter(|m| m.id != me && !self.liveness.is_up(m.id))
+        // is reaped unless every node that may hold one is up to be asked.
+        let holders = self.may_hold(&view);
+        let down: Vec<String> = holders
+            .iter()
+            .filter(|m| !self.liveness.is_up(m.id))
             .map(|m| m.name.clone())
             .collect();
         if !down.is_empty() {
@@ -188,7 +189,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 if !reapable(&object, self.grace, now) {
                     continue;
                 }
-                match self.reap(key, &object, replicas, &view).await {
+                match self.reap(key, &object, replicas, &view, &holders).await {
                     Ok(true) => reaped += 1,
                     Ok(false) => {}
                     Err(e) => {
@@ -196,10 +197,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                         // it down, the rest waits for the next pass (rather
                         // than a deadline per key); until then, other keys
                         // go on.
-                        let all_up = view
-                            .members
-                            .keys()
-                            .all(|m| *m == me || self.liveness.is_up(*m));
+                        let all_up = holders.iter().all(|m| self.liveness.is_up(m.id));
                         debug!(error = %e, all_up, "a reaping check failed");
                         if !all_up {
                             break 'pass;
@@ -212,22 +210,44 @@ impl<T: Transport, S: Store> Reaper<T, S> {
         (start, reaped, true)
     }
 
+    /// Every node but this one that may hold a copy of a key off its
+    /// primaries, and so must be up and asked before a reap: the members of
+    /// the layouts in the history, and the nodes that left but have not
+    /// removed themselves yet (a node removes itself only once its hints
+    /// are delivered; until then a hint of an old value may wait there). A
+    /// node whose join is staged but not committed holds nothing.
+    fn may_hold(&self, view: &View) -> Vec<MemberInfo> {
+        let cluster = self.membership.cluster();
+        let mut all: BTreeMap<NodeId, MemberInfo> = (*view.members).clone();
+        for (id, m) in &cluster.members {
+            let joining = cluster
+                .staged
+                .get(id)
+                .is_some_and(|s| s.change == Some(Change::Join));
+            if !m.removed && !joining {
+                all.entry(*id).or_insert_with(|| m.info.clone());
+            }
+        }
+        all.into_values().filter(|m| m.id != self.me).collect()
+    }
+
     /// Reaps one tombstone if every other primary holds exactly it and no
-    /// member holds a hint for its key (a hint older than the tombstone,
-    /// handed off after the reap, would bring the deleted value back; it is
-    /// delivered first and merged into the tombstone, and the key is reaped
-    /// on a later pass). Every member must also be on `view`'s layout, with
-    /// no change in progress: one that has committed or learned a change
-    /// the others have not heard of yet may be a new primary of the key,
-    /// holding a copy from before the delete (explore seed 6866). Returns
-    /// whether it reaped, or the call that failed (every call has a
-    /// deadline).
+    /// node that may hold a copy ([`Self::may_hold`]) holds a hint for its
+    /// key (a hint older than the tombstone, handed off after the reap,
+    /// would bring the deleted value back; it is delivered first and merged
+    /// into the tombstone, and the key is reaped on a later pass). Each of
+    /// them must also be on `view`'s layout with no change in progress: one
+    /// that has committed or learned a change the others have not heard of
+    /// yet may be a new primary of the key, holding a copy from before the
+    /// delete (explore seed 6866). Returns whether it reaped, or the call
+    /// that failed (every call has a deadline).
     async fn reap(
         &self,
         key: &[u8],
         object: &Object,
         replicas: &[NodeId],
         view: &View,
+        holders: &[MemberInfo],
     ) -> Result<bool, TransportError> {
         let others: Vec<&MemberInfo> = replicas
             .iter()
@@ -252,7 +272,7 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 _ => return Ok(false),
             }
         }
-        for member in view.members.values().filter(|m| m.id != self.me) {
+        for member in holders {
             let asked = PeerRequest::ReapHintsOf {
                 key: key.to_vec(),
                 layout: view.version,
