@@ -54,9 +54,22 @@ pub struct Reaper<T, S> {
     pub liveness: Arc<dyn Liveness>,
     pub membership: Arc<Membership>,
     pub metrics: Arc<Metrics>,
-    /// A pass [`Self::reap_until`] left unfinished: the next key to read,
-    /// and the keys it reaped so far.
-    pub unfinished: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
+    /// Where a pass [`Self::reap_until`] left unfinished goes on: the next
+    /// key to read.
+    pub unfinished: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+/// How a call of [`Reaper::reap_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slice {
+    /// The pass is over: the next call starts another.
+    Over,
+    /// The deadline came: the next call goes on from there.
+    Paused,
+    /// Reaping may not happen now (a member is down, or not on this node's
+    /// layout, or a change is under way): the next call tries again from
+    /// the same place.
+    Blocked,
 }
 
 impl<T: Transport, S: Store> Reaper<T, S> {
@@ -70,32 +83,36 @@ impl<T: Transport, S: Store> Reaper<T, S> {
     /// grace period, is deleted from every primary once all of them are up
     /// and hold exactly that object (compare-and-delete on each). A primary
     /// that still holds the old value gets the tombstone from anti-entropy
-    /// first, so a reaped key never comes back. Returns the keys reaped.
+    /// first, so a reaped key never comes back. Goes on with the pass in
+    /// progress (or starts one) until it is over or blocked; returns the
+    /// keys reaped.
     pub async fn reap_tombstones(&self) -> u64 {
+        let mut reaped = 0;
         loop {
-            if let Some(reaped) = self.reap_until(None).await {
+            let (more, slice) = self.reap_until(None).await;
+            reaped += more;
+            if slice != Slice::Paused {
                 return reaped;
             }
         }
     }
 
     /// Goes on with the pass in progress (or starts one) until it is over,
-    /// then returns the keys it reaped; or until `deadline`, then returns
-    /// `None` and the next call goes on from there. The anti-entropy loop
-    /// reaps between sweeps this way, so that a long pass (a slow one, as
-    /// passes are: see the module doc) does not hold the sweeps up. Each
-    /// call checks again that reaping may happen at all.
-    pub async fn reap_until(&self, deadline: Option<tokio::time::Instant>) -> Option<u64> {
-        let (start, reaped) = self
+    /// blocked, or `deadline` comes; returns the keys reaped meanwhile, and
+    /// how it ended. The anti-entropy loop reaps between sweeps this way,
+    /// so that a long pass (a slow one, as passes are: see the module doc)
+    /// does not hold the sweeps up, and a pass blocked for a while goes on
+    /// where it was. Each call checks again that reaping may happen at all.
+    pub async fn reap_until(&self, deadline: Option<tokio::time::Instant>) -> (u64, Slice) {
+        let start = self
             .unfinished
             .lock()
             .expect("reaper lock")
             .take()
             .unwrap_or_default();
-        let (start, reaped, done) = self.reap_pages(start, reaped, deadline).await;
-        if !done {
-            *self.unfinished.lock().expect("reaper lock") = Some((start, reaped));
-            return None;
+        let (start, reaped, slice) = self.reap_pages(start, deadline).await;
+        if slice != Slice::Over {
+            *self.unfinished.lock().expect("reaper lock") = Some(start);
         }
         if reaped > 0 {
             self.metrics
@@ -103,28 +120,27 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 .fetch_add(reaped, Ordering::Relaxed);
             info!(reaped, "tombstones reaped");
         }
-        Some(reaped)
+        (reaped, slice)
     }
 
-    /// Reaps from `start` on, adding to `reaped`, until the store's end or
-    /// a reason to stop (the pass is over: `true`), or until `deadline`
-    /// (`false`, with where to go on from).
+    /// Reaps from `start` on until the store's end, a reason to stop, or
+    /// `deadline`: returns where to go on from, the keys reaped, and which.
     async fn reap_pages(
         &self,
         mut start: Vec<u8>,
-        mut reaped: u64,
         deadline: Option<tokio::time::Instant>,
-    ) -> (Vec<u8>, u64, bool) {
+    ) -> (Vec<u8>, u64, Slice) {
+        let mut reaped = 0;
         // Until a layout change is over everywhere, old copies dropped
         // included, old replicas may hold copies of keys they no longer
         // replicate: a tombstone reaped from the new replicas alone would
         // let such a value come back. Every member asked confirms it is on
         // this same settled layout (see `reap`).
         let (Some(layout), Some(view)) = (self.membership.settled(), self.membership.view()) else {
-            return (start, reaped, true);
+            return (start, reaped, Slice::Blocked);
         };
         if view.version != layout {
-            return (start, reaped, true);
+            return (start, reaped, Slice::Blocked);
         }
         let me = self.me;
         let n = self.n;
@@ -141,15 +157,15 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             .collect();
         if !down.is_empty() {
             debug!(?down, "no tombstones reaped while members are down");
-            return (start, reaped, true);
+            return (start, reaped, Slice::Blocked);
         }
         // Per partition: its primaries if this node is the first of them and
         // all are up (worked out once per slice), else `None`: not reaped here.
         let mut reapers: HashMap<u32, Option<Vec<NodeId>>> = HashMap::new();
-        'pass: loop {
+        loop {
             let began = tokio::time::Instant::now();
             if deadline.is_some_and(|d| began >= d) {
-                return (start, reaped, false);
+                return (start, reaped, Slice::Paused);
             }
             let page = match self
                 .replica
@@ -200,14 +216,15 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                         let all_up = holders.iter().all(|m| self.liveness.is_up(m.id));
                         debug!(error = %e, all_up, "a reaping check failed");
                         if !all_up {
-                            break 'pass;
+                            // This key is tried again first.
+                            return (key.clone(), reaped, Slice::Blocked);
                         }
                     }
                 }
             }
             crate::clock::pace(began, page.len(), self.keys_per_sec).await;
         }
-        (start, reaped, true)
+        (start, reaped, Slice::Over)
     }
 
     /// Every node but this one that may hold a copy of a key off its

@@ -4,6 +4,7 @@
 use shoal_client::proto::{ClusterCommand, Request, RequestOptions, Response};
 use shoal_node::antientropy::index_key;
 use shoal_node::membership::state::Progress;
+use shoal_node::reaper::Slice;
 use shoal_node::storage::Tree;
 use shoal_node::version::{encode_object, Object, VersionVector};
 use shoal_tests::sim::{value, values, SimCluster, D};
@@ -402,10 +403,10 @@ async fn a_reaper_pass_reads_at_the_reapers_own_rate() {
     let reaper = c.node("node1").reaper();
     let started = tokio::time::Instant::now();
     let slice_end = started + std::time::Duration::from_millis(500);
-    assert_eq!(reaper.reap_until(Some(slice_end)).await, None);
+    assert_eq!(reaper.reap_until(Some(slice_end)).await, (0, Slice::Paused));
     assert!(started.elapsed() < std::time::Duration::from_millis(800));
     assert!(reaper.unfinished.lock().unwrap().is_some());
-    assert_eq!(reaper.reap_until(None).await, Some(0));
+    assert_eq!(reaper.reap_until(None).await, (0, Slice::Over));
     let took = started.elapsed();
     assert!(
         (std::time::Duration::from_millis(1_750)..std::time::Duration::from_secs(3))
@@ -413,6 +414,40 @@ async fn a_reaper_pass_reads_at_the_reapers_own_rate() {
         "a pass in two slices took {took:?}"
     );
     assert!(reaper.unfinished.lock().unwrap().is_none());
+}
+
+/// A slice that finds a member down keeps its place, and the next slice
+/// goes on from there once all are up. Before, the pass ended there and
+/// the next began from the first key a whole reap interval later, so with
+/// passes of an hour, brief absences could keep the end of the key space
+/// from ever being reaped.
+#[tokio::test(start_paused = true)]
+async fn a_reaper_slice_that_finds_a_member_down_keeps_its_place() {
+    let mut s = shoal_tests::sim::settings();
+    s.aae.reap_keys_per_sec = 1_000;
+    let c = SimCluster::with_settings(3, s);
+    stored_on_node1(&c, 2_000);
+    c.detect(10).await;
+    let reaper = c.node("node1").reaper();
+    let slice_end = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    assert_eq!(reaper.reap_until(Some(slice_end)).await, (0, Slice::Paused));
+    let place = reaper.unfinished.lock().unwrap().clone();
+    assert!(place.is_some());
+    c.net.crash("node2");
+    c.detect(10).await;
+    assert!(!c.node("node1").is_up(c.id("node2")));
+    assert_eq!(reaper.reap_until(None).await, (0, Slice::Blocked));
+    assert_eq!(*reaper.unfinished.lock().unwrap(), place);
+    c.net.restart("node2");
+    c.detect(10).await;
+    assert!(c.node("node1").is_up(c.id("node2")));
+    let started = tokio::time::Instant::now();
+    assert_eq!(reaper.reap_until(None).await, (0, Slice::Over));
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(1_750),
+        "the rest of the pass took {took:?}: it began again"
+    );
 }
 
 /// The anti-entropy loop spreads a sweep's exchanges with each peer over

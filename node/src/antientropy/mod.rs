@@ -336,10 +336,12 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             }
             // A pass is slow (`reap-keys-per-sec`): it goes on in slices of
             // at most half an interval after each sweep, so that the sweeps
-            // keep their pace.
+            // keep their pace. A slice that may not reap (a member down, a
+            // layout change) leaves the pass where it was for the next.
             if tokio::time::Instant::now() >= next_reap {
                 let slice_end = tokio::time::Instant::now() + settings.interval / 2;
-                if reaper.reap_until(Some(slice_end)).await.is_some() {
+                let (_, slice) = reaper.reap_until(Some(slice_end)).await;
+                if slice == crate::reaper::Slice::Over {
                     next_reap = tokio::time::Instant::now() + settings.reap_every;
                 }
             }
