@@ -210,9 +210,9 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                     Ok(false) => {}
                     Err(e) => {
                         // A member failed to answer. Once the detector sees
-                        // it down, the rest waits for the next pass (rather
-                        // than a deadline per key); until then, other keys
-                        // go on.
+                        // it down, the pass waits, from this key, until all
+                        // are up again (rather than a deadline per key);
+                        // until then, other keys go on.
                         let all_up = holders.iter().all(|m| self.liveness.is_up(m.id));
                         debug!(error = %e, all_up, "a reaping check failed");
                         if !all_up {
