@@ -29,7 +29,6 @@ use shoal_ring::NodeId;
 use tracing::{debug, info, warn};
 
 use crate::liveness::Liveness;
-use crate::membership::state::Change;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
 use crate::net::{PeerRequest, PeerResponse, Transport, TransportError};
@@ -229,21 +228,17 @@ impl<T: Transport, S: Store> Reaper<T, S> {
 
     /// Every node but this one that may hold a copy of a key off its
     /// primaries, and so must be up and asked before a reap: the members of
-    /// the layouts in the history, and the nodes that left but have not
-    /// removed themselves yet (a node removes itself only once its hints
-    /// are delivered; until then a hint of an old value may wait there). A
-    /// node whose join is staged but not committed holds nothing.
+    /// the layouts in the history, and every other node not removed. A node
+    /// that left removes itself only once its hints are delivered, and
+    /// until then a hint of an old value may wait there, even when it has
+    /// staged a join again (a restart with seeds does so). A staged joiner
+    /// with no layout refuses, so nothing is reaped until its join is
+    /// committed or it is removed.
     fn may_hold(&self, view: &View) -> Vec<MemberInfo> {
         let cluster = self.membership.cluster();
         let mut all: BTreeMap<NodeId, MemberInfo> = (*view.members).clone();
-        for (id, m) in &cluster.members {
-            let joining = cluster
-                .staged
-                .get(id)
-                .is_some_and(|s| s.change == Some(Change::Join));
-            if !m.removed && !joining {
-                all.entry(*id).or_insert_with(|| m.info.clone());
-            }
+        for (id, m) in cluster.members.iter().filter(|(_, m)| !m.removed) {
+            all.entry(*id).or_insert_with(|| m.info.clone());
         }
         all.into_values().filter(|m| m.id != self.me).collect()
     }
