@@ -155,9 +155,9 @@ impl GroupCommit {
 /// of a core). So while writes register at least [`GATHER`] per [`GAP`], a
 /// sync starts no sooner than `GAP` after the one before started, and each
 /// covers the writes of a whole gap: durable writes (workload w, 64
-/// workers) went from 8,900 to 11,000-11,500 a second in 60 s runs. Below that rate (a few
-/// writers, a serial one) a sync starts as soon as writes wait, adding
-/// nothing to their latency.
+/// workers) went from 8,900 to 11,000-11,500 a second in 60 s runs. Below
+/// that rate (a few writers, a serial one) a sync starts as soon as writes
+/// wait, adding nothing to their latency.
 struct Pace {
     /// When the last sync started.
     last: Option<Instant>,
