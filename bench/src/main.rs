@@ -35,7 +35,7 @@ use serde_json::json;
 use shoal_client::proto::RequestOptions;
 
 use crate::runner::RunConfig;
-use crate::target::{Target, TargetSpec};
+use crate::target::{Target, TargetSpec, Updates};
 use crate::workload::{Chooser, Distribution, ValueSize, Workload};
 
 /// A duration such as `30s`, `500ms`, `2m`.
@@ -100,6 +100,13 @@ struct Args {
     /// Do not insert the records before a read workload.
     #[arg(long)]
     no_preload: bool,
+    /// How Shoal updates are written: `context`, with the causal context
+    /// the run last saw of the key, so that an update replaces what was
+    /// seen (as YCSB's update, a Redis SET and an etcd put replace the
+    /// record); `blind`, with none, so that each update adds a sibling and
+    /// objects grow through the run.
+    #[arg(long, value_enum, default_value = "context")]
+    updates: Updates,
     /// With --local: kill -9 this node at --kill-at and restart it at --restart-at.
     #[arg(long, default_value = "node2")]
     fault_node: String,
@@ -239,7 +246,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         w: args.w,
         ..RequestOptions::default()
     };
-    let target = Target::connect(&spec, options).await?;
+    let target = Target::connect(&spec, options, args.updates).await?;
     let servers = match (&local, &spec) {
         (Some(l), _) => cpu::Servers::Group(l.handle.pgid()),
         _ if !args.server_process.is_empty() => cpu::Servers::Named(args.server_process.clone()),
@@ -298,6 +305,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "distribution": args.distribution,
             "records": args.records,
             "value_size": args.value_size,
+            "updates": args.updates,
             "concurrency": args.concurrency,
             "step_secs": step.as_secs_f64(),
             "r": args.r,
@@ -396,6 +404,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "distribution": args.distribution,
         "records": args.records,
         "value_size": args.value_size,
+        "updates": args.updates,
         "concurrency": args.concurrency,
         "rate": args.rate,
         "operations": args.operations,
@@ -454,7 +463,15 @@ async fn fault_schedule(
 /// The first line of a run's output: target, workload, keys, values, mode.
 fn header(target: &str, args: &Args, mode: &str) -> String {
     format!(
-        "{target} | workload {:?} | {:?} keys over {} records | values {}..{} B | {mode}",
-        args.workload, args.distribution, args.records, args.value_size.min, args.value_size.max,
+        "{target} | workload {:?} | {:?} keys over {} records | values {}..{} B | {} updates | {mode}",
+        args.workload,
+        args.distribution,
+        args.records,
+        args.value_size.min,
+        args.value_size.max,
+        match args.updates {
+            Updates::Context => "context",
+            Updates::Blind => "blind",
+        },
     )
 }

@@ -3,12 +3,14 @@
 //! HTTP/1.1). Each worker holds its own [`Conn`], so every target sees the
 //! same concurrency.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use shoal_client::proto::RequestOptions;
+use shoal_client::proto::{CausalContext, RequestOptions};
 use shoal_client::{Client, ClientConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -56,16 +58,81 @@ impl TargetSpec {
     }
 }
 
+/// How a Shoal update is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Updates {
+    /// With the causal context the run last saw of the key (from a read's
+    /// or a write's reply), as an application's read-modify-write would:
+    /// the update replaces the versions seen, as YCSB's update replaces
+    /// the record and a Redis SET or an etcd put does.
+    Context,
+    /// Without a context: each update adds a sibling beside the versions
+    /// already stored, so the objects grow through the run (the figures
+    /// of bench/README.md before 2026-12-04's fourth look).
+    Blind,
+}
+
+/// At most this many keys' contexts are kept (about 150 bytes each); an
+/// update of a key beyond them is written blind.
+const MAX_CONTEXTS: usize = 4_000_000;
+const CONTEXT_SHARDS: usize = 64;
+
+/// The causal context last seen of each key, shared by a run's workers
+/// (see [`Updates::Context`]). Two workers updating a key at once still
+/// make two siblings, as two clients would; the next update of the key
+/// supersedes what its coordinator has seen.
+#[derive(Default)]
+pub struct Contexts {
+    shards: Vec<Mutex<HashMap<Vec<u8>, CausalContext>>>,
+}
+
+impl Contexts {
+    fn new() -> Self {
+        Contexts {
+            shards: (0..CONTEXT_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<Vec<u8>, CausalContext>> {
+        let h = crc32fast::hash(key) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    fn get(&self, key: &[u8]) -> Option<CausalContext> {
+        let shard = self.shard(key).lock().expect("contexts lock");
+        shard.get(key).cloned()
+    }
+
+    fn remember(&self, key: &[u8], context: CausalContext) {
+        if context.is_empty() {
+            return;
+        }
+        let mut shard = self.shard(key).lock().expect("contexts lock");
+        if let Some(slot) = shard.get_mut(key) {
+            *slot = context;
+        } else if shard.len() < MAX_CONTEXTS / CONTEXT_SHARDS {
+            shard.insert(key.to_vec(), context);
+        }
+    }
+}
+
 /// A connected target, shared by the workers.
 #[derive(Clone)]
 pub enum Target {
-    Shoal(Client),
+    /// The client, and the contexts updates are written with (`None`:
+    /// blind updates).
+    Shoal(Client, Option<Arc<Contexts>>),
     Redis(SocketAddr),
     Etcd(Vec<SocketAddr>),
 }
 
 impl Target {
-    pub async fn connect(spec: &TargetSpec, options: RequestOptions) -> anyhow::Result<Target> {
+    pub async fn connect(
+        spec: &TargetSpec,
+        options: RequestOptions,
+        updates: Updates,
+    ) -> anyhow::Result<Target> {
         Ok(match spec {
             TargetSpec::Shoal(dir) => {
                 let mut config = ClientConfig::from_dir(dir)
@@ -76,6 +143,7 @@ impl Target {
                     Client::connect(config)
                         .await
                         .context("connecting to Shoal")?,
+                    (updates == Updates::Context).then(|| Arc::new(Contexts::new())),
                 )
             }
             TargetSpec::Redis(a) => Target::Redis(*a),
@@ -86,7 +154,7 @@ impl Target {
     /// The connection of worker `i`.
     pub async fn conn(&self, i: usize) -> anyhow::Result<Conn> {
         Ok(match self {
-            Target::Shoal(c) => Conn::Shoal(c.clone()),
+            Target::Shoal(c, contexts) => Conn::Shoal(c.clone(), contexts.clone()),
             Target::Redis(a) => Conn::Redis(BufReader::new(
                 TcpStream::connect(a)
                     .await
@@ -109,7 +177,7 @@ impl Target {
 
 /// One worker's connection.
 pub enum Conn {
-    Shoal(Client),
+    Shoal(Client, Option<Arc<Contexts>>),
     Redis(BufReader<TcpStream>),
     Etcd(SocketAddr, BufReader<TcpStream>),
 }
@@ -117,7 +185,13 @@ pub enum Conn {
 impl Conn {
     pub async fn read(&mut self, key: &[u8]) -> anyhow::Result<()> {
         match self {
-            Conn::Shoal(c) => c.get(key).await.map(|_| ()).map_err(Into::into),
+            Conn::Shoal(c, contexts) => {
+                let reply = c.get(key).await?;
+                if let Some(contexts) = contexts {
+                    contexts.remember(key, reply.context);
+                }
+                Ok(())
+            }
             Conn::Redis(s) => {
                 resp_command(s, &[b"GET", key]).await?;
                 match resp_reply(s).await? {
@@ -134,12 +208,16 @@ impl Conn {
 
     pub async fn update(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
         match self {
-            // A blind write, as YCSB's update: no read of the context first.
-            Conn::Shoal(c) => c
-                .put(key, value, None)
-                .await
-                .map(|_| ())
-                .map_err(Into::into),
+            // No read first, as YCSB's update: the context is the last
+            // one the run saw of the key, if any (see `Updates`).
+            Conn::Shoal(c, contexts) => {
+                let seen = contexts.as_ref().and_then(|m| m.get(key));
+                let reply = c.put(key, value, seen.as_ref()).await?;
+                if let Some(contexts) = contexts {
+                    contexts.remember(key, reply.context);
+                }
+                Ok(())
+            }
             Conn::Redis(s) => {
                 resp_command(s, &[b"SET", key, value]).await?;
                 match resp_reply(s).await? {
@@ -306,5 +384,32 @@ mod tests {
         );
         assert!(matches!("/tmp/x".parse(), Ok(TargetSpec::Shoal(_))));
         assert!("redis://nonsense".parse::<TargetSpec>().is_err());
+    }
+
+    #[test]
+    fn contexts_keep_the_last_one_seen_of_a_key_up_to_the_cap() {
+        let m = Contexts::new();
+        assert_eq!(m.get(b"k"), None);
+        m.remember(b"k", CausalContext(vec![1]));
+        m.remember(b"k", CausalContext(vec![2]));
+        // An absent key's reply carries no context: the last one stays.
+        m.remember(b"k", CausalContext::default());
+        assert_eq!(m.get(b"k"), Some(CausalContext(vec![2])));
+        let per_shard = MAX_CONTEXTS / CONTEXT_SHARDS;
+        let mut shard = m.shard(b"k").lock().unwrap();
+        for i in 0..per_shard {
+            shard.insert(i.to_le_bytes().to_vec(), CausalContext(vec![0]));
+        }
+        drop(shard);
+        // A full shard still takes a newer context of a key it holds...
+        m.remember(b"k", CausalContext(vec![3]));
+        assert_eq!(m.get(b"k"), Some(CausalContext(vec![3])));
+        // ...and no new key (of that shard: "k" itself is in it).
+        let other = (0u32..)
+            .map(|i| format!("other{i}").into_bytes())
+            .find(|key| std::ptr::eq(m.shard(key), m.shard(b"k")))
+            .unwrap();
+        m.remember(&other, CausalContext(vec![4]));
+        assert_eq!(m.get(&other), None);
     }
 }
