@@ -56,6 +56,21 @@ fn contribution(key: &[u8], digest: u64) -> u64 {
     key_hash(&bytes)
 }
 
+/// The index keys of segment `seg` of `partition`: from its first
+/// (partition ++ segment) to the next segment's (`None`: to the end).
+/// A scan within it stays within one prefix of the index (see
+/// `storage::rocks`).
+pub fn segment_range(partition: u32, seg: u16) -> (Vec<u8>, Option<Vec<u8>>) {
+    let mut start = partition.to_be_bytes().to_vec();
+    start.extend_from_slice(&seg.to_be_bytes());
+    let end = seg.checked_add(1).map(|next| {
+        let mut end = partition.to_be_bytes().to_vec();
+        end.extend_from_slice(&next.to_be_bytes());
+        end
+    });
+    (start, end)
+}
+
 /// The index entry key of a key: partition ++ segment ++ key.
 pub fn index_key(partition: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + key.len());
@@ -296,12 +311,7 @@ impl<S: Store> Replica<S> {
     ) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
         let mut out = Vec::new();
         for &seg in segments {
-            let mut prefix = partition.to_be_bytes().to_vec();
-            prefix.extend_from_slice(&seg.to_be_bytes());
-            let mut end = partition.to_be_bytes().to_vec();
-            end.extend_from_slice(&(u32::from(seg) + 1).to_be_bytes()[2..]);
-            let end = if seg == u16::MAX { None } else { Some(end) };
-            let mut start = prefix.clone();
+            let (mut start, end) = segment_range(partition, seg);
             loop {
                 let page = self.store.scan(Tree::Aae, &start, end.as_deref(), 1024)?;
                 let Some((last, _)) = page.last() else { break };
@@ -408,6 +418,52 @@ pub(crate) mod tests {
         };
         Replica::new(me.id, store, settings, Arc::new(membership), Arc::default())
             .expect("the store records the incarnation")
+    }
+
+    /// Every key of a partition, once, in index order, when its keys are
+    /// paged through a few at a time (the transfer's drop does so): the
+    /// pages go from segment to segment on both engines.
+    fn partition_keys_page_through_every_segment<S: Store>(store: Arc<S>) {
+        let r = replica_over(store);
+        let mut o = Object::default();
+        o.update(
+            &VersionVector::new(),
+            Some(vec![1]),
+            NodeId::from_u128(7),
+            0,
+        );
+        let keys: Vec<Vec<u8>> = (0..600u32).map(|i| format!("k{i}").into_bytes()).collect();
+        for k in &keys {
+            r.merge(k, &o).unwrap();
+        }
+        for p in 0..16 {
+            let mut expected: Vec<&Vec<u8>> =
+                keys.iter().filter(|k| r.partition_of(k) == p).collect();
+            expected.sort_by_key(|k| index_key(p, k));
+            let mut paged = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = r.partition_keys(p, after.as_deref(), 7).unwrap();
+                assert!(page.len() <= 7);
+                let Some(last) = page.last() else { break };
+                after = Some(last.clone());
+                paged.extend(page);
+            }
+            assert_eq!(paged.iter().collect::<Vec<_>>(), expected, "partition {p}");
+        }
+    }
+
+    #[test]
+    fn partition_keys_page_through_every_segment_in_memory() {
+        partition_keys_page_through_every_segment(Arc::new(MemoryStore::new()));
+    }
+
+    #[cfg(feature = "rocksdb")]
+    #[test]
+    fn partition_keys_page_through_every_segment_in_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::RocksStore::open(dir.path(), false).unwrap();
+        partition_keys_page_through_every_segment(Arc::new(store));
     }
 
     #[derive(Debug, Clone)]

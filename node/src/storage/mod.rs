@@ -205,9 +205,79 @@ mod conformance {
         assert_eq!(store.get(Tree::Objects, b"big").unwrap(), Some(big));
     }
 
+    /// The anti-entropy index's reads: point reads, scans of one segment
+    /// (one prefix: partition ++ segment) and scans across segments, from
+    /// any key. `written` first writes the entries (the RocksDB engine's
+    /// index memtable is hashed by that prefix; see `rocks`).
+    fn index_suite(store: &dyn Store, written: bool) {
+        let ik = |p: u32, seg: u16, key: &[u8]| {
+            let mut k = p.to_be_bytes().to_vec();
+            k.extend_from_slice(&seg.to_be_bytes());
+            k.extend_from_slice(key);
+            k
+        };
+        let entries = [
+            ik(1, 0, b"a"),
+            ik(1, 0, b"b"),
+            ik(1, 0x00FF, b"c"),
+            ik(1, 0x0100, b"a"),
+            ik(1, 0x0100, b"d"),
+            ik(1, 1023, b"e"),
+            ik(2, 0, b"a"),
+            ik(0, 1023, b"z"),
+        ];
+        if written {
+            // Out of order, in two batches.
+            for k in entries.iter().rev() {
+                store.put(Tree::Aae, k, &[7; 8]).unwrap();
+            }
+        }
+        let keys = |start: &[u8], end: Option<&[u8]>, limit| {
+            let page = store.scan(Tree::Aae, start, end, limit).unwrap();
+            page.into_iter()
+                .map(|(k, v)| {
+                    assert_eq!(v.unwrap(), vec![7; 8]);
+                    k
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            store.get(Tree::Aae, &ik(1, 0x0100, b"a")).unwrap(),
+            Some(vec![7; 8])
+        );
+        assert_eq!(store.get(Tree::Aae, &ik(1, 0x0101, b"a")).unwrap(), None);
+        // One segment, from its start and from after a key.
+        let seg = |p: u32, s: u16| (ik(p, s, b""), ik(p, s + 1, b""));
+        let (s, e) = seg(1, 0);
+        assert_eq!(keys(&s, Some(&e), 100), entries[0..2].to_vec());
+        assert_eq!(
+            keys(&[&entries[0][..], &[0]].concat(), Some(&e), 100),
+            entries[1..2].to_vec()
+        );
+        let (s, e) = seg(1, 0x00FF);
+        assert_eq!(keys(&s, Some(&e), 100), entries[2..3].to_vec());
+        let (s, e) = seg(1, 0x0100);
+        assert_eq!(keys(&s, Some(&e), 1), entries[3..4].to_vec());
+        let (s, e) = seg(1, 7);
+        assert_eq!(keys(&s, Some(&e), 100), Vec::<Vec<u8>>::new());
+        // Across segments: a partition, and the whole index.
+        assert_eq!(
+            keys(&1u32.to_be_bytes(), Some(&2u32.to_be_bytes()), 100),
+            entries[0..6].to_vec()
+        );
+        assert_eq!(
+            keys(&entries[2], Some(&2u32.to_be_bytes()), 2),
+            entries[2..4].to_vec()
+        );
+        let mut all = entries.to_vec();
+        all.sort();
+        assert_eq!(keys(b"", None, 100), all);
+    }
+
     #[test]
     fn memory_store_conforms() {
         suite(&MemoryStore::new());
+        index_suite(&MemoryStore::new(), true);
     }
 
     #[cfg(feature = "rocksdb")]
@@ -215,6 +285,14 @@ mod conformance {
     fn rocks_store_conforms() {
         let dir = tempfile::tempdir().unwrap();
         suite(&RocksStore::open(dir.path(), false).unwrap());
+        // The index's reads from the memtable, then from the files.
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), false).unwrap();
+        index_suite(&store, true);
+        store.flush().unwrap();
+        index_suite(&store, false);
+        drop(store);
+        index_suite(&RocksStore::open(dir.path(), false).unwrap(), false);
     }
 
     #[cfg(feature = "rocksdb")]
