@@ -15,38 +15,29 @@ const HINTS_BYTES: usize = 8 << 20;
 
 impl<S: Store> Replica<S> {
     /// Up to `limit` keys of `partition` after `after` (`None`: from the
-    /// first), in index order (segment, then key), from the anti-entropy
-    /// index: a segment at a time, so that each scan stays within one
-    /// prefix of the index (see `storage::rocks`).
+    /// first), in index order, from the anti-entropy index.
     pub fn partition_keys(
         &self,
         partition: u32,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut from = after.map(|key| {
-            let mut s = trees::index_key(partition, key);
-            s.push(0);
-            (trees::segment_of(key), s)
-        });
-        let first = from.as_ref().map_or(0, |(seg, _)| *seg);
-        let mut keys = Vec::new();
-        for seg in first..trees::SEGMENTS as u16 {
-            if keys.len() >= limit {
-                break;
+        let prefix = partition.to_be_bytes().to_vec();
+        let start = match after {
+            Some(key) => {
+                let mut s = trees::index_key(partition, key);
+                s.push(0);
+                s
             }
-            let (segment_start, end) = trees::segment_range(partition, seg);
-            let start = from.take().map_or(segment_start, |(_, s)| s);
-            let page = self
-                .store
-                .scan(Tree::Aae, &start, end.as_deref(), limit - keys.len())?;
-            // Index keys are partition (4) ++ segment (2) ++ key.
-            keys.extend(
-                page.into_iter()
-                    .filter_map(|(ik, _)| ik.get(6..).map(<[u8]>::to_vec)),
-            );
-        }
-        Ok(keys)
+            None => prefix.clone(),
+        };
+        let end = partition.checked_add(1).map(|p| p.to_be_bytes().to_vec());
+        let page = self.store.scan(Tree::Aae, &start, end.as_deref(), limit)?;
+        // Index keys are partition (4) ++ segment (2) ++ key.
+        Ok(page
+            .into_iter()
+            .filter_map(|(ik, _)| ik.get(6..).map(<[u8]>::to_vec))
+            .collect())
     }
 
     /// Up to `limit` hints this node holds, for any primary, whose keys fall

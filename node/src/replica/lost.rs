@@ -157,9 +157,8 @@ impl<S: Store> Replica<S> {
     }
 
     /// Replaces a corrupt record of `key` with a new lost marker (see the
-    /// module doc). The tree gives up the digest the key's index entry
-    /// says was written; if that entry cannot be read either, the trees are
-    /// rebuilt at the anti-entropy loop's next turn.
+    /// module doc). The trees are rebuilt at the anti-entropy loop's next
+    /// turn: the digest they hold for the key is of the bytes lost.
     fn mark_lost(
         &self,
         stripe: &mut Stripe,
@@ -173,18 +172,12 @@ impl<S: Store> Replica<S> {
             "corrupt object: marked lost; restored from the other primaries"
         );
         self.new_incarnation("a corrupt object's history was forgotten")?;
-        let ikey = trees::index_key(self.partition_of(key), key);
-        let indexed = match self.store.get(Tree::Aae, &ikey) {
-            Ok(None) => None,
-            Ok(Some(d)) if d.len() == 8 => Some(u64::from_le_bytes(d.try_into().expect("8 bytes"))),
-            _ => {
-                self.rebuild_wanted.store(true, Ordering::Relaxed);
-                None
-            }
-        };
+        // The digest the trees hold for the key is of bytes now unreadable,
+        // so it cannot be taken out of its leaf: the trees are rebuilt.
+        self.rebuild_wanted.store(true, Ordering::Relaxed);
         let generation = self.next_generation();
         let marker: Arc<[u8]> = Arc::from(encode_marker(generation, None));
-        self.write_object(stripe, key, indexed, Some(&marker))?;
+        self.write_object(stripe, key, None, Some(&marker))?;
         self.note_lost(key);
         Ok(Stored::Lost {
             raw: marker,

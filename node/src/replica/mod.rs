@@ -530,13 +530,17 @@ impl<S: Store> Replica<S> {
         let ikey = trees::index_key(partition, key);
         let new_digest = new.map(trees::digest);
         let mut batch = WriteBatch::default();
-        match (new, new_digest) {
-            (Some(bytes), Some(d)) => {
-                batch
-                    .put(Tree::Objects, key, bytes)
-                    .put(Tree::Aae, &ikey, &d.to_le_bytes());
+        match new {
+            Some(bytes) => {
+                batch.put(Tree::Objects, key, bytes);
+                // The index lists which keys are stored, not their
+                // versions (see `trees`): a key the trees hold no digest
+                // for is new here (or lost, and its entry rewritten).
+                if old_digest.is_none() {
+                    batch.put(Tree::Aae, &ikey, &[]);
+                }
             }
-            _ => {
+            None => {
                 batch.delete(Tree::Objects, key).delete(Tree::Aae, &ikey);
             }
         }

@@ -11,8 +11,13 @@
 //! computed when asked (a few microseconds).
 //!
 //! Next to each object the store keeps an index entry, partition ++ segment
-//! ++ key -> digest ([`Tree::Aae`]), written in the same atomic batch, so an
-//! exchange lists the keys of a segment with one range scan.
+//! ++ key ([`Tree::Aae`]), written in the same atomic batch as the object's
+//! creation and removed with it, so an exchange lists the keys of a segment
+//! with one range scan and reads their digests from the objects. An update
+//! of a present key leaves the entry as it is: the index says which keys a
+//! segment holds, not their versions, so a write costs one memtable insert,
+//! not two (bench/README.md, "Fourth look"). Entries written before this
+//! held the digest as their value; it is not read.
 //!
 //! # Rebuilds
 //! Trees live in memory. On start and then every `anti-entropy.rebuild-secs`
@@ -58,8 +63,6 @@ fn contribution(key: &[u8], digest: u64) -> u64 {
 
 /// The index keys of segment `seg` of `partition`: from its first
 /// (partition ++ segment) to the next segment's (`None`: to the end).
-/// A scan within it stays within one prefix of the index (see
-/// `storage::rocks`).
 pub fn segment_range(partition: u32, seg: u16) -> (Vec<u8>, Option<Vec<u8>>) {
     let mut start = partition.to_be_bytes().to_vec();
     start.extend_from_slice(&seg.to_be_bytes());
@@ -80,24 +83,14 @@ pub fn index_key(partition: u32, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// Reads an index entry: the key it is for (after the partition and
-/// segment prefix) and its version digest (8 bytes, little-endian).
-pub fn decode_index_entry<'a>(
-    index_key: &'a [u8],
-    value: &[u8],
-) -> Result<(&'a [u8], u64), StoreError> {
-    let corrupt = |detail: &str| StoreError::Corruption {
+/// The key an index entry is for (after the partition and segment
+/// prefix). Its value is not read (see the module doc).
+pub fn indexed_key(index_key: &[u8]) -> Result<&[u8], StoreError> {
+    index_key.get(6..).ok_or_else(|| StoreError::Corruption {
         tree: Tree::Aae.name(),
         key: hex::encode(index_key),
-        detail: detail.into(),
-    };
-    let digest = <[u8; 8]>::try_from(value)
-        .map(u64::from_le_bytes)
-        .map_err(|_| corrupt("digest is not 8 bytes"))?;
-    let key = index_key
-        .get(6..)
-        .ok_or_else(|| corrupt("index key shorter than its 6-byte prefix"))?;
-    Ok((key, digest))
+        detail: "index key shorter than its 6-byte prefix".into(),
+    })
 }
 
 /// One partition's Merkle tree: its leaves.
@@ -275,14 +268,11 @@ impl<S: Store> Replica<S> {
                 let record = self.stored_record(&mut stripe, key)?;
                 let current = record.bytes();
                 let partition = self.partition_of(key);
-                if let Some(bytes) = current {
-                    // Restore an index entry that is missing or wrong.
+                if current.is_some() {
+                    // Restore an index entry that is missing (or corrupt).
                     let ikey = index_key(partition, key);
-                    let d = digest(bytes).to_le_bytes();
-                    // (A corrupt one is rewritten too.)
-                    let indexed = self.store.get(Tree::Aae, &ikey);
-                    if !matches!(&indexed, Ok(Some(x)) if x[..] == d[..]) {
-                        self.store.put(Tree::Aae, &ikey, &d)?;
+                    if !matches!(self.store.get(Tree::Aae, &ikey), Ok(Some(_))) {
+                        self.store.put(Tree::Aae, &ikey, &[])?;
                     }
                 }
                 let mut state = self.lock_trees();
@@ -303,7 +293,10 @@ impl<S: Store> Replica<S> {
         Ok(read)
     }
 
-    /// (key, digest) of every key of `partition` in `segments`, from the index.
+    /// (key, digest) of every key of `partition` in `segments`: the keys
+    /// from the index, each digest from the key's object as stored now
+    /// (a corrupt object's, once it is marked lost, is its marker's, as in
+    /// a rebuild).
     pub fn segment_keys(
         &self,
         partition: u32,
@@ -320,17 +313,20 @@ impl<S: Store> Replica<S> {
                     n.push(0);
                     n
                 };
-                for (ik, d) in page {
+                for (ik, entry) in page {
                     // A corrupt index entry is left out: the exchange then
                     // compares the key's object anyway, and the next
                     // rebuild restores the entry.
-                    let Ok(d) = d else {
+                    if entry.is_err() {
                         self.metrics.count_corrupt(Tree::Aae);
                         tracing::warn!(key = %hex::encode(&ik), "corrupt anti-entropy index entry skipped");
                         continue;
-                    };
-                    let (key, digest) = decode_index_entry(&ik, &d)?;
-                    out.push((key.to_vec(), digest));
+                    }
+                    let key = indexed_key(&ik)?;
+                    let mut stripe = self.lock_stripe(key);
+                    if let Some(bytes) = self.stored_record(&mut stripe, key)?.bytes() {
+                        out.push((key.to_vec(), digest(bytes)));
+                    }
                 }
                 start = next;
             }
@@ -526,6 +522,41 @@ pub(crate) mod tests {
                 let incremental = r.trees();
                 rebuilding.await.unwrap();
                 prop_assert_eq!(strip(r.trees()), strip(incremental));
+                Ok(())
+            })?;
+        }
+
+        /// The index lists exactly the stored keys (an update leaves a
+        /// key's entry as it is), and the digests an exchange is given for
+        /// them make the trees' leaves, after any creations, updates and
+        /// removals.
+        #[test]
+        fn segment_keys_list_the_stored_keys_with_the_trees_digests(ops in ops()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let r = replica();
+                r.rebuild_trees(u32::MAX).await.unwrap();
+                for op in &ops {
+                    run(&r, op);
+                }
+                let trees = r.trees();
+                let all: Vec<u16> = (0..SEGMENTS as u16).collect();
+                for p in 0..16 {
+                    let listed = r.segment_keys(p, &all).unwrap();
+                    let mut tree = PartitionTree::default();
+                    for (k, d) in &listed {
+                        tree.toggle(k, *d);
+                    }
+                    let mut keys: Vec<Vec<u8>> = listed.into_iter().map(|(k, _)| k).collect();
+                    keys.sort();
+                    let stored: Vec<Vec<u8>> = (0u8..20)
+                        .map(|k| vec![k])
+                        .filter(|k| r.partition_of(k) == p && r.get(k).unwrap().is_some())
+                        .collect();
+                    prop_assert_eq!(keys, stored);
+                    let leaves = trees.get(&p).map_or(vec![0; SEGMENTS], |t| t.leaves().to_vec());
+                    prop_assert_eq!(tree.leaves(), &leaves[..]);
+                }
                 Ok(())
             })?;
         }

@@ -33,8 +33,8 @@ pub enum Tree {
     /// (see [`crate::handoff`]).
     Hints,
     /// Anti-entropy index: partition (4 bytes BE) ++ segment (2 bytes BE) ++
-    /// key -> version digest (8 bytes LE), written in the same batch as the
-    /// object (see [`crate::antientropy`]).
+    /// key, for every stored object, written in the same batch as the
+    /// object's creation and removal (see [`crate::replica::trees`]).
     Aae,
 }
 

@@ -314,10 +314,6 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
     // Point reads dominate: a shared block cache, a bloom filter per SST
     // file and one over each memtable, so that a read of a key that a
     // file or memtable lacks costs a few hashes instead of a search.
-    // The anti-entropy index's memtable is hashed by partition ++ segment
-    // (see `AAE_PREFIX`), which takes no concurrent inserts: the writes of
-    // one write group go into the memtables one after another.
-    opts.set_allow_concurrent_memtable_write(false);
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     let cfs = Tree::ALL.iter().map(|t| {
         let mut table = BlockBasedOptions::default();
@@ -331,14 +327,6 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         cf.set_memtable_whole_key_filtering(true);
         cf.set_memtable_prefix_bloom_ratio(0.05);
         cf.set_write_buffer_size(memtable_bytes());
-        if *t == Tree::Aae {
-            cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(AAE_PREFIX));
-            cf.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-                bucket_count: 1 << 17,
-                height: 4,
-                branching_factor: 4,
-            });
-        }
         ColumnFamilyDescriptor::new(t.name(), cf)
     });
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
@@ -355,37 +343,6 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         let _ = open.group.set(group);
     }
     Ok(open)
-}
-
-/// The anti-entropy index's keys are partition (4 bytes) ++ segment (2)
-/// ++ key, written with every object and read a segment at a time. Its
-/// memtable hashes them by that prefix into small skiplists
-/// (`HashSkipList`): an insert then searches a few entries of its
-/// segment instead of a skiplist of the whole memtable, whose search
-/// (cache misses across 64 MiB) was the largest single cost of a write
-/// (bench/README.md, "Fourth look"). A scan within one prefix reads its
-/// bucket; a scan across prefixes has to sort a copy of the whole
-/// memtable (`total_order_seek`), so the replica scans the index a
-/// segment at a time. Files written before the prefix was set keep
-/// whole-key filters, which prefix seeks do not use: nothing to migrate.
-const AAE_PREFIX: usize = 6;
-
-/// Whether every index key (at least [`AAE_PREFIX`] bytes) in
-/// `start..end` has the first [`AAE_PREFIX`] bytes of `start`: `end` is at
-/// most the next prefix.
-fn within_one_prefix(start: &[u8], end: Option<&[u8]>) -> bool {
-    let (Some(prefix), Some(end)) = (start.get(..AAE_PREFIX), end) else {
-        return false;
-    };
-    let mut next = prefix.to_vec();
-    for i in (0..next.len()).rev() {
-        if next[i] < u8::MAX {
-            next[i] += 1;
-            return end <= &next[..];
-        }
-        next[i] = 0;
-    }
-    false
 }
 
 fn cf(db: &DB, tree: Tree) -> &rocksdb::ColumnFamily {
@@ -524,9 +481,6 @@ impl Store for RocksStore {
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        if tree == Tree::Aae && !within_one_prefix(start, end) {
-            ro.set_total_order_seek(true);
-        }
         let db = self.db()?;
         let mut out = Vec::new();
         for item in db.iterator_cf_opt(
@@ -542,26 +496,5 @@ impl Store for RocksStore {
             out.push((k.into_vec(), v));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::within_one_prefix;
-
-    #[test]
-    fn a_scan_within_one_index_prefix_is_told_from_one_across_prefixes() {
-        let p = [0, 0, 0, 1, 0, 0xFF];
-        let next = [0, 0, 0, 1, 1, 0];
-        let mut after = p.to_vec();
-        after.extend_from_slice(b"key\0");
-        assert!(within_one_prefix(&p, Some(&next)));
-        assert!(within_one_prefix(&after, Some(&next)));
-        assert!(within_one_prefix(&p, Some(&[0, 0, 0, 1, 0, 0xFF, 7])));
-        assert!(!within_one_prefix(&p, Some(&[0, 0, 0, 1, 1, 0, 0])));
-        assert!(!within_one_prefix(&p, Some(&[0, 0, 0, 2])));
-        assert!(!within_one_prefix(&p, None));
-        assert!(!within_one_prefix(&[0, 0, 0, 1], Some(&next)));
-        assert!(!within_one_prefix(&[0xFF; 6], Some(&[0xFF; 7])));
     }
 }

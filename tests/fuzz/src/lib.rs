@@ -41,7 +41,7 @@ use shoal_node::net::{
     AaeResponse, Batched, BatchedAnswer, PeerEnvelope, PeerRequest, PeerResponse,
 };
 use shoal_node::replica::hints::{hint_primary, hinted_key};
-use shoal_node::replica::trees::{decode_index_entry, digest};
+use shoal_node::replica::trees::{digest, indexed_key};
 use shoal_node::replica::{
     decode_incarnation, reapable, Replica, ReplicaSettings, INCARNATION_KEY,
 };
@@ -450,13 +450,13 @@ pub fn meta_record(data: &[u8]) {
 }
 
 /// An anti-entropy index record behind a valid checksum (index key, then
-/// the digest).
+/// a value, which is not read).
 pub fn aae_record(data: &[u8]) {
     let Some((ik, value)) = key_and_rest(data) else {
         return;
     };
-    let value = stored(Tree::Aae, ik, value);
-    let _ = decode_index_entry(ik, &value);
+    let _ = stored(Tree::Aae, ik, value);
+    let _ = indexed_key(ik);
 }
 
 // ------------------------------------------------------------------ config
