@@ -227,11 +227,11 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                     other => return Err(bad_answer(peer, "keys", &other)),
                 }
             }
-            let my_keys: BTreeMap<Vec<u8>, u64> = self
-                .replica
-                .segment_keys(partition, &segments)?
-                .into_iter()
-                .collect();
+            // Reads the objects of every differing segment: off the worker.
+            let my_keys: BTreeMap<Vec<u8>, u64> =
+                crate::tasks::heavy(|| self.replica.segment_keys(partition, &segments))?
+                    .into_iter()
+                    .collect();
             let differing: Vec<Vec<u8>> = my_keys
                 .keys()
                 .chain(their_keys.keys())
