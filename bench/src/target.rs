@@ -73,9 +73,10 @@ pub enum Updates {
     Blind,
 }
 
-/// At most this many keys' contexts are kept (about 150 bytes each); an
+/// At most this many keys' contexts are kept (about 150 bytes each, so
+/// 2.4 GB at the cap): the scaling table's 10 million records fit. An
 /// update of a key beyond them is written blind.
-const MAX_CONTEXTS: usize = 4_000_000;
+const MAX_CONTEXTS: usize = 16_000_000;
 const CONTEXT_SHARDS: usize = 64;
 
 /// The causal context last seen of each key, shared by a run's workers
