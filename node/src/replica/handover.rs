@@ -15,7 +15,9 @@ const HINTS_BYTES: usize = 8 << 20;
 
 impl<S: Store> Replica<S> {
     /// Up to `limit` keys of `partition` after `after` (`None`: from the
-    /// first), in index order, from the anti-entropy index.
+    /// first), in index order, from the anti-entropy index. An entry whose
+    /// bytes name no key of its segment is dropped, not listed (see
+    /// `named_key`); fewer than `limit` keys means the partition's end.
     pub fn partition_keys(
         &self,
         partition: u32,
@@ -32,12 +34,20 @@ impl<S: Store> Replica<S> {
             None => prefix.clone(),
         };
         let end = partition.checked_add(1).map(|p| p.to_be_bytes().to_vec());
-        let page = self.store.scan(Tree::Aae, &start, end.as_deref(), limit)?;
-        // Index keys are partition (4) ++ segment (2) ++ key.
-        Ok(page
-            .into_iter()
-            .filter_map(|(ik, _)| ik.get(6..).map(<[u8]>::to_vec))
-            .collect())
+        loop {
+            let page = self.store.scan(Tree::Aae, &start, end.as_deref(), limit)?;
+            let mut keys = Vec::with_capacity(page.len());
+            for (ik, _) in &page {
+                if let Some(key) = self.named_key(partition, ik)? {
+                    keys.push(key.to_vec());
+                }
+            }
+            // An entry dropped: scan the page again, so that a short page
+            // still means the end of the partition.
+            if keys.len() == page.len() {
+                return Ok(keys);
+            }
+        }
     }
 
     /// Up to `limit` hints this node holds, for any primary, whose keys fall

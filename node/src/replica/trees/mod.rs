@@ -336,17 +336,7 @@ impl<S: Store> Replica<S> {
         ik: &[u8],
         sound: bool,
     ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        let named = indexed_key(ik)
-            .ok()
-            .filter(|key| index_key(partition, key) == ik);
-        let Some(key) = named else {
-            // A corrupt entry whose bytes name no key of this segment: the
-            // key it stood for is restored by a rebuild.
-            self.metrics.count_corrupt(Tree::Aae);
-            tracing::warn!(key = %hex::encode(ik), "corrupt anti-entropy index entry dropped; rebuilding the trees");
-            self.rebuild_wanted
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            self.drop_index_entry(ik)?;
+        let Some(key) = self.named_key(partition, ik)? else {
             return Ok(None);
         };
         let mut stripe = self.lock_stripe(key);
@@ -367,6 +357,29 @@ impl<S: Store> Replica<S> {
                 Ok(None)
             }
         }
+    }
+
+    /// The key index entry `ik` of `partition` names, or `None` if its
+    /// bytes name no key that belongs there: such an entry is corrupt, and
+    /// is dropped (the key it stood for is restored by a rebuild, which is
+    /// asked for). Kept, it would be listed for ever: clean-up's drop of
+    /// the key it names deletes another entry.
+    pub(super) fn named_key<'a>(
+        &self,
+        partition: u32,
+        ik: &'a [u8],
+    ) -> Result<Option<&'a [u8]>, StoreError> {
+        let named = indexed_key(ik)
+            .ok()
+            .filter(|key| index_key(partition, key) == ik);
+        if named.is_none() {
+            self.metrics.count_corrupt(Tree::Aae);
+            tracing::warn!(key = %hex::encode(ik), "corrupt anti-entropy index entry dropped; rebuilding the trees");
+            self.rebuild_wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.drop_index_entry(ik)?;
+        }
+        Ok(named)
     }
 
     fn drop_index_entry(&self, ik: &[u8]) -> Result<(), StoreError> {
