@@ -72,18 +72,25 @@ pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
         .expect("the store records the incarnation")
 }
 
+/// An object holding `value` alone, written by node `writer` with no
+/// context.
+fn written(value: &[u8], writer: u128) -> Object {
+    let mut o = Object::default();
+    o.update(
+        &VersionVector::new(),
+        Some(value.to_vec()),
+        NodeId::from_u128(writer),
+        0,
+    );
+    o
+}
+
 /// Every key of a partition, once, in index order, when its keys are
 /// paged through a few at a time (the transfer's drop does so): the
 /// pages go from segment to segment on both engines.
 fn partition_keys_page_through_every_segment<S: Store>(store: Arc<S>) {
     let r = replica_over(store);
-    let mut o = Object::default();
-    o.update(
-        &VersionVector::new(),
-        Some(vec![1]),
-        NodeId::from_u128(7),
-        0,
-    );
+    let o = written(&[1], 7);
     let keys: Vec<Vec<u8>> = (0..600u32).map(|i| format!("k{i}").into_bytes()).collect();
     for k in &keys {
         r.merge(k, &o).unwrap();
@@ -113,22 +120,10 @@ fn partition_keys_page_through_every_segment<S: Store>(store: Arc<S>) {
 fn segment_keys_repair_a_corrupt_index_entry_from_the_object() {
     let store = Arc::new(MemoryStore::new());
     let r = replica_over(store.clone());
-    let mut o = Object::default();
-    o.update(
-        &VersionVector::new(),
-        Some(vec![1]),
-        NodeId::from_u128(7),
-        0,
-    );
+    let o = written(&[1], 7);
     r.merge(b"k", &o).unwrap();
     // An update leaves the entry as it is.
-    let mut o = Object::default();
-    o.update(
-        &VersionVector::new(),
-        Some(vec![2]),
-        NodeId::from_u128(8),
-        0,
-    );
+    let o = written(&[2], 8);
     r.merge(b"k", &o).unwrap();
     let (p, seg) = (r.partition_of(b"k"), segment_of(b"k"));
     let ik = index_key(p, b"k");
@@ -160,13 +155,7 @@ fn segment_keys_repair_a_corrupt_index_entry_from_the_object() {
 fn partition_keys_drop_an_entry_that_names_a_key_of_another_segment() {
     let store = Arc::new(MemoryStore::new());
     let r = replica_over(store.clone());
-    let mut o = Object::default();
-    o.update(
-        &VersionVector::new(),
-        Some(vec![1]),
-        NodeId::from_u128(7),
-        0,
-    );
+    let o = written(&[1], 7);
     r.merge(b"k", &o).unwrap();
     let p = r.partition_of(b"k");
     let mut garbage = index_key(p, b"x");
@@ -223,13 +212,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 fn run(r: &Replica<MemoryStore>, op: &Op) {
     match op {
         Op::Put(k, v) => {
-            let mut o = Object::default();
-            o.update(
-                &VersionVector::new(),
-                Some(vec![*v]),
-                NodeId::from_u128(7),
-                0,
-            );
+            let o = written(&[*v], 7);
             r.merge(&[*k], &o).unwrap();
         }
         Op::Remove(k) => r.remove_object(&[*k]).unwrap(),
