@@ -207,8 +207,9 @@ mod conformance {
 
     /// The anti-entropy index's reads: point reads, scans of one segment
     /// (one prefix: partition ++ segment) and scans across segments, from
-    /// any key. `written` first writes the entries (the RocksDB engine's
-    /// index memtable is hashed by that prefix; see `rocks`).
+    /// any key. `written` first writes the entries, so that the RocksDB
+    /// engine is checked from its memtable and, called again after a
+    /// flush, from its files.
     fn index_suite(store: &dyn Store, written: bool) {
         let ik = |p: u32, seg: u16, key: &[u8]| {
             let mut k = p.to_be_bytes().to_vec();
