@@ -38,7 +38,7 @@ impl<S: Store> Replica<S> {
             let page = self.store.scan(Tree::Aae, &start, end.as_deref(), limit)?;
             let mut keys = Vec::with_capacity(page.len());
             for (ik, _) in &page {
-                if let Some(key) = self.named_key(partition, ik)? {
+                if let Some(key) = self.named_key(ik)? {
                     keys.push(key.to_vec());
                 }
             }

@@ -314,7 +314,7 @@ impl<S: Store> Replica<S> {
                     n
                 };
                 for (ik, entry) in page {
-                    if let Some(listed) = self.listed(partition, &ik, entry.is_ok())? {
+                    if let Some(listed) = self.listed(&ik, entry.is_ok())? {
                         out.push(listed);
                     }
                 }
@@ -330,13 +330,8 @@ impl<S: Store> Replica<S> {
     /// is gone is dropped: the index lists exactly the stored keys, which
     /// exchanges and transfers rely on (a key left out is compared only
     /// when the other side lists it).
-    fn listed(
-        &self,
-        partition: u32,
-        ik: &[u8],
-        sound: bool,
-    ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        let Some(key) = self.named_key(partition, ik)? else {
+    fn listed(&self, ik: &[u8], sound: bool) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let Some(key) = self.named_key(ik)? else {
             return Ok(None);
         };
         let mut stripe = self.lock_stripe(key);
@@ -359,19 +354,17 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// The key index entry `ik` of `partition` names, or `None` if its
-    /// bytes name no key that belongs there: such an entry is corrupt, and
+    /// The key index entry `ik` names, or `None` if its bytes name no key
+    /// whose entry it would be: such an entry is corrupt, and
     /// is dropped (the key it stood for is restored by a rebuild, which is
     /// asked for). Kept, it would be listed for ever: clean-up's drop of
     /// the key it names deletes another entry.
-    pub(super) fn named_key<'a>(
-        &self,
-        partition: u32,
-        ik: &'a [u8],
-    ) -> Result<Option<&'a [u8]>, StoreError> {
+    pub(super) fn named_key<'a>(&self, ik: &'a [u8]) -> Result<Option<&'a [u8]>, StoreError> {
+        // The key's own partition, not the one scanned: the entry must be
+        // the one a drop or an update of the key would write or delete.
         let named = indexed_key(ik)
             .ok()
-            .filter(|key| index_key(partition, key) == ik);
+            .filter(|key| index_key(self.partition_of(key), key) == ik);
         if named.is_none() {
             self.metrics.count_corrupt(Tree::Aae);
             tracing::warn!(key = %hex::encode(ik), "corrupt anti-entropy index entry dropped; rebuilding the trees");

@@ -180,6 +180,27 @@ fn partition_keys_drop_an_entry_that_names_a_key_of_another_segment() {
     assert!(r.take_rebuild_request());
 }
 
+/// Nor is an entry under another partition than its key's listed there:
+/// clean-up of that partition dropped the key's copy, which this node
+/// may replicate, and listed the key again at every page (review).
+#[test]
+fn partition_keys_drop_an_entry_under_another_partition_than_its_key() {
+    let store = Arc::new(MemoryStore::new());
+    let r = replica_over(store.clone());
+    r.merge(b"k", &written(&[1], 7)).unwrap();
+    let p = r.partition_of(b"k");
+    let mut garbage = index_key(p, b"k");
+    garbage[3] ^= 1;
+    store.put(Tree::Aae, &garbage, &[]).unwrap();
+    let other = p ^ 1;
+    assert_eq!(
+        r.partition_keys(other, None, 10).unwrap(),
+        Vec::<Vec<u8>>::new()
+    );
+    assert_eq!(store.get(Tree::Aae, &garbage), Ok(None));
+    assert!(store.get(Tree::Objects, b"k").unwrap().is_some());
+}
+
 #[test]
 fn partition_keys_page_through_every_segment_in_memory() {
     partition_keys_page_through_every_segment(Arc::new(MemoryStore::new()));
