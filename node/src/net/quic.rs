@@ -247,7 +247,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
                         .expect("the semaphore is never closed");
                     let (answers, handle) = (answers.clone(), handle.clone());
                     let bytes = held.take();
-                    tokio::spawn(async move {
+                    crate::tasks::spawn_boxed(async move {
                         let response = handle(request).await;
                         answer(answers, id, response).await;
                         drop((permit, bytes));
