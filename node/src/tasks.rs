@@ -105,7 +105,8 @@ impl Tasks {
 /// kilobytes (its state at the largest await), a box is a pointer.
 /// Workload a spent 6-7% of a node's CPU in `memmove`, half of it in
 /// `tokio::spawn`; boxing the per-request tasks' futures took the servers'
-/// CPU per operation from 64 to 57 us (bench/README.md, fifth look).
+/// CPU per operation from 59-61 to 52 us in 60 s runs (bench/README.md,
+/// fifth look).
 pub fn spawn_boxed<F>(work: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
