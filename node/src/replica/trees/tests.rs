@@ -74,6 +74,14 @@ pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
 
 /// An object holding `value` alone, written by node `writer` with no
 /// context.
+/// A replica over a memory store that holds one object, of key `k`.
+fn holding_k() -> (Arc<MemoryStore>, Replica<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
+    let r = replica_over(store.clone());
+    r.merge(b"k", &written(&[1], 7)).unwrap();
+    (store, r)
+}
+
 fn written(value: &[u8], writer: u128) -> Object {
     let mut o = Object::default();
     o.update(
@@ -118,10 +126,7 @@ fn partition_keys_page_through_every_segment<S: Store>(store: Arc<S>) {
 /// miss it (found in review).
 #[test]
 fn segment_keys_repair_a_corrupt_index_entry_from_the_object() {
-    let store = Arc::new(MemoryStore::new());
-    let r = replica_over(store.clone());
-    let o = written(&[1], 7);
-    r.merge(b"k", &o).unwrap();
+    let (store, r) = holding_k();
     // An update leaves the entry as it is.
     let o = written(&[2], 8);
     r.merge(b"k", &o).unwrap();
@@ -153,10 +158,7 @@ fn segment_keys_repair_a_corrupt_index_entry_from_the_object() {
 /// same entry came back at every page and clean-up never ended (review).
 #[test]
 fn partition_keys_drop_an_entry_that_names_a_key_of_another_segment() {
-    let store = Arc::new(MemoryStore::new());
-    let r = replica_over(store.clone());
-    let o = written(&[1], 7);
-    r.merge(b"k", &o).unwrap();
+    let (store, r) = holding_k();
     let p = r.partition_of(b"k");
     let mut garbage = index_key(p, b"x");
     garbage[5] ^= 1;
@@ -185,9 +187,7 @@ fn partition_keys_drop_an_entry_that_names_a_key_of_another_segment() {
 /// may replicate, and listed the key again at every page (review).
 #[test]
 fn partition_keys_drop_an_entry_under_another_partition_than_its_key() {
-    let store = Arc::new(MemoryStore::new());
-    let r = replica_over(store.clone());
-    r.merge(b"k", &written(&[1], 7)).unwrap();
+    let (store, r) = holding_k();
     let p = r.partition_of(b"k");
     let mut garbage = index_key(p, b"k");
     garbage[3] ^= 1;
