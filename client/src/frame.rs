@@ -8,6 +8,7 @@
 //! a stream carries a sequence of them (see [`crate::rpc`]), so a bad frame
 //! poisons only that stream.
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -16,6 +17,36 @@ pub const HEADER_LEN: usize = 8;
 
 /// Most bytes a reader takes from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
+
+/// A message of more than this many bytes is encoded, checked and decoded
+/// off the runtime's worker ([`off_worker`]): 60 MiB took 150 ms of a
+/// worker's time, mostly faulting in fresh pages.
+pub const BULK_BYTES: usize = 1 << 20;
+
+/// Runs `work`, CPU or disk work that may take many milliseconds (a frame
+/// or an object of megabytes), without stalling the other tasks of the
+/// worker thread it runs on, the connections' among them: on a
+/// multi-threaded runtime the worker hands its other tasks to another
+/// thread first ([`tokio::task::block_in_place`]). A process whose runtime
+/// stalls stops acknowledging packets, and its peers take it for dead
+/// ([`crate::rpc`]). On a current-thread runtime, or outside one, it just
+/// runs `work`.
+pub fn off_worker<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+/// Runs `work`, which handles about `bytes` bytes, [`off_worker`] when
+/// they are over [`BULK_BYTES`], else right here.
+pub fn off_worker_for<R>(bytes: usize, work: impl FnOnce() -> R) -> R {
+    if bytes > BULK_BYTES {
+        off_worker(work)
+    } else {
+        work()
+    }
+}
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +92,13 @@ pub fn parse_header(header: &[u8; HEADER_LEN], max: usize) -> Result<(usize, u32
     Ok((len, crc))
 }
 
-/// Checks a body against its header checksum and decodes it.
+/// Checks a body against its header checksum and decodes it; a body of
+/// more than [`BULK_BYTES`] off the worker.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
+    off_worker_for(body.len(), || check_and_decode(body, crc))
+}
+
+fn check_and_decode<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
     let actual = crc32fast::hash(body);
     if actual != crc {
         return Err(FrameError::Checksum {
@@ -133,19 +169,45 @@ pub async fn read_header(
     parse_header(&header, max).map(Some)
 }
 
-/// Reads a body of `len` bytes, whose header was just read.
-pub async fn read_body_of(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
-    // Memory follows the bytes received, not the length declared.
-    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
-    while body.len() < len {
-        let want = (len - body.len()).min(READ_CHUNK);
-        match recv.read_chunk(want, true).await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+/// Where a body's bytes come from: a QUIC stream (or a test's).
+pub trait BodySource: Send {
+    /// The next chunk of at most `max` bytes; `None` at the end.
+    fn next_chunk(
+        &mut self,
+        max: usize,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl BodySource for quinn::RecvStream {
+    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, String> {
+        self.read_chunk(max, true)
+            .await
+            .map(|c| c.map(|c| c.bytes))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Reads a body of `len` bytes, whose header was just read. Memory follows
+/// the bytes received, not the length declared: the chunks are kept as
+/// they arrive and joined into one buffer at the end, that of a body of
+/// megabytes off the worker (growing one buffer as they arrived copied and
+/// faulted in tens of megabytes on it).
+pub async fn read_body_of(recv: &mut impl BodySource, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0;
+    while received < len {
+        let want = (len - received).min(READ_CHUNK);
+        match recv.next_chunk(want).await {
+            Ok(Some(chunk)) if chunk.len() == len => return Ok(chunk.to_vec()),
+            Ok(Some(chunk)) => {
+                received += chunk.len();
+                chunks.push(chunk);
+            }
             Ok(None) => return Err(FrameError::Truncated),
-            Err(e) => return Err(FrameError::Stream(e.to_string())),
+            Err(e) => return Err(FrameError::Stream(e)),
         }
     }
-    Ok(body)
+    Ok(off_worker_for(len, || chunks.concat()))
 }
 
 /// Writes one frame to a QUIC stream and finishes the sending side.

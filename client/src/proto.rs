@@ -477,3 +477,14 @@ pub enum Response {
     Inspect(InspectReport),
     Error(WireError),
 }
+
+impl Response {
+    /// How many bytes of values it carries (what makes encoding and
+    /// decoding it heavy).
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            Response::Value(reply) => reply.values.iter().map(|v| v.0.len()).sum(),
+            _ => 0,
+        }
+    }
+}

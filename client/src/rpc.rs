@@ -44,8 +44,8 @@ use crate::frame;
 /// Shortest wait for a sign of life after sending. It must stay under the
 /// heartbeat's budget (500 ms), so that pings find a connection to a dead
 /// process and close it. A node busy with a large object still answers in
-/// time: that work runs off the runtime's workers ([`tokio::task::block_in_place`]
-/// in the node), so its connections keep acknowledging.
+/// time: that work runs off the runtime's workers ([`frame::off_worker`]),
+/// so its connections keep acknowledging.
 const MIN_PROBE: Duration = Duration::from_millis(300);
 /// The id of an answer to a frame whose own id could not be read. The
 /// stream ends after it: its framing can no longer be trusted.
@@ -85,13 +85,15 @@ impl std::fmt::Display for CallError {
 }
 
 /// Sends `request` on a new stream of `conn` and reads its one response.
+/// This is the way of bulk requests (objects of megabytes among them), so
+/// the request is encoded off the worker ([`frame::off_worker`]).
 pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     conn: &quinn::Connection,
     request: &Req,
     max_response: usize,
 ) -> Result<Resp, CallError> {
-    let request =
-        frame::encode(&(0u64, request)).map_err(|e| CallError::NotDelivered(e.to_string()))?;
+    let request = frame::off_worker(|| frame::encode(&(0u64, request)))
+        .map_err(|e| CallError::NotDelivered(e.to_string()))?;
     within_cap(&request, max_response)?;
     probed(conn, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;

@@ -166,11 +166,12 @@ impl<T: Transport, S: Store> Reaper<T, S> {
             if deadline.is_some_and(|d| began >= d) {
                 return (start, reaped, Slice::Paused);
             }
-            let page = match self
-                .replica
-                .store()
-                .scan(Tree::Objects, &start, None, REBUILD_PAGE)
-            {
+            // A page may hold objects of megabytes: read off the worker.
+            let page = match crate::tasks::heavy(|| {
+                self.replica
+                    .store()
+                    .scan(Tree::Objects, &start, None, REBUILD_PAGE)
+            }) {
                 Ok(page) => page,
                 Err(e) => {
                     warn!(error = %e, "cannot list keys to reap; trying again next time");

@@ -117,16 +117,22 @@ where
 
 /// Runs `work`, CPU or disk work that may take many milliseconds (a batch of
 /// objects, an object of megabytes), without stalling the other tasks of
-/// the worker thread it runs on, the network's among them: on a
-/// multi-threaded runtime the worker hands its other tasks to another
-/// thread first ([`tokio::task::block_in_place`]). A node whose runtime
-/// stalls stops acknowledging packets, and its peers would take it for dead.
-/// On a current-thread runtime (the simulation) it just runs `work`.
+/// the worker thread it runs on, the network's among them
+/// ([`shoal_client::frame::off_worker`]). A node whose runtime stalls stops
+/// acknowledging packets, and its peers would take it for dead. On a
+/// current-thread runtime (the simulation) it just runs `work`.
 pub fn heavy<R>(work: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
-    }
+    shoal_client::frame::off_worker(work)
+}
+
+/// An object, a value or a message of more than this many bytes is heavy:
+/// whatever decodes, merges, stores or encodes it runs in [`heavy`].
+pub const HEAVY_BYTES: usize = shoal_client::frame::BULK_BYTES;
+
+/// Runs `work`, which handles about `bytes` bytes, in [`heavy`] when they
+/// are over [`HEAVY_BYTES`], else right here.
+pub fn heavy_for<R>(bytes: usize, work: impl FnOnce() -> R) -> R {
+    shoal_client::frame::off_worker_for(bytes, work)
 }
 
 #[cfg(test)]

@@ -387,7 +387,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         };
         // Kept to hand the write on should this node fail to store it.
         let retry = (!forwarded && !others.is_empty()).then(|| (value.clone(), context.clone()));
-        let (object, dot, durable) = match self.replica.write(&key, &ctx, value) {
+        // A value of megabytes is decoded, merged and stored off the worker.
+        let bytes = value.as_ref().map_or(0, Vec::len);
+        let written = crate::tasks::heavy_for(bytes, || self.replica.write(&key, &ctx, value));
+        let (object, dot, durable) = match written {
             Ok(written) => written,
             // This node cannot store (a full or failing disk), so it cannot
             // mint a version; nothing was written here, and another primary
@@ -480,10 +483,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 heard.extend(Heard::from_reply(reply))
             })
             .await;
-        let merged = Heard::merge_all(&heard);
-        let reply = Response::Value(GetReply {
-            values: merged.values().map(|v| Value(v.to_vec())).collect(),
-            context: CausalContext(encode_context(&merged.context())),
+        // Merging and copying values of megabytes: off the worker.
+        let reply = crate::tasks::heavy_for(Heard::bytes(&heard), || {
+            let merged = Heard::merge_all(&heard);
+            Response::Value(GetReply {
+                values: merged.values().map(|v| Value(v.to_vec())).collect(),
+                context: CausalContext(encode_context(&merged.context())),
+            })
         });
         let outstanding = primaries.len() - tally.heard;
         let node = self.clone();

@@ -44,10 +44,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // All at once, each with the whole budget.
         let deadline = Instant::now() + self.settings.request_timeout;
         let key = &key;
-        let stale = heard
-            .iter()
-            .filter(|h| h.primary && !h.object.as_ref().is_some_and(|o| o.descends(&merged)));
-        let repairs = stale.map(|h| {
+        let stale: Vec<&Heard> = crate::tasks::heavy_for(Heard::bytes(&heard), || {
+            heard
+                .iter()
+                .filter(|h| h.primary && !h.object.as_ref().is_some_and(|o| o.descends(&merged)))
+                .collect()
+        });
+        let repairs = stale.into_iter().map(|h| {
             let request = PeerRequest::ReplicaPut {
                 key: key.clone(),
                 object: merged.clone(),
@@ -94,11 +97,23 @@ impl Heard {
         }
     }
 
+    /// The merge of every copy heard; of megabytes, off the worker.
     pub(super) fn merge_all(heard: &[Heard]) -> Object {
-        let mut merged = Object::default();
-        for o in heard.iter().filter_map(|h| h.object.as_ref()) {
-            merged.merge(o);
-        }
-        merged
+        crate::tasks::heavy_for(Heard::bytes(heard), || {
+            let mut merged = Object::default();
+            for o in heard.iter().filter_map(|h| h.object.as_ref()) {
+                merged.merge(o);
+            }
+            merged
+        })
+    }
+
+    /// About how many bytes the copies heard take.
+    pub(super) fn bytes(heard: &[Heard]) -> usize {
+        heard
+            .iter()
+            .filter_map(|h| h.object.as_ref())
+            .map(Object::approx_size)
+            .sum()
     }
 }

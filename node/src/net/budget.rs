@@ -1,38 +1,16 @@
 //! The client request budget: bytes of client request bodies a node holds
 //! at once, all connections together (`limits.client-request-budget-mb`).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use shoal_client::frame::FrameError;
+use shoal_client::frame::{self, BodySource, FrameError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// Where a request body's bytes come from: a QUIC stream (or a test's).
-pub(super) trait BodySource: Send {
-    /// The next chunk of at most `max` bytes; `None` at the end.
-    fn next_chunk(
-        &mut self,
-        max: usize,
-    ) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
-}
-
-impl BodySource for quinn::RecvStream {
-    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, String> {
-        self.read_chunk(max, true)
-            .await
-            .map(|c| c.map(|c| c.bytes))
-            .map_err(|e| e.to_string())
-    }
-}
 
 /// How long a request body may take to arrive once the budget for it is
 /// held: a client that declares a body and sends it slowly, or never, holds
 /// the budget no longer than this.
 const BODY_WITHIN: Duration = Duration::from_secs(10);
-/// Most bytes read from the stream at a time.
-const CHUNK: usize = 64 << 10;
 
 /// Reads a request body of `len` bytes once room for all of it is taken
 /// from `budget`, then as its bytes arrive, within [`BODY_WITHIN`]. Returns
@@ -45,7 +23,8 @@ const CHUNK: usize = 64 << 10;
 /// what it held, until both timed out. Holding all or nothing, every body
 /// that holds budget can finish, so every body in line gets its turn. The
 /// config makes the budget at least one largest request. Memory stays
-/// within the budget: the buffer grows as bytes arrive, never past `len`.
+/// within the budget: it grows as bytes arrive, never past `len`
+/// ([`frame::read_body_of`]).
 pub(super) async fn read_budgeted(
     recv: &mut impl BodySource,
     len: usize,
@@ -60,18 +39,7 @@ pub(super) async fn read_budgeted(
         .acquire_many_owned(permits)
         .await
         .expect("the budget is never closed");
-    let read = async {
-        let mut body = Vec::with_capacity(len.min(CHUNK));
-        while body.len() < len {
-            let want = (len - body.len()).min(CHUNK);
-            match recv.next_chunk(want).await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) => return Err(FrameError::Truncated),
-                Err(e) => return Err(FrameError::Stream(e)),
-            }
-        }
-        Ok((body, held))
-    };
+    let read = async { Ok((frame::read_body_of(recv, len).await?, held)) };
     tokio::time::timeout(BODY_WITHIN, read)
         .await
         .unwrap_or_else(|_| {
@@ -84,6 +52,10 @@ pub(super) async fn read_budgeted(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    /// Bytes a test's body arrives in at most.
+    const CHUNK: usize = 64 << 10;
 
     /// A body arriving `chunk` bytes at a time, each a millisecond after
     /// the one before.

@@ -231,7 +231,7 @@ impl From<PeerResponse> for BatchedAnswer {
 }
 
 /// A request carrying more than this goes on a stream of its own.
-const BULK_BYTES: usize = 1 << 20;
+const BULK_BYTES: usize = crate::tasks::HEAVY_BYTES;
 
 impl PeerRequest {
     /// Whether running the request twice does no harm: every request but a
@@ -375,6 +375,37 @@ pub enum PeerResponse {
     /// [`BatchedAnswer::Alone`]).
     Batch(Vec<BatchedAnswer>),
     Error(PeerError),
+}
+
+impl PeerResponse {
+    /// About how many bytes of objects, values or keys the answer carries
+    /// (what makes encoding it heavy).
+    pub fn bytes(&self) -> usize {
+        let objects = |objects: &mut dyn Iterator<Item = &Object>| {
+            objects.map(Object::approx_size).sum::<usize>()
+        };
+        match self {
+            PeerResponse::Object(Some(o)) => o.approx_size(),
+            PeerResponse::Hints(hints) => objects(&mut hints.iter().map(|(_, o)| o)),
+            PeerResponse::Spares(answers) | PeerResponse::Batch(answers) => {
+                objects(&mut answers.iter().filter_map(|a| match a {
+                    BatchedAnswer::Object(o) => o.as_ref(),
+                    _ => None,
+                }))
+            }
+            PeerResponse::Forwarded(answer) => answer.value_bytes(),
+            PeerResponse::HintsIn { entries, .. } => {
+                objects(&mut entries.iter().map(|e| &e.object))
+            }
+            PeerResponse::Aae(AaeResponse::Objects(found)) => {
+                objects(&mut found.iter().filter_map(|(_, o)| o.as_ref()))
+            }
+            PeerResponse::Aae(AaeResponse::Keys(keys)) => {
+                keys.iter().map(|(k, _)| k.len() + 16).sum()
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// Why a node refused or failed a peer request, as the sender reads it.

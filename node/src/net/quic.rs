@@ -127,7 +127,6 @@ pub async fn serve_clients<H: Handler>(
                     recv,
                     (limits.client_request, limits.client_answer),
                     Some(budget.clone()),
-                    client_refusal,
                     move |request: shoal_client::proto::Request| {
                         let handler = handler.clone();
                         async move {
@@ -183,11 +182,10 @@ async fn serve_stream<Req, Resp, F, Fut>(
     mut recv: quinn::RecvStream,
     (max, max_answer): (usize, usize),
     budget: Option<Arc<Semaphore>>,
-    refused: fn(ErrorKind, String) -> Resp,
     handle: F,
 ) where
     Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
+    Resp: Answer,
     F: Fn(Req) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
@@ -198,7 +196,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
     let writer = tokio::spawn(rpc::send_frames(send, queued));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     let encode = move |id: u64, response: &Resp| -> Option<Bytes> {
-        frame::encode(&(id, response))
+        crate::tasks::heavy_for(response.bytes(), || frame::encode(&(id, response)))
             .and_then(|f| match f.len() - frame::HEADER_LEN {
                 len if len > max_answer => Err(FrameError::TooLarge {
                     len,
@@ -209,7 +207,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
             .or_else(|e| {
                 frame::encode(&(
                     id,
-                    refused(ErrorKind::Internal, format!("answer not sent: {e}")),
+                    Resp::refused(ErrorKind::Internal, format!("answer not sent: {e}")),
                 ))
             })
             .ok()
@@ -261,7 +259,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
                         Ok((id, _)) => {
                             crate::log::warn_limited("refused a request", || e.to_string());
                             let kind = ErrorKind::BadRequest;
-                            let refusal = refused(kind, format!("request refused: {e}"));
+                            let refusal = Resp::refused(kind, format!("request refused: {e}"));
                             answer(answers.clone(), id, refusal).await;
                             continue;
                         }
@@ -286,7 +284,7 @@ async fn serve_stream<Req, Resp, F, Fut>(
         };
         // Stop the sender: the rest of the stream is never read.
         let _ = recv.stop(0u32.into());
-        let refusal = refused(kind, format!("request refused: {refusal}"));
+        let refusal = Resp::refused(kind, format!("request refused: {refusal}"));
         answer(answers.clone(), NO_ID, refusal).await;
         break;
     }
@@ -296,12 +294,33 @@ async fn serve_stream<Req, Resp, F, Fut>(
     }
 }
 
-fn client_refusal(kind: ErrorKind, message: String) -> Response {
-    Response::Error(WireError::new(kind, message))
+/// An answer of a port: how a request is refused, and whether an answer is
+/// heavy to encode.
+trait Answer: Serialize + Send + 'static {
+    fn refused(kind: ErrorKind, message: String) -> Self;
+    /// About how many bytes of values it carries: one of megabytes is
+    /// encoded off the worker ([`crate::tasks::heavy_for`]).
+    fn bytes(&self) -> usize;
 }
 
-fn peer_refusal(_: ErrorKind, message: String) -> PeerResponse {
-    PeerResponse::Error(PeerError::Refused(message))
+impl Answer for Response {
+    fn refused(kind: ErrorKind, message: String) -> Self {
+        Response::Error(WireError::new(kind, message))
+    }
+
+    fn bytes(&self) -> usize {
+        self.value_bytes()
+    }
+}
+
+impl Answer for PeerResponse {
+    fn refused(_: ErrorKind, message: String) -> Self {
+        PeerResponse::Error(PeerError::Refused(message))
+    }
+
+    fn bytes(&self) -> usize {
+        PeerResponse::bytes(self)
+    }
 }
 
 /// Accepts peer connections until `shutdown` turns true. TLS has already
@@ -356,7 +375,6 @@ pub async fn serve_peers<H: Handler>(
                     recv,
                     (limits.peer, limits.peer),
                     None,
-                    peer_refusal,
                     move |envelope: PeerEnvelope| {
                         let (handler, cert, verified) =
                             (handler.clone(), cert.clone(), verified.clone());

@@ -101,8 +101,19 @@ impl<S: Store> Replica<S> {
     }
 
     /// Keeps `object` as a hint for `primary`, merged with any hint already
-    /// held for the key.
+    /// held for the key; one of megabytes off the worker.
     pub fn store_hint(
+        &self,
+        primary: NodeId,
+        key: &[u8],
+        object: &Object,
+    ) -> Result<(), StoreError> {
+        crate::tasks::heavy_for(object.approx_size(), || {
+            self.store_hint_here(primary, key, object)
+        })
+    }
+
+    fn store_hint_here(
         &self,
         primary: NodeId,
         key: &[u8],

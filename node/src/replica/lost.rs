@@ -257,7 +257,7 @@ impl<S: Store> Replica<S> {
             .map(Object::approx_size)
             .sum::<usize>()
             + raw.len()
-            > super::HEAVY_BYTES;
+            > crate::tasks::HEAVY_BYTES;
         let merge = || {
             let mut object = partial.unwrap_or_default();
             for copy in copies.iter().flatten() {

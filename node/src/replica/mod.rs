@@ -102,10 +102,6 @@ pub enum ReplicaError {
     },
 }
 
-/// A stored object over this many bytes makes a change to it heavy work
-/// (see [`crate::tasks::heavy`]).
-const HEAVY_BYTES: usize = 1 << 20;
-
 /// Meta-tree key of the incarnation counter, bumped (and synced) on every
 /// start so that no two runs of a node mint dots under the same actor.
 pub const INCARNATION_KEY: &[u8] = b"incarnation";
@@ -248,14 +244,20 @@ impl<S: Store> Replica<S> {
     }
 
     /// The stored bytes of `key`'s object, from the cache or else the store
-    /// (then cached). The caller holds `stripe`, the key's stripe.
+    /// (then cached); one known to be large is read off the worker. The
+    /// caller holds `stripe`, the key's stripe.
     fn stored(&self, stripe: &mut Stripe, key: &[u8]) -> Result<Option<Arc<[u8]>>, StoreError> {
         if let Some(bytes) = stripe.cached(key) {
             return Ok(Some(bytes));
         }
-        let bytes: Option<Arc<[u8]>> = self.store.get(Tree::Objects, key)?.map(Arc::from);
-        if let Some(b) = &bytes {
-            stripe.remember(key, b.clone());
+        let read = || Ok::<_, StoreError>(self.store.get(Tree::Objects, key)?.map(Arc::from));
+        let bytes: Option<Arc<[u8]>> = match stripe.is_large(key) {
+            true => crate::tasks::heavy(read)?,
+            false => read()?,
+        };
+        match &bytes {
+            Some(b) => stripe.remember(key, b.clone()),
+            None => stripe.sized(key, None),
         }
         Ok(bytes)
     }
@@ -351,11 +353,7 @@ impl<S: Store> Replica<S> {
         };
         // Decoding, merging and storing megabytes takes a while: off the
         // worker, which also drives the node's connections.
-        if raw.is_some_and(|b| b.len() > HEAVY_BYTES) {
-            crate::tasks::heavy(modify)
-        } else {
-            modify()
-        }
+        crate::tasks::heavy_for(raw.map_or(0, |b| b.len()), modify)
     }
 
     /// Prunes `object`'s clock past the configured bounds (see

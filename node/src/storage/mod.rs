@@ -104,6 +104,17 @@ impl WriteBatch {
         });
         self
     }
+
+    /// The bytes of its keys and values.
+    pub fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put { key, value, .. } => key.len() + value.len(),
+                BatchOp::Delete { key, .. } => key.len(),
+            })
+            .sum()
+    }
 }
 
 /// A key-value engine with named trees. Values handed in and out are the

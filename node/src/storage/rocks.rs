@@ -27,7 +27,7 @@
 //! own writes, and the reopen replays the rest.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -147,6 +147,8 @@ pub struct RocksStore {
     /// When a reopen was last tried.
     reopened: Mutex<Option<Instant>>,
     syncs: Arc<Syncs>,
+    /// Writes of more than [`crate::tasks::HEAVY_BYTES`] under way.
+    heavy_writes: AtomicUsize,
 }
 
 fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
@@ -174,6 +176,7 @@ impl RocksStore {
             fsync,
             reopened: Mutex::new(None),
             syncs,
+            heavy_writes: AtomicUsize::new(0),
         })
     }
 
@@ -389,7 +392,21 @@ impl RocksStore {
         self.write_to(self.db()?, batch, sync)
     }
 
+    /// RocksDB writes one group of batches at a time: a write that arrives
+    /// while one of megabytes is being written waits for it (80-100 ms for
+    /// 60 MiB), blocking the thread it runs on. So a write of megabytes,
+    /// and every write while one is under way, runs off the worker
+    /// ([`crate::tasks::heavy`]), which goes on driving the connections.
     fn write_to(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let large = batch.bytes() > crate::tasks::HEAVY_BYTES;
+        if !large && self.heavy_writes.load(Ordering::Acquire) == 0 {
+            return self.write_now(db, batch, sync);
+        }
+        let _under_way = large.then(|| UnderWay::new(&self.heavy_writes));
+        crate::tasks::heavy(|| self.write_now(db, batch, sync))
+    }
+
+    fn write_now(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
@@ -411,6 +428,22 @@ impl RocksStore {
             }
         }
         result
+    }
+}
+
+/// Counts one write of megabytes under way while it lives.
+struct UnderWay<'a>(&'a AtomicUsize);
+
+impl<'a> UnderWay<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        UnderWay(count)
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -251,7 +251,10 @@ impl<S: Store> Replica<S> {
             let began = tokio::time::Instant::now();
             let page = {
                 let mut state = self.lock_trees();
-                let page = self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
+                // A page may hold objects of megabytes: read off the worker.
+                let page = crate::tasks::heavy(|| {
+                    self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE)
+                })?;
                 let r = state.rebuild.as_mut().expect("rebuild in progress");
                 r.page = page.iter().map(|(k, _)| k.clone()).collect();
                 r.page_end = page.last().map(|(k, _)| k.clone());
