@@ -188,26 +188,34 @@ impl BodySource for quinn::RecvStream {
 }
 
 /// Reads a body of `len` bytes, whose header was just read. Memory follows
-/// the bytes received, not the length declared: the chunks are kept as
-/// they arrive and joined into one buffer at the end, that of a body of
-/// megabytes off the worker (growing one buffer as they arrived copied and
-/// faulted in tens of megabytes on it).
+/// the bytes received, not the length declared: they are copied out of
+/// the stream's chunks (which pin whole datagrams) into pages of at most
+/// [`BULK_BYTES`] as they arrive, and the pages of a body of more than one
+/// are joined off the worker (growing one buffer as they arrived copied
+/// and faulted in tens of megabytes on it).
 pub async fn read_body_of(recv: &mut impl BodySource, len: usize) -> Result<Vec<u8>, FrameError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut page = Vec::with_capacity(len.min(READ_CHUNK));
+    let mut full: Vec<Vec<u8>> = Vec::new();
     let mut received = 0;
     while received < len {
         let want = (len - received).min(READ_CHUNK);
-        match recv.next_chunk(want).await {
-            Ok(Some(chunk)) if chunk.len() == len => return Ok(chunk.to_vec()),
-            Ok(Some(chunk)) => {
-                received += chunk.len();
-                chunks.push(chunk);
-            }
+        let chunk = match recv.next_chunk(want).await {
+            Ok(Some(chunk)) => chunk,
             Ok(None) => return Err(FrameError::Truncated),
             Err(e) => return Err(FrameError::Stream(e)),
+        };
+        received += chunk.len();
+        if page.len() + chunk.len() > BULK_BYTES {
+            full.push(std::mem::replace(&mut page, chunk.to_vec()));
+        } else {
+            page.extend_from_slice(&chunk);
         }
     }
-    Ok(off_worker_for(len, || chunks.concat()))
+    if full.is_empty() {
+        return Ok(page);
+    }
+    full.push(page);
+    Ok(off_worker(|| full.concat()))
 }
 
 /// Writes one frame to a QUIC stream and finishes the sending side.
@@ -264,6 +272,42 @@ mod tests {
             decode::<String>(&frame, 1024),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    /// A body arriving in the given chunks, cut to what each read asks.
+    struct Arriving(Vec<u8>, usize);
+
+    impl BodySource for Arriving {
+        async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, String> {
+            if self.0.is_empty() {
+                return Ok(None);
+            }
+            let n = self.0.len().min(max).min(self.1);
+            Ok(Some(Bytes::from(self.0.drain(..n).collect::<Vec<u8>>())))
+        }
+    }
+
+    /// A body of several pages comes out whole and in order (joined off
+    /// the worker), a small one too, and one cut short is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn bodies_of_one_page_or_many_are_read_whole() {
+        for (len, chunk) in [
+            (3 * BULK_BYTES + 5, 40_000),
+            (1000, 300),
+            (BULK_BYTES, READ_CHUNK),
+        ] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut source = Arriving(body.clone(), chunk);
+            assert!(
+                read_body_of(&mut source, len).await.unwrap() == body,
+                "{len}"
+            );
+            let mut short = Arriving(body[..len - 1].to_vec(), chunk);
+            assert!(matches!(
+                read_body_of(&mut short, len).await,
+                Err(FrameError::Truncated)
+            ));
+        }
     }
 
     proptest! {

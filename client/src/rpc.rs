@@ -84,15 +84,17 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// Sends `request` on a new stream of `conn` and reads its one response.
-/// This is the way of bulk requests (objects of megabytes among them), so
-/// the request is encoded off the worker ([`frame::off_worker`]).
+/// Sends `request`, which carries about `bytes` bytes of values, on a new
+/// stream of `conn` and reads its one response. This is the way of bulk
+/// requests: one of megabytes is encoded off the worker
+/// ([`frame::off_worker_for`]).
 pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     conn: &quinn::Connection,
     request: &Req,
+    bytes: usize,
     max_response: usize,
 ) -> Result<Resp, CallError> {
-    let request = frame::off_worker(|| frame::encode(&(0u64, request)))
+    let request = frame::off_worker_for(bytes, || frame::encode(&(0u64, request)))
         .map_err(|e| CallError::NotDelivered(e.to_string()))?;
     within_cap(&request, max_response)?;
     probed(conn, async {

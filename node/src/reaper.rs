@@ -199,7 +199,8 @@ impl<T: Transport, S: Store> Reaper<T, S> {
                 let Some(replicas) = replicas else {
                     continue;
                 };
-                let Ok(object) = decode_object(bytes) else {
+                let decoded = crate::tasks::heavy_for(bytes.len(), || decode_object(bytes));
+                let Ok(object) = decoded else {
                     continue; // a rebuild or read reports corruption
                 };
                 if !reapable(&object, self.grace, now) {

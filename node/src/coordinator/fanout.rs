@@ -250,6 +250,12 @@ pub(super) enum ReplicaOp {
     Put(Object),
 }
 
+/// A copy of `object` for one replica's request; of megabytes, made off
+/// the worker.
+pub(super) fn copy(object: &Object) -> Object {
+    crate::tasks::heavy_for(object.approx_size(), || object.clone())
+}
+
 impl ReplicaOp {
     /// The request for a primary (`hint_for` None) or for a fallback standing
     /// in for the primary `hint_for`.
@@ -260,12 +266,12 @@ impl ReplicaOp {
             (ReplicaOp::Get, Some(for_primary)) => PeerRequest::HintGet { key, for_primary },
             (ReplicaOp::Put(object), None) => PeerRequest::ReplicaPut {
                 key,
-                object: object.clone(),
+                object: copy(object),
             },
             (ReplicaOp::Put(object), Some(for_primary)) => PeerRequest::HintPut {
                 key,
                 for_primary,
-                object: object.clone(),
+                object: copy(object),
             },
         }
     }

@@ -53,7 +53,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let repairs = stale.into_iter().map(|h| {
             let request = PeerRequest::ReplicaPut {
                 key: key.clone(),
-                object: merged.clone(),
+                object: super::fanout::copy(&merged),
             };
             async move {
                 match self.replica_call(&h.from, request, deadline).await {

@@ -22,9 +22,10 @@ const BODY_WITHIN: Duration = Duration::from_secs(10);
 /// for the rest could wait for what another body held, and that body for
 /// what it held, until both timed out. Holding all or nothing, every body
 /// that holds budget can finish, so every body in line gets its turn. The
-/// config makes the budget at least one largest request. Memory stays
-/// within the budget: it grows as bytes arrive, never past `len`
-/// ([`frame::read_body_of`]).
+/// config makes the budget at least one largest request. Memory follows
+/// the bytes as they arrive ([`frame::read_body_of`]); a body of more than
+/// a megabyte arrives in pages joined at the end, so it takes twice its
+/// size for a moment.
 pub(super) async fn read_budgeted(
     recv: &mut impl BodySource,
     len: usize,

@@ -262,24 +262,38 @@ impl PeerRequest {
     /// so that it never holds up the small requests pipelined on a
     /// connection's shared stream, and if it fails only it fails.
     pub fn is_bulk(&self) -> bool {
-        match self {
+        matches!(
+            self,
             PeerRequest::Hello(_)
-            | PeerRequest::HintsOf { .. }
-            | PeerRequest::ReapHintsOf { .. }
-            | PeerRequest::Handoff(_)
-            | PeerRequest::Aae(_)
-            | PeerRequest::GossipPush(_)
-            | PeerRequest::HintsIn { .. }
-            | PeerRequest::Reap { .. } => true,
+                | PeerRequest::HintsOf { .. }
+                | PeerRequest::ReapHintsOf { .. }
+                | PeerRequest::Handoff(_)
+                | PeerRequest::Aae(_)
+                | PeerRequest::GossipPush(_)
+                | PeerRequest::HintsIn { .. }
+                | PeerRequest::Reap { .. }
+        ) || self.bytes() > BULK_BYTES
+    }
+
+    /// About how many bytes of objects or values the request carries (what
+    /// makes encoding and handling it heavy).
+    pub fn bytes(&self) -> usize {
+        match self {
             PeerRequest::ReplicaPut { object, .. } | PeerRequest::HintPut { object, .. } => {
-                object.approx_size() > BULK_BYTES
+                object.approx_size()
             }
-            PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => is_bulk_batch(requests),
+            PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => {
+                requests.iter().map(Batched::size).sum()
+            }
             PeerRequest::Forward {
                 request: Request::Put { value, .. },
                 ..
-            } => value.len() > BULK_BYTES,
-            _ => false,
+            } => value.len(),
+            PeerRequest::Handoff(entries) => entries
+                .iter()
+                .map(|e| e.key.len() + e.object.approx_size())
+                .sum(),
+            _ => 0,
         }
     }
 }

@@ -515,14 +515,14 @@ impl Transport for QuicTransport {
             Some(link) => link,
             None => Box::pin(self.connection(to)).await?,
         };
-        let bulk = request.is_bulk();
+        let (bulk, bytes) = (request.is_bulk(), request.bytes());
         let idempotent = request.is_idempotent();
         let envelope = PeerEnvelope {
             from: self.me.clone(),
             request,
         };
         let result = if bulk {
-            Box::pin(rpc::call(&link.conn, &envelope, self.max_frame)).await
+            Box::pin(rpc::call(&link.conn, &envelope, bytes, self.max_frame)).await
         } else {
             link.mux.call(&envelope).await
         };
