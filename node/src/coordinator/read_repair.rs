@@ -37,19 +37,21 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 _ => break,
             }
         }
-        let merged = Heard::merge_all(&heard);
+        // Merging and comparing copies of megabytes: off the worker.
+        let (merged, stale) = crate::tasks::heavy_for(Heard::bytes(&heard), || {
+            let merged = Heard::merge_all(&heard);
+            let stale: Vec<&Heard> = heard
+                .iter()
+                .filter(|h| h.primary && !h.object.as_ref().is_some_and(|o| o.descends(&merged)))
+                .collect();
+            (merged, stale)
+        });
         if merged == Object::default() {
             return;
         }
         // All at once, each with the whole budget.
         let deadline = Instant::now() + self.settings.request_timeout;
         let key = &key;
-        let stale: Vec<&Heard> = crate::tasks::heavy_for(Heard::bytes(&heard), || {
-            heard
-                .iter()
-                .filter(|h| h.primary && !h.object.as_ref().is_some_and(|o| o.descends(&merged)))
-                .collect()
-        });
         let repairs = stale.into_iter().map(|h| {
             let request = PeerRequest::ReplicaPut {
                 key: key.clone(),
@@ -97,15 +99,14 @@ impl Heard {
         }
     }
 
-    /// The merge of every copy heard; of megabytes, off the worker.
+    /// The merge of every copy heard (callers run it off the worker when
+    /// the copies are megabytes: [`Heard::bytes`]).
     pub(super) fn merge_all(heard: &[Heard]) -> Object {
-        crate::tasks::heavy_for(Heard::bytes(heard), || {
-            let mut merged = Object::default();
-            for o in heard.iter().filter_map(|h| h.object.as_ref()) {
-                merged.merge(o);
-            }
-            merged
-        })
+        let mut merged = Object::default();
+        for o in heard.iter().filter_map(|h| h.object.as_ref()) {
+            merged.merge(o);
+        }
+        merged
     }
 
     /// About how many bytes the copies heard take.
