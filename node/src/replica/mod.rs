@@ -555,7 +555,10 @@ impl<S: Store> Replica<S> {
         };
         match new {
             Some(bytes) => stripe.remember(key, Arc::from(bytes)),
-            None => stripe.forget(key),
+            None => {
+                stripe.forget(key);
+                stripe.sized(key, None);
+            }
         }
         self.lock_trees()
             .apply(partition, key, old_digest, new_digest);

@@ -72,8 +72,6 @@ pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
         .expect("the store records the incarnation")
 }
 
-/// An object holding `value` alone, written by node `writer` with no
-/// context.
 /// A replica over a memory store that holds one object, of key `k`.
 fn holding_k() -> (Arc<MemoryStore>, Replica<MemoryStore>) {
     let store = Arc::new(MemoryStore::new());
@@ -82,6 +80,8 @@ fn holding_k() -> (Arc<MemoryStore>, Replica<MemoryStore>) {
     (store, r)
 }
 
+/// An object holding `value` alone, written by node `writer` with no
+/// context.
 fn written(value: &[u8], writer: u128) -> Object {
     let mut o = Object::default();
     o.update(
