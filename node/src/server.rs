@@ -150,7 +150,7 @@ fn bind(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        shoal_client::tls::jumbo_endpoint_config(),
         Some(config),
         socket,
         runtime,
@@ -491,4 +491,54 @@ pub async fn run(
     running.until_stopped(shutdown).await;
     running.stop().await;
     Ok(())
+}
+
+#[cfg(all(test, feature = "rocksdb"))]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::certs::{self, Kind};
+    use crate::net::tls::{peer_client_config, peer_port_config, Identity};
+
+    const IDLE: Duration = Duration::from_secs(10);
+
+    fn identity(dir: &std::path::Path, name: &str) -> Identity {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        certs::issue(dir, dir, name, Kind::Node, &[localhost], None).expect("issue");
+        let read = |file: String| std::fs::read(dir.join(file)).expect("read");
+        Identity {
+            ca_pem: read("ca.pem".into()),
+            chain: shoal_client::tls::parse_certs(&read(format!("{name}.pem"))).expect("chain"),
+            key: Arc::new(shoal_client::tls::parse_key(&read(format!("{name}.key"))).expect("key")),
+        }
+    }
+
+    /// Two nodes' peer endpoints on loopback, whose MTU is 64 KiB: their
+    /// connection finds and uses datagrams of a jumbo frame's size, not
+    /// Ethernet's 1452 bytes (see `shoal_client::tls::MAX_UDP_PAYLOAD`).
+    #[tokio::test]
+    async fn peers_on_a_path_that_carries_jumbo_frames_send_jumbo_datagrams() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        certs::create_ca(dir.path()).expect("CA");
+        let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
+        let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
+        caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+        let accepted = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
+        let conn = caller.connect(addr, "b").unwrap().await.expect("handshake");
+        let _held = accepted.await.unwrap();
+        let jumbo = shoal_client::tls::MAX_UDP_PAYLOAD;
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Discovery stops within 20 bytes of the bound (quinn's minimum change).
+        while conn.stats().path.current_mtu < jumbo - 20 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mtu = conn.stats().path.current_mtu;
+        assert!(
+            mtu >= jumbo - 20 && mtu <= jumbo,
+            "datagrams of {mtu} bytes"
+        );
+    }
 }
