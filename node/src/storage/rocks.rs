@@ -42,18 +42,28 @@ use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
-/// Memtable size of every column family Shoal uses: RocksDB's 64 MiB,
-/// scaled by a factor drawn once per process from [0.75, 1.25) (RocksDB's
-/// own `default` family, unused, keeps 64 MiB). Replicas take the same
-/// writes, so with one size all of a key's replicas switch memtables and
-/// flush in the same few milliseconds, and the latency spike of a flush
-/// meets every replica a quorum could use at once; staggered, a quorum
-/// mostly finds two that are not flushing.
+/// Memtable size of every column family Shoal uses: 32 MiB, scaled by a
+/// factor drawn once per process from [0.75, 1.25) (RocksDB's own
+/// `default` family, unused, keeps its 64 MiB).
+///
+/// Half RocksDB's default: a write's largest single cost is the memtable
+/// insert's skiplist search, cache misses all the way down, and a smaller
+/// skiplist misses less. Reads of recent objects are served by the
+/// object cache in front of the store (`limits.object-cache-mb`), not the
+/// memtable, so they do not lose by it. On the 2-core bench machine, in
+/// 60 s runs of workload a side by side, 32 MiB took 5% off the servers'
+/// CPU per operation against 64 MiB (bench/README.md, seventh look), and
+/// workload c was the same with 16 or 64 MiB.
+///
+/// Replicas take the same writes, so with one size all of a key's
+/// replicas switch memtables and flush in the same few milliseconds, and
+/// the latency spike of a flush meets every replica a quorum could use at
+/// once; staggered, a quorum mostly finds two that are not flushing.
 fn memtable_bytes() -> usize {
     use rand::Rng;
     static BYTES: OnceLock<usize> = OnceLock::new();
     *BYTES.get_or_init(|| {
-        let bytes = rand::thread_rng().gen_range((48 << 20)..(80 << 20));
+        let bytes = rand::thread_rng().gen_range((24 << 20)..(40 << 20));
         tracing::info!(mib = bytes >> 20, "memtable size drawn for this process");
         bytes
     })
