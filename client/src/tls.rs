@@ -63,18 +63,31 @@ pub fn base_transport(idle_timeout: Duration) -> quinn::TransportConfig {
     t
 }
 
-/// The largest UDP payload a connection's MTU discovery tries, the size
-/// of a jumbo frame (9000 bytes, less the IPv6 and UDP headers): on a
-/// network that carries them (most data centres' do, as does loopback)
-/// a datagram holds six times the frames of an Ethernet-sized one, and
-/// each datagram costs the sender a syscall and the receiver a wake-up. A path
+/// The largest UDP payload a connection's MTU discovery tries: as large as
+/// a datagram can be when quinn sends a full batch of them in one GSO send
+/// ([`QUINN_GSO_BATCH`] datagrams, which the kernel takes only up to 64
+/// KiB with the IPv6 and UDP headers): 6,548 bytes. On a path that
+/// carries them (loopback, and data-centre networks with jumbo frames) a
+/// datagram holds four and a half times the frames of an Ethernet-sized
+/// one, and each datagram costs the sender a syscall and the receiver a
+/// wake-up. A larger bound, a jumbo frame's 8,952 bytes, made bursts of
+/// eight or more datagrams too large for one send: the kernel refused
+/// them and quinn-udp dropped them silently (it takes `EMSGSIZE` for a lost
+/// MTU probe), so a warmed-up connection lost every full burst. A path
 /// that carries less is found out by the discovery (quinn binary-searches
 /// from 1200 bytes and backs off on loss), so the bound is safe anywhere.
 /// The other side must accept datagrams this large
 /// ([`jumbo_endpoint_config`]): the node's endpoints do; the SDK's keep
 /// quinn's 1472-byte default (its receive buffers grow with the size), so
 /// a node's answers to a client stay in Ethernet-sized datagrams.
-pub const MAX_UDP_PAYLOAD: u16 = 8952;
+pub const MAX_UDP_PAYLOAD: u16 = ((u16::MAX as usize - IPV6_UDP_HEADERS) / QUINN_GSO_BATCH) as u16;
+
+/// The most datagrams quinn 0.11 sends in one GSO send
+/// (`MAX_TRANSMIT_SEGMENTS` in its `connection.rs`).
+const QUINN_GSO_BATCH: usize = 10;
+
+/// An IPv6 header and a UDP header.
+const IPV6_UDP_HEADERS: usize = 40 + 8;
 
 /// An endpoint that accepts datagrams of up to [`MAX_UDP_PAYLOAD`] bytes.
 pub fn jumbo_endpoint_config() -> quinn::EndpointConfig {
@@ -160,4 +173,39 @@ pub fn refusal(e: &quinn::ConnectionError) -> Option<String> {
          the SDK's ClientConfig::from_dir read client.pem and client.key from the cluster \
          directory, where `shoal dev` writes an admin one)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// quinn sends a burst of datagrams in one GSO send of up to
+    /// [`QUINN_GSO_BATCH`]; the kernel refuses a send whose datagrams add
+    /// up to more than 64 KiB, and quinn-udp then drops the whole burst
+    /// without a word (it takes `EMSGSIZE` for a lost MTU probe). A full
+    /// batch of the largest datagrams must go out.
+    #[test]
+    fn a_full_batch_of_the_largest_datagrams_goes_out_in_one_send() {
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(rx) = std::net::UdpSocket::bind(local) else {
+                eprintln!("no loopback at {local}: not tried");
+                continue;
+            };
+            let tx = std::net::UdpSocket::bind(local).expect("sending socket");
+            let state = quinn::udp::UdpSocketState::new((&tx).into()).expect("socket state");
+            let segments = state.max_gso_segments().min(QUINN_GSO_BATCH);
+            let size = usize::from(MAX_UDP_PAYLOAD);
+            let contents = vec![0u8; size * segments];
+            let transmit = quinn::udp::Transmit {
+                destination: rx.local_addr().expect("address"),
+                ecn: None,
+                contents: &contents,
+                segment_size: (segments > 1).then_some(size),
+                src_ip: None,
+            };
+            if let Err(e) = state.try_send((&tx).into(), &transmit) {
+                panic!("{segments} datagrams of {size} bytes to {local}: {e}");
+            }
+        }
+    }
 }

@@ -515,8 +515,9 @@ mod tests {
     }
 
     /// Two nodes' peer endpoints on loopback, whose MTU is 64 KiB: their
-    /// connection finds and uses datagrams of a jumbo frame's size, not
-    /// Ethernet's 1452 bytes (see `shoal_client::tls::MAX_UDP_PAYLOAD`).
+    /// connection finds and uses datagrams of the largest size allowed
+    /// (`shoal_client::tls::MAX_UDP_PAYLOAD`, 6,548 bytes), not Ethernet's
+    /// 1452 bytes.
     #[tokio::test]
     async fn peers_on_a_path_that_carries_jumbo_frames_send_jumbo_datagrams() {
         let dir = tempfile::tempdir().expect("temp dir");
