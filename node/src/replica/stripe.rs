@@ -4,6 +4,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The cache's hasher: foldhash, seeded at random per process (as
+/// hashbrown's default), so keys a client chooses cannot be aimed at one
+/// bucket across nodes or restarts. SipHash took a visible share of every
+/// lookup (`Stripe::cached` is on each read and write).
+type Hasher = foldhash::fast::RandomState;
+
 /// Stripes of the per-key lock that makes read-modify-write of a local object
 /// atomic.
 pub(crate) const LOCK_STRIPES: usize = 256;
@@ -22,10 +28,10 @@ const CACHE_ENTRY_OVERHEAD: usize = 64;
 /// so that the next read of one runs off the worker: copying 60 MiB out of
 /// RocksDB took 150 ms. A key first read since the start is read on it.
 pub(crate) struct Stripe {
-    cache: HashMap<Vec<u8>, Arc<[u8]>>,
+    cache: HashMap<Vec<u8>, Arc<[u8]>, Hasher>,
     bytes: usize,
     budget: usize,
-    large: HashSet<Vec<u8>>,
+    large: HashSet<Vec<u8>, Hasher>,
 }
 
 /// Locks a stripe even if a panic poisoned it: a bug hit by one request
@@ -44,10 +50,10 @@ pub(crate) fn relock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
 impl Stripe {
     pub(crate) fn new(budget: usize) -> Self {
         Stripe {
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             bytes: 0,
             budget,
-            large: HashSet::new(),
+            large: HashSet::default(),
         }
     }
 
@@ -68,21 +74,30 @@ impl Stripe {
 
     /// Caches `value` as the stored bytes of `key`, evicting others (any)
     /// to stay within the budget; a value larger than the budget is not kept.
+    /// A cached key's entry is updated in place (one lookup, its key kept).
     pub(crate) fn remember(&mut self, key: &[u8], value: Arc<[u8]>) {
-        self.forget(key);
         self.sized(key, Some(value.len()));
         let cost = Stripe::cost(key, &value);
         if cost > self.budget {
+            self.forget(key);
             return;
         }
-        while self.bytes + cost > self.budget {
-            let Some(victim) = self.cache.keys().next().cloned() else {
+        match self.cache.get_mut(key) {
+            Some(slot) => {
+                self.bytes = self.bytes - Stripe::cost(key, slot) + cost;
+                *slot = value;
+            }
+            None => {
+                self.bytes += cost;
+                self.cache.insert(key.to_vec(), value);
+            }
+        }
+        while self.bytes > self.budget {
+            let Some(victim) = self.cache.keys().find(|k| k.as_slice() != key).cloned() else {
                 break;
             };
             self.forget(&victim);
         }
-        self.bytes += cost;
-        self.cache.insert(key.to_vec(), value);
     }
 
     pub(crate) fn clear(&mut self) {
@@ -106,5 +121,63 @@ impl Stripe {
     /// when last read or written here.
     pub(crate) fn is_large(&self, key: &[u8]) -> bool {
         !self.large.is_empty() && self.large.contains(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize) -> Arc<[u8]> {
+        vec![7u8; n].into()
+    }
+
+    /// What the entries cost, counted afresh: the stripe's running total
+    /// must always equal it.
+    fn counted(s: &Stripe) -> usize {
+        s.cache.iter().map(|(k, v)| Stripe::cost(k, v)).sum()
+    }
+
+    #[test]
+    fn an_update_in_place_keeps_the_byte_count_exact() {
+        let mut s = Stripe::new(10_000);
+        s.remember(b"k", bytes(100));
+        s.remember(b"j", bytes(50));
+        s.remember(b"k", bytes(300));
+        assert_eq!(&*s.cached(b"k").unwrap(), &*bytes(300));
+        assert_eq!(s.bytes, counted(&s));
+        s.remember(b"k", bytes(10));
+        assert_eq!(s.bytes, counted(&s));
+        s.forget(b"k");
+        s.forget(b"j");
+        assert_eq!(s.bytes, 0);
+    }
+
+    #[test]
+    fn the_budget_holds_and_the_newest_entry_is_not_the_one_evicted() {
+        let budget = 10 * Stripe::cost(b"k00", &bytes(100));
+        let mut s = Stripe::new(budget);
+        for i in 0..50 {
+            let key = format!("k{i:02}");
+            s.remember(key.as_bytes(), bytes(100));
+            assert!(s.cached(key.as_bytes()).is_some(), "{key} evicted itself");
+            assert!(s.bytes <= budget);
+            assert_eq!(s.bytes, counted(&s));
+        }
+        assert_eq!(s.cache.len(), 10);
+        // A cached key that grows evicts others, not itself.
+        s.remember(b"k49", bytes(500));
+        assert_eq!(&*s.cached(b"k49").unwrap(), &*bytes(500));
+        assert!(s.bytes <= budget);
+        assert_eq!(s.bytes, counted(&s));
+    }
+
+    #[test]
+    fn a_value_over_the_budget_is_not_kept_nor_its_older_bytes() {
+        let mut s = Stripe::new(1_000);
+        s.remember(b"k", bytes(100));
+        s.remember(b"k", bytes(2_000));
+        assert!(s.cached(b"k").is_none(), "stale bytes would be served");
+        assert_eq!(s.bytes, 0);
     }
 }
