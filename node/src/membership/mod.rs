@@ -61,6 +61,10 @@ pub struct View {
     /// In a transition, every member of the new layout has synced: reads
     /// go to its replicas.
     pub reads_new: bool,
+    /// Members of a layout in the history that were removed (`remove`,
+    /// `replace`): whatever they hold counts for nothing from the commit
+    /// on (see [`View::read_list`]).
+    pub removed: Arc<BTreeSet<NodeId>>,
 }
 
 impl View {
@@ -91,10 +95,22 @@ impl View {
     }
 
     /// The preference list reads use: the oldest layout's, whose replicas
-    /// hold every acknowledged write until the new ones have synced.
+    /// hold every acknowledged write until the new ones have synced, less
+    /// its removed members. A write a removed member took counts for W
+    /// with its copy there, which the removal gives up for lost (the loss
+    /// of one machine: the write's other copies survive it); no fallback
+    /// holds that copy, so none may stand in for the member in a read: it
+    /// would answer "absent" in place of a replica that held the write.
+    /// The read meets R among the replicas left (a key that lost two of
+    /// its three old replicas to removals in one change is read once its
+    /// new replicas synced).
     pub fn read_list(&self, key: &[u8], n: usize) -> Vec<MemberInfo> {
         match self.older.first() {
-            Some(oldest) if !self.reads_new => self.members_of(oldest.preference_list(key, n)),
+            Some(oldest) if !self.reads_new => {
+                let mut list = oldest.preference_list(key, n);
+                list.retain(|id| !self.removed.contains(id));
+                self.members_of(list)
+            }
             _ => self.preference_list(key, n),
         }
     }
@@ -250,6 +266,10 @@ impl Membership {
                     info.or_else(|| by_id.get(&id).copied())
                         .map(|info| (id, info.clone()))
                 })
+                .collect::<BTreeMap<NodeId, MemberInfo>>();
+            let removed = (state.cluster.members.iter())
+                .filter(|(id, m)| m.removed && members.contains_key(*id))
+                .map(|(id, _)| *id)
                 .collect();
             let layouts = &state.cluster.layouts;
             return Some(View {
@@ -263,6 +283,7 @@ impl Membership {
                         .collect(),
                 ),
                 reads_new: layouts.len() > 1 && state.cluster.all_synced(),
+                removed: Arc::new(removed),
             });
         }
         if self.joining {
@@ -276,6 +297,7 @@ impl Membership {
             version: 0,
             older: Arc::default(),
             reads_new: false,
+            removed: Arc::default(),
         })
     }
 
