@@ -70,6 +70,10 @@ pub struct AaeSettings {
     pub reap_keys_per_sec: u32,
     pub max_repairs_per_sec: u32,
     pub tombstone_grace: Duration,
+    /// How long a reaped tombstone still fences the copies of its key read
+    /// before the reap (see [`crate::replica`]'s `fence`): the longest a
+    /// message may stay in flight.
+    pub reap_fence: Duration,
     /// Pause between two reaper passes.
     pub reap_every: Duration,
     /// How long one exchange step may wait for the peer's answer
@@ -80,6 +84,7 @@ pub struct AaeSettings {
 impl AaeSettings {
     pub fn from_config(c: &crate::config::Config) -> Self {
         let call_timeout = Duration::from_millis(c.timeouts.request_ms);
+        let reap_fence = Duration::from_millis(c.in_flight_ms());
         let c = &c.anti_entropy;
         AaeSettings {
             interval: Duration::from_millis(c.interval_ms),
@@ -88,6 +93,7 @@ impl AaeSettings {
             reap_keys_per_sec: c.reap_keys_per_sec,
             max_repairs_per_sec: c.max_repairs_per_sec,
             tombstone_grace: Duration::from_secs(c.tombstone_grace_secs),
+            reap_fence,
             reap_every: Duration::from_millis(c.reap_interval_ms),
             call_timeout,
         }

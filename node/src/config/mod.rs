@@ -338,6 +338,16 @@ impl Config {
     }
 
     /// Checks values that parse but cannot work.
+    /// The longest a message may stay in flight, in ms: sent before its
+    /// request's deadline (the longest a request may ask for) or at the
+    /// end of a read-repair window, and delivered before its connection
+    /// idles out.
+    pub fn in_flight_ms(&self) -> u64 {
+        MAX_REQUEST_MS
+            .saturating_add(self.timeouts.read_repair_ms)
+            .saturating_add(self.timeouts.idle_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
         if self.name.is_empty() {
@@ -497,13 +507,9 @@ impl Config {
             }
         }
         // A message older than the tombstone it races (a write's send to a
-        // slow replica, a read repair) lives at most this long: sent before
-        // its request's deadline or at the end of a read-repair window, and
-        // delivered before its connection idles out. Arriving after the
-        // reap it would bring the deleted value back.
-        let in_flight_ms = MAX_REQUEST_MS
-            .saturating_add(self.timeouts.read_repair_ms)
-            .saturating_add(self.timeouts.idle_ms);
+        // slow replica, a read repair) lives at most `in_flight_ms`.
+        // Arriving after the reap it would bring the deleted value back.
+        let in_flight_ms = self.in_flight_ms();
         let grace = self.anti_entropy.tombstone_grace_secs;
         if grace.saturating_mul(1000) < in_flight_ms {
             return invalid(

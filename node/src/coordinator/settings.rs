@@ -89,6 +89,7 @@ impl Settings {
             clock_max_entries: self.clock_max_entries,
             clock_min_age_ms: self.clock_min_age_ms,
             tombstone_grace: self.aae.tombstone_grace,
+            reap_fence: self.aae.reap_fence,
             object_cache_bytes: self.object_cache_bytes,
             max_siblings: self.max_siblings,
             max_object_bytes: self.max_object_bytes,

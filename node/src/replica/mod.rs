@@ -22,6 +22,7 @@
 //! see [`lost`]). A rebuild holds the trees lock while it reads a page
 //! of keys, without any stripe. No lock is held across an await.
 
+mod fence;
 mod handover;
 pub mod hints;
 mod lost;
@@ -55,6 +56,8 @@ pub struct ReplicaSettings {
     pub clock_min_age_ms: u64,
     /// A tombstone younger than this is never reaped here, whoever asks.
     pub tombstone_grace: Duration,
+    /// How long a reaped tombstone fences its key (see [`fence`]).
+    pub reap_fence: Duration,
     /// Memory for the object cache; 0 turns it off.
     pub object_cache_bytes: usize,
     /// Admission limits of a client write (see [`Replica::write`]).
@@ -184,6 +187,9 @@ pub struct Replica<S> {
     lost_found: tokio::sync::Notify,
     /// The next lost marker's generation (see [`lost`]).
     marker_generations: AtomicU64,
+    /// Tombstones reaped lately (see [`fence`]); taken under a key's
+    /// stripe lock, never the other way round.
+    fence: Mutex<fence::Fence>,
 }
 
 impl<S: Store> Replica<S> {
@@ -203,7 +209,6 @@ impl<S: Store> Replica<S> {
             .collect();
         Ok(Replica {
             store,
-            settings,
             membership,
             metrics,
             stripes,
@@ -216,6 +221,8 @@ impl<S: Store> Replica<S> {
             lost: Mutex::default(),
             lost_found: tokio::sync::Notify::new(),
             marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
+            fence: Mutex::new(fence::Fence::new(settings.reap_fence)),
+            settings,
         })
     }
 
@@ -325,7 +332,13 @@ impl<S: Store> Replica<S> {
             let mut object = before.clone().unwrap_or_default();
             change(before.as_ref(), &mut object)?;
             self.pruned(&mut object);
-            let durable = if before.as_ref() == Some(&object) {
+            // An absent key stays absent when nothing is left to store (a
+            // fenced copy of a reaped one).
+            let unchanged = match &before {
+                Some(before) => before == &object,
+                None => object.siblings().is_empty(),
+            };
+            let durable = if unchanged {
                 // Nothing to write; but what is stored may be a deferred
                 // write whose sync is still to come (or failed), and this
                 // answer vouches for it too.
@@ -391,8 +404,14 @@ impl<S: Store> Replica<S> {
         incoming: &Object,
         commit: Commit,
     ) -> Result<(Object, Durable), StoreError> {
-        self.apply(key, commit, |_, o| {
-            o.merge(incoming);
+        self.apply(key, commit, |before, o| {
+            // Into a key reaped here lately, only what its tombstone does
+            // not cover (see [`fence`]).
+            let fenced = match before {
+                None => self.lock_fence().admit(key, incoming, self.now_ms()),
+                Some(_) => None,
+            };
+            o.merge(fenced.as_ref().unwrap_or(incoming));
             Ok::<(), StoreError>(())
         })
     }
@@ -489,6 +508,7 @@ impl<S: Store> Replica<S> {
             return Ok(false);
         }
         self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
+        self.lock_fence().reaped(key, expected, self.now_ms());
         // Forgotten here: never write under its actors again (before the
         // stripe is released, so no write to the key sees them live).
         let full = self.actors.retire(expected);
@@ -567,34 +587,4 @@ impl<S: Store> Replica<S> {
 }
 
 #[cfg(all(test, feature = "rocksdb"))]
-mod group_commit_tests {
-    use super::*;
-    use crate::storage::RocksStore;
-
-    /// With `fsync`, a write is applied (and visible) before the WAL sync
-    /// that makes it durable. Once that sync fails, nothing on this node
-    /// may say the write is stored: not a repeat of it that changes
-    /// nothing (a coordinator's copy arriving after read repair's, a
-    /// handoff of it), which answered "stored" at once.
-    #[tokio::test]
-    async fn nothing_vouches_for_a_write_whose_sync_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RocksStore::open(dir.path(), true).unwrap());
-        let replica = trees::tests::replica_over(store.clone());
-        store.fail_syncs();
-        let (object, _, durable) = replica
-            .write(b"k", &VersionVector::new(), Some(b"v".to_vec()))
-            .unwrap();
-        assert!(durable.wait().await.is_err());
-        assert!(
-            replica.merge(b"k", &object).is_err(),
-            "a merge vouched for a write whose sync failed"
-        );
-        let repeated = match replica.merge_deferred(b"k", &object) {
-            Ok((_, durable)) => durable.wait().await,
-            Err(e) => Err(e),
-        };
-        let err = repeated.expect_err("a deferred merge vouched for it");
-        assert!(err.to_string().contains("WAL sync failed"), "{err}");
-    }
-}
+mod group_commit_tests;

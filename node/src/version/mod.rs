@@ -400,6 +400,12 @@ impl Object {
         }
     }
 
+    /// Drops the siblings `other` holds (its dots), keeping the history.
+    pub fn drop_siblings_of(&mut self, other: &Object) {
+        self.siblings
+            .retain(|s| !other.siblings.iter().any(|o| o.dot == s.dot));
+    }
+
     /// The merge of two objects, leaving both untouched.
     pub fn merged(a: &Object, b: &Object) -> Object {
         let mut m = a.clone();

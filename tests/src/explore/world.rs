@@ -77,6 +77,8 @@ pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
             reap_keys_per_sec: 1_000_000,
             max_repairs_per_sec: 1_000_000,
             tombstone_grace: TOMBSTONE_GRACE,
+            // The request timeout and the read-repair window, with room.
+            reap_fence: Duration::from_secs(2),
             reap_every: REAP_EVERY,
             call_timeout: Duration::from_millis(1500),
         },

@@ -63,6 +63,7 @@ pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
         clock_max_entries: 50,
         clock_min_age_ms: 86_400_000,
         tombstone_grace: std::time::Duration::from_secs(3600),
+        reap_fence: std::time::Duration::from_secs(60),
         object_cache_bytes: 1 << 20,
         max_siblings: 100,
         max_object_bytes: 64 << 20,
