@@ -75,11 +75,14 @@
 //!    primary if [`liveness::Liveness`] says it is up, else the next live
 //!    fallback with a `HintPut`; a failed send moves to the next fallback; a
 //!    write nobody took becomes a hint kept here ([`replica::Replica::store_hint`]).
-//!    The W-1 primaries after this node in ring order (W if this node is
-//!    not one) are sent to at once; the others' sends wait a millisecond
-//!    for others to the same peer and travel as one
-//!    [`net::PeerRequest::Spares`] (`coordinator::spare`); what a batch
-//!    hands back goes again on its own to the same primary.
+//!    Requests to remote primaries travel in batches per peer, as one
+//!    [`net::PeerRequest::Spares`] (`coordinator::spare`): the W-1
+//!    primaries after this node in ring order (W if this node is not one)
+//!    in a batch that leaves this turn of the scheduler, once the requests
+//!    handled in it have joined (a request of more than 16 KiB goes on its
+//!    own at once); the others' wait a millisecond for others to the same
+//!    peer. What a batch hands back goes again on its own to the same
+//!    primary.
 //! 7. Each receiver's [`net::Handler::peer`] passes the request (each of a
 //!    batch's) to [`replica::Replica::answer`], which merges
 //!    ([`replica::Replica::merge`]) or keeps the hint.
@@ -93,9 +96,10 @@
 //! 1. As a put, up to the preference list (forwarded if not a primary).
 //! 2. `get` checks R/PR and the primaries up, then `sloppy_fan_out` asks all
 //!    N primaries (this node's own copy answered in place by
-//!    [`replica::Replica::answer`], the R-1 after it at once, the others in
-//!    batches as in a put); a fallback standing in answers from its hint
-//!    (`HintGet`).
+//!    [`replica::Replica::answer`], the R-1 after it in a batch that
+//!    leaves this turn, or alone when this node's copy is not cached and
+//!    small, the others in batches after the window, as in a put); a
+//!    fallback standing in answers from its hint (`HintGet`).
 //! 3. `Tally::collect` waits for R answers (PR primaries); the reply is the
 //!    merge of what was heard, with its clock as the causal context.
 //! 4. A read-repair task (`coordinator::read_repair`) keeps reading the
@@ -149,8 +153,9 @@
 //!   watch turns true; [`server::Running::stop`] also aborts the handles,
 //!   and a simulation crashes a node the same way.
 //! - Per request, `sloppy_fan_out` and `fan_out` spawn one task per target
-//!   (but the local one, when it is done at once), a spare batch one task
-//!   for its window and its send, and `get` one read-repair task, through
+//!   (but the local one, when it is done at once), a batch one task that
+//!   waits for its turn or window and sends it, and `get` one read-repair
+//!   task, through
 //!   the node's [`tasks::Tasks`]
 //!   handle. They outlive the request on purpose (slow replicas still get
 //!   the write), but not its deadline, and `Node::abort_tasks` ends them

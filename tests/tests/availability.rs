@@ -341,12 +341,29 @@ fn delivered(log: &[String], what: &str) -> usize {
     log.iter().filter(|l| l.ends_with(what)).count()
 }
 
-/// The sends no quorum waits for (at N=3, R=W=2: the third replica's) go
-/// to each peer in batches. 32 concurrent writes at node1 take 32 single
-/// sends (one per key, to the replica after node1) and a batch or two;
-/// every replica holds every write. Reads likewise.
+/// How many events of a trace log end with `what` and happened at the
+/// simulated time of its first event (before any batching window could
+/// pass), and how many later.
+fn delivered_at_once_and_later(log: &[String], what: &str) -> (usize, usize) {
+    let time = |l: &String| l.split_whitespace().next().unwrap_or_default().to_string();
+    let start = log.first().map(time).unwrap_or_default();
+    let all = delivered(log, what);
+    let at_once = log
+        .iter()
+        .filter(|l| l.ends_with(what) && time(l) == start)
+        .count();
+    (at_once, all - at_once)
+}
+
+/// A coordinator's sends to remote replicas travel to each peer in
+/// batches: the quorum's own (at N=3, R=W=2: the replica after the
+/// coordinator) in a batch that leaves at once, in the same turn; the
+/// ones no quorum waits for (the third replica's) in a batch that leaves
+/// after the window. 32 concurrent writes at node1 take no single send
+/// and a batch or two of each kind; every replica holds every write.
+/// Reads likewise.
 #[tokio::test(start_paused = true)]
-async fn the_sends_no_quorum_waits_for_travel_in_batches() {
+async fn the_sends_to_remote_replicas_travel_in_batches() {
     let c = SimCluster::new(3);
     let keys: Vec<Vec<u8>> = (0..32).map(|i| format!("key{i}").into_bytes()).collect();
 
@@ -354,9 +371,13 @@ async fn the_sends_no_quorum_waits_for_travel_in_batches() {
     for r in answers {
         written(r);
     }
-    assert_eq!(delivered(&log, "deliver replica-put"), 32, "{log:#?}");
-    let batches = delivered(&log, "deliver batch");
-    assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
+    assert_eq!(delivered(&log, "deliver replica-put"), 0, "{log:#?}");
+    let (at_once, later) = delivered_at_once_and_later(&log, "deliver batch");
+    assert!(
+        (1..=2).contains(&at_once),
+        "{at_once} batches at once: {log:#?}"
+    );
+    assert!((1..=2).contains(&later), "{later} batches later: {log:#?}");
     for node in ["node1", "node2", "node3"] {
         for key in &keys {
             assert!(c.stored(node, key).is_some(), "{node} lacks a write");
@@ -367,9 +388,13 @@ async fn the_sends_no_quorum_waits_for_travel_in_batches() {
     for r in answers {
         assert_eq!(values(&value(r)), [b"v".to_vec()]);
     }
-    assert_eq!(delivered(&log, "deliver replica-get"), 32, "{log:#?}");
-    let batches = delivered(&log, "deliver batch");
-    assert!((1..=2).contains(&batches), "{batches} batches: {log:#?}");
+    assert_eq!(delivered(&log, "deliver replica-get"), 0, "{log:#?}");
+    let (at_once, later) = delivered_at_once_and_later(&log, "deliver batch");
+    assert!(
+        (1..=2).contains(&at_once),
+        "{at_once} batches at once: {log:#?}"
+    );
+    assert!((1..=2).contains(&later), "{later} batches later: {log:#?}");
 }
 
 /// A quorum send that gets no answer is made up by the spare: with
@@ -548,11 +573,38 @@ async fn spares_a_batch_hands_back_are_sent_on_their_own() {
     for r in answers {
         assert_eq!(values(&value(r)), [vec![7; 100 << 10]]);
     }
-    // 8 sent at once, the 8 spares in a batch to each other node, where
-    // two of 100 KiB fit in each batch's answer: the others go again.
-    assert!(delivered(&log, "deliver batch") >= 1, "{log:#?}");
-    let alone = delivered(&log, "deliver replica-get");
-    assert!(alone > 8, "{alone} replica reads sent alone: {log:#?}");
+    // The 8 quorum reads (of objects over 16 KiB) go on their own at
+    // once; the 8 spares in a batch to each other node after the window,
+    // where two of 100 KiB fit in each batch's answer: the others go again
+    // on their own.
+    let (gets_at_once, gets_later) = delivered_at_once_and_later(&log, "deliver replica-get");
+    assert_eq!(gets_at_once, 8, "{log:#?}");
+    assert!(gets_later > 0, "{log:#?}");
+    let (batches_at_once, batches_later) = delivered_at_once_and_later(&log, "deliver batch");
+    assert_eq!(batches_at_once, 0, "{log:#?}");
+    assert!(batches_later >= 1, "{log:#?}");
+}
+
+/// A quorum's own request of more than 16 KiB (a write's object, or for a
+/// read this node's copy) goes on its own at once, not in a batch whose
+/// answer it would hold up; its spare still travels in a batch.
+#[tokio::test(start_paused = true)]
+async fn a_large_quorum_request_goes_on_its_own() {
+    let c = taking_values_of(200 << 10);
+    c.net.keep_trace_log();
+    written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(delivered_at_once_and_later(&log, "deliver replica-put"), (1, 0), "{log:#?}");
+    assert_eq!(delivered_at_once_and_later(&log, "deliver batch"), (0, 1), "{log:#?}");
+
+    c.net.keep_trace_log();
+    let read = value(c.get("node1", b"big", D).await);
+    assert_eq!(values(&read), [vec![7; 100 << 10]]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = c.net.take_trace_log();
+    assert_eq!(delivered_at_once_and_later(&log, "deliver replica-get"), (1, 0), "{log:#?}");
+    assert_eq!(delivered_at_once_and_later(&log, "deliver batch"), (0, 1), "{log:#?}");
 }
 
 /// A node that does not know batches (an older version, during a rolling
@@ -597,7 +649,9 @@ async fn spares_go_on_their_own_to(answer: fn(usize) -> shoal_node::net::PeerRes
         written(r);
     }
     assert_eq!(delivered(&log, "deliver hint-put"), 0, "{log:#?}");
-    assert!(delivered(&log, "deliver batch") <= 3, "{log:#?}");
+    // Each node is sent at most two batches, the quorum's and the
+    // spares', both begun before its refusal came back.
+    assert!(delivered(&log, "deliver batch") <= 6, "{log:#?}");
     for key in &keys {
         for node in c.primaries(key) {
             assert!(c.stored(&node, key).is_some(), "{node} lacks a write");
@@ -651,8 +705,9 @@ fn older(_: usize) -> shoal_node::net::PeerResponse {
 
 /// A forwarded write coordinated by a node whose ring does not list it as
 /// a replica (its view lags the forwarder's): its own copy makes no part
-/// of the quorum, so W replicas are sent to at once and only the rest
-/// travel as spares.
+/// of the quorum, so W replicas are sent to at once (each in a batch that
+/// leaves in the same turn) and only the rest travel as spares, after the
+/// window.
 #[tokio::test(start_paused = true)]
 async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
     let c = SimCluster::new(4);
@@ -668,6 +723,7 @@ async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
     written(c.node(&outsider).coordinate(request, true).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let log = c.net.take_trace_log();
-    assert_eq!(delivered(&log, "deliver replica-put"), 2, "{log:#?}");
-    assert_eq!(delivered(&log, "deliver batch"), 1, "{log:#?}");
+    assert_eq!(delivered(&log, "deliver replica-put"), 0, "{log:#?}");
+    let batches = delivered_at_once_and_later(&log, "deliver batch");
+    assert_eq!(batches, (2, 1), "{log:#?}");
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::{debug, error};
 
 use super::quorum::Coordinator;
+use super::spare::{Leaves, THIS_TURN_BYTES};
 use crate::liveness::Liveness;
 use crate::membership::View;
 use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
@@ -42,9 +43,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// order at once; a primary whose send fails takes the next one. A write
     /// that nobody took for a primary becomes a hint kept here. Sends stop
     /// at `deadline`, and so do the tasks that make them.
-    /// The first `eager` remote ones (in `primaries`' order) are sent at
-    /// once; the quorum need not wait for the others, which travel as
-    /// spares, batched per peer (see `spare`).
+    /// Requests to remote primaries travel in batches per peer (see
+    /// `spare`): the first `eager` ones (in `primaries`' order) in a batch
+    /// that leaves this turn; the quorum need not wait for the others,
+    /// which travel as spares, in a batch that leaves after a window.
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -90,8 +92,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         rx
     }
 
-    /// One primary's part of [`Self::sloppy_fan_out`]; a `spare` is sent
-    /// to the primary itself in a batch, and to fallbacks as usual.
+    /// One primary's part of [`Self::sloppy_fan_out`]: a remote primary
+    /// itself is sent the request in a batch (a `spare` in one that waits
+    /// a window), fallbacks one by one as usual.
     #[allow(clippy::too_many_arguments)]
     async fn reach(
         self: &Arc<Self>,
@@ -108,16 +111,21 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         while let Some(target) = next {
             let as_primary = target.id == primary.id;
             let hint_for = (!as_primary).then_some(primary.id);
-            // A spare its batch hands back goes on its own (built again:
-            // rare, and only then is its object copied twice).
-            let spared = match spare && as_primary {
-                true => {
-                    self.spare_call(&target, op.request(key, None), deadline)
+            // A remote primary's request travels in a batch (see `spare`);
+            // one its batch hands back goes on its own (built again: rare,
+            // and only then is its object copied twice).
+            let leaves = match spare {
+                true => Some(Leaves::AfterWindow),
+                false => self.joins_this_turn(key, op).then_some(Leaves::ThisTurn),
+            };
+            let batched = match leaves {
+                Some(leaves) if as_primary && target.id != self.me.id => {
+                    self.batched_call(&target, leaves, op.request(key, None), deadline)
                         .await
                 }
-                false => None,
+                _ => None,
             };
-            let answer = match spared {
+            let answer = match batched {
                 Some(answer) => answer,
                 None => {
                     self.replica_call(&target, op.request(key, hint_for), deadline)
@@ -181,6 +189,21 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             from: primary,
             for_primary: None,
             corrupt: false,
+        }
+    }
+
+    /// Whether a quorum's own request of `op` on `key` is small enough to
+    /// join a batch that leaves this turn (see [`THIS_TURN_BYTES`]).
+    fn joins_this_turn(&self, key: &[u8], op: &ReplicaOp) -> bool {
+        if std::env::var_os("SHOAL_EXP_NO_EAGER").is_some() {
+            return false;
+        }
+        match op {
+            ReplicaOp::Put(object) => object.approx_size() <= THIS_TURN_BYTES,
+            ReplicaOp::Get => self
+                .replica
+                .cached_len(key)
+                .is_some_and(|len| len <= THIS_TURN_BYTES),
         }
     }
 

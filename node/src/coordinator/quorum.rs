@@ -43,7 +43,7 @@ pub struct Coordinator<T, S> {
     pub tasks: crate::tasks::Tasks,
     /// Ids for the requests this node forwards.
     pub forward_ids: super::ForwardIds,
-    /// The sends no quorum waits for, gathered per peer (see `spare`).
+    /// Requests to remote primaries, gathered per peer (see `spare`).
     pub(super) spares: super::spare::Spares,
 }
 

@@ -1,34 +1,42 @@
-//! Spare sends: the replica requests of a read or a write that its quorum
-//! need not wait for (with N=3 and R=W=2, the third replica's) travel to
-//! each peer in batches instead of a message each.
+//! Batched sends: a coordinator's requests to the primary replicas of keys
+//! travel to each peer in batches instead of a message each, and with
+//! N=3 and R=W=2 the third replica's (the spares, which no quorum waits
+//! for) wait a little for others.
 //!
 //! Every replica of a key is still asked: a read is still read-repaired
 //! from all of them, and a write still reaches all of them at once, not
-//! later through anti-entropy. The quorum's own sends (the local replica
-//! and the R-1 or W-1 next ones in ring order after this node) go as
-//! before; each spare waits up to [`WINDOW`] for other spares bound to the
-//! same peer, and they travel as one [`PeerRequest::Spares`], answered
-//! with one message. A spare's answer counts like any other: when a quorum
-//! send is slow or fails, the spare completes the quorum a window later.
+//! later through anti-entropy. The quorum's own sends (the R-1 or W-1
+//! replicas after this node in ring order; the local replica is answered
+//! in place) leave in the same turn of the scheduler: the first one bound
+//! for a peer starts a task that yields once, so that the requests the
+//! node is handling in this turn join it, and then sends them as one
+//! [`PeerRequest::Spares`] (the wire name is older than this use),
+//! answered with one message. A spare waits up to [`WINDOW`] for other
+//! spares bound to the same peer. A spare's answer counts like any other:
+//! when a quorum send is slow or fails, the spare completes the quorum a
+//! window later.
 //!
 //! Why: a small remote request costs far more in framing, QUIC packets,
 //! syscalls and task wake-ups on both nodes than the replica's read or
 //! merge it carries. On the 2-core bench machine, answering the third
 //! replica in batches took about a third of the servers' CPU per read
-//! away (bench/README.md). Cassandra gets the same saving by asking only
-//! R replicas, at the price of read repair of the others; this keeps it.
+//! away, and batching the quorum's own sends in their turn took another
+//! 4-5% of the servers' CPU per operation off workload a and c
+//! (bench/README.md). Cassandra gets the first saving by asking only R
+//! replicas, at the price of read repair of the others; this keeps it.
 //!
 //! A batch that comes back refused whole (from an older node during a
 //! rolling upgrade, which does not know `Spares`) or answered with the
 //! wrong count, or handing back its first request, is not a failure of its
 //! requests: each is sent again on its own to the same primary, and so are
-//! the next spares to that peer for [`ALONE_FOR`]. A read whose answer
+//! the next requests to that peer for [`ALONE_FOR`]. A read whose answer
 //! would make the batch's too large comes back `Alone` and is sent again
 //! likewise. (Nodes of 297ac1c..6d1d943 sent `PeerRequest::Batch`, which
 //! is still answered, whole, for them.) Only a peer that cannot
-//! be reached (or no answer by the deadline) fails a spare, and a fallback
-//! is asked in its place, as for any send: a fallback's "absent" must
-//! never stand in for a primary that is up and holds the key.
+//! be reached (or no answer by the deadline) fails a batched request, and
+//! a fallback is asked in its place, as for any send: a fallback's
+//! "absent" must never stand in for a primary that is up and holds the
+//! key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,6 +59,14 @@ use crate::storage::Store;
 /// beside the timeouts; under load it gathers tens of requests.
 pub(super) const WINDOW: Duration = Duration::from_millis(1);
 
+/// Most bytes a quorum's own request may carry (for a read: its local
+/// copy, cached) to join a batch that leaves this turn. A batch is
+/// answered once all its requests are, so a large one would hold up the
+/// others' answers, and a read of a large object is read whole before it
+/// can be handed back; so larger ones, and reads of keys whose local copy
+/// is not cached (of unknown size), go on their own.
+pub(super) const THIS_TURN_BYTES: usize = 16 << 10;
+
 /// How long spares to a peer that refused a batch go one by one.
 const ALONE_FOR: Duration = Duration::from_secs(60);
 
@@ -63,10 +79,27 @@ enum Spared {
 
 type Waiter = oneshot::Sender<Spared>;
 
-/// The spares waiting for their batch, per peer.
+/// When a batch leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Leaves {
+    /// Once the requests of this turn of the scheduler have joined it:
+    /// the quorum waits for them.
+    ThisTurn,
+    /// After [`WINDOW`]: spares, which no quorum waits for.
+    AfterWindow,
+}
+
+/// The requests waiting for their batch, per peer and kind of batch.
 #[derive(Default)]
 pub struct Spares {
-    pending: Mutex<HashMap<NodeId, Pending>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<(NodeId, Leaves), Pending>,
+    /// Peers that refused a batch: until then their requests go one by one.
+    alone_until: HashMap<NodeId, Instant>,
 }
 
 /// One peer's batch in the making.
@@ -80,8 +113,6 @@ struct Pending {
     /// Counts the batches taken, so that a window's timer takes only the
     /// batch it was started for, not one started after a full batch left.
     taken: u64,
-    /// The peer refused a batch: until then its spares go one by one.
-    alone_until: Option<Instant>,
 }
 
 /// A batch on its way.
@@ -107,7 +138,8 @@ impl Pending {
 
 /// What adding a spare to its peer's batch calls for.
 enum Next {
-    /// The first of a new batch: start its window's timer (for batch number).
+    /// The first of a new batch: start the task that sends it when it
+    /// leaves (batch number).
     Timer(u64),
     /// The batch is full: send it now.
     Send(Batch),
@@ -115,19 +147,24 @@ enum Next {
 }
 
 impl Spares {
-    /// Adds `request` to the batch for `to`, unless `to` refused one lately.
+    /// Adds `request` to the batch for `to` that `leaves`, unless `to`
+    /// refused one lately.
     fn add(
         &self,
         to: &MemberInfo,
+        leaves: Leaves,
         request: Batched,
         waiter: Waiter,
         deadline: Instant,
     ) -> Result<Next, Batched> {
-        let mut pending = self.pending.lock().expect("spares lock");
-        let p = pending.entry(to.id).or_default();
-        if p.alone_until.is_some_and(|until| Instant::now() < until) {
-            return Err(request);
+        let mut state = self.state.lock().expect("spares lock");
+        if let Some(&until) = state.alone_until.get(&to.id) {
+            if Instant::now() < until {
+                return Err(request);
+            }
+            state.alone_until.remove(&to.id);
         }
+        let p = state.pending.entry((to.id, leaves)).or_default();
         p.bytes += request.size();
         p.requests.push(request);
         p.waiters.push(waiter);
@@ -145,27 +182,28 @@ impl Spares {
 
     /// `to` refused a batch: send it none for [`ALONE_FOR`].
     fn refused_by(&self, to: &MemberInfo) {
-        let mut pending = self.pending.lock().expect("spares lock");
-        pending.entry(to.id).or_default().alone_until = Some(Instant::now() + ALONE_FOR);
+        let mut state = self.state.lock().expect("spares lock");
+        state.alone_until.insert(to.id, Instant::now() + ALONE_FOR);
     }
 
-    /// The batch `number` for `to`, unless it left already.
-    fn take(&self, to: &MemberInfo, number: u64) -> Option<Batch> {
-        let mut pending = self.pending.lock().expect("spares lock");
-        let p = pending.get_mut(&to.id)?;
+    /// The batch `number` for `to` that `leaves`, unless it left already.
+    fn take(&self, to: &MemberInfo, leaves: Leaves, number: u64) -> Option<Batch> {
+        let mut state = self.state.lock().expect("spares lock");
+        let p = state.pending.get_mut(&(to.id, leaves))?;
         (p.taken == number && !p.requests.is_empty()).then(|| p.take(to))
     }
 }
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
-    /// Sends `request` to `to` with the other spares bound there within
-    /// [`WINDOW`], and waits for its own answer until `deadline`; sends it
-    /// on its own if it may not travel in a batch or `to` refused one
-    /// lately. `None`: its batch handed it back; build it again and send
-    /// it on its own.
-    pub(super) async fn spare_call(
+    /// Sends `request` to `to` with the other requests bound there that
+    /// join its batch before it `leaves`, and waits for its own answer
+    /// until `deadline`; sends it on its own if it may not travel in a
+    /// batch or `to` refused one lately. `None`: its batch handed it back;
+    /// build it again and send it on its own.
+    pub(super) async fn batched_call(
         self: &Arc<Self>,
         to: &MemberInfo,
+        leaves: Leaves,
         request: PeerRequest,
         deadline: Instant,
     ) -> Option<Result<PeerResponse, TransportError>> {
@@ -174,7 +212,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             Err(request) => return Some(self.replica_call(to, request, deadline).await),
         };
         let (tx, rx) = oneshot::channel();
-        let next = match self.spares.add(to, request, tx, deadline) {
+        let next = match self.spares.add(to, leaves, request, tx, deadline) {
             Ok(next) => next,
             Err(request) => return Some(self.replica_call(to, request.alone(), deadline).await),
         };
@@ -187,8 +225,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             Next::Timer(number) => {
                 let (node, to) = (self.clone(), to.clone());
                 self.tasks.spawn(async move {
-                    tokio::time::sleep(WINDOW).await;
-                    if let Some(batch) = node.spares.take(&to, number) {
+                    match leaves {
+                        // Runs again once the tasks ready now have run
+                        // (tokio defers a yielded task until it has
+                        // polled for I/O): they add their requests.
+                        Leaves::ThisTurn => tokio::task::yield_now().await,
+                        Leaves::AfterWindow => tokio::time::sleep(WINDOW).await,
+                    }
+                    if let Some(batch) = node.spares.take(&to, leaves, number) {
                         node.send_batch(batch).await;
                     }
                 });

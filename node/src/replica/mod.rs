@@ -269,6 +269,13 @@ impl<S: Store> Replica<S> {
         Ok(bytes)
     }
 
+    /// The size of `key`'s stored object if the object cache holds it
+    /// (then it is small: at most a stripe's share of the cache); reads
+    /// nothing from the store.
+    pub fn cached_len(&self, key: &[u8]) -> Option<usize> {
+        self.lock_stripe(key).cached_len(key)
+    }
+
     /// Empties the object cache: after the store was changed behind the
     /// node's back (tests that lose or corrupt records).
     pub fn drop_cache(&self) {

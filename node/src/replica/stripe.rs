@@ -66,6 +66,11 @@ impl Stripe {
         self.cache.get(key).cloned()
     }
 
+    /// The length of `key`'s cached stored bytes, if cached.
+    pub(crate) fn cached_len(&self, key: &[u8]) -> Option<usize> {
+        self.cache.get(key).map(|b| b.len())
+    }
+
     pub(crate) fn forget(&mut self, key: &[u8]) {
         if let Some(old) = self.cache.remove(key) {
             self.bytes -= Stripe::cost(key, &old);
