@@ -595,16 +595,32 @@ async fn a_large_quorum_request_goes_on_its_own() {
     written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let log = c.net.take_trace_log();
-    assert_eq!(delivered_at_once_and_later(&log, "deliver replica-put"), (1, 0), "{log:#?}");
-    assert_eq!(delivered_at_once_and_later(&log, "deliver batch"), (0, 1), "{log:#?}");
+    assert_eq!(
+        delivered_at_once_and_later(&log, "deliver replica-put"),
+        (1, 0),
+        "{log:#?}"
+    );
+    assert_eq!(
+        delivered_at_once_and_later(&log, "deliver batch"),
+        (0, 1),
+        "{log:#?}"
+    );
 
     c.net.keep_trace_log();
     let read = value(c.get("node1", b"big", D).await);
     assert_eq!(values(&read), [vec![7; 100 << 10]]);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let log = c.net.take_trace_log();
-    assert_eq!(delivered_at_once_and_later(&log, "deliver replica-get"), (1, 0), "{log:#?}");
-    assert_eq!(delivered_at_once_and_later(&log, "deliver batch"), (0, 1), "{log:#?}");
+    assert_eq!(
+        delivered_at_once_and_later(&log, "deliver replica-get"),
+        (1, 0),
+        "{log:#?}"
+    );
+    assert_eq!(
+        delivered_at_once_and_later(&log, "deliver batch"),
+        (0, 1),
+        "{log:#?}"
+    );
 }
 
 /// A node that does not know batches (an older version, during a rolling

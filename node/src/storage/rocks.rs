@@ -340,6 +340,15 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         cf.set_memtable_whole_key_filtering(true);
         cf.set_memtable_prefix_bloom_ratio(0.05);
         cf.set_write_buffer_size(memtable_bytes());
+        // Room for three full memtables waiting for their flush, not one
+        // (RocksDB's default of two in all): an object of megabytes fills
+        // a memtable by itself, and with two of them in a row every write
+        // of the node stopped behind a flush that runs at the lowest CPU
+        // priority; a node whose writes stop stops answering, and its
+        // peers take it for down. With four, RocksDB slows writes at the
+        // third and stops them only at the fourth. The memory is spent
+        // only while flushes lag.
+        cf.set_max_write_buffer_number(4);
         ColumnFamilyDescriptor::new(t.name(), cf)
     });
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io("open"))?;
@@ -387,6 +396,21 @@ impl RocksStore {
     pub fn raw_put(&self, tree: Tree, key: &[u8], raw: &[u8]) -> Result<(), StoreError> {
         let db = self.db()?;
         db.put_cf(cf(&db, tree), key, raw).map_err(io("put"))
+    }
+
+    /// The objects tree's write stalls so far, as RocksDB counts them
+    /// (the tree's "Write Stall (count)" line of `rocksdb.stats`; tests).
+    pub fn stalls(&self) -> String {
+        let Ok(db) = self.db() else {
+            return String::new();
+        };
+        let stats = db.property_value_cf(cf(&db, Tree::Objects), "rocksdb.stats");
+        let stats = stats.ok().flatten().unwrap_or_default();
+        stats
+            .lines()
+            .find(|l| l.starts_with("Write Stall (count): cf-"))
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// WAL syncs made by group commit so far (tests; 0 without `fsync`).
@@ -541,3 +565,6 @@ impl Store for RocksStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests;
