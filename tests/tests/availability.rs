@@ -591,36 +591,26 @@ async fn spares_a_batch_hands_back_are_sent_on_their_own() {
 #[tokio::test(start_paused = true)]
 async fn a_large_quorum_request_goes_on_its_own() {
     let c = taking_values_of(200 << 10);
+    // The quorum's request alone at once, the spare in a batch later.
+    let alone_then_batched = |alone: &str| {
+        let log = c.net.take_trace_log();
+        assert_eq!(delivered_at_once_and_later(&log, alone), (1, 0), "{log:#?}");
+        assert_eq!(
+            delivered_at_once_and_later(&log, "deliver batch"),
+            (0, 1),
+            "{log:#?}"
+        );
+    };
     c.net.keep_trace_log();
     written(c.put("node1", b"big", &vec![7; 100 << 10], None, D).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(
-        delivered_at_once_and_later(&log, "deliver replica-put"),
-        (1, 0),
-        "{log:#?}"
-    );
-    assert_eq!(
-        delivered_at_once_and_later(&log, "deliver batch"),
-        (0, 1),
-        "{log:#?}"
-    );
+    alone_then_batched("deliver replica-put");
 
     c.net.keep_trace_log();
     let read = value(c.get("node1", b"big", D).await);
     assert_eq!(values(&read), [vec![7; 100 << 10]]);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = c.net.take_trace_log();
-    assert_eq!(
-        delivered_at_once_and_later(&log, "deliver replica-get"),
-        (1, 0),
-        "{log:#?}"
-    );
-    assert_eq!(
-        delivered_at_once_and_later(&log, "deliver batch"),
-        (0, 1),
-        "{log:#?}"
-    );
+    alone_then_batched("deliver replica-get");
 }
 
 /// A node that does not know batches (an older version, during a rolling

@@ -337,7 +337,6 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks values that parse but cannot work.
     /// The longest a message may stay in flight, in ms: sent before its
     /// request's deadline (the longest a request may ask for) or at the
     /// end of a read-repair window, and delivered before its connection
@@ -348,6 +347,7 @@ impl Config {
             .saturating_add(self.timeouts.idle_ms)
     }
 
+    /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
         if self.name.is_empty() {

@@ -114,16 +114,17 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             // A remote primary's request travels in a batch (see `spare`);
             // one its batch hands back goes on its own (built again: rare,
             // and only then is its object copied twice).
-            let leaves = match spare {
-                true => Some(Leaves::AfterWindow),
-                false => self.joins_this_turn(key, op).then_some(Leaves::ThisTurn),
+            let leaves = match (as_primary && target.id != self.me.id, spare) {
+                (false, _) => None,
+                (true, true) => Some(Leaves::AfterWindow),
+                (true, false) => self.joins_this_turn(key, op).then_some(Leaves::ThisTurn),
             };
             let batched = match leaves {
-                Some(leaves) if as_primary && target.id != self.me.id => {
+                Some(leaves) => {
                     self.batched_call(&target, leaves, op.request(key, None), deadline)
                         .await
                 }
-                _ => None,
+                None => None,
             };
             let answer = match batched {
                 Some(answer) => answer,
@@ -195,9 +196,6 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// Whether a quorum's own request of `op` on `key` is small enough to
     /// join a batch that leaves this turn (see [`THIS_TURN_BYTES`]).
     fn joins_this_turn(&self, key: &[u8], op: &ReplicaOp) -> bool {
-        if std::env::var_os("SHOAL_EXP_NO_EAGER").is_some() {
-            return false;
-        }
         match op {
             ReplicaOp::Put(object) => object.approx_size() <= THIS_TURN_BYTES,
             ReplicaOp::Get => self
