@@ -431,38 +431,65 @@ impl RocksStore {
     /// 60 MiB), blocking the thread it runs on. So a write of megabytes,
     /// and every write while one is under way, runs off the worker
     /// ([`crate::tasks::heavy`]), which goes on driving the connections.
+    /// RocksDB also holds writes back while flushes or compactions lag
+    /// (slowed, or stopped until a flush at the lowest CPU priority ends:
+    /// seconds on a busy machine): a write on the worker is not let wait,
+    /// it is written again off the worker.
     fn write_to(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let large = batch.bytes() > crate::tasks::HEAVY_BYTES;
         if !large && self.heavy_writes.load(Ordering::Acquire) == 0 {
-            return self.write_now(db, batch, sync);
+            if self.write_now(&db, &batch, sync, Hold::Refuse)? {
+                return Ok(());
+            }
         }
         let _under_way = large.then(|| UnderWay::new(&self.heavy_writes));
-        crate::tasks::heavy(|| self.write_now(db, batch, sync))
+        crate::tasks::heavy(|| self.write_now(&db, &batch, sync, Hold::Wait)).map(|_| ())
     }
 
-    fn write_now(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+    /// Writes `batch`: `Ok(false)` when RocksDB held it back and `hold`
+    /// refused to wait (nothing written).
+    fn write_now(
+        &self,
+        db: &Arc<Open>,
+        batch: &WriteBatch,
+        sync: bool,
+        hold: Hold,
+    ) -> Result<bool, StoreError> {
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
                 BatchOp::Put { tree, key, value } => {
-                    wb.put_cf(cf(&db, *tree), key, record::seal(*tree, key, value))
+                    wb.put_cf(cf(db, *tree), key, record::seal(*tree, key, value))
                 }
-                BatchOp::Delete { tree, key } => wb.delete_cf(cf(&db, *tree), key),
+                BatchOp::Delete { tree, key } => wb.delete_cf(cf(db, *tree), key),
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        let result = db.write_opt(wb, &wo).map_err(io("write"));
+        wo.set_no_slowdown(hold == Hold::Refuse);
+        let result = match db.write_opt(wb, &wo) {
+            Err(e) if hold == Hold::Refuse && e.kind() == rocksdb::ErrorKind::Incomplete => {
+                return Ok(false)
+            }
+            result => result.map_err(io("write")),
+        };
         if let Err(e @ StoreError::Io { .. }) = &result {
             if self.fsync {
                 self.syncs.failure(e);
             }
             if self.syncs.failed.get().is_none() {
-                self.recover(db);
+                self.recover(db.clone());
             }
         }
-        result
+        result.map(|()| true)
     }
+}
+
+/// Whether a write may wait while RocksDB holds writes back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Wait,
+    Refuse,
 }
 
 /// Counts one write of megabytes under way while it lives.

@@ -36,3 +36,80 @@ fn objects_larger_than_a_memtable_do_not_stop_writes() {
         "writes stopped: {stalls}"
     );
 }
+
+/// A write RocksDB holds back (writes stopped or slowed while flushes or
+/// compactions lag: seconds, at the lowest CPU priority on a busy
+/// machine) waits off the worker, whose other tasks, the connections'
+/// among them, go on. A node of a local cluster on two cores has one
+/// worker; held by such a write, it stopped acknowledging packets and its
+/// peers and clients took it for down (the hostile test's flake: "no
+/// acknowledgement within 300ms").
+#[test]
+fn a_write_rocksdb_holds_back_waits_off_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path(), false).unwrap());
+    store.raw_put(Tree::Objects, b"a", b"x").unwrap();
+    store.flush().unwrap();
+    // One file in level 0, and writes stop at one: stopped until the
+    // limit goes back up.
+    let db = store.db().unwrap();
+    let stop_at = |files: &str| {
+        db.set_options_cf(
+            cf(&db, Tree::Objects),
+            &[
+                ("level0_slowdown_writes_trigger", files),
+                ("level0_stop_writes_trigger", files),
+            ],
+        )
+        .unwrap()
+    };
+    stop_at("1");
+    let stopped = db.property_int_value("rocksdb.is-write-stopped").unwrap();
+    assert_eq!(stopped, Some(1), "the test could not stop writes");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let counter = ticks.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let writer = store.clone();
+    let write = runtime.spawn(async move {
+        let mut batch = WriteBatch::default();
+        batch.put(Tree::Objects, b"b", b"y");
+        writer.write(batch)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let before = ticks.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(400));
+    let ticked = ticks.load(Ordering::Relaxed) - before;
+    let held_back = !write.is_finished();
+    stop_at("36");
+    let written =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(30), write).await });
+    runtime.shutdown_background();
+
+    assert!(
+        held_back,
+        "the write was not held back: the test shows nothing"
+    );
+    assert!(
+        ticked >= 20,
+        "the worker stood still behind the held-back write: {ticked} ticks of 5 ms in 400 ms"
+    );
+    written
+        .expect("written once writes resume")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.get(Tree::Objects, b"b").unwrap().as_deref(),
+        Some(&b"y"[..])
+    );
+}
