@@ -15,25 +15,98 @@
 //! Such a copy is in flight no longer than a message lives (the bound the
 //! config already holds the grace period to: the longest request, the
 //! read-repair window and a connection's idle time). For that long the
-//! replica keeps each tombstone it reaped, and what is merged into the
-//! absent key keeps only the siblings the tombstone does not cover: writes
-//! made after the reap, never the values it deleted.
+//! replica keeps the history (clock) of each tombstone it reaped, and a
+//! change to the absent key starts from that history instead of from
+//! nothing: a merge keeps only the siblings the tombstone does not cover
+//! (writes made after the reap, never the values it deleted), and a write
+//! made here carries the history on, so that a stale copy merged after
+//! it is still covered.
+
+//!
+//! The entries are kept in the meta tree too (under [`PREFIX`] and the
+//! key), written before the reap's delete: a copy sent before a restart
+//! can arrive after it, and a replica that restarts within the window
+//! keeps fencing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
 use std::time::Duration;
 
-use super::Replica;
-use crate::storage::Store;
-use crate::version::Object;
+use tracing::warn;
+
+use super::{reapable, trees, Replica, Stored};
+use crate::storage::{Store, StoreError, Tree, WriteBatch};
+use crate::version::{decode_object, Object};
+
+/// The fence's entries in [`Tree::Meta`]: this prefix ++ key -> (deadline
+/// in ms, history).
+const PREFIX: &[u8] = b"fence/";
+/// The first key past [`PREFIX`]'s.
+const PAST_PREFIX: &[u8] = b"fence0";
+
+fn entry_key(key: &[u8]) -> Vec<u8> {
+    [PREFIX, key].concat()
+}
 
 impl<S: Store> Replica<S> {
     pub(super) fn lock_fence(&self) -> MutexGuard<'_, Fence> {
         self.fence.lock().expect("fence lock")
     }
+
+    /// Removes the local object of `key` if it is exactly `expected`, a
+    /// tombstone whose grace period has passed by this node's own clock (so
+    /// one node with a fast clock cannot reap early for all); returns
+    /// whether it did.
+    pub fn reap(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
+        if !reapable(expected, self.settings.tombstone_grace, self.now_ms()) {
+            return Ok(false);
+        }
+        let mut stripe = self.lock_stripe(key);
+        let Stored::Present(raw) = self.stored_record(&mut stripe, key)? else {
+            return Ok(false);
+        };
+        if decode_object(&raw).ok().as_ref() != Some(expected) {
+            return Ok(false);
+        }
+        self.fence_reap(key, expected)?;
+        self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
+        // Forgotten here: never write under its actors again (before the
+        // stripe is released, so no write to the key sees them live).
+        let full = self.actors.retire(expected);
+        drop(stripe);
+        if full {
+            self.new_incarnation("retired actors reached their bound")?;
+        }
+        Ok(true)
+    }
+
+    /// Fences `key`, whose `tombstone` is about to be reaped here: in the
+    /// store, then in memory. The store's entries past their window go in
+    /// the same write. The fence's lock is held throughout, so that no
+    /// other reap's write overtakes this one's.
+    pub(super) fn fence_reap(&self, key: &[u8], tombstone: &Object) -> Result<(), StoreError> {
+        let now = self.now_ms();
+        let mut fence = self.lock_fence();
+        let mut batch = WriteBatch::default();
+        for expired in fence.expire(now) {
+            batch.delete(Tree::Meta, &entry_key(&expired));
+        }
+        let entry = fence.entry(tombstone, now);
+        if let Some(entry) = &entry {
+            let bytes = rmp_serde::to_vec(entry).expect("an object always encodes");
+            batch.put(Tree::Meta, &entry_key(key), &bytes);
+        }
+        if !batch.ops.is_empty() {
+            self.store.write(batch)?;
+        }
+        if let Some((until, history)) = entry {
+            fence.insert(key, until, history);
+        }
+        Ok(())
+    }
 }
 
-/// Tombstones reaped here in the last `window`, by key.
+/// Histories of the tombstones reaped here in the last `window`, by key.
 #[derive(Debug)]
 pub(super) struct Fence {
     window_ms: u64,
@@ -44,38 +117,82 @@ pub(super) struct Fence {
 }
 
 impl Fence {
-    pub(super) fn new(window: Duration) -> Self {
-        Fence {
+    /// The fence `store` kept, at `now_ms`; entries past their window are
+    /// deleted from it, and one that cannot be read is dropped (its key
+    /// is no longer fenced; logged).
+    pub(super) fn load<S: Store>(
+        store: &S,
+        window: Duration,
+        now_ms: u64,
+    ) -> Result<Self, StoreError> {
+        let mut fence = Fence {
             window_ms: window.as_millis() as u64,
             reaped: HashMap::new(),
             expiry: VecDeque::new(),
+        };
+        let mut entries = Vec::new();
+        let mut gone = WriteBatch::default();
+        let mut start = PREFIX.to_vec();
+        loop {
+            let page = store.scan(Tree::Meta, &start, Some(PAST_PREFIX), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            start = [last.as_slice(), &[0]].concat();
+            for (k, record) in page {
+                let entry = record.map_err(|e| e.to_string()).and_then(|bytes| {
+                    rmp_serde::from_slice::<(u64, Object)>(&bytes).map_err(|e| e.to_string())
+                });
+                match entry {
+                    Ok((until, history)) if until > now_ms => {
+                        entries.push((until, k[PREFIX.len()..].to_vec(), history))
+                    }
+                    Ok(_) => {
+                        gone.delete(Tree::Meta, &k);
+                    }
+                    Err(e) => {
+                        warn!(key = %hex::encode(&k[PREFIX.len()..]), error = %e,
+                            "a reap fence entry could not be read: dropped, its key no longer fenced");
+                        gone.delete(Tree::Meta, &k);
+                    }
+                }
+            }
         }
+        if !gone.ops.is_empty() {
+            store.write(gone)?;
+        }
+        entries.sort_by_key(|(until, _, _)| *until);
+        for (until, key, history) in entries {
+            fence.insert(&key, until, history);
+        }
+        Ok(fence)
     }
 
-    /// `tombstone` of `key` was reaped here at `now_ms`.
-    pub(super) fn reaped(&mut self, key: &[u8], tombstone: &Object, now_ms: u64) {
-        self.expire(now_ms);
+    /// The entry fencing a key whose `tombstone` is reaped at `now_ms`:
+    /// its deadline and the tombstone's history; none when the fence is off.
+    fn entry(&self, tombstone: &Object, now_ms: u64) -> Option<(u64, Object)> {
         if self.window_ms == 0 {
-            return;
+            return None;
         }
-        let until = now_ms.saturating_add(self.window_ms);
-        self.reaped.insert(key.to_vec(), (until, tombstone.clone()));
+        let mut history = tombstone.clone();
+        history.drop_siblings_of(tombstone);
+        Some((now_ms.saturating_add(self.window_ms), history))
+    }
+
+    fn insert(&mut self, key: &[u8], until: u64, history: Object) {
+        self.reaped.insert(key.to_vec(), (until, history));
         self.expiry.push_back((until, key.to_vec()));
     }
 
-    /// What of `incoming` may be merged into `key`, absent here, at
-    /// `now_ms`: `None` when no reap fences the key (all of it), else the
-    /// siblings the reaped tombstone does not cover (possibly none), with
-    /// the history of both.
-    pub(super) fn admit(&mut self, key: &[u8], incoming: &Object, now_ms: u64) -> Option<Object> {
-        self.expire(now_ms);
-        let (_, tombstone) = self.reaped.get(key)?;
-        let mut admitted = Object::merged(tombstone, incoming);
-        admitted.drop_siblings_of(tombstone);
-        Some(admitted)
+    /// What a change to `key`, absent here, starts from at `now_ms`: the
+    /// history of the tombstone reaped here lately, without its siblings;
+    /// `None` when no reap fences the key (nothing).
+    pub(super) fn history(&self, key: &[u8], now_ms: u64) -> Option<Object> {
+        let (until, history) = self.reaped.get(key)?;
+        (*until > now_ms).then(|| history.clone())
     }
 
-    fn expire(&mut self, now_ms: u64) {
+    /// Forgets the entries past their window at `now_ms`; returns their keys.
+    fn expire(&mut self, now_ms: u64) -> Vec<Vec<u8>> {
+        let mut expired = Vec::new();
         while let Some((until, _)) = self.expiry.front() {
             if *until > now_ms {
                 break;
@@ -83,8 +200,10 @@ impl Fence {
             let (until, key) = self.expiry.pop_front().expect("a front");
             if self.reaped.get(&key).is_some_and(|(u, _)| *u == until) {
                 self.reaped.remove(&key);
+                expired.push(key);
             }
         }
+        expired
     }
 }
 
@@ -132,23 +251,78 @@ mod tests {
         assert_eq!(values(&r.get(b"k").unwrap()), vec![b"new".to_vec()]);
     }
 
+    /// A write made here after the reap (a blind put, or any whose context
+    /// lacks the deleted value) starts from the tombstone's history: a copy
+    /// read before the reap and merged after the write still cannot bring
+    /// the deleted value back beside it.
+    #[test]
+    fn a_write_after_the_reap_keeps_the_fence() {
+        let r = replica_over(Arc::new(MemoryStore::new()));
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        r.merge(b"k", &tombstone).unwrap();
+        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let _written = r
+            .write(b"k", &VersionVector::new(), Some(b"new".to_vec()))
+            .unwrap();
+        r.merge(b"k", &old).unwrap();
+        assert_eq!(
+            values(&r.get(b"k").unwrap()),
+            vec![b"new".to_vec()],
+            "the reaped value came back beside the write"
+        );
+    }
+
     #[test]
     fn the_fence_lasts_its_window() {
         let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
         let tombstone = update(&old, &old.context(), None, 8);
-        let mut fence = Fence::new(Duration::from_millis(100));
-        fence.reaped(b"k", &tombstone, 1_000);
-        let admitted = fence.admit(b"k", &old, 1_099).expect("fenced");
-        assert_eq!(admitted.values().count(), 0);
-        assert!(admitted.siblings().is_empty());
-        assert!(fence.admit(b"other", &old, 1_099).is_none());
+        let store = MemoryStore::new();
+        let mut fence = Fence::load(&store, Duration::from_millis(100), 0).unwrap();
+        let reap = |fence: &mut Fence, at| {
+            let (until, history) = fence.entry(&tombstone, at).expect("fencing");
+            fence.insert(b"k", until, history);
+        };
+        reap(&mut fence, 1_000);
+        let history = fence.history(b"k", 1_099).expect("fenced");
+        assert!(history.siblings().is_empty());
+        assert!(Object::merged(&history, &old).siblings().is_empty());
+        assert!(fence.history(b"other", 1_099).is_none());
+        assert!(fence.history(b"k", 1_100).is_none());
         // Reaped again later (written and deleted again): the first entry's
         // deadline does not end the second.
-        fence.reaped(b"k", &tombstone, 1_050);
-        assert!(fence.admit(b"k", &old, 1_120).is_some());
-        assert!(fence.admit(b"k", &old, 1_150).is_none());
-        let mut off = Fence::new(Duration::ZERO);
-        off.reaped(b"k", &tombstone, 1_000);
-        assert!(off.admit(b"k", &old, 1_000).is_none());
+        reap(&mut fence, 1_050);
+        assert!(fence.expire(1_100).is_empty());
+        assert!(fence.history(b"k", 1_120).is_some());
+        assert_eq!(fence.expire(1_150), vec![b"k".to_vec()]);
+        let off = Fence::load(&store, Duration::ZERO, 0).unwrap();
+        assert!(off.entry(&tombstone, 1_000).is_none());
+    }
+
+    /// A replica that restarts within the window still fences the key (a
+    /// copy sent before the restart can arrive after it); once the window
+    /// has passed, the stored entry goes.
+    #[test]
+    fn the_fence_outlives_a_restart() {
+        let store = Arc::new(MemoryStore::new());
+        let r = replica_over(store.clone());
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        r.merge(b"k", &tombstone).unwrap();
+        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let reaped_at = r.now_ms();
+        drop(r);
+        let r = replica_over(store.clone());
+        r.merge(b"k", &old).unwrap();
+        assert_eq!(
+            r.get(b"k").unwrap(),
+            None,
+            "the reaped key came back after a restart"
+        );
+        let later = reaped_at + 61_000;
+        let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
+        assert!(fence.history(b"k", later).is_none());
+        let entry = store.get(Tree::Meta, &entry_key(b"k")).unwrap();
+        assert_eq!(entry, None, "an expired entry stays in the store");
     }
 }

@@ -207,6 +207,8 @@ impl<S: Store> Replica<S> {
         let stripes = (0..LOCK_STRIPES)
             .map(|_| Mutex::new(Stripe::new(budget)))
             .collect();
+        let now = settings.clock.now_ms();
+        let fence = fence::Fence::load(store.as_ref(), settings.reap_fence, now)?;
         Ok(Replica {
             store,
             membership,
@@ -221,7 +223,7 @@ impl<S: Store> Replica<S> {
             lost: Mutex::default(),
             lost_found: tokio::sync::Notify::new(),
             marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
-            fence: Mutex::new(fence::Fence::new(settings.reap_fence)),
+            fence: Mutex::new(fence),
             settings,
         })
     }
@@ -336,7 +338,16 @@ impl<S: Store> Replica<S> {
                     ..
                 } => (partial.clone(), Some(*generation)),
             };
-            let mut object = before.clone().unwrap_or_default();
+            // A key reaped here lately starts from its tombstone's history
+            // (see [`fence`]).
+            let mut object = match (&before, &record) {
+                (Some(before), _) => before.clone(),
+                (None, Stored::Absent) => {
+                    let now = self.now_ms();
+                    self.lock_fence().history(key, now).unwrap_or_default()
+                }
+                (None, _) => Object::default(),
+            };
             change(before.as_ref(), &mut object)?;
             self.pruned(&mut object);
             // An absent key stays absent when nothing is left to store (a
@@ -411,14 +422,8 @@ impl<S: Store> Replica<S> {
         incoming: &Object,
         commit: Commit,
     ) -> Result<(Object, Durable), StoreError> {
-        self.apply(key, commit, |before, o| {
-            // Into a key reaped here lately, only what its tombstone does
-            // not cover (see [`fence`]).
-            let fenced = match before {
-                None => self.lock_fence().admit(key, incoming, self.now_ms()),
-                Some(_) => None,
-            };
-            o.merge(fenced.as_ref().unwrap_or(incoming));
+        self.apply(key, commit, |_, o| {
+            o.merge(incoming);
             Ok::<(), StoreError>(())
         })
     }
@@ -497,33 +502,6 @@ impl<S: Store> Replica<S> {
             self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
         }
         Ok(())
-    }
-
-    /// Removes the local object of `key` if it is exactly `expected`, a
-    /// tombstone whose grace period has passed by this node's own clock (so
-    /// one node with a fast clock cannot reap early for all); returns
-    /// whether it did.
-    pub fn reap(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
-        if !reapable(expected, self.settings.tombstone_grace, self.now_ms()) {
-            return Ok(false);
-        }
-        let mut stripe = self.lock_stripe(key);
-        let Stored::Present(raw) = self.stored_record(&mut stripe, key)? else {
-            return Ok(false);
-        };
-        if decode_object(&raw).ok().as_ref() != Some(expected) {
-            return Ok(false);
-        }
-        self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
-        self.lock_fence().reaped(key, expected, self.now_ms());
-        // Forgotten here: never write under its actors again (before the
-        // stripe is released, so no write to the key sees them live).
-        let full = self.actors.retire(expected);
-        drop(stripe);
-        if full {
-            self.new_incarnation("retired actors reached their bound")?;
-        }
-        Ok(true)
     }
 
     /// Writes (`new` Some) or removes the stored object bytes of `key`, with
