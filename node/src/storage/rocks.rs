@@ -398,21 +398,6 @@ impl RocksStore {
         db.put_cf(cf(&db, tree), key, raw).map_err(io("put"))
     }
 
-    /// The objects tree's write stalls so far, as RocksDB counts them
-    /// (the tree's "Write Stall (count)" line of `rocksdb.stats`; tests).
-    pub fn stalls(&self) -> String {
-        let Ok(db) = self.db() else {
-            return String::new();
-        };
-        let stats = db.property_value_cf(cf(&db, Tree::Objects), "rocksdb.stats");
-        let stats = stats.ok().flatten().unwrap_or_default();
-        stats
-            .lines()
-            .find(|l| l.starts_with("Write Stall (count): cf-"))
-            .unwrap_or_default()
-            .to_string()
-    }
-
     /// WAL syncs made by group commit so far (tests; 0 without `fsync`).
     pub fn group_syncs(&self) -> u64 {
         self.db()
@@ -437,20 +422,34 @@ impl RocksStore {
     /// it is written again off the worker.
     fn write_to(&self, db: Arc<Open>, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let large = batch.bytes() > crate::tasks::HEAVY_BYTES;
+        let mut result = Ok(false);
         if !large && self.heavy_writes.load(Ordering::Acquire) == 0 {
-            if self.write_now(&db, &batch, sync, Hold::Refuse)? {
-                return Ok(());
+            result = self.write_now(&db, &batch, sync, Hold::Refuse);
+        }
+        let result = match result {
+            Ok(false) => {
+                let _under_way = large.then(|| UnderWay::new(&self.heavy_writes));
+                crate::tasks::heavy(|| self.write_now(&db, &batch, sync, Hold::Wait))
+            }
+            done => done,
+        };
+        if let Err(e @ StoreError::Io { .. }) = &result {
+            if self.fsync {
+                self.syncs.failure(e);
+            }
+            if self.syncs.failed.get().is_none() {
+                // This handle is the write's last: a reopen waits for it.
+                self.recover(db);
             }
         }
-        let _under_way = large.then(|| UnderWay::new(&self.heavy_writes));
-        crate::tasks::heavy(|| self.write_now(&db, &batch, sync, Hold::Wait)).map(|_| ())
+        result.map(drop)
     }
 
     /// Writes `batch`: `Ok(false)` when RocksDB held it back and `hold`
     /// refused to wait (nothing written).
     fn write_now(
         &self,
-        db: &Arc<Open>,
+        db: &Open,
         batch: &WriteBatch,
         sync: bool,
         hold: Hold,
@@ -467,21 +466,13 @@ impl RocksStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         wo.set_no_slowdown(hold == Hold::Refuse);
-        let result = match db.write_opt(wb, &wo) {
+        match db.write_opt(wb, &wo) {
+            Ok(()) => Ok(true),
             Err(e) if hold == Hold::Refuse && e.kind() == rocksdb::ErrorKind::Incomplete => {
-                return Ok(false)
+                Ok(false)
             }
-            result => result.map_err(io("write")),
-        };
-        if let Err(e @ StoreError::Io { .. }) = &result {
-            if self.fsync {
-                self.syncs.failure(e);
-            }
-            if self.syncs.failed.get().is_none() {
-                self.recover(db.clone());
-            }
+            Err(e) => Err(io("write")(e)),
         }
-        result.map(|()| true)
     }
 }
 
