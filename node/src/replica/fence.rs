@@ -34,18 +34,26 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{reapable, trees, Replica, Stored};
+use super::{reapable, trees, Commit, Replica, Stored};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
-use crate::version::{decode_object, Object};
+use crate::version::{decode_object, encode_object, Object};
 
-/// The fence's entries in [`Tree::Meta`]: this prefix ++ key -> (deadline
-/// in ms, history).
+/// The fence's entries in [`Tree::Meta`]: this prefix ++ key ++ deadline
+/// (ms, 8 bytes big endian) -> history; a deadline in the name, so that a
+/// deadline's passing deletes that entry and never a later one's.
 const PREFIX: &[u8] = b"fence/";
 /// The first key past [`PREFIX`]'s.
 const PAST_PREFIX: &[u8] = b"fence0";
 
-fn entry_key(key: &[u8]) -> Vec<u8> {
-    [PREFIX, key].concat()
+fn entry_key(key: &[u8], until: u64) -> Vec<u8> {
+    [PREFIX, key, &until.to_be_bytes()].concat()
+}
+
+/// The key and deadline an entry's name holds.
+fn parse_entry_key(name: &[u8]) -> Option<(&[u8], u64)> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (key, until) = rest.split_at_checked(rest.len().checked_sub(8)?)?;
+    Some((key, u64::from_be_bytes(until.try_into().ok()?)))
 }
 
 impl<S: Store> Replica<S> {
@@ -56,9 +64,11 @@ impl<S: Store> Replica<S> {
     /// Removes the local object of `key` if it is exactly `expected`, a
     /// tombstone whose grace period has passed by this node's own clock (so
     /// one node with a fast clock cannot reap early for all); returns
-    /// whether it did.
+    /// whether it did. The key's fence entry is written in the same batch
+    /// as the delete, with the deletes of the entries past their window.
     pub fn reap(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
-        if !reapable(expected, self.settings.tombstone_grace, self.now_ms()) {
+        let now = self.now_ms();
+        if !reapable(expected, self.settings.tombstone_grace, now) {
             return Ok(false);
         }
         let mut stripe = self.lock_stripe(key);
@@ -68,8 +78,23 @@ impl<S: Store> Replica<S> {
         if decode_object(&raw).ok().as_ref() != Some(expected) {
             return Ok(false);
         }
-        self.fence_reap(key, expected)?;
-        self.write_object(&mut stripe, key, Some(trees::digest(&raw)), None)?;
+        let (expired, entry) = {
+            let mut fence = self.lock_fence();
+            (fence.expire(now), fence.entry(expected, now))
+        };
+        let mut batch = WriteBatch::default();
+        for (until, expired) in &expired {
+            batch.delete(Tree::Meta, &entry_key(expired, *until));
+        }
+        if let Some((until, history)) = &entry {
+            batch.put(Tree::Meta, &entry_key(key, *until), &encode_object(history));
+        }
+        let digest = Some(trees::digest(&raw));
+        self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
+            .map(drop)?;
+        if let Some((until, history)) = entry {
+            self.lock_fence().insert(key, until, history);
+        }
         // Forgotten here: never write under its actors again (before the
         // stripe is released, so no write to the key sees them live).
         let full = self.actors.retire(expected);
@@ -78,31 +103,6 @@ impl<S: Store> Replica<S> {
             self.new_incarnation("retired actors reached their bound")?;
         }
         Ok(true)
-    }
-
-    /// Fences `key`, whose `tombstone` is about to be reaped here: in the
-    /// store, then in memory. The store's entries past their window go in
-    /// the same write. The fence's lock is held throughout, so that no
-    /// other reap's write overtakes this one's.
-    pub(super) fn fence_reap(&self, key: &[u8], tombstone: &Object) -> Result<(), StoreError> {
-        let now = self.now_ms();
-        let mut fence = self.lock_fence();
-        let mut batch = WriteBatch::default();
-        for expired in fence.expire(now) {
-            batch.delete(Tree::Meta, &entry_key(&expired));
-        }
-        let entry = fence.entry(tombstone, now);
-        if let Some(entry) = &entry {
-            let bytes = rmp_serde::to_vec(entry).expect("an object always encodes");
-            batch.put(Tree::Meta, &entry_key(key), &bytes);
-        }
-        if !batch.ops.is_empty() {
-            self.store.write(batch)?;
-        }
-        if let Some((until, history)) = entry {
-            fence.insert(key, until, history);
-        }
-        Ok(())
     }
 }
 
@@ -137,21 +137,24 @@ impl Fence {
             let page = store.scan(Tree::Meta, &start, Some(PAST_PREFIX), 1024)?;
             let Some((last, _)) = page.last() else { break };
             start = [last.as_slice(), &[0]].concat();
-            for (k, record) in page {
-                let entry = record.map_err(|e| e.to_string()).and_then(|bytes| {
-                    rmp_serde::from_slice::<(u64, Object)>(&bytes).map_err(|e| e.to_string())
+            for (name, record) in page {
+                let entry = parse_entry_key(&name).ok_or_else(|| "a malformed name".to_string());
+                let entry = entry.and_then(|(key, until)| {
+                    let bytes = record.map_err(|e| e.to_string())?;
+                    let history = decode_object(&bytes).map_err(|e| e.to_string())?;
+                    Ok((key.to_vec(), until, history))
                 });
                 match entry {
-                    Ok((until, history)) if until > now_ms => {
-                        entries.push((until, k[PREFIX.len()..].to_vec(), history))
+                    Ok((key, until, history)) if until > now_ms => {
+                        entries.push((until, key, history))
                     }
                     Ok(_) => {
-                        gone.delete(Tree::Meta, &k);
+                        gone.delete(Tree::Meta, &name);
                     }
                     Err(e) => {
-                        warn!(key = %hex::encode(&k[PREFIX.len()..]), error = %e,
+                        warn!(entry = %hex::encode(&name), error = %e,
                             "a reap fence entry could not be read: dropped, its key no longer fenced");
-                        gone.delete(Tree::Meta, &k);
+                        gone.delete(Tree::Meta, &name);
                     }
                 }
             }
@@ -190,8 +193,9 @@ impl Fence {
         (*until > now_ms).then(|| history.clone())
     }
 
-    /// Forgets the entries past their window at `now_ms`; returns their keys.
-    fn expire(&mut self, now_ms: u64) -> Vec<Vec<u8>> {
+    /// Forgets the entries past their window at `now_ms`; returns each
+    /// one's deadline and key (a key reaped twice has two).
+    fn expire(&mut self, now_ms: u64) -> Vec<(u64, Vec<u8>)> {
         let mut expired = Vec::new();
         while let Some((until, _)) = self.expiry.front() {
             if *until > now_ms {
@@ -200,8 +204,8 @@ impl Fence {
             let (until, key) = self.expiry.pop_front().expect("a front");
             if self.reaped.get(&key).is_some_and(|(u, _)| *u == until) {
                 self.reaped.remove(&key);
-                expired.push(key);
             }
+            expired.push((until, key));
         }
         expired
     }
@@ -292,9 +296,10 @@ mod tests {
         // Reaped again later (written and deleted again): the first entry's
         // deadline does not end the second.
         reap(&mut fence, 1_050);
-        assert!(fence.expire(1_100).is_empty());
+        assert_eq!(fence.expire(1_100), vec![(1_100, b"k".to_vec())]);
         assert!(fence.history(b"k", 1_120).is_some());
-        assert_eq!(fence.expire(1_150), vec![b"k".to_vec()]);
+        assert_eq!(fence.expire(1_150), vec![(1_150, b"k".to_vec())]);
+        assert!(fence.history(b"k", 1_120).is_none());
         let off = Fence::load(&store, Duration::ZERO, 0).unwrap();
         assert!(off.entry(&tombstone, 1_000).is_none());
     }
@@ -312,7 +317,19 @@ mod tests {
         assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
         let reaped_at = r.now_ms();
         drop(r);
+        // Entries that cannot be read are dropped at start, the rest kept.
+        store.put(Tree::Meta, b"fence/k", b"no deadline").unwrap();
+        let junk = entry_key(b"j", reaped_at + 30_000);
+        store.put(Tree::Meta, &junk, b"not an object").unwrap();
         let r = replica_over(store.clone());
+        let entries = store
+            .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
+            .unwrap();
+        let names: Vec<_> = entries
+            .iter()
+            .map(|(name, _)| parse_entry_key(name))
+            .collect();
+        assert!(matches!(names[..], [Some((b"k", _))]), "{names:?}");
         r.merge(b"k", &old).unwrap();
         assert_eq!(
             r.get(b"k").unwrap(),
@@ -322,7 +339,9 @@ mod tests {
         let later = reaped_at + 61_000;
         let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
         assert!(fence.history(b"k", later).is_none());
-        let entry = store.get(Tree::Meta, &entry_key(b"k")).unwrap();
-        assert_eq!(entry, None, "an expired entry stays in the store");
+        let entries = store
+            .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
+            .unwrap();
+        assert!(entries.is_empty(), "an expired entry stays in the store");
     }
 }

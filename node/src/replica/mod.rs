@@ -378,6 +378,7 @@ impl<S: Store> Replica<S> {
                     raw.map(trees::digest),
                     Some(&bytes),
                     commit,
+                    WriteBatch::default(),
                 )?
             };
             Ok((object, durable))
@@ -515,12 +516,13 @@ impl<S: Store> Replica<S> {
         old_digest: Option<u64>,
         new: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        self.store_object(stripe, key, old_digest, new, Commit::Now)
+        let batch = WriteBatch::default();
+        self.store_object(stripe, key, old_digest, new, Commit::Now, batch)
             .map(drop)
     }
 
-    /// [`Self::write_object`], durable at once or (deferred) when the
-    /// returned [`Durable`] resolves.
+    /// [`Self::write_object`], with the other changes of `batch`, durable
+    /// at once or (deferred) when the returned [`Durable`] resolves.
     fn store_object(
         &self,
         stripe: &mut Stripe,
@@ -528,11 +530,11 @@ impl<S: Store> Replica<S> {
         old_digest: Option<u64>,
         new: Option<&[u8]>,
         commit: Commit,
+        mut batch: WriteBatch,
     ) -> Result<Durable, StoreError> {
         let partition = self.partition_of(key);
         let ikey = trees::index_key(partition, key);
         let new_digest = new.map(trees::digest);
-        let mut batch = WriteBatch::default();
         match new {
             Some(bytes) => {
                 batch.put(Tree::Objects, key, bytes);
