@@ -61,6 +61,13 @@ impl<S: Store> Replica<S> {
         self.fence.lock().expect("fence lock")
     }
 
+    /// What a change to `key`, absent here, starts from: the history of
+    /// its tombstone if it was reaped here lately, else nothing.
+    pub(super) fn absent_start(&self, key: &[u8]) -> Object {
+        let now = self.now_ms();
+        self.lock_fence().history(key, now).unwrap_or_default()
+    }
+
     /// Removes the local object of `key` if it is exactly `expected`, a
     /// tombstone whose grace period has passed by this node's own clock (so
     /// one node with a fast clock cannot reap early for all); returns
@@ -275,6 +282,26 @@ mod tests {
             vec![b"new".to_vec()],
             "the reaped value came back beside the write"
         );
+    }
+
+    /// A lost hint's copy merged into a key reaped here lately (the key is
+    /// then restored from the other primaries, which reaped it too) keeps
+    /// only what the tombstone does not cover.
+    #[test]
+    fn a_lost_hints_copy_does_not_bring_a_reaped_key_back() {
+        let r = replica_over(Arc::new(MemoryStore::new()));
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        r.merge(b"k", &tombstone).unwrap();
+        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        r.merge_incomplete(b"k", &old).unwrap();
+        let record = r.stored_record(&mut r.lock_stripe(b"k"), b"k").unwrap();
+        let Stored::Lost { generation, .. } = record else {
+            panic!("not marked lost");
+        };
+        assert!(r.restore(b"k", generation, &[None, None]).unwrap());
+        let stored = r.store().get(crate::storage::Tree::Objects, b"k").unwrap();
+        assert_eq!(stored, None, "the reaped key came back: {:?}", r.get(b"k"));
     }
 
     #[test]

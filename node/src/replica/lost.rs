@@ -264,7 +264,8 @@ impl<S: Store> Replica<S> {
                 object.merge(copy);
             }
             self.pruned(&mut object);
-            let bytes = (object != Object::default()).then(|| encode_object(&object));
+            // Nothing to store when no sibling is left (a history alone).
+            let bytes = (!object.siblings().is_empty()).then(|| encode_object(&object));
             self.write_object(
                 &mut stripe,
                 key,
@@ -296,7 +297,7 @@ impl<S: Store> Replica<S> {
         let record = self.stored_record(&mut stripe, key)?;
         let mut object = match &record {
             Stored::Present(b) => decode_object(b).map_err(|e| corruption(key, e))?,
-            Stored::Absent => Object::default(),
+            Stored::Absent => self.absent_start(key),
             Stored::Lost { partial, .. } => partial.clone().unwrap_or_default(),
         };
         object.merge(incoming);

@@ -342,10 +342,7 @@ impl<S: Store> Replica<S> {
             // (see [`fence`]).
             let mut object = match (&before, &record) {
                 (Some(before), _) => before.clone(),
-                (None, Stored::Absent) => {
-                    let now = self.now_ms();
-                    self.lock_fence().history(key, now).unwrap_or_default()
-                }
+                (None, Stored::Absent) => self.absent_start(key),
                 (None, _) => Object::default(),
             };
             change(before.as_ref(), &mut object)?;
