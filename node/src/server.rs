@@ -514,6 +514,52 @@ mod tests {
         }
     }
 
+    /// Two peers' connection: each side asks the other to acknowledge
+    /// every ninth packet (`shoal_client::tls::ACK_EVERY`) instead of every
+    /// second, so that fewer datagrams carry nothing but an ACK. Measured
+    /// on 100 small messages one way, a millisecond apart (each in a
+    /// datagram of its own, as requests arrive under load; a bulk transfer's
+    /// datagrams arrive in batches, acknowledged once per batch anyway),
+    /// where no answer carries the ACKs.
+    #[tokio::test]
+    async fn a_peer_acknowledges_every_ninth_packet() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        certs::create_ca(dir.path()).expect("CA");
+        let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
+        let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
+        caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+        let receiver = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut stream = conn.accept_uni().await.unwrap();
+            let before = conn.stats();
+            let got = stream.read_to_end(8 << 20).await.unwrap().len();
+            let after = conn.stats();
+            let acks = after.frame_tx.acks - before.frame_tx.acks;
+            let datagrams = after.udp_rx.datagrams - before.udp_rx.datagrams;
+            (got, acks, datagrams, conn)
+        });
+        let conn = caller.connect(addr, "b").unwrap().await.expect("handshake");
+        let mut stream = conn.open_uni().await.unwrap();
+        for _ in 0..100 {
+            stream.write_all(&[7u8; 100]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stream.finish().unwrap();
+        let (got, acks, datagrams, _held) = receiver.await.unwrap();
+        assert_eq!(got, 100 * 100);
+        println!("{acks} ACK frames for {datagrams} datagrams received");
+        assert!(
+            datagrams >= 90,
+            "{datagrams} datagrams: the test shows nothing"
+        );
+        assert!(
+            acks * 4 < datagrams,
+            "{acks} ACK frames for {datagrams} datagrams received"
+        );
+    }
+
     /// Two nodes' peer endpoints on loopback, whose MTU is 64 KiB: their
     /// connection finds and uses datagrams of the largest size allowed
     /// (`shoal_client::tls::MAX_UDP_PAYLOAD`, 6,548 bytes), not Ethernet's
