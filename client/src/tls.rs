@@ -60,26 +60,33 @@ pub fn base_transport(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
-    // Asks the peer to acknowledge every ACK_EVERY-th packet (QUIC's ACK
-    // frequency extension), not every second: with many requests in
-    // flight, most datagrams arrive on their own, and every second one drew
-    // a datagram carrying nothing but an ACK, a send and a wake-up each.
-    // The peer's ACK delay (25 ms) still bounds the wait, so a live peer is
-    // still heard within it (see `rpc`).
+    // Asks the peer to acknowledge every ACK_EVERY-th packet, or
+    // ACK_DELAY after the first it has not acknowledged (QUIC's ACK
+    // frequency extension), not every second packet or 25 ms after: with
+    // many requests in flight most datagrams arrive on their own, and
+    // every second one drew a datagram carrying nothing but an ACK, a
+    // send and a wake-up each.
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold((ACK_EVERY - 1).into());
+    ack.max_ack_delay(Some(ACK_DELAY));
     t.ack_frequency_config(Some(ack));
     t
 }
 
-/// A connection's peer acknowledges every this many packets (or its ACK
-/// delay after the first unacknowledged one). Below a new connection's
-/// congestion window (quinn's first is 12 datagrams of 1,200 bytes), so
-/// that a sender in slow start never waits out the ACK delay for a
-/// window's ACK. Workload a, closed loop, 30 s cells side by side: 28,569 /
-/// 28,748 ops/s acknowledging every second packet, 28,952 / 29,290 every
-/// ninth (bench/README.md, tenth look).
+/// A connection's peer acknowledges every this many packets, or
+/// [`ACK_DELAY`] after the first one it has not acknowledged. Workload a,
+/// closed loop, 30 s cells side by side: 28,569 / 28,748 ops/s
+/// acknowledging every second packet, 28,952 / 29,290 every ninth
+/// (bench/README.md, tenth look).
 pub const ACK_EVERY: u32 = 9;
+
+/// How long a peer may hold an ACK back. Short, because a sender whose
+/// congestion window is full waits for it: quinn's window holds as few
+/// as two datagrams (a new or idle connection with jumbo datagrams, or
+/// after persistent congestion), and with the default 25 ms a 64 KiB
+/// answer between peers took 26 ms acknowledging every second packet,
+/// 53 ms every ninth, and takes 7 ms with this.
+pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// The largest UDP payload a connection's MTU discovery tries: as large as
 /// a datagram can be when quinn sends a full batch of them in one GSO send
