@@ -237,6 +237,17 @@ mod tests {
         o
     }
 
+    /// A replica over `store` that took a tombstone of key `k` over `old`
+    /// and reaped it.
+    fn reaped(store: Arc<MemoryStore>) -> (Replica<MemoryStore>, Object, Object) {
+        let r = replica_over(store);
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        r.merge(b"k", &tombstone).unwrap();
+        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        (r, old, tombstone)
+    }
+
     fn values(o: &Option<Object>) -> Vec<Vec<u8>> {
         o.iter()
             .flat_map(|o| o.values().map(<[u8]>::to_vec))
@@ -248,11 +259,7 @@ mod tests {
     /// tombstone never saw) gets in.
     #[test]
     fn a_copy_read_before_a_reap_does_not_bring_the_key_back() {
-        let r = replica_over(Arc::new(MemoryStore::new()));
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let (r, old, tombstone) = reaped(Arc::new(MemoryStore::new()));
         r.merge(b"k", &old).unwrap();
         assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
         r.merge(b"k", &tombstone).unwrap();
@@ -268,11 +275,7 @@ mod tests {
     /// the deleted value back beside it.
     #[test]
     fn a_write_after_the_reap_keeps_the_fence() {
-        let r = replica_over(Arc::new(MemoryStore::new()));
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
         let _written = r
             .write(b"k", &VersionVector::new(), Some(b"new".to_vec()))
             .unwrap();
@@ -289,11 +292,7 @@ mod tests {
     /// only what the tombstone does not cover.
     #[test]
     fn a_lost_hints_copy_does_not_bring_a_reaped_key_back() {
-        let r = replica_over(Arc::new(MemoryStore::new()));
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
         r.merge_incomplete(b"k", &old).unwrap();
         let record = r.stored_record(&mut r.lock_stripe(b"k"), b"k").unwrap();
         let Stored::Lost { generation, .. } = record else {
@@ -337,11 +336,7 @@ mod tests {
     #[test]
     fn the_fence_outlives_a_restart() {
         let store = Arc::new(MemoryStore::new());
-        let r = replica_over(store.clone());
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let (r, old, _) = reaped(store.clone());
         let reaped_at = r.now_ms();
         drop(r);
         // Entries that cannot be read are dropped at start, the rest kept.

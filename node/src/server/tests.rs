@@ -19,6 +19,35 @@ fn identity(dir: &std::path::Path, name: &str) -> Identity {
     }
 }
 
+/// Two nodes' peer endpoints on loopback: one to accept, at its address,
+/// and one to call from; the directory holds their certificates.
+fn peers() -> (
+    tempfile::TempDir,
+    quinn::Endpoint,
+    SocketAddr,
+    quinn::Endpoint,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    certs::create_ca(dir.path()).expect("CA");
+    let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
+    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
+    let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
+    caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+    (dir, server, addr, caller)
+}
+
+/// Waits (5 s at most) until `conn`'s MTU discovery reaches the largest
+/// datagrams allowed; it stops within 20 bytes of the bound (quinn's
+/// minimum change).
+async fn jumbo_found(conn: &quinn::Connection) {
+    let jumbo = shoal_client::tls::MAX_UDP_PAYLOAD;
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while conn.stats().path.current_mtu < jumbo - 20 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Two peers' connection: each side asks the other to acknowledge
 /// every ninth packet (`shoal_client::tls::ACK_EVERY`, or 2 ms after
 /// the first unacknowledged one) instead of every second, so that
@@ -29,13 +58,7 @@ fn identity(dir: &std::path::Path, name: &str) -> Identity {
 /// carries the ACKs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_acknowledges_every_ninth_packet() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    certs::create_ca(dir.path()).expect("CA");
-    let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
-    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
-    let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
-    caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+    let (_dir, server, addr, caller) = peers();
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
         let mut stream = conn.accept_uni().await.unwrap();
@@ -80,13 +103,7 @@ async fn a_peer_acknowledges_every_ninth_packet() {
 /// (`shoal_client::tls::ACK_DELAY`), it takes a few milliseconds.
 #[tokio::test]
 async fn an_answer_larger_than_the_window_is_not_held_by_the_ack_delay() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    certs::create_ca(dir.path()).expect("CA");
-    let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
-    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
-    let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
-    caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+    let (_dir, server, addr, caller) = peers();
     let answering = tokio::spawn(async move {
         while let Some(incoming) = server.accept().await {
             let conn = incoming.await.unwrap();
@@ -99,14 +116,10 @@ async fn an_answer_larger_than_the_window_is_not_held_by_the_ack_delay() {
             });
         }
     });
-    let jumbo = shoal_client::tls::MAX_UDP_PAYLOAD;
     let mut fastest = Duration::MAX;
     for _ in 0..5 {
         let conn = caller.connect(addr, "b").unwrap().await.expect("handshake");
-        let until = tokio::time::Instant::now() + Duration::from_secs(5);
-        while conn.stats().path.current_mtu < jumbo - 20 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        jumbo_found(&conn).await;
         let started = std::time::Instant::now();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(b"?").await.unwrap();
@@ -129,22 +142,12 @@ async fn an_answer_larger_than_the_window_is_not_held_by_the_ack_delay() {
 /// 1452 bytes.
 #[tokio::test]
 async fn peers_on_a_path_that_carries_jumbo_frames_send_jumbo_datagrams() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    certs::create_ca(dir.path()).expect("CA");
-    let (a, b) = (identity(dir.path(), "a"), identity(dir.path(), "b"));
-    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let (server, addr) = bind("peer", peer_port_config(&b, IDLE).expect("b"), any).unwrap();
-    let (mut caller, _) = bind("peer", peer_port_config(&a, IDLE).expect("a"), any).unwrap();
-    caller.set_default_client_config(peer_client_config(&a, IDLE).expect("a's client"));
+    let (_dir, server, addr, caller) = peers();
     let accepted = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
     let conn = caller.connect(addr, "b").unwrap().await.expect("handshake");
     let _held = accepted.await.unwrap();
     let jumbo = shoal_client::tls::MAX_UDP_PAYLOAD;
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    // Discovery stops within 20 bytes of the bound (quinn's minimum change).
-    while conn.stats().path.current_mtu < jumbo - 20 && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    jumbo_found(&conn).await;
     let mtu = conn.stats().path.current_mtu;
     assert!(
         mtu >= jumbo - 20 && mtu <= jumbo,
