@@ -21,10 +21,9 @@
 //! (writes made after the reap, never the values it deleted), and a write
 //! made here carries the history on, so that a stale copy merged after
 //! it is still covered.
-
 //!
 //! The entries are kept in the meta tree too (under [`PREFIX`] and the
-//! key), written before the reap's delete: a copy sent before a restart
+//! key), written in the reap's own batch: a copy sent before a restart
 //! can arrive after it, and a replica that restarts within the window
 //! keeps fencing.
 
@@ -96,12 +95,15 @@ impl<S: Store> Replica<S> {
         if let Some((until, history)) = &entry {
             batch.put(Tree::Meta, &entry_key(key, *until), &encode_object(history));
         }
-        let digest = Some(trees::digest(&raw));
-        self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
-            .map(drop)?;
+        // Fenced in memory before the write: a write that fails may still
+        // have deleted the key, and a fence on a key still present is
+        // never read.
         if let Some((until, history)) = entry {
             self.lock_fence().insert(key, until, history);
         }
+        let digest = Some(trees::digest(&raw));
+        self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
+            .map(drop)?;
         // Forgotten here: never write under its actors again (before the
         // stripe is released, so no write to the key sees them live).
         let full = self.actors.retire(expected);
@@ -301,6 +303,70 @@ mod tests {
         assert!(r.restore(b"k", generation, &[None, None]).unwrap());
         let stored = r.store().get(crate::storage::Tree::Objects, b"k").unwrap();
         assert_eq!(stored, None, "the reaped key came back: {:?}", r.get(b"k"));
+    }
+
+    /// A store whose next write is applied and then reported failed (as a
+    /// WAL sync that fails after the write).
+    struct FailsAfterWriting {
+        inner: MemoryStore,
+        fail_next: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for FailsAfterWriting {
+        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(tree, key)
+        }
+        fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+            self.inner.write(batch)?;
+            match self
+                .fail_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                true => Err(StoreError::Io {
+                    op: "sync",
+                    detail: "failed after the write".into(),
+                }),
+                false => Ok(()),
+            }
+        }
+        fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+            self.write(batch)
+        }
+        fn sync_wal(&self) -> Result<(), StoreError> {
+            self.inner.sync_wal()
+        }
+        fn scan(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<crate::storage::Scanned>, StoreError> {
+            self.inner.scan(tree, start, end, limit)
+        }
+        fn approximate_bytes(&self, tree: Tree) -> u64 {
+            self.inner.approximate_bytes(tree)
+        }
+    }
+
+    /// A reap whose write fails may still have deleted the key: the key
+    /// is fenced all the same.
+    #[test]
+    fn a_reap_whose_write_fails_still_fences() {
+        let store = Arc::new(FailsAfterWriting {
+            inner: MemoryStore::new(),
+            fail_next: false.into(),
+        });
+        let r = replica_over(store.clone());
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        r.merge(b"k", &tombstone).unwrap();
+        store
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(r.reap(b"k", &tombstone).is_err(), "the write failed");
+        r.merge(b"k", &old).unwrap();
+        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
     }
 
     #[test]
