@@ -104,13 +104,17 @@ pub fn answer<S: Store>(
                 .map(|(k, d)| (ByteBuf::from(k), d))
                 .collect(),
         ),
-        AaeRequest::Objects { keys } => {
+        AaeRequest::Objects { keys, history } => {
             // Answers a prefix of `keys` within the batch cap; the
             // initiator asks again for the rest.
             let mut out = Vec::with_capacity(keys.len());
             let mut size = 0;
             for k in keys {
-                let o = replica.get(&k).map_err(|e| replica_failed("read", &k, e))?;
+                let o = match history {
+                    true => replica.restore_copy(&k),
+                    false => replica.get(&k),
+                };
+                let o = o.map_err(|e| replica_failed("read", &k, e))?;
                 size += k.len() + o.as_ref().map_or(0, Object::approx_size);
                 out.push((k, o));
                 if size > BATCH_BYTES {
@@ -283,6 +287,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             let asked = &keys[theirs.len()..];
             let request = AaeRequest::Objects {
                 keys: asked.iter().cloned().map(ByteBuf::from).collect(),
+                history: false,
             };
             match self.aae_call(peer, request, bytes).await? {
                 AaeResponse::Objects(o)
@@ -344,5 +349,41 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             }
         }
         Ok(repaired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_bytes::ByteBuf;
+
+    use super::*;
+    use crate::replica::trees::tests::replica_over;
+    use crate::storage::MemoryStore;
+    use crate::version::VersionVector;
+
+    /// The restore's ask (`history`) gets a key reaped lately as its
+    /// tombstone's history; the exchange's own ask still gets "absent".
+    #[test]
+    fn objects_asked_with_history_carry_the_reap_fence() {
+        let r = replica_over(Arc::new(MemoryStore::new()));
+        let writer = shoal_ring::NodeId::from_u128(7);
+        let mut tombstone = Object::default();
+        tombstone.update(&VersionVector::new(), Some(b"old".to_vec()), writer, 0);
+        tombstone.update(&tombstone.context(), None, writer, 0);
+        r.merge(b"k", &tombstone).unwrap();
+        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+        let ask = |history| {
+            let keys = vec![ByteBuf::from(b"k".to_vec())];
+            match answer(&r, AaeRequest::Objects { keys, history }).unwrap() {
+                AaeResponse::Objects(mut o) if o.len() == 1 => o.pop().unwrap().1,
+                other => panic!("{other:?}"),
+            }
+        };
+        let history = ask(true).expect("the restore's ask gets the history");
+        assert!(history.siblings().is_empty());
+        assert_eq!(history.context(), tombstone.context());
+        assert_eq!(ask(false), None);
     }
 }

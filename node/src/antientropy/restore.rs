@@ -2,7 +2,9 @@
 //! of each key whose copy here is lost for its copy, and hands them all to
 //! [`crate::replica::Replica::restore`] (the rule and why it holds are in
 //! the replica's `lost` module). The copies are asked with the exchange's
-//! `Objects` step, which a lost peer answers with its partial copy.
+//! `Objects` step with `history` set, which a lost peer answers with its
+//! partial copy, and a peer that reaped the key lately with the history
+//! of its tombstone ([`crate::replica::Replica::restore_copy`]).
 //!
 //! Runs at the start of every sweep and as soon as the replica finds a copy
 //! lost, once the sweep or reaper slice in progress is over (see
@@ -91,6 +93,7 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
     ) -> Result<Option<Object>, ExchangeError> {
         let request = AaeRequest::Objects {
             keys: vec![ByteBuf::from(key.to_vec())],
+            history: true,
         };
         match self.aae_call(peer, request, bytes).await? {
             AaeResponse::Objects(mut o) if o.len() == 1 && o[0].0.as_slice() == key => {

@@ -308,10 +308,27 @@ impl PeerRequest {
 ///    into its copies and sends the responder what it lacks as a `Handoff`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AaeRequest {
-    Branches { partition: u32 },
-    Leaves { partition: u32, branches: Vec<u16> },
-    Keys { partition: u32, segments: Vec<u16> },
-    Objects { keys: Vec<serde_bytes::ByteBuf> },
+    Branches {
+        partition: u32,
+    },
+    Leaves {
+        partition: u32,
+        branches: Vec<u16>,
+    },
+    Keys {
+        partition: u32,
+        segments: Vec<u16>,
+    },
+    /// `history`: each copy comes merged with the history of the key's
+    /// tombstone if the key was reaped here lately (its clock, no
+    /// siblings; the history alone when nothing is stored). A restore asks
+    /// so ([`crate::replica::Replica::restore_copy`]); older nodes ignore
+    /// the field and answer as for the exchange.
+    Objects {
+        keys: Vec<serde_bytes::ByteBuf>,
+        #[serde(default)]
+        history: bool,
+    },
 }
 
 /// Answers to [`AaeRequest`].
@@ -542,43 +559,4 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_stop_at_the_byte_cap_but_always_move_one() {
-        let mb = 1 << 20;
-        assert_eq!(byte_bounded(&[mb; 20], |s| *s), 8);
-        assert_eq!(byte_bounded(&[BATCH_BYTES * 3, 1], |s| *s), 1);
-        assert_eq!(byte_bounded(&[1, 2, 3], |s| *s), 3);
-        assert_eq!(byte_bounded::<usize>(&[], |s| *s), 0);
-    }
-
-    /// A batch holding a batch, a thousand deep (within the decoder's depth
-    /// limit, in 8 KB), is refused at the first: decoding it whole took
-    /// over half a MiB of a worker's stack (2 MiB, tokio's), and dropping
-    /// or printing it as much again.
-    #[test]
-    fn a_batch_in_a_batch_is_refused() {
-        // MessagePack: (7, {"Batch": [{"Batch": [... "Ping" ...]}]}).
-        let level = [&[0x81, 0xa5][..], b"Batch", &[0x91]].concat();
-        let mut body = vec![0x92, 0x07];
-        for _ in 0..1_000 {
-            body.extend_from_slice(&level);
-        }
-        body.extend_from_slice(&[&[0xa4][..], b"Ping"].concat());
-        let crc = crc32fast::hash(&body);
-        let decoded = std::thread::Builder::new()
-            .stack_size(2 << 20)
-            .spawn(move || {
-                shoal_client::frame::decode_body::<(u64, PeerRequest)>(&body, crc)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .unwrap()
-            .join()
-            .expect("the decoding thread survives");
-        let error = decoded.expect_err("a nested batch was accepted");
-        assert!(error.contains("Batch"), "{error}");
-    }
-}
+mod tests;

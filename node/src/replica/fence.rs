@@ -20,10 +20,12 @@
 //! nothing: a merge keeps only the siblings the tombstone does not cover
 //! (writes made after the reap, never the values it deleted), and a write
 //! made here carries the history on, so that a stale copy merged after
-//! it is still covered.
+//! it is still covered. A replica restoring a copy lost to corruption is
+//! answered with the history too, and a restore that leaves nothing but
+//! a history fences the key like a reap (see [`super::lost`]).
 //!
 //! The entries are kept in the meta tree too (under [`PREFIX`] and the
-//! key), written in the reap's own batch: a copy sent before a restart
+//! key), written in the reap's (or restore's) own batch: a copy sent before a restart
 //! can arrive after it, and a replica that restarts within the window
 //! keeps fencing.
 
@@ -67,6 +69,45 @@ impl<S: Store> Replica<S> {
         self.lock_fence().history(key, now).unwrap_or_default()
     }
 
+    /// This replica's copy of `key` for a restore elsewhere (see
+    /// [`super::lost`]): as [`Self::get`], merged with the history of the
+    /// key's tombstone if it was reaped here lately (a clock, no
+    /// siblings; alone when nothing is stored), so that the restored copy
+    /// drops what the delete superseded. The restoring replica may have
+    /// no fence of its own (its copy was found corrupt when the others
+    /// reaped), and a stale copy merged into its partial copy since would
+    /// otherwise be restored from primaries that all answer "absent". A
+    /// history covers only what the delete superseded, so merging it into
+    /// any copy drops nothing written since (a copy written after the reap
+    /// started from it, and a partial copy may hold a stale value too).
+    pub fn restore_copy(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        let mut stripe = self.lock_stripe(key);
+        let copy = self.copy(&mut stripe, key)?;
+        Ok(
+            match (copy, self.lock_fence().history(key, self.now_ms())) {
+                (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
+                (copy, history) => copy.or(history),
+            },
+        )
+    }
+
+    /// Fences `key`, gone here at `now` (`gone`: its reaped tombstone, or
+    /// the history a restore came back with): the entry goes in `batch`,
+    /// with the deletes of the entries past their window, and into the
+    /// fence in memory at once, before the caller's write (a write that
+    /// fails may still have deleted the key; the entry then covers only
+    /// what that delete superseded, wherever it is read).
+    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, now: u64, batch: &mut WriteBatch) {
+        let mut fence = self.lock_fence();
+        for (until, expired) in fence.expire(now) {
+            batch.delete(Tree::Meta, &entry_key(&expired, until));
+        }
+        if let Some((until, history)) = fence.entry(gone, now) {
+            batch.put(Tree::Meta, &entry_key(key, until), &encode_object(&history));
+            fence.insert(key, until, history);
+        }
+    }
+
     /// Removes the local object of `key` if it is exactly `expected`, a
     /// tombstone whose grace period has passed by this node's own clock (so
     /// one node with a fast clock cannot reap early for all); returns
@@ -84,23 +125,8 @@ impl<S: Store> Replica<S> {
         if decode_object(&raw).ok().as_ref() != Some(expected) {
             return Ok(false);
         }
-        let (expired, entry) = {
-            let mut fence = self.lock_fence();
-            (fence.expire(now), fence.entry(expected, now))
-        };
         let mut batch = WriteBatch::default();
-        for (until, expired) in &expired {
-            batch.delete(Tree::Meta, &entry_key(expired, *until));
-        }
-        if let Some((until, history)) = &entry {
-            batch.put(Tree::Meta, &entry_key(key, *until), &encode_object(history));
-        }
-        // Fenced in memory before the write: a write that fails may still
-        // have deleted the key, and a fence on a key still present is
-        // never read.
-        if let Some((until, history)) = entry {
-            self.lock_fence().insert(key, until, history);
-        }
+        self.fence_in(key, expected, now, &mut batch);
         let digest = Some(trees::digest(&raw));
         self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
             .map(drop)?;
@@ -115,7 +141,8 @@ impl<S: Store> Replica<S> {
     }
 }
 
-/// Histories of the tombstones reaped here in the last `window`, by key.
+/// Histories of the tombstones reaped here (or restored away) in the last
+/// `window`, by key.
 #[derive(Debug)]
 pub(super) struct Fence {
     window_ms: u64,
@@ -303,6 +330,85 @@ mod tests {
         assert!(r.restore(b"k", generation, &[None, None]).unwrap());
         let stored = r.store().get(crate::storage::Tree::Objects, b"k").unwrap();
         assert_eq!(stored, None, "the reaped key came back: {:?}", r.get(b"k"));
+    }
+
+    /// A copy lost here exactly when the other primaries reaped the key
+    /// (the reaper met the corrupt record and marked it lost instead), with
+    /// a stale copy merged into it since: restored from primaries that
+    /// answer with their tombstone's history, the deleted value does not
+    /// come back, and this replica fences the key from then on.
+    #[test]
+    fn a_restore_from_primaries_that_reaped_the_key_does_not_bring_it_back() {
+        let (b, old, _) = reaped(Arc::new(MemoryStore::new()));
+        let (c, _, _) = reaped(Arc::new(MemoryStore::new()));
+        let a = replica_over(Arc::new(MemoryStore::new()));
+        a.merge_incomplete(b"k", &old).unwrap();
+        let Stored::Lost { generation, .. } =
+            a.stored_record(&mut a.lock_stripe(b"k"), b"k").unwrap()
+        else {
+            panic!("not marked lost");
+        };
+        let copies = [b.restore_copy(b"k").unwrap(), c.restore_copy(b"k").unwrap()];
+        assert!(a.restore(b"k", generation, &copies).unwrap());
+        assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back");
+        a.merge(b"k", &old).unwrap();
+        assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back later");
+    }
+
+    /// A copy lost here within the window of a reap here (a write made
+    /// after the reap, its record corrupt since): a stale copy merged into
+    /// the lost copy is restored within the fence all the same.
+    #[test]
+    fn a_copy_lost_after_a_reap_here_is_restored_within_the_fence() {
+        let store = Arc::new(MemoryStore::new());
+        let (r, old, _) = reaped(store.clone());
+        let newer = update(&old, &VersionVector::new(), Some(b"new"), 9);
+        r.merge(b"k", &newer).unwrap();
+        store.corrupt(Tree::Objects, b"k");
+        r.drop_cache();
+        r.merge(b"k", &old).unwrap();
+        let Stored::Lost { generation, .. } =
+            r.stored_record(&mut r.lock_stripe(b"k"), b"k").unwrap()
+        else {
+            panic!("not marked lost");
+        };
+        // The others lost "new" too (W copies gone, past the guarantee):
+        // "old" is what the restore must not bring back.
+        assert!(r.restore(b"k", generation, &[None, None]).unwrap());
+        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
+    }
+
+    /// A restore that leaves nothing forgets the key's clock, as a reap
+    /// does: the actors it names are retired here, so no dot they minted
+    /// is minted again once the fence has expired.
+    #[test]
+    fn a_restore_to_nothing_retires_the_forgotten_actors() {
+        let a = replica_over(Arc::new(MemoryStore::new()));
+        // Written and deleted at a, long ago, under a's actor.
+        let x = a.actors.fresh().unwrap();
+        let mut tombstone = Object::default();
+        tombstone.update(&VersionVector::new(), Some(b"v".to_vec()), x, 0);
+        tombstone.update(&tombstone.context(), None, x, 0);
+        a.merge(b"k", &tombstone).unwrap();
+        let b = replica_over(Arc::new(MemoryStore::new()));
+        b.merge(b"k", &tombstone).unwrap();
+        assert!(b.reap(b"k", &tombstone).unwrap(), "reaped");
+        // a's copy is lost before a reaps it.
+        a.merge_incomplete(b"k", &tombstone).unwrap();
+        let Stored::Lost { generation, .. } =
+            a.stored_record(&mut a.lock_stripe(b"k"), b"k").unwrap()
+        else {
+            panic!("not marked lost");
+        };
+        let copy = b.restore_copy(b"k").unwrap();
+        assert!(copy.is_some(), "no history");
+        assert!(a.restore(b"k", generation, &[copy.clone(), copy]).unwrap());
+        assert_eq!(a.get(b"k").unwrap(), None);
+        let next = a
+            .actors
+            .for_write(&tombstone, &VersionVector::new())
+            .unwrap();
+        assert_ne!(next, x, "a forgotten actor writes on");
     }
 
     /// A store whose next write is applied and then reported failed (as a

@@ -22,7 +22,8 @@
 //! A lost copy is restored by one step, [`Replica::restore`]: the marker
 //! is replaced by its partial copy merged with the copy of *every other
 //! primary* of the key, each asked by this node after the marker was
-//! written (a peer whose own copy is lost gives its partial copy), and only
+//! written (a peer whose own copy is lost gives its partial copy; one that
+//! reaped the key lately adds its tombstone's history: see below), and only
 //! if the marker is still the one that was there when the asking began
 //! (its generation). Nothing else clears a marker: not a merge, not read
 //! repair (which may come from a read that missed its quorum, carrying a
@@ -42,9 +43,19 @@
 //! restore that began before a second loss from completing over it (its
 //! answers may predate writes the second loss took).
 //!
-//! When every other primary holds nothing (the key was reaped there) and
-//! the partial copy is empty, the restore removes the record: the key is
-//! gone everywhere and nothing is brought back.
+//! When the other primaries reaped the key, the partial copy may hold a
+//! value the delete superseded (this copy was found corrupt when they
+//! reaped, and a stale copy was merged into it since). Within their reap
+//! fence's window they answer with the tombstone's history
+//! ([`Replica::restore_copy`]), and the restore starts from this replica's
+//! own fence: the merge drops what the delete superseded. When no sibling
+//! is left the restore removes the record, fences the key here if a
+//! history came back, and retires the actors the forgotten clock names,
+//! as a reap does: the key is gone everywhere and nothing is brought back.
+//! (A restore that waits past every peer's window, a primary being down
+//! that long, gets "absent" and no history: the fence is bounded by the
+//! time a message can be in flight, and a copy parked in a lost marker
+//! can wait longer.)
 //!
 //! Forgetting a key's history is amnesia: copies elsewhere may name this
 //! node's actors with counters it no longer knows, so the node moves to a
@@ -62,8 +73,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::stripe::Stripe;
-use super::{corruption, next_incarnation, trees, Replica};
-use crate::storage::{Store, StoreError, Tree};
+use super::{corruption, next_incarnation, trees, Commit, Replica};
+use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, DecodeError, Object};
 
 /// The first byte of a lost marker.
@@ -230,9 +241,11 @@ impl<S: Store> Replica<S> {
     /// Restores `key`'s lost copy (see the module doc for the rule):
     /// `copies` are the copies of every other primary of the key, each asked
     /// after the marker of `generation` was written. The marker is replaced
-    /// by its partial copy merged with all of them (or removed if that is
-    /// nothing). Returns false, changing nothing, if the marker is no longer
-    /// that one (lost again meanwhile, or already restored).
+    /// by its partial copy merged with all of them and with this replica's
+    /// fence, or removed if no sibling is left (the key then fenced here if
+    /// a history came back, and the forgotten clock's actors retired).
+    /// Returns false, changing nothing, if the marker is no longer that one
+    /// (lost again meanwhile, or already restored).
     pub fn restore(
         &self,
         key: &[u8],
@@ -259,27 +272,51 @@ impl<S: Store> Replica<S> {
             + raw.len()
             > crate::tasks::HEAVY_BYTES;
         let merge = || {
-            let mut object = partial.unwrap_or_default();
+            // The partial copy (writes into it start from nothing) is
+            // fenced like any change to a key reaped here lately.
+            let mut object = self.absent_start(key);
+            object.merge(&partial.unwrap_or_default());
             for copy in copies.iter().flatten() {
                 object.merge(copy);
             }
             self.pruned(&mut object);
-            // Nothing to store when no sibling is left (a history alone).
-            let bytes = (!object.siblings().is_empty()).then(|| encode_object(&object));
-            self.write_object(
+            // Nothing to store when no sibling is left. A history left
+            // alone (the others reaped the key: see `restore_copy`) fences
+            // the key here as their reaps did there, so that a stale copy
+            // merged later cannot bring it back either.
+            let mut batch = WriteBatch::default();
+            let bytes = match object.siblings().is_empty() {
+                false => Some(encode_object(&object)),
+                true if object.clock().is_empty() => None,
+                true => {
+                    self.fence_in(key, &object, self.now_ms(), &mut batch);
+                    None
+                }
+            };
+            let digest = Some(trees::digest(&raw));
+            self.store_object(
                 &mut stripe,
                 key,
-                Some(trees::digest(&raw)),
+                digest,
                 bytes.as_deref(),
-            )
+                Commit::Now,
+                batch,
+            )?;
+            Ok::<_, StoreError>(bytes.is_none().then_some(object))
         };
-        if heavy {
-            crate::tasks::heavy(merge)?;
-        } else {
-            merge()?;
-        }
+        let forgotten = match heavy {
+            true => crate::tasks::heavy(merge)?,
+            false => merge()?,
+        };
         self.lock_lost().remove(key);
+        // A clock forgotten here (the key removed): never write under its
+        // actors again, as after a reap (before the stripe is released,
+        // so no write to the key sees them live).
+        let full = forgotten.is_some_and(|o| self.actors.retire(&o));
         drop(stripe);
+        if full {
+            self.new_incarnation("retired actors reached their bound")?;
+        }
         self.metrics.lost_restored.fetch_add(1, Ordering::Relaxed);
         info!(key = %hex::encode(key), "lost copy restored from every other primary");
         Ok(true)

@@ -290,7 +290,12 @@ impl<S: Store> Replica<S> {
     /// add what they find: a copy lost to corruption gives what reached it
     /// since (see [`lost`]).
     pub fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
-        match self.stored_record(&mut self.lock_stripe(key), key)? {
+        self.copy(&mut self.lock_stripe(key), key)
+    }
+
+    /// [`Self::get`], under `stripe`, the key's stripe.
+    fn copy(&self, stripe: &mut Stripe, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        match self.stored_record(stripe, key)? {
             Stored::Present(b) => decode_object(&b).map(Some).map_err(|e| corruption(key, e)),
             Stored::Absent => Ok(None),
             Stored::Lost { partial, .. } => Ok(partial),

@@ -386,6 +386,7 @@ fn peer_requests(object: &Object, me: &MemberInfo) -> Vec<(&'static str, PeerReq
             "aae-objects",
             PeerRequest::Aae(AaeRequest::Objects {
                 keys: vec![serde_bytes::ByteBuf::from(key.clone())],
+                history: true,
             }),
         ),
         (
