@@ -301,7 +301,8 @@ impl<S: Store> Replica<S> {
                 bytes.as_deref(),
                 Commit::Now,
                 batch,
-            )?;
+            )
+            .map(drop)?;
             Ok::<_, StoreError>(bytes.is_none().then_some(object))
         };
         let forgotten = match heavy {
