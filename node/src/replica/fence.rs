@@ -25,9 +25,9 @@
 //! a history fences the key like a reap (see [`super::lost`]).
 //!
 //! The entries are kept in the meta tree too (under [`PREFIX`] and the
-//! key), written in the reap's (or restore's) own batch: a copy sent before a restart
-//! can arrive after it, and a replica that restarts within the window
-//! keeps fencing.
+//! key), written in the reap's (or restore's) own batch: a copy sent
+//! before a restart can arrive after it, and a replica that restarts
+//! within the window keeps fencing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
@@ -323,10 +323,7 @@ mod tests {
     fn a_lost_hints_copy_does_not_bring_a_reaped_key_back() {
         let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
         r.merge_incomplete(b"k", &old).unwrap();
-        let record = r.stored_record(&mut r.lock_stripe(b"k"), b"k").unwrap();
-        let Stored::Lost { generation, .. } = record else {
-            panic!("not marked lost");
-        };
+        let generation = r.lost_generation(b"k").unwrap().expect("not marked lost");
         assert!(r.restore(b"k", generation, &[None, None]).unwrap());
         let stored = r.store().get(crate::storage::Tree::Objects, b"k").unwrap();
         assert_eq!(stored, None, "the reaped key came back: {:?}", r.get(b"k"));
@@ -343,11 +340,7 @@ mod tests {
         let (c, _, _) = reaped(Arc::new(MemoryStore::new()));
         let a = replica_over(Arc::new(MemoryStore::new()));
         a.merge_incomplete(b"k", &old).unwrap();
-        let Stored::Lost { generation, .. } =
-            a.stored_record(&mut a.lock_stripe(b"k"), b"k").unwrap()
-        else {
-            panic!("not marked lost");
-        };
+        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
         let copies = [b.restore_copy(b"k").unwrap(), c.restore_copy(b"k").unwrap()];
         assert!(a.restore(b"k", generation, &copies).unwrap());
         assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back");
@@ -367,11 +360,7 @@ mod tests {
         store.corrupt(Tree::Objects, b"k");
         r.drop_cache();
         r.merge(b"k", &old).unwrap();
-        let Stored::Lost { generation, .. } =
-            r.stored_record(&mut r.lock_stripe(b"k"), b"k").unwrap()
-        else {
-            panic!("not marked lost");
-        };
+        let generation = r.lost_generation(b"k").unwrap().expect("not marked lost");
         // The others lost "new" too (W copies gone, past the guarantee):
         // "old" is what the restore must not bring back.
         assert!(r.restore(b"k", generation, &[None, None]).unwrap());
@@ -395,11 +384,7 @@ mod tests {
         assert!(b.reap(b"k", &tombstone).unwrap(), "reaped");
         // a's copy is lost before a reaps it.
         a.merge_incomplete(b"k", &tombstone).unwrap();
-        let Stored::Lost { generation, .. } =
-            a.stored_record(&mut a.lock_stripe(b"k"), b"k").unwrap()
-        else {
-            panic!("not marked lost");
-        };
+        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
         let copy = b.restore_copy(b"k").unwrap();
         assert!(copy.is_some(), "no history");
         assert!(a.restore(b"k", generation, &[copy.clone(), copy]).unwrap());
