@@ -113,14 +113,27 @@ impl<S: Store> Replica<S> {
     /// one node with a fast clock cannot reap early for all); returns
     /// whether it did. The key's fence entry is written in the same batch
     /// as the delete, with the deletes of the entries past their window.
+    /// A copy found lost is not removed; `expected` is merged into its
+    /// partial copy (see [`super::lost`]).
     pub fn reap(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
         let now = self.now_ms();
         if !reapable(expected, self.settings.tombstone_grace, now) {
             return Ok(false);
         }
         let mut stripe = self.lock_stripe(key);
-        let Stored::Present(raw) = self.stored_record(&mut stripe, key)? else {
-            return Ok(false);
+        let raw = match self.stored_record(&mut stripe, key)? {
+            Stored::Present(raw) => raw,
+            Stored::Absent => return Ok(false),
+            // Found lost (now, or since the reaper's check): not reaped,
+            // but the partial copy takes the tombstone every other
+            // primary reaps, so that a stale copy merged into it later is
+            // dropped however long the restore waits (their fences may
+            // have expired by then).
+            Stored::Lost { .. } => {
+                drop(stripe);
+                self.merge(key, expected)?;
+                return Ok(false);
+            }
         };
         if decode_object(&raw).ok().as_ref() != Some(expected) {
             return Ok(false);
@@ -346,6 +359,30 @@ mod tests {
         assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back");
         a.merge(b"k", &old).unwrap();
         assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back later");
+    }
+
+    /// A copy found corrupt by its own reap (the other primaries reaped the
+    /// key), a stale copy merged into it since, restored only after every
+    /// other primary's fence expired (they answer "absent", with no
+    /// history): the lost copy kept the tombstone the reap was asked about,
+    /// so the deleted value does not come back.
+    #[test]
+    fn a_copy_found_lost_by_its_reap_keeps_the_tombstone() {
+        let store = Arc::new(MemoryStore::new());
+        let a = replica_over(store.clone());
+        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+        let tombstone = update(&old, &old.context(), None, 8);
+        a.merge(b"k", &tombstone).unwrap();
+        store.corrupt(Tree::Objects, b"k");
+        a.drop_cache();
+        assert!(!a.reap(b"k", &tombstone).unwrap(), "a lost copy was reaped");
+        a.merge(b"k", &old).unwrap();
+        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
+        assert!(a.restore(b"k", generation, &[None, None]).unwrap());
+        // The tombstone stays (anti-entropy spreads it and the reaper
+        // reaps it again): the key is deleted, not back.
+        let restored = a.get(b"k").unwrap();
+        assert!(values(&restored).is_empty(), "the reaped key came back: {restored:?}");
     }
 
     /// A copy lost here within the window of a reap here (a write made

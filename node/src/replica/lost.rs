@@ -52,10 +52,13 @@
 //! is left the restore removes the record, fences the key here if a
 //! history came back, and retires the actors the forgotten clock names,
 //! as a reap does: the key is gone everywhere and nothing is brought back.
-//! (A restore that waits past every peer's window, a primary being down
-//! that long, gets "absent" and no history: the fence is bounded by the
-//! time a message can be in flight, and a copy parked in a lost marker
-//! can wait longer.)
+//! A restore can also wait past every peer's window (a primary down that
+//! long) and get "absent" with no history. For that, a reap asked of a
+//! copy found lost (the reaper's check saw it whole) merges the tombstone
+//! into the partial copy: the copy holds the delete itself, and a stale
+//! copy merged into it later is dropped. (Left open: a copy whose reap
+//! never reached it, found corrupt only after every other primary's fence
+//! expired, with a stale copy merged into it after that.)
 //!
 //! Forgetting a key's history is amnesia: copies elsewhere may name this
 //! node's actors with counters it no longer knows, so the node moves to a
