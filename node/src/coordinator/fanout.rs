@@ -44,9 +44,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// that nobody took for a primary becomes a hint kept here. Sends stop
     /// at `deadline`, and so do the tasks that make them.
     /// Requests to remote primaries travel in batches per peer (see
-    /// `spare`): the first `eager` ones (in `primaries`' order) in a batch
-    /// that leaves this turn; the quorum need not wait for the others,
-    /// which travel as spares, in a batch that leaves after a window.
+    /// `spare`): the first `eager` ones asked directly (in `primaries`'
+    /// order; a fallback standing in for a primary takes no slot) in a
+    /// batch that leaves this turn; the quorum need not wait for the
+    /// others, which travel as spares, in a batch that leaves after a
+    /// window.
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -76,9 +78,18 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // Remote sends first (stable: in `primaries`' order): this node's
         // own answer is read in place.
         first_tries.sort_by_key(|(_, first)| first.as_ref().is_some_and(|f| f.id == self.me.id));
-        for (i, (primary, first)) in first_tries.into_iter().enumerate() {
+        // The quorum's slots go to primaries asked directly: a fallback is
+        // asked at once anyway (it is never batched), and in a slot it
+        // would push a primary that is up (and may hold what the fallback
+        // lacks) to a spare's window.
+        let mut eager_left = eager;
+        for (primary, first) in first_tries {
             let local = first.as_ref().is_some_and(|f| f.id == self.me.id);
-            let spare = !local && i >= eager;
+            let direct = !local && first.as_ref().is_some_and(|f| f.id == primary.id);
+            let spare = direct && eager_left == 0;
+            if direct && !spare {
+                eager_left -= 1;
+            }
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.to_vec();
             let work = async move {
@@ -329,6 +340,11 @@ pub(super) struct Tally {
     /// unless a change is in transition), each with its own count: the
     /// quorum must be met in every one.
     groups: Vec<Group>,
+    /// For reads: primaries asked directly that have not replied yet (see
+    /// [`Self::prefer_primaries`]).
+    waiting_for: Vec<NodeId>,
+    /// Fallbacks' good answers not counted yet: (from, for the primary).
+    held: Vec<(MemberInfo, MemberInfo)>,
 }
 
 /// One layout's preference list and how many of it (primaries, or
@@ -357,6 +373,19 @@ impl Tally {
                 .collect();
         }
         tally
+    }
+
+    /// A fallback's answer counts only once every one of `direct` (the
+    /// primaries asked directly: up, or this node) has replied. A fallback
+    /// knows only the hints it holds: its "absent" must not make a read's
+    /// quorum while a primary that is up, and may hold the key, has yet to
+    /// answer (one that answers with an error, its store failing, is
+    /// replaced by a fallback too). Its answer is still merged into the
+    /// reply. Without this a read at a primary that missed a write (down
+    /// when it was made), with the next primary down, was answered by that
+    /// one's fallback and missed the write the third primary held.
+    pub(super) fn prefer_primaries(&mut self, direct: impl IntoIterator<Item = NodeId>) {
+        self.waiting_for = direct.into_iter().collect();
     }
 
     /// Counts a good answer from `from`, standing in for `for_primary` if set.
@@ -412,9 +441,16 @@ impl Tally {
             match tokio::time::timeout_at(deadline, answers.recv()).await {
                 Ok(Some(reply)) => {
                     self.heard += 1;
+                    let primary = reply.for_primary.as_ref().unwrap_or(&reply.from).id;
+                    self.waiting_for.retain(|p| *p != primary);
                     match &reply.result {
                         Ok(_) => {
-                            self.count(&reply.from, reply.for_primary.as_ref());
+                            match &reply.for_primary {
+                                Some(p) if !self.waiting_for.is_empty() => {
+                                    self.held.push((reply.from.clone(), p.clone()))
+                                }
+                                for_primary => self.count(&reply.from, for_primary.as_ref()),
+                            }
                             seen(reply);
                         }
                         Err(e) => {
@@ -432,6 +468,21 @@ impl Tally {
                     break;
                 }
             }
+            if self.waiting_for.is_empty() {
+                for (from, for_primary) in std::mem::take(&mut self.held) {
+                    self.count(&from, Some(&for_primary));
+                }
+            }
+        }
+        if !self.held.is_empty() {
+            let held: Vec<String> = (self.held.iter())
+                .map(|(from, p)| format!("{} for {}", from.name, p.name))
+                .collect();
+            self.failed.push(format!(
+                "not counted: {} (fallbacks wait for the primaries that are up, {} of which had not answered)",
+                held.join(", "),
+                self.waiting_for.len()
+            ));
         }
     }
 

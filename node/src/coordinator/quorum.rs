@@ -478,6 +478,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
+        let me = self.me.id;
+        tally.prefer_primaries(
+            (primaries.iter())
+                .map(|p| p.id)
+                .filter(|id| *id == me || self.liveness.is_up(*id)),
+        );
         tally
             .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
                 heard.extend(Heard::from_reply(reply))

@@ -382,7 +382,10 @@ mod tests {
         // The tombstone stays (anti-entropy spreads it and the reaper
         // reaps it again): the key is deleted, not back.
         let restored = a.get(b"k").unwrap();
-        assert!(values(&restored).is_empty(), "the reaped key came back: {restored:?}");
+        assert!(
+            values(&restored).is_empty(),
+            "the reaped key came back: {restored:?}"
+        );
     }
 
     /// A copy lost here within the window of a reap here (a write made

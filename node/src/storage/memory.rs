@@ -32,6 +32,8 @@ struct Data {
     unsynced: Option<Vec<Undo>>,
     /// Every write fails, as on a full disk (see [`MemoryStore::set_full`]).
     full: bool,
+    /// Every read fails (see [`MemoryStore::set_reads_fail`]).
+    reads_fail: bool,
 }
 
 #[derive(Default)]
@@ -107,6 +109,12 @@ impl MemoryStore {
         self.data.write().expect("store lock").full = full;
     }
 
+    /// A store that refuses every read (`true`), as RocksDB's does after a
+    /// WAL failure until the node restarts; writes are not affected.
+    pub fn set_reads_fail(&self, fail: bool) {
+        self.data.write().expect("store lock").reads_fail = fail;
+    }
+
     /// Flips a bit of a stored record (tests of corruption handling).
     pub fn corrupt(&self, tree: Tree, key: &[u8]) {
         let mut d = self.data.write().expect("store lock");
@@ -135,6 +143,12 @@ impl Store for MemoryStore {
 
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let d = self.data.read().expect("store lock");
+        if d.reads_fail {
+            return Err(StoreError::Io {
+                op: "get",
+                detail: "reads refused (test)".into(),
+            });
+        }
         match d.trees.get(&tree).and_then(|t| t.get(key)) {
             Some(raw) => record::open(tree, key, raw).map(Some),
             None => Ok(None),
