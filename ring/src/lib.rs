@@ -215,10 +215,17 @@ impl fmt::Display for NodeId {
 /// finaliser so that the high bits (which pick the partition) depend on every
 /// input bit. Fixed forever: changing it moves every key.
 pub fn key_hash(key: &[u8]) -> u64 {
+    key_hash_of(&[key])
+}
+
+/// [`key_hash`] of `parts` one after the other, without joining them.
+pub fn key_hash_of(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);

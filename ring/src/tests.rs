@@ -96,6 +96,17 @@ fn counts(ring: &Ring) -> BTreeMap<NodeId, usize> {
 }
 
 #[test]
+fn key_hash_of_parts_is_the_hash_of_their_concatenation() {
+    for (a, b) in [
+        (&b""[..], &b""[..]),
+        (b"sh", b"oal"),
+        (b"key", &7u64.to_le_bytes()[..]),
+    ] {
+        assert_eq!(key_hash_of(&[a, b]), key_hash(&[a, b].concat()));
+    }
+}
+
+#[test]
 fn key_hash_is_fixed() {
     // Pinned values: a change here moves every key in every cluster.
     assert_eq!(key_hash(b""), 0xefd01f60ba992926);

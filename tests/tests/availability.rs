@@ -177,6 +177,28 @@ async fn a_fallback_does_not_stand_in_for_a_primary_whose_reads_fail() {
     assert!(c.node(&p1).is_up(c.id(&p2)) && c.node(&p1).is_up(c.id(&p3)));
 }
 
+/// A primary the detector sees up whose answer never comes (a hung store
+/// while pings are still answered) holds a read's fallback answers back
+/// only for a while, not to the request's deadline (review, helper-51).
+#[tokio::test(start_paused = true)]
+async fn a_silent_primary_holds_fallback_answers_back_only_for_a_while() {
+    let c = SimCluster::new(5);
+    let key = b"patience";
+    let (p1, p2, p3) = roles(&c, key);
+    written(c.put(&p1, key, b"v", None, D).await);
+    c.net.crash(&p2);
+    c.detect(10).await;
+    c.net.blackhole(&p1, &p3);
+    assert!(c.node(&p1).is_up(c.id(&p3)) && !c.node(&p1).is_up(c.id(&p2)));
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        values(&value(c.get(&p1, key, D).await)),
+        vec![b"v".to_vec()]
+    );
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(1), "the read waited {took:?}");
+}
+
 /// With N nodes there is no fallback: the coordinator keeps the hints for
 /// the down primary itself and hands them off when it returns.
 #[tokio::test]

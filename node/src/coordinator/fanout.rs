@@ -48,7 +48,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// order; a fallback standing in for a primary takes no slot) in a
     /// batch that leaves this turn; the quorum need not wait for the
     /// others, which travel as spares, in a batch that leaves after a
-    /// window.
+    /// window. Also returns the primaries asked directly (this node, and
+    /// those the detector saw up), for [`Tally::prefer_primaries`].
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -57,10 +58,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         op: ReplicaOp,
         deadline: Instant,
         eager: usize,
-    ) -> mpsc::UnboundedReceiver<Reply> {
+    ) -> (mpsc::UnboundedReceiver<Reply>, Vec<NodeId>) {
+        // Shared by every primary's send (an object or key copied per send
+        // was a good part of a coordinator's allocations).
+        let key: Arc<[u8]> = Arc::from(key);
+        let op = Arc::new(op);
         let mut pool = Fallbacks {
             view: view.clone(),
-            key: key.to_vec(),
+            key: key.clone(),
             n: self.settings.n as usize,
             left: None,
         };
@@ -73,6 +78,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             };
             first_tries.push((p.clone(), first));
         }
+        let direct = (first_tries.iter())
+            .filter(|(p, first)| first.as_ref().is_some_and(|f| f.id == p.id))
+            .map(|(p, _)| p.id)
+            .collect();
         let pool = Arc::new(Mutex::new(pool));
         let (tx, rx) = mpsc::unbounded_channel();
         // Remote sends first (stable: in `primaries`' order): this node's
@@ -91,7 +100,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 eager_left -= 1;
             }
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
-            let key = key.to_vec();
+            let key = key.clone();
             let work = async move {
                 let reply = node
                     .reach(primary, first, &key, &op, &pool, deadline, spare)
@@ -100,7 +109,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             };
             self.tasks.spawn_unless_done(local, work);
         }
-        rx
+        (rx, direct)
     }
 
     /// One primary's part of [`Self::sloppy_fan_out`]: a remote primary
@@ -246,7 +255,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
 /// primary is down or fails (walking the ring is not free).
 struct Fallbacks {
     view: View,
-    key: Vec<u8>,
+    key: Arc<[u8]>,
     n: usize,
     left: Option<VecDeque<MemberInfo>>,
 }
@@ -345,6 +354,9 @@ pub(super) struct Tally {
     waiting_for: Vec<NodeId>,
     /// Fallbacks' good answers not counted yet: (from, for the primary).
     held: Vec<(MemberInfo, MemberInfo)>,
+    /// When `held` answers count even though some of `waiting_for` has not
+    /// replied.
+    patience: Option<Instant>,
 }
 
 /// One layout's preference list and how many of it (primaries, or
@@ -384,8 +396,14 @@ impl Tally {
     /// reply. Without this a read at a primary that missed a write (down
     /// when it was made), with the next primary down, was answered by that
     /// one's fallback and missed the write the third primary held.
-    pub(super) fn prefer_primaries(&mut self, direct: impl IntoIterator<Item = NodeId>) {
-        self.waiting_for = direct.into_iter().collect();
+    ///
+    /// Until `patience`: a primary the detector sees up whose answer does
+    /// not come (its store hangs while it still answers pings) then no
+    /// longer holds the read back to its deadline; the read is as sloppy as
+    /// before, from then on.
+    pub(super) fn prefer_primaries(&mut self, direct: Vec<NodeId>, patience: Instant) {
+        self.waiting_for = direct;
+        self.patience = Some(patience);
     }
 
     /// Counts a good answer from `from`, standing in for `for_primary` if set.
@@ -438,7 +456,11 @@ impl Tally {
         mut seen: impl FnMut(Reply),
     ) {
         while !self.met(need, need_primaries) && self.heard < targets {
-            match tokio::time::timeout_at(deadline, answers.recv()).await {
+            let until = match self.patience {
+                Some(p) if !self.held.is_empty() && !self.waiting_for.is_empty() => p.min(deadline),
+                _ => deadline,
+            };
+            match tokio::time::timeout_at(until, answers.recv()).await {
                 Ok(Some(reply)) => {
                     self.heard += 1;
                     let primary = reply.for_primary.as_ref().unwrap_or(&reply.from).id;
@@ -462,6 +484,9 @@ impl Tally {
                     }
                 }
                 Ok(None) => break,
+                // Patience ran out: the primaries still silent no longer
+                // hold the fallbacks' answers back.
+                Err(_) if until < deadline => self.waiting_for.clear(),
                 Err(_) => {
                     self.failed
                         .push("deadline passed before the others answered".into());

@@ -28,6 +28,12 @@ use crate::version::{decode_context, encode_context, VersionError, VersionVector
 /// Requests never wait longer than this, whatever they ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_millis(crate::config::MAX_REQUEST_MS);
 
+/// How long a read's fallback answers wait for the primaries the detector
+/// sees up, at most (half the request's time when that is shorter; see
+/// `Tally::prefer_primaries`): past the silence probe's 300 ms, far past
+/// a replica's answer under load.
+const FALLBACK_PATIENCE: Duration = Duration::from_millis(500);
+
 /// The coordinator and the handles it needs; shared (in an `Arc`) with the
 /// fan-out and read-repair tasks it spawns.
 pub struct Coordinator<T, S> {
@@ -421,8 +427,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,
         });
-        let mut answers =
-            self.sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline, eager);
+        let mut answers = self
+            .sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline, eager)
+            .0;
         let mut tally = Tally::over(&lists);
         // The local copy counts once durable (with `fsync`, when a WAL
         // sync shared with other writes covers it), while the others store.
@@ -474,16 +481,17 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // This node's copy and the next replicas make the quorum; the
         // others are asked as spares, for read repair.
         let eager = self.quorum_sends(r, &primaries);
-        let mut answers =
+        let (mut answers, direct) =
             self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
-        let me = self.me.id;
-        tally.prefer_primaries(
-            (primaries.iter())
-                .map(|p| p.id)
-                .filter(|id| *id == me || self.liveness.is_up(*id)),
-        );
+        let now = Instant::now();
+        let patience = now
+            + deadline
+                .saturating_duration_since(now)
+                .min(2 * FALLBACK_PATIENCE)
+                / 2;
+        tally.prefer_primaries(direct, patience);
         tally
             .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
                 heard.extend(Heard::from_reply(reply))

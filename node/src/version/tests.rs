@@ -262,6 +262,28 @@ fn run(ops: &[Op]) -> History {
     h
 }
 
+/// The join of two DVV sets as [`Object::merge`] first computed it.
+fn joined_by_contexts(a: &Object, b: &Object) -> Object {
+    let (mine, theirs) = (a.context(), b.context());
+    let mut siblings: Vec<Sibling> = (a.siblings().iter())
+        .filter(|s| !covers(&theirs, &s.dot) || b.siblings().iter().any(|o| o.dot == s.dot))
+        .cloned()
+        .collect();
+    for s in b.siblings() {
+        if !covers(&mine, &s.dot) && !siblings.iter().any(|k| k.dot == s.dot) {
+            siblings.push(s.clone());
+        }
+    }
+    siblings.sort_by_key(|s| s.dot);
+    let mut clock = a.clock.clone();
+    for (n, e) in &b.clock {
+        let mine = clock.entry(*n).or_insert(*e);
+        mine.counter = mine.counter.max(e.counter);
+        mine.timestamp_ms = mine.timestamp_ms.max(e.timestamp_ms);
+    }
+    Object { clock, siblings }
+}
+
 proptest! {
     #[test]
     fn merge_is_commutative_associative_idempotent(
@@ -280,6 +302,20 @@ proptest! {
         prop_assert_eq!(Object::merged(a, a), a.clone());
         let ab = Object::merged(a, b);
         prop_assert!(ab.descends(a) && ab.descends(b));
+    }
+
+    /// The in-place merge is the join as first written (both contexts
+    /// built, the kept siblings copied): the same object for any two
+    /// states of any history.
+    #[test]
+    fn merge_in_place_is_the_join_by_contexts(
+        ops in proptest::collection::vec(op(), 1..40),
+        picks in proptest::collection::vec(any::<proptest::sample::Index>(), 2),
+    ) {
+        let h = run(&ops);
+        let a = picks[0].get(&h.states);
+        let b = picks[1].get(&h.states);
+        prop_assert_eq!(Object::merged(a, b), joined_by_contexts(a, b));
     }
 
     /// After any history, once every replica has synced with every other,

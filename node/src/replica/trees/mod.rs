@@ -55,10 +55,7 @@ pub fn digest(encoded: &[u8]) -> u64 {
 
 /// What a key with this digest contributes to its leaf.
 fn contribution(key: &[u8], digest: u64) -> u64 {
-    let mut bytes = Vec::with_capacity(key.len() + 8);
-    bytes.extend_from_slice(key);
-    bytes.extend_from_slice(&digest.to_le_bytes());
-    key_hash(&bytes)
+    shoal_ring::key_hash_of(&[key, &digest.to_le_bytes()])
 }
 
 /// The index keys of segment `seg` of `partition`: from its first
