@@ -122,6 +122,22 @@ async fn a_primary_failing_mid_request_fails_over_to_a_fallback() {
     assert!(e.message.contains("primaries"), "{}", e.message);
 }
 
+/// Writes "v" to `key` at its second primary while its first is down (the
+/// first misses it: its hint waits on a fallback), then restarts the first;
+/// the third primary has the write. Returns the three primaries.
+async fn missed_by_the_first_primary(c: &SimCluster, key: &[u8]) -> (String, String, String) {
+    let (p1, p2, p3) = roles(c, key);
+    c.net.crash(&p1);
+    c.detect(10).await;
+    written(c.put(&p2, key, b"v", None, D).await);
+    // The send to the third primary (not needed for W) has landed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(c.stored(&p3, key).is_some(), "{p3} has the write");
+    c.net.restart(&p1);
+    assert_eq!(c.stored(&p1, key), None, "{p1} missed the write");
+    (p1, p2, p3)
+}
+
 /// A fallback's answer does not stand in for a primary that is up: at a
 /// primary that missed a write (down when it was made, its hint not handed
 /// off yet), with the next primary in ring order down, a read is not
@@ -134,18 +150,10 @@ async fn a_primary_failing_mid_request_fails_over_to_a_fallback() {
 async fn a_fallbacks_answer_does_not_stand_in_for_a_primary_that_is_up() {
     let c = SimCluster::new(5);
     let key = b"rolling";
-    let (p1, p2, p3) = roles(&c, key);
-    c.net.crash(&p1);
-    c.detect(10).await;
-    written(c.put(&p2, key, b"v", None, D).await);
-    // The send to the third primary (not needed for W) has landed.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(c.stored(&p3, key).is_some(), "{p3} has the write");
-    c.net.restart(&p1);
+    let (p1, p2, p3) = missed_by_the_first_primary(&c, key).await;
     c.net.crash(&p2);
     c.detect(10).await;
     assert!(c.node(&p1).is_up(c.id(&p3)) && !c.node(&p1).is_up(c.id(&p2)));
-    assert_eq!(c.stored(&p1, key), None, "{p1} missed the write");
     assert_eq!(
         values(&value(c.get(&p1, key, D).await)),
         vec![b"v".to_vec()],
@@ -160,15 +168,10 @@ async fn a_fallbacks_answer_does_not_stand_in_for_a_primary_that_is_up() {
 async fn a_fallback_does_not_stand_in_for_a_primary_whose_reads_fail() {
     let c = SimCluster::new(5);
     let key = b"failing";
-    let (p1, p2, p3) = roles(&c, key);
-    c.net.crash(&p1);
-    c.detect(10).await;
-    written(c.put(&p2, key, b"v", None, D).await);
-    c.net.restart(&p1);
+    let (p1, p2, p3) = missed_by_the_first_primary(&c, key).await;
     c.detect(10).await;
     c.node(&p2).store().set_reads_fail(true);
     c.node(&p2).drop_cache();
-    assert_eq!(c.stored(&p1, key), None, "{p1} missed the write");
     assert_eq!(
         values(&value(c.get(&p1, key, D).await)),
         vec![b"v".to_vec()],
