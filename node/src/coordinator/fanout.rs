@@ -94,9 +94,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         let mut eager_left = eager;
         for (primary, first) in first_tries {
             let local = first.as_ref().is_some_and(|f| f.id == self.me.id);
-            let direct = !local && first.as_ref().is_some_and(|f| f.id == primary.id);
-            let spare = direct && eager_left == 0;
-            if direct && !spare {
+            let remote = !local && first.as_ref().is_some_and(|f| f.id == primary.id);
+            let spare = remote && eager_left == 0;
+            if remote && !spare {
                 eager_left -= 1;
             }
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
