@@ -27,7 +27,10 @@
 //! The entries are kept in the meta tree too (under [`PREFIX`] and the
 //! key), written in the reap's (or restore's) own batch: a copy sent
 //! before a restart can arrive after it, and a replica that restarts
-//! within the window keeps fencing.
+//! within the window keeps fencing. An entry it cannot read then (its
+//! record corrupt) marks its key lost if the key is absent here, rather
+//! than leave it unfenced: a lost copy is not served, and it is restored
+//! from the other primaries, whose fences answer with the history.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
@@ -35,7 +38,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{reapable, trees, Commit, Replica, Stored};
+use super::{corruption, reapable, trees, Commit, Replica, Stored};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, Object};
 
@@ -152,6 +155,36 @@ impl<S: Store> Replica<S> {
         }
         Ok(true)
     }
+
+    /// Fence entries found unreadable at the start, within their window
+    /// ([`Fence::load`]): their histories are gone, so a stale copy merged
+    /// into an absent key would bring back what its delete superseded.
+    /// Such a key is marked lost instead, as a corrupt object is (see
+    /// [`super::lost`]): not served, and restored from the other primaries,
+    /// whose own fences answer with the history while they last. A key
+    /// stored since its reap started from the history and carries it.
+    /// Each entry is deleted once its key is dealt with (a crash between
+    /// leaves the entry, and the key lost, for the next start).
+    pub(super) fn fence_unreadable(&self, entries: Vec<Unreadable>) -> Result<(), StoreError> {
+        for Unreadable { name, key } in entries {
+            let mut stripe = self.lock_stripe(&key);
+            if let Stored::Absent = self.stored_record(&mut stripe, &key)? {
+                let why = corruption(&key, "its reap fence entry could not be read");
+                self.mark_lost(&mut stripe, &key, &why)?;
+            }
+            drop(stripe);
+            let mut gone = WriteBatch::default();
+            gone.delete(Tree::Meta, &name);
+            self.store.write(gone)?;
+        }
+        Ok(())
+    }
+}
+
+/// A fence entry within its window that could not be read at the start.
+pub(super) struct Unreadable {
+    name: Vec<u8>,
+    key: Vec<u8>,
 }
 
 /// Histories of the tombstones reaped here (or restored away) in the last
@@ -166,20 +199,23 @@ pub(super) struct Fence {
 }
 
 impl Fence {
-    /// The fence `store` kept, at `now_ms`; entries past their window are
-    /// deleted from it, and one that cannot be read is dropped (its key
-    /// is no longer fenced; logged).
+    /// The fence `store` kept, at `now_ms`, and the entries within their
+    /// window that cannot be read (name and key), for
+    /// [`Replica::fence_unreadable`], which deletes them. Entries past
+    /// their window are deleted from the store, and so is one whose name
+    /// holds no key (none of ours: logged).
     pub(super) fn load<S: Store>(
         store: &S,
         window: Duration,
         now_ms: u64,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<(Self, Vec<Unreadable>), StoreError> {
         let mut fence = Fence {
             window_ms: window.as_millis() as u64,
             reaped: HashMap::new(),
             expiry: VecDeque::new(),
         };
         let mut entries = Vec::new();
+        let mut unreadable = Vec::new();
         let mut gone = WriteBatch::default();
         let mut start = PREFIX.to_vec();
         loop {
@@ -187,23 +223,25 @@ impl Fence {
             let Some((last, _)) = page.last() else { break };
             start = [last.as_slice(), &[0]].concat();
             for (name, record) in page {
-                let entry = parse_entry_key(&name).ok_or_else(|| "a malformed name".to_string());
-                let entry = entry.and_then(|(key, until)| {
-                    let bytes = record.map_err(|e| e.to_string())?;
-                    let history = decode_object(&bytes).map_err(|e| e.to_string())?;
-                    Ok((key.to_vec(), until, history))
-                });
-                match entry {
-                    Ok((key, until, history)) if until > now_ms => {
-                        entries.push((until, key, history))
-                    }
-                    Ok(_) => {
-                        gone.delete(Tree::Meta, &name);
-                    }
-                    Err(e) => {
-                        warn!(entry = %hex::encode(&name), error = %e,
-                            "a reap fence entry could not be read: dropped, its key no longer fenced");
-                        gone.delete(Tree::Meta, &name);
+                let Some((key, until)) = parse_entry_key(&name) else {
+                    warn!(entry = %hex::encode(&name), "a reap fence entry with no key in its name: dropped");
+                    gone.delete(Tree::Meta, &name);
+                    continue;
+                };
+                if until <= now_ms {
+                    gone.delete(Tree::Meta, &name);
+                    continue;
+                }
+                let history = record
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| decode_object(&bytes).map_err(|e| e.to_string()));
+                match history {
+                    Ok(history) => entries.push((until, key.to_vec(), history)),
+                    Err(error) => {
+                        warn!(entry = %hex::encode(&name), %error,
+                            "a reap fence entry could not be read: its key, if absent, is marked lost");
+                        let key = key.to_vec();
+                        unreadable.push(Unreadable { name, key });
                     }
                 }
             }
@@ -215,7 +253,7 @@ impl Fence {
         for (until, key, history) in entries {
             fence.insert(&key, until, history);
         }
-        Ok(fence)
+        Ok((fence, unreadable))
     }
 
     /// The entry fencing a key whose `tombstone` is reaped at `now_ms`:
@@ -261,306 +299,4 @@ impl Fence {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use shoal_ring::NodeId;
-
-    use super::*;
-    use crate::replica::trees::tests::replica_over;
-    use crate::storage::MemoryStore;
-    use crate::version::VersionVector;
-
-    /// `object` with `value` (None: a delete) written over `ctx` by node
-    /// `writer`, stamped at time 0 (long past any grace).
-    fn update(object: &Object, ctx: &VersionVector, value: Option<&[u8]>, writer: u128) -> Object {
-        let mut o = object.clone();
-        o.update(ctx, value.map(<[u8]>::to_vec), NodeId::from_u128(writer), 0);
-        o
-    }
-
-    /// A replica over `store` that took a tombstone of key `k` over `old`
-    /// and reaped it.
-    fn reaped(store: Arc<MemoryStore>) -> (Replica<MemoryStore>, Object, Object) {
-        let r = replica_over(store);
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
-        (r, old, tombstone)
-    }
-
-    fn values(o: &Option<Object>) -> Vec<Vec<u8>> {
-        o.iter()
-            .flat_map(|o| o.values().map(<[u8]>::to_vec))
-            .collect()
-    }
-
-    /// A copy read before the reap and merged after it: the deleted value
-    /// stays deleted, and a write made after the reap (under an actor the
-    /// tombstone never saw) gets in.
-    #[test]
-    fn a_copy_read_before_a_reap_does_not_bring_the_key_back() {
-        let (r, old, tombstone) = reaped(Arc::new(MemoryStore::new()));
-        r.merge(b"k", &old).unwrap();
-        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
-        r.merge(b"k", &tombstone).unwrap();
-        assert_eq!(r.get(b"k").unwrap(), None, "the reaped tombstone came back");
-        let newer = update(&old, &VersionVector::new(), Some(b"new"), 9);
-        r.merge(b"k", &newer).unwrap();
-        assert_eq!(values(&r.get(b"k").unwrap()), vec![b"new".to_vec()]);
-    }
-
-    /// A write made here after the reap (a blind put, or any whose context
-    /// lacks the deleted value) starts from the tombstone's history: a copy
-    /// read before the reap and merged after the write still cannot bring
-    /// the deleted value back beside it.
-    #[test]
-    fn a_write_after_the_reap_keeps_the_fence() {
-        let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
-        let _written = r
-            .write(b"k", &VersionVector::new(), Some(b"new".to_vec()))
-            .unwrap();
-        r.merge(b"k", &old).unwrap();
-        assert_eq!(
-            values(&r.get(b"k").unwrap()),
-            vec![b"new".to_vec()],
-            "the reaped value came back beside the write"
-        );
-    }
-
-    /// A lost hint's copy merged into a key reaped here lately (the key is
-    /// then restored from the other primaries, which reaped it too) keeps
-    /// only what the tombstone does not cover.
-    #[test]
-    fn a_lost_hints_copy_does_not_bring_a_reaped_key_back() {
-        let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
-        r.merge_incomplete(b"k", &old).unwrap();
-        let generation = r.lost_generation(b"k").unwrap().expect("not marked lost");
-        assert!(r.restore(b"k", generation, &[None, None]).unwrap());
-        let stored = r.store().get(crate::storage::Tree::Objects, b"k").unwrap();
-        assert_eq!(stored, None, "the reaped key came back: {:?}", r.get(b"k"));
-    }
-
-    /// A copy lost here exactly when the other primaries reaped the key
-    /// (the reaper met the corrupt record and marked it lost instead), with
-    /// a stale copy merged into it since: restored from primaries that
-    /// answer with their tombstone's history, the deleted value does not
-    /// come back, and this replica fences the key from then on.
-    #[test]
-    fn a_restore_from_primaries_that_reaped_the_key_does_not_bring_it_back() {
-        let (b, old, _) = reaped(Arc::new(MemoryStore::new()));
-        let (c, _, _) = reaped(Arc::new(MemoryStore::new()));
-        let a = replica_over(Arc::new(MemoryStore::new()));
-        a.merge_incomplete(b"k", &old).unwrap();
-        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
-        let copies = [b.restore_copy(b"k").unwrap(), c.restore_copy(b"k").unwrap()];
-        assert!(a.restore(b"k", generation, &copies).unwrap());
-        assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back");
-        a.merge(b"k", &old).unwrap();
-        assert_eq!(a.get(b"k").unwrap(), None, "the reaped key came back later");
-    }
-
-    /// A copy found corrupt by its own reap (the other primaries reaped the
-    /// key), a stale copy merged into it since, restored only after every
-    /// other primary's fence expired (they answer "absent", with no
-    /// history): the lost copy kept the tombstone the reap was asked about,
-    /// so the deleted value does not come back.
-    #[test]
-    fn a_copy_found_lost_by_its_reap_keeps_the_tombstone() {
-        let store = Arc::new(MemoryStore::new());
-        let a = replica_over(store.clone());
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        a.merge(b"k", &tombstone).unwrap();
-        store.corrupt(Tree::Objects, b"k");
-        a.drop_cache();
-        assert!(!a.reap(b"k", &tombstone).unwrap(), "a lost copy was reaped");
-        a.merge(b"k", &old).unwrap();
-        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
-        assert!(a.restore(b"k", generation, &[None, None]).unwrap());
-        // The tombstone stays (anti-entropy spreads it and the reaper
-        // reaps it again): the key is deleted, not back.
-        let restored = a.get(b"k").unwrap();
-        assert!(
-            values(&restored).is_empty(),
-            "the reaped key came back: {restored:?}"
-        );
-    }
-
-    /// A copy lost here within the window of a reap here (a write made
-    /// after the reap, its record corrupt since): a stale copy merged into
-    /// the lost copy is restored within the fence all the same.
-    #[test]
-    fn a_copy_lost_after_a_reap_here_is_restored_within_the_fence() {
-        let store = Arc::new(MemoryStore::new());
-        let (r, old, _) = reaped(store.clone());
-        let newer = update(&old, &VersionVector::new(), Some(b"new"), 9);
-        r.merge(b"k", &newer).unwrap();
-        store.corrupt(Tree::Objects, b"k");
-        r.drop_cache();
-        r.merge(b"k", &old).unwrap();
-        let generation = r.lost_generation(b"k").unwrap().expect("not marked lost");
-        // The others lost "new" too (W copies gone, past the guarantee):
-        // "old" is what the restore must not bring back.
-        assert!(r.restore(b"k", generation, &[None, None]).unwrap());
-        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
-    }
-
-    /// A restore that leaves nothing forgets the key's clock, as a reap
-    /// does: the actors it names are retired here, so no dot they minted
-    /// is minted again once the fence has expired.
-    #[test]
-    fn a_restore_to_nothing_retires_the_forgotten_actors() {
-        let a = replica_over(Arc::new(MemoryStore::new()));
-        // Written and deleted at a, long ago, under a's actor.
-        let x = a.actors.fresh().unwrap();
-        let mut tombstone = Object::default();
-        tombstone.update(&VersionVector::new(), Some(b"v".to_vec()), x, 0);
-        tombstone.update(&tombstone.context(), None, x, 0);
-        a.merge(b"k", &tombstone).unwrap();
-        let b = replica_over(Arc::new(MemoryStore::new()));
-        b.merge(b"k", &tombstone).unwrap();
-        assert!(b.reap(b"k", &tombstone).unwrap(), "reaped");
-        // a's copy is lost before a reaps it.
-        a.merge_incomplete(b"k", &tombstone).unwrap();
-        let generation = a.lost_generation(b"k").unwrap().expect("not marked lost");
-        let copy = b.restore_copy(b"k").unwrap();
-        assert!(copy.is_some(), "no history");
-        assert!(a.restore(b"k", generation, &[copy.clone(), copy]).unwrap());
-        assert_eq!(a.get(b"k").unwrap(), None);
-        let next = a
-            .actors
-            .for_write(&tombstone, &VersionVector::new())
-            .unwrap();
-        assert_ne!(next, x, "a forgotten actor writes on");
-    }
-
-    /// A store whose next write is applied and then reported failed (as a
-    /// WAL sync that fails after the write).
-    struct FailsAfterWriting {
-        inner: MemoryStore,
-        fail_next: std::sync::atomic::AtomicBool,
-    }
-
-    impl Store for FailsAfterWriting {
-        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(tree, key)
-        }
-        fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-            self.inner.write(batch)?;
-            match self
-                .fail_next
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                true => Err(StoreError::Io {
-                    op: "sync",
-                    detail: "failed after the write".into(),
-                }),
-                false => Ok(()),
-            }
-        }
-        fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
-            self.write(batch)
-        }
-        fn sync_wal(&self) -> Result<(), StoreError> {
-            self.inner.sync_wal()
-        }
-        fn scan(
-            &self,
-            tree: Tree,
-            start: &[u8],
-            end: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<Vec<crate::storage::Scanned>, StoreError> {
-            self.inner.scan(tree, start, end, limit)
-        }
-        fn approximate_bytes(&self, tree: Tree) -> u64 {
-            self.inner.approximate_bytes(tree)
-        }
-    }
-
-    /// A reap whose write fails may still have deleted the key: the key
-    /// is fenced all the same.
-    #[test]
-    fn a_reap_whose_write_fails_still_fences() {
-        let store = Arc::new(FailsAfterWriting {
-            inner: MemoryStore::new(),
-            fail_next: false.into(),
-        });
-        let r = replica_over(store.clone());
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        r.merge(b"k", &tombstone).unwrap();
-        store
-            .fail_next
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(r.reap(b"k", &tombstone).is_err(), "the write failed");
-        r.merge(b"k", &old).unwrap();
-        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
-    }
-
-    #[test]
-    fn the_fence_lasts_its_window() {
-        let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-        let tombstone = update(&old, &old.context(), None, 8);
-        let store = MemoryStore::new();
-        let mut fence = Fence::load(&store, Duration::from_millis(100), 0).unwrap();
-        let reap = |fence: &mut Fence, at| {
-            let (until, history) = fence.entry(&tombstone, at).expect("fencing");
-            fence.insert(b"k", until, history);
-        };
-        reap(&mut fence, 1_000);
-        let history = fence.history(b"k", 1_099).expect("fenced");
-        assert!(history.siblings().is_empty());
-        assert!(Object::merged(&history, &old).siblings().is_empty());
-        assert!(fence.history(b"other", 1_099).is_none());
-        assert!(fence.history(b"k", 1_100).is_none());
-        // Reaped again later (written and deleted again): the first entry's
-        // deadline does not end the second.
-        reap(&mut fence, 1_050);
-        assert_eq!(fence.expire(1_100), vec![(1_100, b"k".to_vec())]);
-        assert!(fence.history(b"k", 1_120).is_some());
-        assert_eq!(fence.expire(1_150), vec![(1_150, b"k".to_vec())]);
-        assert!(fence.history(b"k", 1_120).is_none());
-        let off = Fence::load(&store, Duration::ZERO, 0).unwrap();
-        assert!(off.entry(&tombstone, 1_000).is_none());
-    }
-
-    /// A replica that restarts within the window still fences the key (a
-    /// copy sent before the restart can arrive after it); once the window
-    /// has passed, the stored entry goes.
-    #[test]
-    fn the_fence_outlives_a_restart() {
-        let store = Arc::new(MemoryStore::new());
-        let (r, old, _) = reaped(store.clone());
-        let reaped_at = r.now_ms();
-        drop(r);
-        // Entries that cannot be read are dropped at start, the rest kept.
-        store.put(Tree::Meta, b"fence/k", b"no deadline").unwrap();
-        let junk = entry_key(b"j", reaped_at + 30_000);
-        store.put(Tree::Meta, &junk, b"not an object").unwrap();
-        let r = replica_over(store.clone());
-        let entries = store
-            .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-            .unwrap();
-        let names: Vec<_> = entries
-            .iter()
-            .map(|(name, _)| parse_entry_key(name))
-            .collect();
-        assert!(matches!(names[..], [Some((b"k", _))]), "{names:?}");
-        r.merge(b"k", &old).unwrap();
-        assert_eq!(
-            r.get(b"k").unwrap(),
-            None,
-            "the reaped key came back after a restart"
-        );
-        let later = reaped_at + 61_000;
-        let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
-        assert!(fence.history(b"k", later).is_none());
-        let entries = store
-            .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-            .unwrap();
-        assert!(entries.is_empty(), "an expired entry stays in the store");
-    }
-}
+mod tests;

@@ -173,7 +173,7 @@ impl<S: Store> Replica<S> {
     /// Replaces a corrupt record of `key` with a new lost marker (see the
     /// module doc). The trees are rebuilt at the anti-entropy loop's next
     /// turn: the digest they hold for the key is of the bytes lost.
-    fn mark_lost(
+    pub(super) fn mark_lost(
         &self,
         stripe: &mut Stripe,
         key: &[u8],

@@ -208,8 +208,8 @@ impl<S: Store> Replica<S> {
             .map(|_| Mutex::new(Stripe::new(budget)))
             .collect();
         let now = settings.clock.now_ms();
-        let fence = fence::Fence::load(store.as_ref(), settings.reap_fence, now)?;
-        Ok(Replica {
+        let (fence, unreadable) = fence::Fence::load(store.as_ref(), settings.reap_fence, now)?;
+        let replica = Replica {
             store,
             membership,
             metrics,
@@ -225,7 +225,9 @@ impl<S: Store> Replica<S> {
             marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
             fence: Mutex::new(fence),
             settings,
-        })
+        };
+        replica.fence_unreadable(unreadable)?;
+        Ok(replica)
     }
 
     pub fn store(&self) -> &Arc<S> {
