@@ -339,7 +339,9 @@ pub(super) struct Reply {
 /// Who answered a fan-out, and who did not and why.
 #[derive(Default)]
 pub(super) struct Tally {
-    pub(super) ok: Vec<String>,
+    /// Good answers: who answered, and the primary it stood in for if it
+    /// is a fallback (named only in an error).
+    ok: Vec<(NodeId, Option<NodeId>)>,
     /// How many of `ok` are primaries.
     pub(super) primaries: u32,
     failed: Vec<String>,
@@ -408,13 +410,8 @@ impl Tally {
 
     /// Counts a good answer from `from`, standing in for `for_primary` if set.
     pub(super) fn count(&mut self, from: &MemberInfo, for_primary: Option<&MemberInfo>) {
-        match for_primary {
-            None => {
-                self.primaries += 1;
-                self.ok.push(from.name.clone());
-            }
-            Some(p) => self.ok.push(format!("{} for {}", from.name, p.name)),
-        }
+        self.ok.push((from.id, for_primary.map(|p| p.id)));
+        self.primaries += u32::from(for_primary.is_none());
         let replica = for_primary.unwrap_or(from).id;
         for g in self
             .groups
@@ -511,16 +508,25 @@ impl Tally {
         }
     }
 
+    /// The reply if the quorum was met, else the quorum error, which
+    /// names (by `view`) who answered and why the others did not.
     pub(super) fn result(
         self,
         need: u32,
         need_primaries: u32,
         what: &str,
         reply: Response,
+        view: &View,
     ) -> Result<Response, WireError> {
         if self.met(need, need_primaries) {
             return Ok(reply);
         }
+        let ok: Vec<String> = (self.ok.iter())
+            .map(|(from, for_primary)| match for_primary {
+                None => view.name_of(from),
+                Some(p) => format!("{} for {}", view.name_of(from), view.name_of(p)),
+            })
+            .collect();
         let layouts = if self.groups.len() < 2 {
             String::new()
         } else {
@@ -543,7 +549,7 @@ impl Tally {
             format!(
                 "; the write was stored on {} and may still reach the others (it was not \
                  rolled back: a read may return it)",
-                self.ok.join(", ")
+                ok.join(", ")
             )
         } else {
             String::new()
@@ -552,11 +558,11 @@ impl Tally {
             kind: ErrorKind::Quorum,
             message: format!(
                 "{what} needed {need} replicas{primaries}{layouts}, {} answered ({}); failures: {}{applied}",
-                self.ok.len(),
-                self.ok.join(", "),
+                ok.len(),
+                ok.join(", "),
                 self.failed.join("; ")
             ),
-            answered: self.ok,
+            answered: ok,
             needed: need,
         })
     }

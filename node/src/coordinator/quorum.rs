@@ -118,10 +118,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 };
                 // While a layout change is in transition a replica of the
                 // key in the old or the new layout coordinates.
-                let replicas = view.replicas(key, self.settings.n as usize);
-                if !replicas.iter().any(|m| m.id == self.me.id) {
+                let n = self.settings.n as usize;
+                if !view.replica_ids(key, n).contains(&self.me.id) {
                     // Boxed, as every rare way here: the future of each
                     // request is as large as its largest way, and moved.
+                    let replicas = view.replicas(key, n);
                     return Box::pin(self.forward(&replicas, request.clone(), options)).await;
                 }
                 self.coordinate_local(request, view, false).await
@@ -444,7 +445,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         tally
             .collect(&mut answers, others.len(), w, pw, deadline, drop)
             .await;
-        tally.result(w, pw, "write", reply)
+        tally.result(w, pw, "write", reply, view)
     }
 
     /// How many replicas, after this node in ring order, are sent to at
@@ -511,6 +512,6 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         self.tasks.spawn(async move {
             node.read_repair(key, heard, answers, outstanding).await;
         });
-        tally.result(r, pr, "read", reply)
+        tally.result(r, pr, "read", reply, view)
     }
 }

@@ -131,11 +131,17 @@ impl View {
 
     /// Every replica of the key in any layout, current ones first.
     pub fn replicas(&self, key: &[u8], n: usize) -> Vec<MemberInfo> {
-        let mut all = self.preference_list(key, n);
+        self.members_of(self.replica_ids(key, n))
+    }
+
+    /// The ids of [`View::replicas`], without copying member records: a
+    /// coordinator asks on every request whether it is one.
+    pub fn replica_ids(&self, key: &[u8], n: usize) -> Vec<NodeId> {
+        let mut all = self.ring.preference_list(key, n);
         for ring in self.older.iter().rev() {
-            for m in self.members_of(ring.preference_list(key, n)) {
-                if !all.iter().any(|a| a.id == m.id) {
-                    all.push(m);
+            for id in ring.preference_list(key, n) {
+                if !all.contains(&id) {
+                    all.push(id);
                 }
             }
         }
