@@ -46,6 +46,9 @@ pub const W2: RequestOptions = RequestOptions {
 pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub nodes: usize,
+    /// The loopback ports this cluster's nodes take theirs from
+    /// (`SHOAL_DEV_PORTS`, see [`port_range`]).
+    ports: String,
     launcher: Child,
     /// Process group of the launcher, its nodes and any node restarted by hand.
     pgid: i32,
@@ -56,11 +59,13 @@ impl DevCluster {
     /// knows the ring.
     pub async fn start(nodes: usize) -> DevCluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let launcher = launch(dir.path(), nodes);
+        let ports = port_range();
+        let launcher = launch(dir.path(), nodes, &ports);
         let pgid = launcher.id() as i32;
         let cluster = DevCluster {
             dir,
             nodes,
+            ports,
             launcher,
             pgid,
         };
@@ -105,7 +110,7 @@ impl DevCluster {
 
     async fn launch_again(&mut self) {
         self.wait_ports_free(Duration::from_secs(15)).await;
-        self.launcher = launch(self.dir.path(), self.nodes);
+        self.launcher = launch(self.dir.path(), self.nodes, &self.ports);
         self.pgid = self.launcher.id() as i32;
         self.wait_ready(Duration::from_secs(60)).await;
     }
@@ -187,6 +192,7 @@ impl DevCluster {
             .arg(self.path())
             .args(args)
             .env_remove("SHOAL_DEV_DIR")
+            .env("SHOAL_DEV_PORTS", &self.ports)
             .output()
             .expect("run shoal")
     }
@@ -339,7 +345,21 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn launch(dir: &Path, nodes: usize) -> Child {
+/// A range of loopback ports of its own for each cluster this test
+/// process starts (512 each, from 10,000, below the kernel's ephemeral
+/// ports): tests run side by side, and a cluster picking its ports at
+/// random over the whole range took the port of another's node that a test
+/// had killed and was about to start again ("Address already in use").
+/// Clusters of other test processes do not run at the same time.
+fn port_range() -> String {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const SLICE: u16 = 512;
+    let low = 10_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 44) * SLICE;
+    format!("{low}-{}", low + SLICE)
+}
+
+fn launch(dir: &Path, nodes: usize, ports: &str) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -352,6 +372,7 @@ fn launch(dir: &Path, nodes: usize) -> Child {
         .arg("--nodes")
         .arg(nodes.to_string())
         .env_remove("SHOAL_DEV_DIR")
+        .env("SHOAL_DEV_PORTS", ports)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)

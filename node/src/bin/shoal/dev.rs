@@ -37,11 +37,7 @@ fn config_path(dir: &Path, i: usize) -> PathBuf {
 /// client does) could be handed one before its node binds it.
 fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
     use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000, ephemeral_low.max(10_000 + 4 * count as u16));
+    let (low, high) = port_range(count)?;
     let mut held = Vec::new();
     let mut ports = Vec::new();
     let mut rng = rand::thread_rng();
@@ -63,6 +59,28 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
         "found only {} free loopback ports in {low}..{high}, {count} needed",
         ports.len()
     )
+}
+
+/// Where [`free_ports`] picks `count` ports: `SHOAL_DEV_PORTS=LOW-HIGH`
+/// (HIGH excluded) if set, else from 10,000 up to the kernel's ephemeral
+/// range. A test harness running clusters side by side gives each a range
+/// of its own: a node it kills and starts again binds its port anew, and
+/// another cluster starting meanwhile must not have picked it.
+fn port_range(count: usize) -> anyhow::Result<(u16, u16)> {
+    if let Ok(range) = std::env::var("SHOAL_DEV_PORTS") {
+        let parsed = range.split_once('-').and_then(|(l, h)| {
+            Some((l.trim().parse::<u16>().ok()?, h.trim().parse::<u16>().ok()?))
+        });
+        return match parsed {
+            Some((low, high)) if low > 0 && high > low => Ok((low, high)),
+            _ => bail!("SHOAL_DEV_PORTS={range:?}: expected LOW-HIGH, two ports, LOW below HIGH"),
+        };
+    }
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    Ok((10_000, ephemeral_low.max(10_000 + 4 * count as u16)))
 }
 
 /// Issues node `name`'s certificate (for loopback) in `dir`.
