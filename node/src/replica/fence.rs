@@ -28,9 +28,11 @@
 //! key), written in the reap's (or restore's) own batch: a copy sent
 //! before a restart can arrive after it, and a replica that restarts
 //! within the window keeps fencing. An entry it cannot read then (its
-//! record corrupt) marks its key lost if the key is absent here, rather
-//! than leave it unfenced: a lost copy is not served, and it is restored
-//! from the other primaries, whose fences answer with the history.
+//! record corrupt) leaves no history to start from: until its deadline,
+//! a change to the key while it is absent here is refused rather than
+//! started from nothing (a client's write here fails, a hint or a repair
+//! is tried again later), and so is an answer to a restore elsewhere; the
+//! entry stays until its deadline, so a restart within it refuses too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
@@ -38,7 +40,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{corruption, reapable, trees, Commit, Replica, Stored};
+use super::{reapable, trees, Commit, Replica, Stored};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, Object};
 
@@ -66,10 +68,13 @@ impl<S: Store> Replica<S> {
     }
 
     /// What a change to `key`, absent here, starts from: the history of
-    /// its tombstone if it was reaped here lately, else nothing.
-    pub(super) fn absent_start(&self, key: &[u8]) -> Object {
+    /// its tombstone if it was reaped here lately, else nothing; an error
+    /// while an unreadable fence entry of the key lasts (see the module doc).
+    pub(super) fn absent_start(&self, key: &[u8]) -> Result<Object, StoreError> {
         let now = self.now_ms();
-        self.lock_fence().history(key, now).unwrap_or_default()
+        let fence = self.lock_fence();
+        fence.refused(key, now)?;
+        Ok(fence.history(key, now).unwrap_or_default())
     }
 
     /// This replica's copy of `key` for a restore elsewhere (see
@@ -83,15 +88,20 @@ impl<S: Store> Replica<S> {
     /// history covers only what the delete superseded, so merging it into
     /// any copy drops nothing written since (a copy written after the reap
     /// started from it, and a partial copy may hold a stale value too).
+    /// While an unreadable fence entry of the key lasts, "absent" (no
+    /// history) is no answer: the restore waits.
     pub fn restore_copy(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
         let mut stripe = self.lock_stripe(key);
         let copy = self.copy(&mut stripe, key)?;
-        Ok(
-            match (copy, self.lock_fence().history(key, self.now_ms())) {
-                (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
-                (copy, history) => copy.or(history),
-            },
-        )
+        let now = self.now_ms();
+        let fence = self.lock_fence();
+        if copy.is_none() {
+            fence.refused(key, now)?;
+        }
+        Ok(match (copy, fence.history(key, now)) {
+            (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
+            (copy, history) => copy.or(history),
+        })
     }
 
     /// Fences `key`, gone here at `now` (`gone`: its reaped tombstone, or
@@ -155,36 +165,6 @@ impl<S: Store> Replica<S> {
         }
         Ok(true)
     }
-
-    /// Fence entries found unreadable at the start, within their window
-    /// ([`Fence::load`]): their histories are gone, so a stale copy merged
-    /// into an absent key would bring back what its delete superseded.
-    /// Such a key is marked lost instead, as a corrupt object is (see
-    /// [`super::lost`]): not served, and restored from the other primaries,
-    /// whose own fences answer with the history while they last. A key
-    /// stored since its reap started from the history and carries it.
-    /// Each entry is deleted once its key is dealt with (a crash between
-    /// leaves the entry, and the key lost, for the next start).
-    pub(super) fn fence_unreadable(&self, entries: Vec<Unreadable>) -> Result<(), StoreError> {
-        for Unreadable { name, key } in entries {
-            let mut stripe = self.lock_stripe(&key);
-            if let Stored::Absent = self.stored_record(&mut stripe, &key)? {
-                let why = corruption(&key, "its reap fence entry could not be read");
-                self.mark_lost(&mut stripe, &key, &why)?;
-            }
-            drop(stripe);
-            let mut gone = WriteBatch::default();
-            gone.delete(Tree::Meta, &name);
-            self.store.write(gone)?;
-        }
-        Ok(())
-    }
-}
-
-/// A fence entry within its window that could not be read at the start.
-pub(super) struct Unreadable {
-    name: Vec<u8>,
-    key: Vec<u8>,
 }
 
 /// Histories of the tombstones reaped here (or restored away) in the last
@@ -193,29 +173,31 @@ pub(super) struct Unreadable {
 pub(super) struct Fence {
     window_ms: u64,
     reaped: HashMap<Vec<u8>, (u64, Object)>,
+    /// Keys whose entry could not be read at the start, with its deadline:
+    /// changes to them while absent are refused until then.
+    unreadable: HashMap<Vec<u8>, u64>,
     /// Keys in the order their entries expire (a key reaped twice appears
     /// twice; only its entry's own deadline removes it).
     expiry: VecDeque<(u64, Vec<u8>)>,
 }
 
 impl Fence {
-    /// The fence `store` kept, at `now_ms`, and the entries within their
-    /// window that cannot be read (name and key), for
-    /// [`Replica::fence_unreadable`], which deletes them. Entries past
-    /// their window are deleted from the store, and so is one whose name
-    /// holds no key (none of ours: logged).
+    /// The fence `store` kept, at `now_ms`. Entries past their window are
+    /// deleted from the store, and so is one whose name holds no key (none
+    /// of ours: logged); one within its window that cannot be read is kept
+    /// (logged), and its key refused changes until its deadline.
     pub(super) fn load<S: Store>(
         store: &S,
         window: Duration,
         now_ms: u64,
-    ) -> Result<(Self, Vec<Unreadable>), StoreError> {
+    ) -> Result<Self, StoreError> {
         let mut fence = Fence {
             window_ms: window.as_millis() as u64,
             reaped: HashMap::new(),
+            unreadable: HashMap::new(),
             expiry: VecDeque::new(),
         };
         let mut entries = Vec::new();
-        let mut unreadable = Vec::new();
         let mut gone = WriteBatch::default();
         let mut start = PREFIX.to_vec();
         loop {
@@ -239,9 +221,9 @@ impl Fence {
                     Ok(history) => entries.push((until, key.to_vec(), history)),
                     Err(error) => {
                         warn!(entry = %hex::encode(&name), %error,
-                            "a reap fence entry could not be read: its key, if absent, is marked lost");
-                        let key = key.to_vec();
-                        unreadable.push(Unreadable { name, key });
+                            "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
+                        fence.unreadable.insert(key.to_vec(), until);
+                        fence.expiry.push_back((until, key.to_vec()));
                     }
                 }
             }
@@ -249,11 +231,41 @@ impl Fence {
         if !gone.ops.is_empty() {
             store.write(gone)?;
         }
+        // The expiry queue in deadline order, the unreadable entries' among
+        // the others.
         entries.sort_by_key(|(until, _, _)| *until);
+        let mut unreadable = Vec::from(std::mem::take(&mut fence.expiry));
+        unreadable.sort();
+        let mut unreadable = unreadable.into_iter().peekable();
         for (until, key, history) in entries {
+            while let Some(entry) = unreadable.next_if(|(u, _)| *u <= until) {
+                fence.expiry.push_back(entry);
+            }
             fence.insert(&key, until, history);
         }
-        Ok((fence, unreadable))
+        fence.expiry.extend(unreadable);
+        Ok(fence)
+    }
+
+    /// An error while `key` has an unreadable entry that lasts past
+    /// `now_ms` and no readable one as late (whose history, started from
+    /// the earlier one's, covers it).
+    fn refused(&self, key: &[u8], now_ms: u64) -> Result<(), StoreError> {
+        let Some(&until) = self.unreadable.get(key) else {
+            return Ok(());
+        };
+        let covered = self.reaped.get(key).is_some_and(|(u, _)| *u >= until);
+        if until <= now_ms || covered {
+            return Ok(());
+        }
+        Err(StoreError::Corruption {
+            tree: Tree::Meta.name(),
+            key: hex::encode(entry_key(key, until)),
+            detail: format!(
+                "the key's reap fence entry could not be read: the absent key takes no change for {} ms more (a stale copy could bring back what its delete superseded)",
+                until - now_ms
+            ),
+        })
     }
 
     /// The entry fencing a key whose `tombstone` is reaped at `now_ms`:
@@ -291,6 +303,9 @@ impl Fence {
             let (until, key) = self.expiry.pop_front().expect("a front");
             if self.reaped.get(&key).is_some_and(|(u, _)| *u == until) {
                 self.reaped.remove(&key);
+            }
+            if self.unreadable.get(&key) == Some(&until) {
+                self.unreadable.remove(&key);
             }
             expired.push((until, key));
         }

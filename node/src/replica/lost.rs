@@ -173,7 +173,7 @@ impl<S: Store> Replica<S> {
     /// Replaces a corrupt record of `key` with a new lost marker (see the
     /// module doc). The trees are rebuilt at the anti-entropy loop's next
     /// turn: the digest they hold for the key is of the bytes lost.
-    pub(super) fn mark_lost(
+    fn mark_lost(
         &self,
         stripe: &mut Stripe,
         key: &[u8],
@@ -277,7 +277,7 @@ impl<S: Store> Replica<S> {
         let merge = || {
             // The partial copy (writes into it start from nothing) is
             // fenced like any change to a key reaped here lately.
-            let mut object = self.absent_start(key);
+            let mut object = self.absent_start(key)?;
             object.merge(&partial.unwrap_or_default());
             for copy in copies.iter().flatten() {
                 object.merge(copy);
@@ -338,7 +338,7 @@ impl<S: Store> Replica<S> {
         let record = self.stored_record(&mut stripe, key)?;
         let mut object = match &record {
             Stored::Present(b) => decode_object(b).map_err(|e| corruption(key, e))?,
-            Stored::Absent => self.absent_start(key),
+            Stored::Absent => self.absent_start(key)?,
             Stored::Lost { partial, .. } => partial.clone().unwrap_or_default(),
         };
         object.merge(incoming);

@@ -208,8 +208,8 @@ impl<S: Store> Replica<S> {
             .map(|_| Mutex::new(Stripe::new(budget)))
             .collect();
         let now = settings.clock.now_ms();
-        let (fence, unreadable) = fence::Fence::load(store.as_ref(), settings.reap_fence, now)?;
-        let replica = Replica {
+        let fence = fence::Fence::load(store.as_ref(), settings.reap_fence, now)?;
+        Ok(Replica {
             store,
             membership,
             metrics,
@@ -225,9 +225,7 @@ impl<S: Store> Replica<S> {
             marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
             fence: Mutex::new(fence),
             settings,
-        };
-        replica.fence_unreadable(unreadable)?;
-        Ok(replica)
+        })
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -349,7 +347,7 @@ impl<S: Store> Replica<S> {
             // (see [`fence`]).
             let mut object = match (&before, &record) {
                 (Some(before), _) => before.clone(),
-                (None, Stored::Absent) => self.absent_start(key),
+                (None, Stored::Absent) => self.absent_start(key)?,
                 (None, _) => Object::default(),
             };
             change(before.as_ref(), &mut object)?;

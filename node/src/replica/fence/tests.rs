@@ -241,7 +241,7 @@ fn the_fence_lasts_its_window() {
     let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
     let tombstone = update(&old, &old.context(), None, 8);
     let store = MemoryStore::new();
-    let (mut fence, _) = Fence::load(&store, Duration::from_millis(100), 0).unwrap();
+    let mut fence = Fence::load(&store, Duration::from_millis(100), 0).unwrap();
     let reap = |fence: &mut Fence, at| {
         let (until, history) = fence.entry(&tombstone, at).expect("fencing");
         fence.insert(b"k", until, history);
@@ -259,7 +259,7 @@ fn the_fence_lasts_its_window() {
     assert!(fence.history(b"k", 1_120).is_some());
     assert_eq!(fence.expire(1_150), vec![(1_150, b"k".to_vec())]);
     assert!(fence.history(b"k", 1_120).is_none());
-    let (off, _) = Fence::load(&store, Duration::ZERO, 0).unwrap();
+    let off = Fence::load(&store, Duration::ZERO, 0).unwrap();
     assert!(off.entry(&tombstone, 1_000).is_none());
 }
 
@@ -272,8 +272,8 @@ fn the_fence_outlives_a_restart() {
     let (r, old, _) = reaped(store.clone());
     let reaped_at = r.now_ms();
     drop(r);
-    // Entries that cannot be read are deleted at the start (a key that
-    // one names, absent here, is marked lost), the rest kept.
+    // An entry with no key in its name is deleted at the start; one that
+    // cannot be read is kept, and its absent key refused changes.
     store.put(Tree::Meta, b"fence/k", b"no deadline").unwrap();
     let junk = entry_key(b"j", reaped_at + 30_000);
     store.put(Tree::Meta, &junk, b"not an object").unwrap();
@@ -285,8 +285,14 @@ fn the_fence_outlives_a_restart() {
         .iter()
         .map(|(name, _)| parse_entry_key(name))
         .collect();
-    assert!(matches!(names[..], [Some((b"k", _))]), "{names:?}");
-    assert_eq!(r.lost_keys(), vec![b"j".to_vec()]);
+    assert!(
+        matches!(names[..], [Some((b"j", _)), Some((b"k", _))]),
+        "{names:?}"
+    );
+    assert!(
+        r.merge(b"j", &old).is_err(),
+        "a key with no readable fence took a change"
+    );
     r.merge(b"k", &old).unwrap();
     assert_eq!(
         r.get(b"k").unwrap(),
@@ -294,7 +300,7 @@ fn the_fence_outlives_a_restart() {
         "the reaped key came back after a restart"
     );
     let later = reaped_at + 61_000;
-    let (fence, _) = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
+    let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
     assert!(fence.history(b"k", later).is_none());
     let entries = store
         .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
@@ -302,50 +308,50 @@ fn the_fence_outlives_a_restart() {
     assert!(entries.is_empty(), "an expired entry stays in the store");
 }
 
-/// A fence entry that cannot be read at a restart within its window
-/// does not leave its key unfenced: the key, absent here, is marked
-/// lost, so a stale copy merged into it since is not served, and the
-/// restore (a primary that reaped the key answers with the history)
-/// drops it.
+/// A fence entry that cannot be read at a restart within its window does
+/// not leave its key unfenced: while the key is absent here, a change to
+/// it (a stale copy merged, a write) is refused until the entry's
+/// deadline, across a second restart too, and so is "absent" as an answer
+/// to a restore elsewhere; past the deadline the entry goes.
 #[test]
-fn an_unreadable_fence_entry_marks_its_absent_key_lost() {
+fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_until_its_deadline() {
     let store = Arc::new(MemoryStore::new());
-    let (r, old, tombstone) = reaped(store.clone());
+    let (r, old, _) = reaped(store.clone());
+    let reaped_at = r.now_ms();
     drop(r);
     let entries = store
         .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
         .unwrap();
+    assert_eq!(entries.len(), 1);
     store.corrupt(Tree::Meta, &entries[0].0);
-    let r = replica_over(store.clone());
-    r.merge(b"k", &old).unwrap();
-    let read = r.read(b"k");
-    assert!(
-        matches!(read, Err(crate::replica::ReplicaError::Lost { .. })),
-        "the reaped key came back after a restart: {read:?}"
-    );
-    let generation = r.lost_generation(b"k").unwrap().expect("marked lost");
-    let mut history = tombstone.clone();
-    history.drop_siblings_of(&tombstone);
-    assert!(r.restore(b"k", generation, &[Some(history)]).unwrap());
-    assert_eq!(
-        r.get(b"k").unwrap(),
-        None,
-        "the restore brought the key back"
-    );
-    // The unreadable entry is gone; the restore fenced the key anew.
+    for restart in ["a restart", "a second restart"] {
+        let r = replica_over(store.clone());
+        let merged = r.merge(b"k", &old);
+        assert!(
+            matches!(merged, Err(StoreError::Corruption { .. })),
+            "the reaped key took a stale copy after {restart}: {merged:?}"
+        );
+        assert_eq!(r.get(b"k").unwrap(), None, "the reaped key came back");
+        let fresh = update(&Object::default(), &VersionVector::new(), Some(b"new"), 9);
+        assert!(r.merge(b"k", &fresh).is_err(), "no history to start from");
+        assert!(
+            r.restore_copy(b"k").is_err(),
+            "absent is no answer for a restore"
+        );
+    }
+    let later = reaped_at + 61_000;
+    let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
+    assert!(fence.refused(b"k", later).is_ok());
     let entries = store
         .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
         .unwrap();
-    assert!(
-        entries.iter().all(|(_, record)| record.is_ok()),
-        "{entries:?}"
-    );
+    assert!(entries.is_empty(), "an expired entry stays in the store");
 }
 
 /// A key written since its reap carries the fence's history in its
-/// object: an unreadable entry for it marks nothing lost.
+/// object: an unreadable entry for it refuses nothing.
 #[test]
-fn an_unreadable_fence_entry_of_a_key_written_since_marks_nothing() {
+fn an_unreadable_fence_entry_of_a_key_written_since_refuses_nothing() {
     let store = Arc::new(MemoryStore::new());
     let (r, old, _) = reaped(store.clone());
     let new = update(&Object::default(), &VersionVector::new(), Some(b"new"), 9);
@@ -358,4 +364,16 @@ fn an_unreadable_fence_entry_of_a_key_written_since_marks_nothing() {
     let r = replica_over(store.clone());
     r.merge(b"k", &old).unwrap();
     assert_eq!(values(&r.read(b"k").unwrap()), vec![b"new".to_vec()]);
+}
+
+/// A later reap's readable entry covers an earlier unreadable one (the
+/// key's history went on from it): nothing is refused.
+#[test]
+fn a_later_readable_entry_covers_an_unreadable_one() {
+    let mut fence = Fence::load(&MemoryStore::new(), Duration::from_millis(100), 0).unwrap();
+    fence.unreadable.insert(b"k".to_vec(), 50);
+    assert!(fence.refused(b"k", 10).is_err());
+    fence.insert(b"k", 60, Object::default());
+    assert!(fence.refused(b"k", 10).is_ok());
+    assert!(fence.refused(b"j", 10).is_ok());
 }
