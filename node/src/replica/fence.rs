@@ -217,33 +217,28 @@ impl Fence {
                 let history = record
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| decode_object(&bytes).map_err(|e| e.to_string()));
-                match history {
-                    Ok(history) => entries.push((until, key.to_vec(), history)),
-                    Err(error) => {
-                        warn!(entry = %hex::encode(&name), %error,
-                            "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
-                        fence.unreadable.insert(key.to_vec(), until);
-                        fence.expiry.push_back((until, key.to_vec()));
-                    }
+                if let Err(error) = &history {
+                    warn!(entry = %hex::encode(&name), %error,
+                        "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
                 }
+                entries.push((until, key.to_vec(), history.ok()));
             }
         }
         if !gone.ops.is_empty() {
             store.write(gone)?;
         }
-        // The expiry queue in deadline order, the unreadable entries' among
-        // the others.
+        // In deadline order, the expiry queue's (and a key's later entry
+        // last).
         entries.sort_by_key(|(until, _, _)| *until);
-        let mut unreadable = Vec::from(std::mem::take(&mut fence.expiry));
-        unreadable.sort();
-        let mut unreadable = unreadable.into_iter().peekable();
         for (until, key, history) in entries {
-            while let Some(entry) = unreadable.next_if(|(u, _)| *u <= until) {
-                fence.expiry.push_back(entry);
+            match history {
+                Some(history) => fence.insert(&key, until, history),
+                None => {
+                    fence.unreadable.insert(key.clone(), until);
+                    fence.expiry.push_back((until, key));
+                }
             }
-            fence.insert(&key, until, history);
         }
-        fence.expiry.extend(unreadable);
         Ok(fence)
     }
 

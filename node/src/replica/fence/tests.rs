@@ -26,6 +26,20 @@ fn reaped(store: Arc<MemoryStore>) -> (Replica<MemoryStore>, Object, Object) {
     (r, old, tombstone)
 }
 
+/// The fence entries `store` holds, by name.
+fn fence_entries(store: &MemoryStore) -> Vec<crate::storage::Scanned> {
+    store
+        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
+        .unwrap()
+}
+
+/// Corrupts the one fence entry `store` holds (a reap's).
+fn corrupt_the_fence_entry(store: &MemoryStore) {
+    let entries = fence_entries(store);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    store.corrupt(Tree::Meta, &entries[0].0);
+}
+
 fn values(o: &Option<Object>) -> Vec<Vec<u8>> {
     o.iter()
         .flat_map(|o| o.values().map(<[u8]>::to_vec))
@@ -278,9 +292,7 @@ fn the_fence_outlives_a_restart() {
     let junk = entry_key(b"j", reaped_at + 30_000);
     store.put(Tree::Meta, &junk, b"not an object").unwrap();
     let r = replica_over(store.clone());
-    let entries = store
-        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-        .unwrap();
+    let entries = fence_entries(&store);
     let names: Vec<_> = entries
         .iter()
         .map(|(name, _)| parse_entry_key(name))
@@ -302,9 +314,7 @@ fn the_fence_outlives_a_restart() {
     let later = reaped_at + 61_000;
     let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
     assert!(fence.history(b"k", later).is_none());
-    let entries = store
-        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-        .unwrap();
+    let entries = fence_entries(&store);
     assert!(entries.is_empty(), "an expired entry stays in the store");
 }
 
@@ -319,11 +329,7 @@ fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_until_its_deadlin
     let (r, old, _) = reaped(store.clone());
     let reaped_at = r.now_ms();
     drop(r);
-    let entries = store
-        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-        .unwrap();
-    assert_eq!(entries.len(), 1);
-    store.corrupt(Tree::Meta, &entries[0].0);
+    corrupt_the_fence_entry(&store);
     for restart in ["a restart", "a second restart"] {
         let r = replica_over(store.clone());
         let merged = r.merge(b"k", &old);
@@ -342,9 +348,7 @@ fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_until_its_deadlin
     let later = reaped_at + 61_000;
     let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
     assert!(fence.refused(b"k", later).is_ok());
-    let entries = store
-        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-        .unwrap();
+    let entries = fence_entries(&store);
     assert!(entries.is_empty(), "an expired entry stays in the store");
 }
 
@@ -357,10 +361,7 @@ fn an_unreadable_fence_entry_of_a_key_written_since_refuses_nothing() {
     let new = update(&Object::default(), &VersionVector::new(), Some(b"new"), 9);
     r.merge(b"k", &new).unwrap();
     drop(r);
-    let entries = store
-        .scan(Tree::Meta, PREFIX, Some(PAST_PREFIX), 10)
-        .unwrap();
-    store.corrupt(Tree::Meta, &entries[0].0);
+    corrupt_the_fence_entry(&store);
     let r = replica_over(store.clone());
     r.merge(b"k", &old).unwrap();
     assert_eq!(values(&r.read(b"k").unwrap()), vec![b"new".to_vec()]);
