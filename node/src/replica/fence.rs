@@ -217,9 +217,20 @@ impl Fence {
                 let history = record
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| decode_object(&bytes).map_err(|e| e.to_string()));
+                let mut until = until;
                 if let Err(error) = &history {
                     warn!(entry = %hex::encode(&name), %error,
                         "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
+                    // The checksum covers the name too: its deadline may be
+                    // damaged. None is past a window from now; a later one
+                    // is replaced by an entry of that deadline whose history
+                    // is unknown (no bytes: unreadable again at a restart).
+                    let bound = now_ms.saturating_add(fence.window_ms);
+                    if until > bound {
+                        until = bound;
+                        gone.delete(Tree::Meta, &name);
+                        gone.put(Tree::Meta, &entry_key(key, until), &[]);
+                    }
                 }
                 entries.push((until, key.to_vec(), history.ok()));
             }

@@ -378,3 +378,30 @@ fn a_later_readable_entry_covers_an_unreadable_one() {
     assert!(fence.refused(b"k", 10).is_ok());
     assert!(fence.refused(b"j", 10).is_ok());
 }
+
+/// An unreadable entry's deadline comes from its name, which the record's
+/// checksum covers too: a name whose deadline bytes were damaged may say
+/// years. No entry outlasts a window from the start that read it.
+#[test]
+fn an_unreadable_entry_refuses_for_a_window_at_most() {
+    let store = MemoryStore::new();
+    let years = 10 * 365 * 86_400_000;
+    store
+        .put(Tree::Meta, &entry_key(b"k", years), b"not an object")
+        .unwrap();
+    let fence = Fence::load(&store, Duration::from_secs(60), 1_000).unwrap();
+    assert!(fence.refused(b"k", 1_000).is_err());
+    assert!(
+        fence.refused(b"k", 61_001).is_ok(),
+        "an unreadable entry refused past a window from the start"
+    );
+    // A restart within that window still refuses; past it, nothing is left.
+    let again = Fence::load(&store, Duration::from_secs(60), 2_000).unwrap();
+    assert!(again.refused(b"k", 2_000).is_err());
+    Fence::load(&store, Duration::from_secs(60), 61_001).unwrap();
+    assert!(
+        fence_entries(&store).is_empty(),
+        "{:?}",
+        fence_entries(&store)
+    );
+}
