@@ -31,8 +31,10 @@
 //! record corrupt) leaves no history to start from: until its deadline,
 //! a change to the key while it is absent here is refused rather than
 //! started from nothing (a client's write here fails, a hint or a repair
-//! is tried again later), and so is an answer to a restore elsewhere; the
-//! entry stays until its deadline, so a restart within it refuses too.
+//! is tried again later); the entry stays until its deadline, so a restart
+//! within it refuses too. A restore (here, or one asking this replica)
+//! does not wait for it: the other primaries' histories protect it only
+//! while their own fences last.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
@@ -71,10 +73,17 @@ impl<S: Store> Replica<S> {
     /// its tombstone if it was reaped here lately, else nothing; an error
     /// while an unreadable fence entry of the key lasts (see the module doc).
     pub(super) fn absent_start(&self, key: &[u8]) -> Result<Object, StoreError> {
+        self.lock_fence().refused(key, self.now_ms())?;
+        Ok(self.fence_history(key))
+    }
+
+    /// The history of `key`'s tombstone if it was reaped here lately, else
+    /// nothing. A restore starts from it even while an unreadable entry of
+    /// the key lasts: waiting would only let the other primaries' fences,
+    /// whose histories protect it, expire.
+    pub(super) fn fence_history(&self, key: &[u8]) -> Object {
         let now = self.now_ms();
-        let fence = self.lock_fence();
-        fence.refused(key, now)?;
-        Ok(fence.history(key, now).unwrap_or_default())
+        self.lock_fence().history(key, now).unwrap_or_default()
     }
 
     /// This replica's copy of `key` for a restore elsewhere (see
@@ -88,20 +97,18 @@ impl<S: Store> Replica<S> {
     /// history covers only what the delete superseded, so merging it into
     /// any copy drops nothing written since (a copy written after the reap
     /// started from it, and a partial copy may hold a stale value too).
-    /// While an unreadable fence entry of the key lasts, "absent" (no
-    /// history) is no answer: the restore waits.
+    /// An unreadable fence entry here does not hold the answer back: the
+    /// restore needs every primary's answer, and waiting would only let
+    /// the other primaries' fences, whose histories protect it, expire.
     pub fn restore_copy(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
         let mut stripe = self.lock_stripe(key);
         let copy = self.copy(&mut stripe, key)?;
-        let now = self.now_ms();
-        let fence = self.lock_fence();
-        if copy.is_none() {
-            fence.refused(key, now)?;
-        }
-        Ok(match (copy, fence.history(key, now)) {
-            (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
-            (copy, history) => copy.or(history),
-        })
+        Ok(
+            match (copy, self.lock_fence().history(key, self.now_ms())) {
+                (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
+                (copy, history) => copy.or(history),
+            },
+        )
     }
 
     /// Fences `key`, gone here at `now` (`gone`: its reaped tombstone, or

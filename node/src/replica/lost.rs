@@ -277,7 +277,7 @@ impl<S: Store> Replica<S> {
         let merge = || {
             // The partial copy (writes into it start from nothing) is
             // fenced like any change to a key reaped here lately.
-            let mut object = self.absent_start(key)?;
+            let mut object = self.fence_history(key);
             object.merge(&partial.unwrap_or_default());
             for copy in copies.iter().flatten() {
                 object.merge(copy);
