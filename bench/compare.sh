@@ -102,8 +102,8 @@ import json, os, sys
 out = sys.argv[1]
 i = sys.argv.index("--")
 targets, workloads = sys.argv[2:i], sys.argv[i + 1:]
-print("| target | workload | mode | ops/s | p50 ms | p99 ms | p99.9 ms | errors | servers us/op | machine us/op | note |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+print("| target | workload | mode | ops/s | p50 ms | p99 ms | p99.9 ms | errors | servers us/op | machine us/op | host us | note |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 def row(t, w, mode, label):
     path = f"{out}/{t}-{w}-{mode}/report.json"
     if not os.path.exists(path):
@@ -119,9 +119,14 @@ def row(t, w, mode, label):
     servers = f"{servers:.1f}" if servers is not None else "-"
     machine = cpu.get("machine_us_per_op")
     machine = f"{machine:.1f}" if machine is not None else "-"
+    # The host's speed in the cell: the CPU time of shoal-bench's fixed
+    # unit of work (median; lower is faster; see bench/src/host.rs), and
+    # how many of its seconds ran over a quarter slower than its fastest.
+    h = r.get("host") or {}
+    host = f"{h['unit_us_median']:.0f} ({h['slow_seconds']} slow s)" if h else "-"
     label = label or (f"open, {r['settings']['rate']:.0f}/s" if r["settings"]["rate"] else "closed, 64 workers")
     print(f"| {t} | {w} | {label} | {count / r['elapsed_secs']:.0f} | {worst('p50_ms'):.3f} | "
-          f"{worst('p99_ms'):.3f} | {worst('p999_ms'):.3f} | {errors} | {servers} | {machine} | {note} |")
+          f"{worst('p99_ms'):.3f} | {worst('p999_ms'):.3f} | {errors} | {servers} | {machine} | {host} | {note} |")
 for t in targets:
     for w in workloads:
         for mode in ("closed", "open"):

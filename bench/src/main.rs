@@ -16,6 +16,7 @@
 
 mod cpu;
 mod grow;
+mod host;
 mod local;
 mod plot;
 mod report;
@@ -361,8 +362,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let count = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(count.clone(), args.operations, duration, "run");
     let before = cpu::Sample::now(&servers);
+    let probe = host::Probe::start();
     let results = runner::run(&target, chooser, &config, count).await?;
     let cpu = before.until(&cpu::Sample::now(&servers), results.total(), &servers);
+    let host = probe.finish();
     bar.abort();
     eprintln!();
     if let Some(f) = fault {
@@ -387,6 +390,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", grow::summary(g, &results));
     }
     println!("{}", cpu.line());
+    if let Some(h) = &host {
+        println!("{}", h.line());
+    }
     if let Some(rate) = args.rate {
         let achieved = results.total() as f64 / results.elapsed.as_secs_f64();
         if results.fell_behind {
@@ -419,6 +425,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut report = report::json_report(settings, &results);
     report["cpu"] = json!(cpu);
+    report["host"] = json!(host);
     let path = report::write_json(&args.out, &report)?;
     println!("report: {}", path.display());
     let mut marks = Vec::new();

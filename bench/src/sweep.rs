@@ -20,6 +20,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::{self, CpuReport, Servers};
+use crate::host::{HostReport, Probe};
 use crate::plot::{self, Curve};
 use crate::runner::{self, RunConfig};
 use crate::target::Target;
@@ -79,6 +80,9 @@ pub struct Step {
     pub errors: u64,
     pub fell_behind: bool,
     pub cpu: Option<CpuReport>,
+    /// The host's speed during the step (older sweeps have none).
+    #[serde(default)]
+    pub host: Option<HostReport>,
 }
 
 /// What `sweep.json` holds.
@@ -107,6 +111,7 @@ pub async fn run(
             duration: Some(duration),
         };
         let before = cpu::Sample::now(servers);
+        let probe = Probe::start();
         let r = runner::run(
             target,
             chooser.clone(),
@@ -115,6 +120,7 @@ pub async fn run(
         )
         .await?;
         let cpu = before.until(&cpu::Sample::now(servers), r.total(), servers);
+        let host = probe.finish();
         let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
         let mut errors = 0;
         for s in r.ops.values() {
@@ -131,6 +137,7 @@ pub async fn run(
             errors,
             fell_behind: r.fell_behind,
             cpu: Some(cpu),
+            host,
         };
         eprintln!(
             "step {rate:>8.0} ops/s: achieved {:>8.0}, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms{}",
@@ -152,7 +159,7 @@ pub async fn run(
 /// The table printed at the end of a sweep.
 pub fn table(steps: &[Step]) -> String {
     let mut out = format!(
-        "{:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11}  {}\n",
+        "{:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>8}  {}\n",
         "rate",
         "achieved",
         "p50 ms",
@@ -161,6 +168,7 @@ pub fn table(steps: &[Step]) -> String {
         "errors",
         "servers us",
         "machine us",
+        "host us",
         ""
     );
     for s in steps {
@@ -173,8 +181,12 @@ pub fn table(steps: &[Step]) -> String {
             .cpu
             .as_ref()
             .map_or("-".to_string(), |c| format!("{:.1}", c.machine_us_per_op));
+        let host = s
+            .host
+            .as_ref()
+            .map_or("-".to_string(), |h| format!("{:.0}", h.unit_us_median));
         out.push_str(&format!(
-            "{:>9.0} {:>9.0} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>11} {:>11}  {}\n",
+            "{:>9.0} {:>9.0} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>11} {:>11} {:>8}  {}\n",
             s.rate,
             s.achieved,
             s.p50_ms,
@@ -183,6 +195,7 @@ pub fn table(steps: &[Step]) -> String {
             s.errors,
             servers,
             machine,
+            host,
             if s.fell_behind { "fell behind" } else { "" }
         ));
     }
