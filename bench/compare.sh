@@ -121,7 +121,7 @@ def row(t, w, mode, label):
     machine = f"{machine:.1f}" if machine is not None else "-"
     # The host's speed in the cell: the CPU time of shoal-bench's fixed
     # unit of work (median; lower is faster; see bench/src/host.rs), and
-    # how many of its seconds ran over a quarter slower than its fastest.
+    # how many of its seconds ran over a quarter slower than its usual one.
     h = r.get("host") or {}
     host = f"{h['unit_us_median']:.0f} ({h['slow_seconds']} slow s)" if h else "-"
     label = label or (f"open, {r['settings']['rate']:.0f}/s" if r["settings"]["rate"] else "closed, 64 workers")
