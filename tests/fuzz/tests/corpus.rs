@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 static ALLOC: shoal_fuzz::CappedAlloc = shoal_fuzz::CappedAlloc;
 
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
+    // As `cargo test` gives it when the test runs, not as it was when the
+    // binary was built (see the config test in node/src/config/tests.rs).
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
+    Path::new(&dir).join("corpus")
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
