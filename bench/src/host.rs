@@ -4,14 +4,20 @@
 //! does not count, only how fast the core went while it had one).
 //!
 //! Why: on the shared 2-core bench machines the same work takes from 1x to
-//! 2x as long from one minute to the next (other tenants of the host), and
-//! the servers' throughput follows it; in 60 s runs of workload a, the
-//! seconds in which the unit took 15-17 ms instead of 8.4 ran at 18-28k
-//! ops/s instead of 37k, with the same build and no fault (bench/README.md,
-//! "Fourteenth look"). CPU per operation does not travel across such
-//! minutes either: a slower core spends more time on the same operation.
-//! With the unit's time beside every figure, two runs can be told to have
-//! met the same host or not.
+//! 4x as long from one minute to the next (other tenants of the host), and
+//! the servers' throughput and tail follow it: in one compare run, the 14
+//! seconds of workload a in which this unit took 143-213 us instead of its
+//! usual 112 ran at 11.8-25.9k ops/s, the other 46 at 33.5k on average,
+//! with the same build and no fault (bench/README.md, "Fourteenth look").
+//! CPU per operation does not travel across such minutes either: a slower
+//! core spends more time on the same operation. With the unit's time
+//! beside every figure, two runs at the same load can be told to have met
+//! the same host or not.
+//!
+//! The unit also pays for refilling its table after the run's own threads
+//! evicted it from the core's caches between samples, so it rises with
+//! the load on the machine (108 to 165 us between the 30k and 44k ops/s
+//! steps of one sweep): compare it between runs at the same load.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,9 +30,9 @@ use serde::{Deserialize, Serialize};
 /// the probe takes under a thousandth of one core.
 const EVERY: Duration = Duration::from_millis(200);
 
-/// Words of the table the unit walks: 64 KiB, within a core's own caches,
-/// so the unit measures the core (its clock, and a sibling hardware
-/// thread of another tenant's), not the memory. A 4 MiB walk was tried:
+/// Words of the table the unit walks: 64 KiB, within a core's second-level
+/// cache, so the unit measures mostly the core (its clock, and a sibling
+/// hardware thread of another tenant's), not the memory. A 4 MiB walk was tried:
 /// it also went 1.5x slower for 20 s of one run in which the servers' own
 /// throughput held, while the seconds in which they slowed were slow by
 /// both.
@@ -57,7 +63,7 @@ pub struct HostReport {
 /// The running probe; [`Probe::finish`] stops it.
 pub struct Probe {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(f64, f64)>>>,
+    thread: Option<JoinHandle<Vec<(Instant, f64)>>>,
 }
 
 /// The CPU time of the calling thread.
@@ -100,7 +106,7 @@ fn unit(table: &[u32], from: u32) -> u32 {
 }
 
 impl Probe {
-    /// Starts probing; sample times are seconds from now.
+    /// Starts probing.
     pub fn start() -> Probe {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
@@ -108,15 +114,16 @@ impl Probe {
             .name("host-probe".into())
             .spawn(move || {
                 let table = table();
-                let start = Instant::now();
                 let mut at = unit(&table, 0); // warm the table in
                 let mut samples = Vec::new();
                 while !stopped.load(Ordering::Relaxed) {
+                    let when = Instant::now();
                     let begun = thread_cpu();
                     at = unit(&table, at);
                     let took = thread_cpu().saturating_sub(begun);
-                    samples.push((start.elapsed().as_secs_f64(), took.as_secs_f64() * 1e6));
-                    std::thread::sleep(EVERY);
+                    samples.push((when, took.as_secs_f64() * 1e6));
+                    // Woken early by `finish`.
+                    std::thread::park_timeout(EVERY);
                 }
                 samples
             })
@@ -124,11 +131,23 @@ impl Probe {
         Probe { stop, thread }
     }
 
-    /// Stops probing and sums it up (`None` if the thread could not start
-    /// or measured nothing).
-    pub fn finish(mut self) -> Option<HostReport> {
+    /// Stops probing and sums up the samples taken within the run, which
+    /// began at `run_start` and lasted `run`, by its seconds (so that
+    /// second `i` is the run's own second `i`, as in its per-second
+    /// series). `None` if the thread could not start or measured nothing
+    /// within the run.
+    pub fn finish(mut self, run_start: Instant, run: Duration) -> Option<HostReport> {
         self.stop.store(true, Ordering::Relaxed);
-        let samples = self.thread.take()?.join().ok()?;
+        let thread = self.thread.take()?;
+        thread.thread().unpark();
+        let samples: Vec<(f64, f64)> = thread
+            .join()
+            .ok()?
+            .into_iter()
+            .filter(|(when, _)| *when >= run_start)
+            .map(|(when, us)| (when.duration_since(run_start).as_secs_f64(), us))
+            .filter(|(at, _)| *at < run.as_secs_f64())
+            .collect();
         summarize(&samples)
     }
 }
@@ -248,9 +267,15 @@ mod tests {
     #[test]
     fn the_probe_measures_its_unit() {
         let probe = Probe::start();
+        std::thread::sleep(Duration::from_millis(300));
+        let run_start = Instant::now();
         std::thread::sleep(Duration::from_millis(450));
-        let r = probe.finish().expect("samples");
+        let r = probe
+            .finish(run_start, run_start.elapsed())
+            .expect("samples");
         assert!(r.samples >= 2, "{r:?}");
+        assert!(r.samples <= 3, "only the samples within the run: {r:?}");
+        assert_eq!(r.per_second_us.len(), 1, "{r:?}");
         assert!(
             r.unit_us_median > 0.0 && r.unit_us_p10 <= r.unit_us_p90,
             "{r:?}"

@@ -364,8 +364,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let before = cpu::Sample::now(&servers);
     let probe = host::Probe::start();
     let results = runner::run(&target, chooser, &config, count).await?;
+    let ran = std::time::Instant::now();
     let cpu = before.until(&cpu::Sample::now(&servers), results.total(), &servers);
-    let host = probe.finish();
+    // The run's clock started once its connections were open.
+    let host = probe.finish(ran - results.elapsed, results.elapsed);
     bar.abort();
     eprintln!();
     if let Some(f) = fault {

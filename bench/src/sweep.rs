@@ -119,8 +119,10 @@ pub async fn run(
             Arc::new(AtomicU64::new(0)),
         )
         .await?;
+        let ran = std::time::Instant::now();
         let cpu = before.until(&cpu::Sample::now(servers), r.total(), servers);
-        let host = probe.finish();
+        // The step's clock started once its connections were open.
+        let host = probe.finish(ran - r.elapsed, r.elapsed);
         let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
         let mut errors = 0;
         for s in r.ops.values() {
