@@ -30,9 +30,13 @@
 //! within the window keeps fencing. An entry it cannot read then (its
 //! record corrupt) leaves no history to start from: until its deadline,
 //! a change to the key while it is absent here is refused rather than
-//! started from nothing (a client's write here fails, a hint or a repair
-//! is tried again later); the entry stays until its deadline, so a restart
-//! within it refuses too. A restore (here, or one asking this replica)
+//! started from nothing (a client's write is handed to another primary,
+//! a hint or an anti-entropy repair is tried again later, a read repair
+//! is left to anti-entropy); the entry stays until its deadline, so a
+//! restart within it refuses too. One whose checksum failed may hold a
+//! damaged deadline (the checksum covers the name), so it refuses for a
+//! window from the start instead, whatever its name says; a damaged key in
+//! the name fences the wrong key, which nothing here can tell. A restore (here, or one asking this replica)
 //! does not wait for it: the other primaries' histories protect it only
 //! while their own fences last.
 
@@ -73,8 +77,10 @@ impl<S: Store> Replica<S> {
     /// its tombstone if it was reaped here lately, else nothing; an error
     /// while an unreadable fence entry of the key lasts (see the module doc).
     pub(super) fn absent_start(&self, key: &[u8]) -> Result<Object, StoreError> {
-        self.lock_fence().refused(key, self.now_ms())?;
-        Ok(self.fence_history(key))
+        let now = self.now_ms();
+        let fence = self.lock_fence();
+        fence.refused(key, now)?;
+        Ok(fence.history(key, now).unwrap_or_default())
     }
 
     /// The history of `key`'s tombstone if it was reaped here lately, else
@@ -217,7 +223,11 @@ impl Fence {
                     gone.delete(Tree::Meta, &name);
                     continue;
                 };
-                if until <= now_ms {
+                // The checksum covers the name too: an entry that fails it
+                // may hold a damaged deadline, as likely earlier than its
+                // own as later, so it is not taken for expired.
+                let trusted = record.is_ok();
+                if until <= now_ms && trusted {
                     gone.delete(Tree::Meta, &name);
                     continue;
                 }
@@ -228,12 +238,13 @@ impl Fence {
                 if let Err(error) = &history {
                     warn!(entry = %hex::encode(&name), %error,
                         "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
-                    // The checksum covers the name too: its deadline may be
-                    // damaged. None is past a window from now; a later one
-                    // is replaced by an entry of that deadline whose history
-                    // is unknown (no bytes: unreadable again at a restart).
+                    // None is past a window from now; one whose checksum
+                    // failed ends a window from now whatever its name says.
+                    // Either is replaced by an entry of that deadline whose
+                    // history is unknown (no bytes, a sound record:
+                    // unreadable again at a restart, its deadline trusted).
                     let bound = now_ms.saturating_add(fence.window_ms);
-                    if until > bound {
+                    if until > bound || !trusted {
                         until = bound;
                         gone.delete(Tree::Meta, &name);
                         gone.put(Tree::Meta, &entry_key(key, until), &[]);

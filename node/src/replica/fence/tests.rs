@@ -404,3 +404,30 @@ fn an_unreadable_entry_refuses_for_a_window_at_most() {
         fence_entries(&store)
     );
 }
+
+/// The record's checksum covers its name: an entry that fails it may
+/// hold a damaged deadline, earlier than its own as easily as later. It
+/// is not taken for expired, nor trusted to end early: its key is refused
+/// changes for a window from the start (review of the unreadable-entry
+/// fix, helper-57).
+#[test]
+fn an_entry_failing_its_checksum_is_not_taken_for_expired() {
+    let store = MemoryStore::new();
+    // Its name says it ended at 500; loaded at 1_000.
+    let name = entry_key(b"k", 500);
+    store.put(Tree::Meta, &name, b"history").unwrap();
+    store.corrupt(Tree::Meta, &name);
+    let fence = Fence::load(&store, Duration::from_secs(60), 1_000).unwrap();
+    assert!(
+        fence.refused(b"k", 1_000).is_err(),
+        "an entry whose checksum failed was dropped as expired"
+    );
+    assert!(fence.refused(b"k", 61_001).is_ok());
+    // Past that window a restart finds nothing left.
+    Fence::load(&store, Duration::from_secs(60), 61_001).unwrap();
+    assert!(
+        fence_entries(&store).is_empty(),
+        "{:?}",
+        fence_entries(&store)
+    );
+}
