@@ -153,8 +153,12 @@ impl Probe {
 }
 
 impl Drop for Probe {
+    /// A probe dropped unfinished (a run that failed) stops at once.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
     }
 }
 
