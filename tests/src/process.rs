@@ -310,8 +310,13 @@ impl DevCluster {
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
+        // Every node configured, added ones (`shoal dev --add`) too.
+        let configured = (1..)
+            .take_while(|i| self.path().join(format!("node{i}.toml")).exists())
+            .count()
+            .max(self.nodes);
         for name in
-            std::iter::once("dev".to_string()).chain((1..=self.nodes).map(|i| format!("node{i}")))
+            std::iter::once("dev".to_string()).chain((1..=configured).map(|i| format!("node{i}")))
         {
             let text = std::fs::read_to_string(self.path().join(format!("{name}.log")))
                 .unwrap_or_default();

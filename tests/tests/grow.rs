@@ -134,7 +134,8 @@ async fn commit(c: &DevCluster, client: &Client, expect: usize) -> u64 {
         }
         assert!(
             Instant::now() < deadline,
-            "no plan for {expect} changes: {reply:?}"
+            "no plan for {expect} changes: {reply:?}\n{}",
+            c.logs()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };

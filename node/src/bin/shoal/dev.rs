@@ -31,11 +31,13 @@ fn config_path(dir: &Path, i: usize) -> PathBuf {
 }
 
 /// Free loopback ports (UDP and TCP alike), all held until all are chosen
-/// so none repeats. They are fixed in the configs, so that the cluster keeps
-/// its addresses across restarts; they are taken below the kernel's
-/// ephemeral range, or any process binding port 0 meanwhile (every QUIC
-/// client does) could be handed one before its node binds it.
-fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+/// so none repeats, and none of `taken`: the ports of nodes configured
+/// already, which a node not running does not hold (`--add --no-start`
+/// twice, then both started). They are fixed in the configs, so that the
+/// cluster keeps its addresses across restarts; they are taken below the
+/// kernel's ephemeral range, or any process binding port 0 meanwhile (every
+/// QUIC client does) could be handed one before its node binds it.
+fn free_ports(count: usize, taken: &[u16]) -> anyhow::Result<Vec<u16>> {
     use rand::Rng;
     let (low, high) = port_range(count)?;
     let mut held = Vec::new();
@@ -46,7 +48,7 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
             return Ok(ports);
         }
         let port = rng.gen_range(low..high);
-        if ports.contains(&port) {
+        if ports.contains(&port) || taken.contains(&port) {
             continue;
         }
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -56,8 +58,9 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
         }
     }
     bail!(
-        "found only {} free loopback ports in {low}..{high}, {count} needed",
-        ports.len()
+        "found only {} free loopback ports in {low}..{high} ({} held by the nodes configured here), {count} needed",
+        ports.len(),
+        taken.len()
     )
 }
 
@@ -134,16 +137,19 @@ pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<Stri
     let i = existing + 1;
     let name = format!("node{i}");
     let mut seeds = Vec::new();
+    let mut taken = Vec::new();
     for k in 1..=existing {
         let c = Config::load(&config_path(dir, k))?;
+        taken.extend([c.client_addr.port(), c.peer_addr.port()]);
+        taken.extend(c.metrics_addr.map(|a| a.port()));
         seeds.push(MemberConfig {
             name: c.name,
             peer_addr: c.peer_addr,
         });
     }
     let first = Config::load(&config_path(dir, 1))?;
+    let ports = free_ports(3, &taken)?;
     node_certificate(dir, &name)?;
-    let ports = free_ports(3)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let config = Config {
         name: name.clone(),
@@ -237,7 +243,7 @@ fn prepare(dir: &Path, nodes: usize, fsync: bool) -> anyhow::Result<()> {
         shoal_node::certs::create_ca(dir)?;
     }
     client_certificate(dir)?;
-    let ports = free_ports(nodes * 3)?;
+    let ports = free_ports(nodes * 3, &[])?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let members: Vec<MemberConfig> = (1..=nodes)
         .map(|i| MemberConfig {
@@ -459,3 +465,6 @@ async fn supervise(dir: &Path, children: &mut [Option<Child>]) -> anyhow::Result
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
