@@ -320,18 +320,22 @@ fn the_fence_outlives_a_restart() {
 
 /// A fence entry that cannot be read at a restart within its window does
 /// not leave its key unfenced: while the key is absent here, a change to
-/// it (a stale copy merged, a write) is refused until the entry's
-/// deadline, across a second restart too; a restore elsewhere is still
-/// answered; past the deadline the entry goes.
+/// it (a stale copy merged, a write) is refused for a window from that
+/// restart (its checksum failed, so the deadline in its name is not
+/// trusted), across a second restart too; a restore elsewhere is still
+/// answered; past the window the entry goes.
 #[test]
-fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_until_its_deadline() {
+fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_for_a_window() {
     let store = Arc::new(MemoryStore::new());
     let (r, old, _) = reaped(store.clone());
-    let reaped_at = r.now_ms();
     drop(r);
     corrupt_the_fence_entry(&store);
+    // The first restart's clock, read after its load: the entry it rewrote
+    // refuses until a window from its load, at the latest from this.
+    let mut restarted_at = None;
     for restart in ["a restart", "a second restart"] {
         let r = replica_over(store.clone());
+        restarted_at.get_or_insert(r.now_ms());
         let merged = r.merge(b"k", &old);
         assert!(
             matches!(merged, Err(StoreError::Corruption { .. })),
@@ -344,7 +348,7 @@ fn an_unreadable_fence_entry_refuses_changes_to_its_absent_key_until_its_deadlin
         // other primaries' fences expire): absent, with no history here.
         assert_eq!(r.restore_copy(b"k").unwrap(), None);
     }
-    let later = reaped_at + 61_000;
+    let later = restarted_at.expect("restarted") + 61_000;
     let fence = Fence::load(store.as_ref(), Duration::from_secs(60), later).unwrap();
     assert!(fence.refused(b"k", later).is_ok());
     let entries = fence_entries(&store);
@@ -423,6 +427,14 @@ fn an_entry_failing_its_checksum_is_not_taken_for_expired() {
         "an entry whose checksum failed was dropped as expired"
     );
     assert!(fence.refused(b"k", 61_001).is_ok());
+    // A restart within that window refuses too (the entry was rewritten,
+    // sound, with the window's deadline).
+    let again = Fence::load(&store, Duration::from_secs(60), 31_000).unwrap();
+    assert!(
+        again.refused(b"k", 31_000).is_err(),
+        "a restart within the window took changes to the key"
+    );
+    assert!(again.refused(b"k", 61_001).is_ok());
     // Past that window a restart finds nothing left.
     Fence::load(&store, Duration::from_secs(60), 61_001).unwrap();
     assert!(
