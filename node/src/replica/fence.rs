@@ -44,6 +44,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::warn;
 
 use super::{reapable, trees, Commit, Replica, Stored};
@@ -77,8 +78,8 @@ impl<S: Store> Replica<S> {
     /// its tombstone if it was reaped here lately, else nothing; an error
     /// while an unreadable fence entry of the key lasts (see the module doc).
     pub(super) fn absent_start(&self, key: &[u8]) -> Result<Object, StoreError> {
-        let now = self.now_ms();
         let fence = self.lock_fence();
+        let now = fence.now_ms();
         fence.refused(key, now)?;
         Ok(fence.history(key, now).unwrap_or_default())
     }
@@ -88,8 +89,8 @@ impl<S: Store> Replica<S> {
     /// the key lasts: waiting would only let the other primaries' fences,
     /// whose histories protect it, expire.
     pub(super) fn fence_history(&self, key: &[u8]) -> Object {
-        let now = self.now_ms();
-        self.lock_fence().history(key, now).unwrap_or_default()
+        let fence = self.lock_fence();
+        fence.history(key, fence.now_ms()).unwrap_or_default()
     }
 
     /// This replica's copy of `key` for a restore elsewhere (see
@@ -109,22 +110,25 @@ impl<S: Store> Replica<S> {
     pub fn restore_copy(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
         let mut stripe = self.lock_stripe(key);
         let copy = self.copy(&mut stripe, key)?;
-        Ok(
-            match (copy, self.lock_fence().history(key, self.now_ms())) {
-                (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
-                (copy, history) => copy.or(history),
-            },
-        )
+        let history = {
+            let fence = self.lock_fence();
+            fence.history(key, fence.now_ms())
+        };
+        Ok(match (copy, history) {
+            (Some(copy), Some(history)) => Some(Object::merged(&copy, &history)),
+            (copy, history) => copy.or(history),
+        })
     }
 
-    /// Fences `key`, gone here at `now` (`gone`: its reaped tombstone, or
+    /// Fences `key`, gone here now (`gone`: its reaped tombstone, or
     /// the history a restore came back with): the entry goes in `batch`,
     /// with the deletes of the entries past their window, and into the
     /// fence in memory at once, before the caller's write (a write that
     /// fails may still have deleted the key; the entry then covers only
     /// what that delete superseded, wherever it is read).
-    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, now: u64, batch: &mut WriteBatch) {
+    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, batch: &mut WriteBatch) {
         let mut fence = self.lock_fence();
+        let now = fence.now_ms();
         for (until, expired) in fence.expire(now) {
             batch.delete(Tree::Meta, &entry_key(&expired, until));
         }
@@ -165,7 +169,7 @@ impl<S: Store> Replica<S> {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        self.fence_in(key, expected, now, &mut batch);
+        self.fence_in(key, expected, &mut batch);
         let digest = Some(trees::digest(&raw));
         self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
             .map(drop)?;
@@ -185,6 +189,9 @@ impl<S: Store> Replica<S> {
 #[derive(Debug)]
 pub(super) struct Fence {
     window_ms: u64,
+    /// The wall clock when the fence was loaded, and the monotonic instant
+    /// of that reading: the fence's time runs from them ([`Fence::now_ms`]).
+    started: (u64, Instant),
     reaped: HashMap<Vec<u8>, (u64, Object)>,
     /// Keys whose entry could not be read at the start, with its deadline:
     /// changes to them while absent are refused until then.
@@ -206,6 +213,7 @@ impl Fence {
     ) -> Result<Self, StoreError> {
         let mut fence = Fence {
             window_ms: window.as_millis() as u64,
+            started: (now_ms, Instant::now()),
             reaped: HashMap::new(),
             unreadable: HashMap::new(),
             expiry: VecDeque::new(),
@@ -269,6 +277,20 @@ impl Fence {
             }
         }
         Ok(fence)
+    }
+
+    /// The fence's time, in ms since the Unix epoch: the wall clock read at
+    /// the load, advanced by the monotonic clock since. A window is how
+    /// long a message can stay in flight, which only real time ends; the
+    /// wall clock stepped forward while the node runs (an NTP step, a VM
+    /// resumed) would end every window early, and a stale copy still in
+    /// flight would then bring back what its delete superseded. Entries
+    /// are named with this time too, so a restart compares them with its
+    /// own wall clock: a step and a restart within one window still cut it
+    /// short by the step, as before.
+    pub(super) fn now_ms(&self) -> u64 {
+        let (wall_ms, at) = self.started;
+        wall_ms.saturating_add(at.elapsed().as_millis() as u64)
     }
 
     /// An error while `key` has an unreadable entry that lasts past

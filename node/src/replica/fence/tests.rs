@@ -3,7 +3,7 @@ use std::sync::Arc;
 use shoal_ring::NodeId;
 
 use super::*;
-use crate::replica::trees::tests::replica_over;
+use crate::replica::trees::tests::{replica_over, replica_with_clock};
 use crate::storage::MemoryStore;
 use crate::version::VersionVector;
 
@@ -441,5 +441,37 @@ fn an_entry_failing_its_checksum_is_not_taken_for_expired() {
         fence_entries(&store).is_empty(),
         "{:?}",
         fence_entries(&store)
+    );
+}
+
+/// A step of the wall clock while the node runs (an NTP step, a VM
+/// resumed) does not end a fence early: a window is how long a message
+/// can stay in flight, which only real time ends. Real time past the
+/// window does end it.
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_stepped_forward_does_not_end_a_fence_early() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let wall = Arc::new(AtomicU64::new(1_000_000_000));
+    let read = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
+    let r = replica_with_clock(Arc::new(MemoryStore::new()), clock);
+    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+    let tombstone = update(&old, &old.context(), None, 8);
+    r.merge(b"k", &tombstone).unwrap();
+    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+    // An hour ahead at once, far past the 60 s window.
+    wall.fetch_add(3_600_000, Ordering::Relaxed);
+    r.merge(b"k", &old).unwrap();
+    assert_eq!(
+        r.get(b"k").unwrap(),
+        None,
+        "the wall clock's step ended the fence: the reaped key came back"
+    );
+    assert_ne!(r.fence_history(b"k"), Object::default());
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(
+        r.fence_history(b"k"),
+        Object::default(),
+        "the window never ended"
     );
 }

@@ -43,6 +43,14 @@ fn replica() -> Replica<MemoryStore> {
 
 /// A one-node replica over `store` (tests of the replica).
 pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
+    replica_with_clock(store, crate::clock::Clock::system())
+}
+
+/// [`replica_over`], its wall clock read from `clock`.
+pub(crate) fn replica_with_clock<S: Store>(
+    store: Arc<S>,
+    clock: crate::clock::Clock,
+) -> Replica<S> {
     let me = MemberInfo {
         id: NodeId::from_u128(1),
         name: "n".into(),
@@ -67,7 +75,7 @@ pub(crate) fn replica_over<S: Store>(store: Arc<S>) -> Replica<S> {
         object_cache_bytes: 1 << 20,
         max_siblings: 100,
         max_object_bytes: 64 << 20,
-        clock: crate::clock::Clock::system(),
+        clock,
     };
     Replica::new(me.id, store, settings, Arc::new(membership), Arc::default())
         .expect("the store records the incarnation")
