@@ -274,10 +274,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         let run_start = Instant::now();
         std::thread::sleep(Duration::from_millis(450));
+        // A run of 450 ms however late this thread woke (a loaded machine):
+        // the probe samples at most every 200 ms, so at most 3 fall in it,
+        // and at least one unless the probe's thread starved for 450 ms.
         let r = probe
-            .finish(run_start, run_start.elapsed())
+            .finish(run_start, Duration::from_millis(450))
             .expect("samples");
-        assert!(r.samples >= 2, "{r:?}");
+        assert!(r.samples >= 1, "{r:?}");
         assert!(r.samples <= 3, "only the samples within the run: {r:?}");
         assert_eq!(r.per_second_us.len(), 1, "{r:?}");
         assert!(

@@ -142,7 +142,7 @@ async fn an_exchange_merges_concurrent_versions() {
 /// Acceptance 3: a key deleted while one replica was down stays deleted
 /// after that replica returns and after the tombstone is reaped; neither
 /// anti-entropy nor a read brings it back.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
     let mut s = shoal_tests::sim::settings();
     s.aae.tombstone_grace = std::time::Duration::ZERO;
@@ -197,7 +197,7 @@ async fn a_key_deleted_while_a_replica_was_down_stays_deleted_after_reaping() {
 /// count. Nothing is reaped until every member is on the reaper's layout
 /// with no change in progress; before, the old primaries reaped, and the
 /// copy came back once the change went on.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn nothing_is_reaped_while_a_member_knows_a_layout_change_the_reaper_does_not() {
     let mut s = shoal_tests::sim::settings();
     s.aae.tombstone_grace = std::time::Duration::ZERO;

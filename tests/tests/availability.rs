@@ -204,7 +204,7 @@ async fn a_silent_primary_holds_fallback_answers_back_only_for_a_while() {
 
 /// With N nodes there is no fallback: the coordinator keeps the hints for
 /// the down primary itself and hands them off when it returns.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_fallbacks_the_coordinator_keeps_the_hints() {
     let c = SimCluster::new(3);
     c.net.crash("node3");
@@ -293,7 +293,7 @@ async fn a_hint_updated_during_delivery_is_kept_and_delivered_next() {
 /// Acceptance 4 in process: a replica whose value was deleted out from under
 /// it, or that missed a write while partitioned, holds the merged version
 /// right after one get.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn one_get_repairs_a_missing_and_a_stale_replica() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v1", None, D).await);

@@ -105,28 +105,25 @@ mod tests {
     #[test]
     fn a_pass_hands_over_the_wal_and_tables_changed_lately_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
-        for name in [
-            "000012.log",
-            "000013.sst",
-            "000014.sst",
-            "MANIFEST-000005",
-            "LOG",
+        // The files' times are set, not taken from when they were written,
+        // so a slow machine cannot age them past `RECENT`.
+        let now = SystemTime::now();
+        for (name, modified) in [
+            ("000012.log", now),
+            ("000013.sst", now),
+            // A table untouched for a minute was handed over long ago.
+            ("000014.sst", now - Duration::from_secs(60)),
+            ("MANIFEST-000005", now),
+            ("LOG", now),
         ] {
-            std::fs::write(dir.path().join(name), b"bytes").unwrap();
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"bytes").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(modified).unwrap();
         }
-        // A table untouched for a minute was handed over long ago.
-        let old = std::fs::File::options()
-            .write(true)
-            .open(dir.path().join("000014.sst"))
-            .unwrap();
-        old.set_modified(SystemTime::now() - Duration::from_secs(60))
-            .unwrap();
-        assert_eq!(pass(dir.path(), SystemTime::now()), 2);
+        assert_eq!(pass(dir.path(), now), 2);
         // Ten seconds on, nothing is recent.
-        assert_eq!(
-            pass(dir.path(), SystemTime::now() + Duration::from_secs(10)),
-            0
-        );
+        assert_eq!(pass(dir.path(), now + Duration::from_secs(10)), 0);
         // A directory that is gone is no error.
         assert_eq!(pass(&dir.path().join("gone"), SystemTime::now()), 0);
     }
