@@ -121,20 +121,21 @@ impl<S: Store> Replica<S> {
     }
 
     /// Fences `key`, gone here now (`gone`: its reaped tombstone, or
-    /// the history a restore came back with): the entry goes in `batch`,
-    /// with the deletes of the entries past their window, and into the
-    /// fence in memory at once, before the caller's write (a write that
-    /// fails may still have deleted the key; the entry then covers only
-    /// what that delete superseded, wherever it is read).
-    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, batch: &mut WriteBatch) {
+    /// the history a restore came back with; `wall_ms`: the wall clock
+    /// now, which names the entry): the entry goes in `batch`, with the
+    /// deletes of the entries past their window, and into the fence in
+    /// memory at once, before the caller's write (a write that fails may
+    /// still have deleted the key; the entry then covers only what that
+    /// delete superseded, wherever it is read).
+    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, wall_ms: u64, batch: &mut WriteBatch) {
         let mut fence = self.lock_fence();
         let now = fence.now_ms();
-        for (until, expired) in fence.expire(now) {
-            batch.delete(Tree::Meta, &entry_key(&expired, until));
+        for (name, expired) in fence.expire(now) {
+            batch.delete(Tree::Meta, &entry_key(&expired, name));
         }
-        if let Some((until, history)) = fence.entry(gone, now) {
-            batch.put(Tree::Meta, &entry_key(key, until), &encode_object(&history));
-            fence.insert(key, until, history);
+        if let Some(((until, name), history)) = fence.entry(gone, now, wall_ms) {
+            batch.put(Tree::Meta, &entry_key(key, name), &encode_object(&history));
+            fence.insert(key, (until, name), history);
         }
     }
 
@@ -169,7 +170,7 @@ impl<S: Store> Replica<S> {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        self.fence_in(key, expected, &mut batch);
+        self.fence_in(key, expected, now, &mut batch);
         let digest = Some(trees::digest(&raw));
         self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
             .map(drop)?;
@@ -196,10 +197,18 @@ pub(super) struct Fence {
     /// Keys whose entry could not be read at the start, with its deadline:
     /// changes to them while absent are refused until then.
     unreadable: HashMap<Vec<u8>, u64>,
-    /// Keys in the order their entries expire (a key reaped twice appears
-    /// twice; only its entry's own deadline removes it).
-    expiry: VecDeque<(u64, Vec<u8>)>,
+    /// Keys in the order their entries expire, with each entry's deadline
+    /// and the one in its name (a key reaped twice appears twice; only its
+    /// entry's own deadline removes it).
+    expiry: VecDeque<(Deadline, Vec<u8>)>,
 }
+
+/// An entry's deadline in the fence's time ([`Fence::now_ms`]), by which
+/// it expires while the node runs, and the one in its name, by the wall
+/// clock when it was written, by which a restart judges it. They differ
+/// when the wall clock stepped since the fence was loaded, or when a name
+/// said more than a window.
+type Deadline = (u64, u64);
 
 impl Fence {
     /// The fence `store` kept, at `now_ms`. Entries past their window are
@@ -242,7 +251,11 @@ impl Fence {
                 let history = record
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| decode_object(&bytes).map_err(|e| e.to_string()));
-                let mut until = until;
+                // No window has more than a window left: a name saying
+                // more was written by a clock that ran ahead. Such an
+                // entry keeps its name, which its expiry deletes.
+                let bound = now_ms.saturating_add(fence.window_ms);
+                let (mut until, mut name_until) = (until.min(bound), until);
                 if let Err(error) = &history {
                     warn!(entry = %hex::encode(&name), %error,
                         "a reap fence entry could not be read: changes to its key while absent are refused until its deadline");
@@ -251,14 +264,13 @@ impl Fence {
                     // Either is replaced by an entry of that deadline whose
                     // history is unknown (no bytes, a sound record:
                     // unreadable again at a restart, its deadline trusted).
-                    let bound = now_ms.saturating_add(fence.window_ms);
-                    if until > bound || !trusted {
-                        until = bound;
+                    if name_until > bound || !trusted {
+                        (until, name_until) = (bound, bound);
                         gone.delete(Tree::Meta, &name);
                         gone.put(Tree::Meta, &entry_key(key, until), &[]);
                     }
                 }
-                entries.push((until, key.to_vec(), history.ok()));
+                entries.push(((until, name_until), key.to_vec(), history.ok()));
             }
         }
         if !gone.ops.is_empty() {
@@ -266,13 +278,13 @@ impl Fence {
         }
         // In deadline order, the expiry queue's (and a key's later entry
         // last).
-        entries.sort_by_key(|(until, _, _)| *until);
-        for (until, key, history) in entries {
+        entries.sort_by_key(|(deadline, _, _)| *deadline);
+        for (deadline, key, history) in entries {
             match history {
-                Some(history) => fence.insert(&key, until, history),
+                Some(history) => fence.insert(&key, deadline, history),
                 None => {
-                    fence.unreadable.insert(key.clone(), until);
-                    fence.expiry.push_back((until, key));
+                    fence.unreadable.insert(key.clone(), deadline.0);
+                    fence.expiry.push_back((deadline, key));
                 }
             }
         }
@@ -285,9 +297,8 @@ impl Fence {
     /// wall clock stepped forward while the node runs (an NTP step, a VM
     /// resumed) would end every window early, and a stale copy still in
     /// flight would then bring back what its delete superseded. Entries
-    /// are named with this time too, so a restart compares them with its
-    /// own wall clock: a step and a restart within one window still cut it
-    /// short by the step, as before.
+    /// are named by the wall clock when they are written, which a restart
+    /// compares with its own (see [`Deadline`]).
     pub(super) fn now_ms(&self) -> u64 {
         let (wall_ms, at) = self.started;
         wall_ms.saturating_add(at.elapsed().as_millis() as u64)
@@ -314,20 +325,25 @@ impl Fence {
         })
     }
 
-    /// The entry fencing a key whose `tombstone` is reaped at `now_ms`:
-    /// its deadline and the tombstone's history; none when the fence is off.
-    fn entry(&self, tombstone: &Object, now_ms: u64) -> Option<(u64, Object)> {
+    /// The entry fencing a key whose `tombstone` is reaped at `now_ms`
+    /// (the wall clock saying `wall_ms`): its deadlines and the
+    /// tombstone's history; none when the fence is off.
+    fn entry(&self, tombstone: &Object, now_ms: u64, wall_ms: u64) -> Option<(Deadline, Object)> {
         if self.window_ms == 0 {
             return None;
         }
         let mut history = tombstone.clone();
         history.drop_siblings_of(tombstone);
-        Some((now_ms.saturating_add(self.window_ms), history))
+        let deadline = (
+            now_ms.saturating_add(self.window_ms),
+            wall_ms.saturating_add(self.window_ms),
+        );
+        Some((deadline, history))
     }
 
-    fn insert(&mut self, key: &[u8], until: u64, history: Object) {
-        self.reaped.insert(key.to_vec(), (until, history));
-        self.expiry.push_back((until, key.to_vec()));
+    fn insert(&mut self, key: &[u8], deadline: Deadline, history: Object) {
+        self.reaped.insert(key.to_vec(), (deadline.0, history));
+        self.expiry.push_back((deadline, key.to_vec()));
     }
 
     /// What a change to `key`, absent here, starts from at `now_ms`: the
@@ -339,21 +355,21 @@ impl Fence {
     }
 
     /// Forgets the entries past their window at `now_ms`; returns each
-    /// one's deadline and key (a key reaped twice has two).
+    /// one's named deadline and key (a key reaped twice has two).
     fn expire(&mut self, now_ms: u64) -> Vec<(u64, Vec<u8>)> {
         let mut expired = Vec::new();
-        while let Some((until, _)) = self.expiry.front() {
+        while let Some(((until, _), _)) = self.expiry.front() {
             if *until > now_ms {
                 break;
             }
-            let (until, key) = self.expiry.pop_front().expect("a front");
+            let ((until, name), key) = self.expiry.pop_front().expect("a front");
             if self.reaped.get(&key).is_some_and(|(u, _)| *u == until) {
                 self.reaped.remove(&key);
             }
             if self.unreadable.get(&key) == Some(&until) {
                 self.unreadable.remove(&key);
             }
-            expired.push((until, key));
+            expired.push((name, key));
         }
         expired
     }

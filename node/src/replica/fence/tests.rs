@@ -257,8 +257,8 @@ fn the_fence_lasts_its_window() {
     let store = MemoryStore::new();
     let mut fence = Fence::load(&store, Duration::from_millis(100), 0).unwrap();
     let reap = |fence: &mut Fence, at| {
-        let (until, history) = fence.entry(&tombstone, at).expect("fencing");
-        fence.insert(b"k", until, history);
+        let (deadline, history) = fence.entry(&tombstone, at, at).expect("fencing");
+        fence.insert(b"k", deadline, history);
     };
     reap(&mut fence, 1_000);
     let history = fence.history(b"k", 1_099).expect("fenced");
@@ -274,7 +274,7 @@ fn the_fence_lasts_its_window() {
     assert_eq!(fence.expire(1_150), vec![(1_150, b"k".to_vec())]);
     assert!(fence.history(b"k", 1_120).is_none());
     let off = Fence::load(&store, Duration::ZERO, 0).unwrap();
-    assert!(off.entry(&tombstone, 1_000).is_none());
+    assert!(off.entry(&tombstone, 1_000, 1_000).is_none());
 }
 
 /// A replica that restarts within the window still fences the key (a
@@ -377,7 +377,7 @@ fn a_later_readable_entry_covers_an_unreadable_one() {
     let mut fence = Fence::load(&MemoryStore::new(), Duration::from_millis(100), 0).unwrap();
     fence.unreadable.insert(b"k".to_vec(), 50);
     assert!(fence.refused(b"k", 10).is_err());
-    fence.insert(b"k", 60, Object::default());
+    fence.insert(b"k", (60, 60), Object::default());
     assert!(fence.refused(b"k", 10).is_ok());
     assert!(fence.refused(b"j", 10).is_ok());
 }
@@ -474,4 +474,61 @@ async fn a_wall_clock_stepped_forward_does_not_end_a_fence_early() {
         Object::default(),
         "the window never ended"
     );
+}
+
+/// A wall clock stepped forward after the node started (a host that
+/// booted slow and was corrected) and before a reap: the entry is named
+/// by the corrected clock, so a restart within the window, judging names
+/// by its own wall clock, still fences the key.
+#[test]
+fn a_wall_clock_stepped_forward_before_a_reap_leaves_its_entry_live_across_a_restart() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let hour = 3_600_000;
+    let real = 1_000_000_000;
+    // An hour slow when the node starts, corrected just after.
+    let wall = Arc::new(AtomicU64::new(real - hour));
+    let read = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
+    let store = Arc::new(MemoryStore::new());
+    let r = replica_with_clock(store.clone(), clock);
+    wall.store(real, Ordering::Relaxed);
+    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+    let tombstone = update(&old, &old.context(), None, 8);
+    r.merge(b"k", &tombstone).unwrap();
+    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+    drop(r);
+    // Restarted 5 s later: the window (60 s) has not passed.
+    wall.store(real + 5_000, Ordering::Relaxed);
+    let read = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
+    let r = replica_with_clock(store, clock);
+    r.merge(b"k", &old).unwrap();
+    assert_eq!(
+        r.get(b"k").unwrap(),
+        None,
+        "the restart dropped a live fence entry: the reaped key came back"
+    );
+}
+
+/// An entry named far ahead (written by a run whose clock was ahead)
+/// fences for a window at most: no real window has more left, and an
+/// entry held longer would keep every later one in memory behind it.
+#[test]
+fn an_entry_named_far_ahead_fences_for_a_window_at_most() {
+    let store = MemoryStore::new();
+    let name = entry_key(b"k", 10 * 3_600_000);
+    store
+        .put(Tree::Meta, &name, &encode_object(&Object::default()))
+        .unwrap();
+    let mut fence = Fence::load(&store, Duration::from_secs(60), 1_000).unwrap();
+    assert!(
+        fence.history(b"k", 60_999).is_some(),
+        "fenced within the window"
+    );
+    assert!(
+        fence.history(b"k", 61_000).is_none(),
+        "fenced past a window"
+    );
+    // Its expiry deletes the entry by the name it has.
+    assert_eq!(fence.expire(61_000), vec![(10 * 3_600_000, b"k".to_vec())]);
 }
