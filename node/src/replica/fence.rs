@@ -133,7 +133,9 @@ impl<S: Store> Replica<S> {
         for (name, expired) in fence.expire(now) {
             batch.delete(Tree::Meta, &entry_key(&expired, name));
         }
-        if let Some(((until, name), history)) = fence.entry(gone, now, wall_ms) {
+        // Named by whichever clock is later: a name judged early by a
+        // restart ends the window early, one judged late is capped there.
+        if let Some(((until, name), history)) = fence.entry(gone, now, wall_ms.max(now)) {
             batch.put(Tree::Meta, &entry_key(key, name), &encode_object(&history));
             fence.insert(key, (until, name), history);
         }
@@ -204,10 +206,13 @@ pub(super) struct Fence {
 }
 
 /// An entry's deadline in the fence's time ([`Fence::now_ms`]), by which
-/// it expires while the node runs, and the one in its name, by the wall
-/// clock when it was written, by which a restart judges it. They differ
-/// when the wall clock stepped since the fence was loaded, or when a name
-/// said more than a window.
+/// it expires while the node runs, and the one in its name, by which a
+/// restart judges it with its own wall clock: a window from the later of
+/// the wall clock and the fence's time when it was written (so a step of
+/// the wall clock either way before the write does not name it early). A
+/// restart whose own wall clock runs ahead still ends it early; nothing
+/// here can tell. They differ when the wall clock stepped since the fence
+/// was loaded, or when a name said more than a window.
 type Deadline = (u64, u64);
 
 impl Fence {
@@ -341,7 +346,14 @@ impl Fence {
         Some((deadline, history))
     }
 
+    /// A key fenced again keeps its earlier history too: at a restart the
+    /// entries come in the order of their names, which follow a wall
+    /// clock that can step back, so the last need not hold the most.
     fn insert(&mut self, key: &[u8], deadline: Deadline, history: Object) {
+        let history = match self.reaped.get(key) {
+            Some((_, earlier)) => Object::merged(earlier, &history),
+            None => history,
+        };
         self.reaped.insert(key.to_vec(), (deadline.0, history));
         self.expiry.push_back((deadline, key.to_vec()));
     }

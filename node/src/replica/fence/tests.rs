@@ -532,3 +532,69 @@ fn an_entry_named_far_ahead_fences_for_a_window_at_most() {
     // Its expiry deletes the entry by the name it has.
     assert_eq!(fence.expire(61_000), vec![(10 * 3_600_000, b"k".to_vec())]);
 }
+
+/// A wall clock stepped back at a reap (and corrected after) does not
+/// name its entry early either: a restart within the window still fences
+/// the key.
+#[test]
+fn a_wall_clock_stepped_back_at_a_reap_leaves_its_entry_live_across_a_restart() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let real = 1_000_000_000;
+    let wall = Arc::new(AtomicU64::new(real));
+    let read = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
+    let store = Arc::new(MemoryStore::new());
+    let r = replica_with_clock(store.clone(), clock);
+    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+    let tombstone = update(&old, &old.context(), None, 8);
+    r.merge(b"k", &tombstone).unwrap();
+    // Ten minutes back for the reap.
+    wall.store(real - 600_000, Ordering::Relaxed);
+    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+    drop(r);
+    // Corrected, and restarted 5 s on: the window (60 s) has not passed.
+    wall.store(real + 5_000, Ordering::Relaxed);
+    let read = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
+    let r = replica_with_clock(store, clock);
+    r.merge(b"k", &old).unwrap();
+    assert_eq!(
+        r.get(b"k").unwrap(),
+        None,
+        "the restart dropped a live fence entry: the reaped key came back"
+    );
+}
+
+/// Two entries of a key loaded at a restart: the key keeps the history of
+/// both, whichever name is later (names follow a wall clock that can step
+/// back; a later fence's history may hold more, as a restore's does).
+#[test]
+fn a_key_fenced_twice_keeps_both_histories_across_a_restart() {
+    let store = MemoryStore::new();
+    let a = update(&Object::default(), &VersionVector::new(), Some(b"a"), 7);
+    let b = update(&Object::default(), &VersionVector::new(), Some(b"b"), 8);
+    let history = |o: &Object| {
+        let mut h = update(o, &o.context(), None, 9);
+        h.drop_siblings_of(&h.clone());
+        h
+    };
+    // The later fence (its history covers b too) has the earlier name.
+    let both = Object::merged(&history(&a), &history(&b));
+    store
+        .put(Tree::Meta, &entry_key(b"k", 40_000), &encode_object(&both))
+        .unwrap();
+    store
+        .put(
+            Tree::Meta,
+            &entry_key(b"k", 50_000),
+            &encode_object(&history(&a)),
+        )
+        .unwrap();
+    let fence = Fence::load(&store, Duration::from_secs(60), 1_000).unwrap();
+    let kept = fence.history(b"k", 1_000).expect("fenced");
+    assert!(
+        Object::merged(&kept, &b).siblings().is_empty(),
+        "the key's history lost what one of its entries held: {kept:?}"
+    );
+    assert!(Object::merged(&kept, &a).siblings().is_empty());
+}
