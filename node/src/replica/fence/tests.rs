@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shoal_ring::NodeId;
@@ -38,6 +39,14 @@ fn corrupt_the_fence_entry(store: &MemoryStore) {
     let entries = fence_entries(store);
     assert_eq!(entries.len(), 1, "{entries:?}");
     store.corrupt(Tree::Meta, &entries[0].0);
+}
+
+/// A replica over `store` whose wall clock reads `wall` (which the test
+/// steps).
+fn on_wall(store: Arc<MemoryStore>, wall: &Arc<AtomicU64>) -> Replica<MemoryStore> {
+    let wall = wall.clone();
+    let clock = crate::clock::Clock::from_fn(move || wall.load(Ordering::Relaxed));
+    replica_with_clock(store, clock)
 }
 
 fn values(o: &Option<Object>) -> Vec<Vec<u8>> {
@@ -450,11 +459,8 @@ fn an_entry_failing_its_checksum_is_not_taken_for_expired() {
 /// window does end it.
 #[tokio::test(start_paused = true)]
 async fn a_wall_clock_stepped_forward_does_not_end_a_fence_early() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let wall = Arc::new(AtomicU64::new(1_000_000_000));
-    let read = wall.clone();
-    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
-    let r = replica_with_clock(Arc::new(MemoryStore::new()), clock);
+    let r = on_wall(Arc::new(MemoryStore::new()), &wall);
     let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
     let tombstone = update(&old, &old.context(), None, 8);
     r.merge(b"k", &tombstone).unwrap();
@@ -482,15 +488,12 @@ async fn a_wall_clock_stepped_forward_does_not_end_a_fence_early() {
 /// by its own wall clock, still fences the key.
 #[test]
 fn a_wall_clock_stepped_forward_before_a_reap_leaves_its_entry_live_across_a_restart() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let hour = 3_600_000;
     let real = 1_000_000_000;
     // An hour slow when the node starts, corrected just after.
     let wall = Arc::new(AtomicU64::new(real - hour));
-    let read = wall.clone();
-    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
     let store = Arc::new(MemoryStore::new());
-    let r = replica_with_clock(store.clone(), clock);
+    let r = on_wall(store.clone(), &wall);
     wall.store(real, Ordering::Relaxed);
     let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
     let tombstone = update(&old, &old.context(), None, 8);
@@ -499,9 +502,7 @@ fn a_wall_clock_stepped_forward_before_a_reap_leaves_its_entry_live_across_a_res
     drop(r);
     // Restarted 5 s later: the window (60 s) has not passed.
     wall.store(real + 5_000, Ordering::Relaxed);
-    let read = wall.clone();
-    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
-    let r = replica_with_clock(store, clock);
+    let r = on_wall(store, &wall);
     r.merge(b"k", &old).unwrap();
     assert_eq!(
         r.get(b"k").unwrap(),
@@ -538,13 +539,10 @@ fn an_entry_named_far_ahead_fences_for_a_window_at_most() {
 /// the key.
 #[test]
 fn a_wall_clock_stepped_back_at_a_reap_leaves_its_entry_live_across_a_restart() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let real = 1_000_000_000;
     let wall = Arc::new(AtomicU64::new(real));
-    let read = wall.clone();
-    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
     let store = Arc::new(MemoryStore::new());
-    let r = replica_with_clock(store.clone(), clock);
+    let r = on_wall(store.clone(), &wall);
     let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
     let tombstone = update(&old, &old.context(), None, 8);
     r.merge(b"k", &tombstone).unwrap();
@@ -554,9 +552,7 @@ fn a_wall_clock_stepped_back_at_a_reap_leaves_its_entry_live_across_a_restart() 
     drop(r);
     // Corrected, and restarted 5 s on: the window (60 s) has not passed.
     wall.store(real + 5_000, Ordering::Relaxed);
-    let read = wall.clone();
-    let clock = crate::clock::Clock::from_fn(move || read.load(Ordering::Relaxed));
-    let r = replica_with_clock(store, clock);
+    let r = on_wall(store, &wall);
     r.merge(b"k", &old).unwrap();
     assert_eq!(
         r.get(b"k").unwrap(),
