@@ -122,7 +122,8 @@ impl<S: Store> Replica<S> {
 
     /// Fences `key`, gone here now (`gone`: its reaped tombstone, or
     /// the history a restore came back with; `wall_ms`: the wall clock
-    /// now, which names the entry): the entry goes in `batch`, with the
+    /// now, which with the fence's time names the entry: see
+    /// [`Deadline`]): the entry goes in `batch`, with the
     /// deletes of the entries past their window, and into the fence in
     /// memory at once, before the caller's write (a write that fails may
     /// still have deleted the key; the entry then covers only what that
@@ -302,8 +303,8 @@ impl Fence {
     /// wall clock stepped forward while the node runs (an NTP step, a VM
     /// resumed) would end every window early, and a stale copy still in
     /// flight would then bring back what its delete superseded. Entries
-    /// are named by the wall clock when they are written, which a restart
-    /// compares with its own (see [`Deadline`]).
+    /// are named by the later of this and the wall clock when they are
+    /// written, which a restart compares with its own (see [`Deadline`]).
     pub(super) fn now_ms(&self) -> u64 {
         let (wall_ms, at) = self.started;
         wall_ms.saturating_add(at.elapsed().as_millis() as u64)
@@ -346,9 +347,11 @@ impl Fence {
         Some((deadline, history))
     }
 
-    /// A key fenced again keeps its earlier history too: at a restart the
-    /// entries come in the order of their names, which follow a wall
-    /// clock that can step back, so the last need not hold the most.
+    /// A key fenced again keeps its earlier history too, until the later
+    /// deadline: the later fence's history need not hold the earlier one
+    /// (a clock pruned in between), and at a restart the entries come in
+    /// the order of their names, which follow a wall clock that can step
+    /// back, so the last need not hold the most.
     fn insert(&mut self, key: &[u8], deadline: Deadline, history: Object) {
         let history = match self.reaped.get(key) {
             Some((_, earlier)) => Object::merged(earlier, &history),
