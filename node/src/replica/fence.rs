@@ -36,9 +36,9 @@
 //! restart within it refuses too. One whose checksum failed may hold a
 //! damaged deadline (the checksum covers the name), so it refuses for a
 //! window from the start instead, whatever its name says; a damaged key in
-//! the name fences the wrong key, which nothing here can tell. A restore (here, or one asking this replica)
-//! does not wait for it: the other primaries' histories protect it only
-//! while their own fences last.
+//! the name fences the wrong key, which nothing here can tell. A restore
+//! (here, or one asking this replica) does not wait for it: the other
+//! primaries' histories protect it only while their own fences last.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::MutexGuard;
@@ -121,14 +121,13 @@ impl<S: Store> Replica<S> {
     }
 
     /// Fences `key`, gone here now (`gone`: its reaped tombstone, or
-    /// the history a restore came back with; `wall_ms`: the wall clock
-    /// now, which with the fence's time names the entry: see
-    /// [`Deadline`]): the entry goes in `batch`, with the
-    /// deletes of the entries past their window, and into the fence in
-    /// memory at once, before the caller's write (a write that fails may
-    /// still have deleted the key; the entry then covers only what that
-    /// delete superseded, wherever it is read).
-    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, wall_ms: u64, batch: &mut WriteBatch) {
+    /// the history a restore came back with): the entry goes in `batch`,
+    /// with the deletes of the entries past their window, and into the
+    /// fence in memory at once, before the caller's write (a write that
+    /// fails may still have deleted the key; the entry then covers only
+    /// what that delete superseded, wherever it is read).
+    pub(super) fn fence_in(&self, key: &[u8], gone: &Object, batch: &mut WriteBatch) {
+        let wall_ms = self.now_ms();
         let mut fence = self.lock_fence();
         let now = fence.now_ms();
         for (name, expired) in fence.expire(now) {
@@ -173,7 +172,7 @@ impl<S: Store> Replica<S> {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        self.fence_in(key, expected, now, &mut batch);
+        self.fence_in(key, expected, &mut batch);
         let digest = Some(trees::digest(&raw));
         self.store_object(&mut stripe, key, digest, None, Commit::Now, batch)
             .map(drop)?;

@@ -292,7 +292,7 @@ impl<S: Store> Replica<S> {
                 false => Some(encode_object(&object)),
                 true if object.clock().is_empty() => None,
                 true => {
-                    self.fence_in(key, &object, self.now_ms(), &mut batch);
+                    self.fence_in(key, &object, &mut batch);
                     None
                 }
             };

@@ -51,27 +51,35 @@ async fn a_wall_clock_stepped_forward_does_not_end_a_fence_early() {
 /// by its own wall clock, still fences the key.
 #[test]
 fn a_wall_clock_stepped_forward_before_a_reap_leaves_its_entry_live_across_a_restart() {
-    let hour = 3_600_000;
-    let real = 1_000_000_000;
-    // An hour slow when the node starts, corrected just after.
-    let wall = Arc::new(AtomicU64::new(real - hour));
-    let store = Arc::new(MemoryStore::new());
-    let r = on_wall(store.clone(), &wall);
-    wall.store(real, Ordering::Relaxed);
-    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-    let tombstone = update(&old, &old.context(), None, 8);
-    r.merge(b"k", &tombstone).unwrap();
-    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
-    drop(r);
-    // Restarted 5 s later: the window (60 s) has not passed.
-    wall.store(real + 5_000, Ordering::Relaxed);
-    let r = on_wall(store, &wall);
-    r.merge(b"k", &old).unwrap();
+    // An hour slow when the node starts, corrected before the reap.
     assert_eq!(
-        r.get(b"k").unwrap(),
+        reaped_then_restarted(REAL - 3_600_000, REAL),
         None,
         "the restart dropped a live fence entry: the reaped key came back"
     );
+}
+
+/// The wall clock when a test's clock is right.
+const REAL: u64 = 1_000_000_000;
+
+/// What key `k` holds after a replica took its tombstone (its wall clock
+/// reading `at_start`), reaped it (reading `at_reap`), restarted 5 s after
+/// [`REAL`] with its clock right, within the 60 s window, and then merged
+/// a copy read before the reap.
+fn reaped_then_restarted(at_start: u64, at_reap: u64) -> Option<Object> {
+    let wall = Arc::new(AtomicU64::new(at_start));
+    let store = Arc::new(MemoryStore::new());
+    let r = on_wall(store.clone(), &wall);
+    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
+    let tombstone = update(&old, &old.context(), None, 8);
+    r.merge(b"k", &tombstone).unwrap();
+    wall.store(at_reap, Ordering::Relaxed);
+    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
+    drop(r);
+    wall.store(REAL + 5_000, Ordering::Relaxed);
+    let r = on_wall(store, &wall);
+    r.merge(b"k", &old).unwrap();
+    r.get(b"k").unwrap()
 }
 
 /// An entry named far ahead (written by a run whose clock was ahead)
@@ -102,23 +110,9 @@ fn an_entry_named_far_ahead_fences_for_a_window_at_most() {
 /// the key.
 #[test]
 fn a_wall_clock_stepped_back_at_a_reap_leaves_its_entry_live_across_a_restart() {
-    let real = 1_000_000_000;
-    let wall = Arc::new(AtomicU64::new(real));
-    let store = Arc::new(MemoryStore::new());
-    let r = on_wall(store.clone(), &wall);
-    let old = update(&Object::default(), &VersionVector::new(), Some(b"old"), 7);
-    let tombstone = update(&old, &old.context(), None, 8);
-    r.merge(b"k", &tombstone).unwrap();
-    // Ten minutes back for the reap.
-    wall.store(real - 600_000, Ordering::Relaxed);
-    assert!(r.reap(b"k", &tombstone).unwrap(), "reaped");
-    drop(r);
-    // Corrected, and restarted 5 s on: the window (60 s) has not passed.
-    wall.store(real + 5_000, Ordering::Relaxed);
-    let r = on_wall(store, &wall);
-    r.merge(b"k", &old).unwrap();
+    // Ten minutes back for the reap, corrected before the restart.
     assert_eq!(
-        r.get(b"k").unwrap(),
+        reaped_then_restarted(REAL, REAL - 600_000),
         None,
         "the restart dropped a live fence entry: the reaped key came back"
     );
