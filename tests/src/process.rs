@@ -356,7 +356,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// random over the whole range took the port of another's node that a test
 /// had killed and was about to start again ("Address already in use").
 /// Clusters of other test processes do not run at the same time.
-fn port_range() -> String {
+pub fn port_range() -> String {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     const SLICE: u16 = 512;

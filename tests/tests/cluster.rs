@@ -319,6 +319,9 @@ fn shoal_dev_stops_on_ctrl_c_the_moment_it_says_it_is_up() {
         .arg(dir.path())
         .args(["dev", "--nodes", "1"])
         .env_remove("SHOAL_DEV_DIR")
+        // Ports of its own, as every cluster of the suite has: not the
+        // default range, from which the others' slices are cut.
+        .env("SHOAL_DEV_PORTS", shoal_tests::process::port_range())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -333,19 +336,31 @@ fn shoal_dev_stops_on_ctrl_c_the_moment_it_says_it_is_up() {
         }
     }
     let _group = Group(launcher.id() as i32);
-    // Kept open until the end: a closed pipe would end the launcher at its
-    // next line (a panic on the failed write), not the Ctrl-C.
-    let mut lines = std::io::BufReader::new(launcher.stdout.take().expect("stdout")).lines();
+    // Read on a thread of its own, so that a launcher that neither prints
+    // nor exits fails the wait below instead of blocking the test; the
+    // thread reads on to the end, keeping the pipe open (a closed pipe
+    // would end the launcher at its next line, not the Ctrl-C).
+    let stdout = launcher.stdout.take().expect("stdout");
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = lines.send(line);
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let line = lines
-            .next()
-            .expect("shoal dev said it was up")
-            .expect("read stdout");
-        if line.starts_with("Shoal dev cluster") {
-            break;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match said.recv_timeout(left) {
+            Ok(line) if line.starts_with("Shoal dev cluster") => break,
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("shoal dev not up within 60 s")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("shoal dev ended before it said it was up")
+            }
         }
-        assert!(Instant::now() < deadline, "shoal dev not up within 60 s");
     }
     unsafe { libc::kill(launcher.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -362,5 +377,4 @@ fn shoal_dev_stops_on_ctrl_c_the_moment_it_says_it_is_up() {
     // Stopped as Ctrl-C stops it (its nodes told to stop, exit code 0), not
     // killed by the signal itself or ended by an error.
     assert_eq!(status.code(), Some(0), "shoal dev ended with {status}");
-    drop(lines);
 }

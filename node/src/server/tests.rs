@@ -58,6 +58,26 @@ async fn jumbo_found(conn: &quinn::Connection) {
 /// carries the ACKs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_acknowledges_every_ninth_packet() {
+    // A busy machine can coalesce the writes into few datagrams, which
+    // shows nothing: such a run is tried again, a few times at most.
+    for attempt in 1..=5 {
+        let (acks, datagrams) = ninth_packet_run().await;
+        println!("{acks} ACK frames for {datagrams} datagrams received");
+        if datagrams < 50 {
+            assert!(attempt < 5, "{datagrams} datagrams: the test shows nothing");
+            continue;
+        }
+        assert!(
+            acks * 3 < datagrams,
+            "{acks} ACK frames for {datagrams} datagrams received"
+        );
+        return;
+    }
+}
+
+/// One run of [`a_peer_acknowledges_every_ninth_packet`]: the ACK frames
+/// the receiver sent and the datagrams it received.
+async fn ninth_packet_run() -> (u64, u64) {
     let (_dir, server, addr, caller) = peers();
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
@@ -83,15 +103,7 @@ async fn a_peer_acknowledges_every_ninth_packet() {
     stream.finish().unwrap();
     let (got, acks, datagrams, _held) = receiver.await.unwrap();
     assert_eq!(got, 100 * 100);
-    println!("{acks} ACK frames for {datagrams} datagrams received");
-    assert!(
-        datagrams >= 50,
-        "{datagrams} datagrams: the test shows nothing"
-    );
-    assert!(
-        acks * 3 < datagrams,
-        "{acks} ACK frames for {datagrams} datagrams received"
-    );
+    (acks, datagrams)
 }
 
 /// An answer larger than the sender's congestion window is not held

@@ -84,7 +84,8 @@ impl GroupCommit {
 
     fn syncer<T>(&self, owner: Weak<T>, sync: impl Fn(&T) -> Result<(), StoreError>) {
         let mut done = 0;
-        let mut pace = Pace::new(*self.registered.lock().expect("group commit lock"));
+        let registered = *self.registered.lock().expect("group commit lock");
+        let mut pace = Pace::new(registered, Instant::now());
         loop {
             let waiting = {
                 let mut registered = self.registered.lock().expect("group commit lock");
@@ -178,10 +179,10 @@ const GATHER: u64 = 8;
 const RATE_WINDOW: Duration = Duration::from_millis(20);
 
 impl Pace {
-    fn new(registered: u64) -> Pace {
+    fn new(registered: u64, now: Instant) -> Pace {
         Pace {
             last: None,
-            window: (Instant::now(), registered),
+            window: (now, registered),
             busy: false,
         }
     }
@@ -327,19 +328,54 @@ mod tests {
         Ok(())
     }
 
-    /// A lone writer's write is synced at once, not a gap after the last
-    /// sync: 200 writes one after another take about 200 syncs' time.
-    #[tokio::test]
-    async fn a_serial_writer_waits_for_no_gap() {
-        let disk = Arc::new(Disk::default());
-        let group = GroupCommit::start(Arc::downgrade(&disk), quick_sync);
-        let start = std::time::Instant::now();
-        for _ in 0..200 {
-            group.register().wait().await.unwrap();
+    /// A serial writer's write is synced at once, not a gap after the last
+    /// sync (a fixed gap made 200 serial writes on 100 us syncs take 417
+    /// ms). Driven with made-up instants: one write a millisecond, each
+    /// synced before the next registers.
+    #[test]
+    fn a_serial_writer_waits_for_no_gap() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(0, t0);
+        for write in 1..=200u64 {
+            let now = t0 + Duration::from_millis(write);
+            assert_eq!(pace.wait(write, now), Duration::ZERO, "write {write}");
+            pace.started(now);
         }
-        let took = start.elapsed();
-        assert!(took < GAP * 100, "200 serial writes took {took:?}");
-        assert_eq!(disk.syncs.load(Ordering::Relaxed), 200);
+    }
+
+    /// The syncer's pacing under a stream (made-up instants: 32 writes
+    /// registered every 100 us, syncs of 100 us): back to back until the
+    /// rate is measured, then each sync starts a gap after the one before.
+    #[test]
+    fn a_stream_is_paced_once_its_rate_is_measured() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(0, t0);
+        let (mut now, mut starts) = (t0, Vec::new());
+        while now < t0 + RATE_WINDOW * 5 {
+            let registered = (now - t0).as_micros() as u64 * 32 / 100 + 1;
+            now += pace.wait(registered, now);
+            pace.started(now);
+            starts.push(now);
+            now += Duration::from_micros(100);
+        }
+        let measured = t0 + RATE_WINDOW;
+        let apart = |keep: &dyn Fn(Instant, Instant) -> bool| -> Vec<Duration> {
+            starts
+                .windows(2)
+                .filter(|pair| keep(pair[0], pair[1]))
+                .map(|pair| pair[1] - pair[0])
+                .collect()
+        };
+        let before = apart(&|_, second| second < measured);
+        let after = apart(&|first, _| first >= measured);
+        assert!(
+            before.len() >= 150,
+            "{} syncs before the window",
+            before.len()
+        );
+        assert!(before.iter().all(|d| *d < GAP), "{before:?}");
+        assert!(after.len() >= 30, "{} syncs after the window", after.len());
+        assert!(after.iter().all(|d| *d >= GAP), "{after:?}");
     }
 
     /// Under a stream of concurrent writes, syncs are spaced a gap apart
