@@ -2,7 +2,7 @@
 //! stripes, each a mutex over a byte-bounded cache of stored objects.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 /// The cache's hasher: foldhash, seeded at random per process (as
 /// hashbrown's default), so keys a client chooses cannot be aimed at one
@@ -38,8 +38,20 @@ pub(crate) struct Stripe {
 /// must not make every key of the stripe fail from then on. Its cache may
 /// be stale after such a panic (the store write may have happened without
 /// the cache update), so it is emptied; the store stays the truth.
+///
+/// A stripe another thread holds is waited for off the worker
+/// ([`crate::tasks::heavy`]): work on an object of megabytes holds its
+/// stripe off the worker for as long as it takes (seconds while RocksDB
+/// holds writes back), and a node's only worker blocked behind it drove no
+/// connection meanwhile, so its peers took it for dead and closed their
+/// connections to it, failing every request in flight on them.
 pub(crate) fn relock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
-    stripe.lock().unwrap_or_else(|poisoned| {
+    let locked = match stripe.try_lock() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Err(poisoned),
+        Err(TryLockError::WouldBlock) => crate::tasks::heavy(|| stripe.lock()),
+    };
+    locked.unwrap_or_else(|poisoned| {
         stripe.clear_poison();
         let mut guard = poisoned.into_inner();
         guard.clear();
@@ -175,6 +187,48 @@ mod tests {
         assert_eq!(&*s.cached(b"k49").unwrap(), &*bytes(500));
         assert!(s.bytes <= budget);
         assert_eq!(s.bytes, counted(&s));
+    }
+
+    /// A stripe held by another thread (one storing an object of megabytes
+    /// off the worker holds it for as long as that takes) is waited for off
+    /// the worker: the worker's other tasks, the node's connections among
+    /// them, go on meanwhile. A node whose only worker blocked on it sent
+    /// nothing, and its peers took it for dead.
+    #[test]
+    fn a_stripe_held_elsewhere_is_waited_for_off_the_worker() {
+        use std::time::{Duration, Instant};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stripe = Arc::new(Mutex::new(Stripe::new(1_000)));
+        // Another thread holds the stripe for a second.
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let holder = {
+            let stripe = stripe.clone();
+            std::thread::spawn(move || {
+                let _held = relock(&stripe);
+                locked.send(()).unwrap();
+                std::thread::sleep(Duration::from_secs(1));
+            })
+        };
+        is_locked.recv().unwrap();
+        let waited_for = rt.block_on(async {
+            let s = stripe.clone();
+            let waiting = tokio::spawn(async move { relock(&s).bytes });
+            std::thread::sleep(Duration::from_millis(50));
+            let spawned = Instant::now();
+            let other = tokio::spawn(async move { spawned.elapsed() });
+            let other = other.await.unwrap();
+            assert_eq!(waiting.await.unwrap(), 0);
+            other
+        });
+        holder.join().unwrap();
+        assert!(
+            waited_for < Duration::from_millis(500),
+            "the worker blocked on a stripe held elsewhere: a task waited {waited_for:?} to run"
+        );
     }
 
     #[test]
