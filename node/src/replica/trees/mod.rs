@@ -28,7 +28,7 @@
 //! the rebuilt tree is exact when it replaces the live one. Until the first
 //! rebuild is done the node takes part in no exchange.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::MutexGuard;
 
 use shoal_ring::key_hash;
@@ -143,14 +143,22 @@ pub type Trees = HashMap<u32, PartitionTree>;
 /// there), or on a key inside the page's range that the page does not list,
 /// because it was created after the page was read. The rebuild will never
 /// read that one, so, as for a key behind the cursor, its writes update
-/// `trees` themselves. The page is read and `page`/`page_end` set under the
-/// state's lock, so no write falls between the read and the bookkeeping.
+/// `trees` themselves.
+///
+/// The page is read without the state's lock, which every write takes (a
+/// page of objects of megabytes takes up to seconds to read). The keys
+/// written ahead of the cursor meanwhile are noted in `written`, and those
+/// within the page's range are listed with it when `page`/`page_end` are
+/// set: the read may have missed them.
 #[derive(Default)]
 struct Rebuild {
     cursor: Option<Vec<u8>>,
     page: std::collections::HashSet<Vec<u8>>,
     page_end: Option<Vec<u8>>,
     trees: Trees,
+    /// Keys written ahead of the cursor while a page is read; `None`
+    /// between reads.
+    written: Option<BTreeSet<Vec<u8>>>,
 }
 
 impl Rebuild {
@@ -184,6 +192,8 @@ impl TreeState {
                 for d in [old, new].into_iter().flatten() {
                     r.trees.entry(partition).or_default().toggle(key, d);
                 }
+            } else if let Some(written) = &mut r.written {
+                written.insert(key.to_vec());
             }
         }
     }
@@ -246,21 +256,36 @@ impl<S: Store> Replica<S> {
         let mut read = 0u64;
         loop {
             let began = tokio::time::Instant::now();
-            let page = {
+            self.lock_trees()
+                .rebuild
+                .as_mut()
+                .expect("rebuild in progress")
+                .written = Some(BTreeSet::new());
+            // A page may hold objects of megabytes: read off the worker, and
+            // without the trees' lock (see [`Rebuild`]).
+            let scanned =
+                crate::tasks::heavy(|| self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE));
+            let page: Vec<Vec<u8>> = {
                 let mut state = self.lock_trees();
-                // A page may hold objects of megabytes: read off the worker.
-                let page = crate::tasks::heavy(|| {
-                    self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE)
-                })?;
                 let r = state.rebuild.as_mut().expect("rebuild in progress");
-                r.page = page.iter().map(|(k, _)| k.clone()).collect();
-                r.page_end = page.last().map(|(k, _)| k.clone());
-                page
+                let written = r.written.take().unwrap_or_default();
+                let mut keys: BTreeSet<Vec<u8>> =
+                    scanned?.into_iter().map(|(key, _)| key).collect();
+                // Past the page's last key, a written key is left to the next
+                // page's read, which comes after the write. After the last
+                // page, every one is read here.
+                match keys.last().cloned() {
+                    Some(last) => keys.extend(written.into_iter().filter(|k| *k <= last)),
+                    None => keys = written,
+                }
+                r.page = keys.iter().cloned().collect();
+                r.page_end = keys.last().cloned();
+                keys.into_iter().collect()
             };
-            let Some((last, _)) = page.last() else {
+            let Some(last) = page.last() else {
                 break;
             };
-            for (key, _) in &page {
+            for key in &page {
                 let mut stripe = self.lock_stripe(key);
                 // A corrupt record is marked lost (and reported): its marker
                 // differs from the other replicas' copies, so anti-entropy

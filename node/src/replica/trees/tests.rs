@@ -1,4 +1,5 @@
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use proptest::prelude::*;
 use shoal_client::proto::MemberInfo;
@@ -22,6 +23,7 @@ fn a_key_created_inside_a_page_already_read_is_in_the_rebuilt_tree() {
             page: [b"a".to_vec(), b"c".to_vec()].into_iter().collect(),
             page_end: Some(b"c".to_vec()),
             trees: Trees::new(),
+            written: None,
         }),
         ..TreeState::default()
     };
@@ -346,4 +348,116 @@ fn branches_and_root_are_xors_of_leaves() {
     t.toggle(b"a", 1);
     t.toggle(b"b", 2);
     assert_eq!(t, PartitionTree::default());
+}
+
+/// A memory store whose next scan of the objects, once armed, reads its
+/// page and then waits until released, as a page of objects of megabytes
+/// takes a while to copy.
+#[derive(Default)]
+struct SlowPage {
+    inner: MemoryStore,
+    #[allow(clippy::type_complexity)]
+    armed: std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+}
+
+impl Store for SlowPage {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(tree, key)
+    }
+    fn write(&self, batch: crate::storage::WriteBatch) -> Result<(), StoreError> {
+        self.inner.write(batch)
+    }
+    fn write_synced(&self, batch: crate::storage::WriteBatch) -> Result<(), StoreError> {
+        self.inner.write_synced(batch)
+    }
+    fn sync_wal(&self) -> Result<(), StoreError> {
+        self.inner.sync_wal()
+    }
+    fn scan(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::Scanned>, StoreError> {
+        let page = self.inner.scan(tree, start, end, limit);
+        let armed = match tree {
+            Tree::Objects => self.armed.lock().unwrap().take(),
+            _ => None,
+        };
+        if let Some((entered, release)) = armed {
+            entered.send(()).unwrap();
+            release.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        page
+    }
+    fn approximate_bytes(&self, tree: Tree) -> u64 {
+        self.inner.approximate_bytes(tree)
+    }
+}
+
+/// Writes go on while a rebuild reads a page (off the worker, which a
+/// page of objects of megabytes keeps busy for up to seconds), and the
+/// rebuilt trees hold them. The page used to be read under the trees'
+/// lock, which every write takes: a write on the node's only worker
+/// blocked the whole runtime behind the read, and its peers took the
+/// silent node for dead.
+#[test]
+fn writes_go_on_while_a_rebuild_reads_a_page_and_reach_its_trees() {
+    let store = Arc::new(SlowPage::default());
+    let r = Arc::new(replica_over(store.clone()));
+    for i in 0..10 {
+        r.merge(format!("k{i:02}").as_bytes(), &written(&[1], 7))
+            .unwrap();
+    }
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    rt().block_on(r.rebuild_trees(u32::MAX)).unwrap();
+    let (entered, is_entered) = mpsc::channel();
+    let (release, released) = mpsc::channel();
+    *store.armed.lock().unwrap() = Some((entered, released));
+    let rebuilding = {
+        let r = r.clone();
+        std::thread::spawn(move || rt().block_on(r.rebuild_trees(u32::MAX)))
+    };
+    is_entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the rebuild reads a page");
+    // While the page is read: a key created inside its range, one past
+    // it, and an update of a listed key.
+    let writing = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            r.merge(b"k04x", &written(&[2], 8)).unwrap();
+            r.merge(b"k10", &written(&[3], 8)).unwrap();
+            r.merge(b"k02", &written(&[4], 8)).unwrap();
+        })
+    };
+    let began = std::time::Instant::now();
+    while !writing.is_finished() && began.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let went_on = writing.is_finished();
+    release.send(()).unwrap();
+    writing.join().unwrap();
+    rebuilding.join().unwrap().unwrap();
+    assert!(went_on, "writes waited for the rebuild's page read");
+    // The rebuilt trees are what a rebuild with nothing written meanwhile
+    // makes.
+    let nonzero = |t: Trees| {
+        t.into_iter()
+            .filter(|(_, t)| t.leaves.iter().any(|l| *l != 0))
+            .collect::<HashMap<_, _>>()
+    };
+    let rebuilt = r.trees();
+    rt().block_on(r.rebuild_trees(u32::MAX)).unwrap();
+    assert_eq!(
+        nonzero(rebuilt),
+        nonzero(r.trees()),
+        "the rebuild missed a write made while it read a page"
+    );
 }
