@@ -249,7 +249,11 @@ impl<S: Store> Replica<S> {
 
     /// Locks `key`'s stripe (see [`Stripe`]).
     fn lock_stripe(&self, key: &[u8]) -> MutexGuard<'_, Stripe> {
-        relock(&self.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES])
+        relock(self.stripe_of(key))
+    }
+
+    fn stripe_of(&self, key: &[u8]) -> &Mutex<Stripe> {
+        &self.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
     }
 
     /// The stored bytes of `key`'s object, from the cache or else the store
@@ -273,9 +277,11 @@ impl<S: Store> Replica<S> {
 
     /// The size of `key`'s stored object if the object cache holds it
     /// (then it is small: at most a stripe's share of the cache); reads
-    /// nothing from the store.
+    /// nothing from the store. `None` too while another thread holds the
+    /// key's stripe: the answer only guides batching, not worth a wait
+    /// behind work on an object of megabytes.
     pub fn cached_len(&self, key: &[u8]) -> Option<usize> {
-        self.lock_stripe(key).cached_len(key)
+        self.stripe_of(key).try_lock().ok()?.cached_len(key)
     }
 
     /// Empties the object cache: after the store was changed behind the
