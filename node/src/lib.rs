@@ -136,8 +136,6 @@
 //! - the rebuild lock (a `tokio::sync::Mutex`, held across a whole rebuild
 //!   so two never run at once), then the locks above;
 //! - a fan-out's fallback pool, then the detector (`Fallbacks::next_live`);
-//! - the trees lock alone while a rebuild reads a page of keys from the
-//!   store (so no write falls between that read and its bookkeeping);
 //! - the detector is released before the metrics' peer map is taken; the
 //!   membership lock, the exchange log and the metrics are leaves.
 //!

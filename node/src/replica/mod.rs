@@ -19,8 +19,8 @@
 //! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
-//! see [`lost`]). A rebuild holds the trees lock while it reads a page
-//! of keys, without any stripe. No lock is held across an await.
+//! see [`lost`]). A rebuild reads its pages of keys without the trees lock
+//! (see `trees::Rebuild`). No lock is held across an await.
 
 mod fence;
 mod handover;

@@ -159,13 +159,17 @@ struct Rebuild {
     /// Keys written ahead of the cursor while a page is read; `None`
     /// between reads.
     written: Option<BTreeSet<Vec<u8>>>,
+    /// The last read found nothing more: every key is passed, until the
+    /// rebuilt trees replace the live ones.
+    finished: bool,
 }
 
 impl Rebuild {
     /// Whether the rebuild will not read `key` any more: a write to it must
     /// update `trees` itself.
     fn passed(&self, key: &[u8]) -> bool {
-        self.cursor.as_deref().is_some_and(|c| key <= c)
+        self.finished
+            || self.cursor.as_deref().is_some_and(|c| key <= c)
             || self
                 .page_end
                 .as_deref()
@@ -263,14 +267,17 @@ impl<S: Store> Replica<S> {
                 .written = Some(BTreeSet::new());
             // A page may hold objects of megabytes: read off the worker, and
             // without the trees' lock (see [`Rebuild`]).
-            let scanned =
-                crate::tasks::heavy(|| self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE));
+            // Only its keys are used: each key's object is read again below,
+            // under its stripe.
+            let scanned = crate::tasks::heavy(|| {
+                let page = self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
+                Ok::<BTreeSet<_>, StoreError>(page.into_iter().map(|(key, _)| key).collect())
+            });
             let page: Vec<Vec<u8>> = {
                 let mut state = self.lock_trees();
                 let r = state.rebuild.as_mut().expect("rebuild in progress");
                 let written = r.written.take().unwrap_or_default();
-                let mut keys: BTreeSet<Vec<u8>> =
-                    scanned?.into_iter().map(|(key, _)| key).collect();
+                let mut keys = scanned?;
                 // Past the page's last key, a written key is left to the next
                 // page's read, which comes after the write. After the last
                 // page, every one is read here.
@@ -280,6 +287,10 @@ impl<S: Store> Replica<S> {
                 }
                 r.page = keys.iter().cloned().collect();
                 r.page_end = keys.last().cloned();
+                // Done: from here, under this lock, every write updates the
+                // rebuilt trees itself, also one landing before they replace
+                // the live ones.
+                r.finished = keys.is_empty();
                 keys.into_iter().collect()
             };
             let Some(last) = page.last() else {
