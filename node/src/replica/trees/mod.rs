@@ -266,9 +266,8 @@ impl<S: Store> Replica<S> {
                 .expect("rebuild in progress")
                 .written = Some(BTreeSet::new());
             // A page may hold objects of megabytes: read off the worker, and
-            // without the trees' lock (see [`Rebuild`]).
-            // Only its keys are used: each key's object is read again below,
-            // under its stripe.
+            // without the trees' lock (see [`Rebuild`]). Only its keys are
+            // kept: each key's object is read again below, under its stripe.
             let scanned = crate::tasks::heavy(|| {
                 let page = self.store.scan(Tree::Objects, &start, None, REBUILD_PAGE)?;
                 Ok::<BTreeSet<_>, StoreError>(page.into_iter().map(|(key, _)| key).collect())
