@@ -470,7 +470,11 @@ impl Client {
             let mut last_quorum = None;
             for &addr in ordered.iter() {
                 match self.call(addr, request).await {
+                    // Not serving (starting, stopping, removed): nothing
+                    // ran. Asked last from now on, and its connection is
+                    // dropped, which a stopping node waits for.
                     Ok(Response::Error(e)) if e.kind == ErrorKind::NotReady => {
+                        self.mark_down(addr);
                         failures.push(format!("{addr}: {}", e.message));
                     }
                     // A coordinator cut off from its peers: a read (which

@@ -156,9 +156,10 @@
 //!   task, through
 //!   the node's [`tasks::Tasks`]
 //!   handle. They outlive the request on purpose (slow replicas still get
-//!   the write), but not its deadline, and `Node::abort_tasks` ends them
-//!   all: a crash in the simulation and [`server::Running::stop`] both
-//!   call it.
+//!   the write), but not its deadline, and [`tasks::Tasks::abort_all`]
+//!   ends them all: a crash in the simulation calls it, and so does
+//!   [`server::Running::stop`] once the node's client requests and their
+//!   tasks had until their deadline to end ([`tasks::Tasks::drain`]).
 //! - Every peer call has a deadline ([`net::Transport::call`] takes one):
 //!   a request's sends stop at the request's deadline, background calls
 //!   after `timeouts.request-ms`. Handoff and anti-entropy work on every

@@ -26,6 +26,13 @@ use {
     std::path::Path,
 };
 
+/// A graceful stop closes its connections once no client request came for
+/// this long, after its requests drained ([`Running::stop`]): many round
+/// trips, so that clients refused have turned elsewhere.
+pub const QUIET: Duration = Duration::from_millis(100);
+/// The longest a graceful stop waits for [`QUIET`].
+pub const QUIET_WITHIN: Duration = Duration::from_secs(2);
+
 /// Meta-tree key of this node's id.
 pub const NODE_ID_KEY: &[u8] = b"node-id";
 pub use crate::membership::MEMBERS_KEY;
@@ -82,10 +89,35 @@ impl Running {
         }
     }
 
-    /// Stops accepting, closes connections and waits for the server tasks.
+    /// Stops gracefully, as `systemctl stop` and a rolling restart ask, so
+    /// that no client sees a request fail or left with an unknown outcome:
+    /// - new connections are refused, and new client requests refused
+    ///   unrun (`NotReady`: the SDK asks another node and puts this one
+    ///   last);
+    /// - the requests taken run to their answers, and their tasks (a write's
+    ///   third-replica sends, a read's repair, hints) to their end, within
+    ///   the request deadline and the read-repair window
+    ///   ([`crate::tasks::Tasks::drain`]);
+    /// - the clients, once refused, ask other nodes: no request coming for
+    ///   [`QUIET`] (or [`QUIET_WITHIN`] passing) says they have, so that
+    ///   closing cuts off no request on its way (which the client could
+    ///   only report as possibly applied);
+    /// - then what is left is aborted and the endpoints close.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        self.node.abort_tasks();
+        let settings = self.node.settings();
+        let deadline =
+            tokio::time::Instant::now() + settings.request_timeout + settings.read_repair_window;
+        if !self.node.tasks().drain(deadline).await {
+            tracing::warn!(
+                "stopping with client requests or their tasks still running: they are cut off"
+            );
+        }
+        let tasks = self.node.tasks();
+        tasks
+            .quiet(QUIET, tokio::time::Instant::now() + QUIET_WITHIN)
+            .await;
+        tasks.abort_all();
         for e in &self.endpoints {
             e.close(0u32.into(), b"node shutting down");
         }

@@ -3,14 +3,17 @@
 //! so that a crash (the simulation's kill, or [`crate::server::Running::stop`])
 //! ends exactly that node's work: [`Tasks::abort_all`] stops every task
 //! spawned through the handle at its next await, and later spawns do not
-//! start.
+//! start. A graceful stop ([`Tasks::drain`]) first lets the client requests
+//! taken and their tasks end.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// A node's per-request tasks. Cheap to clone; clones share one switch.
 #[derive(Clone, Debug)]
@@ -18,6 +21,8 @@ pub struct Tasks {
     stop: Arc<watch::Sender<bool>>,
     /// Tasks spawned and not ended yet.
     running: Arc<AtomicUsize>,
+    /// The client requests being coordinated (see [`Tasks::take_request`]).
+    requests: Arc<Requests>,
 }
 
 impl Default for Tasks {
@@ -25,9 +30,31 @@ impl Default for Tasks {
         Tasks {
             stop: Arc::new(watch::channel(false).0),
             running: Arc::default(),
+            requests: Arc::default(),
         }
     }
 }
+
+#[derive(Debug, Default)]
+struct Requests {
+    /// Set by [`Tasks::drain`]: no client request is taken any more.
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Client requests that came, taken or refused.
+    came: AtomicUsize,
+}
+
+/// A client request taken: counted as in flight until dropped.
+pub struct Taken<'a>(&'a Requests);
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How often [`Tasks::drain`] looks whether everything has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
 
 /// Counts a task as running for as long as it lives.
 struct Running(Arc<AtomicUsize>);
@@ -94,6 +121,56 @@ impl Tasks {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// Counts a client request as in flight for as long as the guard lives;
+    /// `None` once [`Self::drain`] began: the request must be refused unrun
+    /// (the SDK then asks another node). The count goes up before the check,
+    /// and `drain` closes before it reads the count, so a request is either
+    /// refused or waited for.
+    pub fn take_request(&self) -> Option<Taken<'_>> {
+        let requests = &*self.requests;
+        requests.came.fetch_add(1, Ordering::Relaxed);
+        requests.in_flight.fetch_add(1, Ordering::SeqCst);
+        let taken = Taken(requests);
+        (!requests.closed.load(Ordering::SeqCst)).then_some(taken)
+    }
+
+    /// A graceful stop's first step: takes no new client request
+    /// ([`Self::take_request`]), then waits until each request taken before
+    /// has its answer and every task spawned through this handle (a write's
+    /// sends to the third replica, a read's repair, their hints) has ended,
+    /// or until `deadline`. Returns whether everything ended; what has not
+    /// is left to [`Self::abort_all`].
+    pub async fn drain(&self, deadline: Instant) -> bool {
+        self.requests.closed.store(true, Ordering::SeqCst);
+        loop {
+            if self.requests.in_flight.load(Ordering::SeqCst) == 0 && self.running() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Waits until no client request has come for `quiet`, or until
+    /// `deadline`: once [`Self::drain`] refused a client's request, the SDK
+    /// asks other nodes, so its requests stop coming within a round trip.
+    /// Closing the connections after that cuts off no request on its way.
+    pub async fn quiet(&self, quiet: Duration, deadline: Instant) {
+        loop {
+            let before = self.requests.came.load(Ordering::Relaxed);
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep(quiet.min(deadline - now)).await;
+            if self.requests.came.load(Ordering::Relaxed) == before {
+                return;
+            }
+        }
+    }
+
     /// Ends every task spawned through this handle (and its clones).
     pub fn abort_all(&self) {
         self.stop.send_replace(true);
@@ -140,6 +217,73 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_refuses_new_requests_and_waits_for_those_taken_and_their_tasks() {
+        let tasks = Tasks::default();
+        let taken = tasks.take_request().expect("taken before the drain");
+        tasks.spawn(tokio::time::sleep(Duration::from_millis(300)));
+        let draining = tasks.clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let drain = tokio::spawn(async move { draining.drain(deadline).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            tasks.take_request().is_none(),
+            "a request after the drain began is refused"
+        );
+        assert!(
+            !drain.is_finished(),
+            "the drain waits for the request taken"
+        );
+        drop(taken);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!drain.is_finished(), "and for the task spawned");
+        assert!(drain.await.expect("drain"), "all ended before the deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_gives_up_at_its_deadline() {
+        let tasks = Tasks::default();
+        let _taken = tasks.take_request().expect("taken");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert!(!tasks.drain(deadline).await);
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_waits_until_no_request_came_for_a_while() {
+        let tasks = Tasks::default();
+        let asking = tasks.clone();
+        let start = Instant::now();
+        // A request every 50 ms for 500 ms, each refused or not.
+        let client = tokio::spawn(async move {
+            for _ in 0..10 {
+                drop(asking.take_request());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        tasks
+            .quiet(Duration::from_millis(100), start + Duration::from_secs(5))
+            .await;
+        assert!(client.is_finished());
+        assert!(
+            start.elapsed() >= Duration::from_millis(550),
+            "{:?}",
+            start.elapsed()
+        );
+        let capped = Instant::now();
+        let asking = tasks.clone();
+        tokio::spawn(async move {
+            loop {
+                drop(asking.take_request());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        tasks
+            .quiet(Duration::from_millis(100), capped + Duration::from_secs(1))
+            .await;
+        assert_eq!(capped.elapsed(), Duration::from_secs(1), "bounded");
+    }
 
     #[tokio::test]
     async fn aborted_tasks_stop_and_later_ones_never_start() {

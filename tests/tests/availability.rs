@@ -813,3 +813,22 @@ async fn a_coordinator_that_is_not_a_replica_sends_a_whole_quorum_at_once() {
     let batches = delivered_at_once_and_later(&log, "deliver batch");
     assert_eq!(batches, (2, 1), "{log:#?}");
 }
+
+/// A node stopping gracefully refuses new requests unrun, those forwarded
+/// to it included; the node that forwarded one asks the key's next primary
+/// instead of handing the refusal to its client (which would then take
+/// that node, healthy, for one not serving).
+#[tokio::test(start_paused = true)]
+async fn a_forward_refused_by_a_stopping_primary_goes_to_the_next() {
+    let c = SimCluster::new(4);
+    let key = b"draining";
+    let forwarder = c.non_replica(key);
+    let stopping = c.primaries(key)[0].clone();
+    let nothing_in_flight = tokio::time::Instant::now();
+    assert!(c.node(&stopping).tasks().drain(nothing_in_flight).await);
+    let refused = error(c.put(&stopping, key, b"v", None, D).await);
+    assert_eq!(refused.kind, ErrorKind::NotReady, "{refused:?}");
+    written(c.put(&forwarder, key, b"v", None, D).await);
+    let read = value(c.get(&forwarder, key, D).await);
+    assert_eq!(read.values.len(), 1, "{read:?}");
+}

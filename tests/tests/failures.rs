@@ -245,3 +245,73 @@ async fn one_get_repairs_a_replica_that_missed_a_write() {
     }
     println!("node3 repaired {:?} after the get returned", got.elapsed());
 }
+
+/// A node stopped gracefully (SIGTERM, as `systemctl stop` and a rolling
+/// restart do) while clients write and read through every node fails none
+/// of their requests: it finishes what it took, refuses what comes after
+/// with an answer the SDK retries elsewhere, and only then goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_gracefully_under_load_fails_no_request() {
+    let c = DevCluster::start(3).await;
+    let client = c.client().await;
+    let pid = c.pid_of("node2").await as i32;
+    let started = Instant::now();
+    let (stop_at, end) = (Duration::from_millis(1500), Duration::from_millis(3500));
+    let mut workers = Vec::new();
+    for w in 0..16 {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut acked, mut errors) = (Vec::new(), Vec::new());
+            // Bounded twice: by time, and by count.
+            for i in 0..2_000 {
+                if started.elapsed() > end {
+                    break;
+                }
+                let key = format!("stop-{w}-{i}");
+                match client
+                    .put_with(key.as_bytes(), key.as_bytes(), None, W2)
+                    .await
+                {
+                    Ok(_) => acked.push(key.clone()),
+                    Err(e) => errors.push(format!("{:?} put {key}: {e}", started.elapsed())),
+                }
+                if let Err(e) = client.get_with(key.as_bytes(), W2).await {
+                    errors.push(format!("{:?} get {key}: {e}", started.elapsed()));
+                }
+            }
+            (acked, errors)
+        }));
+    }
+    tokio::time::sleep(stop_at.saturating_sub(started.elapsed())).await;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let stopping = Instant::now();
+    while unsafe { libc::kill(pid, 0) } == 0 && stopping.elapsed() < Duration::from_secs(20) {
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped_in = stopping.elapsed();
+    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+    for w in workers {
+        let (a, e) = w.await.expect("worker");
+        acked.extend(a);
+        errors.extend(e);
+    }
+    println!(
+        "node2 stopped in {stopped_in:?}; {} writes acknowledged, {} errors",
+        acked.len(),
+        errors.len()
+    );
+    assert!(stopped_in < Duration::from_secs(20), "node2 did not stop");
+    assert!(
+        errors.is_empty(),
+        "{} failed requests:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+    for k in &acked {
+        let read = client.get_with(k.as_bytes(), W2).await.expect("R=2 get");
+        assert_eq!(read.values.len(), 1, "{k}");
+    }
+}

@@ -262,11 +262,11 @@ impl<T: Transport, S: Store> Node<T, S> {
         &self.inner.metrics
     }
 
-    /// Ends the node's per-request tasks (see [`crate::tasks`]): what a
-    /// crash does to them. The background loops are stopped by their own
-    /// handles (see [`crate::server::start_background`]).
-    pub fn abort_tasks(&self) {
-        self.inner.coordinator.tasks.abort_all();
+    /// The node's client requests and per-request tasks (see [`crate::tasks`]):
+    /// a crash aborts them, a graceful stop drains them first. The background
+    /// loops are stopped by their own handles ([`crate::server::start_background`]).
+    pub fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.inner.coordinator.tasks
     }
 
     /// This node's replica, for components and tests that want the handle.

@@ -103,7 +103,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
 
     /// Handles a client request; `forwarded` requests are coordinated here even
     /// if this node's ring disagrees that it is a replica (no forwarding loops).
+    /// Once the node is stopping, refuses it unrun (see [`crate::tasks::Tasks::drain`]).
     pub async fn coordinate(self: &Arc<Self>, request: Request, forwarded: bool) -> Response {
+        let Some(_taken) = self.tasks.take_request() else {
+            let why = format!("{} is stopping; ask another node", self.me.name);
+            return wire(ErrorKind::NotReady, why);
+        };
         match request {
             Request::Get { ref key, options }
             | Request::Delete {
@@ -265,6 +270,13 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             // primary: one that may have run there would run twice (a
             // duplicate sibling), or be reported failed after it landed.
             match self.transport.call(p, forward, deadline).await {
+                // Refused unrun (`p` is stopping, or not ready): the next
+                // primary may take it.
+                Ok(PeerResponse::Forwarded(Response::Error(e)))
+                    if e.kind == ErrorKind::NotReady =>
+                {
+                    failures.push(format!("{}: {}", p.name, e.message))
+                }
                 Ok(PeerResponse::Forwarded(r)) => return r,
                 // A duplicate's answer: the first delivery ran (or runs) there.
                 Ok(PeerResponse::Error(e @ PeerError::DuplicateForward { .. })) => {

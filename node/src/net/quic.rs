@@ -68,7 +68,27 @@ impl Drop for Served {
     }
 }
 
-/// Accepts client connections until `shutdown` turns true.
+/// The next connection to serve, `None` once the endpoint is closed. Once
+/// `shutdown` turns true (a graceful stop: see [`crate::server::Running::stop`])
+/// each new connection is refused at once, so that its client or peer turns
+/// to another node instead of waiting out a handshake nobody completes.
+async fn next_incoming(
+    endpoint: &quinn::Endpoint,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<quinn::Incoming> {
+    loop {
+        if *shutdown.borrow_and_update() {
+            endpoint.accept().await?.refuse();
+            continue;
+        }
+        tokio::select! {
+            incoming = endpoint.accept() => return incoming,
+            changed = shutdown.changed() => changed.ok()?,
+        }
+    }
+}
+
+/// Accepts client connections, refusing new ones once `shutdown` turns true.
 pub async fn serve_clients<H: Handler>(
     endpoint: quinn::Endpoint,
     handler: Arc<H>,
@@ -78,9 +98,8 @@ pub async fn serve_clients<H: Handler>(
     let served = Arc::new(AtomicUsize::new(0));
     let budget = Arc::new(Semaphore::new(limits.client_budget));
     loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => match i { Some(i) => i, None => break },
-            _ = shutdown.changed() => break,
+        let Some(incoming) = next_incoming(&endpoint, &mut shutdown).await else {
+            break;
         };
         if served.load(Ordering::Relaxed) >= limits.client_connections {
             crate::log::warn_limited(
@@ -323,7 +342,7 @@ impl Answer for PeerResponse {
     }
 }
 
-/// Accepts peer connections until `shutdown` turns true. TLS has already
+/// Accepts peer connections, refusing new ones once `shutdown` turns true. TLS has already
 /// checked the certificate chains to the cluster CA; each request's claimed
 /// sender name is checked against that certificate.
 pub async fn serve_peers<H: Handler>(
@@ -333,9 +352,8 @@ pub async fn serve_peers<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => match i { Some(i) => i, None => break },
-            _ = shutdown.changed() => break,
+        let Some(incoming) = next_incoming(&endpoint, &mut shutdown).await else {
+            break;
         };
         let handler = handler.clone();
         tokio::spawn(async move {

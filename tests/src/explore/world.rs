@@ -276,7 +276,7 @@ impl World {
         }
         m.stop = None;
         if let Some(node) = m.node.take() {
-            node.abort_tasks();
+            node.tasks().abort_all();
         }
         // Fence the dead process's handle now: tasks it spawned outside the
         // network's control may still run, but can no longer write.
