@@ -90,7 +90,8 @@ impl Running {
     }
 
     /// Stops gracefully, as `systemctl stop` and a rolling restart ask, so
-    /// that no client sees a request fail or left with an unknown outcome:
+    /// that clients see no request fail or left with an unknown outcome (the
+    /// README's rolling upgrade says what the close still cuts off):
     /// - new connections are refused, and new client requests refused
     ///   unrun (`NotReady`: the SDK asks another node and puts this one
     ///   last);

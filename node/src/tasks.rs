@@ -155,8 +155,8 @@ impl Tasks {
 
     /// Waits until no client request has come for `quiet`, or until
     /// `deadline`: once [`Self::drain`] refused a client's request, the SDK
-    /// asks other nodes, so its requests stop coming within a round trip.
-    /// Closing the connections after that cuts off no request on its way.
+    /// asks other nodes, so its requests stop coming within a round trip,
+    /// and closing the connections after that cuts none of them off.
     pub async fn quiet(&self, quiet: Duration, deadline: Instant) {
         loop {
             let before = self.requests.came.load(Ordering::Relaxed);
@@ -222,11 +222,13 @@ mod tests {
     async fn a_drain_refuses_new_requests_and_waits_for_those_taken_and_their_tasks() {
         let tasks = Tasks::default();
         let taken = tasks.take_request().expect("taken before the drain");
-        tasks.spawn(tokio::time::sleep(Duration::from_millis(300)));
+        // A task that ends before the request does, then one that outlives it.
+        tasks.spawn(tokio::time::sleep(Duration::from_millis(50)));
         let draining = tasks.clone();
         let deadline = Instant::now() + Duration::from_secs(5);
         let drain = tokio::spawn(async move { draining.drain(deadline).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(tasks.running(), 0);
         assert!(
             tasks.take_request().is_none(),
             "a request after the drain began is refused"
@@ -235,9 +237,10 @@ mod tests {
             !drain.is_finished(),
             "the drain waits for the request taken"
         );
+        tasks.spawn(tokio::time::sleep(Duration::from_millis(300)));
         drop(taken);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!drain.is_finished(), "and for the task spawned");
+        assert!(!drain.is_finished(), "and for the task it spawned");
         assert!(drain.await.expect("drain"), "all ended before the deadline");
     }
 
