@@ -471,8 +471,8 @@ impl Client {
             for &addr in ordered.iter() {
                 match self.call(addr, request).await {
                     // Not serving (starting, stopping, removed): nothing
-                    // ran. Asked last from now on, and its connection is
-                    // dropped, which a stopping node waits for.
+                    // ran. Asked last from now on, so that a stopping node
+                    // sees requests stop coming and closes.
                     Ok(Response::Error(e)) if e.kind == ErrorKind::NotReady => {
                         self.mark_down(addr);
                         failures.push(format!("{addr}: {}", e.message));

@@ -15,7 +15,9 @@ pub enum ErrorKind {
     BadRequest,
     /// The caller is not allowed to do this.
     Unauthorised,
-    /// The node is starting and does not know the full ring yet.
+    /// The node does not serve: it is starting and does not know the full
+    /// ring yet, or stopping, or no longer a member. The request did not
+    /// run; another node may take it.
     NotReady,
     /// Stored data failed its checksum; it was not served.
     Corruption,

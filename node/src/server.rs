@@ -96,13 +96,14 @@ impl Running {
     ///   unrun (`NotReady`: the SDK asks another node and puts this one
     ///   last);
     /// - the requests taken run to their answers, and their tasks (a write's
-    ///   third-replica sends, a read's repair, hints) to their end, within
-    ///   the request deadline and the read-repair window
-    ///   ([`crate::tasks::Tasks::drain`]);
+    ///   third-replica sends, a read's repair, hints) to their end; the
+    ///   drain waits up to the request deadline plus the read-repair window
+    ///   ([`crate::tasks::Tasks::drain`]), and a repair still sending then
+    ///   is left to anti-entropy;
     /// - the clients, once refused, ask other nodes: no request coming for
-    ///   [`QUIET`] (or [`QUIET_WITHIN`] passing) says they have, so that
-    ///   closing cuts off no request on its way (which the client could
-    ///   only report as possibly applied);
+    ///   [`QUIET`] says they have, so that closing cuts off no request on
+    ///   its way (which the client could only report as possibly applied).
+    ///   Requests still coming at [`QUIET_WITHIN`] are cut off;
     /// - then what is left is aborted and the endpoints close.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);

@@ -1,10 +1,10 @@
 //! The work a node spawns per request that outlives the request (a write's
 //! sends to slow replicas, a read's repair), behind a handle the node owns,
-//! so that a crash (the simulation's kill, or [`crate::server::Running::stop`])
-//! ends exactly that node's work: [`Tasks::abort_all`] stops every task
-//! spawned through the handle at its next await, and later spawns do not
-//! start. A graceful stop ([`Tasks::drain`]) first lets the client requests
-//! taken and their tasks end.
+//! so that a crash (the simulation's kill) ends exactly that node's work:
+//! [`Tasks::abort_all`] stops every task spawned through the handle at its
+//! next await, and later spawns do not start. A graceful stop
+//! ([`crate::server::Running::stop`]) first lets the client requests taken
+//! and their tasks end ([`Tasks::drain`]), then aborts what is left.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -138,8 +138,9 @@ impl Tasks {
     /// ([`Self::take_request`]), then waits until each request taken before
     /// has its answer and every task spawned through this handle (a write's
     /// sends to the third replica, a read's repair, their hints) has ended,
-    /// or until `deadline`. Returns whether everything ended; what has not
-    /// is left to [`Self::abort_all`].
+    /// or until `deadline`. Returns whether everything ended; the caller
+    /// then aborts the tasks left ([`Self::abort_all`]), and a request still
+    /// running fails with them or when its connection closes.
     pub async fn drain(&self, deadline: Instant) -> bool {
         self.requests.closed.store(true, Ordering::SeqCst);
         loop {

@@ -831,4 +831,12 @@ async fn a_forward_refused_by_a_stopping_primary_goes_to_the_next() {
     written(c.put(&forwarder, key, b"v", None, D).await);
     let read = value(c.get(&forwarder, key, D).await);
     assert_eq!(read.values.len(), 1, "{read:?}");
+    // Every primary stopping: the forwarder refuses it unrun too.
+    // (Their repairs and third-replica sends end first.)
+    let within = tokio::time::Instant::now() + Duration::from_secs(10);
+    for primary in c.primaries(key) {
+        assert!(c.node(&primary).tasks().drain(within).await);
+    }
+    let refused = error(c.put(&forwarder, key, b"w", None, D).await);
+    assert_eq!(refused.kind, ErrorKind::NotReady, "{refused:?}");
 }

@@ -257,7 +257,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         options: RequestOptions,
     ) -> Response {
         let deadline = self.deadline(&options);
-        let mut failures = Vec::new();
+        let (mut failures, mut not_ready) = (Vec::new(), 0);
         // Primaries the detector sees up first: a dead one costs a timeout.
         let mut order: Vec<&MemberInfo> = primaries.iter().collect();
         order.sort_by_key(|p| !self.liveness.is_up(p.id));
@@ -275,6 +275,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 Ok(PeerResponse::Forwarded(Response::Error(e)))
                     if e.kind == ErrorKind::NotReady =>
                 {
+                    not_ready += 1;
                     failures.push(format!("{}: {}", p.name, e.message))
                 }
                 Ok(PeerResponse::Forwarded(r)) => return r,
@@ -298,6 +299,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     ))
                 }
             }
+        }
+        // Every primary refused it unrun: so does this node, and the client
+        // may ask another.
+        if not_ready == primaries.len() {
+            return wire(ErrorKind::NotReady, failures.join("; "));
         }
         Response::Error(WireError {
             kind: ErrorKind::Quorum,
