@@ -40,8 +40,8 @@ struct Requests {
     /// Set by [`Tasks::drain`]: no client request is taken any more.
     closed: AtomicBool,
     in_flight: AtomicUsize,
-    /// Client requests that came, taken or refused.
-    came: AtomicUsize,
+    /// Client requests refused since the drain began.
+    refused: AtomicUsize,
 }
 
 /// A client request taken: counted as in flight until dropped.
@@ -128,10 +128,13 @@ impl Tasks {
     /// refused or waited for.
     pub fn take_request(&self) -> Option<Taken<'_>> {
         let requests = &*self.requests;
-        requests.came.fetch_add(1, Ordering::Relaxed);
         requests.in_flight.fetch_add(1, Ordering::SeqCst);
         let taken = Taken(requests);
-        (!requests.closed.load(Ordering::SeqCst)).then_some(taken)
+        if requests.closed.load(Ordering::SeqCst) {
+            requests.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(taken)
     }
 
     /// A graceful stop's first step: takes no new client request
@@ -160,13 +163,13 @@ impl Tasks {
     /// and closing the connections after that cuts none of them off.
     pub async fn quiet(&self, quiet: Duration, deadline: Instant) {
         loop {
-            let before = self.requests.came.load(Ordering::Relaxed);
+            let before = self.requests.refused.load(Ordering::Relaxed);
             let now = Instant::now();
             if now >= deadline {
                 return;
             }
             tokio::time::sleep(quiet.min(deadline - now)).await;
-            if self.requests.came.load(Ordering::Relaxed) == before {
+            if self.requests.refused.load(Ordering::Relaxed) == before {
                 return;
             }
         }
@@ -257,6 +260,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn quiet_waits_until_no_request_came_for_a_while() {
         let tasks = Tasks::default();
+        // Only requests refused by a drain count.
+        assert!(tasks.drain(Instant::now()).await);
         let asking = tasks.clone();
         let start = Instant::now();
         // A request every 50 ms for 500 ms, each refused or not.

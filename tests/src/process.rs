@@ -209,9 +209,17 @@ impl DevCluster {
 
     /// kill -9 a node and wait until it is gone.
     pub async fn kill9(&self, node: &str) {
+        self.signal(node, libc::SIGKILL, Duration::from_secs(10))
+            .await;
+    }
+
+    /// Sends `signal` to `node` and waits until it is gone, at most
+    /// `within`; returns how long it took.
+    pub async fn signal(&self, node: &str, signal: libc::c_int, within: Duration) -> Duration {
         let pid = self.pid_of(node).await as i32;
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        unsafe { libc::kill(pid, signal) };
+        let sent = Instant::now();
+        let deadline = sent + within;
         while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
             // The launcher reaps its children; a zombie still answers kill(0).
             if std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -221,6 +229,7 @@ impl DevCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        sent.elapsed()
     }
 
     /// The config of `node` (e.g. "node2") as the cluster dir holds it.

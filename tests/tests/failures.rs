@@ -254,7 +254,6 @@ async fn one_get_repairs_a_replica_that_missed_a_write() {
 async fn a_node_stopped_gracefully_under_load_fails_no_request() {
     let c = DevCluster::start(3).await;
     let client = c.client().await;
-    let pid = c.pid_of("node2").await as i32;
     let started = Instant::now();
     let (stop_at, end) = (Duration::from_millis(1500), Duration::from_millis(3500));
     let mut workers = Vec::new();
@@ -283,15 +282,9 @@ async fn a_node_stopped_gracefully_under_load_fails_no_request() {
         }));
     }
     tokio::time::sleep(stop_at.saturating_sub(started.elapsed())).await;
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let stopping = Instant::now();
-    while unsafe { libc::kill(pid, 0) } == 0 && stopping.elapsed() < Duration::from_secs(20) {
-        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stopped_in = stopping.elapsed();
+    let stopped_in = c
+        .signal("node2", libc::SIGTERM, Duration::from_secs(20))
+        .await;
     let (mut acked, mut errors) = (Vec::new(), Vec::new());
     for w in workers {
         let (a, e) = w.await.expect("worker");
