@@ -133,6 +133,8 @@
 //! - a key's stripe, then the actors lock (`Actors::for_write`, `retire`,
 //!   `is_current` while pruning);
 //! - a key's stripe, then the lost keys lock (a leaf: `replica::lost`);
+//! - every stripe, in order, then the actors lock (`Replica::seal`, the
+//!   last step of a stop: no code holds two stripes otherwise);
 //! - the rebuild lock (a `tokio::sync::Mutex`, held across a whole rebuild
 //!   so two never run at once), then the locks above;
 //! - a fan-out's fallback pool, then the detector (`Fallbacks::next_live`);

@@ -104,7 +104,10 @@ impl Running {
     ///   [`QUIET`] says they have, so that closing cuts off no request on
     ///   its way (which the client could only report as possibly applied).
     ///   Requests still coming at [`QUIET_WITHIN`] are cut off;
-    /// - then what is left is aborted and the endpoints close.
+    /// - then what is left is aborted and the endpoints close;
+    /// - last, the replica is sealed ([`crate::replica::Replica::seal`]), so
+    ///   that the next start mints under the same actors and a rolling
+    ///   restart does not grow every key's clock.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let settings = self.node.settings();
@@ -135,6 +138,16 @@ impl Running {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        // Last: the next start goes on under this run's actors (see
+        // `replica::seal`), unless something writes after this.
+        let replica = self.node.replica().clone();
+        match tokio::task::spawn_blocking(move || replica.seal()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not seal: the next start takes a new incarnation")
+            }
+            Err(e) => tracing::warn!(error = %e, "sealing did not finish"),
+        }
     }
 }
 

@@ -308,3 +308,82 @@ async fn a_node_stopped_gracefully_under_load_fails_no_request() {
         assert_eq!(read.values.len(), 1, "{k}");
     }
 }
+
+/// The actors (`name#incarnation.epoch`) of `key`'s clock that belong to
+/// `node` (all of them for ""), as any replica holding the key names them.
+async fn actors_of(client: &Client, key: &[u8], node: &str) -> BTreeSet<String> {
+    let report = client.inspect(key).await.expect("inspect");
+    report
+        .replicas
+        .iter()
+        .filter_map(|r| r.object.as_ref())
+        .flat_map(|o| o.clock.iter().map(|(actor, _)| actor.clone()))
+        .filter(|actor| node.is_empty() || actor.starts_with(&format!("{node}#")))
+        .collect()
+}
+
+/// A rolling restart does not grow clocks: a node stopped cleanly (SIGTERM)
+/// goes on minting under the same actors when it starts again, so a key
+/// written through it after every restart still names one actor of it. A
+/// node killed (kill -9) may have lost what it wrote last, so it starts a
+/// new incarnation: its next write to the key is under a new actor.
+/// Without the first half, every clean restart adds an entry to the clock
+/// of every key the node writes, and after enough rolling upgrades clock
+/// pruning starts dropping entries a returning stale copy still needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_a_nodes_actors_and_a_crash_does_not() {
+    let c = DevCluster::start(3).await;
+    let key = b"rolling";
+    // A fresh client for every write: one that saw a node stop puts it
+    // last, and the key's first primary would not coordinate again.
+    let cluster = &c;
+    let write = |value: String| async move {
+        let client = cluster.client().await;
+        let read = client.get_with(key, W2).await.expect("R=2 get");
+        client
+            .put_with(key, value.as_bytes(), Some(&read.context), W2)
+            .await
+            .expect("W=2 put");
+        let read = client.get_with(key, W2).await.expect("R=2 get");
+        assert_eq!(read.values.len(), 1, "one value after {value}: {read:?}");
+        assert_eq!(
+            read.values[0].0,
+            value.as_bytes(),
+            "the write after {value}"
+        );
+    };
+    write("first".into()).await;
+    // The node that coordinated the first write: the one actor named.
+    let named = actors_of(&c.client().await, key, "").await;
+    assert_eq!(named.len(), 1, "one write, one actor: {named:?}");
+    let actor = named.first().expect("one actor");
+    let coordinator = actor[..actor.find('#').expect("name#incarnation.epoch")].to_string();
+    let before = actors_of(&c.client().await, key, &coordinator).await;
+    for round in 0..2 {
+        for node in ["node1", "node2", "node3"] {
+            let took = c.signal(node, libc::SIGTERM, Duration::from_secs(20)).await;
+            assert!(took < Duration::from_secs(20), "{node} did not stop");
+            c.restart(node);
+            c.wait_seen(node, true, Duration::from_secs(30)).await;
+            write(format!("after {node} restarted, round {round}")).await;
+        }
+    }
+    let after = actors_of(&c.client().await, key, &coordinator).await;
+    println!("{coordinator}'s actors: {before:?} before, {after:?} after six clean restarts");
+    assert_eq!(
+        after, before,
+        "clean restarts gave {coordinator} new actors"
+    );
+    c.kill9(&coordinator).await;
+    c.restart(&coordinator);
+    c.wait_seen(&coordinator, true, Duration::from_secs(30))
+        .await;
+    write("after a crash".into()).await;
+    let crashed = actors_of(&c.client().await, key, &coordinator).await;
+    println!("after kill -9: {crashed:?}");
+    assert_eq!(
+        crashed.len(),
+        2,
+        "a crash must start a new incarnation: {crashed:?}"
+    );
+}

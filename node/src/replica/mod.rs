@@ -20,12 +20,14 @@
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
 //! see [`lost`]). A rebuild reads its pages of keys without the trees lock
-//! (see `trees::Rebuild`). No lock is held across an await.
+//! (see `trees::Rebuild`). Only [`seal`] holds more than one stripe: all of
+//! them, taken in order. No lock is held across an await.
 
 mod fence;
 mod handover;
 pub mod hints;
 mod lost;
+mod seal;
 mod serve;
 pub mod stripe;
 pub mod trees;
@@ -106,7 +108,8 @@ pub enum ReplicaError {
 }
 
 /// Meta-tree key of the incarnation counter, bumped (and synced) on every
-/// start so that no two runs of a node mint dots under the same actor.
+/// start: a run mints under a new incarnation unless the one before stopped
+/// cleanly (see [`seal`]), and no two incarnations share a number.
 pub const INCARNATION_KEY: &[u8] = b"incarnation";
 
 /// Bumps and durably stores this node's incarnation; returns the new one.
@@ -124,6 +127,8 @@ fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError>
     let next = last.wrapping_add(1);
     let mut batch = WriteBatch::default();
     batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
+    // A clean stop's record is used once, by the start that reads it first.
+    batch.delete(Tree::Meta, seal::SEALED_KEY);
     store.write_synced(batch)?;
     Ok(next)
 }
@@ -190,11 +195,15 @@ pub struct Replica<S> {
     /// Tombstones reaped lately (see [`fence`]); taken under a key's
     /// stripe lock, never the other way round.
     fence: Mutex<fence::Fence>,
+    /// Set by [`Self::seal`]: object writes delete its record.
+    sealed: AtomicBool,
 }
 
 impl<S: Store> Replica<S> {
-    /// The replica of node `me` over `store`, starting a new incarnation
-    /// (see [`crate::version`]); fails only if the store cannot record it.
+    /// The replica of node `me` over `store`, going on under the actors of
+    /// the run before if it stopped cleanly, else starting a new
+    /// incarnation (see [`crate::version`], [`seal`]); fails only if the
+    /// store cannot record it.
     pub fn new(
         me: NodeId,
         store: Arc<S>,
@@ -202,7 +211,8 @@ impl<S: Store> Replica<S> {
         membership: Arc<Membership>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let incarnation = next_incarnation(store.as_ref(), settings.clock.now_ms())?;
+        let (actors, incarnation) =
+            seal::actors_at_start(me, store.as_ref(), settings.clock.now_ms())?;
         let budget = settings.object_cache_bytes / LOCK_STRIPES;
         let stripes = (0..LOCK_STRIPES)
             .map(|_| Mutex::new(Stripe::new(budget)))
@@ -214,7 +224,7 @@ impl<S: Store> Replica<S> {
             membership,
             metrics,
             stripes,
-            actors: Actors::new(me, incarnation),
+            actors,
             trees: Mutex::default(),
             rebuilding: tokio::sync::Mutex::new(()),
             hints_pending: Mutex::new(BTreeMap::new()),
@@ -224,6 +234,7 @@ impl<S: Store> Replica<S> {
             lost_found: tokio::sync::Notify::new(),
             marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
             fence: Mutex::new(fence),
+            sealed: AtomicBool::new(false),
             settings,
         })
     }
@@ -543,6 +554,7 @@ impl<S: Store> Replica<S> {
         let partition = self.partition_of(key);
         let ikey = trees::index_key(partition, key);
         let new_digest = new.map(trees::digest);
+        self.unseal_with(&mut batch);
         match new {
             Some(bytes) => {
                 batch.put(Tree::Objects, key, bytes);

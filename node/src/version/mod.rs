@@ -36,8 +36,15 @@
 //! clock pruning dropped the entry, a power loss took the unsynced WAL tail,
 //! the data directory was wiped. So dots are not minted under the node id but
 //! under an *actor* ([`Actors`]): 6 bytes of a hash of the node id, the node's
-//! *incarnation* (a counter bumped and synced on every start) and an *epoch*
-//! (a counter in memory, bumped whenever this incarnation needs a new actor).
+//! *incarnation* (a number synced at start, new on every start but one after
+//! a clean stop) and an *epoch* (a counter in memory, bumped whenever this
+//! incarnation needs a new actor).
+//! A start after a clean stop goes on with the incarnation of the run before,
+//! its epoch and its retired epochs ([`ActorsState`], which the stop recorded
+//! once every write was on disk), as long as nothing changed the store since
+//! (see `replica::seal`): so rolling restarts do not grow clocks by an entry
+//! per key and start, and pruning (which then drops entries a returning stale
+//! copy may still need) stays a far-off bound.
 //! A write reuses the newest actor of the current incarnation that the stored
 //! object names, and takes a fresh one whenever the object names none (the
 //! key is new here, or was forgotten) or the write's context knows more of
@@ -107,15 +114,50 @@ struct ActorState {
     retired: std::collections::HashSet<u64>,
 }
 
+/// All an [`Actors`] holds besides the node: what a clean stop records so
+/// that the next start mints under the same actors ([`Actors::resume`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorsState {
+    pub incarnation: u32,
+    pub epoch: u64,
+    /// Sorted.
+    pub retired: Vec<u64>,
+}
+
 impl Actors {
     pub fn new(node: NodeId, incarnation: u32) -> Self {
+        Actors::resume(
+            node,
+            ActorsState {
+                incarnation,
+                epoch: 0,
+                retired: Vec::new(),
+            },
+        )
+    }
+
+    /// Goes on from `state`, taken by [`Self::state_now`] when nothing
+    /// could mint or retire any more, with the store unchanged since.
+    pub fn resume(node: NodeId, state: ActorsState) -> Self {
         Actors {
             prefix: Actors::node_prefix(&node),
             state: std::sync::Mutex::new(ActorState {
-                incarnation,
-                epoch: 0,
-                retired: Default::default(),
+                incarnation: state.incarnation,
+                epoch: state.epoch,
+                retired: state.retired.into_iter().collect(),
             }),
+        }
+    }
+
+    /// The incarnation, the last epoch handed out and the retired epochs.
+    pub fn state_now(&self) -> ActorsState {
+        let st = self.state();
+        let mut retired: Vec<u64> = st.retired.iter().copied().collect();
+        retired.sort_unstable();
+        ActorsState {
+            incarnation: st.incarnation,
+            epoch: st.epoch,
+            retired,
         }
     }
 

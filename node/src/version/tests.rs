@@ -107,6 +107,28 @@ fn a_new_incarnation_never_reuses_an_actor() {
 }
 
 #[test]
+fn resumed_actors_go_on_where_the_state_was_taken() {
+    let before = Actors::new(node(0), 7);
+    let mut kept = Object::default();
+    let a = before.for_write(&kept, &VersionVector::new()).unwrap();
+    kept.update(&VersionVector::new(), Some(b"v1".to_vec()), a, 1);
+    let mut forgotten = Object::default();
+    let r = before.for_write(&forgotten, &VersionVector::new()).unwrap();
+    forgotten.update(&VersionVector::new(), Some(b"v1".to_vec()), r, 1);
+    assert!(!before.retire(&forgotten));
+    let state = before.state_now();
+    assert_eq!((state.incarnation, state.epoch), (7, 2));
+    let after = Actors::resume(node(0), state);
+    // The key still held goes on under its actor: no new clock entry.
+    assert_eq!(after.for_write(&kept, &VersionVector::new()).unwrap(), a);
+    assert!(after.is_current(&a));
+    // A retired actor stays retired, and a fresh one is new.
+    let fresh = after.for_write(&forgotten, &VersionVector::new()).unwrap();
+    assert!(fresh != r && fresh != a);
+    assert_eq!(Actors::parts(&fresh).2, 3);
+}
+
+#[test]
 fn a_forged_counter_at_its_maximum_gets_a_fresh_actor_not_a_panic() {
     let actors = Actors::new(node(0), 1);
     let mut o = Object::default();

@@ -366,6 +366,8 @@ pub const MAX_DOWN: Duration = Duration::from_secs(6);
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FaultStats {
     pub crashes: usize,
+    /// Stops that sealed the replica (see `World::stop_cleanly`).
+    pub clean_stops: usize,
     pub power_losses: usize,
     pub batches_lost: usize,
     pub partitions: usize,
@@ -381,6 +383,7 @@ pub struct FaultStats {
 impl FaultStats {
     pub fn total(&self) -> usize {
         self.crashes
+            + self.clean_stops
             + self.power_losses
             + self.partitions
             + self.one_way
@@ -399,8 +402,9 @@ impl FaultStats {
 }
 
 /// Injects named faults until the clients are done and at least
-/// [`MIN_FAULTS`] happened: crashes (at most `max_down` nodes down at
-/// once, each for at most [`MAX_DOWN`]), power losses, partitions both ways
+/// [`MIN_FAULTS`] happened: crashes and clean stops (at most `max_down`
+/// nodes down at once, each for at most [`MAX_DOWN`]), power losses,
+/// partitions both ways
 /// and one way, heals, and with `corrupt` one record (an object or a hint
 /// of a running node) made to fail its checksum.
 pub async fn nemesis(
@@ -456,9 +460,21 @@ pub async fn nemesis(
                 let i = pick(&mut rng);
                 if w.is_up(i) && down.len() < max_down {
                     let power = rng.below(100) < power_loss_odds;
-                    let lost = w.crash(i, power.then_some(&mut rng));
+                    // Decided by the dice already drawn, so that seeds
+                    // draw what they drew before clean stops came in.
+                    let clean = dice >= 60;
+                    let lost = match clean {
+                        true => w.stop_cleanly(i, power.then_some(&mut rng)),
+                        false => w.crash(i, power.then_some(&mut rng)),
+                    };
                     down_since[i] = Some(now);
-                    if power {
+                    if clean {
+                        stats.clean_stops += 1;
+                        log(format!("clean stop of {}", w.name(i)));
+                    }
+                    // A power loss after a clean stop finds nothing unsynced
+                    // (the seal synced it all) unless something wrote after.
+                    if power && (!clean || lost > 0) {
                         shared
                             .power_losses
                             .lock()
@@ -470,7 +486,7 @@ pub async fn nemesis(
                             "power loss of {} ({lost} unsynced batches lost)",
                             w.name(i)
                         ));
-                    } else {
+                    } else if !clean {
                         stats.crashes += 1;
                         log(format!("crash of {}", w.name(i)));
                     }

@@ -269,6 +269,19 @@ impl World {
     /// all but the first `keep` batches written since its last sync; returns
     /// how many it lost.
     pub fn crash(&mut self, i: usize, power_loss: Option<&mut SimRng>) -> usize {
+        self.down(i, false, power_loss)
+    }
+
+    /// Stops machine `i` as `Running::stop` ends: like [`Self::crash`]
+    /// (requests in flight are cut off), but the replica is sealed once
+    /// its tasks are aborted, so the next start goes on under its actors
+    /// (see `shoal_node::replica::Replica::seal`). A power loss after it
+    /// loses only what was written after the seal.
+    pub fn stop_cleanly(&mut self, i: usize, power_loss: Option<&mut SimRng>) -> usize {
+        self.down(i, true, power_loss)
+    }
+
+    fn down(&mut self, i: usize, seal: bool, power_loss: Option<&mut SimRng>) -> usize {
         let m = &mut self.machines[i];
         self.net.kill(&m.me.name);
         for t in m.background.drain(..) {
@@ -277,6 +290,9 @@ impl World {
         m.stop = None;
         if let Some(node) = m.node.take() {
             node.tasks().abort_all();
+            if seal {
+                node.replica().seal().expect("a memory store seals");
+            }
         }
         // Fence the dead process's handle now: tasks it spawned outside the
         // network's control may still run, but can no longer write.
