@@ -78,6 +78,8 @@ fn write_error(e: ReplicaError) -> WireError {
         ReplicaError::Version { source, .. } => {
             let kind = match source {
                 VersionError::EpochsExhausted(_) => ErrorKind::Internal,
+                // Refused before anything was written: it did not run.
+                VersionError::Sealed => ErrorKind::NotReady,
                 VersionError::ContextTooLarge { .. } | VersionError::ContextMalformed(_) => {
                     ErrorKind::BadRequest
                 }

@@ -5,10 +5,11 @@
 //! whether the run before lost something it minted (a power loss takes the
 //! unsynced WAL tail, and the dots in it may live on elsewhere). A clean
 //! stop can tell: [`Replica::seal`] holds every key's stripe, so no write
-//! is half done and none can start, writes the actors' state
-//! ([`ActorsState`]) with a WAL sync, which puts every earlier write on
-//! disk too, and from then on every object write deletes the record in its
-//! own batch. The next start takes the record (and deletes it, in the
+//! is half done and none can start, stops the actors minting, and writes
+//! their state ([`ActorsState`]) with a WAL sync, which puts every earlier
+//! write on disk too (unless one failed in this run: then the WAL may have
+//! lost pages, and it records nothing). From then on every object write
+//! (a merge, a reap) deletes the record in its own batch. The next start takes the record (and deletes it, in the
 //! synced batch that bumps the incarnation counter) only if it is still
 //! there, which means the store holds exactly what it held at the seal:
 //! the run before ended there, and going on under its actors mints no dot
@@ -19,8 +20,10 @@
 //!
 //! Every mint and every retirement happens under a key's stripe, the
 //! retirement after the write that forgot the key; so a state taken with
-//! every stripe held is exact, and one that changes afterwards comes with
-//! an object write, which deletes the record.
+//! every stripe held is exact, and a retirement afterwards comes with an
+//! object write, which deletes the record. (A new incarnation started
+//! after a stripe is released records one of its own, at epoch 0, and
+//! deletes the record too.)
 
 use std::sync::atomic::Ordering;
 
@@ -39,11 +42,21 @@ pub const SEALED_KEY: &[u8] = b"sealed-actors";
 impl<S: Store> Replica<S> {
     /// Records, durably, the actors' state after the last write of this
     /// run, for the next start to go on with. Call it once nothing should
-    /// write any more (the stop's last step): a write after it is not
-    /// refused, but makes the next start take a new incarnation.
+    /// write any more (the stop's last step): client writes are refused
+    /// from now on (nothing is minted), and any other object write makes
+    /// the next start take a new incarnation. Fails, recording nothing,
+    /// when the store had a failed write or sync in this run.
     pub fn seal(&self) -> Result<(), StoreError> {
         let _every_stripe: Vec<_> = self.stripes.iter().map(relock).collect();
-        let state = self.actors.state_now();
+        let state = self.actors.seal();
+        if !self.store.intact() {
+            return Err(StoreError::Io {
+                op: "seal",
+                detail: "a write or WAL sync failed in this run, so the store may not hold \
+                         all it wrote: the next start takes a new incarnation"
+                    .into(),
+            });
+        }
         let bytes = rmp_serde::to_vec(&state).map_err(|e| StoreError::Io {
             op: "seal",
             detail: e.to_string(),

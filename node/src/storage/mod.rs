@@ -146,6 +146,14 @@ pub trait Store: Send + Sync + 'static {
     /// engine's `fsync` setting: before a node vouches for a state that
     /// others will act on for good (the reaper's checks).
     fn sync_wal(&self) -> Result<(), StoreError>;
+    /// Whether no write or WAL sync has failed since the store was opened
+    /// (nor was the database reopened after one): a failed one may have
+    /// cost WAL pages the kernel held, and a sync that succeeds later does
+    /// not bring them back. Only then may a clean stop vouch that the store
+    /// holds every write of the run (see `replica::seal`). By default: true.
+    fn intact(&self) -> bool {
+        true
+    }
     /// Up to `limit` records with `start <= key < end` (no `end`: to the end of
     /// the tree), in key order. A record that fails its checksum is listed
     /// with its error, so that one bad record does not end a scan; an error

@@ -91,6 +91,9 @@ struct Syncs {
     full: AtomicBool,
     /// Tests: every sync fails, as on a disk error.
     fail: AtomicBool,
+    /// A write or WAL sync failed since the store was opened (every reopen
+    /// follows one): see [`Store::intact`].
+    troubled: AtomicBool,
 }
 
 impl Syncs {
@@ -110,6 +113,11 @@ impl Syncs {
         if let Some(failed) = self.failed.get() {
             return Err(Syncs::refused(failed));
         }
+        self.flush_wal(db).inspect_err(|e| self.failure(e))
+    }
+
+    /// Syncs the WAL (or fails, in tests), noting a failure.
+    fn flush_wal(&self, db: &DB) -> Result<(), StoreError> {
         let result = if self.fail.load(Ordering::Relaxed) {
             Err(StoreError::Io {
                 op: "sync",
@@ -118,10 +126,7 @@ impl Syncs {
         } else {
             db.flush_wal(true).map_err(io("sync"))
         };
-        if let Err(e) = &result {
-            self.failure(e);
-        }
-        result
+        result.inspect_err(|_| self.troubled.store(true, Ordering::Relaxed))
     }
 
     /// A failed WAL append or sync with `fsync` set: refuses everything
@@ -434,6 +439,7 @@ impl RocksStore {
             done => done,
         };
         if let Err(e @ StoreError::Io { .. }) = &result {
+            self.syncs.troubled.store(true, Ordering::Relaxed);
             if self.fsync {
                 self.syncs.failure(e);
             }
@@ -542,12 +548,16 @@ impl Store for RocksStore {
         Ok(db.group.get().map_or_else(Durable::now, |g| g.so_far()))
     }
 
+    fn intact(&self) -> bool {
+        !self.syncs.troubled.load(Ordering::Relaxed)
+    }
+
     fn sync_wal(&self) -> Result<(), StoreError> {
         let db = self.db()?;
         let result = if self.fsync {
             self.syncs.sync(&db)
         } else {
-            db.flush_wal(true).map_err(io("sync"))
+            self.syncs.flush_wal(&db)
         };
         if matches!(result, Err(StoreError::Io { .. })) && self.syncs.failed.get().is_none() {
             self.recover(db);

@@ -81,6 +81,8 @@ pub type VersionVector = BTreeMap<NodeId, u64>;
 pub enum VersionError {
     #[error("this incarnation used up its {0} actor epochs; restart the node")]
     EpochsExhausted(u64),
+    #[error("this node is stopping: it writes nothing more")]
+    Sealed,
     #[error("the causal context has {entries} entries, more than the {max} any Shoal clock keeps")]
     ContextTooLarge { entries: usize, max: usize },
     #[error("the causal context is not one Shoal issued: {0}")]
@@ -112,6 +114,8 @@ struct ActorState {
     /// are never written under again, even if a merge or a context brings
     /// their entry back into the key's clock.
     retired: std::collections::HashSet<u64>,
+    /// Set by [`Actors::seal`]: nothing is minted any more.
+    sealed: bool,
 }
 
 /// All an [`Actors`] holds besides the node: what a clean stop records so
@@ -136,8 +140,8 @@ impl Actors {
         )
     }
 
-    /// Goes on from `state`, taken by [`Self::state_now`] when nothing
-    /// could mint or retire any more, with the store unchanged since.
+    /// Goes on from `state`, taken by [`Self::seal`] with every key's
+    /// lock held, the store unchanged since.
     pub fn resume(node: NodeId, state: ActorsState) -> Self {
         Actors {
             prefix: Actors::node_prefix(&node),
@@ -145,13 +149,18 @@ impl Actors {
                 incarnation: state.incarnation,
                 epoch: state.epoch,
                 retired: state.retired.into_iter().collect(),
+                sealed: false,
             }),
         }
     }
 
-    /// The incarnation, the last epoch handed out and the retired epochs.
-    pub fn state_now(&self) -> ActorsState {
-        let st = self.state();
+    /// Mints nothing from now on, and returns the state to go on from
+    /// (the incarnation, the last epoch handed out and the retired
+    /// epochs), for a stop: a dot minted after it would be one the next
+    /// start may mint again.
+    pub fn seal(&self) -> ActorsState {
+        let mut st = self.state();
+        st.sealed = true;
         let mut retired: Vec<u64> = st.retired.iter().copied().collect();
         retired.sort_unstable();
         ActorsState {
@@ -206,6 +215,9 @@ impl Actors {
     }
 
     fn fresh_in(&self, st: &mut ActorState) -> Result<NodeId, VersionError> {
+        if st.sealed {
+            return Err(VersionError::Sealed);
+        }
         if st.epoch >= MAX_EPOCH {
             return Err(VersionError::EpochsExhausted(MAX_EPOCH));
         }
@@ -229,6 +241,9 @@ impl Actors {
         context: &VersionVector,
     ) -> Result<NodeId, VersionError> {
         let mut st = self.state();
+        if st.sealed {
+            return Err(VersionError::Sealed);
+        }
         let newest = object
             .clock
             .iter()

@@ -116,8 +116,13 @@ fn resumed_actors_go_on_where_the_state_was_taken() {
     let r = before.for_write(&forgotten, &VersionVector::new()).unwrap();
     forgotten.update(&VersionVector::new(), Some(b"v1".to_vec()), r, 1);
     assert!(!before.retire(&forgotten));
-    let state = before.state_now();
+    let state = before.seal();
     assert_eq!((state.incarnation, state.epoch), (7, 2));
+    assert_eq!(
+        before.for_write(&kept, &VersionVector::new()),
+        Err(VersionError::Sealed),
+        "nothing is minted after the seal"
+    );
     let after = Actors::resume(node(0), state);
     // The key still held goes on under its actor: no new clock entry.
     assert_eq!(after.for_write(&kept, &VersionVector::new()).unwrap(), a);

@@ -24,8 +24,10 @@
 //!    [`workload::MIN_FAULTS`] named faults: crashes (kill -9: tasks
 //!    aborted, the node rebuilt from its store by the normal start path),
 //!    clean stops (a crash that seals the replica, so that the next start
-//!    goes on under the same actors), power losses (a crash or clean stop
-//!    that also loses the unsynced tail), partitions
+//!    goes on under the same actors; half of them leave the node serving,
+//!    sealed, until the next draw, as a stop's stragglers would), power
+//!    losses (a crash or clean stop that also loses the unsynced tail),
+//!    partitions
 //!    and one-way cuts, heals, and (with `--corruption-percent`) a record
 //!    made to fail its checksum: an object or a hint. In a share of the
 //!    seeds an operator ([`operator`]) meanwhile makes one or two

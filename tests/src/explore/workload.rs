@@ -423,8 +423,19 @@ pub async fn nemesis(
         shared.net.note(|| line.clone());
         shared.faults.lock().expect("faults lock").push(line);
     };
+    // A node sealed at the last draw and serving on, and whether a power
+    // loss takes it down.
+    let mut sealed: Option<(usize, bool)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(rng.range(200, 1500))).await;
+        if let Some((i, power)) = sealed.take() {
+            let mut w = shared.world.lock().expect("world lock");
+            if w.is_up(i) {
+                let power = power.then_some(&mut rng);
+                take_down(&shared, &mut w, i, Down::AfterSeal, power, &mut stats, &log);
+                down_since[i] = Some(shared.now_ms());
+            }
+        }
         if clients_done.load(std::sync::atomic::Ordering::SeqCst) && stats.total() >= MIN_FAULTS {
             break;
         }
@@ -462,33 +473,23 @@ pub async fn nemesis(
                     let power = rng.below(100) < power_loss_odds;
                     // Decided by the dice already drawn, so that seeds
                     // draw what they drew before clean stops came in.
-                    let clean = dice >= 60;
-                    let lost = match clean {
-                        true => w.stop_cleanly(i, power.then_some(&mut rng)),
-                        false => w.crash(i, power.then_some(&mut rng)),
-                    };
-                    down_since[i] = Some(now);
-                    if clean {
+                    if dice >= 80 {
+                        // The node serves on, sealed, until the next draw:
+                        // a stop's stragglers, at length (their writes
+                        // make the next start take a new incarnation).
+                        w.seal(i);
                         stats.clean_stops += 1;
-                        log(format!("clean stop of {}", w.name(i)));
-                    }
-                    // A power loss after a clean stop finds nothing unsynced
-                    // (the seal synced it all) unless something wrote after.
-                    if power && (!clean || lost > 0) {
-                        shared
-                            .power_losses
-                            .lock()
-                            .expect("power lock")
-                            .push((now, i));
-                        stats.power_losses += 1;
-                        stats.batches_lost += lost;
-                        log(format!(
-                            "power loss of {} ({lost} unsynced batches lost)",
-                            w.name(i)
-                        ));
-                    } else if !clean {
-                        stats.crashes += 1;
-                        log(format!("crash of {}", w.name(i)));
+                        log(format!("clean stop of {}, serving on sealed", w.name(i)));
+                        sealed = Some((i, power));
+                    } else {
+                        let how = if dice >= 60 {
+                            Down::CleanStop
+                        } else {
+                            Down::Crash
+                        };
+                        let power = power.then_some(&mut rng);
+                        take_down(&shared, &mut w, i, how, power, &mut stats, &log);
+                        down_since[i] = Some(now);
                     }
                 }
             }
@@ -527,6 +528,62 @@ pub async fn nemesis(
         }
     }
     stats
+}
+
+/// How the nemesis takes a node down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// kill -9.
+    Crash,
+    /// The end of a stop: tasks aborted, the replica sealed.
+    CleanStop,
+    /// The end of a node sealed a while ago (see [`nemesis`]).
+    AfterSeal,
+}
+
+/// Takes machine `i` down `how`, with a power loss if `power` is given;
+/// counts and logs it.
+fn take_down(
+    shared: &Shared,
+    w: &mut World,
+    i: usize,
+    how: Down,
+    power: Option<&mut SimRng>,
+    stats: &mut FaultStats,
+    log: &impl Fn(String),
+) {
+    let power_loss = power.is_some();
+    let lost = match how {
+        Down::CleanStop => w.stop_cleanly(i, power),
+        Down::Crash | Down::AfterSeal => w.crash(i, power),
+    };
+    let name = w.name(i).to_string();
+    match how {
+        Down::CleanStop => {
+            stats.clean_stops += 1;
+            log(format!("clean stop of {name}"));
+        }
+        Down::AfterSeal => log(format!("{name} goes down, sealed since the last draw")),
+        Down::Crash => {}
+    }
+    // A power loss right after a clean stop finds nothing unsynced (the
+    // seal synced it all) unless something wrote after.
+    if power_loss && (how != Down::CleanStop || lost > 0) {
+        let now = shared.now_ms();
+        shared
+            .power_losses
+            .lock()
+            .expect("power lock")
+            .push((now, i));
+        stats.power_losses += 1;
+        stats.batches_lost += lost;
+        log(format!(
+            "power loss of {name} ({lost} unsynced batches lost)"
+        ));
+    } else if how == Down::Crash {
+        stats.crashes += 1;
+        log(format!("crash of {name}"));
+    }
 }
 
 /// The operating system flushing every WAL now and then.

@@ -281,6 +281,15 @@ impl World {
         self.down(i, true, power_loss)
     }
 
+    /// Seals running machine `i`'s replica (the last step of a stop), and
+    /// leaves it running: it mints nothing more, and any object it writes
+    /// from now on makes its next start take a new incarnation.
+    pub fn seal(&self, i: usize) {
+        if let Some(node) = &self.machines[i].node {
+            node.replica().seal().expect("a memory store seals");
+        }
+    }
+
     fn down(&mut self, i: usize, seal: bool, power_loss: Option<&mut SimRng>) -> usize {
         let m = &mut self.machines[i];
         self.net.kill(&m.me.name);
@@ -288,12 +297,14 @@ impl World {
             t.abort();
         }
         m.stop = None;
-        if let Some(node) = m.node.take() {
+        if let Some(node) = &m.node {
             node.tasks().abort_all();
-            if seal {
-                node.replica().seal().expect("a memory store seals");
-            }
         }
+        if seal {
+            self.seal(i);
+        }
+        let m = &mut self.machines[i];
+        m.node = None;
         // Fence the dead process's handle now: tasks it spawned outside the
         // network's control may still run, but can no longer write.
         m.store = Arc::new(m.store.reopen());

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use super::*;
 use crate::replica::trees::tests::replica_over;
+use crate::replica::ReplicaError;
 use crate::storage::MemoryStore;
-use crate::version::Object;
+use crate::version::{Object, VersionVector};
 
 /// Writes `value` to `k` over what `r` holds (its context), as a client
 /// that read first does; returns the object stored.
@@ -23,6 +24,18 @@ fn overwrite(r: &Replica<MemoryStore>, value: &[u8]) -> Object {
 fn restarted(store: &Arc<MemoryStore>) -> (Arc<MemoryStore>, Replica<MemoryStore>) {
     let store = Arc::new(store.reopen());
     (store.clone(), replica_over(store))
+}
+
+/// A value of another key, written by another node.
+fn from_elsewhere() -> Object {
+    let mut o = Object::default();
+    o.update(
+        &Default::default(),
+        Some(b"x".to_vec()),
+        shoal_ring::NodeId::from_u128(9),
+        1,
+    );
+    o
 }
 
 #[test]
@@ -58,16 +71,8 @@ fn a_write_after_the_seal_makes_the_next_start_take_a_new_incarnation() {
     overwrite(&r, b"v1");
     r.seal().unwrap();
     // A task the stop did not end writes: the store is no longer what the
-    // seal described (this merge may carry what the node minted after).
-    let other = Object::default();
-    let mut incoming = other.clone();
-    incoming.update(
-        &Default::default(),
-        Some(b"x".to_vec()),
-        shoal_ring::NodeId::from_u128(9),
-        1,
-    );
-    r.merge(b"other", &incoming).unwrap();
+    // seal described.
+    r.merge(b"other", &from_elsewhere()).unwrap();
     assert_eq!(store.get(Tree::Meta, SEALED_KEY).unwrap(), None);
     let (_, r) = restarted(&store);
     assert_eq!(overwrite(&r, b"v2").clock().len(), 2);
@@ -81,16 +86,19 @@ fn a_power_loss_that_takes_back_a_write_after_the_seal_keeps_the_seal() {
     overwrite(&r, b"v1");
     r.seal().unwrap();
     assert_eq!(store.unsynced_batches(), 0, "the seal synced every write");
-    overwrite(&r, b"after the seal");
+    // Nothing is minted after the seal; other writes (a merge) go on.
+    let ctx = r.get(b"k").unwrap().unwrap().context();
+    assert!(matches!(
+        r.write(b"k", &ctx, Some(b"after".to_vec())),
+        Err(ReplicaError::Version {
+            source: crate::version::VersionError::Sealed,
+            ..
+        })
+    ));
+    r.merge(b"other", &from_elsewhere()).unwrap();
     assert_eq!(store.lose_unsynced_tail(0), 1);
     let (_, r) = restarted(&store);
-    let values = |o: &Object| -> Vec<Vec<u8>> {
-        o.siblings()
-            .iter()
-            .filter_map(|s| s.value.clone())
-            .collect()
-    };
-    assert_eq!(values(&r.get(b"k").unwrap().unwrap()), [b"v1".to_vec()]);
+    assert_eq!(r.get(b"other").unwrap(), None);
     // What was taken back is gone with the seal's deletion: the store is
     // as at the seal, and the actor goes on from there.
     let next = overwrite(&r, b"v2");
@@ -112,4 +120,32 @@ fn an_unreadable_seal_record_starts_a_new_incarnation() {
         assert_eq!(overwrite(&r, b"v2").clock().len(), 2);
         assert_eq!(store.get(Tree::Meta, SEALED_KEY).unwrap(), None);
     }
+}
+
+#[cfg(feature = "rocksdb")]
+#[test]
+fn a_store_that_failed_a_sync_in_this_run_is_not_sealed() {
+    use crate::storage::RocksStore;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Arc::new(RocksStore::open(dir.path(), false).unwrap());
+    let store = open();
+    let r = replica_over(store.clone());
+    let ctx = VersionVector::new();
+    drop(r.write(b"k", &ctx, Some(b"v1".to_vec())).unwrap());
+    r.seal().expect("an intact store is sealed");
+    drop((r, store));
+    let store = open();
+    let r = replica_over(store.clone());
+    let second = r.write(b"k", &ctx, Some(b"v2".to_vec())).unwrap().0;
+    assert_eq!(second.clock().len(), 1, "went on after the clean stop");
+    // A WAL sync fails (the kernel may have dropped WAL pages), and the
+    // store goes on: the run cannot vouch for what it wrote.
+    store.fail_syncs();
+    assert!(store.sync_wal().is_err());
+    assert!(!store.intact());
+    assert!(r.seal().is_err(), "sealed a store whose WAL failed");
+    drop((r, store));
+    let r = replica_over(open());
+    let third = r.write(b"k", &ctx, Some(b"v3".to_vec())).unwrap().0;
+    assert_eq!(third.clock().len(), 2, "a new incarnation: {third:?}");
 }
