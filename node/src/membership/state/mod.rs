@@ -253,12 +253,19 @@ impl ClusterState {
     /// current layout counts as a staged `Remove` whatever was staged (a
     /// `clear` may have un-staged it, and a removed member can never be
     /// staged again): its partitions must go with the next plan.
+    ///
+    /// A change the current layout has made already (a join of a member,
+    /// a leave or remove of a node not in it) is no change: staged again
+    /// while it was committed, on a node whose wall clock runs ahead of
+    /// the claimant's, it can outrank the commit's clearing, and it would
+    /// otherwise make every later plan fail.
     pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
         let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
         let mut changes: BTreeMap<NodeId, Change> = self
             .staged
             .iter()
             .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
+            .filter(|(id, c)| (*c == Change::Join) != in_layout.contains(id))
             .collect();
         for (id, m) in &self.members {
             if m.removed && in_layout.contains(id) {

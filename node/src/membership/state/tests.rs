@@ -220,3 +220,30 @@ fn a_removed_member_leaves_the_next_layout_even_when_its_removal_was_cleared() {
     s.commit(plan.version, 7).unwrap();
     assert!(!s.current().unwrap().ring.members().contains(&x));
 }
+
+#[test]
+fn a_change_staged_again_after_its_commit_blocks_no_later_plan() {
+    // The operator runs `shoal remove x` again while the claimant commits
+    // it, on a member that had not heard of the first staging and whose
+    // clock runs ahead: its entry outranks the commit's clear when the
+    // copies merge, and the remove of a node no longer in the layout is
+    // staged again. It is done already: it must not block the next change
+    // (found by the simulation, seed 21767 with --power-loss-percent 100
+    // --membership-percent 60: no plan for the rest of the run).
+    let mut claimant = founded(5);
+    let (x, y) = (info(4).id, info(3).id);
+    claimant.stage(x, Some(Change::Remove), 5);
+    let mut ahead = founded(5);
+    ahead.stage(x, Some(Change::Remove), 400);
+    claimant.commit(2, 100).unwrap();
+    claimant.merge(&ahead);
+    for i in 0..4 {
+        claimant.advance(info(i).id, all(2));
+    }
+    assert!(matches!(claimant.plan(), Err(StateError::NothingStaged)));
+    // A join staged again for a member already in the layout, the same.
+    claimant.stage(info(0).id, Some(Change::Join), 500);
+    claimant.stage(y, Some(Change::Remove), 500);
+    let plan = claimant.plan().expect("the next change is planned");
+    assert_eq!(plan.changes, vec![(y, Change::Remove)]);
+}
