@@ -63,9 +63,11 @@ impl<S: Store> Replica<S> {
         })?;
         let mut batch = WriteBatch::default();
         batch.put(Tree::Meta, SEALED_KEY, &bytes);
-        self.store.write_synced(batch)?;
-        // Under every stripe: each object write from now on sees it.
+        // Before the write, under every stripe: each object write from now
+        // on sees it, also after a write that failed yet left the record
+        // (a WAL append whose sync failed, replayed by a reopen).
         self.sealed.store(true, Ordering::Relaxed);
+        self.store.write_synced(batch)?;
         info!(
             incarnation = state.incarnation,
             "sealed: the next start goes on under this incarnation's actors"

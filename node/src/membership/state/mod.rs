@@ -252,20 +252,23 @@ impl ClusterState {
     /// The changes staged, in id order. A removed member still in the
     /// current layout counts as a staged `Remove` whatever was staged (a
     /// `clear` may have un-staged it, and a removed member can never be
-    /// staged again): its partitions must go with the next plan.
-    ///
-    /// A change the current layout has made already (a join of a member,
-    /// a leave or remove of a node not in it) is no change: staged again
-    /// while it was committed, on a node whose wall clock runs ahead of
-    /// the claimant's, it can outrank the commit's clearing, and it would
-    /// otherwise make every later plan fail.
+    /// staged again): its partitions must go with the next plan. A change
+    /// made already or impossible (a join of a member or of a removed node,
+    /// a leave or remove of a non-member) is none: staged again as it was
+    /// committed, on a node whose clock runs ahead, it can outrank the
+    /// clearing, and would fail every later plan. The next commit clears it.
     pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
         let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
         let mut changes: BTreeMap<NodeId, Change> = self
             .staged
             .iter()
             .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
-            .filter(|(id, c)| (*c == Change::Join) != in_layout.contains(id))
+            .filter(|(id, c)| match c {
+                Change::Join => {
+                    !in_layout.contains(id) && !self.members.get(id).is_some_and(|m| m.removed)
+                }
+                Change::Leave | Change::Remove => in_layout.contains(id),
+            })
             .collect();
         for (id, m) in &self.members {
             if m.removed && in_layout.contains(id) {
@@ -558,7 +561,10 @@ impl ClusterState {
                     m.stamp = now.max(m.stamp + 1);
                 }
             }
-            self.stage(*id, None, now);
+        }
+        // What it consumed, and what `staged_changes` left out.
+        for id in self.staged.keys().copied().collect::<Vec<_>>() {
+            self.stage(id, None, now);
         }
         self.layouts.push(Layout {
             version: plan.version,
