@@ -128,9 +128,8 @@ struct Parts<T, S> {
 }
 
 impl<T: Transport, S: Store> Node<T, S> {
-    /// A node over `store`, going on under the actors of the run before
-    /// if it stopped cleanly, else starting a new incarnation (see
-    /// [`crate::version`]); fails only if the store cannot record it.
+    /// A node over `store`, under new or (after a clean stop) the same
+    /// actors ([`crate::version`]); fails only if the store cannot say so.
     pub fn new(
         me: MemberInfo,
         settings: Settings,
