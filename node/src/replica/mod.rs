@@ -211,8 +211,7 @@ impl<S: Store> Replica<S> {
         membership: Arc<Membership>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let (actors, incarnation) =
-            seal::actors_at_start(me, store.as_ref(), settings.clock.now_ms())?;
+        let (actors, run) = seal::actors_at_start(me, store.as_ref(), settings.clock.now_ms())?;
         let budget = settings.object_cache_bytes / LOCK_STRIPES;
         let stripes = (0..LOCK_STRIPES)
             .map(|_| Mutex::new(Stripe::new(budget)))
@@ -232,7 +231,7 @@ impl<S: Store> Replica<S> {
             rebuild_wanted: AtomicBool::new(false),
             lost: Mutex::default(),
             lost_found: tokio::sync::Notify::new(),
-            marker_generations: AtomicU64::new(u64::from(incarnation) << 32),
+            marker_generations: AtomicU64::new(u64::from(run) << 32),
             fence: Mutex::new(fence),
             sealed: AtomicBool::new(false),
             settings,

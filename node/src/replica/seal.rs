@@ -9,9 +9,10 @@
 //! their state ([`ActorsState`]) with a WAL sync, which puts every earlier
 //! write on disk too (unless one failed in this run: then the WAL may have
 //! lost pages, and it records nothing). From then on every object write
-//! (a merge, a reap) deletes the record in its own batch. The next start takes the record (and deletes it, in the
-//! synced batch that bumps the incarnation counter) only if it is still
-//! there, which means the store holds exactly what it held at the seal:
+//! (a merge, a reap) deletes the record in its own batch. The next start
+//! takes the record (and deletes it, in the synced batch that bumps the
+//! incarnation counter) only if it is still there, which means the store
+//! holds exactly what it held at the seal:
 //! the run before ended there, and going on under its actors mints no dot
 //! twice. A write after the seal (a task the stop did not end) or a start
 //! without a stop (a crash) finds no record, and starts a new incarnation
