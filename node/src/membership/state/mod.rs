@@ -256,7 +256,7 @@ impl ClusterState {
     /// made already or impossible (a join of a member or of a removed node,
     /// a leave or remove of a non-member) is none: staged again as it was
     /// committed, on a node whose clock runs ahead, it can outrank the
-    /// clearing, and would fail every later plan. The next commit clears it.
+    /// clearing, and would fail every later plan.
     pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
         let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
         let mut changes: BTreeMap<NodeId, Change> = self
@@ -561,10 +561,9 @@ impl ClusterState {
                     m.stamp = now.max(m.stamp + 1);
                 }
             }
-        }
-        // What it consumed, and what `staged_changes` left out.
-        for id in self.staged.keys().copied().collect::<Vec<_>>() {
-            self.stage(id, None, now);
+            // Only what it consumed: clearing another entry would stamp it
+            // now, which could outrank a change staged beside the commit.
+            self.stage(*id, None, now);
         }
         self.layouts.push(Layout {
             version: plan.version,

@@ -252,8 +252,43 @@ fn a_change_staged_again_after_its_commit_blocks_no_later_plan() {
     claimant.stage(y, Some(Change::Remove), 500);
     let plan = claimant.plan().expect("the next change is planned");
     assert_eq!(plan.changes, vec![(y, Change::Remove)]);
-    // Its commit clears what was left out too: nothing lingers to outrank
-    // a later change of those nodes.
+    // Its commit leaves the no-op entries alone (see the next test) and
+    // they block nothing after it either.
     claimant.commit(plan.version, 600).unwrap();
-    assert!(claimant.staged.values().all(|s| s.change.is_none()));
+    assert!(claimant.staged_changes().is_empty());
+}
+
+#[test]
+fn a_commit_drops_no_change_staged_beside_it() {
+    // y left; a leave of it staged again on a node whose clock runs ahead
+    // lingers (a no-op). An operator then stages y's join again on a node
+    // behind the claimant, while the claimant commits another change:
+    // the commit must not clear y's entry, or its clearing (stamped by
+    // the claimant's clock) would outrank the join and drop it unseen.
+    let mut claimant = founded(5);
+    let y = info(4).id;
+    claimant.stage(y, Some(Change::Leave), 5);
+    claimant.commit(2, 10).unwrap();
+    for i in 0..5 {
+        claimant.advance(info(i).id, all(2));
+    }
+    let mut ahead = claimant.clone();
+    ahead.staged.insert(
+        y,
+        Staged {
+            stamp: 400,
+            change: Some(Change::Leave),
+        },
+    );
+    claimant.merge(&ahead);
+    let mut behind = claimant.clone();
+    behind.stage(y, Some(Change::Join), 300);
+    claimant.stage(info(3).id, Some(Change::Leave), 500);
+    claimant.commit(3, 500).unwrap();
+    claimant.merge(&behind);
+    assert!(
+        claimant.staged_changes().contains(&(y, Change::Join)),
+        "the join staged beside the commit was dropped: {:?}",
+        claimant.staged
+    );
 }
