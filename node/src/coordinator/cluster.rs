@@ -39,20 +39,15 @@ impl<T: Transport, S: Store> Node<T, S> {
 
     /// Puts this node's own entry in the cluster state (its addresses and
     /// zone may have changed since it last ran) and, when it was started
-    /// with seeds and is in no layout, stages its own join.
+    /// with seeds and is in no layout, stages its own join (see
+    /// [`ClusterState::stage_own_join`]).
     pub fn announce(&self) {
         let me = self.inner.me.clone();
         let now = self.inner.settings.clock.now_ms();
         let joining = self.inner.membership.joining();
         let changed = self.inner.membership.edit(|c| {
-            let mut changed = c.announce(me.clone(), now);
-            let in_a_layout = c.layouts.iter().any(|l| l.ring.members().contains(&me.id));
-            let staged = c.staged.get(&me.id).is_some_and(|s| s.change.is_some());
-            let removed = c.members.get(&me.id).is_some_and(|m| m.removed);
-            if joining && !in_a_layout && !staged && !removed {
-                changed |= c.stage(me.id, Some(Change::Join), now);
-            }
-            changed
+            let changed = c.announce(me.clone(), now);
+            changed | (joining && c.stage_own_join(me.id, now))
         });
         if changed {
             self.persist_cluster();

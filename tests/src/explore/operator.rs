@@ -77,7 +77,7 @@ pub async fn operator(
         if clients_done.load(Ordering::SeqCst) {
             break;
         }
-        let (target, commands) = {
+        let (target, index, commands) = {
             let mut w = shared.world.lock().expect("world lock");
             let Some(view) = w.view() else { continue };
             let members: Vec<usize> = (0..w.machines.len())
@@ -86,7 +86,7 @@ pub async fn operator(
             match change {
                 Change::Join => {
                     let i = w.join(&mut rng);
-                    (w.name(i).to_string(), Vec::new())
+                    (w.name(i).to_string(), i, Vec::new())
                 }
                 Change::Leave | Change::Remove => {
                     let i = members[rng.below(members.len() as u64) as usize];
@@ -97,7 +97,7 @@ pub async fn operator(
                         w.destroy(i);
                         ClusterCommand::Remove { node: name.clone() }
                     };
-                    (name, vec![command])
+                    (name, i, vec![command])
                 }
             }
         };
@@ -150,6 +150,9 @@ pub async fn operator(
             }
         }
         if committed {
+            if change == Change::Leave {
+                shared.world.lock().expect("world lock").left.push(index);
+            }
             match change {
                 Change::Join => stats.joins += 1,
                 Change::Leave => stats.leaves += 1,

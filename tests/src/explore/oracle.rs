@@ -55,7 +55,10 @@ pub fn converged(world: &World, keys: usize) -> bool {
                 .is_some_and(|v| v.version == view.version && !v.in_transition())
                 && (c.version() == 0 || c.waiting_for(|p| p.cleaned).is_empty())
         });
-    if !views_agree || !(0..keys).all(|k| only_on_primaries(world, &Shared::key(k))) {
+    if !views_agree
+        || !world.not_departed().is_empty()
+        || !(0..keys).all(|k| only_on_primaries(world, &Shared::key(k)))
+    {
         return false;
     }
     (0..keys).all(|k| {
@@ -170,6 +173,16 @@ pub fn check(
                 detail: states.join("\n      "),
             });
         }
+    }
+    // Rule: a member that left removed itself, and every node heard.
+    let not_departed = world.not_departed();
+    if !not_departed.is_empty() {
+        out.push(Violation {
+            family: "",
+            rule: "a member that left has removed itself",
+            key: None,
+            detail: format!("{} not removed everywhere", not_departed.join(", ")),
+        });
     }
     let written: BTreeSet<&str> = history
         .iter()

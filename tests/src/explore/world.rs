@@ -115,6 +115,9 @@ pub struct World {
     /// Simulated epoch: tokio's instant at which node clocks read `START_MS`.
     origin: tokio::time::Instant,
     pruning: Pruning,
+    /// Machines whose leave the operator committed: each removes itself
+    /// once it has handed everything off (see `shoal_node::transfer`).
+    pub left: Vec<usize>,
 }
 
 /// What node clocks read at the start (a fixed date: reproducible).
@@ -162,6 +165,7 @@ impl World {
             expected,
             origin: tokio::time::Instant::now(),
             pruning,
+            left: Vec::new(),
         };
         for i in 0..size {
             w.start(i);
@@ -177,6 +181,7 @@ impl World {
             expected: Vec::new(),
             origin: tokio::time::Instant::now(),
             pruning: None,
+            left: Vec::new(),
         }
     }
 
@@ -222,6 +227,20 @@ impl World {
 
     pub fn name(&self, i: usize) -> &str {
         &self.machines[i].me.name
+    }
+
+    /// Machines that left and that a running node does not see removed
+    /// yet: they have not removed themselves, or it has not heard.
+    pub fn not_departed(&self) -> Vec<&str> {
+        self.left
+            .iter()
+            .filter(|&&i| {
+                let id = self.machines[i].me.id;
+                let mut nodes = self.machines.iter().filter_map(|m| m.node.as_ref());
+                nodes.any(|n| !n.membership().removed(&id))
+            })
+            .map(|&i| self.name(i))
+            .collect()
     }
 
     pub fn is_up(&self, i: usize) -> bool {

@@ -59,7 +59,8 @@ pub enum Change {
     Remove,
 }
 
-/// A staged change (or its clearing), last writer wins.
+/// A staged change (or its clearing), last writer wins. A leave stays
+/// staged once committed, as the mark of a member that left.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Staged {
     pub stamp: u64,
@@ -208,16 +209,6 @@ impl ClusterState {
             .max_by_key(|m| m.stamp)
     }
 
-    /// Stages `change` for `node` (or clears its entry, `None`).
-    pub fn stage(&mut self, node: NodeId, change: Option<Change>, now: u64) -> bool {
-        let stamp = self.staged.get(&node).map_or(now, |s| now.max(s.stamp + 1));
-        if self.staged.get(&node).map(|s| s.change) == Some(change) {
-            return false;
-        }
-        self.staged.insert(node, Staged { stamp, change });
-        true
-    }
-
     /// Marks `node` removed now, without a new layout: nothing waits for
     /// it any more (acks, pulls, pruning, clean-up). For a member gone for
     /// good during a change, or one in no layout (a node that left, or a
@@ -233,49 +224,6 @@ impl ClusterState {
             }
             _ => false,
         }
-    }
-
-    /// Clears every staged change.
-    pub fn clear(&mut self, now: u64) -> bool {
-        let live: Vec<NodeId> = self
-            .staged
-            .iter()
-            .filter(|(_, s)| s.change.is_some())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &live {
-            self.stage(*id, None, now);
-        }
-        !live.is_empty()
-    }
-
-    /// The changes staged, in id order. A removed member still in the
-    /// current layout counts as a staged `Remove` whatever was staged (a
-    /// `clear` may have un-staged it, and a removed member can never be
-    /// staged again): its partitions must go with the next plan. A change
-    /// made already or impossible (a join of a member or of a removed node,
-    /// a leave or remove of a non-member) is none: staged again as it was
-    /// committed, on a node whose clock runs ahead, it can outrank the
-    /// clearing, and would fail every later plan.
-    pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
-        let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
-        let mut changes: BTreeMap<NodeId, Change> = self
-            .staged
-            .iter()
-            .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
-            .filter(|(id, c)| match c {
-                Change::Join => {
-                    !in_layout.contains(id) && !self.members.get(id).is_some_and(|m| m.removed)
-                }
-                Change::Leave | Change::Remove => in_layout.contains(id),
-            })
-            .collect();
-        for (id, m) in &self.members {
-            if m.removed && in_layout.contains(id) {
-                changes.insert(*id, Change::Remove);
-            }
-        }
-        changes.into_iter().collect()
     }
 
     /// Records a node's progress (only ever forward).
@@ -563,7 +511,10 @@ impl ClusterState {
             }
             // Only what it consumed: clearing another entry would stamp it
             // now, which could outrank a change staged beside the commit.
-            self.stage(*id, None, now);
+            // A leave stays, as the mark of a member that left (see
+            // `ClusterState::stage_own_join`).
+            let consumed = (*change == Change::Leave).then_some(Change::Leave);
+            self.put_staged(*id, consumed, now);
         }
         self.layouts.push(Layout {
             version: plan.version,
@@ -593,6 +544,7 @@ fn later<T: Serialize>(a: &T, b: &T, stamp: impl Fn(&T) -> u64) -> bool {
 }
 
 mod progress;
+mod staged;
 #[cfg(test)]
 mod tests;
 

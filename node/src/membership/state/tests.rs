@@ -292,3 +292,52 @@ fn a_commit_drops_no_change_staged_beside_it() {
         claimant.staged
     );
 }
+
+/// `n3` leaves a cluster of four; the change runs to its end, and the
+/// layout before it is pruned: `n3` is in no layout and not removed yet
+/// (it removes itself once it holds nothing, see `crate::transfer`).
+fn after_n3_left() -> ClusterState {
+    let mut s = founded(4);
+    s.stage(info(3).id, Some(Change::Leave), 5);
+    s.commit(2, 6).unwrap();
+    for i in 0..4 {
+        s.advance(info(i).id, all(2));
+    }
+    assert_eq!(s.layouts.len(), 1);
+    s
+}
+
+#[test]
+fn a_member_that_left_does_not_join_again_when_it_restarts() {
+    // Helper-72: a node started with seeds stages its own join when it is
+    // in no layout. One that left and restarts before removing itself is
+    // in none either: it must go on leaving, not join again.
+    let mut s = after_n3_left();
+    assert!(!s.stage_own_join(info(3).id, 10));
+    assert!(matches!(s.plan(), Err(StateError::NothingStaged)));
+    // An operator's `clear` (of nothing staged) changes nothing to that.
+    s.clear(11);
+    assert!(!s.stage_own_join(info(3).id, 12));
+    // A new node does join.
+    s.announce(info(4), 13);
+    s.advance(info(4).id, all(2));
+    assert!(s.stage_own_join(info(4).id, 13));
+    assert_eq!(s.plan().unwrap().changes, vec![(info(4).id, Change::Join)]);
+}
+
+#[test]
+fn a_leave_known_only_from_a_stale_copy_still_marks_the_member_as_gone() {
+    // A `clear` made on another node before it heard of the commit
+    // reaches the claimant after it: the leave it consumed is not undone
+    // by it either.
+    let mut s = founded(4);
+    s.stage(info(3).id, Some(Change::Leave), 5);
+    let mut other = s.clone();
+    other.clear(50);
+    s.commit(2, 60).unwrap();
+    s.merge(&other);
+    for i in 0..4 {
+        s.advance(info(i).id, all(2));
+    }
+    assert!(!s.stage_own_join(info(3).id, 70));
+}

@@ -1,0 +1,88 @@
+//! Changes staged for the next layout: staging, clearing, and which of
+//! the entries are changes still to make.
+
+use std::collections::BTreeMap;
+
+use shoal_ring::NodeId;
+
+use super::{Change, ClusterState, Staged};
+
+impl ClusterState {
+    /// Stages `change` for `node` (or clears its entry, `None`). Returns
+    /// whether anything changed.
+    pub fn stage(&mut self, node: NodeId, change: Option<Change>, now: u64) -> bool {
+        if self.staged.get(&node).map(|s| s.change) == Some(change) {
+            return false;
+        }
+        self.put_staged(node, change, now);
+        true
+    }
+
+    /// Writes `node`'s entry, stamped after the one it replaces.
+    pub(super) fn put_staged(&mut self, node: NodeId, change: Option<Change>, now: u64) {
+        let stamp = self.staged.get(&node).map_or(now, |s| now.max(s.stamp + 1));
+        self.staged.insert(node, Staged { stamp, change });
+    }
+
+    /// Stages the join of `node` itself, as a node started with seeds does
+    /// at every start (`Node::announce`): unless it is in a layout of the
+    /// history, has an entry staged, or was removed. A member that left
+    /// keeps its committed leave staged (see [`ClusterState::commit`]), so
+    /// one that restarts before it has removed itself goes on leaving
+    /// instead of joining again.
+    pub fn stage_own_join(&mut self, node: NodeId, now: u64) -> bool {
+        let in_a_layout = self
+            .layouts
+            .iter()
+            .any(|l| l.ring.members().contains(&node));
+        let staged = self.staged.get(&node).is_some_and(|s| s.change.is_some());
+        let removed = self.members.get(&node).is_some_and(|m| m.removed);
+        !in_a_layout && !staged && !removed && self.stage(node, Some(Change::Join), now)
+    }
+
+    /// Clears every staged change still to make. An entry that is none
+    /// (see [`ClusterState::staged_changes`]), such as the leave a member
+    /// that left keeps, stays as it is: restamping it could outrank a
+    /// change staged beside the clearing.
+    pub fn clear(&mut self, now: u64) -> bool {
+        let live: Vec<NodeId> = self
+            .staged_changes()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| self.staged.get(id).is_some_and(|s| s.change.is_some()))
+            .collect();
+        for id in &live {
+            self.stage(*id, None, now);
+        }
+        !live.is_empty()
+    }
+
+    /// The changes staged, in id order. A removed member still in the
+    /// current layout counts as a staged `Remove` whatever was staged (a
+    /// `clear` may have un-staged it, and a removed member can never be
+    /// staged again): its partitions must go with the next plan. A change
+    /// made already or impossible (a join of a member or of a removed node,
+    /// a leave or remove of a non-member) is none: staged again as it was
+    /// committed, on a node whose clock runs ahead, it can outrank the
+    /// clearing, and would fail every later plan.
+    pub fn staged_changes(&self) -> Vec<(NodeId, Change)> {
+        let in_layout = self.current().map(|l| l.ring.members()).unwrap_or_default();
+        let mut changes: BTreeMap<NodeId, Change> = self
+            .staged
+            .iter()
+            .filter_map(|(id, s)| s.change.map(|c| (*id, c)))
+            .filter(|(id, c)| match c {
+                Change::Join => {
+                    !in_layout.contains(id) && !self.members.get(id).is_some_and(|m| m.removed)
+                }
+                Change::Leave | Change::Remove => in_layout.contains(id),
+            })
+            .collect();
+        for (id, m) in &self.members {
+            if m.removed && in_layout.contains(id) {
+                changes.insert(*id, Change::Remove);
+            }
+        }
+        changes.into_iter().collect()
+    }
+}
