@@ -78,11 +78,11 @@ pub async fn grow(
     }
     // The joins reach the node asked by gossip.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let version = loop {
+    let (version, plan) = loop {
         if let Ok(reply) = client.cluster(ClusterCommand::Plan).await {
             let joins = reply.staged.iter().filter(|(_, c)| c == "join").count();
             if let (true, Some(plan)) = (joins >= by, &reply.plan) {
-                break plan.version;
+                break (plan.version, Some(plan.id));
             }
         }
         if Instant::now() > deadline {
@@ -90,7 +90,9 @@ pub async fn grow(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    client.cluster(ClusterCommand::Commit { version }).await?;
+    client
+        .cluster(ClusterCommand::Commit { version, plan })
+        .await?;
     let committed_at = start.elapsed().as_secs_f64();
     eprintln!("\n[{committed_at:.1}s] committed layout {version}");
     let members = handle.configured();

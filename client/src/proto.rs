@@ -141,8 +141,14 @@ pub enum Request {
 pub enum ClusterCommand {
     /// The staged changes and what committing them would do.
     Plan,
-    /// Commit the plan shown for `version` (a plan that changed since is refused).
-    Commit { version: u64 },
+    /// Commit the plan shown for `version` (a plan that changed since is
+    /// refused): with `plan`, the plan of that id ([`PlanView::id`]), so a
+    /// plan for the same version whose changes differ is refused too.
+    Commit {
+        version: u64,
+        #[serde(default)]
+        plan: Option<u64>,
+    },
     /// Drop every staged change.
     Clear,
     /// Stage: the named member hands its partitions to the others, then stops.
@@ -185,6 +191,10 @@ pub struct PlanView {
     /// (`None` when that node holds no replica to tell from).
     #[serde(default)]
     pub expected_bytes: Option<u64>,
+    /// Names this plan (its version and changes) to `Commit`; 0 from a
+    /// node that does not name plans.
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// One member's share before and after a plan.

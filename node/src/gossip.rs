@@ -268,7 +268,7 @@ mod tests {
             });
             nodes[7].1.merge_cluster(&joiner.cluster()).unwrap();
             nodes[42].1.merge_cluster(&nodes[7].1.cluster()).unwrap();
-            let version = nodes[42].1.edit(|c| c.commit(2, 3)).unwrap().version;
+            let version = nodes[42].1.edit(|c| c.commit(2, None, 3)).unwrap().version;
             assert_eq!(version, 2);
             let rounds = rounds_to_converge(&mesh, &nodes, seed, 50)
                 .await
@@ -291,7 +291,7 @@ mod tests {
         mesh.down.lock().unwrap().insert(nodes[3].0.name.clone());
         nodes[0].1.edit(|c| {
             c.stage(nodes[19].0.id, Some(Change::Leave), 5);
-            c.commit(2, 6).unwrap();
+            c.commit(2, None, 6).unwrap();
         });
         // Everyone else converges; the down member still has layout 1.
         assert!(rounds_to_converge(&mesh, &nodes, 1, 30).await.is_none());

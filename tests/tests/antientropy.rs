@@ -224,6 +224,7 @@ async fn nothing_is_reaped_while_a_member_knows_a_layout_change_the_reaper_does_
         &c,
         ClusterCommand::Commit {
             version: plan.version,
+            plan: Some(plan.id),
         },
     )
     .await;
@@ -273,12 +274,12 @@ async fn nothing_is_reaped_while_a_node_that_left_holding_hints_is_away() {
         },
     )
     .await;
-    let v = at_node1(&c, ClusterCommand::Plan)
+    let plan = at_node1(&c, ClusterCommand::Plan)
         .await
         .plan
-        .expect("a plan")
-        .version;
-    at_node1(&c, ClusterCommand::Commit { version: v }).await;
+        .expect("a plan");
+    let (v, plan) = (plan.version, Some(plan.id));
+    at_node1(&c, ClusterCommand::Commit { version: v, plan }).await;
     let done = Progress {
         acked: v,
         synced: v,

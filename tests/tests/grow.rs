@@ -146,7 +146,18 @@ async fn commit(c: &DevCluster, client: &Client, expect: usize) -> u64 {
     );
     let shown = c.shoal(&["cluster", "plan"]);
     println!("{}", String::from_utf8_lossy(&shown.stdout));
-    let out = c.shoal(&["cluster", "commit", &plan.version.to_string()]);
+    // The command the plan prints, with its id.
+    let command = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("commit with: shoal "))
+        .expect("the plan prints how to commit it")
+        .to_string();
+    assert!(
+        command.ends_with(&format!("--plan {:016x}", plan.id)),
+        "{command}"
+    );
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let out = c.shoal(&args);
     assert!(
         out.status.success(),
         "commit: {}{}",

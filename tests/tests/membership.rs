@@ -163,7 +163,8 @@ async fn change_under_load(
         "plan {}: {} partitions move, {} replicas",
         plan.version, plan.partitions_moving, plan.replicas_moving
     );
-    cluster(w, 0, ClusterCommand::Commit { version })
+    let plan = Some(plan.id);
+    cluster(w, 0, ClusterCommand::Commit { version, plan })
         .await
         .expect("committed");
     // Writes and reads during the transition: every read sees the latest
@@ -323,13 +324,68 @@ async fn a_commit_right_after_staging_at_another_node_is_taken() {
     let staged = cluster(&w, at, ClusterCommand::Leave { node: name.clone() })
         .await
         .expect("staged");
-    let version = staged.plan.expect("a plan").version;
-    let committed = cluster(&w, at, ClusterCommand::Commit { version }).await;
+    let plan = staged.plan.expect("a plan");
+    let (version, plan) = (plan.version, Some(plan.id));
+    let committed = cluster(&w, at, ClusterCommand::Commit { version, plan }).await;
     assert!(
         committed.is_ok(),
         "commit through {} of {name}'s leave: {committed:?}",
         w.name(at)
     );
+}
+
+/// A plan is committed only as it was shown: another operator's leave,
+/// staged at the claimant after the plan was shown elsewhere, makes the
+/// plan for the same version another one, and the commit of the one shown
+/// is refused (it was committed with the other leave in it).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_plan_changed_since_it_was_shown_is_not_committed() {
+    let w = ready(5, 25).await;
+    let claimant = claimant(&w);
+    let at = (0..5).find(|&i| i != claimant).unwrap();
+    let mut others = (0..5).filter(|&i| i != claimant && i != at);
+    let (first, second) = (others.next().unwrap(), others.next().unwrap());
+    let staged = cluster(
+        &w,
+        at,
+        ClusterCommand::Leave {
+            node: w.name(first).into(),
+        },
+    )
+    .await
+    .expect("staged");
+    let shown = staged.plan.expect("a plan");
+    cluster(
+        &w,
+        claimant,
+        ClusterCommand::Leave {
+            node: w.name(second).into(),
+        },
+    )
+    .await
+    .expect("the other leave staged");
+    let (version, plan) = (shown.version, Some(shown.id));
+    let refused = cluster(&w, at, ClusterCommand::Commit { version, plan }).await;
+    let version_now = || w.node(claimant).unwrap().membership().cluster().version();
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("changed since it was shown")),
+        "{refused:?}"
+    );
+    assert_eq!(version_now(), 0, "still on the static ring");
+    // Looked at again, the plan with both leaves commits.
+    let again = cluster(&w, at, ClusterCommand::Plan)
+        .await
+        .unwrap()
+        .plan
+        .unwrap();
+    assert_eq!(again.version, shown.version);
+    let (version, plan) = (again.version, Some(again.id));
+    cluster(&w, at, ClusterCommand::Commit { version, plan })
+        .await
+        .expect("the plan shown again commits");
+    assert_eq!(version_now(), 2);
 }
 
 /// The claimant killed and removed at once, before any detector saw it
@@ -346,8 +402,9 @@ async fn a_claimant_just_killed_can_be_removed_and_the_plan_committed() {
     let staged = cluster(&w, at, ClusterCommand::Remove { node: name.clone() })
         .await
         .expect("remove staged");
-    let version = staged.plan.map(|p| p.version).unwrap_or(2);
-    let committed = cluster(&w, at, ClusterCommand::Commit { version }).await;
+    let version = staged.plan.as_ref().map_or(2, |p| p.version);
+    let plan = staged.plan.map(|p| p.id);
+    let committed = cluster(&w, at, ClusterCommand::Commit { version, plan }).await;
     assert!(
         committed.is_ok(),
         "commit of {name}'s removal through {}: {committed:?} (staged: {:?})",
@@ -420,9 +477,17 @@ async fn a_read_in_transition_does_not_count_a_stand_in_for_a_removed_member() {
         assert!(tries < 50, "not staged: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster(&w, 0, ClusterCommand::Commit { version: 2 })
-        .await
-        .expect("committed");
+    // By version only, as an older client commits.
+    cluster(
+        &w,
+        0,
+        ClusterCommand::Commit {
+            version: 2,
+            plan: None,
+        },
+    )
+    .await
+    .expect("committed");
     let isolate_new = |w: &World| {
         for i in 0..4 {
             w.net.partition(&names(new), &names(i));

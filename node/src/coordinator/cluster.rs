@@ -330,8 +330,8 @@ fn run_command(
             c.stage(new_id, Some(Change::Join), now);
             Ok((format!("staged: {new} replaces {old}"), None))
         }
-        ClusterCommand::Commit { version } => {
-            let plan = c.commit(version, now)?;
+        ClusterCommand::Commit { version, plan } => {
+            let plan = c.commit(version, plan, now)?;
             Ok((format!("committed layout {}", plan.version), Some(plan)))
         }
     }
@@ -380,6 +380,7 @@ fn plan_view(
     let replicas_moving: u32 = plan.moves.iter().map(|m| m.to.len() as u32).sum();
     PlanView {
         version: plan.version,
+        id: plan.id(),
         partitions_moving: plan.moves.len() as u32,
         replicas_moving,
         expected_bytes: bytes_per_replica.map(|b| b * u64::from(replicas_moving)),

@@ -133,9 +133,10 @@ impl Operator {
             change.last_error = reply.message;
             return Ok(Step::Waiting);
         };
+        let (version, id) = (plan.version.to_string(), format!("{:016x}", plan.id));
         match self.reply(
             cluster,
-            &["cluster", "commit", &plan.version.to_string(), "--json"],
+            &["cluster", "commit", &version, "--plan", &id, "--json"],
         ) {
             Ok(_) => Ok(Step::Committed(plan.version)),
             Err(e) => {

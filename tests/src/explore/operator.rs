@@ -134,6 +134,7 @@ pub async fn operator(
                 &mut rng,
                 ClusterCommand::Commit {
                     version: plan.version,
+                    plan: Some(plan.id),
                 },
             )
             .await

@@ -203,7 +203,7 @@ pub fn add(dir: &Path, start: bool, zone: Option<String>) -> anyhow::Result<Stri
                 .with_context(|| format!("starting {name}"))?
         };
         println!(
-            "{name} started (pid {}, log {}); it asked to join: see `shoal cluster plan`, then `shoal cluster commit VERSION`",
+            "{name} started (pid {}, log {}); it asked to join: see `shoal cluster plan`, then the `shoal cluster commit` it prints",
             child.id(),
             dir.join(format!("{name}.log")).display()
         );

@@ -170,7 +170,11 @@ fn main() {
             use shoal_client::proto::ClusterCommand;
             let (command, json) = match command {
                 ClusterCmd::Plan { json } => (ClusterCommand::Plan, json),
-                ClusterCmd::Commit { version, json } => (ClusterCommand::Commit { version }, json),
+                ClusterCmd::Commit {
+                    version,
+                    plan,
+                    json,
+                } => (ClusterCommand::Commit { version, plan }, json),
                 ClusterCmd::Clear => (ClusterCommand::Clear, false),
             };
             rt.block_on(members::run(&args.dir, command, json))

@@ -20,16 +20,27 @@ pub enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Commit the plan `shoal cluster plan` showed (its version: a plan
-    /// that changed since is refused, so look again).
+    /// Commit the plan `shoal cluster plan` showed (its version, and with
+    /// `--plan` its id: a plan that changed since is refused, so look
+    /// again).
     Commit {
         /// The version the plan shown would create.
         version: u64,
+        /// The id of the plan shown (16 hex digits): a plan for the same
+        /// version whose changes differ (another operator's, staged since)
+        /// is refused too.
+        #[arg(long, value_parser = plan_id)]
+        plan: Option<u64>,
         #[arg(long)]
         json: bool,
     },
     /// Drop every staged change.
     Clear,
+}
+
+/// A plan id as `shoal cluster plan` prints it.
+fn plan_id(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s, 16).map_err(|e| format!("not a plan id (16 hex digits): {e}"))
 }
 
 /// `shoal join SEED --config PATH`: the members SEED knows become the
@@ -82,7 +93,7 @@ pub async fn join(dir: &Path, seed: SocketAddr, path: &Path) -> anyhow::Result<(
     std::fs::write(path, toml::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "{} now joins through {} seeds ({}); start it with `shoal node --config {}`: it stages its own join, then `shoal cluster plan` and `shoal cluster commit VERSION`",
+        "{} now joins through {} seeds ({}); start it with `shoal node --config {}`: it stages its own join, then `shoal cluster plan` and the `shoal cluster commit` it prints",
         path.display(),
         names.len(),
         names.join(", "),
@@ -153,7 +164,14 @@ fn print_reply(reply: &ClusterReply) {
     if reply.staged.is_empty() {
         return;
     }
-    println!("commit with: shoal cluster commit {}", plan.version);
+    if plan.id == 0 {
+        println!("commit with: shoal cluster commit {}", plan.version);
+    } else {
+        println!(
+            "commit with: shoal cluster commit {} --plan {:016x}",
+            plan.version, plan.id
+        );
+    }
 }
 
 fn list(names: &[String]) -> String {

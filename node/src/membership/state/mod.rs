@@ -122,6 +122,8 @@ pub enum StateError {
     BadChange { name: String, why: String },
     #[error("the plan changed: it is now for version {now}, not {asked}; look at it again")]
     StalePlan { asked: u64, now: u64 },
+    #[error("the plan for version {version} changed since it was shown: it now makes {changes}; look at it again")]
+    ChangedPlan { version: u64, changes: String },
     #[error("could not build the ring: {0}")]
     Ring(String),
 }
@@ -135,6 +137,15 @@ pub struct Plan {
     pub ring: Ring,
     /// Partitions whose replicas change, and which.
     pub moves: Vec<shoal_ring::Transfer>,
+}
+
+impl Plan {
+    /// What names this plan to a commit: its version and its changes (the
+    /// ring follows from them and the current layout). Two plans for one
+    /// version with other changes have other ids.
+    pub fn id(&self) -> u64 {
+        digest(&(self.version, &self.changes))
+    }
 }
 
 impl ClusterState {
@@ -161,11 +172,7 @@ impl ClusterState {
 
     /// A short digest of the whole state: equal digests, nothing to exchange.
     pub fn digest(&self) -> u64 {
-        let bytes = rmp_serde::to_vec(self).expect("cluster state encodes");
-        let a = crc32fast::hash(&bytes);
-        let mut h = crc32fast::Hasher::new_with_initial(0x5ea1_5ea1);
-        h.update(&bytes);
-        (u64::from(a) << 32) | u64::from(h.finalize())
+        digest(self)
     }
 
     /// Records what a member says about itself. A removed member cannot
@@ -492,14 +499,24 @@ impl ClusterState {
         })
     }
 
-    /// Commits the plan for `version` (what [`ClusterState::plan`] showed):
-    /// appends its layout, marks removed members, clears what it consumed.
-    pub fn commit(&mut self, version: u64, now: u64) -> Result<Plan, StateError> {
+    /// Commits the plan for `version` (what [`ClusterState::plan`] showed;
+    /// with `id`, that very plan: [`Plan::id`]): appends its layout, marks
+    /// removed members, clears what it consumed.
+    pub fn commit(&mut self, version: u64, id: Option<u64>, now: u64) -> Result<Plan, StateError> {
         let plan = self.plan()?;
         if plan.version != version {
             return Err(StateError::StalePlan {
                 asked: version,
                 now: plan.version,
+            });
+        }
+        if id.is_some_and(|id| id != plan.id()) {
+            let changes: Vec<String> = (plan.changes.iter())
+                .map(|(id, change)| format!("{change:?} of {}", self.name_of(id)).to_lowercase())
+                .collect();
+            return Err(StateError::ChangedPlan {
+                version,
+                changes: changes.join(", "),
             });
         }
         for (id, change) in &plan.changes {
@@ -529,6 +546,15 @@ impl ClusterState {
             .get(id)
             .map_or_else(|| id.to_hex(), |m| m.info.name.clone())
     }
+}
+
+/// 64 bits of digest of `value`'s encoding (two CRC-32s, differently seeded).
+fn digest<T: Serialize>(value: &T) -> u64 {
+    let bytes = rmp_serde::to_vec(value).expect("encodes");
+    let a = crc32fast::hash(&bytes);
+    let mut h = crc32fast::Hasher::new_with_initial(0x5ea1_5ea1);
+    h.update(&bytes);
+    (u64::from(a) << 32) | u64::from(h.finalize())
 }
 
 /// Whether `a` wins over `b`: a higher stamp, or on a tie the larger

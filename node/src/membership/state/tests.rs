@@ -78,7 +78,7 @@ fn apply(s: &mut ClusterState, e: &Edit, now: u64) {
         }
         Edit::Commit => {
             if let Ok(plan) = s.plan() {
-                s.commit(plan.version, now).unwrap();
+                s.commit(plan.version, None, now).unwrap();
             }
         }
         Edit::Advance(i, synced) => {
@@ -141,8 +141,11 @@ fn a_join_is_planned_then_committed_then_pruned_once_synced() {
     assert!(!plan.moves.is_empty());
     assert!(plan.moves.iter().all(|m| m.to.contains(&info(3).id)));
     // A plan for another version is refused: the operator saw another.
-    assert!(matches!(s.commit(3, 6), Err(StateError::StalePlan { .. })));
-    s.commit(2, 6).unwrap();
+    assert!(matches!(
+        s.commit(3, None, 6),
+        Err(StateError::StalePlan { .. })
+    ));
+    s.commit(2, None, 6).unwrap();
     assert_eq!(s.layouts.len(), 2);
     assert!(s.staged_changes().is_empty());
     match s.plan() {
@@ -164,7 +167,7 @@ fn a_join_is_planned_then_committed_then_pruned_once_synced() {
 fn a_removed_member_cannot_come_back() {
     let mut s = founded(4);
     s.stage(info(3).id, Some(Change::Remove), 5);
-    s.commit(2, 6).unwrap();
+    s.commit(2, None, 6).unwrap();
     assert!(s.members[&info(3).id].removed);
     // Its stale copy, announcing itself again, changes nothing.
     let mut stale = founded(4);
@@ -223,7 +226,7 @@ fn a_removed_member_leaves_the_next_layout_even_when_its_removal_was_cleared() {
     let plan = s.plan().expect("a plan that drops the removed member");
     assert!(!plan.ring.members().contains(&x));
     assert_eq!(plan.changes, vec![(x, Change::Remove)]);
-    s.commit(plan.version, 7).unwrap();
+    s.commit(plan.version, None, 7).unwrap();
     assert!(!s.current().unwrap().ring.members().contains(&x));
 }
 
@@ -241,7 +244,7 @@ fn a_change_staged_again_after_its_commit_blocks_no_later_plan() {
     claimant.stage(x, Some(Change::Remove), 5);
     let mut ahead = founded(5);
     ahead.stage(x, Some(Change::Remove), 400);
-    claimant.commit(2, 100).unwrap();
+    claimant.commit(2, None, 100).unwrap();
     claimant.merge(&ahead);
     for i in 0..4 {
         claimant.advance(info(i).id, all(2));
@@ -254,7 +257,7 @@ fn a_change_staged_again_after_its_commit_blocks_no_later_plan() {
     assert_eq!(plan.changes, vec![(y, Change::Remove)]);
     // Its commit leaves the no-op entries alone (see the next test) and
     // they block nothing after it either.
-    claimant.commit(plan.version, 600).unwrap();
+    claimant.commit(plan.version, None, 600).unwrap();
     assert!(claimant.staged_changes().is_empty());
 }
 
@@ -268,7 +271,7 @@ fn a_commit_drops_no_change_staged_beside_it() {
     let mut claimant = founded(5);
     let y = info(4).id;
     claimant.stage(y, Some(Change::Leave), 5);
-    claimant.commit(2, 10).unwrap();
+    claimant.commit(2, None, 10).unwrap();
     for i in 0..5 {
         claimant.advance(info(i).id, all(2));
     }
@@ -284,7 +287,7 @@ fn a_commit_drops_no_change_staged_beside_it() {
     let mut behind = claimant.clone();
     behind.stage(y, Some(Change::Join), 300);
     claimant.stage(info(3).id, Some(Change::Leave), 500);
-    claimant.commit(3, 500).unwrap();
+    claimant.commit(3, None, 500).unwrap();
     claimant.merge(&behind);
     assert!(
         claimant.staged_changes().contains(&(y, Change::Join)),
@@ -299,7 +302,7 @@ fn a_commit_drops_no_change_staged_beside_it() {
 fn after_n3_left() -> ClusterState {
     let mut s = founded(4);
     s.stage(info(3).id, Some(Change::Leave), 5);
-    s.commit(2, 6).unwrap();
+    s.commit(2, None, 6).unwrap();
     for i in 0..4 {
         s.advance(info(i).id, all(2));
     }
@@ -334,10 +337,34 @@ fn a_leave_known_only_from_a_stale_copy_still_marks_the_member_as_gone() {
     s.stage(info(3).id, Some(Change::Leave), 5);
     let mut other = s.clone();
     other.clear(50);
-    s.commit(2, 60).unwrap();
+    s.commit(2, None, 60).unwrap();
     s.merge(&other);
     for i in 0..4 {
         s.advance(info(i).id, all(2));
     }
     assert!(!s.stage_own_join(info(3).id, 70));
+}
+
+#[test]
+fn a_commit_refuses_a_plan_whose_changes_differ_from_the_one_shown() {
+    // An operator is shown the plan that lets n4 leave; before the commit,
+    // gossip brings a leave of n3 staged elsewhere. The plan is still for
+    // version 2, but it is not the one shown: committed, it would take
+    // away a member nobody was shown leaving.
+    let mut s = founded(5);
+    s.stage(info(4).id, Some(Change::Leave), 5);
+    let shown = s.plan().unwrap();
+    let mut other = s.clone();
+    other.stage(info(3).id, Some(Change::Leave), 6);
+    s.merge(&other);
+    assert!(matches!(
+        s.commit(shown.version, Some(shown.id()), 7),
+        Err(StateError::ChangedPlan { version: 2, .. })
+    ));
+    assert_eq!(s.version(), 1);
+    let again = s.plan().unwrap();
+    assert_eq!(again.version, shown.version);
+    assert_ne!(again.id(), shown.id());
+    s.commit(again.version, Some(again.id()), 8).unwrap();
+    assert_eq!(s.version(), 2);
 }
