@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use shoal_tests::explore::{run_range, run_seed, Options, ENVELOPE};
 
+const USAGE: &str = "\
+shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
+          [--pruning-percent 20] [--corruption-percent 50] [--membership-percent 30]
+shoal-sim --seed 123 [--verbose]        # replay one seed: summary, report (and trace)";
+
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
     let (a, b) = s
         .split_once("..")
@@ -41,7 +46,11 @@ fn main() -> anyhow::Result<()> {
             "--pruning-percent" => options.pruning_percent = value()?.parse()?,
             "--corruption-percent" => options.corruption_percent = value()?.parse()?,
             "--membership-percent" => options.membership_percent = value()?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; see the doc of shoal-sim"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument {other}; usage:\n{USAGE}"),
         }
     }
     if let Some(seed) = one {
