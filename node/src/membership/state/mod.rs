@@ -10,8 +10,9 @@
 //! - members: per id, the announcement with the higher `stamp` wins (ties by
 //!   content); `removed` is sticky, so stale gossip cannot bring a removed
 //!   member back;
-//! - staged changes: per id, last writer wins by `stamp`; a cleared entry is
-//!   a `None` with a higher stamp (a tombstone, so the clear spreads too);
+//! - staged changes: per id, the entry made against the later layout wins,
+//!   then the later `stamp`; a cleared entry is a `None` (a tombstone, so
+//!   the clear spreads too);
 //! - layouts: the union by version (two commits of one version, made at once
 //!   on two nodes, resolve to the one with the larger content digest); then
 //!   every layout older than the newest one that is fully synced is dropped
@@ -59,13 +60,42 @@ pub enum Change {
     Remove,
 }
 
-/// A staged change (or its clearing), last writer wins. A leave stays
-/// staged once committed, as the mark of a member that left.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// A staged change (or its clearing). Of two entries for one member the
+/// one made against the later layout wins, then the later stamp (see
+/// [`Staged::rank`]). A leave stays staged once committed, as the mark of
+/// a member that left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
     pub stamp: u64,
     /// `None`: cleared (a tombstone, so the clearing spreads by gossip).
     pub change: Option<Change>,
+    /// The layout version the entry was made against: the current one
+    /// where it was staged or cleared, the new one for what a commit
+    /// consumed. 0 in a state persisted before entries recorded it.
+    #[serde(default)]
+    pub against: u64,
+}
+
+impl Staged {
+    /// What orders two entries for one member. An entry made on a node
+    /// that had not heard of a commit cannot undo what the commit did
+    /// (its clearing, the mark of a leave), whatever the wall clocks say:
+    /// the operator acted on a layout that is gone.
+    fn rank(&self) -> (u64, u64, Option<Change>) {
+        (self.against, self.stamp, self.change)
+    }
+}
+
+impl Ord for Staged {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
+}
+
+impl PartialOrd for Staged {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// A committed ring and its version.
@@ -140,11 +170,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// What names this plan to a commit: its version and its changes (the
-    /// ring follows from them and the current layout). Two plans for one
-    /// version with other changes have other ids.
+    /// What names this plan to a commit: its version, its changes and its
+    /// ring (which also follows from the members' zones). Two plans for
+    /// one version that differ in what they change or move have other ids.
     pub fn id(&self) -> u64 {
-        digest(&(self.version, &self.changes))
+        digest(&(self.version, &self.changes, &self.ring))
     }
 }
 
@@ -519,6 +549,11 @@ impl ClusterState {
                 changes: changes.join(", "),
             });
         }
+        // First, so that what it consumed is marked as made against it.
+        self.layouts.push(Layout {
+            version: plan.version,
+            ring: plan.ring.clone(),
+        });
         for (id, change) in &plan.changes {
             if *change == Change::Remove {
                 if let Some(m) = self.members.get_mut(id) {
@@ -533,10 +568,6 @@ impl ClusterState {
             let consumed = (*change == Change::Leave).then_some(Change::Leave);
             self.put_staged(*id, consumed, now);
         }
-        self.layouts.push(Layout {
-            version: plan.version,
-            ring: plan.ring.clone(),
-        });
         Ok(plan)
     }
 

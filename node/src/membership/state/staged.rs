@@ -18,10 +18,19 @@ impl ClusterState {
         true
     }
 
-    /// Writes `node`'s entry, stamped after the one it replaces.
+    /// Writes `node`'s entry, made against the current layout and stamped
+    /// after the one it replaces.
     pub(super) fn put_staged(&mut self, node: NodeId, change: Option<Change>, now: u64) {
         let stamp = self.staged.get(&node).map_or(now, |s| now.max(s.stamp + 1));
-        self.staged.insert(node, Staged { stamp, change });
+        let against = self.version();
+        self.staged.insert(
+            node,
+            Staged {
+                stamp,
+                change,
+                against,
+            },
+        );
     }
 
     /// Stages the join of `node` itself, as a node started with seeds does
@@ -43,13 +52,17 @@ impl ClusterState {
     /// Clears every staged change still to make. An entry that is none
     /// (see [`ClusterState::staged_changes`]), such as the leave a member
     /// that left keeps, stays as it is: restamping it could outrank a
-    /// change staged beside the clearing.
+    /// change staged beside the clearing. With no layout (a node that
+    /// joins through seeds, while the cluster runs on its static ring)
+    /// nothing can be told made already: every entry is cleared.
     pub fn clear(&mut self, now: u64) -> bool {
-        let live: Vec<NodeId> = self
-            .staged_changes()
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| self.staged.get(id).is_some_and(|s| s.change.is_some()))
+        let changes = self.staged_changes();
+        let live: Vec<NodeId> = (self.staged.iter())
+            .filter(|(id, s)| {
+                s.change.is_some()
+                    && (self.current().is_none() || changes.iter().any(|(c, _)| c == *id))
+            })
+            .map(|(id, _)| *id)
             .collect();
         for id in &live {
             self.stage(*id, None, now);

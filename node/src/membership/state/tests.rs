@@ -281,6 +281,7 @@ fn a_commit_drops_no_change_staged_beside_it() {
         Staged {
             stamp: 400,
             change: Some(Change::Leave),
+            against: 2,
         },
     );
     claimant.merge(&ahead);
@@ -367,4 +368,61 @@ fn a_commit_refuses_a_plan_whose_changes_differ_from_the_one_shown() {
     assert_ne!(again.id(), shown.id());
     s.commit(again.version, Some(again.id()), 8).unwrap();
     assert_eq!(s.version(), 2);
+}
+
+#[test]
+fn a_clear_made_before_hearing_of_a_commit_does_not_undo_its_leave_mark() {
+    // Helper-74: the operator clears on a node that has not heard of the
+    // commit yet (there n3's leave is still a change to make), later than
+    // the commit by the wall clock. The clearing was made against the
+    // layout before the commit: it must not erase the mark of the leave
+    // the commit made, or n3 joins again on its next start.
+    let mut s = founded(4);
+    s.stage(info(3).id, Some(Change::Leave), 5);
+    let mut behind = s.clone();
+    s.commit(2, None, 60).unwrap();
+    behind.clear(70);
+    s.merge(&behind);
+    for i in 0..4 {
+        s.advance(info(i).id, all(2));
+    }
+    assert!(!s.stage_own_join(info(3).id, 80));
+    // Merged the other way round, the same.
+    behind.merge(&s);
+    assert_eq!(behind.staged, s.staged);
+}
+
+#[test]
+fn a_clear_on_a_node_with_no_layout_clears_every_change() {
+    // A node that joins through seeds has no layout while the cluster
+    // still runs on its static ring: every change it has heard of is
+    // cleared, none is taken for a change made already.
+    let mut s = ClusterState::new(Q, 3);
+    s.stage(info(1).id, Some(Change::Remove), 5);
+    s.stage(info(5).id, Some(Change::Join), 5);
+    assert!(s.clear(6));
+    assert!(
+        s.staged.values().all(|e| e.change.is_none()),
+        "{:?}",
+        s.staged
+    );
+}
+
+#[test]
+fn a_plan_whose_ring_changed_since_it_was_shown_has_another_id() {
+    // The changes are the same, but a member announced another zone since
+    // the plan was shown: the ring, and what moves, differ.
+    let mut s = founded(5);
+    s.stage(info(4).id, Some(Change::Leave), 5);
+    let shown = s.plan().unwrap();
+    let mut moved = info(0);
+    moved.zone = Some("b".into());
+    s.announce(moved, 6);
+    let now = s.plan().unwrap();
+    assert_eq!(now.changes, shown.changes);
+    assert_ne!(now.ring, shown.ring);
+    assert!(matches!(
+        s.commit(shown.version, Some(shown.id()), 7),
+        Err(StateError::ChangedPlan { .. })
+    ));
 }
