@@ -10,9 +10,9 @@
 //! - members: per id, the announcement with the higher `stamp` wins (ties by
 //!   content); `removed` is sticky, so stale gossip cannot bring a removed
 //!   member back;
-//! - staged changes: per id, the entry made against the later layout wins,
-//!   then the later `stamp`; a cleared entry is a `None` (a tombstone, so
-//!   the clear spreads too);
+//! - staged changes: per id, the higher `stamp` wins, which ranks the entry
+//!   made against the later layout first, then by the wall clock; a
+//!   cleared entry is a `None` (a tombstone, so the clear spreads too);
 //! - layouts: the union by version (two commits of one version, made at once
 //!   on two nodes, resolve to the one with the larger content digest); then
 //!   every layout older than the newest one that is fully synced is dropped
@@ -61,41 +61,15 @@ pub enum Change {
 }
 
 /// A staged change (or its clearing). Of two entries for one member the
-/// one made against the later layout wins, then the later stamp (see
-/// [`Staged::rank`]). A leave stays staged once committed, as the mark of
-/// a member that left.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// one with the higher stamp wins, and a stamp holds first the layout
+/// version the entry was made against, then the wall clock (see
+/// [`Staged::against`]). A leave stays staged once committed, as the mark
+/// of a member that left.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Staged {
     pub stamp: u64,
     /// `None`: cleared (a tombstone, so the clearing spreads by gossip).
     pub change: Option<Change>,
-    /// The layout version the entry was made against: the current one
-    /// where it was staged or cleared, the new one for what a commit
-    /// consumed. 0 in a state persisted before entries recorded it.
-    #[serde(default)]
-    pub against: u64,
-}
-
-impl Staged {
-    /// What orders two entries for one member. An entry made on a node
-    /// that had not heard of a commit cannot undo what the commit did
-    /// (its clearing, the mark of a leave), whatever the wall clocks say:
-    /// the operator acted on a layout that is gone.
-    fn rank(&self) -> (u64, u64, Option<Change>) {
-        (self.against, self.stamp, self.change)
-    }
-}
-
-impl Ord for Staged {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.rank().cmp(&other.rank())
-    }
-}
-
-impl PartialOrd for Staged {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
 }
 
 /// A committed ring and its version.
@@ -152,8 +126,12 @@ pub enum StateError {
     BadChange { name: String, why: String },
     #[error("the plan changed: it is now for version {now}, not {asked}; look at it again")]
     StalePlan { asked: u64, now: u64 },
-    #[error("the plan for version {version} changed since it was shown: it now makes {changes}; look at it again")]
-    ChangedPlan { version: u64, changes: String },
+    #[error("the plan for version {version} changed since it was shown: it now makes {changes} and moves {moves} partitions; look at it again")]
+    ChangedPlan {
+        version: u64,
+        changes: String,
+        moves: usize,
+    },
     #[error("could not build the ring: {0}")]
     Ring(String),
 }
@@ -547,6 +525,7 @@ impl ClusterState {
             return Err(StateError::ChangedPlan {
                 version,
                 changes: changes.join(", "),
+                moves: plan.moves.len(),
             });
         }
         // First, so that what it consumed is marked as made against it.

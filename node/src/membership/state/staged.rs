@@ -7,6 +7,30 @@ use shoal_ring::NodeId;
 
 use super::{Change, ClusterState, Staged};
 
+/// Bits of a staged entry's stamp that hold the wall clock, in ms (until
+/// the year 2109); the bits above hold the layout version the entry was
+/// made against.
+const CLOCK_BITS: u32 = 42;
+
+/// The stamp of an entry made against layout `against` at `now_ms`.
+pub(super) fn stamp(against: u64, now_ms: u64) -> u64 {
+    (against << CLOCK_BITS) | (now_ms & ((1 << CLOCK_BITS) - 1))
+}
+
+impl Staged {
+    /// The layout version the entry was made against: the current one
+    /// where it was staged or cleared, the new one for what a commit
+    /// consumed. An entry made on a node that had not heard of a commit
+    /// cannot undo what the commit did (its clearing, the mark of a
+    /// leave), whatever the wall clocks say: the operator acted on a
+    /// layout that is gone. It is part of the stamp, so a node of an
+    /// older version, which compares stamps only, orders entries the
+    /// same way.
+    pub fn against(&self) -> u64 {
+        self.stamp >> CLOCK_BITS
+    }
+}
+
 impl ClusterState {
     /// Stages `change` for `node` (or clears its entry, `None`). Returns
     /// whether anything changed.
@@ -19,18 +43,13 @@ impl ClusterState {
     }
 
     /// Writes `node`'s entry, made against the current layout and stamped
-    /// after the one it replaces.
+    /// after the one it replaces (which may be made against a later one: a
+    /// joiner has no layout while the founders edit on their static ring
+    /// as layout 1, and what it does after what it heard must win).
     pub(super) fn put_staged(&mut self, node: NodeId, change: Option<Change>, now: u64) {
-        let stamp = self.staged.get(&node).map_or(now, |s| now.max(s.stamp + 1));
-        let against = self.version();
-        self.staged.insert(
-            node,
-            Staged {
-                stamp,
-                change,
-                against,
-            },
-        );
+        let at = stamp(self.version(), now);
+        let stamp = self.staged.get(&node).map_or(at, |s| at.max(s.stamp + 1));
+        self.staged.insert(node, Staged { stamp, change });
     }
 
     /// Stages the join of `node` itself, as a node started with seeds does

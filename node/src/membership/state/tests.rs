@@ -279,9 +279,8 @@ fn a_commit_drops_no_change_staged_beside_it() {
     ahead.staged.insert(
         y,
         Staged {
-            stamp: 400,
+            stamp: super::staged::stamp(2, 400),
             change: Some(Change::Leave),
-            against: 2,
         },
     );
     claimant.merge(&ahead);
@@ -425,4 +424,50 @@ fn a_plan_whose_ring_changed_since_it_was_shown_has_another_id() {
         s.commit(shown.version, Some(shown.id()), 7),
         Err(StateError::ChangedPlan { .. })
     ));
+}
+
+/// A founder's copy while the cluster runs on its static ring: an edit
+/// sees the ring adopted as layout 1, which is dropped again when nothing
+/// was committed (as `Membership::edit` does).
+fn on_static_ring(s: &mut ClusterState, edit: impl FnOnce(&mut ClusterState)) {
+    let ids = (0..4).map(|i| info(i).id).collect();
+    s.adopt(Ring::claim(None, &ids, Q, 3).unwrap());
+    edit(s);
+    s.layouts.clear();
+}
+
+#[test]
+fn a_joiner_whose_join_was_cleared_before_the_first_commit_joins_again_on_restart() {
+    // Helper-75: the joiner stages its join with no layout; an operator
+    // clears it on a founder (which edits on the static ring). Restarted,
+    // the joiner stages its join again, and that must win once gossiped.
+    let mut joiner = ClusterState::new(Q, 3);
+    joiner.announce(info(5), 1);
+    assert!(joiner.stage_own_join(info(5).id, 2));
+    let mut founder = ClusterState::new(Q, 3);
+    founder.merge(&joiner);
+    on_static_ring(&mut founder, |s| {
+        s.clear(10);
+    });
+    joiner.merge(&founder);
+    assert!(joiner.stage_own_join(info(5).id, 20));
+    founder.merge(&joiner);
+    assert_eq!(founder.staged_changes(), vec![(info(5).id, Change::Join)]);
+}
+
+#[test]
+fn a_clear_on_a_joiner_before_the_first_commit_clears_what_founders_staged() {
+    // Helper-75: a leave staged on a founder (on the static ring), cleared
+    // later through a joiner (no layout): the clear must win once gossiped.
+    let mut founder = ClusterState::new(Q, 3);
+    on_static_ring(&mut founder, |s| {
+        s.stage(info(3).id, Some(Change::Leave), 10);
+    });
+    let mut joiner = ClusterState::new(Q, 3);
+    joiner.merge(&founder);
+    assert!(joiner.clear(20));
+    founder.merge(&joiner);
+    on_static_ring(&mut founder, |s| {
+        assert!(s.staged_changes().is_empty(), "{:?}", s.staged);
+    });
 }
