@@ -435,20 +435,6 @@ async fn a_joiner_whose_join_was_cleared_does_not_remove_itself() {
         staged(&w)
     })
     .await;
-    // Its progress held nothing up: the join commits and completes.
-    let plan = cluster(&w, claimant, ClusterCommand::Plan)
-        .await
-        .unwrap()
-        .plan
-        .expect("a plan for the join");
-    let (version, plan) = (plan.version, Some(plan.id));
-    cluster(&w, claimant, ClusterCommand::Commit { version, plan })
-        .await
-        .expect("the join committed");
-    until("the join is over", Duration::from_secs(120), || {
-        settled(&w, 3)
-    })
-    .await;
 }
 
 /// The claimant killed and removed at once, before any detector saw it
