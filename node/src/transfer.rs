@@ -205,12 +205,14 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         // A node that left: once it dropped everything and holds no hint
         // (handoff delivers them), it removes itself, so that nothing waits
         // for it any more; it then serves nothing and stops once a peer has
-        // heard (`Node::departed`). A joiner whose join was cleared is in
-        // no layout either, but did not leave: it waits, and joins again
-        // when restarted (removed, its id could never join).
+        // heard (`Node::departed`).
+        let staged_join = cluster
+            .staged
+            .get(&me)
+            .is_some_and(|s| s.change == Some(crate::membership::state::Change::Join));
         if !member
             && mine.cleaned >= v
-            && cluster.left(&me)
+            && !staged_join
             && !self.membership.removed(&me)
             && self.replica.hint_counts().is_empty()
         {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use shoal_client::proto::{
     ClusterCommand, ClusterReply, GetReply, PutReply, Request, RequestOptions, Response,
 };
-use shoal_node::membership::state::Change;
 use shoal_node::net::sim::{SimNetwork, SimRng};
 use shoal_node::storage::{Store, Tree};
 use shoal_tests::explore::world::World;
@@ -387,54 +386,6 @@ async fn a_plan_changed_since_it_was_shown_is_not_committed() {
         .await
         .expect("the plan shown again commits");
     assert_eq!(version_now(), 2);
-}
-
-/// A joiner whose join an operator cleared (a `shoal cluster clear` meant
-/// for another change clears it too) stays a member to be: it does not
-/// remove itself, which would retire its id for good (helper-76: it did,
-/// once it had cleaned up), and a restart stages its join again. Only a
-/// member that left removes itself.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_joiner_whose_join_was_cleared_does_not_remove_itself() {
-    let mut w = ready(4, 27).await;
-    let claimant = claimant(&w);
-    let leaver = (0..4).find(|&i| i != claimant).unwrap();
-    let leave = ClusterCommand::Leave {
-        node: w.name(leaver).into(),
-    };
-    let plan = cluster(&w, claimant, leave).await.unwrap().plan.unwrap();
-    let (version, plan) = (plan.version, Some(plan.id));
-    cluster(&w, claimant, ClusterCommand::Commit { version, plan })
-        .await
-        .expect("the leave committed");
-    let leaver_id = w.machines[leaver].me.id;
-    let removed = |w: &World, id| w.node(claimant).unwrap().membership().removed(&id);
-    until("the leave is over", Duration::from_secs(120), || {
-        settled(&w, 2) && removed(&w, leaver_id)
-    })
-    .await;
-    let joiner = w.join(&mut SimRng::new(28));
-    let joiner_id = w.machines[joiner].me.id;
-    let staged = |w: &World| {
-        let c = w.node(claimant).unwrap().membership().cluster();
-        c.staged_changes().contains(&(joiner_id, Change::Join))
-    };
-    until("the join staged", Duration::from_secs(30), || staged(&w)).await;
-    cluster(&w, claimant, ClusterCommand::Clear)
-        .await
-        .expect("cleared");
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(!staged(&w));
-    assert!(
-        !removed(&w, joiner_id),
-        "the joiner whose join was cleared removed itself"
-    );
-    w.crash(joiner, None);
-    w.start(joiner);
-    until("the join staged again", Duration::from_secs(30), || {
-        staged(&w)
-    })
-    .await;
 }
 
 /// The claimant killed and removed at once, before any detector saw it

@@ -59,23 +59,13 @@ impl ClusterState {
     /// one that restarts before it has removed itself goes on leaving
     /// instead of joining again.
     pub fn stage_own_join(&mut self, node: NodeId, now: u64) -> bool {
+        let in_a_layout = self
+            .layouts
+            .iter()
+            .any(|l| l.ring.members().contains(&node));
         let staged = self.staged.get(&node).is_some_and(|s| s.change.is_some());
         let removed = self.members.get(&node).is_some_and(|m| m.removed);
-        !self.in_a_layout(&node) && !staged && !removed && self.stage(node, Some(Change::Join), now)
-    }
-
-    /// Whether `node` left the cluster: its leave was committed (the
-    /// commit keeps it staged as the mark) and no layout of the history
-    /// holds it any more. A joiner whose join was cleared is in no layout
-    /// either, but did not leave.
-    pub fn left(&self, node: &NodeId) -> bool {
-        let mark = self.staged.get(node).map(|s| s.change);
-        !self.in_a_layout(node) && mark == Some(Some(Change::Leave))
-    }
-
-    /// Whether a layout of the history holds `node`.
-    fn in_a_layout(&self, node: &NodeId) -> bool {
-        self.layouts.iter().any(|l| l.ring.members().contains(node))
+        !in_a_layout && !staged && !removed && self.stage(node, Some(Change::Join), now)
     }
 
     /// Clears every staged change still to make. An entry that is none

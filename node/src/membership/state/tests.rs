@@ -471,20 +471,3 @@ fn a_clear_on_a_joiner_before_the_first_commit_clears_what_founders_staged() {
         assert!(s.staged_changes().is_empty(), "{:?}", s.staged);
     });
 }
-
-#[test]
-fn only_a_member_whose_leave_was_committed_has_left() {
-    let mut s = after_n3_left();
-    assert!(s.left(&info(3).id));
-    assert!(!s.left(&info(0).id));
-    // A joiner whose join was cleared is in no layout, but did not leave.
-    s.announce(info(4), 10);
-    s.advance(info(4).id, all(2));
-    assert!(s.stage_own_join(info(4).id, 10));
-    assert!(!s.left(&info(4).id));
-    s.clear(11);
-    assert!(!s.left(&info(4).id));
-    // A leave staged but not committed is no leave yet.
-    s.stage(info(2).id, Some(Change::Leave), 12);
-    assert!(!s.left(&info(2).id));
-}
