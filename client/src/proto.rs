@@ -143,7 +143,8 @@ pub enum ClusterCommand {
     Plan,
     /// Commit the plan shown for `version` (a plan that changed since is
     /// refused): with `plan`, the plan of that id ([`PlanView::id`]), so a
-    /// plan for the same version whose changes differ is refused too.
+    /// plan for the same version whose changes or ring differ is refused
+    /// too.
     Commit {
         version: u64,
         #[serde(default)]
@@ -191,8 +192,8 @@ pub struct PlanView {
     /// (`None` when that node holds no replica to tell from).
     #[serde(default)]
     pub expected_bytes: Option<u64>,
-    /// Names this plan (its version and changes) to `Commit`; 0 from a
-    /// node that does not name plans.
+    /// Names this plan (its version, changes and ring) to `Commit`; 0
+    /// from a node that does not name plans.
     #[serde(default)]
     pub id: u64,
 }

@@ -345,25 +345,14 @@ async fn a_plan_changed_since_it_was_shown_is_not_committed() {
     let at = (0..5).find(|&i| i != claimant).unwrap();
     let mut others = (0..5).filter(|&i| i != claimant && i != at);
     let (first, second) = (others.next().unwrap(), others.next().unwrap());
-    let staged = cluster(
-        &w,
-        at,
-        ClusterCommand::Leave {
-            node: w.name(first).into(),
-        },
-    )
-    .await
-    .expect("staged");
+    let leave = |i: usize| ClusterCommand::Leave {
+        node: w.name(i).into(),
+    };
+    let staged = cluster(&w, at, leave(first)).await.expect("staged");
     let shown = staged.plan.expect("a plan");
-    cluster(
-        &w,
-        claimant,
-        ClusterCommand::Leave {
-            node: w.name(second).into(),
-        },
-    )
-    .await
-    .expect("the other leave staged");
+    cluster(&w, claimant, leave(second))
+        .await
+        .expect("the other leave staged");
     let (version, plan) = (shown.version, Some(shown.id));
     let refused = cluster(&w, at, ClusterCommand::Commit { version, plan }).await;
     let version_now = || w.node(claimant).unwrap().membership().cluster().version();

@@ -38,8 +38,9 @@
 //!    primaries agree (at most [`QUIET_MAX`]); background loops stop.
 //! 4. The oracle ([`oracle`]): every running node on the same layout with
 //!    no change in transition, and a key held by its primaries only (old
-//!    copies dropped); a member that left has removed itself; every acknowledged write is present unless a
-//!    context that saw it superseded it; nothing never written appears; a
+//!    copies dropped); a member that left has removed itself; every
+//!    acknowledged write is present unless a context that saw it
+//!    superseded it; nothing never written appears; a
 //!    value an acknowledged write or delete superseded (its context's read
 //!    saw it) is absent; all primaries hold identical objects; no copy is
 //!    left lost to corruption; no hints remain; every live Merkle tree

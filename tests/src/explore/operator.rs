@@ -151,12 +151,12 @@ pub async fn operator(
             }
         }
         if committed {
-            if change == Change::Leave {
-                shared.world.lock().expect("world lock").left.push(index);
-            }
             match change {
                 Change::Join => stats.joins += 1,
-                Change::Leave => stats.leaves += 1,
+                Change::Leave => {
+                    stats.leaves += 1;
+                    shared.world.lock().expect("world lock").left.push(index);
+                }
                 Change::Remove => stats.removes += 1,
             }
         }

@@ -27,8 +27,8 @@ pub enum ClusterCmd {
         /// The version the plan shown would create.
         version: u64,
         /// The id of the plan shown (16 hex digits): a plan for the same
-        /// version whose changes differ (another operator's, staged since)
-        /// is refused too.
+        /// version that changes or moves other things (another operator's
+        /// change, staged since) is refused too.
         #[arg(long, value_parser = plan_id)]
         plan: Option<u64>,
         #[arg(long)]

@@ -63,7 +63,7 @@ pub enum Change {
 /// A staged change (or its clearing). Of two entries for one member the
 /// one with the higher stamp wins, and a stamp holds first the layout
 /// version the entry was made against, then the wall clock (see
-/// [`Staged::against`]). A leave stays staged once committed, as the mark
+/// `staged::stamp`). A leave stays staged once committed, as the mark
 /// of a member that left.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Staged {
@@ -520,7 +520,9 @@ impl ClusterState {
         }
         if id.is_some_and(|id| id != plan.id()) {
             let changes: Vec<String> = (plan.changes.iter())
-                .map(|(id, change)| format!("{change:?} of {}", self.name_of(id)).to_lowercase())
+                .map(|(node, change)| {
+                    format!("{change:?} of {}", self.name_of(node)).to_lowercase()
+                })
                 .collect();
             return Err(StateError::ChangedPlan {
                 version,

@@ -12,23 +12,15 @@ use super::{Change, ClusterState, Staged};
 /// made against.
 const CLOCK_BITS: u32 = 42;
 
-/// The stamp of an entry made against layout `against` at `now_ms`.
+/// The stamp of an entry made against layout `against` at `now_ms`: the
+/// current layout where it was staged or cleared, the new one for what a
+/// commit consumed. An entry made on a node that had not heard of a commit
+/// cannot undo what the commit did (its clearing, the mark of a leave),
+/// whatever the wall clocks say: the operator acted on a layout that is
+/// gone. The version is part of the stamp, so a node of an older version,
+/// which compares stamps only, orders entries the same way.
 pub(super) fn stamp(against: u64, now_ms: u64) -> u64 {
     (against << CLOCK_BITS) | (now_ms & ((1 << CLOCK_BITS) - 1))
-}
-
-impl Staged {
-    /// The layout version the entry was made against: the current one
-    /// where it was staged or cleared, the new one for what a commit
-    /// consumed. An entry made on a node that had not heard of a commit
-    /// cannot undo what the commit did (its clearing, the mark of a
-    /// leave), whatever the wall clocks say: the operator acted on a
-    /// layout that is gone. It is part of the stamp, so a node of an
-    /// older version, which compares stamps only, orders entries the
-    /// same way.
-    pub fn against(&self) -> u64 {
-        self.stamp >> CLOCK_BITS
-    }
 }
 
 impl ClusterState {
