@@ -377,6 +377,36 @@ async fn a_plan_changed_since_it_was_shown_is_not_committed() {
     assert_eq!(version_now(), 2);
 }
 
+/// `shoal remove` run through a node that has no layout yet (a joiner,
+/// while the cluster still runs on its static ring) is refused: it cannot
+/// tell whether the member holds partitions (helper-78: it removed a
+/// founding member at once, as one that "held no partitions").
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_remove_through_a_node_with_no_layout_is_refused() {
+    let mut w = ready(4, 29).await;
+    let joiner = w.join(&mut SimRng::new(30));
+    let (founder, founder_id) = (w.name(3).to_string(), w.machines[3].me.id);
+    until(
+        "the joiner heard of the founder",
+        Duration::from_secs(30),
+        || {
+            let c = w.node(joiner).unwrap().membership().cluster();
+            c.by_name(&founder).is_some()
+        },
+    )
+    .await;
+    let remove = ClusterCommand::Remove {
+        node: founder.clone(),
+    };
+    let reply = cluster(&w, joiner, remove).await;
+    assert!(reply.is_err(), "{reply:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..4 {
+        let membership = w.node(i).unwrap().membership();
+        assert!(!membership.removed(&founder_id), "{founder} removed");
+    }
+}
+
 /// The claimant killed and removed at once, before any detector saw it
 /// down: the removal is taken and the plan that moves its partitions
 /// commits on the next claimant (the commit was forwarded to the dead

@@ -289,7 +289,13 @@ fn run_command(
                 .by_name(&node)
                 .map(|m| m.info.id)
                 .ok_or_else(|| StateError::UnknownMember(node.clone()))?;
-            if member_in_layout(c, &node).is_err() {
+            let in_layout = match member_in_layout(c, &node) {
+                // No layout here (a joiner while the cluster runs on its
+                // static ring): nothing tells whether it holds partitions.
+                Err(StateError::NoLayout) => return Err(StateError::NoLayout),
+                found => found.is_ok(),
+            };
+            if !in_layout {
                 // In no layout (it left, or never joined): nothing moves.
                 c.remove_now(id, now);
                 c.stage(id, None, now);
