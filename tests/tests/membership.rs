@@ -407,6 +407,84 @@ async fn a_remove_through_a_node_with_no_layout_is_refused() {
     }
 }
 
+/// `shoal remove` of a member that has joined, run through a node that
+/// has not yet heard of the commit that added it, is not taken for the
+/// removal of a member in no layout (helper-78: the node removed it at
+/// once, "it held no partitions", and the new member's copies then
+/// counted for nothing). The node asks the claimant, which committed the
+/// join, and refuses while it cannot.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_remove_through_a_node_that_missed_the_join_is_not_taken_for_one_in_no_layout() {
+    let mut w = ready(4, 33).await;
+    let claimant = claimant(&w);
+    let joiner = w.join(&mut SimRng::new(34));
+    let (name, joiner_id) = (w.name(joiner).to_string(), w.machines[joiner].me.id);
+    let lagging = (0..4).find(|&i| i != claimant).unwrap();
+    until(
+        "every node heard of the joiner",
+        Duration::from_secs(30),
+        || {
+            (0..4).all(|i| {
+                w.node(i)
+                    .unwrap()
+                    .membership()
+                    .cluster()
+                    .by_name(&name)
+                    .is_some()
+            })
+        },
+    )
+    .await;
+    // The lagging node hears from nobody but `reached` from now on.
+    let isolate = |w: &World, reached: Option<usize>| {
+        w.net.heal();
+        for i in (0..w.machines.len()).filter(|&i| i != lagging && Some(i) != reached) {
+            w.net.partition(w.name(lagging), w.name(i));
+        }
+    };
+    isolate(&w, None);
+    let mut plan = None;
+    for _ in 0..100 {
+        let reply = cluster(&w, claimant, ClusterCommand::Plan).await.unwrap();
+        if let Some(p) = reply.plan.filter(|_| !reply.staged.is_empty()) {
+            plan = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let plan = plan.expect("the join planned at the claimant");
+    let (version, id) = (plan.version, Some(plan.id));
+    cluster(&w, claimant, ClusterCommand::Commit { version, plan: id })
+        .await
+        .expect("the join committed");
+    let version_at = |i: usize| w.node(i).unwrap().membership().cluster().version();
+    assert!(
+        version_at(lagging) < version,
+        "the lagging node heard of the commit"
+    );
+    let remove = ClusterCommand::Remove { node: name.clone() };
+    // Cut off from the claimant: refused.
+    let refused = cluster(&w, lagging, remove.clone()).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("claimant")),
+        "{refused:?}"
+    );
+    let membership = w.node(lagging).unwrap().membership();
+    assert!(!membership.removed(&joiner_id), "{name} removed");
+    // Reaching the claimant: it learns of the commit first, and takes the
+    // remove against the layout that holds the new member.
+    isolate(&w, Some(claimant));
+    let taken = cluster(&w, lagging, remove)
+        .await
+        .expect("the remove taken");
+    assert!(
+        !taken.message.contains("held no partitions"),
+        "{}",
+        taken.message
+    );
+    assert_eq!(version_at(lagging), version);
+}
+
 /// The claimant killed and removed at once, before any detector saw it
 /// down: the removal is taken and the plan that moves its partitions
 /// commits on the next claimant (the commit was forwarded to the dead

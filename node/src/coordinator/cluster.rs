@@ -209,13 +209,31 @@ impl<T: Transport, S: Store> Node<T, S> {
                 ));
             }
         }
-        let claimant_down = match self.claimant().filter(|c| c.id != self.inner.me.id) {
+        let claimant = self.claimant().filter(|c| c.id != self.inner.me.id);
+        let claimant_down = match &claimant {
             Some(c) if !self.is_up(c.id) => Some(c.id),
             // A claimant the operator removes may have died a moment ago,
             // before the detector noticed: asked at once.
             Some(c) if matches!(&command, ClusterCommand::Remove { node } if *node == c.name) => {
-                (!self.answers(&c).await).then_some(c.id)
+                (!self.answers(c).await).then_some(c.id)
             }
+            _ => None,
+        };
+        // A member in no layout is removed at once, so a remove is decided
+        // on what the claimant knows: it committed every layout, and this
+        // node may not have heard yet of the one that added the member.
+        let unasked = match (&command, claimant) {
+            (ClusterCommand::Remove { .. }, Some(c)) if claimant_down != Some(c.id) => {
+                let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
+                match self.exchange_with(&c, deadline).await {
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(claimant = %c.name, error = %e, "state not exchanged before a remove");
+                        Some(c.name)
+                    }
+                }
+            }
+            (ClusterCommand::Remove { .. }, Some(c)) => Some(c.name),
             _ => None,
         };
         let now = self.inner.settings.clock.now_ms();
@@ -227,7 +245,8 @@ impl<T: Transport, S: Store> Node<T, S> {
             .membership
             .edit(|c| -> Result<ClusterReply, StateError> {
                 let before = c.current().map(|l| l.ring.clone());
-                let (message, committed) = run_command(c, command, now, claimant_down)?;
+                let (message, committed) =
+                    run_command(c, command, now, claimant_down, unasked.as_deref())?;
                 let (plan, message) = match committed {
                     Some(plan) => (Some(plan), message),
                     None => match c.plan() {
@@ -257,6 +276,7 @@ impl<T: Transport, S: Store> Node<T, S> {
                 let kind = match e {
                     StateError::UnknownMember(_) => ErrorKind::BadRequest,
                     StateError::NoLayout => ErrorKind::NotReady,
+                    StateError::Unconfirmed { .. } => ErrorKind::Timeout,
                     _ => ErrorKind::BadRequest,
                 };
                 Response::Error(WireError::new(kind, e.to_string()))
@@ -266,12 +286,14 @@ impl<T: Transport, S: Store> Node<T, S> {
 }
 
 /// Applies one command to the state: what was done, and the plan it
-/// committed, if it was a commit.
+/// committed, if it was a commit. `unasked` names the claimant when this
+/// node could not learn its state first.
 fn run_command(
     c: &mut ClusterState,
     command: ClusterCommand,
     now: u64,
     claimant_down: Option<NodeId>,
+    unasked: Option<&str>,
 ) -> Result<(String, Option<Plan>), StateError> {
     match command {
         ClusterCommand::Plan => Ok((String::new(), None)),
@@ -295,6 +317,12 @@ fn run_command(
                 Err(StateError::NoLayout) => return Err(StateError::NoLayout),
                 found => found.is_ok(),
             };
+            if let (false, Some(claimant)) = (in_layout, unasked) {
+                return Err(StateError::Unconfirmed {
+                    name: node,
+                    claimant: claimant.to_string(),
+                });
+            }
             if !in_layout {
                 // In no layout (it left, or never joined): nothing moves.
                 c.remove_now(id, now);

@@ -134,6 +134,8 @@ pub enum StateError {
     },
     #[error("could not build the ring: {0}")]
     Ring(String),
+    #[error("{name} is in no layout this node knows of, and the claimant {claimant}, which committed the last layout, did not answer: this node cannot tell that {name} holds no partitions (it may have missed the commit that added it); try again, or through {claimant}")]
+    Unconfirmed { name: String, claimant: String },
 }
 
 /// What committing the staged changes would do.
@@ -499,8 +501,12 @@ impl ClusterState {
         )
         .map_err(|e| StateError::Ring(e.to_string()))?;
         let moves = shoal_ring::transfers(&current.ring, &ring, self.n as usize);
+        // A version further for each member before the claimant (removed,
+        // each may have committed one nobody heard of: README, "claimant").
+        let removed = |id: &&NodeId| self.members.get(*id).is_some_and(|m| m.removed);
+        let skipped = current.ring.members().iter().take_while(removed).count() as u64;
         Ok(Plan {
-            version: current.version + 1,
+            version: current.version + 1 + skipped,
             changes,
             ring,
             moves,

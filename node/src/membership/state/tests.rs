@@ -471,3 +471,37 @@ fn a_clear_on_a_joiner_before_the_first_commit_clears_what_founders_staged() {
         assert!(s.staged_changes().is_empty(), "{:?}", s.staged);
     });
 }
+
+#[test]
+fn a_claimant_removed_before_its_commit_was_heard_keeps_its_version() {
+    // The claimant (n0, the lowest id) commits a join, its answer is lost
+    // and it dies before anyone heard. The operator removes it and the
+    // next member commits. Had that commit reused the version, the dead
+    // claimant's layout, brought back when it restarts, would have been
+    // merged as the same version: one of the two kept, and progress made
+    // under the other counted for it (helper-79).
+    let mut s = founded(4);
+    s.announce(info(4), 5);
+    s.stage(info(4).id, Some(Change::Join), 5);
+    let mut dead = s.clone();
+    let unheard = dead.commit(2, None, 6).unwrap();
+    s.remove_now(info(0).id, 7);
+    let plan = s.plan().unwrap();
+    assert!(plan.version > unheard.version, "{} again", plan.version);
+    s.commit(plan.version, None, 8).unwrap();
+    let committed = s.current().unwrap().clone();
+    let mut restarted = dead.clone();
+    s.merge(&dead);
+    restarted.merge(&s);
+    for merged in [&s, &restarted] {
+        let versions: Vec<u64> = merged.layouts.iter().map(|l| l.version).collect();
+        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(merged.current(), Some(&committed));
+    }
+    // Once the history is over, the next claimant commits the next version.
+    for i in 1..5 {
+        s.advance(info(i).id, all(3));
+    }
+    s.stage(info(4).id, Some(Change::Leave), 9);
+    assert_eq!(s.plan().unwrap().version, 4);
+}
