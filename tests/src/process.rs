@@ -259,6 +259,7 @@ impl DevCluster {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .process_group(self.pgid)
+            .dies_with_test()
             .spawn()
             .expect("restart node");
     }
@@ -391,8 +392,29 @@ fn launch(dir: &Path, nodes: usize, ports: &str) -> Child {
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .process_group(0)
+        .dies_with_test()
         .spawn()
         .expect("start shoal dev")
+}
+
+/// A process started by a test that dies with the test's thread, even when
+/// the test binary is killed (SIGKILL, a timeout): its `Drop` does not run
+/// then, and nothing else would stop the process. A `shoal dev` launcher
+/// takes its nodes with it (they die with it in turn).
+trait DiesWithTest {
+    fn dies_with_test(&mut self) -> &mut Self;
+}
+
+impl DiesWithTest for Command {
+    fn dies_with_test(&mut self) -> &mut Self {
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            self.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        }
+    }
 }
 
 impl Drop for DevCluster {
