@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use shoal_client::proto::{
-    ClusterCommand, ClusterReply, GetReply, PutReply, Request, RequestOptions, Response,
+    ClusterCommand, ClusterReply, GetReply, PlanView, PutReply, Request, RequestOptions, Response,
 };
 use shoal_node::net::sim::{SimNetwork, SimRng};
 use shoal_node::storage::{Store, Tree};
@@ -485,6 +485,100 @@ async fn a_remove_through_a_node_that_missed_the_join_is_not_taken_for_one_in_no
     assert_eq!(version_at(lagging), version);
 }
 
+/// A joiner that hears a `shoal cluster clear` made on a node that had
+/// not heard of the commit taking the joiner in, and not the commit
+/// itself, does not remove itself for good: that is decided on the
+/// claimant's state (helper-79: it took the clear for its join cleared,
+/// removed itself, and stayed removed in the layout that took it in).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_joiner_that_hears_a_stale_clear_but_not_its_commit_does_not_remove_itself() {
+    let mut w = ready(4, 35).await;
+    let claimant = claimant(&w);
+    // Off the static ring first: a joiner on it never removes itself.
+    w.join(&mut SimRng::new(36));
+    let plan = |w: &World| {
+        let node = w.node(claimant).unwrap().clone();
+        async move {
+            for _ in 0..300 {
+                let request = Request::Cluster(ClusterCommand::Plan);
+                match node.coordinate(request, false).await {
+                    Response::Cluster(ClusterReply {
+                        plan: Some(p),
+                        staged,
+                        ..
+                    }) if !staged.is_empty() => return p,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            panic!("nothing planned at the claimant");
+        }
+    };
+    let commit = |w: &World, plan: PlanView| {
+        let (version, plan) = (plan.version, Some(plan.id));
+        let node = w.node(claimant).unwrap().clone();
+        async move {
+            let commit = Request::Cluster(ClusterCommand::Commit { version, plan });
+            match node.coordinate(commit, false).await {
+                Response::Cluster(_) => version,
+                other => panic!("commit: {other:?}"),
+            }
+        }
+    };
+    let first = commit(&w, plan(&w).await).await;
+    until("the first change settled", Duration::from_secs(120), || {
+        settled(&w, first)
+    })
+    .await;
+    let joiner = w.join(&mut SimRng::new(37));
+    let (name, joiner_id) = (w.name(joiner).to_string(), w.machines[joiner].me.id);
+    let stale = (0..4).find(|&i| i != claimant).unwrap();
+    until(
+        "the join staged everywhere",
+        Duration::from_secs(30),
+        || {
+            (0..5).all(|i| {
+                let c = w.node(i).unwrap().membership().cluster();
+                c.staged_changes().iter().any(|(id, _)| *id == joiner_id)
+            })
+        },
+    )
+    .await;
+    let joining = plan(&w).await;
+    // `stale` hears nobody, the joiner nobody but `stale`.
+    for i in (0..w.machines.len()).filter(|&i| i != stale && i != joiner) {
+        w.net.partition(w.name(stale), w.name(i));
+        w.net.partition(&name, w.name(i));
+    }
+    let second = commit(&w, joining).await;
+    cluster(&w, stale, ClusterCommand::Clear)
+        .await
+        .expect("cleared");
+    let joiner_node = w.node(joiner).unwrap().clone();
+    until(
+        "the joiner heard the clear",
+        Duration::from_secs(30),
+        || {
+            let c = joiner_node.membership().cluster();
+            !c.staged_changes().iter().any(|(id, _)| *id == joiner_id)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !joiner_node.membership().removed(&joiner_id),
+        "{name} removed itself"
+    );
+    w.net.heal();
+    until("the joiner a member", Duration::from_secs(60), || {
+        joiner_node
+            .membership()
+            .view()
+            .is_some_and(|v| v.version == second && v.ring.members().contains(&joiner_id))
+    })
+    .await;
+    assert!(!joiner_node.membership().removed(&joiner_id));
+}
+
 /// The claimant killed and removed at once, before any detector saw it
 /// down: the removal is taken and the plan that moves its partitions
 /// commits on the next claimant (the commit was forwarded to the dead
@@ -499,7 +593,7 @@ async fn a_claimant_just_killed_can_be_removed_and_the_plan_committed() {
     let staged = cluster(&w, at, ClusterCommand::Remove { node: name.clone() })
         .await
         .expect("remove staged");
-    let version = staged.plan.as_ref().map_or(2, |p| p.version);
+    let version = staged.plan.as_ref().map_or(3, |p| p.version);
     let plan = staged.plan.map(|p| p.id);
     let committed = cluster(&w, at, ClusterCommand::Commit { version, plan }).await;
     assert!(

@@ -133,16 +133,8 @@ impl<T: Transport, S: Store> Node<T, S> {
         })
     }
 
-    /// The member that commits changes (Riak's claimant): the lowest id
-    /// among the current layout's members that are not removed, the same
-    /// on every node that has the same state. Commits made on one node
-    /// cannot race each other to the same version. While it is down no
-    /// change commits; removing it (`shoal remove`) hands the role to the
-    /// next.
     fn claimant(&self) -> Option<MemberInfo> {
-        let view = self.inner.membership.view()?;
-        let cluster = self.inner.membership.cluster();
-        claimant_of(&cluster, &view.ring).and_then(|id| view.members.get(&id).cloned())
+        self.inner.membership.claimant()
     }
 
     /// The average size of a replica (one partition's copy) here: what the
@@ -155,6 +147,11 @@ impl<T: Transport, S: Store> Node<T, S> {
             .copied()
             .filter(|h| *h > 0)?;
         Some(self.inner.store.approximate_bytes(Tree::Objects) / held as u64)
+    }
+
+    /// Whether the member named `name` is in the current layout here.
+    fn in_layout(&self, name: &str) -> bool {
+        member_in_layout(&self.inner.membership.cluster(), name).is_ok()
     }
 
     /// Whether `peer` answers a ping within a second.
@@ -219,21 +216,17 @@ impl<T: Transport, S: Store> Node<T, S> {
             }
             _ => None,
         };
-        // A member in no layout is removed at once, so a remove is decided
-        // on what the claimant knows: it committed every layout, and this
-        // node may not have heard yet of the one that added the member.
+        // A member in no layout is removed at once, so such a remove is
+        // decided on what the claimant knows: it committed every layout,
+        // and this node may not have heard yet of the one that added it.
         let unasked = match (&command, claimant) {
-            (ClusterCommand::Remove { .. }, Some(c)) if claimant_down != Some(c.id) => {
-                let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
-                match self.exchange_with(&c, deadline).await {
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::debug!(claimant = %c.name, error = %e, "state not exchanged before a remove");
-                        Some(c.name)
-                    }
-                }
+            (ClusterCommand::Remove { node }, Some(c)) if !self.in_layout(node) => {
+                let asked = claimant_down != Some(c.id) && {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                    self.exchange_with(&c, deadline).await.is_ok()
+                };
+                (!asked).then_some(c.name)
             }
-            (ClusterCommand::Remove { .. }, Some(c)) => Some(c.name),
             _ => None,
         };
         let now = self.inner.settings.clock.now_ms();
@@ -373,12 +366,6 @@ fn run_command(
 
 /// The claimant of a state whose current ring is `ring` (see
 /// `Node::claimant`).
-fn claimant_of(c: &ClusterState, ring: &Ring) -> Option<NodeId> {
-    ring.members()
-        .into_iter()
-        .find(|id| !c.members.get(id).is_some_and(|m| m.removed))
-}
-
 /// The id of the member named `name` in the current layout (or the static
 /// ring, adopted as version 1 for the edit).
 fn member_in_layout(c: &ClusterState, name: &str) -> Result<NodeId, StateError> {

@@ -491,6 +491,20 @@ impl Membership {
         self.missing().into_iter().map(|m| m.name).collect()
     }
 
+    /// The member that commits changes (Riak's claimant): the lowest id
+    /// among the current layout's members that are not removed, the same
+    /// on every node that has the same state. Commits made on one node
+    /// cannot race each other to the same version. While it is down no
+    /// change commits; removing it (`shoal remove`) hands the role to the
+    /// next.
+    pub fn claimant(&self) -> Option<MemberInfo> {
+        let state = self.state.read().expect("membership lock");
+        let view = state.view.as_ref()?;
+        let removed = |id: &NodeId| state.cluster.members.get(id).is_some_and(|m| m.removed);
+        let id = view.ring.members().into_iter().find(|id| !removed(id))?;
+        view.members.get(&id).cloned()
+    }
+
     /// Whether `id` was removed from the cluster (it left, or was removed
     /// by an operator): it serves nothing and nothing is taken from it.
     pub fn removed(&self, id: &NodeId) -> bool {

@@ -28,7 +28,7 @@
 //! One change at a time: the next is planned once every member has pruned
 //! and cleaned up the last (see [`crate::transfer`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shoal_client::proto::MemberInfo;
@@ -134,7 +134,7 @@ pub enum StateError {
     },
     #[error("could not build the ring: {0}")]
     Ring(String),
-    #[error("{name} is in no layout this node knows of, and the claimant {claimant}, which committed the last layout, did not answer: this node cannot tell that {name} holds no partitions (it may have missed the commit that added it); try again, or through {claimant}")]
+    #[error("{name} is in no layout this node knows of, and the claimant {claimant}, which committed the last layout, could not be asked (down, or no answer): this node cannot tell that {name} holds no partitions (it may not have heard of the commit that added it); try again once {claimant} answers, or remove {claimant} first if it is gone for good")]
     Unconfirmed { name: String, claimant: String },
 }
 
@@ -317,14 +317,6 @@ impl ClusterState {
         self.progress.get(id).is_some_and(done)
     }
 
-    /// Live members of any layout in the history.
-    pub fn history_members(&self) -> BTreeSet<NodeId> {
-        self.layouts
-            .iter()
-            .flat_map(|l| self.live_members_of(l))
-            .collect()
-    }
-
     /// Members of the current layout that have not synced it yet.
     pub fn unsynced(&self) -> Vec<NodeId> {
         let Some(current) = self.current() else {
@@ -334,22 +326,6 @@ impl ClusterState {
             .into_iter()
             .filter(|id| !self.reached(id, |p| p.synced >= current.version))
             .collect()
-    }
-
-    /// Drops the layouts before the newest one that every live member of
-    /// the history reads from: writes to the old replicas are no longer
-    /// needed by any reader.
-    pub fn prune(&mut self) {
-        let members = self.history_members();
-        let keep_from = (1..self.layouts.len()).rev().find(|&i| {
-            let version = self.layouts[i].version;
-            members
-                .iter()
-                .all(|id| self.reached(id, |p| p.switched >= version))
-        });
-        if let Some(i) = keep_from {
-            self.layouts.drain(..i);
-        }
     }
 
     /// Checks a state that came from the network before it is merged.
@@ -422,19 +398,7 @@ impl ClusterState {
         for (id, theirs) in &other.progress {
             self.progress.entry(*id).or_default().join(theirs);
         }
-        let mut by_version: BTreeMap<u64, Layout> = BTreeMap::new();
-        for l in self.layouts.iter().chain(&other.layouts) {
-            match by_version.get(&l.version) {
-                Some(kept) if !later(l, kept, |_| 0) => {}
-                _ => {
-                    by_version.insert(l.version, l.clone());
-                }
-            }
-        }
-        self.layouts = by_version.into_values().collect();
-        // A layout the other side had already dropped as synced comes back
-        // in the union; pruning on the merged progress drops it again.
-        self.prune();
+        self.merge_layouts(other);
         *self != before
     }
 
@@ -587,6 +551,19 @@ fn later<T: Serialize>(a: &T, b: &T, stamp: impl Fn(&T) -> u64) -> bool {
     }
 }
 
+/// A member for tests: id `i + 1`, named `n{i}`, on loopback.
+#[cfg(test)]
+pub(crate) fn test_member(i: u8) -> MemberInfo {
+    MemberInfo {
+        id: NodeId::from_u128(u128::from(i) + 1),
+        name: format!("n{i}"),
+        client_addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
+        peer_addr: ([127, 0, 0, 1], 8000 + u16::from(i)).into(),
+        zone: None,
+    }
+}
+
+mod history;
 mod progress;
 mod staged;
 #[cfg(test)]

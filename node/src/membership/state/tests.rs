@@ -14,15 +14,7 @@ use proptest::prelude::*;
 
 const Q: u32 = 64;
 
-fn info(i: u8) -> MemberInfo {
-    MemberInfo {
-        id: NodeId::from_u128(u128::from(i) + 1),
-        name: format!("n{i}"),
-        client_addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
-        peer_addr: ([127, 0, 0, 1], 8000 + u16::from(i)).into(),
-        zone: None,
-    }
-}
+use super::test_member as info;
 
 fn founded(members: u8) -> ClusterState {
     let mut s = ClusterState::new(Q, 3);
@@ -504,4 +496,39 @@ fn a_claimant_removed_before_its_commit_was_heard_keeps_its_version() {
     }
     s.stage(info(4).id, Some(Change::Leave), 9);
     assert_eq!(s.plan().unwrap().version, 4);
+}
+
+#[test]
+fn a_layout_only_a_removed_claimant_heard_of_does_not_come_back_after_the_changes_made_since() {
+    // The claimant (n0) commits x's join, heard by nobody (x, seeded with
+    // n0 alone, is down too), and dies. The operator removes it; the next
+    // claimant commits that, the change completes, and another is under
+    // way when n0 restarts with its layout (helper-80). Merged back, it
+    // would be the oldest of the history: reads would go to its replicas,
+    // which never synced it, and x, in no other layout, would hold up
+    // every later change.
+    let mut s = founded(4);
+    let x = info(4);
+    let mut dead = s.clone();
+    dead.announce(x.clone(), 5);
+    dead.stage(x.id, Some(Change::Join), 5);
+    dead.commit(2, None, 6).unwrap();
+    s.announce(info(5), 7);
+    s.remove_now(info(0).id, 7);
+    let removal = s.plan().unwrap();
+    s.commit(removal.version, None, 8).unwrap();
+    for i in [1, 2, 3, 5] {
+        s.advance(info(i).id, all(removal.version));
+    }
+    assert_eq!(s.layouts.len(), 1);
+    s.stage(info(5).id, Some(Change::Join), 9);
+    let next = s.plan().unwrap();
+    s.commit(next.version, None, 10).unwrap();
+    let mut restarted = dead.clone();
+    s.merge(&dead);
+    restarted.merge(&s);
+    for merged in [&s, &restarted] {
+        let versions: Vec<u64> = merged.layouts.iter().map(|l| l.version).collect();
+        assert_eq!(versions, vec![removal.version, next.version]);
+    }
 }

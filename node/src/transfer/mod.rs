@@ -51,11 +51,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_client::proto::{MemberInfo, TransferStatus};
-use shoal_ring::NodeId;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use self::pull::{to_pull, Pull};
 use crate::antientropy::AntiEntropy;
+use crate::gossip::{self, Outcome};
 use crate::liveness::Liveness;
 use crate::membership::state::ClusterState;
 use crate::membership::Membership;
@@ -216,6 +217,14 @@ impl<T: Transport, S: Store> Transfer<T, S> {
             && !self.membership.removed(&me)
             && self.replica.hint_counts().is_empty()
         {
+            // For good, so checked first against the claimant's state,
+            // which has every commit: this node may have heard a `clear`
+            // made before the commit that took it in, and not the commit.
+            match self.ask_claimant().await {
+                Some(false) => {}
+                Some(true) => return true,
+                None => return false,
+            }
             info!(
                 version = v,
                 "left the cluster: every partition handed off; this node stops once a peer has heard"
@@ -237,47 +246,29 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         self.membership.edit(|c| c.advance(me, next))
     }
 
-    /// Partitions this node replicates in the current layout but not in an
-    /// older one of the history, with the old replicas to pull from.
-    fn to_pull(&self, cluster: &ClusterState) -> Vec<(u32, Vec<NodeId>)> {
-        let me = self.me.id;
-        let Some((current, older)) = cluster.layouts.split_last() else {
-            return Vec::new();
+    /// Exchanges state with the claimant (none to ask if this node is it):
+    /// whether ours changed, `None` when it did not answer.
+    async fn ask_claimant(&self) -> Option<bool> {
+        let Some(claimant) = self.membership.claimant().filter(|c| c.id != self.me.id) else {
+            return Some(false);
         };
-        (0..current.ring.partition_count())
-            .filter_map(|p| {
-                if !current
-                    .ring
-                    .preference_list_for_partition(p, self.n)
-                    .contains(&me)
-                {
-                    return None;
-                }
-                let mut sources: Vec<NodeId> = Vec::new();
-                let mut new_here = false;
-                for layout in older {
-                    let list = layout.ring.preference_list_for_partition(p, self.n);
-                    if !list.contains(&me) {
-                        new_here = true;
-                    }
-                    for id in list {
-                        let removed = cluster.members.get(&id).is_some_and(|m| m.removed);
-                        if id != me && !removed && !sources.contains(&id) {
-                            sources.push(id);
-                        }
-                    }
-                }
-                new_here.then_some((p, sources))
-            })
-            .collect()
+        let deadline = Instant::now() + Duration::from_secs(2);
+        match gossip::exchange(&self.membership, &*self.transport, &claimant, deadline).await {
+            Ok(Outcome::Merged { changed: true, .. }) => Some(true),
+            Ok(_) => Some(false),
+            Err(e) => {
+                debug!(claimant = %claimant.name, error = %e, "the claimant did not answer; this node removes itself once it does");
+                None
+            }
+        }
     }
 
     /// Pulls what is left to pull of the current layout's new partitions.
     /// Returns whether all are done.
     async fn pull(&self, cluster: &ClusterState, aae: &AntiEntropy<T, S>) -> bool {
         let v = cluster.version();
-        let work = self.to_pull(cluster);
-        let pending: Vec<(u32, Vec<NodeId>)> = {
+        let work = to_pull(cluster, self.me.id, self.n, self.w);
+        let pending: Vec<Pull> = {
             let mut local = self.local.lock().expect("transfer lock");
             if local.pulled.version != v {
                 local.pulled = Pulled {
@@ -291,7 +282,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
             local.total = work.len();
             local.started.get_or_insert_with(Instant::now);
             work.into_iter()
-                .filter(|(p, _)| !local.pulled.done.contains(p))
+                .filter(|pull| !local.pulled.done.contains(&pull.partition))
                 .collect()
         };
         self.metrics
@@ -302,15 +293,22 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         }
         // Hints first: a hint delivered to an old replica after this scan is
         // on that replica, durably, when the exchanges below reach it.
-        let partitions: Vec<u32> = pending.iter().map(|(p, _)| *p).collect();
+        let partitions: Vec<u32> = pending.iter().map(|pull| pull.partition).collect();
         if let Err(e) = self.pull_hints(cluster, &partitions).await {
             debug!(error = %e, "hints not pulled yet; the transfer waits");
             return false;
         }
-        let needed = self.n.saturating_sub(self.w) + 1;
-        for (p, sources) in pending {
+        for Pull {
+            partition: p,
+            sources,
+            oldest,
+            needed,
+        } in pending
+        {
+            // Counted among the oldest layout's replicas: every write
+            // acknowledged since it was committed is on W of them.
             let mut exchanged = 0;
-            for id in &sources {
+            for (i, id) in sources.iter().enumerate() {
                 let Some(peer) = cluster.members.get(id).map(|m| m.info.clone()) else {
                     continue;
                 };
@@ -319,7 +317,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 }
                 match aae.exchange(p, &peer).await {
                     Ok(report) => {
-                        exchanged += 1;
+                        exchanged += usize::from(i < oldest);
                         let mut local = self.local.lock().expect("transfer lock");
                         local.keys += report.keys_repaired;
                         local.bytes += report.bytes;
@@ -335,7 +333,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                     }
                 }
             }
-            if exchanged < needed.min(sources.len()) {
+            if exchanged < needed {
                 debug!(
                     partition = p,
                     exchanged, needed, "not enough old replicas reached; retried next step"
@@ -544,3 +542,5 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         })
     }
 }
+
+mod pull;
