@@ -51,6 +51,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_client::proto::{MemberInfo, TransferStatus};
+use shoal_ring::NodeId;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -58,7 +59,7 @@ use self::pull::{to_pull, Pull};
 use crate::antientropy::AntiEntropy;
 use crate::gossip::{self, Outcome};
 use crate::liveness::Liveness;
-use crate::membership::state::ClusterState;
+use crate::membership::state::{Change, ClusterState};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::net::{PeerRequest, PeerResponse, Transport};
@@ -92,6 +93,16 @@ struct Local {
 }
 
 /// The transfer service: the narrow handles it needs and its progress.
+/// Whether `me` is to remove itself, as far as `c` tells: in no layout
+/// but older ones (it left) or none (its join was cleared), with no join
+/// staged, and not removed already.
+fn departs(c: &ClusterState, me: NodeId) -> bool {
+    let member = c.current().is_some_and(|l| l.ring.members().contains(&me));
+    let joining = (c.staged.get(&me)).is_some_and(|s| s.change == Some(Change::Join));
+    let removed = c.members.get(&me).is_some_and(|m| m.removed);
+    !member && !joining && !removed
+}
+
 pub struct Transfer<T, S> {
     pub me: MemberInfo,
     pub n: usize,
@@ -207,16 +218,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
         // (handoff delivers them), it removes itself, so that nothing waits
         // for it any more; it then serves nothing and stops once a peer has
         // heard (`Node::departed`).
-        let staged_join = cluster
-            .staged
-            .get(&me)
-            .is_some_and(|s| s.change == Some(crate::membership::state::Change::Join));
-        if !member
-            && mine.cleaned >= v
-            && !staged_join
-            && !self.membership.removed(&me)
-            && self.replica.hint_counts().is_empty()
-        {
+        if mine.cleaned >= v && departs(&cluster, me) && self.replica.hint_counts().is_empty() {
             // For good, so checked first against the claimant's state,
             // which has every commit: this node may have heard a `clear`
             // made before the commit that took it in, and not the commit.
@@ -225,12 +227,19 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 Some(true) => return true,
                 None => return false,
             }
-            info!(
-                version = v,
-                "left the cluster: every partition handed off; this node stops once a peer has heard"
-            );
+            // Decided again on the state as it is now: gossip may have
+            // brought the commit while the claimant was asked.
             let now = self.replica.now_ms();
-            return self.membership.edit(|c| c.remove_now(me, now));
+            return self.membership.edit(|c| {
+                let departs = c.version() == v && departs(c, me);
+                if departs {
+                    info!(
+                        version = v,
+                        "left the cluster: every partition handed off; this node stops once a peer has heard"
+                    );
+                }
+                departs && c.remove_now(me, now)
+            });
         }
         if next == mine {
             return false;

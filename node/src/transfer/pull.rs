@@ -55,6 +55,12 @@ pub(super) fn to_pull(cluster: &ClusterState, me: NodeId, n: usize, w: usize) ->
                     pull.oldest = pull.sources.len();
                 }
             }
+            if pull.oldest == 0 {
+                // None of the oldest layout's replicas left (removed): as
+                // many of the others as the quorum asks.
+                pull.oldest = pull.sources.len();
+                pull.needed = (n.saturating_sub(w) + 1).min(pull.oldest);
+            }
             pull.needed = pull.needed.min(pull.oldest);
             new_here.then_some(pull)
         })
