@@ -579,6 +579,37 @@ async fn a_joiner_that_hears_a_stale_clear_but_not_its_commit_does_not_remove_it
     assert!(!joiner_node.membership().removed(&joiner_id));
 }
 
+/// `shoal remove` of a member that is leaving, while the change that
+/// takes it out is applied, removes it from the change in progress, as
+/// for any member of the layouts: it holds partitions until it has handed
+/// them off (helper-79: it was told "held no partitions", as a member in
+/// no layout, its leave entry cleared).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_remove_of_a_member_leaving_takes_it_out_of_the_change_in_progress() {
+    let w = ready(4, 39).await;
+    let claimant = claimant(&w);
+    let leaver = (0..4).find(|&i| i != claimant).unwrap();
+    let name = w.name(leaver).to_string();
+    let staged = cluster(&w, claimant, ClusterCommand::Leave { node: name.clone() })
+        .await
+        .expect("leave staged");
+    let plan = staged.plan.expect("a plan");
+    let (version, plan) = (plan.version, Some(plan.id));
+    cluster(&w, claimant, ClusterCommand::Commit { version, plan })
+        .await
+        .expect("committed");
+    let view = w.node(claimant).unwrap().membership().view().unwrap();
+    assert!(view.in_transition());
+    let removed = cluster(&w, claimant, ClusterCommand::Remove { node: name.clone() })
+        .await
+        .expect("removed");
+    assert!(
+        removed.message.contains("from the change in progress"),
+        "{}",
+        removed.message
+    );
+}
+
 /// The claimant killed and removed at once, before any detector saw it
 /// down: the removal is taken and the plan that moves its partitions
 /// commits on the next claimant (the commit was forwarded to the dead

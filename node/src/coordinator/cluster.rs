@@ -16,7 +16,7 @@ use tracing::{error, info};
 
 use super::Node;
 use crate::gossip::{self, Outcome, CLUSTER_KEY};
-use crate::membership::state::{Change, ClusterState, Plan, StateError};
+use crate::membership::state::{Change, ClusterState, Member, Plan, StateError};
 use crate::net::{PeerRequest, PeerResponse, Transport};
 use crate::storage::{Store, Tree};
 
@@ -149,9 +149,9 @@ impl<T: Transport, S: Store> Node<T, S> {
         Some(self.inner.store.approximate_bytes(Tree::Objects) / held as u64)
     }
 
-    /// Whether the member named `name` is in the current layout here.
+    /// Whether the member named `name` is in a layout here.
     fn in_layout(&self, name: &str) -> bool {
-        member_in_layout(&self.inner.membership.cluster(), name).is_ok()
+        member_to_remove(&self.inner.membership.cluster(), name).is_ok_and(|(_, held)| held)
     }
 
     /// Whether `peer` answers a ping within a second.
@@ -300,16 +300,7 @@ fn run_command(
             Ok((format!("staged: {node} leaves"), None))
         }
         ClusterCommand::Remove { node } => {
-            let id = c
-                .by_name(&node)
-                .map(|m| m.info.id)
-                .ok_or_else(|| StateError::UnknownMember(node.clone()))?;
-            let in_layout = match member_in_layout(c, &node) {
-                // No layout here (a joiner while the cluster runs on its
-                // static ring): nothing tells whether it holds partitions.
-                Err(StateError::NoLayout) => return Err(StateError::NoLayout),
-                found => found.is_ok(),
-            };
+            let (id, in_layout) = member_to_remove(c, &node)?;
             if let (false, Some(claimant)) = (in_layout, unasked) {
                 return Err(StateError::Unconfirmed {
                     name: node,
@@ -364,8 +355,23 @@ fn run_command(
     }
 }
 
-/// The claimant of a state whose current ring is `ring` (see
-/// `Node::claimant`).
+/// The member named `name` that `shoal remove` means, and whether it is in
+/// a layout of the history (it may hold partitions, a member that leaves
+/// included): the one of that name in the layouts (a machine wiped and
+/// started again under its name has another id, in none), else the newest
+/// of that name. `NoLayout` on a node with no layout (a joiner while the
+/// cluster runs on its static ring): nothing tells what it holds.
+fn member_to_remove(c: &ClusterState, name: &str) -> Result<(NodeId, bool), StateError> {
+    c.current().ok_or(StateError::NoLayout)?;
+    let held = |id: &NodeId| c.layouts.iter().any(|l| l.ring.members().contains(id));
+    let named = |m: &&Member| m.info.name == name && !m.removed;
+    match c.members.values().filter(named).find(|m| held(&m.info.id)) {
+        Some(m) => Ok((m.info.id, true)),
+        None => (c.by_name(name).map(|m| (m.info.id, false)))
+            .ok_or_else(|| StateError::UnknownMember(name.to_string())),
+    }
+}
+
 /// The id of the member named `name` in the current layout (or the static
 /// ring, adopted as version 1 for the edit).
 fn member_in_layout(c: &ClusterState, name: &str) -> Result<NodeId, StateError> {
