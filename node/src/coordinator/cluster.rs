@@ -363,10 +363,24 @@ fn run_command(
 /// cluster runs on its static ring): nothing tells what it holds.
 fn member_to_remove(c: &ClusterState, name: &str) -> Result<(NodeId, bool), StateError> {
     c.current().ok_or(StateError::NoLayout)?;
-    let held = |id: &NodeId| c.layouts.iter().any(|l| l.ring.members().contains(id));
-    let named = |m: &&Member| m.info.name == name && !m.removed;
-    match c.members.values().filter(named).find(|m| held(&m.info.id)) {
+    let held = |m: &&Member| {
+        c.layouts
+            .iter()
+            .any(|l| l.ring.members().contains(&m.info.id))
+    };
+    let mut in_layouts = c
+        .members
+        .values()
+        .filter(|m| m.info.name == name)
+        .filter(held);
+    match in_layouts.clone().find(|m| !m.removed) {
         Some(m) => Ok((m.info.id, true)),
+        // Removed already (a retry, a second operator): not another
+        // machine that took the name since.
+        None if in_layouts.next().is_some() => Err(StateError::BadChange {
+            name: name.to_string(),
+            why: "removed already; its partitions move with the next plan".into(),
+        }),
         None => (c.by_name(name).map(|m| (m.info.id, false)))
             .ok_or_else(|| StateError::UnknownMember(name.to_string())),
     }

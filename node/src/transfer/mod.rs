@@ -92,7 +92,6 @@ struct Local {
     cleaning: Option<(u64, Instant)>,
 }
 
-/// The transfer service: the narrow handles it needs and its progress.
 /// Whether `me` is to remove itself, as far as `c` tells: in no layout
 /// but older ones (it left) or none (its join was cleared), with no join
 /// staged, and not removed already.
@@ -103,6 +102,7 @@ fn departs(c: &ClusterState, me: NodeId) -> bool {
     !member && !joining && !removed
 }
 
+/// The transfer service: the narrow handles it needs and its progress.
 pub struct Transfer<T, S> {
     pub me: MemberInfo,
     pub n: usize,
@@ -228,7 +228,11 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 None => return false,
             }
             // Decided again on the state as it is now: gossip may have
-            // brought the commit while the claimant was asked.
+            // brought the commit while the claimant was asked, or a write
+            // a hint.
+            if !self.replica.hint_counts().is_empty() {
+                return false;
+            }
             let now = self.replica.now_ms();
             return self.membership.edit(|c| {
                 let departs = c.version() == v && departs(c, me);
