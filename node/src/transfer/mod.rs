@@ -15,7 +15,8 @@
 //!    before: first the hints any live node holds for keys of those
 //!    partitions (a hint stands for an old replica's copy), then a Merkle
 //!    exchange ([`crate::antientropy`]) with old replicas, at least `N-W+1`
-//!    of them, so every W-set of the old list is met: every write
+//!    of the oldest layout's (one fewer if the node is one of them:
+//!    `transfer/pull.rs`), so every W-set of that list is met: every write
 //!    acknowledged before the acks is then on this node. Exchanges are
 //!    throttled by `anti-entropy.max-repairs-per-sec`. A partition done is
 //!    persisted, so a restarted node resumes where it stopped. When all are
