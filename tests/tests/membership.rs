@@ -121,6 +121,28 @@ fn claimant(w: &World) -> usize {
         .unwrap()
 }
 
+/// The plan at machine `i` once it has a change staged (gossip brings
+/// what was staged elsewhere).
+async fn planned(w: &World, i: usize) -> PlanView {
+    for _ in 0..300 {
+        let reply = cluster(w, i, ClusterCommand::Plan).await.unwrap();
+        if let Some(p) = reply.plan.filter(|_| !reply.staged.is_empty()) {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("nothing planned at {}", w.name(i));
+}
+
+/// Commits `plan` at machine `i`; its version.
+async fn commit(w: &World, i: usize, plan: PlanView) -> u64 {
+    let (version, plan) = (plan.version, Some(plan.id));
+    cluster(w, i, ClusterCommand::Commit { version, plan })
+        .await
+        .expect("committed");
+    version
+}
+
 /// Writes every key once, then checks during the change and after it.
 async fn change_under_load(
     w: &mut World,
@@ -443,20 +465,7 @@ async fn a_remove_through_a_node_that_missed_the_join_is_not_taken_for_one_in_no
         }
     };
     isolate(&w, None);
-    let mut plan = None;
-    for _ in 0..100 {
-        let reply = cluster(&w, claimant, ClusterCommand::Plan).await.unwrap();
-        if let Some(p) = reply.plan.filter(|_| !reply.staged.is_empty()) {
-            plan = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let plan = plan.expect("the join planned at the claimant");
-    let (version, id) = (plan.version, Some(plan.id));
-    cluster(&w, claimant, ClusterCommand::Commit { version, plan: id })
-        .await
-        .expect("the join committed");
+    let version = commit(&w, claimant, planned(&w, claimant).await).await;
     let version_at = |i: usize| w.node(i).unwrap().membership().cluster().version();
     assert!(
         version_at(lagging) < version,
@@ -496,35 +505,7 @@ async fn a_joiner_that_hears_a_stale_clear_but_not_its_commit_does_not_remove_it
     let claimant = claimant(&w);
     // Off the static ring first: a joiner on it never removes itself.
     w.join(&mut SimRng::new(36));
-    let plan = |w: &World| {
-        let node = w.node(claimant).unwrap().clone();
-        async move {
-            for _ in 0..300 {
-                let request = Request::Cluster(ClusterCommand::Plan);
-                match node.coordinate(request, false).await {
-                    Response::Cluster(ClusterReply {
-                        plan: Some(p),
-                        staged,
-                        ..
-                    }) if !staged.is_empty() => return p,
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-            panic!("nothing planned at the claimant");
-        }
-    };
-    let commit = |w: &World, plan: PlanView| {
-        let (version, plan) = (plan.version, Some(plan.id));
-        let node = w.node(claimant).unwrap().clone();
-        async move {
-            let commit = Request::Cluster(ClusterCommand::Commit { version, plan });
-            match node.coordinate(commit, false).await {
-                Response::Cluster(_) => version,
-                other => panic!("commit: {other:?}"),
-            }
-        }
-    };
-    let first = commit(&w, plan(&w).await).await;
+    let first = commit(&w, claimant, planned(&w, claimant).await).await;
     until("the first change settled", Duration::from_secs(120), || {
         settled(&w, first)
     })
@@ -543,13 +524,13 @@ async fn a_joiner_that_hears_a_stale_clear_but_not_its_commit_does_not_remove_it
         },
     )
     .await;
-    let joining = plan(&w).await;
+    let joining = planned(&w, claimant).await;
     // `stale` hears nobody, the joiner nobody but `stale`.
     for i in (0..w.machines.len()).filter(|&i| i != stale && i != joiner) {
         w.net.partition(w.name(stale), w.name(i));
         w.net.partition(&name, w.name(i));
     }
-    let second = commit(&w, joining).await;
+    let second = commit(&w, claimant, joining).await;
     cluster(&w, stale, ClusterCommand::Clear)
         .await
         .expect("cleared");

@@ -133,10 +133,6 @@ impl<T: Transport, S: Store> Node<T, S> {
         })
     }
 
-    fn claimant(&self) -> Option<MemberInfo> {
-        self.inner.membership.claimant()
-    }
-
     /// The average size of a replica (one partition's copy) here: what the
     /// objects tree holds over the replicas this node holds. `None` when it
     /// holds none.
@@ -174,7 +170,12 @@ impl<T: Transport, S: Store> Node<T, S> {
         forwarded: bool,
     ) -> Response {
         if let (ClusterCommand::Commit { .. }, false) = (&command, forwarded) {
-            if let Some(claimant) = self.claimant().filter(|c| c.id != self.inner.me.id) {
+            if let Some(claimant) = self
+                .inner
+                .membership
+                .claimant()
+                .filter(|c| c.id != self.inner.me.id)
+            {
                 let deadline = tokio::time::Instant::now() + self.inner.settings.request_timeout;
                 // The claimant first learns what this node knows: the
                 // operator staged and planned here, and gossip may not
@@ -199,14 +200,23 @@ impl<T: Transport, S: Store> Node<T, S> {
             }
         }
         if let (ClusterCommand::Commit { .. }, true) = (&command, forwarded) {
-            if self.claimant().is_some_and(|c| c.id != self.inner.me.id) {
+            if self
+                .inner
+                .membership
+                .claimant()
+                .is_some_and(|c| c.id != self.inner.me.id)
+            {
                 return Response::Error(WireError::new(
                     ErrorKind::BadRequest,
                     format!("{} is not the claimant: commit refused", self.inner.me.name),
                 ));
             }
         }
-        let claimant = self.claimant().filter(|c| c.id != self.inner.me.id);
+        let claimant = self
+            .inner
+            .membership
+            .claimant()
+            .filter(|c| c.id != self.inner.me.id);
         let claimant_down = match &claimant {
             Some(c) if !self.is_up(c.id) => Some(c.id),
             // A claimant the operator removes may have died a moment ago,
