@@ -75,6 +75,9 @@ pub struct Metrics {
     pub hints_delivered: AtomicU64,
     pub hints_pending: AtomicU64,
     pub read_repairs: AtomicU64,
+    /// Spares of reads not sent: the read had its quorum first
+    /// (`cluster.spare-reads = "when-slow"`).
+    pub spare_reads_skipped: AtomicU64,
     pub aae_rebuilds: AtomicU64,
     pub aae_rebuild_mismatches: AtomicU64,
     pub aae_exchanges: AtomicU64,
@@ -263,6 +266,12 @@ impl Metrics {
             "shoal_read_repairs_total",
             "Replicas repaired after a read.",
             self.read_repairs.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "shoal_spare_reads_skipped_total",
+            "Reads of a replica beyond the quorum not sent, the quorum having answered first (spare-reads = when-slow).",
+            self.spare_reads_skipped.load(Ordering::Relaxed),
         );
         let _ = writeln!(out, "# HELP shoal_corrupt_records_total Stored records that failed their checksum (dropped, or skipped, and restored from replicas).\n# TYPE shoal_corrupt_records_total counter");
         for (tree, n) in ["objects", "hints", "aae"]

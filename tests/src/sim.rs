@@ -63,6 +63,7 @@ pub fn settings() -> Settings {
         w: 2,
         pr: 0,
         pw: 0,
+        spare_reads: shoal_node::config::SpareReads::Always,
         max_value_bytes: 1024,
         max_siblings: 100,
         max_object_bytes: 64 << 20,

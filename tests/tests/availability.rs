@@ -508,6 +508,59 @@ async fn a_spare_completes_the_quorum_when_a_send_gets_no_answer() {
     }
 }
 
+/// With `cluster.spare-reads = "when-slow"` a read asks the third replica
+/// only when its quorum is slow: 32 concurrent reads at node1 whose
+/// quorum answers at once send no later batch, and each counts a spare
+/// not sent; with node1's sends to either other replica lost, a read
+/// still succeeds, its spare sent after the spare delay, not at the
+/// request timeout.
+#[tokio::test(start_paused = true)]
+async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_quorum() {
+    use shoal_node::config::SpareReads;
+    use std::sync::atomic::Ordering;
+    let when_slow = || {
+        let mut s = settings();
+        s.spare_reads = SpareReads::WhenSlow;
+        SimCluster::with_settings(3, s)
+    };
+    let c = when_slow();
+    let keys: Vec<Vec<u8>> = (0..32).map(|i| format!("key{i}").into_bytes()).collect();
+    for r in at_once(&c, "node1", &keys, true).await {
+        written(r);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (answers, log) = traced_at_once(&c, "node1", &keys, false).await;
+    for r in answers {
+        assert_eq!(values(&value(r)), [b"v".to_vec()]);
+    }
+    let (at_once, later) = delivered_at_once_and_later(&log, "deliver batch");
+    assert!(
+        (1..=2).contains(&at_once),
+        "{at_once} batches at once: {log:#?}"
+    );
+    assert_eq!(later, 0, "no spare sent: {log:#?}");
+    assert_eq!(delivered(&log, "deliver replica-get"), 0, "{log:#?}");
+    let skipped = &c.node("node1").metrics().spare_reads_skipped;
+    assert_eq!(skipped.load(Ordering::Relaxed), 32);
+
+    for silent in ["node2", "node3"] {
+        let c = when_slow();
+        let key = format!("to-{silent}");
+        let key = key.as_bytes();
+        written(c.put("node1", key, b"v", None, D).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.net.blackhole("node1", silent);
+        let started = tokio::time::Instant::now();
+        let read = value(c.get("node1", key, D).await);
+        assert_eq!(values(&read), [b"v".to_vec()]);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(50),
+            "{silent} silent: {took:?}"
+        );
+    }
+}
+
 /// A batch is answered request by request: a write too large for one is
 /// refused on its own and the others are answered; a read whose object
 /// would take the answers past `BATCH_ANSWER_BYTES` comes back `Alone`

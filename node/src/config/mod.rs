@@ -173,6 +173,8 @@ pub struct ClusterConfig {
     /// Default number of primaries among R answers / W acknowledgements.
     pub pr: u32,
     pub pw: u32,
+    /// Which replicas beyond the read quorum a read asks (see [`SpareReads`]).
+    pub spare_reads: SpareReads,
     /// The founding members of a new cluster (this node may be listed too):
     /// the first ring is built once every one is identified. Later changes
     /// are committed by an operator (`shoal cluster plan` / `commit`) and
@@ -188,6 +190,25 @@ pub struct ClusterConfig {
     pub clock_max_entries: usize,
     /// Clock entries younger than this are never pruned.
     pub clock_min_age_secs: u64,
+}
+
+/// Which replicas a read asks beyond the R that make its quorum (the
+/// spares: with N=3 and R=2, the third replica).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpareReads {
+    /// Every replica is asked, a spare a millisecond after the quorum's
+    /// own sends (in a batch with others to the same node), and read
+    /// repair reaches every primary that answered stale (Riak's way).
+    #[default]
+    Always,
+    /// A spare is asked only when the quorum has not answered by the time
+    /// it would be sent (a millisecond on): it still covers a replica that
+    /// is slow or down, as a speculative retry does (Cassandra's way), and
+    /// a read answered in time costs one replica read less. Read repair
+    /// then reaches the replicas that answered; the others are brought up
+    /// to date by hinted handoff and anti-entropy.
+    WhenSlow,
 }
 
 /// Another node, as this node first reaches it.
@@ -276,6 +297,7 @@ impl Default for ClusterConfig {
             w: 2,
             pr: 0,
             pw: 0,
+            spare_reads: SpareReads::Always,
             members: Vec::new(),
             seeds: Vec::new(),
             gossip_ms: 1_000,

@@ -48,6 +48,18 @@ fn unknown_field_is_an_error_naming_it() {
 }
 
 #[test]
+fn spare_reads_is_always_unless_set_and_a_wrong_value_names_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |extra: &str| Config::load(&write(dir.path(), &format!("{MINIMAL}{extra}")));
+    assert_eq!(load("").unwrap().cluster.spare_reads, SpareReads::Always);
+    let c = load("[cluster]\nspare-reads = \"when-slow\"\n").unwrap();
+    assert_eq!(c.cluster.spare_reads, SpareReads::WhenSlow);
+    let err = load("[cluster]\nspare-reads = \"never\"\n").unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("always") && err.contains("when-slow"), "{err}");
+}
+
+#[test]
 fn impossible_quorum_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let err = Config::load(&write(

@@ -2,6 +2,7 @@
 //! place, and tallying who answered against a quorum.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use shoal_client::error::{ErrorKind, WireError};
@@ -13,6 +14,7 @@ use tracing::{debug, error};
 
 use super::quorum::Coordinator;
 use super::spare::{Leaves, THIS_TURN_BYTES};
+use super::speculative::{Answered, Ask};
 use crate::liveness::Liveness;
 use crate::membership::View;
 use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
@@ -48,8 +50,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// order; a fallback standing in for a primary takes no slot) in a
     /// batch that leaves this turn; the quorum need not wait for the
     /// others, which travel as spares, in a batch that leaves after a
-    /// window. Also returns the primaries asked directly (this node, and
-    /// those the detector saw up), for [`Tally::prefer_primaries`].
+    /// window; or, with `answered` (`cluster.spare-reads = "when-slow"`),
+    /// only if it is not set within the spare delay (see `speculative`).
+    /// Also returns the primaries asked directly (this node, and those the
+    /// detector saw up), for [`Tally::prefer_primaries`].
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -58,6 +62,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         op: ReplicaOp,
         deadline: Instant,
         eager: usize,
+        answered: Option<Arc<Answered>>,
     ) -> (mpsc::UnboundedReceiver<Reply>, Vec<NodeId>) {
         // Shared by every primary's send (an object or key copied per send
         // was a good part of a coordinator's allocations).
@@ -95,15 +100,19 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         for (primary, first) in first_tries {
             let local = first.as_ref().is_some_and(|f| f.id == self.me.id);
             let remote = !local && first.as_ref().is_some_and(|f| f.id == primary.id);
-            let spare = remote && eager_left == 0;
-            if remote && !spare {
+            let ask = match (remote && eager_left == 0, &answered) {
+                (false, _) => Ask::Quorum,
+                (true, None) => Ask::Spare,
+                (true, Some(answered)) => Ask::WhenSlow(answered.clone()),
+            };
+            if remote && matches!(ask, Ask::Quorum) {
                 eager_left -= 1;
             }
             let (node, tx, op, pool) = (self.clone(), tx.clone(), op.clone(), pool.clone());
             let key = key.clone();
             let work = async move {
                 let reply = node
-                    .reach(primary, first, &key, &op, &pool, deadline, spare)
+                    .reach(primary, first, &key, &op, &pool, deadline, ask)
                     .await;
                 let _ = tx.send(reply);
             };
@@ -113,8 +122,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     }
 
     /// One primary's part of [`Self::sloppy_fan_out`]: a remote primary
-    /// itself is sent the request in a batch (a `spare` in one that waits
-    /// a window), fallbacks one by one as usual.
+    /// itself is sent the request in a batch (a spare in one that waits
+    /// a window, or not at all if the quorum answers within the spare
+    /// delay), fallbacks one by one as usual.
     #[allow(clippy::too_many_arguments)]
     async fn reach(
         self: &Arc<Self>,
@@ -124,8 +134,23 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         op: &ReplicaOp,
         pool: &Mutex<Fallbacks>,
         deadline: Instant,
-        spare: bool,
+        ask: Ask,
     ) -> Reply {
+        if let Ask::WhenSlow(answered) = &ask {
+            let delay = (self.answer_times).spare_delay(self.settings.request_timeout / 4);
+            if answered.first_within(delay).await {
+                (self.metrics.spare_reads_skipped).fetch_add(1, Ordering::Relaxed);
+                return Reply {
+                    result: Err(TransportError::Failed(
+                        primary.name.clone(),
+                        "not asked: the quorum had answered".into(),
+                    )),
+                    from: primary,
+                    for_primary: None,
+                    corrupt: false,
+                };
+            }
+        }
         let mut failures = Vec::new();
         let mut next = first;
         while let Some(target) = next {
@@ -134,11 +159,14 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             // A remote primary's request travels in a batch (see `spare`);
             // one its batch hands back goes on its own (built again: rare,
             // and only then is its object copied twice).
-            let leaves = match (as_primary && target.id != self.me.id, spare) {
+            let leaves = match (as_primary && target.id != self.me.id, &ask) {
                 (false, _) => None,
-                (true, true) => Some(Leaves::AfterWindow),
-                (true, false) => self.joins_this_turn(key, op).then_some(Leaves::ThisTurn),
+                (true, Ask::Spare) => Some(Leaves::AfterWindow),
+                (true, Ask::Quorum | Ask::WhenSlow(_)) => {
+                    self.joins_this_turn(key, op).then_some(Leaves::ThisTurn)
+                }
             };
+            let sent = Instant::now();
             let batched = match leaves {
                 Some(leaves) => {
                     self.batched_call(&target, leaves, op.request(key, None), deadline)
@@ -155,12 +183,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             };
             match answer {
                 Ok(resp) if op.accepts(&resp) => {
+                    if as_primary && matches!(ask, Ask::Quorum) && target.id != self.me.id {
+                        (self.answer_times).record(target.id, sent.elapsed());
+                    }
                     return Reply {
                         from: target,
                         for_primary: (!as_primary).then_some(primary),
                         result: Ok(resp),
                         corrupt: false,
-                    }
+                    };
                 }
                 // The primary's copy was lost to corruption: its answer
                 // does not count, and read repair gives it what was heard.

@@ -60,6 +60,7 @@ pub mod quorum;
 mod read_repair;
 pub mod settings;
 mod spare;
+mod speculative;
 mod status;
 
 use std::net::SocketAddr;
@@ -161,6 +162,7 @@ impl<T: Transport, S: Store> Node<T, S> {
             tasks: crate::tasks::Tasks::counted_in(metrics.request_tasks.clone()),
             forward_ids: ForwardIds::starting_at(settings.clock.now_ms()),
             spares: Default::default(),
+            answer_times: Default::default(),
         });
         let handoff = Handoff {
             me: me.id,

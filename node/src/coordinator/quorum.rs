@@ -17,6 +17,8 @@ use tokio::time::Instant;
 use super::fanout::{ReplicaOp, Tally};
 use super::read_repair::Heard;
 use super::settings::Settings;
+use super::speculative::{AnswerTimes, Answered};
+use crate::config::SpareReads;
 use crate::liveness::Liveness;
 use crate::membership::{Membership, View};
 use crate::metrics::Metrics;
@@ -51,6 +53,8 @@ pub struct Coordinator<T, S> {
     pub forward_ids: super::ForwardIds,
     /// Requests to remote primaries, gathered per peer (see `spare`).
     pub(super) spares: super::spare::Spares,
+    /// How fast peers answer, for the spare delay (see `speculative`).
+    pub(super) answer_times: AnswerTimes,
 }
 
 /// Most entries a client's causal context may have: more than any clock
@@ -449,7 +453,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             siblings: object.values().count() as u32,
         });
         let mut answers = self
-            .sloppy_fan_out(view, &key, &others, ReplicaOp::Put(object), deadline, eager)
+            .sloppy_fan_out(
+                view,
+                &key,
+                &others,
+                ReplicaOp::Put(object),
+                deadline,
+                eager,
+                None,
+            )
             .0;
         let mut tally = Tally::over(&lists);
         // The local copy counts once durable (with `fsync`, when a WAL
@@ -500,10 +512,19 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         primaries.rotate_left(start);
         self.check_primaries_up(&primaries, pr, "PR", "nothing was read")?;
         // This node's copy and the next replicas make the quorum; the
-        // others are asked as spares, for read repair.
+        // others are asked as spares, for read repair (or only when the
+        // quorum is slow: `cluster.spare-reads`).
         let eager = self.quorum_sends(r, &primaries);
-        let (mut answers, direct) =
-            self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager);
+        let answered = (s.spare_reads == SpareReads::WhenSlow).then(Arc::<Answered>::default);
+        let (mut answers, direct) = self.sloppy_fan_out(
+            view,
+            key,
+            &primaries,
+            ReplicaOp::Get,
+            deadline,
+            eager,
+            answered.clone(),
+        );
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
         let now = Instant::now();
@@ -518,6 +539,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 heard.extend(Heard::from_reply(reply))
             })
             .await;
+        if let Some(answered) = answered {
+            answered.set();
+        }
         // Merging and copying values of megabytes: off the worker.
         let reply = crate::tasks::heavy_for(Heard::bytes(&heard), || {
             let merged = Heard::merge_all(&heard);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::antientropy::AaeSettings;
 use crate::clock::Clock;
+use crate::config::SpareReads;
 use crate::detector::DetectorConfig;
 use crate::handoff::HandoffSettings;
 use crate::replica::ReplicaSettings;
@@ -17,6 +18,7 @@ pub struct Settings {
     pub w: u32,
     pub pr: u32,
     pub pw: u32,
+    pub spare_reads: SpareReads,
     pub max_value_bytes: usize,
     /// Admission limits of client writes (see [`crate::replica::Replica::write`]).
     pub max_siblings: usize,
@@ -52,6 +54,7 @@ impl Settings {
             w: c.cluster.w,
             pr: c.cluster.pr,
             pw: c.cluster.pw,
+            spare_reads: c.cluster.spare_reads,
             max_value_bytes: c.limits.max_value_bytes,
             max_siblings: c.limits.max_siblings,
             max_object_bytes: c.limits.max_object_bytes,

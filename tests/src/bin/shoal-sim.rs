@@ -3,6 +3,7 @@
 //! ```text
 //! shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
 //!           [--pruning-percent 20] [--corruption-percent 50] [--membership-percent 30]
+//!           [--spare-reads-percent 30]
 //! shoal-sim --seed 123 --verbose        # replay: summary, report, trace
 //! ```
 //! Prints a progress line, every failing seed with its report, and a final
@@ -15,6 +16,7 @@ use shoal_tests::explore::{run_range, run_seed, Options, ENVELOPE};
 const USAGE: &str = "\
 shoal-sim --seeds 0..1000 [--jobs 2] [--power-loss-percent 20] [--any-reply-context]
           [--pruning-percent 20] [--corruption-percent 50] [--membership-percent 30]
+          [--spare-reads-percent 30]
 shoal-sim --seed 123 [--verbose]        # replay one seed: summary, report (and trace)";
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -46,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             "--pruning-percent" => options.pruning_percent = value()?.parse()?,
             "--corruption-percent" => options.corruption_percent = value()?.parse()?,
             "--membership-percent" => options.membership_percent = value()?.parse()?,
+            "--spare-reads-percent" => options.spare_reads_percent = value()?.parse()?,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return Ok(());

@@ -107,6 +107,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shoal_node::config::SpareReads;
 use shoal_node::net::sim::{ChaosConfig, SimNetwork, SimRng};
 
 use oracle::Violation;
@@ -121,7 +122,7 @@ pub const QUIET_MAX: Duration = Duration::from_secs(60);
 pub const ENVELOPE: &str = "fault envelope: <= 1 power loss or corrupted record per seed (W-1 permanent losses per key), \
 power loss only through the unsynced tail (OS flush every 1 s), <= 1 node down at a time (2 in 10% of seeds), \
 each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period; \
-clock pruning only with --pruning-percent; \
+clock pruning only with --pruning-percent; spare reads only when the quorum is slow in 30% of seeds; \
 membership changes (1 or 2 joins, leaves, removes, one at a time) in 30% of seeds, a remove destroying its machine \
 for good (counted as the seed's one permanent loss)";
 
@@ -148,6 +149,10 @@ pub struct Options {
     /// (joins, leaves, removes; see [`operator`]). Drawn from a generator
     /// of its own, so the other seeds' schedules stay as they were.
     pub membership_percent: u64,
+    /// Odds (percent) that a seed's nodes read with
+    /// `cluster.spare-reads = "when-slow"`. Drawn from a generator of its
+    /// own, so the other draws stay as they were.
+    pub spare_reads_percent: u64,
 }
 
 impl Default for Options {
@@ -159,6 +164,7 @@ impl Default for Options {
             pruning_percent: 0,
             corruption_percent: 0,
             membership_percent: 30,
+            spare_reads_percent: 30,
         }
     }
 }
@@ -170,6 +176,7 @@ pub struct Outcome {
     pub nodes: usize,
     /// The clock pruning bounds, if this seed prunes.
     pub pruning: Option<(usize, u64)>,
+    pub spare_reads: SpareReads,
     pub keys: usize,
     pub ops: usize,
     pub acked_writes: usize,
@@ -192,13 +199,17 @@ impl Outcome {
 
     pub fn summary(&self) -> String {
         format!(
-            "seed {}: {} nodes{}, {} keys, {} ops ({} writes acked), {} faults {:?}, {:.1} s simulated, \
+            "seed {}: {} nodes{}{}, {} keys, {} ops ({} writes acked), {} faults {:?}, {:.1} s simulated, \
              {} events, trace hash {:016x}{}{}",
             self.seed,
             self.nodes,
             self.pruning.map_or(String::new(), |(n, ms)| format!(
                 " (clocks pruned past {n} entries, {ms} ms)"
             )),
+            match self.spare_reads {
+                SpareReads::Always => "",
+                SpareReads::WhenSlow => " (spare reads when slow)",
+            },
             self.keys,
             self.ops,
             self.acked_writes,
@@ -271,7 +282,13 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         power_loss_percent = 0;
         corrupt = false;
     }
-    let world = World::new(net.clone(), size, &mut rng, pruning);
+    let spare_reads =
+        if SimRng::new(seed ^ 0x7370_6172_6573_2121).below(100) < options.spare_reads_percent {
+            SpareReads::WhenSlow
+        } else {
+            SpareReads::Always
+        };
+    let world = World::new(net.clone(), size, &mut rng, pruning, spare_reads);
     let shared = Arc::new(Shared {
         seed,
         net: net.clone(),
@@ -433,6 +450,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         seed,
         nodes: size,
         pruning,
+        spare_reads,
         keys,
         ops: history.len(),
         acked_writes: history.iter().filter(|o| o.what != "get" && o.ok).count(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use shoal_client::proto::MemberInfo;
 use shoal_node::antientropy::AaeSettings;
 use shoal_node::clock::Clock;
-use shoal_node::config::MemberConfig;
+use shoal_node::config::{MemberConfig, SpareReads};
 use shoal_node::coordinator::Settings;
 use shoal_node::detector::DetectorConfig;
 use shoal_node::handoff::HandoffSettings;
@@ -41,7 +41,7 @@ pub type Pruning = Option<(usize, u64)>;
 /// The settings of every simulated node (its clock aside); `pruning`
 /// overrides the clock bounds (the default, 50 entries and a day, never
 /// prunes in a simulation).
-pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
+pub fn sim_settings(clock: Clock, pruning: Pruning, spare_reads: SpareReads) -> Settings {
     let (clock_max_entries, clock_min_age_ms) = pruning.unwrap_or((50, 86_400_000));
     Settings {
         n: 3,
@@ -49,6 +49,7 @@ pub fn sim_settings(clock: Clock, pruning: Pruning) -> Settings {
         w: 2,
         pr: 0,
         pw: 0,
+        spare_reads,
         max_value_bytes: 1024,
         max_siblings: 100,
         max_object_bytes: 64 << 20,
@@ -115,6 +116,7 @@ pub struct World {
     /// Simulated epoch: tokio's instant at which node clocks read `START_MS`.
     origin: tokio::time::Instant,
     pruning: Pruning,
+    spare_reads: SpareReads,
     /// Machines whose leave the operator committed: each removes itself
     /// once it has handed everything off (see `shoal_node::transfer`).
     pub left: Vec<usize>,
@@ -125,7 +127,13 @@ const START_MS: u64 = 1_800_000_000_000;
 
 impl World {
     /// `size` machines, started; clock skews drawn from `rng`.
-    pub fn new(net: Arc<SimNetwork>, size: usize, rng: &mut SimRng, pruning: Pruning) -> Self {
+    pub fn new(
+        net: Arc<SimNetwork>,
+        size: usize,
+        rng: &mut SimRng,
+        pruning: Pruning,
+        spare_reads: SpareReads,
+    ) -> Self {
         let members: Vec<MemberInfo> = (1..=size)
             .map(|i| MemberInfo {
                 id: NodeId::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15),
@@ -165,6 +173,7 @@ impl World {
             expected,
             origin: tokio::time::Instant::now(),
             pruning,
+            spare_reads,
             left: Vec::new(),
         };
         for i in 0..size {
@@ -181,6 +190,7 @@ impl World {
             expected: Vec::new(),
             origin: tokio::time::Instant::now(),
             pruning: None,
+            spare_reads: SpareReads::Always,
             left: Vec::new(),
         }
     }
@@ -264,7 +274,7 @@ impl World {
         let (net, name) = (self.net.clone(), m.me.name.clone());
         let clock = Clock::tokio(START_MS + m.skew_ms, self.origin)
             .with_timer_trace(move |what| net.note(|| format!("{name} timer {what}")));
-        let settings = sim_settings(clock, self.pruning);
+        let settings = sim_settings(clock, self.pruning, self.spare_reads);
         let node = shoal_node::server::open_node(
             m.me.clone(),
             settings,
