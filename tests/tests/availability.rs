@@ -509,11 +509,14 @@ async fn a_spare_completes_the_quorum_when_a_send_gets_no_answer() {
 }
 
 /// With `cluster.spare-reads = "when-slow"` a read asks the third replica
-/// only when its quorum is slow: 32 concurrent reads at node1 whose
-/// quorum answers at once send no later batch, and each counts a spare
-/// not sent; with node1's sends to either other replica lost, a read
-/// still succeeds, its spare sent after the spare delay, not at the
-/// request timeout.
+/// only when its quorum is slow or fails:
+/// - 32 concurrent reads at node1 whose quorum answers at once send no
+///   later batch, and each counts a spare not sent;
+/// - with node1's sends to the quorum's peer lost, the spare goes after
+///   the delay (1 ms here), and the read succeeds well before the timeout;
+/// - with those sends failing at once, the spare goes at once;
+/// - with every answer to node1 20 ms late, the spare waits twice that:
+///   reads answered in 20 ms send none.
 #[tokio::test(start_paused = true)]
 async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_quorum() {
     use shoal_node::config::SpareReads;
@@ -522,6 +525,10 @@ async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_qu
         let mut s = settings();
         s.spare_reads = SpareReads::WhenSlow;
         SimCluster::with_settings(3, s)
+    };
+    let skipped = |c: &SimCluster| {
+        let m = c.node("node1").metrics();
+        m.spare_reads_skipped.load(Ordering::Relaxed)
     };
     let c = when_slow();
     let keys: Vec<Vec<u8>> = (0..32).map(|i| format!("key{i}").into_bytes()).collect();
@@ -540,25 +547,58 @@ async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_qu
     );
     assert_eq!(later, 0, "no spare sent: {log:#?}");
     assert_eq!(delivered(&log, "deliver replica-get"), 0, "{log:#?}");
-    let skipped = &c.node("node1").metrics().spare_reads_skipped;
-    assert_eq!(skipped.load(Ordering::Relaxed), 32);
+    assert_eq!(skipped(&c), 32);
 
-    for silent in ["node2", "node3"] {
+    // A key whose quorum send from node1 goes to node2: the replica after
+    // node1 in its preference list.
+    let key = (0..)
+        .map(|i| format!("to-node2-{i}").into_bytes())
+        .find(|k| {
+            let p = c.primaries(k);
+            let mine = p.iter().position(|n| n == "node1").unwrap();
+            p[(mine + 1) % p.len()] == "node2"
+        })
+        .unwrap();
+    for fault in ["lost", "refused"] {
         let c = when_slow();
-        let key = format!("to-{silent}");
-        let key = key.as_bytes();
-        written(c.put("node1", key, b"v", None, D).await);
+        written(c.put("node1", &key, b"v", None, D).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        c.net.blackhole("node1", silent);
+        match fault {
+            "lost" => c.net.blackhole("node1", "node2"),
+            _ => c.net.cut("node1", "node2"),
+        }
         let started = tokio::time::Instant::now();
-        let read = value(c.get("node1", key, D).await);
+        let read = value(c.get("node1", &key, D).await);
         assert_eq!(values(&read), [b"v".to_vec()]);
         let took = started.elapsed();
-        assert!(
-            took < Duration::from_millis(50),
-            "{silent} silent: {took:?}"
-        );
+        let wanted = match fault {
+            "lost" => Duration::from_millis(1)..Duration::from_millis(50),
+            _ => Duration::ZERO..Duration::from_micros(1),
+        };
+        assert!(wanted.contains(&took), "{fault}: {took:?}");
+        assert_eq!(skipped(&c), 0, "{fault}: the spare was sent");
     }
+
+    let c = when_slow();
+    written(c.put("node1", &key, b"v", None, D).await);
+    for peer in ["node2", "node3"] {
+        c.net.delay("node1", peer, Duration::from_millis(20));
+    }
+    for _ in 0..50 {
+        value(c.get("node1", &key, D).await);
+    }
+    let before = skipped(&c);
+    let started = tokio::time::Instant::now();
+    for _ in 0..10 {
+        value(c.get("node1", &key, D).await);
+    }
+    let took = started.elapsed() / 10;
+    assert!(took >= Duration::from_millis(20), "{took:?}");
+    assert_eq!(
+        skipped(&c) - before,
+        10,
+        "no spare sent for a read as slow as the others"
+    );
 }
 
 /// A batch is answered request by request: a write too large for one is

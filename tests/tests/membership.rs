@@ -106,7 +106,7 @@ fn member(w: &World, i: usize) -> usize {
 /// knowing the ring.
 async fn ready(size: usize, seed: u64) -> World {
     let mut rng = SimRng::new(seed);
-    let w = World::new(SimNetwork::new(), size, &mut rng, None);
+    let w = World::new(SimNetwork::new(), size, &mut rng, None, SpareReads::Always);
     until("ring", Duration::from_secs(10), || {
         (0..size).all(|i| w.node(i).unwrap().membership().view().is_some())
     })

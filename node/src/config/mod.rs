@@ -202,12 +202,14 @@ pub enum SpareReads {
     /// repair reaches every primary that answered stale (Riak's way).
     #[default]
     Always,
-    /// A spare is asked only when the quorum has not answered by the time
-    /// it would be sent (a millisecond on): it still covers a replica that
-    /// is slow or down, as a speculative retry does (Cassandra's way), and
-    /// a read answered in time costs one replica read less. Read repair
-    /// then reaches the replicas that answered; the others are brought up
-    /// to date by hinted handoff and anti-entropy.
+    /// A spare is asked only when the quorum is slow: when one of its
+    /// sends fails, or it has not answered within the spare delay (twice
+    /// the fastest peer's mean answer time, at least 1 ms, at most a
+    /// quarter of the read's budget and 250 ms). It still covers a replica
+    /// that is slow or down, as a speculative retry does (Cassandra's
+    /// way), and a read answered in time costs one replica read less.
+    /// Read repair then reaches the replicas that answered; the others are
+    /// brought up to date by hinted handoff and anti-entropy.
     WhenSlow,
 }
 

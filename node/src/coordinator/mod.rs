@@ -62,6 +62,7 @@ pub mod settings;
 mod spare;
 mod speculative;
 mod status;
+mod tally;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

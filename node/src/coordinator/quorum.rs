@@ -14,10 +14,11 @@ use shoal_client::proto::{
 };
 use tokio::time::Instant;
 
-use super::fanout::{ReplicaOp, Tally};
+use super::fanout::ReplicaOp;
 use super::read_repair::Heard;
 use super::settings::Settings;
-use super::speculative::{AnswerTimes, Answered};
+use super::speculative::{AnswerTimes, SpareGate};
+use super::tally::Tally;
 use crate::config::SpareReads;
 use crate::liveness::Liveness;
 use crate::membership::{Membership, View};
@@ -515,7 +516,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // others are asked as spares, for read repair (or only when the
         // quorum is slow: `cluster.spare-reads`).
         let eager = self.quorum_sends(r, &primaries);
-        let answered = (s.spare_reads == SpareReads::WhenSlow).then(Arc::<Answered>::default);
+        let now = Instant::now();
+        let patience = (deadline.saturating_duration_since(now)).min(2 * FALLBACK_PATIENCE) / 2;
+        // A spare held to half the patience still has the other half to
+        // answer before a fallback's answer is taken for it.
+        let gate =
+            (s.spare_reads == SpareReads::WhenSlow).then(|| Arc::new(SpareGate::new(patience / 2)));
         let (mut answers, direct) = self.sloppy_fan_out(
             view,
             key,
@@ -523,24 +529,18 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             ReplicaOp::Get,
             deadline,
             eager,
-            answered.clone(),
+            gate.clone(),
         );
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
-        let now = Instant::now();
-        let patience = now
-            + deadline
-                .saturating_duration_since(now)
-                .min(2 * FALLBACK_PATIENCE)
-                / 2;
-        tally.prefer_primaries(direct, patience);
+        tally.prefer_primaries(direct, now + patience);
         tally
             .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
                 heard.extend(Heard::from_reply(reply))
             })
             .await;
-        if let Some(answered) = answered {
-            answered.set();
+        if let Some(gate) = gate {
+            gate.answered();
         }
         // Merging and copying values of megabytes: off the worker.
         let reply = crate::tasks::heavy_for(Heard::bytes(&heard), || {

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::fanout::Reply;
 use super::quorum::Coordinator;
+use super::tally::Reply;
 use crate::net::{PeerRequest, PeerResponse, Transport};
 use crate::storage::Store;
 use crate::version::Object;

@@ -5,7 +5,9 @@
 //!
 //! Every replica of a key is still asked: a read is still read-repaired
 //! from all of them, and a write still reaches all of them at once, not
-//! later through anti-entropy. The quorum's own sends (the R-1 or W-1
+//! later through anti-entropy (with `cluster.spare-reads = "when-slow"`,
+//! a read's spares are held and sent, at once, only if its quorum is slow:
+//! see `speculative`). The quorum's own sends (the R-1 or W-1
 //! replicas after this node in ring order; the local replica is answered
 //! in place) leave in the same turn of the scheduler: the first one bound
 //! for a peer starts a task that yields once, so that the requests the

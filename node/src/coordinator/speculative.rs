@@ -2,11 +2,17 @@
 //! (`cluster.spare-reads = "when-slow"`): a speculative retry, as
 //! Cassandra's, whose delay follows how fast the peers answer.
 //!
-//! A read's spare (the replica beyond the R that make its quorum) waits
-//! for the quorum or for [`AnswerTimes::spare_delay`], whichever comes
-//! first, and is sent only in the second case. The delay is twice the
-//! mean answer time of the fastest peer, and never under [`FLOOR`]:
-//! - under light load, answers take a fraction of a millisecond, and the
+//! A read's spares (the replicas beyond the R that make its quorum) are
+//! held by its [`SpareGate`] until the first of:
+//! - the read has its answer: they are not sent;
+//! - one of the quorum's own sends fails (an error, a corrupt copy, an
+//!   unreachable peer): they go at once, as a fallback would;
+//! - the spare delay passes: they go.
+//!
+//! The delay is twice the fastest peer's mean answer time to the reads'
+//! quorum sends ([`AnswerTimes::spare_delay`]), at least [`FLOOR`] and at
+//! most a quarter of the read's budget (250 ms at most: see [`SpareGate`]):
+//! - under light load, answers take a fraction of a millisecond, and a
 //!   spare of a read whose quorum send is slow or lost leaves a
 //!   millisecond on, as it does with `always` (a spare's batch waits that
 //!   long);
@@ -17,8 +23,8 @@
 //!   covered after twice the others' answer time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use shoal_ring::NodeId;
@@ -36,43 +42,63 @@ const FRESH: Duration = Duration::from_secs(5);
 /// The weight of a new answer in a peer's mean.
 const WEIGHT: f64 = 1.0 / 16.0;
 
-/// How a primary is asked by `Coordinator::sloppy_fan_out`.
-#[derive(Clone)]
-pub(super) enum Ask {
-    /// It makes the quorum (this node, or one of the quorum's own sends),
-    /// or it is a fallback's.
-    Quorum,
-    /// A spare, in a batch that waits a window.
-    Spare,
-    /// A spare, asked only if the quorum is slow.
-    WhenSlow(Arc<Answered>),
-}
-
-/// Set once a read's quorum has answered.
-#[derive(Default)]
-pub(super) struct Answered {
-    set: AtomicBool,
+/// A read's spares (`spare-reads = "when-slow"`), held until its quorum
+/// answers (then they are not sent), a quorum send fails (then they go at
+/// once), or the spare delay passes (then they go).
+pub(super) struct SpareGate {
+    state: AtomicU8,
     notify: Notify,
+    /// The most a spare waits: half the read's patience with fallbacks'
+    /// answers (`Tally::prefer_primaries`), a quarter of its budget and
+    /// 250 ms at most, so that a spare sent then has the other half to
+    /// answer.
+    cap: Duration,
 }
 
-impl Answered {
-    pub(super) fn set(&self) {
-        self.set.store(true, Ordering::Release);
-        self.notify.notify_waiters();
+const HOLDING: u8 = 0;
+const ANSWERED: u8 = 1;
+const HURRIED: u8 = 2;
+
+impl SpareGate {
+    pub(super) fn new(cap: Duration) -> Self {
+        SpareGate {
+            state: AtomicU8::new(HOLDING),
+            notify: Notify::new(),
+            cap,
+        }
     }
 
-    /// Waits until the quorum has answered or `delay` has passed: whether
-    /// the quorum answered first.
-    pub(super) async fn first_within(&self, delay: Duration) -> bool {
-        // Registered before the check: a `set` after it wakes this.
-        let notified = self.notify.notified();
-        if self.set.load(Ordering::Acquire) {
-            return true;
+    /// The read has its answer: spares still held are not sent.
+    pub(super) fn answered(&self) {
+        self.settle(ANSWERED);
+    }
+
+    /// A quorum send failed: spares still held go at once.
+    pub(super) fn hurry(&self) {
+        self.settle(HURRIED);
+    }
+
+    fn settle(&self, to: u8) {
+        let settled = self
+            .state
+            .compare_exchange(HOLDING, to, Ordering::AcqRel, Ordering::Acquire);
+        if settled.is_ok() {
+            self.notify.notify_waiters();
         }
-        tokio::select! {
-            _ = notified => true,
-            _ = tokio::time::sleep(delay) => self.set.load(Ordering::Acquire),
+    }
+
+    /// Holds a spare for at most `delay` (within the cap): whether it is
+    /// not to be sent (the read had its answer first).
+    pub(super) async fn holds_back(&self, delay: Duration) -> bool {
+        // Registered before the check: a `settle` after it wakes this.
+        let settled = self.notify.notified();
+        if self.state.load(Ordering::Acquire) == HOLDING {
+            tokio::select! {
+                _ = settled => {}
+                _ = tokio::time::sleep(delay.min(self.cap)) => {}
+            }
         }
+        self.state.load(Ordering::Acquire) == ANSWERED
     }
 }
 
@@ -94,13 +120,17 @@ impl AnswerTimes {
         let now = Instant::now();
         let mut peers = self.peers.lock().expect("answer times lock");
         let mean = peers.entry(peer).or_insert(Mean { nanos, at: now });
+        if now.saturating_duration_since(mean.at) >= FRESH {
+            // Long unheard: what it took then says nothing of now.
+            mean.nanos = nanos;
+        }
         mean.nanos += (nanos - mean.nanos) * WEIGHT;
         mean.at = now;
     }
 
     /// How long a spare waits for the quorum: twice the fastest peer's
-    /// mean answer time, within [`FLOOR`] and `cap`.
-    pub(super) fn spare_delay(&self, cap: Duration) -> Duration {
+    /// mean answer time, at least [`FLOOR`] (a [`SpareGate`] caps it).
+    pub(super) fn spare_delay(&self) -> Duration {
         let now = Instant::now();
         let peers = self.peers.lock().expect("answer times lock");
         let fastest = (peers.values())
@@ -112,7 +142,7 @@ impl AnswerTimes {
         } else {
             FLOOR
         };
-        delay.clamp(FLOOR, cap.max(FLOOR))
+        delay.max(FLOOR)
     }
 }
 
@@ -125,42 +155,60 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_delay_follows_the_fastest_peer_within_its_bounds() {
+    async fn the_delay_follows_the_fastest_peer_and_never_falls_under_the_floor() {
         let times = AnswerTimes::default();
-        assert_eq!(times.spare_delay(ms(100)), FLOOR, "no answer yet");
+        assert_eq!(times.spare_delay(), FLOOR, "no answer yet");
         let (a, b) = (NodeId::from_u128(1), NodeId::from_u128(2));
         for _ in 0..200 {
             times.record(a, ms(3));
             times.record(b, ms(40)); // stalled: does not raise the delay
         }
-        let delay = times.spare_delay(ms(100));
+        let delay = times.spare_delay();
         assert!(delay > ms(5) && delay < ms(7), "{delay:?}");
-        assert_eq!(times.spare_delay(ms(2)), ms(2), "capped");
         for _ in 0..200 {
             times.record(a, Duration::from_micros(100));
         }
-        assert_eq!(times.spare_delay(ms(100)), FLOOR, "never under the floor");
-        // A peer not heard from for a while no longer counts.
+        assert_eq!(times.spare_delay(), FLOOR, "never under the floor");
+        // A peer not heard from for a while no longer counts, and its
+        // next answer starts its mean afresh.
         tokio::time::advance(FRESH).await;
-        times.record(b, ms(40));
-        let delay = times.spare_delay(ms(100));
-        assert!(delay > ms(70), "{delay:?}");
+        times.record(b, ms(4));
+        let delay = times.spare_delay();
+        assert!(delay > ms(7) && delay < ms(9), "{delay:?}");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_spare_waits_for_the_quorum_or_its_delay() {
-        let answered = std::sync::Arc::new(Answered::default());
-        assert!(
-            !answered.first_within(ms(5)).await,
-            "the delay passed first"
-        );
-        let waiting = tokio::spawn({
-            let answered = answered.clone();
-            async move { answered.first_within(ms(5)).await }
-        });
+    async fn a_gate_holds_a_spare_until_the_answer_a_failure_or_the_delay() {
+        use std::sync::Arc;
+        let gate = SpareGate::new(ms(100));
+        let started = Instant::now();
+        assert!(!gate.holds_back(ms(5)).await, "the delay passed first");
+        assert_eq!(started.elapsed(), ms(5));
+        let held = |gate: &Arc<SpareGate>| {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.holds_back(ms(50)).await })
+        };
+
+        let gate = Arc::new(SpareGate::new(ms(100)));
+        let waiting = held(&gate);
         tokio::time::sleep(ms(1)).await;
-        answered.set();
-        assert!(waiting.await.unwrap(), "the quorum answered first");
-        assert!(answered.first_within(ms(5)).await, "already answered");
+        gate.answered();
+        gate.hurry(); // too late: the answer came first
+        assert!(waiting.await.unwrap(), "not sent: the read had its answer");
+        assert!(gate.holds_back(ms(5)).await, "answered already");
+
+        let gate = Arc::new(SpareGate::new(ms(100)));
+        let waiting = held(&gate);
+        tokio::time::sleep(ms(1)).await;
+        let started = Instant::now();
+        gate.hurry();
+        gate.answered();
+        assert!(!waiting.await.unwrap(), "sent: a quorum send failed");
+        assert_eq!(started.elapsed(), Duration::ZERO, "at once");
+
+        let gate = SpareGate::new(ms(2));
+        let started = Instant::now();
+        assert!(!gate.holds_back(ms(50)).await);
+        assert_eq!(started.elapsed(), ms(2), "the read's cap");
     }
 }

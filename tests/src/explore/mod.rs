@@ -122,7 +122,7 @@ pub const QUIET_MAX: Duration = Duration::from_secs(60);
 pub const ENVELOPE: &str = "fault envelope: <= 1 power loss or corrupted record per seed (W-1 permanent losses per key), \
 power loss only through the unsynced tail (OS flush every 1 s), <= 1 node down at a time (2 in 10% of seeds), \
 each down <= 6 s (tombstone grace 1 s, reaper every 0.5 s), all faults healed before a quiet period; \
-clock pruning only with --pruning-percent; spare reads only when the quorum is slow in 30% of seeds; \
+clock pruning only with --pruning-percent; spare reads only when the quorum is slow in 30% of seeds by default; \
 membership changes (1 or 2 joins, leaves, removes, one at a time) in 30% of seeds, a remove destroying its machine \
 for good (counted as the seed's one permanent loss)";
 
