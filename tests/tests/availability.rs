@@ -515,8 +515,10 @@ async fn a_spare_completes_the_quorum_when_a_send_gets_no_answer() {
 /// - with node1's sends to the quorum's peer lost, the spare goes after
 ///   the delay (1 ms here), and the read succeeds well before the timeout;
 /// - with those sends failing at once, the spare goes at once;
-/// - with every answer to node1 20 ms late, the spare waits twice that:
-///   reads answered in 20 ms send none.
+/// - with every request from node1 20 ms late, the spare waits twice
+///   that: reads answered in 20 ms send none; but never more than a
+///   quarter of the read's budget, so that a read of 50 ms whose quorum
+///   send is lost still gets the spare's answer in time.
 #[tokio::test(start_paused = true)]
 async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_quorum() {
     use shoal_node::config::SpareReads;
@@ -599,6 +601,13 @@ async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_qu
         10,
         "no spare sent for a read as slow as the others"
     );
+    c.net.blackhole("node1", "node2");
+    let short = RequestOptions {
+        timeout_ms: Some(50),
+        ..D
+    };
+    let read = value(c.get("node1", &key, short).await);
+    assert_eq!(values(&read), [b"v".to_vec()]);
 }
 
 /// A batch is answered request by request: a write too large for one is

@@ -10,6 +10,7 @@ use std::time::Duration;
 use shoal_client::proto::{
     ClusterCommand, ClusterReply, GetReply, PlanView, PutReply, Request, RequestOptions, Response,
 };
+use shoal_node::config::SpareReads;
 use shoal_node::net::sim::{SimNetwork, SimRng};
 use shoal_node::storage::{Store, Tree};
 use shoal_tests::explore::world::World;

@@ -207,7 +207,7 @@ pub enum SpareReads {
     /// the fastest peer's mean answer time, at least 1 ms, at most a
     /// quarter of the read's budget and 250 ms). It still covers a replica
     /// that is slow or down, as a speculative retry does (Cassandra's
-    /// way), and a read answered in time costs one replica read less.
+    /// way), and a read answered in time costs N-R replica reads less.
     /// Read repair then reaches the replicas that answered; the others are
     /// brought up to date by hinted handoff and anti-entropy.
     WhenSlow,

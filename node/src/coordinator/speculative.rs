@@ -21,6 +21,10 @@
 //! - one peer that stalls (a flush) or dies does not raise the delay: it
 //!   follows the fastest peer, so the stalled peer's reads are still
 //!   covered after twice the others' answer time.
+//!
+//! Only remote quorum sends are timed: reads at R=1 that a replica answers
+//! from its own copy time nothing, and unless other reads do, their
+//! spares wait the floor.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
