@@ -135,7 +135,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         gate: Option<Arc<SpareGate>>,
     ) -> Reply {
         if let Some(gate) = gate.as_ref().filter(|_| spare) {
-            if gate.holds_back(self.answer_times.spare_delay()).await {
+            if gate
+                .holds_back(self.spares.answer_times.spare_delay())
+                .await
+            {
                 (self.metrics.spare_reads_skipped).fetch_add(1, Ordering::Relaxed);
                 return Reply::failed(primary, "not asked: the read was answered first".into());
             }
@@ -178,7 +181,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             match answer {
                 Ok(resp) if op.accepts(&resp) => {
                     if remote && !spare && gate.is_some() {
-                        (self.answer_times).record(target.id, sent.elapsed());
+                        (self.spares.answer_times).record(target.id, sent.elapsed());
                     }
                     return Reply {
                         from: target,

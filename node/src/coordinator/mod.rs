@@ -4,20 +4,19 @@
 //! [`Store`], so the same code runs over QUIC with RocksDB and over the
 //! simulated network with the in-memory store.
 //!
-//! This module is also the node's front door: [`Node`] owns one of each
-//! component (the [`Replica`], the [`Coordinator`], the liveness [`Detector`],
-//! [`Handoff`], [`AntiEntropy`], the [`Reaper`]), hands each the narrow
-//! handles it needs, routes client and peer requests to them (the [`Handler`]
-//! impl), and delegates the methods tests, the server and the simulation call.
-//! It holds no logic of its own beyond that routing and hello/learn.
+//! This module is also the node's front door, with no logic of its own beyond
+//! routing and hello/learn: [`Node`] owns one of each component (the
+//! [`Replica`], the [`Coordinator`], the liveness [`Detector`], [`Handoff`],
+//! [`AntiEntropy`], the [`Reaper`]), hands each the narrow handles it needs,
+//! routes client and peer requests to them (the [`Handler`] impl), and
+//! delegates the methods tests, the server and the simulation call.
 //!
 //! - [`quorum`]: the [`Coordinator`]: routing, forwarding, put, get.
-//! - `fanout`: sloppy fan-out to primaries or fallbacks, and the tally.
+//! - `fanout`: sloppy fan-out to primaries or fallbacks; `tally`: who answered.
 //! - `read_repair`: the background repair after a read.
-//! - `spare`: the sends a quorum need not wait for, batched per peer.
-//! - `inspect`: `shoal inspect`.
-//! - `status`: `shoal status`.
-//! - [`settings`]: [`Settings`], from the config.
+//! - `spare`: the sends a quorum need not wait for, batched per peer;
+//!   `speculative`: a read's spares held until its quorum is slow.
+//! - `inspect`: `shoal inspect`; `status`: `shoal status`; [`settings`].
 //!
 //! # Sloppy quorum
 //! Each of a key's N primaries is reached, if the failure detector sees it up,
@@ -27,8 +26,8 @@
 //! for that primary (see [`crate::handoff`]). W and R count every replica that
 //! answered, fallbacks included; PW and PR count primaries only. A request
 //! whose PW or PR exceeds the primaries that are up fails at once, before
-//! anything is written, and a request whose primaries fail during it fails
-//! with the quorum error naming who answered.
+//! anything is written, and a request whose primaries fail during it fails with
+//! the quorum error naming who answered.
 //!
 //! # Write path
 //! The coordinator is always a primary replica of the key (a node that is not
@@ -45,12 +44,11 @@
 //! an unacknowledged write may still appear later).
 //!
 //! # Read path and read repair
-//! The coordinator asks the whole sloppy list (itself and the R-1 after it
-//! at once, the others as batched spares) and answers with the merge of
-//! the first R answers (PR of them primaries). In the background it keeps
-//! collecting answers for `timeouts.read-repair-ms` more, merges everything it
-//! heard, and sends the merge to every primary whose answer was older or
-//! missing. Repair never delays the reply.
+//! The coordinator asks the whole sloppy list (itself and the R-1 after it at
+//! once, the others as spares: see `spare` and `speculative`), answers with the
+//! merge of the first R answers (PR of them primaries), then collects answers
+//! for `timeouts.read-repair-ms` more and sends the merge of all to every
+//! primary whose answer was older or missing, never delaying the reply.
 
 mod cluster;
 mod fanout;
@@ -163,7 +161,6 @@ impl<T: Transport, S: Store> Node<T, S> {
             tasks: crate::tasks::Tasks::counted_in(metrics.request_tasks.clone()),
             forward_ids: ForwardIds::starting_at(settings.clock.now_ms()),
             spares: Default::default(),
-            answer_times: Default::default(),
         });
         let handoff = Handoff {
             me: me.id,

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::fanout::ReplicaOp;
 use super::read_repair::Heard;
 use super::settings::Settings;
-use super::speculative::{AnswerTimes, SpareGate};
+use super::speculative::SpareGate;
 use super::tally::Tally;
 use crate::config::SpareReads;
 use crate::liveness::Liveness;
@@ -54,8 +54,6 @@ pub struct Coordinator<T, S> {
     pub forward_ids: super::ForwardIds,
     /// Requests to remote primaries, gathered per peer (see `spare`).
     pub(super) spares: super::spare::Spares,
-    /// How fast peers answer, for the spare delay (see `speculative`).
-    pub(super) answer_times: AnswerTimes,
 }
 
 /// Most entries a client's causal context may have: more than any clock

@@ -95,6 +95,8 @@ pub(super) enum Leaves {
 #[derive(Default)]
 pub struct Spares {
     state: Mutex<State>,
+    /// How fast peers answer, for the spare delay of `when-slow` reads.
+    pub(super) answer_times: super::speculative::AnswerTimes,
 }
 
 #[derive(Default)]
