@@ -53,7 +53,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// window; or, with a `gate` (`cluster.spare-reads = "when-slow"`),
     /// only when the quorum is slow (see `speculative`).
     /// Also returns the primaries asked directly (this node, and those the
-    /// detector saw up), for [`Tally::prefer_primaries`].
+    /// detector saw up), for `Tally::prefer_primaries`.
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,
@@ -163,7 +163,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 (true, true) => Some(Leaves::AfterWindow),
                 (true, false) => self.joins_this_turn(key, op).then_some(Leaves::ThisTurn),
             };
-            let sent = Instant::now();
+            // Answer times are kept for the spare delay of gated reads.
+            let sent = (remote && !spare && gate.is_some()).then(Instant::now);
             let batched = match leaves {
                 Some(leaves) => {
                     self.batched_call(&target, leaves, op.request(key, None), deadline)
@@ -180,7 +181,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             };
             match answer {
                 Ok(resp) if op.accepts(&resp) => {
-                    if remote && !spare && gate.is_some() {
+                    if let Some(sent) = sent {
                         (self.spares.answer_times).record(target.id, sent.elapsed());
                     }
                     return Reply {
