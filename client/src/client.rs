@@ -153,7 +153,7 @@ impl Client {
         }
         .parse()
         .expect("literal address");
-        let mut endpoint = quinn::Endpoint::client(bind)
+        let mut endpoint = tls::client_endpoint(bind)
             .map_err(|e| Error::Config(format!("cannot open UDP socket: {e}")))?;
         endpoint.set_default_client_config(quic);
         let client = Client {

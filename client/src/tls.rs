@@ -1,6 +1,7 @@
-//! TLS set-up shared by the SDK and the node: PEM loading and the QUIC client
-//! configuration. Only TLS 1.3 (QUIC requires it) with the `ring` provider.
+//! TLS set-up shared by the SDK and the node: PEM loading, the QUIC client
+//! configuration and the endpoints' UDP sockets. Only TLS 1.3 (QUIC requires it) with the `ring` provider.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,6 +124,40 @@ pub fn jumbo_endpoint_config() -> quinn::EndpointConfig {
     config
 }
 
+/// The UDP receive buffer every QUIC endpoint asks for, a node's and the
+/// SDK's. The kernel's default (208 KiB) holds fewer than 200 handshake
+/// datagrams: a thousand clients connecting at once to a node, or a node's
+/// answering handshakes arriving at once at one SDK endpoint, overflow it,
+/// and a handshake whose datagrams are dropped again and again backs off
+/// until its idle timeout (the flood test took 21-90 s instead of 5, and
+/// failed). The kernel caps the request at `net.core.rmem_max`.
+pub const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` for a QUIC endpoint, with a receive buffer
+/// of [`RECEIVE_BUFFER_BYTES`] asked for. Returns the buffer the kernel
+/// granted beside it (Linux reports twice the bytes it accounts), so a
+/// caller can say when `net.core.rmem_max` capped it; a refusal costs only
+/// datagrams dropped under a burst, never the socket.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let sock = socket2::SockRef::from(&socket);
+    if let Err(e) = sock.set_recv_buffer_size(RECEIVE_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "could not enlarge the UDP receive buffer");
+    }
+    let granted = sock.recv_buffer_size().unwrap_or(0);
+    Ok((socket, granted))
+}
+
+/// A QUIC endpoint for outgoing connections only, bound to `addr`, its
+/// socket from [`udp_socket`] (quinn's `Endpoint::client` keeps the
+/// kernel's default buffer).
+pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let (socket, _) = udp_socket(addr)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
 /// A QUIC client configuration trusting `ca_pem`, presenting `identity` (a
 /// certificate chain and key) when given, speaking `alpn`.
 pub fn quic_client_config(
@@ -203,6 +238,31 @@ pub fn refusal(e: &quinn::ConnectionError) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thousand clients' Initial datagrams (1,200 bytes each) arriving at
+    /// once wait in an endpoint's socket until it reads them; the kernel's
+    /// default buffer keeps fewer than 200 and drops the rest.
+    #[test]
+    fn a_burst_of_a_thousand_handshake_datagrams_waits_in_an_endpoints_socket() {
+        let local: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let (rx, granted) = udp_socket(local).expect("endpoint socket");
+        if granted < RECEIVE_BUFFER_BYTES {
+            eprintln!("net.core.rmem_max caps the buffer at {granted} bytes: not tried");
+            return;
+        }
+        let tx = std::net::UdpSocket::bind(local).expect("sending socket");
+        let to = rx.local_addr().expect("address");
+        for _ in 0..1000 {
+            tx.send_to(&[7u8; 1200], to).expect("send");
+        }
+        rx.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 2048];
+        let mut kept = 0;
+        while rx.recv(&mut buf).is_ok() {
+            kept += 1;
+        }
+        assert_eq!(kept, 1000, "datagrams kept of a burst of 1,000");
+    }
 
     /// quinn sends a burst of datagrams in one GSO send of up to
     /// [`QUINN_GSO_BATCH`]; the kernel refuses a send whose datagrams add

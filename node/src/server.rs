@@ -192,8 +192,16 @@ fn bind(
     addr: SocketAddr,
 ) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { what, addr, source };
-    let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
-    ask_receive_buffer(&socket, RECEIVE_BUFFER_BYTES);
+    let (socket, granted) = shoal_client::tls::udp_socket(addr).map_err(bind_err)?;
+    if granted < shoal_client::tls::RECEIVE_BUFFER_BYTES {
+        tracing::warn!(
+            what,
+            granted,
+            asked = shoal_client::tls::RECEIVE_BUFFER_BYTES,
+            "the UDP receive buffer is smaller than asked: a burst of handshakes may be dropped \
+             and retried slowly; raise the sysctl net.core.rmem_max"
+        );
+    }
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
     let endpoint = quinn::Endpoint::new(
@@ -205,35 +213,6 @@ fn bind(
     .map_err(bind_err)?;
     let bound = endpoint.local_addr().map_err(bind_err)?;
     Ok((endpoint, bound))
-}
-
-/// The UDP receive buffer a node asks for. The kernel's default (208 KiB
-/// here) holds fewer than 200 handshake datagrams: with it, the flood
-/// test's thousand clients connecting at once took 8-21 s (and once a
-/// client whose Initial was dropped again and again gave up at its 60 s
-/// idle timeout); with this, 5.4 s. The kernel caps the request at
-/// `net.core.rmem_max`.
-#[cfg(feature = "rocksdb")]
-const RECEIVE_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-/// Asks for a receive buffer of `bytes` on `socket`; a refusal only costs
-/// datagrams dropped under a burst, so it is logged, not fatal.
-#[cfg(feature = "rocksdb")]
-fn ask_receive_buffer(socket: &std::net::UdpSocket, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket and a c_int option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "could not enlarge the UDP receive buffer");
-    }
 }
 
 /// Starts a node and returns once it is serving.
