@@ -221,8 +221,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    if args.rate.is_some_and(|r| !(r > 0.0)) {
-        bail!("--rate must be positive");
+    if args.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+        bail!("--rate must be a positive number");
     }
     if let (Some(k), Some(r)) = (args.kill_at, args.restart_at) {
         if r <= k {

@@ -97,7 +97,10 @@ const MAX_ERROR_KINDS: usize = 16;
 /// the run starts and at every second boundary stalled the generator for
 /// milliseconds, which showed in the tail of every target.
 #[derive(Default)]
-struct Latencies(std::sync::Mutex<(BTreeMap<Op, OpStats>, Vec<BTreeMap<Op, OpStats>>)>);
+struct Latencies(std::sync::Mutex<(PerOp, Vec<PerOp>)>);
+
+/// One set of histograms, by operation.
+type PerOp = BTreeMap<Op, OpStats>;
 
 impl Latencies {
     fn record(&self, second: usize, op: Op, micros: u64, ok: bool) {

@@ -15,10 +15,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// where a node's background timers report their firings (the simulation
 /// folds them into its trace hash; the real node ignores them).
 #[derive(Clone)]
-pub struct Clock(
-    Arc<dyn Fn() -> u64 + Send + Sync>,
-    Option<Arc<dyn Fn(&str) + Send + Sync>>,
-);
+pub struct Clock(Now, Option<Fired>);
+
+/// Reads the time in milliseconds: since the Unix epoch on a real node.
+type Now = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Told the name of each background timer that fires.
+type Fired = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Clock {
     /// The machine's clock.

@@ -52,6 +52,8 @@ pub struct DevCluster {
     launcher: Child,
     /// Process group of the launcher, its nodes and any node restarted by hand.
     pgid: i32,
+    /// Nodes restarted by hand, waited for when the cluster is dropped.
+    restarted: std::sync::Mutex<Vec<Child>>,
 }
 
 impl DevCluster {
@@ -68,6 +70,7 @@ impl DevCluster {
             ports,
             launcher,
             pgid,
+            restarted: Default::default(),
         };
         cluster.wait_ready(Duration::from_secs(60)).await;
         cluster
@@ -251,7 +254,7 @@ impl DevCluster {
             .append(true)
             .open(self.path().join(format!("{node}.log")))
             .expect("log");
-        Command::new(shoal_bin())
+        let child = Command::new(shoal_bin())
             .arg("node")
             .arg("--config")
             .arg(self.path().join(format!("{node}.toml")))
@@ -262,6 +265,7 @@ impl DevCluster {
             .dies_with_test()
             .spawn()
             .expect("restart node");
+        self.restarted.lock().unwrap().push(child);
     }
 
     /// Every node's status; a node that does not answer is left out.
@@ -421,6 +425,14 @@ impl Drop for DevCluster {
     fn drop(&mut self) {
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         let _ = self.launcher.wait();
+        for mut node in self
+            .restarted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = node.wait();
+        }
     }
 }
 

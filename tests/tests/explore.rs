@@ -63,7 +63,7 @@ fn explore_seeds() {
         if o.failed() {
             println!("FAILED {}\n{}", o.summary(), o.report);
         }
-        if t.seeds % 100 == 0 {
+        if t.seeds.is_multiple_of(100) {
             println!("progress: {}", t.line(started.elapsed()));
         }
     };

@@ -172,7 +172,7 @@ async fn change_under_load(
     for _ in 0..100 {
         if let Ok(reply) = cluster(w, 0, ClusterCommand::Plan).await {
             if let Some(p) = reply.plan {
-                if reply.staged.len() >= 1 {
+                if !reply.staged.is_empty() {
                     plan = Some(p);
                     break;
                 }

@@ -54,6 +54,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// only when the quorum is slow (see `speculative`).
     /// Also returns the primaries asked directly (this node, and those the
     /// detector saw up), for `Tally::prefer_primaries`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn sloppy_fan_out(
         self: &Arc<Self>,
         view: &View,

@@ -1,6 +1,7 @@
 //! Forwarded requests: the ids a node gives the requests it forwards, and
 //! the forwards it received lately, so a duplicate runs nothing twice.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 /// Ids of the requests a node forwards: unique per sender across its
@@ -24,12 +25,10 @@ impl ForwardIds {
 /// (a duplicate arrives within a request timeout, not 100,000 forwards
 /// later).
 #[derive(Default)]
-pub(super) struct ForwardsSeen(
-    Mutex<(
-        std::collections::HashSet<(String, u64)>,
-        std::collections::VecDeque<(String, u64)>,
-    )>,
-);
+pub(super) struct ForwardsSeen(Mutex<(HashSet<Forward>, VecDeque<Forward>)>);
+
+/// A forward's sender and id.
+type Forward = (String, u64);
 
 /// Forwards remembered per node.
 const FORWARDS_REMEMBERED: usize = 100_000;

@@ -99,7 +99,9 @@ fn write_error(e: ReplicaError) -> WireError {
 }
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
-    /// The ring, or the answer to give while it is not ready.
+    /// The ring, or the answer to give while it is not ready (a large
+    /// `Err`, moved once per request that gets it: not worth a box).
+    #[allow(clippy::result_large_err)]
     pub fn view(&self) -> Result<View, Response> {
         self.membership
             .view()

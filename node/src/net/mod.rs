@@ -244,7 +244,9 @@ impl PeerRequest {
         }
     }
 
-    /// The request as it travels in a [`PeerRequest::Spares`], if it may.
+    /// The request as it travels in a [`PeerRequest::Spares`], if it may;
+    /// else the request itself, handed back (moved, not worth a box).
+    #[allow(clippy::result_large_err)]
     pub fn batched(self) -> Result<Batched, PeerRequest> {
         let batched = match self {
             PeerRequest::ReplicaGet { key } => Batched::ReplicaGet { key },

@@ -312,7 +312,7 @@ mod tests {
             w.await.unwrap().unwrap();
         }
         let syncs = disk.syncs.load(Ordering::Relaxed);
-        assert!(syncs >= 1 && syncs <= 20, "200 writes took {syncs} syncs");
+        assert!((1..=20).contains(&syncs), "200 writes took {syncs} syncs");
         // A write registered after the last sync waits for a new one.
         let before = disk.syncs.load(Ordering::Relaxed);
         group.register().wait().await.unwrap();

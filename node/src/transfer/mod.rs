@@ -513,10 +513,7 @@ impl<T: Transport, S: Store> Transfer<T, S> {
                 continue;
             }
             let mut after: Option<Vec<u8>> = None;
-            loop {
-                let Ok(keys) = self.replica.partition_keys(p, after.as_deref(), DROP_PAGE) else {
-                    break;
-                };
+            while let Ok(keys) = self.replica.partition_keys(p, after.as_deref(), DROP_PAGE) {
                 count += keys.len() as u64;
                 if keys.len() < DROP_PAGE || count >= limit {
                     break;

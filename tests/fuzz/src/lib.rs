@@ -54,8 +54,11 @@ use shoal_ring::NodeId;
 
 pub mod seeds;
 
+/// A target's name and its harness.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target, by the name its harness binary and corpus directory have.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("frame", frame),
     ("client_request", client_request),
     ("client_response", client_response),

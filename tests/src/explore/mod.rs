@@ -88,6 +88,7 @@
 //!   causes together: a copy from before a reap, such as a hint the
 //!   coordinator kept for a primary it could not reach, handed off after
 //!   the reap, whose clock covers the dots minted again since).
+//!
 //! The report prints the key's history, what each primary holds and the
 //! faults, which is the evidence.
 //!
