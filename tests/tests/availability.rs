@@ -581,6 +581,17 @@ async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_qu
         assert_eq!(skipped(&c), 0, "{fault}: the spare was sent");
     }
 
+    // A read given up before the spare delay (its client gone) sends none
+    // of the spares it held.
+    let c = when_slow();
+    written(c.put("node1", &key, b"v", None, D).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.net.blackhole("node1", "node2");
+    let gave_up = tokio::time::timeout(Duration::from_micros(500), c.get("node1", &key, D)).await;
+    assert!(gave_up.is_err(), "the read ended before it was given up");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(skipped(&c), 1, "a read given up sent its spare");
+
     let c = when_slow();
     written(c.put("node1", &key, b"v", None, D).await);
     for peer in ["node2", "node3"] {

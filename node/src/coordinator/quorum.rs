@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::fanout::ReplicaOp;
 use super::read_repair::Heard;
 use super::settings::Settings;
-use super::speculative::SpareGate;
+use super::speculative::{Settled, SpareGate};
 use super::tally::Tally;
 use crate::config::SpareReads;
 use crate::liveness::Liveness;
@@ -522,15 +522,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // answer before a fallback's answer is taken for it.
         let gate =
             (s.spare_reads == SpareReads::WhenSlow).then(|| Arc::new(SpareGate::new(patience / 2)));
-        let (mut answers, direct) = self.sloppy_fan_out(
-            view,
-            key,
-            &primaries,
-            ReplicaOp::Get,
-            deadline,
-            eager,
-            gate.clone(),
-        );
+        let settled = gate.clone().map(Settled);
+        let (mut answers, direct) =
+            self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager, gate);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
         tally.prefer_primaries(direct, now + patience);
@@ -539,9 +533,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 heard.extend(Heard::from_reply(reply))
             })
             .await;
-        if let Some(gate) = gate {
-            gate.answered();
-        }
+        // The read has its answer: the spares still held are not sent.
+        drop(settled);
         // Merging and copying values of megabytes: off the worker.
         let reply = crate::tasks::heavy_for(Heard::bytes(&heard), || {
             let merged = Heard::merge_all(&heard);

@@ -4,7 +4,8 @@
 //!
 //! A read's spares (the replicas beyond the R that make its quorum) are
 //! held by its [`SpareGate`] until the first of:
-//! - the read has its answer: they are not sent;
+//! - the read has its answer, or is given up (its client gone): they are
+//!   not sent ([`Settled`]);
 //! - one of the quorum's own sends fails (an error, a corrupt copy, an
 //!   unreachable peer): they go at once, as a fallback would;
 //! - the spare delay passes: they go.
@@ -28,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_ring::NodeId;
@@ -57,6 +58,17 @@ pub(super) struct SpareGate {
     /// 250 ms at most, so that a spare sent then has the other half to
     /// answer.
     cap: Duration,
+}
+
+/// Settles its gate as answered when dropped, so that a read that ends in
+/// any way, or is given up (its client gone, its future dropped), sends
+/// none of the spares it still holds.
+pub(super) struct Settled(pub(super) Arc<SpareGate>);
+
+impl Drop for Settled {
+    fn drop(&mut self) {
+        self.0.answered();
+    }
 }
 
 const HOLDING: u8 = 0;
