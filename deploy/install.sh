@@ -14,7 +14,7 @@ install -m 644 deploy/shoal.service /etc/systemd/system/shoal.service
 # 208 KiB by default. Raise the cap, never lower one already higher.
 if [ "$(sysctl -n net.core.rmem_max)" -lt 4194304 ]; then
     echo "net.core.rmem_max = 4194304" > /etc/sysctl.d/60-shoal.conf
-    sysctl -q -p /etc/sysctl.d/60-shoal.conf
+    sysctl -q -p /etc/sysctl.d/60-shoal.conf || echo "could not raise net.core.rmem_max: a node warns at start" >&2
 fi
 systemctl daemon-reload
 echo "edit /etc/shoal/shoal.toml, put the certificates in /etc/shoal, then: systemctl enable --now shoal"

@@ -130,22 +130,73 @@ pub fn jumbo_endpoint_config() -> quinn::EndpointConfig {
 /// answering handshakes arriving at once at one SDK endpoint, overflow it,
 /// and a handshake whose datagrams are dropped again and again backs off
 /// until its idle timeout (the flood test took 21-90 s instead of 5, and
-/// failed). The kernel caps the request at `net.core.rmem_max`.
+/// failed). Linux caps the request at `net.core.rmem_max` unless the
+/// process may pass it (`CAP_NET_ADMIN`); other systems refuse a request
+/// over their cap, and a smaller one is asked instead.
 pub const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
 
-/// A UDP socket bound to `addr` for a QUIC endpoint, with a receive buffer
-/// of [`RECEIVE_BUFFER_BYTES`] asked for. Returns the buffer the kernel
-/// granted beside it (Linux reports twice the bytes it accounts), so a
-/// caller can say when `net.core.rmem_max` capped it; a refusal costs only
-/// datagrams dropped under a burst, never the socket.
-pub fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize)> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    let sock = socket2::SockRef::from(&socket);
-    if let Err(e) = sock.set_recv_buffer_size(RECEIVE_BUFFER_BYTES) {
-        tracing::debug!(error = %e, "could not enlarge the UDP receive buffer");
+/// A UDP socket bound to `addr` for a QUIC endpoint: dual-stack when `addr`
+/// is IPv6 (where the system allows it, as quinn's own endpoints), with a
+/// receive buffer of [`RECEIVE_BUFFER_BYTES`] asked for. Returns beside it
+/// the receive buffer granted, in the bytes asked for (Linux reports twice
+/// what it was asked), when the system tells: a caller can then say that
+/// `net.core.rmem_max` capped it. A buffer refused costs only datagrams
+/// dropped under a burst, never the socket.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, Option<usize>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        if let Err(e) = socket.set_only_v6(false) {
+            tracing::debug!(error = %e, "no dual-stack UDP socket");
+        }
     }
-    let granted = sock.recv_buffer_size().unwrap_or(0);
-    Ok((socket, granted))
+    let mut ask = RECEIVE_BUFFER_BYTES;
+    while let Err(e) = socket.set_recv_buffer_size(ask) {
+        tracing::debug!(error = %e, ask, "UDP receive buffer refused");
+        ask /= 2;
+        if ask < 64 << 10 {
+            break;
+        }
+    }
+    let granted = match receive_buffer(&socket) {
+        #[cfg(target_os = "linux")]
+        Some(g) if g < RECEIVE_BUFFER_BYTES && force_receive_buffer(&socket) => {
+            receive_buffer(&socket)
+        }
+        other => other,
+    };
+    socket.bind(&addr.into())?;
+    Ok((socket.into(), granted))
+}
+
+/// The receive buffer of `socket`, in the bytes a program asks for.
+fn receive_buffer(socket: &socket2::Socket) -> Option<usize> {
+    let reported = socket.recv_buffer_size().ok()?;
+    // Linux doubles what it is asked, for its own bookkeeping.
+    Some(if cfg!(any(target_os = "linux", target_os = "android")) {
+        reported / 2
+    } else {
+        reported
+    })
+}
+
+/// Sets the receive buffer past `net.core.rmem_max` (`SO_RCVBUFFORCE`),
+/// which only a process with `CAP_NET_ADMIN` may; whether it was set.
+#[cfg(target_os = "linux")]
+fn force_receive_buffer(socket: &socket2::Socket) -> bool {
+    use std::os::fd::AsRawFd;
+    let bytes = RECEIVE_BUFFER_BYTES as libc::c_int;
+    // SAFETY: an open socket, and a c_int option value of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
 }
 
 /// A QUIC endpoint for outgoing connections only, bound to `addr`, its
@@ -246,8 +297,8 @@ mod tests {
     fn a_burst_of_a_thousand_handshake_datagrams_waits_in_an_endpoints_socket() {
         let local: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let (rx, granted) = udp_socket(local).expect("endpoint socket");
-        if granted < RECEIVE_BUFFER_BYTES {
-            eprintln!("net.core.rmem_max caps the buffer at {granted} bytes: not tried");
+        if granted.is_none_or(|g| g < RECEIVE_BUFFER_BYTES) {
+            eprintln!("the system caps the buffer at {granted:?} bytes: not tried");
             return;
         }
         let tx = std::net::UdpSocket::bind(local).expect("sending socket");

@@ -193,7 +193,7 @@ fn bind(
 ) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { what, addr, source };
     let (socket, granted) = shoal_client::tls::udp_socket(addr).map_err(bind_err)?;
-    if granted < shoal_client::tls::RECEIVE_BUFFER_BYTES {
+    if granted.is_some_and(|g| g < shoal_client::tls::RECEIVE_BUFFER_BYTES) {
         tracing::warn!(
             what,
             granted,
