@@ -199,14 +199,26 @@ fn force_receive_buffer(socket: &socket2::Socket) -> bool {
     rc == 0
 }
 
-/// A QUIC endpoint for outgoing connections only, bound to `addr`, its
-/// socket from [`udp_socket`] (quinn's `Endpoint::client` keeps the
-/// kernel's default buffer).
-pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let (socket, _) = udp_socket(addr)?;
+/// A QUIC endpoint bound to `addr` on a socket from [`udp_socket`]
+/// (quinn's own constructors keep the kernel's default buffer), serving
+/// incoming connections when `server` is given; with the receive buffer
+/// granted (see [`udp_socket`]).
+pub fn endpoint(
+    addr: SocketAddr,
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<(quinn::Endpoint, Option<usize>)> {
+    let (socket, granted) = udp_socket(addr)?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    let endpoint = quinn::Endpoint::new(config, server, socket, runtime)?;
+    Ok((endpoint, granted))
+}
+
+/// A QUIC endpoint for outgoing connections only, bound to `addr` (see
+/// [`endpoint`]).
+pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    Ok(endpoint(addr, quinn::EndpointConfig::default(), None)?.0)
 }
 
 /// A QUIC client configuration trusting `ca_pem`, presenting `identity` (a

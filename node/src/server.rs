@@ -192,7 +192,12 @@ fn bind(
     addr: SocketAddr,
 ) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { what, addr, source };
-    let (socket, granted) = shoal_client::tls::udp_socket(addr).map_err(bind_err)?;
+    let (endpoint, granted) = shoal_client::tls::endpoint(
+        addr,
+        shoal_client::tls::jumbo_endpoint_config(),
+        Some(config),
+    )
+    .map_err(bind_err)?;
     if granted.is_some_and(|g| g < shoal_client::tls::RECEIVE_BUFFER_BYTES) {
         tracing::warn!(
             what,
@@ -202,15 +207,6 @@ fn bind(
              and retried slowly; raise the sysctl net.core.rmem_max"
         );
     }
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
-    let endpoint = quinn::Endpoint::new(
-        shoal_client::tls::jumbo_endpoint_config(),
-        Some(config),
-        socket,
-        runtime,
-    )
-    .map_err(bind_err)?;
     let bound = endpoint.local_addr().map_err(bind_err)?;
     Ok((endpoint, bound))
 }

@@ -516,8 +516,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         // others are asked as spares, for read repair (or only when the
         // quorum is slow: `cluster.spare-reads`).
         let eager = self.quorum_sends(r, &primaries);
-        let now = Instant::now();
-        let patience = (deadline.saturating_duration_since(now)).min(2 * FALLBACK_PATIENCE) / 2;
+        let patience =
+            (deadline.saturating_duration_since(Instant::now())).min(2 * FALLBACK_PATIENCE) / 2;
         // A spare held to half the patience still has the other half to
         // answer before a fallback's answer is taken for it.
         let gate =
@@ -527,7 +527,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             self.sloppy_fan_out(view, key, &primaries, ReplicaOp::Get, deadline, eager, gate);
         let mut heard: Vec<Heard> = Vec::new();
         let mut tally = Tally::default();
-        tally.prefer_primaries(direct, now + patience);
+        // From after the fan-out, which may have read this node's copy.
+        tally.prefer_primaries(direct, Instant::now() + patience);
         tally
             .collect(&mut answers, primaries.len(), r, pr, deadline, |reply| {
                 heard.extend(Heard::from_reply(reply))

@@ -195,7 +195,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_gate_holds_a_spare_until_the_answer_a_failure_or_the_delay() {
-        use std::sync::Arc;
         let gate = SpareGate::new(ms(100));
         let started = Instant::now();
         assert!(!gate.holds_back(ms(5)).await, "the delay passed first");
