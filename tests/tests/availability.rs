@@ -621,6 +621,54 @@ async fn with_spare_reads_when_slow_the_third_replica_is_read_only_for_a_slow_qu
     assert_eq!(values(&read), [b"v".to_vec()]);
 }
 
+/// With `spare-reads = "when-slow"`, a fallback's answer lets a read's
+/// held spares go at once: it stands in for a primary that is down, so it
+/// is held back while the primaries asked have yet to answer, and a spare
+/// held for the whole delay would leave the read waiting that long (and
+/// leave the spare less of the patience, after which the fallback's
+/// "absent" counts). With N=3 a read with a primary down holds no spare
+/// (the fallback takes no slot of the quorum); with N=4, R=2 it does. Here
+/// the coordinator's own copy answers, its next primary is down (a
+/// fallback answers for it at once), its quorum send to the one after is
+/// slow (200 ms), and the last is asked as a spare: the spare delay is
+/// 40 ms (every peer answers in 20 ms), so before, the read took 60 ms;
+/// now it takes the spare's 20 ms, as with `always`.
+#[tokio::test(start_paused = true)]
+async fn with_spare_reads_when_slow_a_fallbacks_answer_lets_the_spares_go() {
+    let mut s = settings();
+    (s.n, s.spare_reads) = (4, shoal_node::config::SpareReads::WhenSlow);
+    let c = SimCluster::with_settings(5, s);
+    let key = b"stand-in";
+    let view = c.node("node1").membership().view().expect("ring ready");
+    let p: Vec<String> = (view.preference_list(key, 4).into_iter())
+        .map(|m| m.name)
+        .collect();
+    let (via, down, slow, spare) = (&p[0], &p[1], &p[2], &p[3]);
+    written(c.put(via, key, b"v", None, D).await);
+    c.net.crash(down);
+    c.detect(10).await;
+    assert!(!c.node(via).is_up(c.id(down)));
+    for peer in [slow, spare] {
+        c.net.delay(via, peer, Duration::from_millis(20));
+    }
+    // Reads ask the next primary up at once: it answers in 20 ms, so the
+    // spare delay is 40 ms.
+    for _ in 0..10 {
+        assert_eq!(values(&value(c.get(via, key, D).await)), [b"v".to_vec()]);
+    }
+    c.net.delay(via, slow, Duration::from_millis(200));
+    c.net.keep_trace_log();
+    let started = tokio::time::Instant::now();
+    let read = value(c.get(via, key, D).await);
+    let took = started.elapsed();
+    let log = c.net.take_trace_log();
+    assert_eq!(values(&read), [b"v".to_vec()], "{log:#?}");
+    assert!(
+        took < Duration::from_millis(30),
+        "the spare waited its delay after the fallback answered: {took:?} {log:#?}"
+    );
+}
+
 /// A batch is answered request by request: a write too large for one is
 /// refused on its own and the others are answered; a read whose object
 /// would take the answers past `BATCH_ANSWER_BYTES` comes back `Alone`

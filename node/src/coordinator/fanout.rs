@@ -121,8 +121,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// One primary's part of [`Self::sloppy_fan_out`]: a remote primary
     /// itself is sent the request in a batch (a `spare` in one that waits
     /// a window; with a `gate`, held by it and then sent at once, if at
-    /// all), fallbacks one by one as usual. A quorum send that fails
-    /// releases the gate's spares.
+    /// all), fallbacks one by one as usual. A quorum send that fails, or
+    /// a fallback's answer to one, releases the gate's spares.
     #[allow(clippy::too_many_arguments)]
     async fn reach(
         self: &Arc<Self>,
@@ -144,8 +144,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 return Reply::failed(primary, "not asked: the read was answered first".into());
             }
         }
-        // A quorum send of a gated read that fails lets its spares go.
-        let failed = || {
+        // A gated read's quorum send that fails, or a fallback's answer
+        // (held back while primaries are asked), lets its spares go.
+        let let_spares_go = || {
             if let Some(gate) = gate.as_ref().filter(|_| !spare) {
                 gate.hurry();
             }
@@ -185,6 +186,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     if let Some(sent) = sent {
                         (self.spares.answer_times).record(target.id, sent.elapsed());
                     }
+                    // A fallback's answer waits for the primaries asked
+                    // (`Tally::prefer_primaries`): the spares are primaries.
+                    if !as_primary {
+                        let_spares_go();
+                    }
                     return Reply {
                         from: target,
                         for_primary: (!as_primary).then_some(primary),
@@ -198,7 +204,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 // that primary, and no other fallback is asked in its
                 // place (one that never held its hints would say "absent").
                 Ok(PeerResponse::Error(e @ PeerError::Corrupt { .. })) => {
-                    failed();
+                    let_spares_go();
                     return Reply {
                         result: Err(TransportError::Failed(target.name.clone(), e.to_string())),
                         for_primary: (!as_primary).then_some(primary),
@@ -209,7 +215,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 Ok(other) => failures.push(format!("{}: {other:?}", target.name)),
                 Err(e) => failures.push(e.to_string()),
             }
-            failed();
+            let_spares_go();
             // Past the deadline no fallback is tried (each would fail at
             // once, or take a hint the client never waits for): a write
             // becomes a hint kept here.

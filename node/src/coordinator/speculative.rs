@@ -8,6 +8,9 @@
 //!   not sent ([`Settled`]);
 //! - one of the quorum's own sends fails (an error, a corrupt copy, an
 //!   unreachable peer): they go at once, as a fallback would;
+//! - a fallback answers (for a primary down, or one whose send failed):
+//!   they go at once, since its answer waits for the primaries asked
+//!   (`Tally::prefer_primaries`) and the spares are primaries;
 //! - the spare delay passes: they go.
 //!
 //! The delay is twice the fastest peer's mean answer time to the reads'
@@ -48,8 +51,8 @@ const FRESH: Duration = Duration::from_secs(5);
 const WEIGHT: f64 = 1.0 / 16.0;
 
 /// A read's spares (`spare-reads = "when-slow"`), held until its quorum
-/// answers (then they are not sent), a quorum send fails (then they go at
-/// once), or the spare delay passes (then they go).
+/// answers (then they are not sent), a quorum send fails or a fallback
+/// answers (then they go at once), or the spare delay passes (then they go).
 pub(super) struct SpareGate {
     state: AtomicU8,
     notify: Notify,
@@ -89,7 +92,8 @@ impl SpareGate {
         self.settle(ANSWERED);
     }
 
-    /// A quorum send failed: spares still held go at once.
+    /// A quorum send failed, or a fallback answered: spares still held go
+    /// at once.
     pub(super) fn hurry(&self) {
         self.settle(HURRIED);
     }
