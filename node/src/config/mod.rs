@@ -203,9 +203,10 @@ pub enum SpareReads {
     #[default]
     Always,
     /// A spare is asked only when the quorum is slow: when one of its
-    /// sends fails, or it has not answered within the spare delay (twice
-    /// the fastest peer's mean answer time, at least 1 ms, at most a
-    /// quarter of the read's budget and 250 ms). It still covers a replica
+    /// sends fails or a fallback answers for a primary that is down (as
+    /// with `Always` then), or it has not answered within the spare delay
+    /// (twice the fastest peer's mean answer time, at least 1 ms, at most
+    /// a quarter of the read's budget and 250 ms). It still covers a replica
     /// that is slow or down, as a speculative retry does (Cassandra's
     /// way), and a read answered in time costs N-R replica reads less.
     /// Read repair then reaches the replicas that answered; the others are

@@ -51,7 +51,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// batch that leaves this turn; the quorum need not wait for the
     /// others, which travel as spares, in a batch that leaves after a
     /// window; or, with a `gate` (`cluster.spare-reads = "when-slow"`),
-    /// only when the quorum is slow (see `speculative`).
+    /// only when the quorum is slow or a fallback answers for a primary
+    /// (see `speculative`).
     /// Also returns the primaries asked directly (this node, and those the
     /// detector saw up), for `Tally::prefer_primaries`.
     #[allow(clippy::too_many_arguments)]
@@ -121,8 +122,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     /// One primary's part of [`Self::sloppy_fan_out`]: a remote primary
     /// itself is sent the request in a batch (a `spare` in one that waits
     /// a window; with a `gate`, held by it and then sent at once, if at
-    /// all), fallbacks one by one as usual. A quorum send that fails, or
-    /// a fallback's answer to one, releases the gate's spares.
+    /// all), fallbacks one by one as usual. A failed send for a quorum's
+    /// primary, or a fallback's answer for a primary that is down,
+    /// releases the gate's spares.
     #[allow(clippy::too_many_arguments)]
     async fn reach(
         self: &Arc<Self>,
@@ -144,8 +146,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                 return Reply::failed(primary, "not asked: the read was answered first".into());
             }
         }
-        // A gated read's quorum send that fails, or a fallback's answer
-        // (held back while primaries are asked), lets its spares go.
+        // For a quorum's primary (not a spare) of a gated read: a failed
+        // send, or a fallback's answer, lets the read's spares go.
         let let_spares_go = || {
             if let Some(gate) = gate.as_ref().filter(|_| !spare) {
                 gate.hurry();
@@ -186,8 +188,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
                     if let Some(sent) = sent {
                         (self.spares.answer_times).record(target.id, sent.elapsed());
                     }
-                    // A fallback's answer waits for the primaries asked
-                    // (`Tally::prefer_primaries`): the spares are primaries.
+                    // A primary is down or failed, and a fallback answered
+                    // for it: the tally holds that answer back while the
+                    // primaries asked have yet to answer
+                    // (`Tally::prefer_primaries`), and spares are primaries.
                     if !as_primary {
                         let_spares_go();
                     }

@@ -1,16 +1,22 @@
-//! Spare reads sent only when the quorum is slow
-//! (`cluster.spare-reads = "when-slow"`): a speculative retry, as
+//! Spare reads sent only when the quorum is slow or stands in for a
+//! primary (`cluster.spare-reads = "when-slow"`): a speculative retry, as
 //! Cassandra's, whose delay follows how fast the peers answer.
 //!
 //! A read's spares (the replicas beyond the R that make its quorum) are
 //! held by its [`SpareGate`] until the first of:
 //! - the read has its answer, or is given up (its client gone): they are
 //!   not sent ([`Settled`]);
-//! - one of the quorum's own sends fails (an error, a corrupt copy, an
-//!   unreachable peer): they go at once, as a fallback would;
-//! - a fallback answers (for a primary down, or one whose send failed):
-//!   they go at once, since its answer waits for the primaries asked
-//!   (`Tally::prefer_primaries`) and the spares are primaries;
+//! - a send for one of the quorum's primaries fails, to it or to a
+//!   fallback in its place (an error, a corrupt copy, an unreachable
+//!   peer): they go at once, as a fallback would;
+//! - a fallback answers for a primary that is down: they go at once. Its
+//!   answer is held back while the primaries asked have yet to answer
+//!   (`Tally::prefer_primaries`), and the spares are such primaries; held
+//!   for their delay, they would leave the read waiting that long, and
+//!   themselves less of the patience after which the fallback's answer
+//!   counts. So while a primary is down, a read that has spares asks them
+//!   as `always` does. (With N=3 and a primary down, a read at R=2 has
+//!   none: the fallback takes no slot of the quorum.)
 //! - the spare delay passes: they go.
 //!
 //! The delay is twice the fastest peer's mean answer time to the reads'
@@ -52,7 +58,8 @@ const WEIGHT: f64 = 1.0 / 16.0;
 
 /// A read's spares (`spare-reads = "when-slow"`), held until its quorum
 /// answers (then they are not sent), a quorum send fails or a fallback
-/// answers (then they go at once), or the spare delay passes (then they go).
+/// answers for a primary that is down (then they go at once), or the
+/// spare delay passes (then they go).
 pub(super) struct SpareGate {
     state: AtomicU8,
     notify: Notify,
@@ -92,8 +99,8 @@ impl SpareGate {
         self.settle(ANSWERED);
     }
 
-    /// A quorum send failed, or a fallback answered: spares still held go
-    /// at once.
+    /// A quorum primary's send failed, or a fallback answered for a
+    /// primary that is down: spares still held go at once.
     pub(super) fn hurry(&self) {
         self.settle(HURRIED);
     }
