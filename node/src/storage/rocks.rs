@@ -12,14 +12,18 @@
 //! restart. No reopen is tried on a disk still full: it would fail and take
 //! reads down with it.
 //!
-//! A WAL that fails otherwise with `fsync` set (an I/O error on append or
-//! sync) is another matter: writes applied since the last good sync were
-//! visible (group commit applies a write before its sync) and may not be on
-//! disk, and which of them are cannot be known (after a failed fsync the
-//! kernel may have dropped the pages). As PostgreSQL and Cassandra's
-//! `commit_failure_policy: stop` do, the store then refuses every operation
-//! with that error until the node restarts; the restart replays what the
-//! disk holds, under a new incarnation. (The replica still answers reads
+//! A WAL that fails otherwise (an I/O error on append or sync) is another
+//! matter: writes applied since the last good sync were visible (group
+//! commit applies a write before its sync) and may not be on disk, and
+//! which of them are cannot be known (after a failed fsync the kernel may
+//! have dropped the pages). Without `fsync` too: acknowledged writes wait
+//! in WAL pages the kernel may have dropped, and a database reopened in
+//! the running process would replay the WAL without them while the
+//! replica went on under the same incarnation, its cache, trees and
+//! actors' counters unchanged (a dot minted twice). As PostgreSQL and
+//! Cassandra's `commit_failure_policy: stop` do, the store then refuses
+//! every operation with that error until the node restarts; the restart
+//! replays what the disk holds, under a new incarnation. (The replica still answers reads
 //! of the keys in its object cache: a write it may show had its sync fail,
 //! so it was never acknowledged.) A full disk is not such a failure: an
 //! append that fails for want of space leaves the WAL before it intact, so
@@ -83,8 +87,8 @@ struct Open {
 /// WAL failures, kept across reopens (see the module doc).
 #[derive(Default)]
 struct Syncs {
-    /// The first WAL failure with `fsync` set that was no full disk: the
-    /// store refuses everything.
+    /// The first WAL failure that was no full disk: the store refuses
+    /// everything.
     failed: OnceLock<String>,
     /// An append failed for want of space since the database was opened:
     /// the WAL's errors until the reopen are that one, kept.
@@ -129,8 +133,8 @@ impl Syncs {
         result.inspect_err(|_| self.troubled.store(true, Ordering::Relaxed))
     }
 
-    /// A failed WAL append or sync with `fsync` set: refuses everything
-    /// from now on, unless it is (or follows) a full disk's.
+    /// A failed WAL append or sync: refuses everything from now on, unless
+    /// it is (or follows) a full disk's.
     fn failure(&self, e: &StoreError) {
         if e.to_string().contains("No space left") {
             self.full.store(true, Ordering::Relaxed);
@@ -440,9 +444,7 @@ impl RocksStore {
         };
         if let Err(e @ StoreError::Io { .. }) = &result {
             self.syncs.troubled.store(true, Ordering::Relaxed);
-            if self.fsync {
-                self.syncs.failure(e);
-            }
+            self.syncs.failure(e);
             if self.syncs.failed.get().is_none() {
                 // This handle is the write's last: a reopen waits for it.
                 self.recover(db);
@@ -554,11 +556,7 @@ impl Store for RocksStore {
 
     fn sync_wal(&self) -> Result<(), StoreError> {
         let db = self.db()?;
-        let result = if self.fsync {
-            self.syncs.sync(&db)
-        } else {
-            self.syncs.flush_wal(&db)
-        };
+        let result = self.syncs.sync(&db);
         if matches!(result, Err(StoreError::Io { .. })) && self.syncs.failed.get().is_none() {
             self.recover(db);
         }

@@ -138,8 +138,9 @@ fn a_store_that_failed_a_sync_in_this_run_is_not_sealed() {
     let r = replica_over(store.clone());
     let second = r.write(b"k", &ctx, Some(b"v2".to_vec())).unwrap().0;
     assert_eq!(second.clock().len(), 1, "went on after the clean stop");
-    // A WAL sync fails (the kernel may have dropped WAL pages), and the
-    // store goes on: the run cannot vouch for what it wrote.
+    // A WAL sync fails (the kernel may have dropped WAL pages): the store
+    // refuses everything from then on, and the run cannot vouch for what
+    // it wrote.
     store.fail_syncs();
     assert!(store.sync_wal().is_err());
     assert!(!store.intact());

@@ -128,3 +128,37 @@ fn a_write_rocksdb_holds_back_waits_off_the_worker() {
         Some(&b"y"[..])
     );
 }
+
+/// Without `fsync` as with it, a WAL that fails other than for want of
+/// space (here a sync's I/O error) makes the store refuse every read and
+/// write until the node restarts: the kernel may have dropped WAL pages
+/// holding acknowledged writes, and a database reopened in the running
+/// process would replay the WAL without them while the replica went on
+/// under the same incarnation (its cache, its trees, its actors' counters:
+/// a dot minted twice). The restart replays what the disk holds under a
+/// new incarnation (review, helper-89).
+#[test]
+fn without_fsync_a_failed_wal_refuses_everything_until_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RocksStore::open(dir.path(), false).unwrap();
+    let put = |value: &[u8]| {
+        let mut batch = WriteBatch::default();
+        batch.put(Tree::Objects, b"k", value);
+        store.write(batch)
+    };
+    put(b"v1").unwrap();
+    store.fail_syncs();
+    assert!(store.sync_wal().is_err());
+    let refused = put(b"v2").expect_err("a write after the WAL failed");
+    assert!(
+        refused.to_string().contains("until the node restarts"),
+        "{refused}"
+    );
+    assert!(store.get(Tree::Objects, b"k").is_err(), "a read too");
+    drop(store);
+    let store = RocksStore::open(dir.path(), false).unwrap();
+    assert_eq!(
+        store.get(Tree::Objects, b"k").unwrap(),
+        Some(b"v1".to_vec())
+    );
+}
