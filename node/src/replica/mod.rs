@@ -367,7 +367,7 @@ impl<S: Store> Replica<S> {
                 (None, _) => Object::default(),
             };
             change(before.as_ref(), &mut object)?;
-            self.pruned(&mut object);
+            self.pruned(before.as_ref(), &mut object);
             // An absent key stays absent when nothing is left to store (a
             // fenced copy of a reaped one).
             let unchanged = match &before {
@@ -407,14 +407,18 @@ impl<S: Store> Replica<S> {
     }
 
     /// Prunes `object`'s clock past the configured bounds (see
-    /// [`Object::prune`]); entries of this incarnation's actors are kept.
-    fn pruned(&self, object: &mut Object) {
+    /// [`Object::prune`]); entries of this incarnation's actors are kept,
+    /// and so are those the change from `before` raised
+    /// ([`Object::raised_since`]; every entry without `before`).
+    fn pruned(&self, before: Option<&Object>, object: &mut Object) {
         let s = &self.settings;
+        let raised = object.raised_since(before, s.clock_max_entries);
+        let keep = |actor: &NodeId| self.actors.is_current(actor) || raised.contains(actor);
         object.prune(
             s.clock_max_entries,
             s.clock_min_age_ms,
             s.clock.now_ms(),
-            |actor| self.actors.is_current(actor),
+            keep,
         );
     }
 

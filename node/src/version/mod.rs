@@ -25,7 +25,9 @@
 //!   pruned entry can only make a later-arriving old version look concurrent
 //!   (an extra sibling), never hide a live one. Entries a write's context
 //!   brings that the replica did not know are stamped 0, so a client that
-//!   sends made-up entries only ever gets those pruned first.
+//!   sends made-up entries only ever gets those pruned first; but not by
+//!   the write that brings them ([`Object::raised_since`]), which must go
+//!   out covering what its context covered.
 //!
 //! # Actors and epochs: a dot is never minted twice
 //! A dot must name one write: if two different values carried the same dot,
@@ -481,6 +483,24 @@ impl Object {
     /// in would change nothing).
     pub fn descends(&self, other: &Object) -> bool {
         &Object::merged(self, other) == self
+    }
+
+    /// The actors whose entries this clock holds above `before`'s (every
+    /// one without `before`): what a change from `before` learned, which
+    /// its pruning keeps. An entry a write's context brought is stamped 0,
+    /// and dropped by that write, the write would go out short of what its
+    /// context covered. Empty while the clock is within `max_entries`.
+    pub fn raised_since(&self, before: Option<&Object>, max_entries: usize) -> Vec<NodeId> {
+        if self.clock.len() <= max_entries {
+            return Vec::new();
+        }
+        let raised = |n: &NodeId, e: &ClockEntry| {
+            before.is_none_or(|b| b.clock.get(n).is_none_or(|old| old.counter < e.counter))
+        };
+        (self.clock.iter())
+            .filter(|(n, e)| raised(n, e))
+            .map(|(n, _)| *n)
+            .collect()
     }
 
     /// Drops clock entries that no sibling refers to and `keep` does not
