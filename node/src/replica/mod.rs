@@ -337,11 +337,12 @@ impl<S: Store> Replica<S> {
     ///
     /// With [`Commit::Deferred`], the change may not be durable yet when
     /// this returns: acknowledge it only once the [`Durable`] resolves.
+    /// `change` says whether pruning keeps what it learned (a write's).
     fn apply<E: From<StoreError>>(
         &self,
         key: &[u8],
         commit: Commit,
-        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<(), E>,
+        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<bool, E>,
     ) -> Result<(Object, Durable), E> {
         let mut stripe = self.lock_stripe(key);
         let record = self.stored_record(&mut stripe, key)?;
@@ -366,8 +367,8 @@ impl<S: Store> Replica<S> {
                 (None, Stored::Absent) => self.absent_start(key)?,
                 (None, _) => Object::default(),
             };
-            change(before.as_ref(), &mut object)?;
-            self.pruned(before.as_ref(), &mut object);
+            let learns = change(before.as_ref(), &mut object)?;
+            self.pruned(&mut object, learns.then_some(before.as_ref()));
             // An absent key stays absent when nothing is left to store (a
             // fenced copy of a reaped one).
             let unchanged = match &before {
@@ -408,18 +409,14 @@ impl<S: Store> Replica<S> {
 
     /// Prunes `object`'s clock past the configured bounds (see
     /// [`Object::prune`]); entries of this incarnation's actors are kept,
-    /// and so are those the change from `before` raised
-    /// ([`Object::raised_since`]; every entry without `before`).
-    fn pruned(&self, before: Option<&Object>, object: &mut Object) {
+    /// and with `learned_from`, those raised over it (`Object::raised_since`).
+    fn pruned(&self, object: &mut Object, learned_from: Option<Option<&Object>>) {
         let s = &self.settings;
-        let raised = object.raised_since(before, s.clock_max_entries);
-        let keep = |actor: &NodeId| self.actors.is_current(actor) || raised.contains(actor);
-        object.prune(
-            s.clock_max_entries,
-            s.clock_min_age_ms,
-            s.clock.now_ms(),
-            keep,
-        );
+        let raised = |b| object.raised_since(b, s.clock_max_entries);
+        let learned = learned_from.map(raised).unwrap_or_default();
+        let keep = |actor: &NodeId| self.actors.is_current(actor) || learned.contains(actor);
+        let now = s.clock.now_ms();
+        object.prune(s.clock_max_entries, s.clock_min_age_ms, now, keep);
     }
 
     /// Merges an object sent by a coordinator (or found by read repair,
@@ -447,7 +444,7 @@ impl<S: Store> Replica<S> {
     ) -> Result<(Object, Durable), StoreError> {
         self.apply(key, commit, |_, o| {
             o.merge(incoming);
-            Ok::<(), StoreError>(())
+            Ok::<bool, StoreError>(false)
         })
     }
 
@@ -483,7 +480,7 @@ impl<S: Store> Replica<S> {
             })?;
             self.admit(key, before, o)?;
             dot = Some(minted);
-            Ok::<(), ReplicaError>(())
+            Ok::<bool, ReplicaError>(true)
         })?;
         Ok((object, dot.expect("minted when the write applied"), durable))
     }

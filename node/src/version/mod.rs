@@ -486,10 +486,11 @@ impl Object {
     }
 
     /// The actors whose entries this clock holds above `before`'s (every
-    /// one without `before`): what a change from `before` learned, which
-    /// its pruning keeps. An entry a write's context brought is stamped 0,
-    /// and dropped by that write, the write would go out short of what its
-    /// context covered. Empty while the clock is within `max_entries`.
+    /// one without `before`): what a write from `before` learned, which its
+    /// pruning keeps. An entry its context brought is stamped 0, and dropped
+    /// by that write, the write would go out short of what its context
+    /// covered. Empty while the clock is within `max_entries`. (A merge
+    /// prunes by the merged clock alone, so that replicas converge.)
     pub fn raised_since(&self, before: Option<&Object>, max_entries: usize) -> Vec<NodeId> {
         if self.clock.len() <= max_entries {
             return Vec::new();
