@@ -23,12 +23,13 @@
 //! actors' counters unchanged (a dot minted twice). As PostgreSQL and
 //! Cassandra's `commit_failure_policy: stop` do, the store then refuses
 //! every operation with that error until the node restarts; the restart
-//! replays what the disk holds, under a new incarnation. (The replica still answers reads
-//! of the keys in its object cache: a write it may show had its sync fail,
-//! so it was never acknowledged.) A full disk is not such a failure: an
-//! append that fails for want of space leaves the WAL before it intact, so
-//! it and the syncs that fail after it (the sticky error) fail only their
-//! own writes, and the reopen replays the rest.
+//! replays what the disk holds, under a new incarnation. (The replica
+//! still answers reads of the keys in its object cache: what it holds was
+//! written, and acknowledged only if its sync, with `fsync`, succeeded.)
+//! A full disk is not such a failure: an append that fails for want of
+//! space leaves the WAL before it intact, so it and the syncs that fail
+//! after it (the sticky error) fail only their own writes, and the reopen
+//! replays the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
