@@ -282,7 +282,7 @@ impl<S: Store> Replica<S> {
             for copy in copies.iter().flatten() {
                 object.merge(copy);
             }
-            self.pruned(&mut object, None);
+            self.pruned(&mut object, &[]);
             // Nothing to store when no sibling is left. A history left
             // alone (the others reaped the key: see `restore_copy`) fences
             // the key here as their reaps did there, so that a stale copy
@@ -342,7 +342,7 @@ impl<S: Store> Replica<S> {
             Stored::Lost { partial, .. } => partial.clone().unwrap_or_default(),
         };
         object.merge(incoming);
-        self.pruned(&mut object, None);
+        self.pruned(&mut object, &[]);
         let marker = encode_marker(self.next_generation(), Some(&object));
         let old = record.bytes().map(trees::digest);
         self.write_object(&mut stripe, key, old, Some(&marker))?;

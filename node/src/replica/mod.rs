@@ -337,12 +337,12 @@ impl<S: Store> Replica<S> {
     ///
     /// With [`Commit::Deferred`], the change may not be durable yet when
     /// this returns: acknowledge it only once the [`Durable`] resolves.
-    /// `change` says whether pruning keeps what it learned (a write's).
+    /// Pruning keeps the clock entries `change` says it learned (a write's).
     fn apply<E: From<StoreError>>(
         &self,
         key: &[u8],
         commit: Commit,
-        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<bool, E>,
+        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<Vec<NodeId>, E>,
     ) -> Result<(Object, Durable), E> {
         let mut stripe = self.lock_stripe(key);
         let record = self.stored_record(&mut stripe, key)?;
@@ -367,8 +367,8 @@ impl<S: Store> Replica<S> {
                 (None, Stored::Absent) => self.absent_start(key)?,
                 (None, _) => Object::default(),
             };
-            let learns = change(before.as_ref(), &mut object)?;
-            self.pruned(&mut object, learns.then_some(before.as_ref()));
+            let learned = change(before.as_ref(), &mut object)?;
+            self.pruned(&mut object, &learned);
             // An absent key stays absent when nothing is left to store (a
             // fenced copy of a reaped one).
             let unchanged = match &before {
@@ -409,11 +409,9 @@ impl<S: Store> Replica<S> {
 
     /// Prunes `object`'s clock past the configured bounds (see
     /// [`Object::prune`]); entries of this incarnation's actors are kept,
-    /// and with `learned_from`, those raised over it (`Object::raised_since`).
-    fn pruned(&self, object: &mut Object, learned_from: Option<Option<&Object>>) {
+    /// and so are `learned` ([`Object::learned_from`]).
+    fn pruned(&self, object: &mut Object, learned: &[NodeId]) {
         let s = &self.settings;
-        let raised = |b| object.raised_since(b, s.clock_max_entries);
-        let learned = learned_from.map(raised).unwrap_or_default();
         let keep = |actor: &NodeId| self.actors.is_current(actor) || learned.contains(actor);
         let now = s.clock.now_ms();
         object.prune(s.clock_max_entries, s.clock_min_age_ms, now, keep);
@@ -444,7 +442,7 @@ impl<S: Store> Replica<S> {
     ) -> Result<(Object, Durable), StoreError> {
         self.apply(key, commit, |_, o| {
             o.merge(incoming);
-            Ok::<bool, StoreError>(false)
+            Ok::<Vec<NodeId>, StoreError>(Vec::new())
         })
     }
 
@@ -473,6 +471,7 @@ impl<S: Store> Replica<S> {
                 source,
             };
             let actor = self.actors.for_write(o, ctx).map_err(version)?;
+            let learned = o.learned_from(ctx);
             let minted = o.update(ctx, value, actor, now).ok_or_else(|| {
                 version(VersionError::ContextMalformed(
                     "it names a counter at its maximum".into(),
@@ -480,7 +479,7 @@ impl<S: Store> Replica<S> {
             })?;
             self.admit(key, before, o)?;
             dot = Some(minted);
-            Ok::<bool, ReplicaError>(true)
+            Ok::<Vec<NodeId>, ReplicaError>(learned)
         })?;
         Ok((object, dot.expect("minted when the write applied"), durable))
     }

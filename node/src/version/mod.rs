@@ -26,7 +26,7 @@
 //!   (an extra sibling), never hide a live one. Entries a write's context
 //!   brings that the replica did not know are stamped 0, so a client that
 //!   sends made-up entries only ever gets those pruned first; but not by
-//!   the write that brings them ([`Object::raised_since`]), which must go
+//!   the write that brings them ([`Object::learned_from`]), which must go
 //!   out covering what its context covered.
 //!
 //! # Actors and epochs: a dot is never minted twice
@@ -485,21 +485,15 @@ impl Object {
         &Object::merged(self, other) == self
     }
 
-    /// The actors whose entries this clock holds above `before`'s (every
-    /// one without `before`): what a write from `before` learned, which its
-    /// pruning keeps. An entry its context brought is stamped 0, and dropped
-    /// by that write, the write would go out short of what its context
-    /// covered. Empty while the clock is within `max_entries`. (A merge
+    /// The actors whose entries `context` holds above this clock's: what
+    /// a write under `context` learns, which its pruning keeps. Such an
+    /// entry is stamped 0 ([`Object::update`]), and dropped by that write,
+    /// the write would go out short of what its context covered. (A merge
     /// prunes by the merged clock alone, so that replicas converge.)
-    pub fn raised_since(&self, before: Option<&Object>, max_entries: usize) -> Vec<NodeId> {
-        if self.clock.len() <= max_entries {
-            return Vec::new();
-        }
-        let raised = |n: &NodeId, e: &ClockEntry| {
-            before.is_none_or(|b| b.clock.get(n).is_none_or(|old| old.counter < e.counter))
-        };
-        (self.clock.iter())
-            .filter(|(n, e)| raised(n, e))
+    pub fn learned_from(&self, context: &VersionVector) -> Vec<NodeId> {
+        let above = |n: &NodeId, c: u64| self.clock.get(n).is_none_or(|e| e.counter < c);
+        (context.iter())
+            .filter(|(n, c)| above(n, **c))
             .map(|(n, _)| *n)
             .collect()
     }
