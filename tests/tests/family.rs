@@ -473,8 +473,6 @@ async fn a_forward_delivered_twice_runs_once() {
 /// pruned by that write.
 #[tokio::test(start_paused = true)]
 async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
-    use shoal_node::net::Handler;
-    use shoal_node::version::Object;
     let mut s = settings();
     s.clock_max_entries = 2;
     let c = SimCluster::with_settings(3, s);
@@ -485,21 +483,12 @@ async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
         NodeId::from_u128(72),
         NodeId::from_u128(73),
     );
-    let mut seen_by_all = Object::default();
-    seen_by_all.update(&VersionVector::new(), Some(v("v0")), x1, 1);
-    seen_by_all.update(&seen_by_all.context(), Some(v("v1")), x2, 1);
+    let seen_by_all = an_old_key(&[x1, x2]);
     let mut missed_by_node1 = seen_by_all.clone();
     missed_by_node1.update(&seen_by_all.context(), Some(v("v3")), x3, 1);
-    let put = |node: &str, object: &Object| {
-        let request = PeerRequest::ReplicaPut {
-            key: b"k".to_vec(),
-            object: object.clone(),
-        };
-        c.node(node).peer("node1".into(), request)
-    };
-    assert_eq!(put("node1", &seen_by_all).await, PeerResponse::Stored);
+    replica_put(&c, "node1", &seen_by_all).await;
     for node in ["node2", "node3"] {
-        assert_eq!(put(node, &missed_by_node1).await, PeerResponse::Stored);
+        replica_put(&c, node, &missed_by_node1).await;
     }
     // A client read v3 (from node2 and node3) and deletes it through node1.
     let ctx = CausalContext(encode_context(&missed_by_node1.context()));
@@ -509,4 +498,96 @@ async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
         Vec::<Vec<u8>>::new(),
         "the deleted key came back"
     );
+}
+
+/// Writes long ago (1 ms after the epoch) under actors of old runs, each
+/// superseding the last: the key's clock names them all, and its one live
+/// value is the last one's. Stored on every node.
+fn an_old_key(actors: &[shoal_ring::NodeId]) -> shoal_node::version::Object {
+    let mut o = shoal_node::version::Object::default();
+    for (i, a) in actors.iter().enumerate() {
+        o.update(&o.context(), Some(v(&format!("v{i}"))), *a, 1);
+    }
+    o
+}
+
+async fn replica_put(c: &SimCluster, node: &str, object: &shoal_node::version::Object) {
+    use shoal_node::net::Handler;
+    let request = PeerRequest::ReplicaPut {
+        key: b"k".to_vec(),
+        object: object.clone(),
+    };
+    let r = c.node(node).peer("node1".into(), request).await;
+    assert_eq!(r, PeerResponse::Stored, "{node}");
+}
+
+/// A key whose clock is over its bound, its value written long ago: a
+/// delete drops the value and its dot's entry goes unreferenced, the
+/// oldest, and pruning dropped it in the delete itself. The tombstone
+/// went out not covering the value, every other replica kept the value
+/// beside it, and the deleted key came back on the next read. A write
+/// stamps the entries of the values it supersedes with its own time: it
+/// must carry them for the minimum age, as any replica that still holds
+/// one of those values needs them to drop it.
+#[tokio::test(start_paused = true)]
+async fn a_delete_of_a_value_written_long_ago_is_not_undone_by_clock_pruning() {
+    let mut s = settings();
+    s.clock_max_entries = 2;
+    let c = SimCluster::with_settings(3, s);
+    use shoal_ring::NodeId;
+    // The live value's actor sorts first among the old ones.
+    let old = an_old_key(&[
+        NodeId::from_u128(72),
+        NodeId::from_u128(71),
+        NodeId::from_u128(70),
+    ]);
+    for node in ["node1", "node2", "node3"] {
+        replica_put(&c, node, &old).await;
+    }
+    let ctx = value(c.get("node1", b"k", ALL).await).context;
+    written(c.delete("node1", b"k", Some(ctx), ALL).await);
+    assert_eq!(
+        read_all(&c, "node2", b"k").await,
+        Vec::<Vec<u8>>::new(),
+        "the deleted key came back"
+    );
+}
+
+/// A value node1 and node3 missed (written just now through node2, its
+/// hint for node3 still waiting) is deleted through node1, with the
+/// context of a read from node2. Node1 learns the value's entry from the
+/// context, stamped 0 as entries a context brings were; node3, over its
+/// bound, dropped that entry in its merge of the tombstone, and the
+/// value's late copy then came back beside the tombstone there. An entry
+/// a write learns under an actor of one of the cluster's nodes is a real
+/// event's, and is stamped with the write's time.
+#[tokio::test(start_paused = true)]
+async fn an_entry_a_delete_learned_outlives_pruning_on_the_replicas_that_lacked_it() {
+    let mut s = settings();
+    s.clock_max_entries = 2;
+    let c = SimCluster::with_settings(3, s);
+    use shoal_ring::NodeId;
+    let old = an_old_key(&[NodeId::from_u128(71), NodeId::from_u128(72)]);
+    let node2s = shoal_node::version::Actors::new(c.id("node2"), 0)
+        .fresh()
+        .unwrap();
+    let now = c.node("node2").settings().clock.now_ms();
+    let mut newer = old.clone();
+    newer.update(&old.context(), Some(v("v3")), node2s, now);
+    replica_put(&c, "node1", &old).await;
+    replica_put(&c, "node3", &old).await;
+    replica_put(&c, "node2", &newer).await;
+    let ctx = CausalContext(encode_context(&newer.context()));
+    written(c.delete("node1", b"k", Some(ctx), ALL).await);
+    // v3's late copies: node2's hint for node3, anti-entropy.
+    replica_put(&c, "node3", &newer).await;
+    replica_put(&c, "node1", &newer).await;
+    for node in ["node1", "node2", "node3"] {
+        let stored = c.stored(node, b"k").unwrap();
+        assert_eq!(
+            stored.values().count(),
+            0,
+            "the deleted value came back on {node}: {stored:?}"
+        );
+    }
 }

@@ -453,6 +453,16 @@ impl Membership {
         by_id.into_values().collect()
     }
 
+    /// Whether `actor` is one that a node heard of mints under, removed
+    /// members included: an entry under it in a client's context is a
+    /// real event's, not made up (see [`crate::version`]).
+    pub fn knows_actor(&self, actor: &NodeId) -> bool {
+        use crate::version::Actors;
+        let state = self.state.read().expect("membership lock");
+        let mut ids = (state.known.values().map(|m| &m.id)).chain(state.cluster.members.keys());
+        ids.any(|n| Actors::minted_by(actor, n))
+    }
+
     /// What founding members said by hello (persisted under [`MEMBERS_KEY`]).
     pub fn learned(&self) -> Vec<MemberInfo> {
         let state = self.state.read().expect("membership lock");

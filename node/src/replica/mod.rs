@@ -477,6 +477,10 @@ impl<S: Store> Replica<S> {
                     "it names a counter at its maximum".into(),
                 ))
             })?;
+            o.vouch(
+                learned.iter().filter(|a| self.membership.knows_actor(a)),
+                now,
+            );
             self.admit(key, before, o)?;
             dot = Some(minted);
             Ok::<Vec<NodeId>, ReplicaError>(learned)

@@ -20,14 +20,20 @@
 //!   property tests check all three laws and that a value disappears only when a
 //!   context covered it.
 //! - A delete is a write of a tombstone (a sibling with no value).
-//! - Clock entries carry the wall-clock time of their last event; [`Object::prune`]
-//!   drops the oldest entries no sibling refers to once there are too many. A
-//!   pruned entry can only make a later-arriving old version look concurrent
-//!   (an extra sibling), never hide a live one. Entries a write's context
-//!   brings that the replica did not know are stamped 0, so a client that
-//!   sends made-up entries only ever gets those pruned first; but not by
-//!   the write that brings them ([`Object::learned_from`]), which must go
-//!   out covering what its context covered.
+//! - Clock entries carry a wall-clock time; [`Object::prune`] drops the oldest
+//!   entries no sibling refers to once there are too many, if older than a
+//!   minimum age (a day by default). A pruned entry can only make a version
+//!   that arrives later look concurrent (an extra sibling), never hide a
+//!   live one. So an entry is stamped with the last write that needed it:
+//!   its own event, a write that superseded one of its values, or one that
+//!   learned it from its context ([`Object::vouch`]). A replica that missed
+//!   such a write and still holds the value needs the entry to drop it, and
+//!   has the minimum age to get it.
+//!   Entries a context brings under an actor of no node the replica knows
+//!   are stamped 0, so a client that sends made-up entries only ever gets
+//!   those pruned first; but not by the write that brings them
+//!   ([`Object::learned_from`]), which must go out covering what its
+//!   context covered.
 //!
 //! # Actors and epochs: a dot is never minted twice
 //! A dot must name one write: if two different values carried the same dot,
@@ -61,6 +67,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_ring::NodeId;
 
+mod actors;
+pub use actors::{Actors, ActorsState, MAX_RETIRED};
+
 /// One event: the `counter`-th write coordinated by `node`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Dot {
@@ -89,218 +98,6 @@ pub enum VersionError {
     ContextTooLarge { entries: usize, max: usize },
     #[error("the causal context is not one Shoal issued: {0}")]
     ContextMalformed(String),
-}
-
-/// Epochs one incarnation can mint: 48 bits.
-const MAX_EPOCH: u64 = (1 << 48) - 1;
-
-/// The actors a node mints dots under (see the module doc): 16 bytes of
-/// node-id hash (6), incarnation (4) and epoch (6), all big-endian.
-#[derive(Debug)]
-pub struct Actors {
-    prefix: [u8; 6],
-    state: std::sync::Mutex<ActorState>,
-}
-
-/// Retired epochs an incarnation keeps before it asks for a new incarnation
-/// (which retires every actor at once and empties the set).
-pub const MAX_RETIRED: usize = 100_000;
-
-#[derive(Debug)]
-struct ActorState {
-    incarnation: u32,
-    /// The last epoch handed out; epochs start at 1.
-    epoch: u64,
-    /// Epochs of this incarnation whose key this node forgot (reaped): the
-    /// counters minted under them are known nowhere here any more, so they
-    /// are never written under again, even if a merge or a context brings
-    /// their entry back into the key's clock.
-    retired: std::collections::HashSet<u64>,
-    /// Set by [`Actors::seal`]: nothing is minted any more.
-    sealed: bool,
-}
-
-/// All an [`Actors`] holds besides the node: what a clean stop records so
-/// that the next start mints under the same actors ([`Actors::resume`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActorsState {
-    pub incarnation: u32,
-    pub epoch: u64,
-    /// Sorted.
-    pub retired: Vec<u64>,
-}
-
-impl Actors {
-    pub fn new(node: NodeId, incarnation: u32) -> Self {
-        Actors::resume(
-            node,
-            ActorsState {
-                incarnation,
-                epoch: 0,
-                retired: Vec::new(),
-            },
-        )
-    }
-
-    /// Goes on from `state`, taken by [`Self::seal`] with every key's
-    /// lock held, the store unchanged since.
-    pub fn resume(node: NodeId, state: ActorsState) -> Self {
-        Actors {
-            prefix: Actors::node_prefix(&node),
-            state: std::sync::Mutex::new(ActorState {
-                incarnation: state.incarnation,
-                epoch: state.epoch,
-                retired: state.retired.into_iter().collect(),
-                sealed: false,
-            }),
-        }
-    }
-
-    /// Mints nothing from now on, and returns the state to go on from
-    /// (the incarnation, the last epoch handed out and the retired
-    /// epochs), for a stop: a dot minted after it would be one the next
-    /// start may mint again.
-    pub fn seal(&self) -> ActorsState {
-        let mut st = self.state();
-        st.sealed = true;
-        let mut retired: Vec<u64> = st.retired.iter().copied().collect();
-        retired.sort_unstable();
-        ActorsState {
-            incarnation: st.incarnation,
-            epoch: st.epoch,
-            retired,
-        }
-    }
-
-    /// The 6 bytes that stand for `node` in its actors: a hash of the whole
-    /// id (FNV-1a), so ids that share leading bytes (made by hand, or by a
-    /// test) still get distinct actors.
-    pub fn node_prefix(node: &NodeId) -> [u8; 6] {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in node.0 {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        let mut prefix = [0u8; 6];
-        prefix.copy_from_slice(&h.to_be_bytes()[..6]);
-        prefix
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, ActorState> {
-        // Nothing under this lock can panic; recover the data if it did.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The actor of `epoch` in `incarnation`.
-    fn actor(&self, incarnation: u32, epoch: u64) -> NodeId {
-        let mut id = [0u8; 16];
-        id[..6].copy_from_slice(&self.prefix);
-        id[6..10].copy_from_slice(&incarnation.to_be_bytes());
-        id[10..].copy_from_slice(&epoch.to_be_bytes()[2..]);
-        NodeId(id)
-    }
-
-    /// The epoch of `actor` if it is one of `incarnation`'s.
-    fn epoch_in(&self, actor: &NodeId, incarnation: u32) -> Option<u64> {
-        let a = &actor.0;
-        (a[..6] == self.prefix && a[6..10] == incarnation.to_be_bytes()).then(|| {
-            let mut e = [0u8; 8];
-            e[2..].copy_from_slice(&a[10..]);
-            u64::from_be_bytes(e)
-        })
-    }
-
-    /// Whether `actor` belongs to the current incarnation (its entries are
-    /// never pruned, so the node never forgets what it minted under it).
-    pub fn is_current(&self, actor: &NodeId) -> bool {
-        let st = self.state();
-        self.epoch_in(actor, st.incarnation).is_some()
-    }
-
-    fn fresh_in(&self, st: &mut ActorState) -> Result<NodeId, VersionError> {
-        if st.sealed {
-            return Err(VersionError::Sealed);
-        }
-        if st.epoch >= MAX_EPOCH {
-            return Err(VersionError::EpochsExhausted(MAX_EPOCH));
-        }
-        st.epoch += 1;
-        Ok(self.actor(st.incarnation, st.epoch))
-    }
-
-    /// A new actor, named in no clock anywhere.
-    pub fn fresh(&self) -> Result<NodeId, VersionError> {
-        let mut st = self.state();
-        self.fresh_in(&mut st)
-    }
-
-    /// The actor a write to `object` with `context` is minted under: the
-    /// newest live (not retired) actor of this incarnation that the object
-    /// names, unless the context knows more of it than the object (then, or
-    /// when there is none, a fresh one).
-    pub fn for_write(
-        &self,
-        object: &Object,
-        context: &VersionVector,
-    ) -> Result<NodeId, VersionError> {
-        let mut st = self.state();
-        if st.sealed {
-            return Err(VersionError::Sealed);
-        }
-        let newest = object
-            .clock
-            .iter()
-            .filter_map(|(a, e)| {
-                self.epoch_in(a, st.incarnation)
-                    .filter(|epoch| !st.retired.contains(epoch))
-                    .map(|epoch| (epoch, *a, e.counter))
-            })
-            .max();
-        match newest {
-            Some((_, actor, counter))
-                if counter < u64::MAX && context.get(&actor).is_none_or(|c| *c <= counter) =>
-            {
-                Ok(actor)
-            }
-            _ => self.fresh_in(&mut st),
-        }
-    }
-
-    /// Records that this node forgot `object`'s key (its tombstone was
-    /// reaped): the actors of this incarnation it names are never written
-    /// under again. Returns true once [`MAX_RETIRED`] epochs are retired:
-    /// the caller should then start a new incarnation
-    /// ([`Actors::new_incarnation`]), which retires them all at once.
-    pub fn retire(&self, object: &Object) -> bool {
-        let mut st = self.state();
-        let inc = st.incarnation;
-        for a in object.clock.keys() {
-            if let Some(epoch) = self.epoch_in(a, inc) {
-                st.retired.insert(epoch);
-            }
-        }
-        st.retired.len() >= MAX_RETIRED
-    }
-
-    /// Moves to `incarnation` (durably recorded by the caller, and newer
-    /// than any before): every earlier actor is retired.
-    pub fn new_incarnation(&self, incarnation: u32) {
-        let mut st = self.state();
-        st.incarnation = incarnation;
-        st.epoch = 0;
-        st.retired.clear();
-    }
-
-    /// The node-id hash, incarnation and epoch of any actor, for display.
-    pub fn parts(actor: &NodeId) -> ([u8; 6], u32, u64) {
-        let a = &actor.0;
-        let mut prefix = [0u8; 6];
-        prefix.copy_from_slice(&a[..6]);
-        let mut inc = [0u8; 4];
-        inc.copy_from_slice(&a[6..10]);
-        let mut e = [0u8; 8];
-        e[2..].copy_from_slice(&a[10..]);
-        (prefix, u32::from_be_bytes(inc), u64::from_be_bytes(e))
-    }
 }
 
 /// A live version of a key.
@@ -366,8 +163,9 @@ impl Object {
     }
 
     /// Applies a write minted under `actor`: drops the siblings `context`
-    /// covers, joins `context` into the clock (entries new to this object
-    /// stamped 0, see the module doc), and adds `value` (`None`: a
+    /// covers (their entries stamped `now_ms`), joins `context` into the
+    /// clock (entries new to this object stamped 0 until the caller
+    /// vouches for them, see the module doc), and adds `value` (`None`: a
     /// tombstone) under the actor's next dot, which it returns. The actor
     /// comes from [`Actors::for_write`]; `None` if its counter is exhausted.
     pub fn update(
@@ -383,6 +181,13 @@ impl Object {
             .map_or(0, |e| e.counter)
             .max(context.get(&actor).copied().unwrap_or(0))
             .checked_add(1)?;
+        // The entries of the values this write supersedes age from now: a
+        // replica that still holds one of them needs its entry to drop it.
+        for s in self.siblings.iter().filter(|s| covers(context, &s.dot)) {
+            if let Some(e) = self.clock.get_mut(&s.dot.node) {
+                e.timestamp_ms = e.timestamp_ms.max(now_ms);
+            }
+        }
         self.siblings.retain(|s| !covers(context, &s.dot));
         for (n, c) in context {
             let entry = self.clock.entry(*n).or_insert(ClockEntry {
@@ -496,6 +301,17 @@ impl Object {
             .filter(|(n, c)| above(n, **c))
             .map(|(n, _)| *n)
             .collect()
+    }
+
+    /// Stamps the entries of `actors` with `now_ms` (never back in time):
+    /// entries a write learned from its context under actors of the
+    /// cluster's nodes, real events whose values other replicas may hold.
+    pub fn vouch<'a>(&mut self, actors: impl IntoIterator<Item = &'a NodeId>, now_ms: u64) {
+        for a in actors {
+            if let Some(e) = self.clock.get_mut(a) {
+                e.timestamp_ms = e.timestamp_ms.max(now_ms);
+            }
+        }
     }
 
     /// Drops clock entries that no sibling refers to and `keep` does not

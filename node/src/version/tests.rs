@@ -157,6 +157,30 @@ fn a_forged_counter_at_its_maximum_gets_a_fresh_actor_not_a_panic() {
 }
 
 #[test]
+fn a_write_stamps_the_entries_of_what_it_supersedes_and_what_is_vouched_for() {
+    let mut o = Object::default();
+    o.update(&VersionVector::new(), Some(b"old".to_vec()), node(0), 1);
+    o.update(&VersionVector::new(), Some(b"kept".to_vec()), node(1), 1);
+    let mut ctx = VersionVector::from([(node(0), 1)]);
+    ctx.insert(node(2), 4);
+    ctx.insert(node(3), 5);
+    o.update(&ctx, None, node(4), 100);
+    let at = |o: &Object, n| o.clock()[&node(n)].timestamp_ms;
+    assert_eq!(at(&o, 0), 100, "the superseded value's entry");
+    assert_eq!(at(&o, 1), 1, "a value the write does not supersede");
+    assert_eq!(
+        (at(&o, 2), at(&o, 3)),
+        (0, 0),
+        "learned: made up until vouched for"
+    );
+    o.vouch([&node(2), &node(7)], 100);
+    assert_eq!((at(&o, 2), at(&o, 3)), (100, 0));
+    assert!(!o.clock().contains_key(&node(7)), "vouching adds nothing");
+    o.vouch([&node(2)], 50);
+    assert_eq!(at(&o, 2), 100, "never back in time");
+}
+
+#[test]
 fn a_reply_context_covers_the_write_and_nothing_it_did_not_see() {
     let actors = Actors::new(node(0), 1);
     let mut o = Object::default();
