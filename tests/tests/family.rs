@@ -255,6 +255,44 @@ async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
     );
 }
 
+/// Made-up entries under a real node's prefix (any client can read one
+/// off a context) pass for real ones: the write that brings them vouches
+/// for them, and they live the minimum age. They can only fill the
+/// clock's bound, never grow it past what a context may carry: the key's
+/// read-modify-writes go on being accepted, and the clock stays at its
+/// bound (review, helper-94).
+#[tokio::test]
+async fn made_up_entries_under_a_real_nodes_prefix_only_fill_the_clocks_bound() {
+    use shoal_node::version::Actors;
+    use shoal_ring::NodeId;
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let prefix = Actors::node_prefix(&c.id("node2"));
+    let made_up = |round: u8| -> CausalContext {
+        let vv: VersionVector = (0..200u8)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..6].copy_from_slice(&prefix);
+                id[14] = round;
+                id[15] = i;
+                (NodeId(id), 1)
+            })
+            .collect();
+        CausalContext(encode_context(&vv))
+    };
+    let max = settings().clock_max_entries;
+    for round in 0..4 {
+        let forged = Some(made_up(round));
+        written(c.put("node1", b"k", b"forged", forged, ALL).await);
+        let ctx = value(c.get("node1", b"k", ALL).await).context;
+        written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
+        for node in ["node1", "node2", "node3"] {
+            let n = c.stored(node, b"k").unwrap().clock().len();
+            assert!(n <= max, "{node}: {n} entries after round {round}");
+        }
+    }
+}
+
 /// The grace period is judged by every primary's own clock: a first
 /// primary whose clock runs an hour ahead cannot reap a fresh tombstone.
 #[tokio::test]
@@ -564,7 +602,7 @@ async fn a_delete_of_a_value_written_long_ago_is_not_undone_by_clock_pruning() {
 #[tokio::test(start_paused = true)]
 async fn an_entry_a_delete_learned_outlives_pruning_on_the_replicas_that_lacked_it() {
     let mut s = settings();
-    s.clock_max_entries = 2;
+    s.clock_max_entries = 3;
     let c = SimCluster::with_settings(3, s);
     use shoal_ring::NodeId;
     let old = an_old_key(&[NodeId::from_u128(71), NodeId::from_u128(72)]);

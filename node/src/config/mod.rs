@@ -188,7 +188,12 @@ pub struct ClusterConfig {
     pub gossip_ms: u64,
     /// Clock entries kept per key before the oldest unused ones are pruned.
     pub clock_max_entries: usize,
-    /// Clock entries younger than this are never pruned.
+    /// Clock entries younger than this are never pruned. An entry's age
+    /// counts from the last write that needed it (its own event, or a
+    /// write that superseded its value or learned it from a context): a
+    /// replica that misses a write must get it (by hint, read repair or
+    /// anti-entropy) within this time, or a value the write superseded may
+    /// come back there as a sibling.
     pub clock_min_age_secs: u64,
 }
 

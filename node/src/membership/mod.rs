@@ -453,14 +453,13 @@ impl Membership {
         by_id.into_values().collect()
     }
 
-    /// Whether `actor` is one that a node heard of mints under, removed
-    /// members included: an entry under it in a client's context is a
-    /// real event's, not made up (see [`crate::version`]).
-    pub fn knows_actor(&self, actor: &NodeId) -> bool {
-        use crate::version::Actors;
+    /// The 6-byte prefixes of the actors of every node heard of, removed
+    /// members included (see [`crate::version::Actors`]): an entry under
+    /// one of them in a client's context is likely a real event's.
+    pub fn actor_prefixes(&self) -> Vec<[u8; 6]> {
         let state = self.state.read().expect("membership lock");
-        let mut ids = (state.known.values().map(|m| &m.id)).chain(state.cluster.members.keys());
-        ids.any(|n| Actors::minted_by(actor, n))
+        let ids = (state.known.values().map(|m| &m.id)).chain(state.cluster.members.keys());
+        ids.map(crate::version::Actors::node_prefix).collect()
     }
 
     /// What founding members said by hello (persisted under [`MEMBERS_KEY`]).

@@ -7,7 +7,8 @@
 //! - the store (objects, their anti-entropy index entries, hints, meta);
 //! - the key locks and the object cache ([`stripe`]): every change to a
 //!   key's object is a read-modify-write under its stripe's lock;
-//! - the actors this incarnation mints dots under (see [`crate::version`]);
+//! - the actors this incarnation mints dots under (see [`crate::version`]),
+//!   and what a write's clock keeps ([`clocks`]);
 //! - the Merkle trees kept up to date in the write path ([`trees`]);
 //! - the hints kept for other nodes and their counts ([`hints`]).
 //!
@@ -19,10 +20,12 @@
 //! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
-//! see [`lost`]). A rebuild reads its pages of keys without the trees lock
+//! see [`lost`]), or the stripe lock, then the membership's (a leaf: a
+//! write's `clocks::vouch`). A rebuild reads its pages of keys without the trees lock
 //! (see `trees::Rebuild`). Only [`seal`] holds more than one stripe: all of
 //! them, taken in order. No lock is held across an await.
 
+mod clocks;
 mod fence;
 mod handover;
 pub mod hints;
@@ -407,16 +410,6 @@ impl<S: Store> Replica<S> {
         crate::tasks::heavy_for(raw.map_or(0, |b| b.len()), modify)
     }
 
-    /// Prunes `object`'s clock past the configured bounds (see
-    /// [`Object::prune`]); entries of this incarnation's actors are kept,
-    /// and so are `learned` ([`Object::learned_from`]).
-    fn pruned(&self, object: &mut Object, learned: &[NodeId]) {
-        let s = &self.settings;
-        let keep = |actor: &NodeId| self.actors.is_current(actor) || learned.contains(actor);
-        let now = s.clock.now_ms();
-        object.prune(s.clock_max_entries, s.clock_min_age_ms, now, keep);
-    }
-
     /// Merges an object sent by a coordinator (or found by read repair,
     /// handoff or anti-entropy) into the local copy.
     pub fn merge(&self, key: &[u8], incoming: &Object) -> Result<Object, StoreError> {
@@ -477,10 +470,7 @@ impl<S: Store> Replica<S> {
                     "it names a counter at its maximum".into(),
                 ))
             })?;
-            o.vouch(
-                learned.iter().filter(|a| self.membership.knows_actor(a)),
-                now,
-            );
+            self.vouch(o, &learned, now);
             self.admit(key, before, o)?;
             dot = Some(minted);
             Ok::<Vec<NodeId>, ReplicaError>(learned)

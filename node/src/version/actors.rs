@@ -87,11 +87,6 @@ impl Actors {
         }
     }
 
-    /// Whether `actor` is one `node` mints under (by its 6 bytes of hash).
-    pub fn minted_by(actor: &NodeId, node: &NodeId) -> bool {
-        actor.0[..6] == Actors::node_prefix(node)
-    }
-
     /// The 6 bytes that stand for `node` in its actors: a hash of the whole
     /// id (FNV-1a), so ids that share leading bytes (made by hand, or by a
     /// test) still get distinct actors.

@@ -30,8 +30,10 @@
 //!   such a write and still holds the value needs the entry to drop it, and
 //!   has the minimum age to get it.
 //!   Entries a context brings under an actor of no node the replica knows
-//!   are stamped 0, so a client that sends made-up entries only ever gets
-//!   those pruned first; but not by the write that brings them
+//!   are stamped 0, and so are those that would take the clock's young
+//!   entries past its bound: a client that sends made-up entries only
+//!   ever gets those pruned first, or at most fills the bound for the
+//!   minimum age; but not by the write that brings them
 //!   ([`Object::learned_from`]), which must go out covering what its
 //!   context covered.
 //!
@@ -304,13 +306,37 @@ impl Object {
     }
 
     /// Stamps the entries of `actors` with `now_ms` (never back in time):
-    /// entries a write learned from its context under actors of the
-    /// cluster's nodes, real events whose values other replicas may hold.
-    pub fn vouch<'a>(&mut self, actors: impl IntoIterator<Item = &'a NodeId>, now_ms: u64) {
+    /// the entries a write learned from its context under actors of the
+    /// cluster's nodes, real events whose values other replicas may still
+    /// hold. Only while the clock has fewer than `max_young` entries
+    /// younger than `min_age_ms`: entries a client made up under real
+    /// nodes' prefixes can fill a clock's bound for the minimum age at
+    /// most, never grow it past what a context may carry; past it they
+    /// stay at 0, pruned first.
+    pub fn vouch<'a>(
+        &mut self,
+        actors: impl IntoIterator<Item = &'a NodeId>,
+        now_ms: u64,
+        min_age_ms: u64,
+        max_young: usize,
+    ) {
+        let young = |ts: u64| now_ms.saturating_sub(ts) < min_age_ms;
+        let mut count = self
+            .clock
+            .values()
+            .filter(|e| young(e.timestamp_ms))
+            .count();
         for a in actors {
-            if let Some(e) = self.clock.get_mut(a) {
-                e.timestamp_ms = e.timestamp_ms.max(now_ms);
+            let Some(e) = self.clock.get_mut(a) else {
+                continue;
+            };
+            if !young(e.timestamp_ms) {
+                if count >= max_young {
+                    break;
+                }
+                count += 1;
             }
+            e.timestamp_ms = e.timestamp_ms.max(now_ms);
         }
     }
 

@@ -173,11 +173,20 @@ fn a_write_stamps_the_entries_of_what_it_supersedes_and_what_is_vouched_for() {
         (0, 0),
         "learned: made up until vouched for"
     );
-    o.vouch([&node(2), &node(7)], 100);
+    o.vouch([&node(2), &node(7)], 100, 10, 50);
     assert_eq!((at(&o, 2), at(&o, 3)), (100, 0));
     assert!(!o.clock().contains_key(&node(7)), "vouching adds nothing");
-    o.vouch([&node(2)], 50);
+    o.vouch([&node(2)], 50, 10, 50);
     assert_eq!(at(&o, 2), 100, "never back in time");
+    // Young entries: node(0), node(2), node(4). A bound of 3 is reached.
+    o.vouch([&node(3)], 100, 10, 3);
+    assert_eq!(
+        at(&o, 3),
+        0,
+        "vouched for only below the bound of young entries"
+    );
+    o.vouch([&node(3), &node(1)], 100, 10, 4);
+    assert_eq!((at(&o, 3), at(&o, 1)), (100, 1));
 }
 
 #[test]
