@@ -511,9 +511,7 @@ async fn a_forward_delivered_twice_runs_once() {
 /// pruned by that write.
 #[tokio::test(start_paused = true)]
 async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
-    let mut s = settings();
-    s.clock_max_entries = 2;
-    let c = SimCluster::with_settings(3, s);
+    let c = with_clock_bound(2);
     // Writes long ago (1 ms after the epoch) under actors of old runs.
     use shoal_ring::NodeId;
     let (x1, x2, x3) = (
@@ -536,6 +534,13 @@ async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
         Vec::<Vec<u8>>::new(),
         "the deleted key came back"
     );
+}
+
+/// Three nodes whose key clocks keep `max` entries past the minimum age.
+fn with_clock_bound(max: usize) -> SimCluster {
+    let mut s = settings();
+    s.clock_max_entries = max;
+    SimCluster::with_settings(3, s)
 }
 
 /// Writes long ago (1 ms after the epoch) under actors of old runs, each
@@ -569,9 +574,7 @@ async fn replica_put(c: &SimCluster, node: &str, object: &shoal_node::version::O
 /// one of those values needs them to drop it.
 #[tokio::test(start_paused = true)]
 async fn a_delete_of_a_value_written_long_ago_is_not_undone_by_clock_pruning() {
-    let mut s = settings();
-    s.clock_max_entries = 2;
-    let c = SimCluster::with_settings(3, s);
+    let c = with_clock_bound(2);
     use shoal_ring::NodeId;
     // The live value's actor sorts first among the old ones.
     let old = an_old_key(&[
@@ -601,9 +604,7 @@ async fn a_delete_of_a_value_written_long_ago_is_not_undone_by_clock_pruning() {
 /// event's, and is stamped with the write's time.
 #[tokio::test(start_paused = true)]
 async fn an_entry_a_delete_learned_outlives_pruning_on_the_replicas_that_lacked_it() {
-    let mut s = settings();
-    s.clock_max_entries = 3;
-    let c = SimCluster::with_settings(3, s);
+    let c = with_clock_bound(3);
     use shoal_ring::NodeId;
     let old = an_old_key(&[NodeId::from_u128(71), NodeId::from_u128(72)]);
     let node2s = shoal_node::version::Actors::new(c.id("node2"), 0)
