@@ -440,10 +440,12 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             report.push_str(&format!("    {f}\n"));
         }
     }
-    let outside = (faults.power_losses + faults.corruptions + faults.removes > 1).then(|| {
+    // Machines destroyed, whether or not their remove was committed.
+    let destroyed = world.machines.iter().filter(|m| m.gone).count();
+    let outside = (faults.power_losses + faults.corruptions + destroyed > 1).then(|| {
         format!(
-            "{} power losses, {} corrupted records, {} machines destroyed",
-            faults.power_losses, faults.corruptions, faults.removes
+            "{} power losses, {} corrupted records, {destroyed} machines destroyed",
+            faults.power_losses, faults.corruptions
         )
     });
     let (trace_hash, events) = net.trace_hash();

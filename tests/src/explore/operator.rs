@@ -33,7 +33,8 @@ pub enum Change {
 }
 
 /// The changes of one seed, drawn from `rng`: one or two, a remove only
-/// where the cluster keeps at least four members after it.
+/// where the cluster keeps at least four members after it, and at most
+/// one (a remove destroys its machine: the seed's one permanent loss).
 pub fn draw(rng: &mut SimRng, size: usize) -> Vec<Change> {
     let mut members = size;
     let mut plan = Vec::new();
@@ -41,7 +42,7 @@ pub fn draw(rng: &mut SimRng, size: usize) -> Vec<Change> {
         let change = match rng.below(3) {
             0 => Change::Join,
             1 if members > 3 => Change::Leave,
-            2 if members > 3 => Change::Remove,
+            2 if members > 3 && !plan.contains(&Change::Remove) => Change::Remove,
             _ => Change::Join,
         };
         members = if change == Change::Join {
