@@ -293,6 +293,52 @@ async fn made_up_entries_under_a_real_nodes_prefix_only_fill_the_clocks_bound() 
     }
 }
 
+/// Made-up entries under the coordinator's own incarnation, with epochs
+/// it never handed out (a real actor's first ten bytes can be read off
+/// any context): the coordinator took them for its own, kept them through
+/// every prune and wrote under them, and a few such writes took the key's
+/// clock past what a context may carry, so that its read-modify-writes
+/// were refused until the node's next incarnation (review, helper-95).
+/// An actor of this incarnation is the node's own only up to the last
+/// epoch it handed out.
+#[tokio::test]
+async fn made_up_epochs_of_the_coordinators_own_incarnation_are_not_its_own() {
+    use shoal_ring::NodeId;
+    let c = SimCluster::new(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let own = c.stored("node1", b"k").unwrap().siblings()[0].dot.node;
+    let made_up = |round: u16| -> CausalContext {
+        let vv: VersionVector = (0..200u16)
+            .map(|i| {
+                let mut id = own.0;
+                id[12..14].copy_from_slice(&round.to_be_bytes());
+                id[14..].copy_from_slice(&(i + 1).to_be_bytes());
+                (NodeId(id), 1)
+            })
+            .collect();
+        CausalContext(encode_context(&vv))
+    };
+    let max = settings().clock_max_entries;
+    for round in 1..4 {
+        let forged = Some(made_up(round));
+        written(c.put("node1", b"k", b"forged", forged, ALL).await);
+        let ctx = value(c.get("node1", b"k", ALL).await).context;
+        written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
+        let stored = c.stored("node1", b"k").unwrap();
+        assert!(
+            stored.clock().len() <= max,
+            "{} entries",
+            stored.clock().len()
+        );
+        let minted = stored.siblings().iter().map(|s| s.dot.node);
+        let made_up_epoch = |a: NodeId| a.0[..10] == own.0[..10] && a.0[12..14] != [0, 0];
+        assert!(
+            !minted.clone().any(made_up_epoch),
+            "wrote under a made-up actor: {stored:?}"
+        );
+    }
+}
+
 /// The grace period is judged by every primary's own clock: a first
 /// primary whose clock runs an hour ahead cannot reap a fresh tombstone.
 #[tokio::test]

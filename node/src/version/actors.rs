@@ -114,21 +114,25 @@ impl Actors {
         NodeId(id)
     }
 
-    /// The epoch of `actor` if it is one of `incarnation`'s.
-    fn epoch_in(&self, actor: &NodeId, incarnation: u32) -> Option<u64> {
+    /// The epoch of `actor` if the current incarnation handed it out: an
+    /// epoch past the last one handed out is a client's forgery (actors
+    /// can be read off any context), which this node never minted under.
+    fn epoch_in(&self, actor: &NodeId, st: &ActorState) -> Option<u64> {
         let a = &actor.0;
-        (a[..6] == self.prefix && a[6..10] == incarnation.to_be_bytes()).then(|| {
-            let mut e = [0u8; 8];
-            e[2..].copy_from_slice(&a[10..]);
-            u64::from_be_bytes(e)
-        })
+        if a[..6] != self.prefix || a[6..10] != st.incarnation.to_be_bytes() {
+            return None;
+        }
+        let mut e = [0u8; 8];
+        e[2..].copy_from_slice(&a[10..]);
+        Some(u64::from_be_bytes(e)).filter(|epoch| *epoch <= st.epoch)
     }
 
-    /// Whether `actor` belongs to the current incarnation (its entries are
-    /// never pruned, so the node never forgets what it minted under it).
+    /// Whether `actor` is one the current incarnation handed out (its
+    /// entries are never pruned, so the node never forgets what it minted
+    /// under it).
     pub fn is_current(&self, actor: &NodeId) -> bool {
         let st = self.state();
-        self.epoch_in(actor, st.incarnation).is_some()
+        self.epoch_in(actor, &st).is_some()
     }
 
     fn fresh_in(&self, st: &mut ActorState) -> Result<NodeId, VersionError> {
@@ -149,8 +153,8 @@ impl Actors {
     }
 
     /// The actor a write to `object` with `context` is minted under: the
-    /// newest live (not retired) actor of this incarnation that the object
-    /// names, unless the context knows more of it than the object (then, or
+    /// newest live (handed out, not retired) actor of this incarnation that
+    /// the object names, unless the context knows more of it than the object (then, or
     /// when there is none, a fresh one).
     pub fn for_write(
         &self,
@@ -165,7 +169,7 @@ impl Actors {
             .clock
             .iter()
             .filter_map(|(a, e)| {
-                self.epoch_in(a, st.incarnation)
+                self.epoch_in(a, &st)
                     .filter(|epoch| !st.retired.contains(epoch))
                     .map(|epoch| (epoch, *a, e.counter))
             })
@@ -187,12 +191,10 @@ impl Actors {
     /// ([`Actors::new_incarnation`]), which retires them all at once.
     pub fn retire(&self, object: &Object) -> bool {
         let mut st = self.state();
-        let inc = st.incarnation;
-        for a in object.clock.keys() {
-            if let Some(epoch) = self.epoch_in(a, inc) {
-                st.retired.insert(epoch);
-            }
-        }
+        let epochs: Vec<u64> = (object.clock.keys())
+            .filter_map(|a| self.epoch_in(a, &st))
+            .collect();
+        st.retired.extend(epochs);
         st.retired.len() >= MAX_RETIRED
     }
 

@@ -60,7 +60,7 @@
 //! key is new here, or was forgotten) or the write's context knows more of
 //! that actor than the object does (amnesia, or a forged context). Within an
 //! incarnation nothing is forgotten without it being seen (a reaped key is
-//! not found, and pruning keeps the current incarnation's entries), and a
+//! not found, and pruning keeps the entries of the actors it handed out), and a
 //! new incarnation never reuses an old one's actors. This is Riak's answer to
 //! "key amnesia" (per-key actor epochs), made crash-proof by the incarnation.
 
