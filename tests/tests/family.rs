@@ -255,6 +255,25 @@ async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
     );
 }
 
+/// A client writes k through node1 with a context of 200 made-up entries
+/// (actors beginning with `lead`, `round` in their bytes 12..14), then
+/// reads k and writes it again with the context it got.
+async fn forge_then_rewrite(c: &SimCluster, lead: &[u8], round: u16) {
+    let vv: VersionVector = (0..200u16)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..lead.len()].copy_from_slice(lead);
+            id[12..14].copy_from_slice(&round.to_be_bytes());
+            id[14..].copy_from_slice(&(i + 1).to_be_bytes());
+            (shoal_ring::NodeId(id), 1)
+        })
+        .collect();
+    let forged = Some(CausalContext(encode_context(&vv)));
+    written(c.put("node1", b"k", b"forged", forged, ALL).await);
+    let ctx = value(c.get("node1", b"k", ALL).await).context;
+    written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
+}
+
 /// Made-up entries under a real node's prefix (any client can read one
 /// off a context) pass for real ones: the write that brings them vouches
 /// for them, and they live the minimum age. They can only fill the
@@ -264,28 +283,12 @@ async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
 #[tokio::test]
 async fn made_up_entries_under_a_real_nodes_prefix_only_fill_the_clocks_bound() {
     use shoal_node::version::Actors;
-    use shoal_ring::NodeId;
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v1", None, ALL).await);
     let prefix = Actors::node_prefix(&c.id("node2"));
-    let made_up = |round: u8| -> CausalContext {
-        let vv: VersionVector = (0..200u8)
-            .map(|i| {
-                let mut id = [0u8; 16];
-                id[..6].copy_from_slice(&prefix);
-                id[14] = round;
-                id[15] = i;
-                (NodeId(id), 1)
-            })
-            .collect();
-        CausalContext(encode_context(&vv))
-    };
     let max = settings().clock_max_entries;
-    for round in 0..4 {
-        let forged = Some(made_up(round));
-        written(c.put("node1", b"k", b"forged", forged, ALL).await);
-        let ctx = value(c.get("node1", b"k", ALL).await).context;
-        written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
+    for round in 1..4 {
+        forge_then_rewrite(&c, &prefix, round).await;
         for node in ["node1", "node2", "node3"] {
             let n = c.stored(node, b"k").unwrap().clock().len();
             assert!(n <= max, "{node}: {n} entries after round {round}");
@@ -307,23 +310,9 @@ async fn made_up_epochs_of_the_coordinators_own_incarnation_are_not_its_own() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v1", None, ALL).await);
     let own = c.stored("node1", b"k").unwrap().siblings()[0].dot.node;
-    let made_up = |round: u16| -> CausalContext {
-        let vv: VersionVector = (0..200u16)
-            .map(|i| {
-                let mut id = own.0;
-                id[12..14].copy_from_slice(&round.to_be_bytes());
-                id[14..].copy_from_slice(&(i + 1).to_be_bytes());
-                (NodeId(id), 1)
-            })
-            .collect();
-        CausalContext(encode_context(&vv))
-    };
     let max = settings().clock_max_entries;
     for round in 1..4 {
-        let forged = Some(made_up(round));
-        written(c.put("node1", b"k", b"forged", forged, ALL).await);
-        let ctx = value(c.get("node1", b"k", ALL).await).context;
-        written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
+        forge_then_rewrite(&c, &own.0[..10], round).await;
         let stored = c.stored("node1", b"k").unwrap();
         assert!(
             stored.clock().len() <= max,
