@@ -24,8 +24,8 @@ impl<S: Store> Replica<S> {
     }
 
     /// Prunes `object`'s clock past the configured bounds (see
-    /// [`Object::prune`]); entries of this incarnation's actors are kept,
-    /// and so are `learned` ([`Object::learned_from`]).
+    /// [`Object::prune`]); entries of the actors this incarnation handed
+    /// out are kept, and so are `learned` ([`Object::learned_from`]).
     pub(super) fn pruned(&self, object: &mut Object, learned: &[NodeId]) {
         let s = &self.settings;
         let keep = |actor: &NodeId| self.actors.is_current(actor) || learned.contains(actor);

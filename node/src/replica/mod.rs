@@ -21,9 +21,9 @@
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
 //! see [`lost`]), or the stripe lock, then the membership's (a leaf: a
-//! write's `clocks::vouch`). A rebuild reads its pages of keys without the trees lock
-//! (see `trees::Rebuild`). Only [`seal`] holds more than one stripe: all of
-//! them, taken in order. No lock is held across an await.
+//! write's `clocks::vouch`). A rebuild reads its pages of keys without the
+//! trees lock (see `trees::Rebuild`). Only [`seal`] holds more than one
+//! stripe: all of them, taken in order. No lock is held across an await.
 
 mod clocks;
 mod fence;

@@ -118,11 +118,6 @@ impl Syncs {
         if let Some(failed) = self.failed.get() {
             return Err(Syncs::refused(failed));
         }
-        self.flush_wal(db).inspect_err(|e| self.failure(e))
-    }
-
-    /// Syncs the WAL (or fails, in tests), noting a failure.
-    fn flush_wal(&self, db: &DB) -> Result<(), StoreError> {
         let result = if self.fail.load(Ordering::Relaxed) {
             Err(StoreError::Io {
                 op: "sync",
@@ -131,7 +126,10 @@ impl Syncs {
         } else {
             db.flush_wal(true).map_err(io("sync"))
         };
-        result.inspect_err(|_| self.troubled.store(true, Ordering::Relaxed))
+        result.inspect_err(|e| {
+            self.troubled.store(true, Ordering::Relaxed);
+            self.failure(e);
+        })
     }
 
     /// A failed WAL append or sync: refuses everything from now on, unless

@@ -293,10 +293,11 @@ impl Object {
     }
 
     /// The actors whose entries `context` holds above this clock's: what
-    /// a write under `context` learns, which its pruning keeps. Such an
-    /// entry is stamped 0 ([`Object::update`]), and dropped by that write,
-    /// the write would go out short of what its context covered. (A merge
-    /// prunes by the merged clock alone, so that replicas converge.)
+    /// a write under `context` learns, which its pruning keeps: such an
+    /// entry may be stamped 0 ([`Object::update`]), and were it dropped by
+    /// that write, the write would go out short of what its context
+    /// covered. (A merge prunes by the merged clock alone, so that
+    /// replicas converge.)
     pub fn learned_from(&self, context: &VersionVector) -> Vec<NodeId> {
         let above = |n: &NodeId, c: u64| self.clock.get(n).is_none_or(|e| e.counter < c);
         (context.iter())
@@ -311,8 +312,8 @@ impl Object {
     /// hold. Only while the clock has fewer than `max_young` entries
     /// younger than `min_age_ms`: entries a client made up under real
     /// nodes' prefixes can fill a clock's bound for the minimum age at
-    /// most, never grow it past what a context may carry; past it they
-    /// stay at 0, pruned first.
+    /// most, and no further by this way; past it they stay at 0, pruned
+    /// first.
     pub fn vouch<'a>(
         &mut self,
         actors: impl IntoIterator<Item = &'a NodeId>,
