@@ -37,22 +37,37 @@ cargo build --release -p shoal-bench -p shoal-node
 BENCH="${CARGO_TARGET_DIR:-target}/release/shoal-bench"
 
 WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$WORK"; }
+# Each target's servers run during its own cells only: the idle members of
+# another (etcd's heartbeats, its Go runtime) would take turns on the same
+# two cores and be counted in the machine's CPU per operation.
+servers=()
+up() {
+    case $1 in
+        redis)
+            redis-server --port 16379 --save '' --appendonly no --daemonize no >>"$WORK/redis.log" 2>&1 &
+            servers+=($!) ;;
+        etcd)
+            rm -rf "$WORK"/etcd?
+            local cluster="m1=http://127.0.0.1:12380,m2=http://127.0.0.1:22380,m3=http://127.0.0.1:32380"
+            for m in 1 2 3; do
+                etcd --name m$m --data-dir "$WORK/etcd$m" \
+                    --listen-client-urls http://127.0.0.1:${m}2379 --advertise-client-urls http://127.0.0.1:${m}2379 \
+                    --listen-peer-urls http://127.0.0.1:${m}2380 --initial-advertise-peer-urls http://127.0.0.1:${m}2380 \
+                    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token shoal-bench \
+                    >>"$WORK/etcd$m.log" 2>&1 &
+                servers+=($!)
+            done ;;
+        *) return 0 ;;
+    esac
+    sleep 3
+}
+down() {
+    for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${servers[@]}"; do wait "$p" 2>/dev/null || true; done
+    servers=()
+}
+cleanup() { down; rm -rf "$WORK"; }
 trap cleanup EXIT
-
-redis-server --port 16379 --save '' --appendonly no --daemonize no >"$WORK/redis.log" 2>&1 &
-pids+=($!)
-cluster="m1=http://127.0.0.1:12380,m2=http://127.0.0.1:22380,m3=http://127.0.0.1:32380"
-for m in 1 2 3; do
-    etcd --name m$m --data-dir "$WORK/etcd$m" \
-        --listen-client-urls http://127.0.0.1:${m}2379 --advertise-client-urls http://127.0.0.1:${m}2379 \
-        --listen-peer-urls http://127.0.0.1:${m}2380 --initial-advertise-peer-urls http://127.0.0.1:${m}2380 \
-        --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token shoal-bench \
-        >"$WORK/etcd$m.log" 2>&1 &
-    pids+=($!)
-done
-sleep 3
 
 where() {
     run=(env)
@@ -65,6 +80,7 @@ where() {
 }
 for t in $TARGETS; do
     where "$t"
+    up "$t"
     for w in $WORKLOADS; do
         echo "== $t workload $w closed loop" >&2
         "${run[@]}" "$BENCH" "${where[@]}" --workload "$w" --duration "$DUR" -c 64 --out "$OUT/$t-$w-closed" 2>/dev/null >&2
@@ -75,10 +91,11 @@ for t in $TARGETS; do
     case $t in
         shoal | shoal-before) durable=(--fsync) ;;
         etcd) durable=() ;;
-        *) continue ;;
+        *) down; continue ;;
     esac
     echo "== $t workload w closed loop, durable" >&2
     "${run[@]}" "$BENCH" "${where[@]}" "${durable[@]}" --workload w --duration "$DUR" -c 64 --out "$OUT/$t-w-durable" 2>/dev/null >&2
+    down
 done
 
 if [ "$SWEEP" != 0 ]; then
@@ -91,7 +108,9 @@ if [ "$SWEEP" != 0 ]; then
             etcd) rates=500:500 ;;
         esac
         echo "== $t rate sweep from ${rates%%:*} ops/s in steps of ${rates##*:}" >&2
+        up "$t"
         "${run[@]}" "$BENCH" "${where[@]}" --workload a --sweep "$rates" --duration "$STEP_DUR" -c 256 --out "$OUT/$t-sweep" 2>/dev/null >&2
+        down
         curves+=("$(echo "$t" | tr a-z A-Z)=$OUT/$t-sweep")
     done
     (IFS=,; "$BENCH" --curves "${curves[*]}" --out "$OUT" >&2)
