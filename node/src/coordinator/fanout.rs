@@ -26,6 +26,12 @@ pub(super) type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
     /// A replica request, answered locally when `to` is this node.
+    ///
+    /// A remote call's future is boxed: a quorum's remote requests travel
+    /// in batches (`spare`), so this way is the local replica's, and every
+    /// future that awaits this one (a fan-out's send, a batch's own
+    /// fallback to it) would otherwise carry the remote call's space (KiBs,
+    /// moved into each spawned send).
     pub(super) async fn replica_call(
         &self,
         to: &MemberInfo,
@@ -35,7 +41,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         if to.id == self.me.id {
             Ok(self.replica.answer(self.me.id, request).settled().await)
         } else {
-            self.transport.call(to, request, deadline).await
+            Box::pin(self.transport.call(to, request, deadline)).await
         }
     }
 

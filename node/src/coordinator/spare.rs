@@ -213,12 +213,15 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     ) -> Option<Result<PeerResponse, TransportError>> {
         let request = match request.batched() {
             Ok(request) => request,
-            Err(request) => return Some(self.replica_call(to, request, deadline).await),
+            Err(request) => return Some(Box::pin(self.replica_call(to, request, deadline)).await),
         };
         let (tx, rx) = oneshot::channel();
         let next = match self.spares.add(to, leaves, request, tx, deadline) {
             Ok(next) => next,
-            Err(request) => return Some(self.replica_call(to, request.alone(), deadline).await),
+            Err(request) => {
+                let alone = request.alone();
+                return Some(Box::pin(self.replica_call(to, alone, deadline)).await);
+            }
         };
         match next {
             Next::Send(batch) => {
@@ -261,7 +264,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         } = batch;
         let sent = requests.len();
         let request = PeerRequest::Spares(requests);
-        let answers = match self.transport.call(&to, request, deadline).await {
+        // Boxed: the task that sends a batch would otherwise carry the
+        // call's space (KiBs) from its spawn on, through its window.
+        let answers = match Box::pin(self.transport.call(&to, request, deadline)).await {
             // The first request is never handed back (its object moves
             // whatever its size).
             Ok(PeerResponse::Spares(answers))
