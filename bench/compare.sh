@@ -59,7 +59,29 @@ up() {
             done ;;
         *) return 0 ;;
     esac
-    sleep 3
+    # Until it answers (etcd: every member healthy, a leader elected), at
+    # most 30 s.
+    python3 - "$1" <<'PY' || { tail -n 20 "$WORK"/*.log >&2; echo "$1 did not start" >&2; exit 1; }
+import json, socket, sys, time, urllib.request
+def up(target):
+    try:
+        if target == "redis":
+            with socket.create_connection(("127.0.0.1", 16379), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        for m in (1, 2, 3):
+            with urllib.request.urlopen(f"http://127.0.0.1:{m}2379/health", timeout=1) as r:
+                if json.load(r).get("health") != "true":
+                    return False
+        return True
+    except OSError:
+        return False
+deadline = time.monotonic() + 30
+while not up(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.2)
+PY
 }
 down() {
     for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -97,7 +97,7 @@ impl Tasks {
     }
 
     /// The task itself, around `work` boxed (see [`spawn_boxed`]: a
-    /// fan-out's send is a 3.6 KiB future); the wrapper is small.
+    /// fan-out's send is a 2.1 KiB future); the wrapper is small.
     fn spawn_pinned(&self, work: Pin<Box<dyn Future<Output = ()> + Send>>) {
         let mut stop = self.stop.subscribe();
         if *stop.borrow() {

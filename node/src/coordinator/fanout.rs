@@ -27,11 +27,10 @@ pub(super) type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 impl<T: Transport, S: Store> Coordinator<T, S> {
     /// A replica request, answered locally when `to` is this node.
     ///
-    /// A remote call's future is boxed: a quorum's remote requests travel
-    /// in batches (`spare`), so this way is the local replica's, and every
-    /// future that awaits this one (a fan-out's send, a batch's own
-    /// fallback to it) would otherwise carry the remote call's space (KiBs,
-    /// moved into each spawned send).
+    /// The remote call's future is boxed, so that the futures awaiting
+    /// this one (a fan-out's send, spawned three times per request) do
+    /// not carry its KiBs when they answer locally or send in a batch
+    /// (`spare`); one allocation is small beside a round trip.
     pub(super) async fn replica_call(
         &self,
         to: &MemberInfo,

@@ -199,11 +199,11 @@ impl Spares {
 }
 
 impl<T: Transport, S: Store> Coordinator<T, S> {
-    /// Sends `request` to `to` with the other requests bound there that
-    /// join its batch before it `leaves`, and waits for its own answer
-    /// until `deadline`; sends it on its own if it may not travel in a
-    /// batch or `to` refused one lately. `None`: its batch handed it back;
-    /// build it again and send it on its own.
+    /// Sends `request` to the remote peer `to` with the other requests
+    /// bound there that join its batch before it `leaves`, and waits for
+    /// its own answer until `deadline`; sends it on its own if it may not
+    /// travel in a batch or `to` refused one lately. `None`: its batch
+    /// handed it back; build it again and send it on its own.
     pub(super) async fn batched_call(
         self: &Arc<Self>,
         to: &MemberInfo,
@@ -213,15 +213,12 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     ) -> Option<Result<PeerResponse, TransportError>> {
         let request = match request.batched() {
             Ok(request) => request,
-            Err(request) => return Some(Box::pin(self.replica_call(to, request, deadline)).await),
+            Err(request) => return Some(self.send_alone(to, request, deadline).await),
         };
         let (tx, rx) = oneshot::channel();
         let next = match self.spares.add(to, leaves, request, tx, deadline) {
             Ok(next) => next,
-            Err(request) => {
-                let alone = request.alone();
-                return Some(Box::pin(self.replica_call(to, alone, deadline)).await);
-            }
+            Err(request) => return Some(self.send_alone(to, request.alone(), deadline).await),
         };
         match next {
             Next::Send(batch) => {
@@ -255,6 +252,18 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
     }
 
+    /// One call to the remote `to`, its future (KiBs) boxed: the futures
+    /// awaiting it stay small (`batched_call`'s, and a batch's task, held
+    /// from its spawn through its window).
+    async fn send_alone(
+        &self,
+        to: &MemberInfo,
+        request: PeerRequest,
+        deadline: Instant,
+    ) -> Result<PeerResponse, TransportError> {
+        Box::pin(self.transport.call(to, request, deadline)).await
+    }
+
     async fn send_batch(&self, batch: Batch) {
         let Batch {
             to,
@@ -264,9 +273,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         } = batch;
         let sent = requests.len();
         let request = PeerRequest::Spares(requests);
-        // Boxed: the task that sends a batch would otherwise carry the
-        // call's space (KiBs) from its spawn on, through its window.
-        let answers = match Box::pin(self.transport.call(&to, request, deadline)).await {
+        let answers = match self.send_alone(&to, request, deadline).await {
             // The first request is never handed back (its object moves
             // whatever its size).
             Ok(PeerResponse::Spares(answers))
