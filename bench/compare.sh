@@ -74,7 +74,7 @@ def up(target):
                 if json.load(r).get("health") != "true":
                     return False
         return True
-    except OSError:
+    except (OSError, ValueError):  # not up yet, or not answering JSON yet
         return False
 deadline = time.monotonic() + 30
 while not up(sys.argv[1]):

@@ -27,10 +27,11 @@ pub(super) type Answer = (MemberInfo, Result<PeerResponse, TransportError>);
 impl<T: Transport, S: Store> Coordinator<T, S> {
     /// A replica request, answered locally when `to` is this node.
     ///
-    /// The remote call's future is boxed, so that the futures awaiting
-    /// this one (a fan-out's send, spawned three times per request) do
-    /// not carry its KiBs when they answer locally or send in a batch
-    /// (`spare`); one allocation is small beside a round trip.
+    /// The remote call goes through `send_alone`, boxed, so that the
+    /// futures awaiting this one (a fan-out's send, spawned three times
+    /// per request) do not carry its KiBs when they answer locally or
+    /// send in a batch (`spare`); one allocation is small beside a round
+    /// trip.
     pub(super) async fn replica_call(
         &self,
         to: &MemberInfo,
@@ -40,7 +41,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         if to.id == self.me.id {
             Ok(self.replica.answer(self.me.id, request).settled().await)
         } else {
-            Box::pin(self.transport.call(to, request, deadline)).await
+            self.send_alone(to, request, deadline).await
         }
     }
 

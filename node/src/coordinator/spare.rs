@@ -253,9 +253,9 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
     }
 
     /// One call to the remote `to`, its future (KiBs) boxed: the futures
-    /// awaiting it stay small (`batched_call`'s, and a batch's task, held
-    /// from its spawn through its window).
-    async fn send_alone(
+    /// awaiting it stay small (`replica_call`'s, `batched_call`'s, and a
+    /// batch's task, held from its spawn through its window).
+    pub(super) async fn send_alone(
         &self,
         to: &MemberInfo,
         request: PeerRequest,

@@ -153,9 +153,9 @@ impl Actors {
     }
 
     /// The actor a write to `object` with `context` is minted under: the
-    /// newest live (handed out, not retired) actor of this incarnation that
-    /// the object names, unless the context knows more of it than the object (then, or
-    /// when there is none, a fresh one).
+    /// newest live (handed out, not retired) actor of this incarnation
+    /// that the object names, unless the context knows more of it than the
+    /// object (then, or when there is none, a fresh one).
     pub fn for_write(
         &self,
         object: &Object,
