@@ -84,23 +84,28 @@ impl<T: Transport, S: Store> Handoff<T, S> {
     /// own hints). Returns how many were delivered.
     pub async fn round(&self) -> u64 {
         let waiting = self.replica.hint_counts();
+        // Hints for a node in no layout of the ring any more (it left, or
+        // its id changed), or removed (gone for good, from the commit on,
+        // though its layout lasts until the change ends): they go to the
+        // keys' replicas. A hint that waited out the change (hours, for a
+        // large one) could outlive the clock entries that supersede its
+        // values, and bring them back.
+        let view = self.membership.view().filter(|v| v.version > 0);
+        let departed: Vec<NodeId> = match &view {
+            Some(view) => waiting
+                .keys()
+                .filter(|id| !view.members.contains_key(id) || view.removed.contains(id))
+                .copied()
+                .collect(),
+            None => Vec::new(),
+        };
         let targets: Vec<MemberInfo> = self
             .membership
             .known()
             .into_iter()
             .filter(|m| m.id != self.me && waiting.contains_key(&m.id))
-            .filter(|m| self.liveness.is_up(m.id))
+            .filter(|m| !departed.contains(&m.id) && self.liveness.is_up(m.id))
             .collect();
-        // Hints for a node in no layout of the ring any more (it left or
-        // was removed, or its id changed): they go to the keys' replicas.
-        let departed: Vec<NodeId> = match self.membership.view() {
-            Some(view) if view.version > 0 => waiting
-                .keys()
-                .filter(|id| !view.members.contains_key(id))
-                .copied()
-                .collect(),
-            _ => Vec::new(),
-        };
         // `max-keys-per-sec` is the node's, shared by its deliveries.
         let streams = (targets.len() + departed.len()).max(1) as u32;
         let rate = (self.settings.max_keys_per_sec / streams).max(1);
@@ -118,8 +123,8 @@ impl<T: Transport, S: Store> Handoff<T, S> {
     }
 
     /// Delivers the hints held for `departed`, a node in no layout any
-    /// more, to every current replica of each key (merges are idempotent),
-    /// deleting them once all replicas stored them.
+    /// more or removed, to every current replica of each key (merges are
+    /// idempotent), deleting them once all replicas stored them.
     async fn redirect(&self, departed: NodeId, rate: u32) -> u64 {
         let Some(view) = self.membership.view() else {
             return 0;
@@ -173,11 +178,13 @@ impl<T: Transport, S: Store> Handoff<T, S> {
     }
 
     /// Merges `entries` into every replica of each key, in every layout of
-    /// `view` (merges are idempotent); whether all of them stored theirs.
+    /// `view`, removed members aside (merges are idempotent); whether all
+    /// of them stored theirs.
     async fn deliver_to_replicas(&self, view: &View, entries: Vec<HandoffEntry>) -> bool {
         let mut by_target: BTreeMap<NodeId, (MemberInfo, Vec<HandoffEntry>)> = BTreeMap::new();
         for entry in entries {
-            for m in view.replicas(&entry.key, self.n) {
+            let replicas = view.replicas(&entry.key, self.n).into_iter();
+            for m in replicas.filter(|m| !view.removed.contains(&m.id)) {
                 by_target
                     .entry(m.id)
                     .or_insert_with(|| (m.clone(), Vec::new()))
