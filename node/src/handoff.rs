@@ -154,6 +154,9 @@ impl<T: Transport, S: Store> Handoff<T, S> {
                 let Ok((object, lost)) = decode_hint(bytes) else {
                     continue;
                 };
+                if !self.has_home(&view, hinted_key(hk)) {
+                    continue;
+                }
                 entries.push(HandoffEntry {
                     key: hinted_key(hk).to_vec(),
                     object,
@@ -175,6 +178,13 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             );
         }
         delivered
+    }
+
+    /// Whether `key` has a replica that may take its hint: one in a layout
+    /// of `view`, not removed. A key whose every replica was removed keeps
+    /// its hints until a change gives it new ones.
+    fn has_home(&self, view: &View, key: &[u8]) -> bool {
+        (view.replicas(key, self.n).iter()).any(|m| !view.removed.contains(&m.id))
     }
 
     /// Merges `entries` into every replica of each key, in every layout of
@@ -260,6 +270,9 @@ impl<T: Transport, S: Store> Handoff<T, S> {
             // it): its hint goes to the key's replicas instead, so no copy
             // lands on a node that dropped the partition.
             if let Some(view) = self.membership.view().filter(|v| v.version > 0) {
+                let homeless = |key: &[u8]| !self.has_home(&view, key);
+                entries.retain(|e| !homeless(&e.key));
+                sending.retain(|(hk, _)| !homeless(hinted_key(hk)));
                 let (keep, elsewhere): (Vec<HandoffEntry>, Vec<HandoffEntry>) =
                     entries.into_iter().partition(|e| {
                         view.replicas(&e.key, self.n)

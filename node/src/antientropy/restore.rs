@@ -51,8 +51,8 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
         restored
     }
 
-    /// Restores `key`'s copy here if it is lost and every other primary of
-    /// the key answers with its copy.
+    /// Restores `key`'s copy here if it is lost and every other replica of
+    /// the key that is not removed answers with its copy.
     async fn restore(&self, key: &[u8], view: &View) -> Result<bool, ExchangeError> {
         // Read before any peer is asked: their answers come after the
         // marker of this generation was written.
@@ -60,8 +60,18 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
             return Ok(false);
         };
         let mut others = Vec::new();
-        // Every replica of the key, in every layout of a change in progress.
+        // Every replica of the key, in every layout of a change in progress,
+        // removed members aside: what they hold counts for nothing from the
+        // commit on (as for reads, [`View::read_list`]), and one that is
+        // gone would hold the key unreadable for the whole change.
+        // Not from this copy alone, though, when removals took every other
+        // replica: the next change's new replicas are waited for.
+        let mut skipped = false;
         for id in view.replicas(key, self.n).into_iter().map(|m| m.id) {
+            if view.removed.contains(&id) {
+                skipped = true;
+                continue;
+            }
             if id == self.me {
                 continue;
             }
@@ -70,6 +80,9 @@ impl<T: Transport, S: Store> AntiEntropy<T, S> {
                 // Not every primary can answer: not restored this turn.
                 _ => return Ok(false),
             }
+        }
+        if skipped && others.is_empty() {
+            return Ok(false);
         }
         let asks = others.iter().map(|peer| async move {
             let mut bytes = 0;
