@@ -75,6 +75,21 @@ fn settled(w: &World, version: u64) -> bool {
     })
 }
 
+/// Hints the running machines hold for the members named `names`.
+fn hints_held_for(w: &World, names: &[String]) -> u64 {
+    (0..w.machines.len())
+        .filter_map(|i| w.node(i))
+        .flat_map(|n| n.hint_queues())
+        .filter(|q| names.contains(&q.for_node))
+        .map(|q| q.pending)
+        .sum()
+}
+
+/// Whether machine `i` sees a layout change in progress.
+fn in_change(w: &World, i: usize) -> bool {
+    (w.node(i).unwrap().membership().view()).is_some_and(|v| v.in_transition())
+}
+
 /// Which machines store `k` in their objects tree.
 fn holders(w: &World, k: &[u8]) -> Vec<usize> {
     (0..w.machines.len())
@@ -750,25 +765,15 @@ async fn hints_for_a_removed_member_go_to_the_replicas_at_the_commit() {
     for k in &theirs {
         put(&w, claimant, k, b"v").await.expect("written");
     }
-    let held = |w: &World| -> u64 {
-        (0..4)
-            .filter_map(|i| w.node(i))
-            .flat_map(|n| n.hint_queues())
-            .filter(|q| q.for_node == name)
-            .map(|q| q.pending)
-            .sum()
-    };
+    let held = |w: &World| hints_held_for(w, &[name.clone()]);
     assert!(held(&w) > 0, "no hint was made for {name}");
     let staged = cluster(&w, claimant, ClusterCommand::Remove { node: name.clone() })
         .await
         .expect("remove staged");
     let plan = staged.plan.expect("a plan");
     commit(&w, claimant, plan).await;
-    let in_change = |w: &World| {
-        (w.node(claimant).unwrap().membership().view()).is_some_and(|v| v.in_transition())
-    };
     let start = tokio::time::Instant::now();
-    while held(&w) > 0 && in_change(&w) {
+    while held(&w) > 0 && in_change(&w, claimant) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the change never ended"
@@ -776,7 +781,7 @@ async fn hints_for_a_removed_member_go_to_the_replicas_at_the_commit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        (held(&w), in_change(&w)),
+        (held(&w), in_change(&w, claimant)),
         (0, true),
         "hints for the removed {name} waited for the change to end ({:?})",
         start.elapsed()
@@ -835,15 +840,7 @@ async fn hints_of_a_key_whose_every_replica_was_removed_are_kept() {
     put(&w, claimant, &k, b"v").await.expect("written");
     w.destroy(replicas[0]);
     let names: Vec<String> = replicas.iter().map(|&r| w.name(r).to_string()).collect();
-    let held = |w: &World| -> u64 {
-        [claimant, leaver]
-            .iter()
-            .filter_map(|&i| w.node(i))
-            .flat_map(|n| n.hint_queues())
-            .filter(|q| names.contains(&q.for_node))
-            .map(|q| q.pending)
-            .sum()
-    };
+    let held = |w: &World| hints_held_for(w, &names);
     let before = held(&w);
     assert!(before > 0, "no hint was made");
     for name in &names {
@@ -891,22 +888,13 @@ async fn a_lost_hint_for_a_removed_member_is_restored_during_the_change() {
         .await
         .expect("remove staged");
     commit(&w, claimant, staged.plan.expect("a plan")).await;
-    let in_change = |w: &World| {
-        (w.node(claimant).unwrap().membership().view()).is_some_and(|v| v.in_transition())
-    };
-    let held = |w: &World| {
-        (0..4).filter_map(|i| w.node(i)).any(|n| {
-            n.hint_queues()
-                .iter()
-                .any(|q| q.for_node == name && q.pending > 0)
-        })
-    };
+    let held = |w: &World| hints_held_for(w, &[name.clone()]) > 0;
     let start = tokio::time::Instant::now();
     // The change takes some 10 s here; the restore, one anti-entropy
     // sweep once the lost hint is handed off.
     let read = loop {
         assert!(
-            in_change(&w) && start.elapsed() < Duration::from_secs(5),
+            in_change(&w, claimant) && start.elapsed() < Duration::from_secs(5),
             "the lost hint handed off and the key restored only as the change ended ({:?})",
             start.elapsed()
         );
