@@ -765,7 +765,7 @@ async fn hints_for_a_removed_member_go_to_the_replicas_at_the_commit() {
     for k in &theirs {
         put(&w, claimant, k, b"v").await.expect("written");
     }
-    let held = |w: &World| hints_held_for(w, &[name.clone()]);
+    let held = |w: &World| hints_held_for(w, std::slice::from_ref(&name));
     assert!(held(&w) > 0, "no hint was made for {name}");
     let staged = cluster(&w, claimant, ClusterCommand::Remove { node: name.clone() })
         .await
@@ -888,7 +888,7 @@ async fn a_lost_hint_for_a_removed_member_is_restored_during_the_change() {
         .await
         .expect("remove staged");
     commit(&w, claimant, staged.plan.expect("a plan")).await;
-    let held = |w: &World| hints_held_for(w, &[name.clone()]) > 0;
+    let held = |w: &World| hints_held_for(w, std::slice::from_ref(&name)) > 0;
     let start = tokio::time::Instant::now();
     // The change takes some 10 s here; the restore, one anti-entropy
     // sweep once the lost hint is handed off.
