@@ -42,8 +42,8 @@
 //!    acknowledged write is present unless a context that saw it
 //!    superseded it; nothing never written appears; a
 //!    value an acknowledged write or delete superseded (its context's read
-//!    saw it) is absent; all primaries hold identical objects (siblings,
-//!    in seeds that prune clocks); no copy is
+//!    saw it) is absent; all primaries hold identical objects (siblings
+//!    and shared counters, in seeds that prune clocks); no copy is
 //!    left lost to corruption; no hints remain; every live Merkle tree
 //!    equals a rebuild.
 //!
