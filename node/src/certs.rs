@@ -6,11 +6,18 @@
 //! The CA's distinguished name is fixed, so issuing needs only the CA key:
 //! the issuer is rebuilt from the same parameters and key, which yields the
 //! same issuer name and key identifier as the stored CA certificate.
+//!
+//! A node's key file also holds the cluster's context key (a
+//! `SHOAL CONTEXT KEY` PEM block, see [`crate::version::ContextKey`]),
+//! derived from the CA key, so every node issued by one CA holds the same
+//! one and the operator has nothing more to hand out.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 pub use shoal_client::proto::Role;
+
+use crate::version::{ContextKey, CONTEXT_SECRET_BYTES};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -82,6 +89,64 @@ pub fn create_ca(dir: &Path) -> Result<(), CertError> {
     write(&dir.join("ca.key"), &key.serialize_pem(), true)
 }
 
+/// The label of the context key's PEM block in a node's key file.
+const CONTEXT_KEY_LABEL: &str = "SHOAL CONTEXT KEY";
+
+/// The cluster's context secret: an HMAC-SHA256 of a fixed label under the
+/// CA's private key, so only who holds the CA key can make it.
+fn context_secret(ca_key: &KeyPair) -> [u8; CONTEXT_SECRET_BYTES] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ca_key.serialize_der());
+    let tag = ring::hmac::sign(&key, b"shoal causal context key v1");
+    tag.as_ref().try_into().expect("HMAC-SHA256 makes 32 bytes")
+}
+
+fn context_block(ca_key: &KeyPair) -> String {
+    pem::encode(&pem::Pem::new(CONTEXT_KEY_LABEL, context_secret(ca_key)))
+}
+
+fn ca_key(ca_dir: &Path) -> Result<KeyPair, CertError> {
+    Ok(KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?)
+}
+
+/// The context key in a node's key file (`path`, for errors).
+pub fn context_key(key_pem: &[u8], path: &Path) -> Result<ContextKey, CertError> {
+    let blocks = pem::parse_many(key_pem)
+        .map_err(|e| CertError::Invalid(format!("{}: {e}", path.display())))?;
+    let secret = blocks
+        .iter()
+        .find(|b| b.tag() == CONTEXT_KEY_LABEL)
+        .ok_or_else(|| {
+            CertError::Invalid(format!(
+                "{} holds no {CONTEXT_KEY_LABEL} block, which seals the causal contexts \
+                 clients get: issue the node's certificate again with `shoal certs node` \
+                 (the cluster's CA), which writes it",
+                path.display()
+            ))
+        })?;
+    let secret: &[u8; CONTEXT_SECRET_BYTES] = secret.contents().try_into().map_err(|_| {
+        CertError::Invalid(format!(
+            "{}: the {CONTEXT_KEY_LABEL} block is not {CONTEXT_SECRET_BYTES} bytes",
+            path.display()
+        ))
+    })?;
+    Ok(ContextKey::new(secret))
+}
+
+/// Adds the context key to node key file `key_path`, issued before key
+/// files held one, from the CA in `ca_dir`; a file holding one is left as
+/// it is.
+pub fn add_context_key(ca_dir: &Path, key_path: &Path) -> Result<(), CertError> {
+    let pem = read(key_path)?;
+    if context_key(pem.as_bytes(), key_path).is_ok() {
+        return Ok(());
+    }
+    write(
+        key_path,
+        &format!("{pem}{}", context_block(&ca_key(ca_dir)?)),
+        true,
+    )
+}
+
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -123,7 +188,11 @@ pub fn issue(
             "{name:?} is not a valid DNS-style name"
         )));
     }
-    let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
+    let ca_key = ca_key(ca_dir)?;
+    let context = match kind {
+        Kind::Node => context_block(&ca_key),
+        Kind::Client(_) => String::new(),
+    };
     let issuer = Issuer::new(ca_params(), ca_key);
     let mut sans = vec![name.to_string()];
     match kind {
@@ -166,14 +235,70 @@ pub fn issue(
     write(&out_dir.join(format!("{name}.pem")), &cert.pem(), false)?;
     write(
         &out_dir.join(format!("{name}.key")),
-        &key.serialize_pem(),
+        &format!("{}{context}", key.serialize_pem()),
         true,
     )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::civil;
+    use super::*;
+
+    fn node_key(ca: &Path, out: &Path, name: &str) -> Vec<u8> {
+        issue(ca, out, name, Kind::Node, &[], None).unwrap();
+        std::fs::read(out.join(format!("{name}.key"))).unwrap()
+    }
+
+    /// Every node a CA issues holds the same context key, and the TLS key
+    /// still loads from the same file; another CA's nodes hold another.
+    #[test]
+    fn nodes_of_one_ca_share_the_context_key() {
+        let (ca, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        create_ca(ca.path()).unwrap();
+        create_ca(other.path()).unwrap();
+        let p = Path::new("x.key");
+        let a = context_key(&node_key(ca.path(), ca.path(), "a"), p).unwrap();
+        let b = context_key(&node_key(ca.path(), ca.path(), "b"), p).unwrap();
+        let c = context_key(&node_key(other.path(), other.path(), "c"), p).unwrap();
+        let vv = [(shoal_ring::NodeId::from_u128(1), 1)]
+            .into_iter()
+            .collect();
+        let sealed = a.seal(b"k", &vv);
+        assert_eq!(b.open(b"k", &sealed, 10).unwrap(), vv);
+        assert!(c.open(b"k", &sealed, 10).is_err());
+        let pem = node_key(ca.path(), ca.path(), "d");
+        shoal_client::tls::parse_key(&pem).expect("the TLS key loads");
+    }
+
+    /// A key file from before context keys: refused at start with what to
+    /// do; `add_context_key` mends it with the CA's, once.
+    #[test]
+    fn a_key_file_without_the_context_key_is_refused_until_mended() {
+        let ca = tempfile::tempdir().unwrap();
+        create_ca(ca.path()).unwrap();
+        let path = ca.path().join("old.key");
+        std::fs::write(&path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let e = context_key(&std::fs::read(&path).unwrap(), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shoal certs node"), "{e}");
+        add_context_key(ca.path(), &path).unwrap();
+        add_context_key(ca.path(), &path).unwrap();
+        let mended = std::fs::read(&path).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&mended)
+                .matches(CONTEXT_KEY_LABEL)
+                .count(),
+            2
+        );
+        let key = context_key(&mended, &path).unwrap();
+        let fresh = context_key(&node_key(ca.path(), ca.path(), "n"), &path).unwrap();
+        let vv = [(shoal_ring::NodeId::from_u128(1), 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(fresh.open(b"k", &key.seal(b"k", &vv), 10).unwrap(), vv);
+        shoal_client::tls::parse_key(&mended).expect("the TLS key still loads");
+    }
 
     #[test]
     fn civil_dates() {

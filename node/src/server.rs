@@ -216,11 +216,16 @@ fn bind(
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let tls_err = |e: shoal_client::Error| StartError::Tls(e.to_string());
+    let ca_pem = read_file(&config.tls.ca_cert)?;
+    let chain = shoal_client::tls::parse_certs(&read_file(&config.tls.cert)?).map_err(tls_err)?;
+    let key_pem = read_file(&config.tls.key)?;
     let identity = Identity {
-        ca_pem: read_file(&config.tls.ca_cert)?,
-        chain: shoal_client::tls::parse_certs(&read_file(&config.tls.cert)?).map_err(tls_err)?,
-        key: Arc::new(shoal_client::tls::parse_key(&read_file(&config.tls.key)?).map_err(tls_err)?),
+        ca_pem,
+        chain,
+        key: Arc::new(shoal_client::tls::parse_key(&key_pem).map_err(tls_err)?),
     };
+    let context_key = crate::certs::context_key(&key_pem, &config.tls.key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
     // The node's own certificate must name it, or peers will refuse it.
     crate::net::tls::check_peer_name(&identity.chain[0], &config.name)
         .map_err(|e| StartError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
@@ -286,7 +291,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let node = open_node(
         me,
-        Settings::from_config(&config),
+        Settings::from_config(&config, context_key),
         store,
         transport,
         expected,

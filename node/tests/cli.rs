@@ -67,3 +67,33 @@ fn certs_issues_a_ca_and_node_certificates() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA key"));
 }
+
+/// A node key file from before sealed contexts (no `SHOAL CONTEXT KEY`
+/// block): the node refuses to start, saying what to do.
+#[test]
+fn a_node_key_without_the_context_key_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(shoal(&["--dir", d, "certs", "ca"]).status.success());
+    assert!(shoal(&["--dir", d, "certs", "node", "--name", "db1"])
+        .status
+        .success());
+    let key = dir.path().join("db1.key");
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let cut = pem.find("-----BEGIN SHOAL CONTEXT KEY").expect("the block");
+    std::fs::write(&key, &pem[..cut]).unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        "name = \"db1\"\n[tls]\nca-cert = \"ca.pem\"\ncert = \"db1.pem\"\nkey = \"db1.key\"\n",
+    )
+    .unwrap();
+    let out = shoal(&["node", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SHOAL CONTEXT KEY") && err.contains("shoal certs node"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

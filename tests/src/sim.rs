@@ -9,7 +9,7 @@ use shoal_node::coordinator::{Node, Settings};
 use shoal_node::membership::Membership;
 use shoal_node::net::sim::{SimNetwork, SimTransport};
 use shoal_node::storage::MemoryStore;
-use shoal_node::version::Object;
+use shoal_node::version::{ContextKey, Object};
 use shoal_ring::NodeId;
 
 /// The reply as a write, or a panic naming what came instead.
@@ -78,7 +78,13 @@ pub fn settings() -> Settings {
         read_repair_window: Duration::from_millis(500),
         object_cache_bytes: 16 << 20,
         clock: shoal_node::clock::Clock::system(),
+        context_key: context_key(),
     }
+}
+
+/// The simulated clusters' context key.
+pub fn context_key() -> ContextKey {
+    ContextKey::new(&[0x51; 32])
 }
 
 impl SimCluster {

@@ -16,8 +16,15 @@ use shoal_node::coordinator::Node;
 use shoal_node::membership::Membership;
 use shoal_node::net::{PeerRequest, PeerResponse, Transport, TransportError};
 use shoal_node::storage::{MemoryStore, Tree};
-use shoal_node::version::{encode_context, VersionVector};
+use shoal_node::version::VersionVector;
 use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
+
+/// A context for `k` carrying `vv`, sealed with the cluster's key: what a
+/// client could send were the key to leak, or (for real entries) what a
+/// read hands out. The defenses these tests show stand behind the seal.
+fn sealed(vv: &VersionVector) -> CausalContext {
+    CausalContext(shoal_tests::sim::context_key().seal(b"k", vv))
+}
 
 const ALL: RequestOptions = RequestOptions {
     r: Some(3),
@@ -195,7 +202,7 @@ async fn a_context_with_counters_at_their_maximum_gets_an_answer_not_a_panic() {
     written(c.put("node1", b"k", b"v1", None, ALL).await);
     let stored = c.stored("node1", b"k").unwrap();
     let maxed: VersionVector = stored.clock().keys().map(|a| (*a, u64::MAX)).collect();
-    let forged = CausalContext(encode_context(&maxed));
+    let forged = sealed(&maxed);
     let r = c.put("node1", b"k", b"v2", Some(forged), ALL).await;
     assert!(
         matches!(r, Response::Written(_) | Response::Error(_)),
@@ -219,7 +226,7 @@ async fn a_context_with_made_up_entries_cannot_crowd_out_real_ones() {
         let vv: VersionVector = (0..n)
             .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
             .collect();
-        CausalContext(encode_context(&vv))
+        sealed(&vv)
     };
     let e = error(
         c.put("node1", b"k", b"v2", Some(made_up(10_000)), ALL)
@@ -268,7 +275,7 @@ async fn forge_then_rewrite(c: &SimCluster, lead: &[u8], round: u16) {
             (shoal_ring::NodeId(id), 1)
         })
         .collect();
-    let forged = Some(CausalContext(encode_context(&vv)));
+    let forged = Some(sealed(&vv));
     written(c.put("node1", b"k", b"forged", forged, ALL).await);
     let ctx = value(c.get("node1", b"k", ALL).await).context;
     written(c.put("node1", b"k", b"mine", Some(ctx), ALL).await);
@@ -562,7 +569,7 @@ async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
         replica_put(&c, node, &missed_by_node1).await;
     }
     // A client read v3 (from node2 and node3) and deletes it through node1.
-    let ctx = CausalContext(encode_context(&missed_by_node1.context()));
+    let ctx = sealed(&missed_by_node1.context());
     written(c.delete("node1", b"k", Some(ctx), ALL).await);
     assert_eq!(
         read_all(&c, "node2", b"k").await,
@@ -651,7 +658,7 @@ async fn an_entry_a_delete_learned_outlives_pruning_on_the_replicas_that_lacked_
     replica_put(&c, "node1", &old).await;
     replica_put(&c, "node3", &old).await;
     replica_put(&c, "node2", &newer).await;
-    let ctx = CausalContext(encode_context(&newer.context()));
+    let ctx = sealed(&newer.context());
     written(c.delete("node1", b"k", Some(ctx), ALL).await);
     // v3's late copies: node2's hint for node3, anti-entropy.
     replica_put(&c, "node3", &newer).await;

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError};
-use crate::version::{decode_context, encode_context, VersionError, VersionVector};
+use crate::version::{VersionError, VersionVector};
 
 /// Requests never wait longer than this, whatever they ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_millis(crate::config::MAX_REQUEST_MS);
@@ -83,9 +83,9 @@ fn write_error(e: ReplicaError) -> WireError {
                 VersionError::EpochsExhausted(_) => ErrorKind::Internal,
                 // Refused before anything was written: it did not run.
                 VersionError::Sealed => ErrorKind::NotReady,
-                VersionError::ContextTooLarge { .. } | VersionError::ContextMalformed(_) => {
-                    ErrorKind::BadRequest
-                }
+                VersionError::ContextTooLarge { .. }
+                | VersionError::ContextMalformed(_)
+                | VersionError::ContextNotIssued => ErrorKind::BadRequest,
             };
             WireError::new(kind, source.to_string())
         }
@@ -390,7 +390,8 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
         }
         let deadline = self.deadline(&options);
         let ctx: VersionVector = match &context {
-            Some(c) => decode_context(&c.0, max_context_entries(s))
+            Some(c) => (s.context_key)
+                .open(&key, &c.0, max_context_entries(s))
                 .map_err(|e| WireError::new(ErrorKind::BadRequest, e.to_string()))?,
             None => VersionVector::new(),
         };
@@ -450,7 +451,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             Err(e) => return Err(write_error(e)),
         };
         let reply = Response::Written(PutReply {
-            context: CausalContext(encode_context(&object.reply_context(&ctx, dot))),
+            context: CausalContext(s.context_key.seal(&key, &object.reply_context(&ctx, dot))),
             siblings: object.values().count() as u32,
         });
         let mut answers = self
@@ -541,7 +542,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             let merged = Heard::merge_all(&heard);
             Response::Value(GetReply {
                 values: merged.values().map(|v| Value(v.to_vec())).collect(),
-                context: CausalContext(encode_context(&merged.context())),
+                context: CausalContext(s.context_key.seal(key, &merged.context())),
             })
         });
         let outstanding = primaries.len() - tally.heard;

@@ -9,6 +9,7 @@ use crate::config::SpareReads;
 use crate::detector::DetectorConfig;
 use crate::handoff::HandoffSettings;
 use crate::replica::ReplicaSettings;
+use crate::version::ContextKey;
 
 /// The coordinator's settings, from the config.
 #[derive(Debug, Clone)]
@@ -44,10 +45,13 @@ pub struct Settings {
     pub object_cache_bytes: usize,
     /// Wall-clock time for stored timestamps (see [`crate::clock`]).
     pub clock: Clock,
+    /// Seals the causal contexts clients get (see [`crate::version::ContextKey`]).
+    pub context_key: ContextKey,
 }
 
 impl Settings {
-    pub fn from_config(c: &crate::config::Config) -> Self {
+    /// `context_key` is the cluster's, from the node's key file.
+    pub fn from_config(c: &crate::config::Config, context_key: ContextKey) -> Self {
         Settings {
             n: c.cluster.n,
             r: c.cluster.r,
@@ -81,6 +85,7 @@ impl Settings {
             read_repair_window: Duration::from_millis(c.timeouts.read_repair_ms),
             object_cache_bytes: c.limits.object_cache_mb << 20,
             clock: Clock::system(),
+            context_key,
         }
     }
 }

@@ -70,7 +70,9 @@ use serde::{Deserialize, Serialize};
 use shoal_ring::NodeId;
 
 mod actors;
+mod context;
 pub use actors::{Actors, ActorsState, MAX_RETIRED};
+pub use context::{ContextKey, CONTEXT_SECRET_BYTES};
 
 /// One event: the `counter`-th write coordinated by `node`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -100,6 +102,8 @@ pub enum VersionError {
     ContextTooLarge { entries: usize, max: usize },
     #[error("the causal context is not one Shoal issued: {0}")]
     ContextMalformed(String),
+    #[error("the causal context was not issued for this key by this cluster (altered, read from another key, or issued by another cluster's nodes): read the key again and write with the context that read returns")]
+    ContextNotIssued,
 }
 
 /// A live version of a key.
@@ -372,32 +376,6 @@ impl Object {
             self.clock.remove(&node);
         }
     }
-}
-
-/// Encodes a version vector as an opaque causal context.
-pub fn encode_context(vv: &VersionVector) -> Vec<u8> {
-    if vv.is_empty() {
-        return Vec::new();
-    }
-    let pairs: Vec<(NodeId, u64)> = vv.iter().map(|(n, c)| (*n, *c)).collect();
-    rmp_serde::to_vec(&pairs).expect("a version vector always encodes")
-}
-
-/// Decodes a causal context a client sent back; one of more than
-/// `max_entries` entries is refused (no clock Shoal keeps is that large).
-pub fn decode_context(bytes: &[u8], max_entries: usize) -> Result<VersionVector, VersionError> {
-    if bytes.is_empty() {
-        return Ok(VersionVector::new());
-    }
-    let pairs: Vec<(NodeId, u64)> =
-        rmp_serde::from_slice(bytes).map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
-    if pairs.len() > max_entries {
-        return Err(VersionError::ContextTooLarge {
-            entries: pairs.len(),
-            max: max_entries,
-        });
-    }
-    Ok(pairs.into_iter().collect())
 }
 
 /// Leading byte of a stored object, so the format can change later.

@@ -48,7 +48,7 @@ use shoal_node::replica::{
 use shoal_node::server::{decode_node_id, MEMBERS_KEY, NODE_ID_KEY};
 use shoal_node::storage::{record, MemoryStore, Tree};
 use shoal_node::version::{
-    decode_context, decode_object, encode_context, encode_object, Actors, Object, VersionVector,
+    decode_object, encode_object, Actors, ContextKey, Object, VersionVector,
 };
 use shoal_ring::NodeId;
 
@@ -161,13 +161,18 @@ pub fn client_request(data: &[u8]) {
 fn after_request(request: &Request) {
     let _ = (request.needs(), request.verb(), request.key());
     let _ = request.is_idempotent();
-    let (context, value) = match request {
-        Request::Put { context, value, .. } => (context, Some(value.clone())),
-        Request::Delete { context, .. } => (context, None),
+    let (key, context, value) = match request {
+        Request::Put {
+            key,
+            context,
+            value,
+            ..
+        } => (key, context, Some(value.clone())),
+        Request::Delete { key, context, .. } => (key, context, None),
         _ => return,
     };
     let ctx = match context {
-        Some(c) => match decode_context(&c.0, MAX_CONTEXT_ENTRIES) {
+        Some(c) => match context_key().open(key, &c.0, MAX_CONTEXT_ENTRIES) {
             Ok(ctx) => ctx,
             Err(_) => return,
         },
@@ -334,23 +339,32 @@ fn after_object(o: &Object) {
     let _ = Object::merged(&other, o);
     let _ = o.descends(&other);
     let _ = (o.approx_size(), o.values().count(), o.is_deleted());
-    let _ = encode_context(&o.context());
+    let _ = context_key().seal(b"k", &o.context());
     let _ = reapable(o, std::time::Duration::from_secs(3600), NOW_MS);
     let mut pruned = o.clone();
     pruned.prune(2, 0, NOW_MS, |_| false);
     write(o, &o.context(), Some(b"v".to_vec()));
 }
 
-/// A causal context a client sent back, then a write with it.
+/// A causal context a client sent back for key `k`, then a write with it.
+/// Only the harness's seeds pass the seal (see [`context_key`]); the
+/// `object` target writes with arbitrary clocks.
 pub fn context(data: &[u8]) {
-    let Ok(ctx) = decode_context(data, MAX_CONTEXT_ENTRIES) else {
+    let key = context_key();
+    let Ok(ctx) = key.open(b"k", data, MAX_CONTEXT_ENTRIES) else {
         return;
     };
-    let again = decode_context(&encode_context(&ctx), MAX_CONTEXT_ENTRIES)
-        .expect("an encoded context decodes");
-    assert_eq!(again, ctx, "a context survives its own encoding");
+    let again = key
+        .open(b"k", &key.seal(b"k", &ctx), MAX_CONTEXT_ENTRIES)
+        .expect("a sealed context opens");
+    assert_eq!(again, ctx, "a context survives its own sealing");
     write(&fixed_object(), &ctx, Some(b"v".to_vec()));
     write(&Object::default(), &ctx, None);
+}
+
+/// The harness cluster's context key, which its seeds are sealed with.
+pub fn context_key() -> ContextKey {
+    ContextKey::new(&[0x5a; 32])
 }
 
 /// A client write onto `object` as the replica applies it: pick the actor,
@@ -362,7 +376,7 @@ fn write(object: &Object, ctx: &VersionVector, value: Option<Vec<u8>>) {
     };
     let mut written = object.clone();
     if let Some(dot) = written.update(ctx, value, actor, NOW_MS) {
-        let _ = encode_context(&written.reply_context(ctx, dot));
+        let _ = context_key().seal(b"k", &written.reply_context(ctx, dot));
     }
     let _ = actors.retire(&written);
 }
@@ -473,7 +487,7 @@ pub fn config(data: &[u8]) {
         return;
     };
     let _ = config.all_members();
-    let _ = Settings::from_config(&config);
+    let _ = Settings::from_config(&config, context_key());
     let _ = FrameLimits::new(&config.limits);
     // `shoal dev` writes configs that nodes then load.
     let written = toml::to_string_pretty(&config).expect("a config writes as TOML");

@@ -19,7 +19,7 @@ use shoal_node::net::{
 };
 use shoal_node::replica::trees::index_key;
 use shoal_node::storage::{record, Tree};
-use shoal_node::version::{encode_context, encode_object, Actors, Object, VersionVector};
+use shoal_node::version::{encode_object, Actors, Object, VersionVector};
 use shoal_ring::{NodeId, Ring};
 
 /// `(target, seed name, bytes)` for every seed.
@@ -66,7 +66,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     add(
         "context",
         "three-entries",
-        encode_context(&object.context()),
+        crate::context_key().seal(b"k", &object.context()),
     );
 
     let key = b"greeting".as_slice();
@@ -199,7 +199,9 @@ fn requests(object: &Object) -> Vec<(&'static str, Request)> {
         pw: Some(1),
         timeout_ms: Some(500),
     };
-    let context = Some(CausalContext(encode_context(&object.context())));
+    let context = Some(CausalContext(
+        crate::context_key().seal(b"k", &object.context()),
+    ));
     vec![
         (
             "get",
@@ -234,7 +236,7 @@ fn requests(object: &Object) -> Vec<(&'static str, Request)> {
 fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Response)> {
     let ids: BTreeSet<NodeId> = members.iter().map(|m| m.id).collect();
     let ring = Ring::claim(None, &ids, 16, 3).expect("a ring of three");
-    let context = CausalContext(encode_context(&object.context()));
+    let context = CausalContext(crate::context_key().seal(b"k", &object.context()));
     vec![
         (
             "value",

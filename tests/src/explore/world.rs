@@ -86,6 +86,7 @@ pub fn sim_settings(clock: Clock, pruning: Pruning, spare_reads: SpareReads) -> 
         read_repair_window: Duration::from_millis(200),
         object_cache_bytes: 1 << 20,
         clock,
+        context_key: crate::sim::context_key(),
     }
 }
 

@@ -232,7 +232,12 @@ fn prepare(dir: &Path, nodes: usize, fsync: bool) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        // A directory from before client certificates gets one.
+        // A directory from before client certificates gets one, and node
+        // keys from before sealed contexts the cluster's context key.
+        for i in (1..).take_while(|i| config_path(dir, *i).exists()) {
+            let key = Config::load(&config_path(dir, i))?.tls.key;
+            shoal_node::certs::add_context_key(dir, &key)?;
+        }
         return client_certificate(dir);
     }
     if nodes == 0 {

@@ -1,0 +1,175 @@
+//! Causal contexts as clients hold them: a version vector sealed for one
+//! key with the cluster's context key.
+//!
+//! A context is the clock a write supersedes, and it comes back from the
+//! client. A client that altered it could make a coordinator join entries
+//! into the key's clock that no node minted: a counter of a real actor
+//! raised past what that actor has minted so far covers the actor's next
+//! writes, which every replica holding the raised entry then drops as
+//! already seen (an acknowledged write lost; see the `contexts` tests). So
+//! every context a node issues carries an HMAC-SHA256 over the key and the
+//! vector, under a key every node of the cluster holds ([`ContextKey`], in
+//! the node's key file: see `crate::certs`), and a write whose context does
+//! not verify is refused before anything is written. A context read from
+//! one key cannot be used on another, nor one issued by another cluster.
+//!
+//! An empty vector is sent as no bytes and needs no seal: it covers
+//! nothing, like no context.
+//!
+//! Layout: format byte, the vector as MessagePack `(actor, counter)`
+//! pairs, the 32-byte tag.
+
+use std::fmt;
+
+use ring::hmac;
+use shoal_ring::NodeId;
+
+use super::{VersionError, VersionVector};
+
+/// Leading byte of a sealed context, so the format can change later.
+const FORMAT: u8 = 1;
+
+/// Bytes of the seal (an HMAC-SHA256 tag).
+const TAG_BYTES: usize = 32;
+
+/// Bytes of the secret behind a [`ContextKey`].
+pub const CONTEXT_SECRET_BYTES: usize = 32;
+
+/// The cluster's key for sealing causal contexts: the same on every node.
+#[derive(Clone)]
+pub struct ContextKey(hmac::Key);
+
+impl fmt::Debug for ContextKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ContextKey(..)")
+    }
+}
+
+impl ContextKey {
+    pub fn new(secret: &[u8; CONTEXT_SECRET_BYTES]) -> Self {
+        ContextKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+
+    /// What the tag covers: the key (length first, so no key and vector
+    /// can pass for another) and the encoded vector.
+    fn signed(key: &[u8], vector: &[u8]) -> Vec<u8> {
+        let mut data = Vec::with_capacity(4 + key.len() + vector.len());
+        data.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        data.extend_from_slice(key);
+        data.extend_from_slice(vector);
+        data
+    }
+
+    /// The context a client gets back for `key`.
+    pub fn seal(&self, key: &[u8], vv: &VersionVector) -> Vec<u8> {
+        if vv.is_empty() {
+            return Vec::new();
+        }
+        let pairs: Vec<(NodeId, u64)> = vv.iter().map(|(n, c)| (*n, *c)).collect();
+        let mut out = vec![FORMAT];
+        rmp_serde::encode::write(&mut out, &pairs).expect("a version vector always encodes");
+        let tag = hmac::sign(&self.0, &Self::signed(key, &out[1..]));
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    /// The vector of a context a client sent back for `key`: refused unless
+    /// a node of this cluster sealed it for this key, or if it has more than
+    /// `max_entries` entries (no clock Shoal keeps is that large).
+    pub fn open(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+        max_entries: usize,
+    ) -> Result<VersionVector, VersionError> {
+        let body = match bytes.split_first() {
+            None => return Ok(VersionVector::new()),
+            Some((&FORMAT, body)) if body.len() > TAG_BYTES => body,
+            Some((&FORMAT, _)) => {
+                return Err(VersionError::ContextMalformed(
+                    "too short to carry its seal".into(),
+                ))
+            }
+            Some((format, _)) => {
+                return Err(VersionError::ContextMalformed(format!(
+                    "unknown format {format}"
+                )))
+            }
+        };
+        let (vector, tag) = body.split_at(body.len() - TAG_BYTES);
+        hmac::verify(&self.0, &Self::signed(key, vector), tag)
+            .map_err(|_| VersionError::ContextNotIssued)?;
+        let pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(vector)
+            .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
+        if pairs.len() > max_entries {
+            return Err(VersionError::ContextTooLarge {
+                entries: pairs.len(),
+                max: max_entries,
+            });
+        }
+        Ok(pairs.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vv(entries: &[(u128, u64)]) -> VersionVector {
+        entries
+            .iter()
+            .map(|(n, c)| (NodeId::from_u128(*n), *c))
+            .collect()
+    }
+
+    #[test]
+    fn a_sealed_context_opens_for_its_key_only() {
+        let k = ContextKey::new(&[7; 32]);
+        let v = vv(&[(1, 3), (2, 9)]);
+        let sealed = k.seal(b"k", &v);
+        assert_eq!(k.open(b"k", &sealed, 10).unwrap(), v);
+        assert_eq!(
+            k.open(b"k2", &sealed, 10),
+            Err(VersionError::ContextNotIssued)
+        );
+        let other = ContextKey::new(&[8; 32]);
+        assert_eq!(
+            other.open(b"k", &sealed, 10),
+            Err(VersionError::ContextNotIssued)
+        );
+        assert_eq!(
+            k.open(b"k", &sealed, 1),
+            Err(VersionError::ContextTooLarge { entries: 2, max: 1 })
+        );
+    }
+
+    #[test]
+    fn an_altered_context_is_refused() {
+        let k = ContextKey::new(&[7; 32]);
+        let sealed = k.seal(b"k", &vv(&[(1, 3)]));
+        for i in 0..sealed.len() {
+            let mut altered = sealed.clone();
+            altered[i] ^= 1;
+            assert!(k.open(b"k", &altered, 10).is_err(), "byte {i}");
+        }
+        assert!(k.open(b"k", &sealed[..sealed.len() - 1], 10).is_err());
+        assert!(k.open(b"k", &sealed[..1], 10).is_err());
+        assert!(k.open(b"k", b"\xff\x00garbage", 10).is_err());
+        // A vector re-encoded with a raised counter keeps the old tag.
+        let tag = &sealed[sealed.len() - TAG_BYTES..];
+        let mut forged = vec![FORMAT];
+        rmp_serde::encode::write(&mut forged, &vec![(NodeId::from_u128(1), 1_000_000u64)]).unwrap();
+        forged.extend_from_slice(tag);
+        assert_eq!(
+            k.open(b"k", &forged, 10),
+            Err(VersionError::ContextNotIssued)
+        );
+    }
+
+    #[test]
+    fn an_empty_vector_is_no_context() {
+        let k = ContextKey::new(&[7; 32]);
+        assert!(k.seal(b"k", &VersionVector::new()).is_empty());
+        assert_eq!(k.open(b"k", &[], 10).unwrap(), VersionVector::new());
+    }
+}
