@@ -73,8 +73,8 @@ pub enum Updates {
     Blind,
 }
 
-/// At most this many keys' contexts are kept (about 150 bytes each, so
-/// 2.4 GB at the cap): the scaling table's 10 million records fit. An
+/// At most this many keys' contexts are kept (about 180 bytes each, so
+/// 2.9 GB at the cap): the scaling table's 10 million records fit. An
 /// update of a key beyond them is written blind.
 const MAX_CONTEXTS: usize = 16_000_000;
 const CONTEXT_SHARDS: usize = 64;

@@ -8,9 +8,10 @@
 //! same issuer name and key identifier as the stored CA certificate.
 //!
 //! A node's key file also holds the cluster's context key (a
-//! `SHOAL CONTEXT KEY` PEM block, see [`crate::version::ContextKey`]),
-//! derived from the CA key, so every node issued by one CA holds the same
-//! one and the operator has nothing more to hand out.
+//! `SHOAL CONTEXT KEY` PEM block, see [`crate::version::ContextKey`]): 32
+//! random bytes kept beside the CA key (`context.key`), copied into every
+//! node key the CA directory issues, so all its nodes hold the same one and
+//! the operator has nothing more to hand out.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -86,26 +87,40 @@ pub fn create_ca(dir: &Path) -> Result<(), CertError> {
     let key = KeyPair::generate()?;
     let cert = ca_params().self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem(), false)?;
-    write(&dir.join("ca.key"), &key.serialize_pem(), true)
+    write(&dir.join("ca.key"), &key.serialize_pem(), true)?;
+    context_block(dir).map(drop)
 }
 
 /// The label of the context key's PEM block in a node's key file.
 const CONTEXT_KEY_LABEL: &str = "SHOAL CONTEXT KEY";
 
-/// The cluster's context secret: an HMAC-SHA256 of a fixed label under the
-/// CA's private key, so only who holds the CA key can make it.
-fn context_secret(ca_key: &KeyPair) -> [u8; CONTEXT_SECRET_BYTES] {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ca_key.serialize_der());
-    let tag = ring::hmac::sign(&key, b"shoal causal context key v1");
-    tag.as_ref().try_into().expect("HMAC-SHA256 makes 32 bytes")
-}
+/// The file beside `ca.key` holding the cluster's context key.
+const CONTEXT_KEY_FILE: &str = "context.key";
 
-fn context_block(ca_key: &KeyPair) -> String {
-    pem::encode(&pem::Pem::new(CONTEXT_KEY_LABEL, context_secret(ca_key)))
-}
-
-fn ca_key(ca_dir: &Path) -> Result<KeyPair, CertError> {
-    Ok(KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?)
+/// The context key's block from CA directory `ca_dir`, made (random) on
+/// first use, so CA directories from before context keys get one.
+fn context_block(ca_dir: &Path) -> Result<String, CertError> {
+    let path = ca_dir.join(CONTEXT_KEY_FILE);
+    if path.exists() {
+        let block = read(&path)?;
+        context_key(block.as_bytes(), &path)?;
+        return Ok(block);
+    }
+    if !ca_dir.join("ca.key").exists() {
+        return Err(CertError::Invalid(format!(
+            "{} holds no CA (ca.key): the context key is made beside it",
+            ca_dir.display()
+        )));
+    }
+    let mut secret = [0u8; CONTEXT_SECRET_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| CertError::Invalid("the system's random source failed".into()))?;
+    let block = pem::encode_config(
+        &pem::Pem::new(CONTEXT_KEY_LABEL, secret),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    );
+    write(&path, &block, true)?;
+    Ok(block)
 }
 
 /// The context key in a node's key file (`path`, for errors).
@@ -118,8 +133,10 @@ pub fn context_key(key_pem: &[u8], path: &Path) -> Result<ContextKey, CertError>
         .ok_or_else(|| {
             CertError::Invalid(format!(
                 "{} holds no {CONTEXT_KEY_LABEL} block, which seals the causal contexts \
-                 clients get: issue the node's certificate again with `shoal certs node` \
-                 (the cluster's CA), which writes it",
+                 clients get: add the cluster's with `shoal certs context-key --dir CA_DIR \
+                 --key {}` (it keeps the TLS key), or issue the node's certificate again \
+                 with `shoal certs node`",
+                path.display(),
                 path.display()
             ))
         })?;
@@ -132,19 +149,28 @@ pub fn context_key(key_pem: &[u8], path: &Path) -> Result<ContextKey, CertError>
     Ok(ContextKey::new(secret))
 }
 
-/// Adds the context key to node key file `key_path`, issued before key
-/// files held one, from the CA in `ca_dir`; a file holding one is left as
-/// it is.
+/// Adds the context key of CA directory `ca_dir` to node key file
+/// `key_path` (one issued before key files held it, or by another PKI); a
+/// file holding one is left as it is. The file is replaced whole (written
+/// beside, then renamed), so a crash leaves the old or the new one.
 pub fn add_context_key(ca_dir: &Path, key_path: &Path) -> Result<(), CertError> {
     let pem = read(key_path)?;
     if context_key(pem.as_bytes(), key_path).is_ok() {
         return Ok(());
     }
+    let mut temp = key_path.as_os_str().to_owned();
+    temp.push(".new");
+    let temp = PathBuf::from(temp);
+    let sep = if pem.ends_with('\n') { "" } else { "\n" };
     write(
-        key_path,
-        &format!("{pem}{}", context_block(&ca_key(ca_dir)?)),
+        &temp,
+        &format!("{pem}{sep}{}", context_block(ca_dir)?),
         true,
-    )
+    )?;
+    std::fs::rename(&temp, key_path).map_err(|source| CertError::Io {
+        path: key_path.to_path_buf(),
+        source,
+    })
 }
 
 /// What a certificate is for.
@@ -188,9 +214,9 @@ pub fn issue(
             "{name:?} is not a valid DNS-style name"
         )));
     }
-    let ca_key = ca_key(ca_dir)?;
+    let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
     let context = match kind {
-        Kind::Node => context_block(&ca_key),
+        Kind::Node => context_block(ca_dir)?,
         Kind::Client(_) => String::new(),
     };
     let issuer = Issuer::new(ca_params(), ca_key);
@@ -249,8 +275,9 @@ mod tests {
         std::fs::read(out.join(format!("{name}.key"))).unwrap()
     }
 
-    /// Every node a CA issues holds the same context key, and the TLS key
-    /// still loads from the same file; another CA's nodes hold another.
+    /// Every node a CA directory issues holds the same context key, and
+    /// the TLS key still loads from the same file; another CA's nodes hold
+    /// another.
     #[test]
     fn nodes_of_one_ca_share_the_context_key() {
         let (ca, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -271,11 +298,13 @@ mod tests {
     }
 
     /// A key file from before context keys: refused at start with what to
-    /// do; `add_context_key` mends it with the CA's, once.
+    /// do; `add_context_key` mends it with the CA directory's, once, and
+    /// makes that if the directory is from before context keys too.
     #[test]
     fn a_key_file_without_the_context_key_is_refused_until_mended() {
         let ca = tempfile::tempdir().unwrap();
         create_ca(ca.path()).unwrap();
+        std::fs::remove_file(ca.path().join(CONTEXT_KEY_FILE)).unwrap();
         let path = ca.path().join("old.key");
         std::fs::write(&path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
         let e = context_key(&std::fs::read(&path).unwrap(), &path)

@@ -226,6 +226,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let context_key = crate::certs::context_key(&key_pem, &config.tls.key)
         .map_err(|e| StartError::Tls(e.to_string()))?;
+    let context_key_id = context_key.id();
     // The node's own certificate must name it, or peers will refuse it.
     crate::net::tls::check_peer_name(&identity.chain[0], &config.name)
         .map_err(|e| StartError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
@@ -337,7 +338,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )));
     }
     tasks.extend(start_background(&node, rx));
-    info!(name = %config.name, id = %id, %client_addr, %peer_addr, "shoal node serving");
+    info!(name = %config.name, id = %id, %client_addr, %peer_addr, context_key = %context_key_id, "shoal node serving");
     Ok(Running {
         node,
         client_addr,

@@ -92,8 +92,20 @@ fn a_node_key_without_the_context_key_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("SHOAL CONTEXT KEY") && err.contains("shoal certs node"),
+        err.contains("SHOAL CONTEXT KEY") && err.contains("shoal certs context-key"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    // The mend it names adds the CA directory's block, once, and keeps the
+    // TLS key.
+    for _ in 0..2 {
+        let k = key.to_str().unwrap();
+        let out = shoal(&["--dir", d, "certs", "context-key", "--key", k]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mended = std::fs::read_to_string(&key).unwrap();
+    assert!(mended.starts_with(&pem[..cut]), "{mended}");
+    let block = std::fs::read_to_string(dir.path().join("context.key")).unwrap();
+    assert_eq!(&mended[cut..], block, "the CA directory's key, once");
+    assert_eq!(pem, mended, "the block the node was issued with");
 }

@@ -17,7 +17,7 @@
 //! nothing, like no context.
 //!
 //! Layout: format byte, the vector as MessagePack `(actor, counter)`
-//! pairs, the 32-byte tag.
+//! pairs, the 32-byte tag (over the key, the format byte and the vector).
 
 use std::fmt;
 
@@ -50,13 +50,19 @@ impl ContextKey {
         ContextKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
     }
 
+    /// A short name of the key, which every node logs at start: nodes of
+    /// one cluster must show the same (it tells nothing of the key).
+    pub fn id(&self) -> String {
+        hex::encode(&hmac::sign(&self.0, b"shoal context key id").as_ref()[..6])
+    }
+
     /// What the tag covers: the key (length first, so no key and vector
-    /// can pass for another) and the encoded vector.
-    fn signed(key: &[u8], vector: &[u8]) -> Vec<u8> {
-        let mut data = Vec::with_capacity(4 + key.len() + vector.len());
+    /// can pass for another), the format byte and the encoded vector.
+    fn signed(key: &[u8], context: &[u8]) -> Vec<u8> {
+        let mut data = Vec::with_capacity(4 + key.len() + context.len());
         data.extend_from_slice(&(key.len() as u32).to_be_bytes());
         data.extend_from_slice(key);
-        data.extend_from_slice(vector);
+        data.extend_from_slice(context);
         data
     }
 
@@ -66,9 +72,18 @@ impl ContextKey {
             return Vec::new();
         }
         let pairs: Vec<(NodeId, u64)> = vv.iter().map(|(n, c)| (*n, *c)).collect();
-        let mut out = vec![FORMAT];
-        rmp_serde::encode::write(&mut out, &pairs).expect("a version vector always encodes");
-        let tag = hmac::sign(&self.0, &Self::signed(key, &out[1..]));
+        let vector = rmp_serde::to_vec(&pairs).expect("a version vector always encodes");
+        self.seal_encoded(key, &vector)
+    }
+
+    /// The context of an encoded vector, sealed for `key` whatever the bytes
+    /// (the fuzz harness seals the fuzzer's bytes, so the decoder behind the
+    /// seal is reached).
+    pub fn seal_encoded(&self, key: &[u8], vector: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + vector.len() + TAG_BYTES);
+        out.push(FORMAT);
+        out.extend_from_slice(vector);
+        let tag = hmac::sign(&self.0, &Self::signed(key, &out));
         out.extend_from_slice(tag.as_ref());
         out
     }
@@ -82,9 +97,9 @@ impl ContextKey {
         bytes: &[u8],
         max_entries: usize,
     ) -> Result<VersionVector, VersionError> {
-        let body = match bytes.split_first() {
+        let vector = match bytes.split_first() {
             None => return Ok(VersionVector::new()),
-            Some((&FORMAT, body)) if body.len() > TAG_BYTES => body,
+            Some((&FORMAT, body)) if body.len() > TAG_BYTES => &body[..body.len() - TAG_BYTES],
             Some((&FORMAT, _)) => {
                 return Err(VersionError::ContextMalformed(
                     "too short to carry its seal".into(),
@@ -92,12 +107,12 @@ impl ContextKey {
             }
             Some((format, _)) => {
                 return Err(VersionError::ContextMalformed(format!(
-                    "unknown format {format}"
+                    "format {format} is not this version's: from a node of another version?"
                 )))
             }
         };
-        let (vector, tag) = body.split_at(body.len() - TAG_BYTES);
-        hmac::verify(&self.0, &Self::signed(key, vector), tag)
+        let (signed, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
+        hmac::verify(&self.0, &Self::signed(key, signed), tag)
             .map_err(|_| VersionError::ContextNotIssued)?;
         let pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(vector)
             .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;

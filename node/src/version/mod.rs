@@ -100,9 +100,9 @@ pub enum VersionError {
     Sealed,
     #[error("the causal context has {entries} entries, more than the {max} any Shoal clock keeps")]
     ContextTooLarge { entries: usize, max: usize },
-    #[error("the causal context is not one Shoal issued: {0}")]
+    #[error("the causal context is not one this cluster issued ({0}): read the key again and write with the context that read returns")]
     ContextMalformed(String),
-    #[error("the causal context was not issued for this key by this cluster (altered, read from another key, or issued by another cluster's nodes): read the key again and write with the context that read returns")]
+    #[error("the causal context was not issued for this key by this cluster (altered, read from another key, or issued by another cluster's nodes; or the nodes hold different context keys: each logs its key's id at start): read the key again and write with the context that read returns")]
     ContextNotIssued,
 }
 

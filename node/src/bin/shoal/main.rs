@@ -118,8 +118,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create `ca.pem` and `ca.key` in --dir.
+    /// Create `ca.pem`, `ca.key` and the cluster's `context.key` in --dir.
     Ca,
+    /// Add the cluster's context key (from --dir, made there if the CA is
+    /// from before context keys) to a node's key file that has none,
+    /// keeping its TLS key.
+    ContextKey {
+        /// The node's key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Issue NAME.pem/NAME.key for a node, signed by the CA in --dir.
     Node {
         #[arg(long)]
@@ -221,6 +229,7 @@ fn certs(dir: &std::path::Path, command: CertsCommand) -> anyhow::Result<()> {
     use shoal_node::certs::{create_ca, issue, Kind};
     match command {
         CertsCommand::Ca => create_ca(dir)?,
+        CertsCommand::ContextKey { key } => shoal_node::certs::add_context_key(dir, &key)?,
         CertsCommand::Node { name, ip, out } => issue(
             dir,
             out.as_deref().unwrap_or(dir),
