@@ -453,15 +453,6 @@ impl Membership {
         by_id.into_values().collect()
     }
 
-    /// The 6-byte prefixes of the actors of every node heard of, removed
-    /// members included (see [`crate::version::Actors`]): an entry under
-    /// one of them in a client's context is likely a real event's.
-    pub fn actor_prefixes(&self) -> Vec<[u8; 6]> {
-        let state = self.state.read().expect("membership lock");
-        let ids = (state.known.values().map(|m| &m.id)).chain(state.cluster.members.keys());
-        ids.map(crate::version::Actors::node_prefix).collect()
-    }
-
     /// What founding members said by hello (persisted under [`MEMBERS_KEY`]).
     pub fn learned(&self) -> Vec<MemberInfo> {
         let state = self.state.read().expect("membership lock");

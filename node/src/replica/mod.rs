@@ -20,8 +20,7 @@
 //! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
-//! see [`lost`]), or the stripe lock, then the membership's (a leaf: a
-//! write's `clocks::vouch`). A rebuild reads its pages of keys without the
+//! see [`lost`]). A rebuild reads its pages of keys without the
 //! trees lock (see `trees::Rebuild`). Only [`seal`] holds more than one
 //! stripe: all of them, taken in order. No lock is held across an await.
 
@@ -470,7 +469,6 @@ impl<S: Store> Replica<S> {
                     "it names a counter at its maximum".into(),
                 ))
             })?;
-            self.vouch(o, &learned, now);
             self.admit(key, before, o)?;
             dot = Some(minted);
             Ok::<Vec<NodeId>, ReplicaError>(learned)

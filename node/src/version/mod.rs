@@ -26,16 +26,12 @@
 //!   that arrives later look concurrent (an extra sibling), never hide a
 //!   live one. So an entry is stamped with the last write that needed it:
 //!   its own event, a write that superseded one of its values, or one that
-//!   learned it from its context ([`Object::vouch`]). A replica that missed
-//!   such a write and still holds the value needs the entry to drop it, and
-//!   has the minimum age to get it.
-//!   Entries a context brings under an actor of no node the replica knows
-//!   are stamped 0, and so are those that would take the clock's young
-//!   entries past its bound: a client that sends made-up entries only
-//!   ever gets those pruned first, or at most fills the bound for the
-//!   minimum age; but not by the write that brings them
-//!   ([`Object::learned_from`]), which must go out covering what its
-//!   context covered.
+//!   learned it from its context (contexts are sealed, see [`ContextKey`],
+//!   so each entry a context brings is a real event's). A replica that
+//!   missed such a write and still holds the value needs the entry to drop
+//!   it, and has the minimum age to get it. The write that learns an entry
+//!   also keeps it through its own pruning ([`Object::learned_from`]), as
+//!   it must go out covering what its context covered.
 //!
 //! # Actors and epochs: a dot is never minted twice
 //! A dot must name one write: if two different values carried the same dot,
@@ -170,9 +166,9 @@ impl Object {
 
     /// Applies a write minted under `actor`: drops the siblings `context`
     /// covers (their entries stamped `now_ms`), joins `context` into the
-    /// clock (entries new to this object stamped 0 until the caller
-    /// vouches for them, see the module doc), and adds `value` (`None`: a
-    /// tombstone) under the actor's next dot, which it returns. The actor
+    /// clock (the entries it raises stamped `now_ms`, see the module doc),
+    /// and adds `value` (`None`: a tombstone) under the actor's next dot,
+    /// which it returns. The actor
     /// comes from [`Actors::for_write`]; `None` if its counter is exhausted.
     pub fn update(
         &mut self,
@@ -200,7 +196,10 @@ impl Object {
                 counter: 0,
                 timestamp_ms: 0,
             });
-            entry.counter = entry.counter.max(*c);
+            if *c > entry.counter {
+                entry.counter = *c;
+                entry.timestamp_ms = entry.timestamp_ms.max(now_ms);
+            }
         }
         let entry = self.clock.entry(actor).or_insert(ClockEntry {
             counter: 0,
@@ -297,52 +296,16 @@ impl Object {
     }
 
     /// The actors whose entries `context` holds above this clock's: what
-    /// a write under `context` learns, which its pruning keeps: such an
-    /// entry may be stamped 0 ([`Object::update`]), and were it dropped by
-    /// that write, the write would go out short of what its context
-    /// covered. (A merge prunes by the merged clock alone, so that
-    /// replicas converge.)
+    /// a write under `context` learns, which its pruning keeps: were such
+    /// an entry dropped by that write (a minimum age of 0), the write would
+    /// go out short of what its context covered. (A merge prunes by the
+    /// merged clock alone, so that replicas converge.)
     pub fn learned_from(&self, context: &VersionVector) -> Vec<NodeId> {
         let above = |n: &NodeId, c: u64| self.clock.get(n).is_none_or(|e| e.counter < c);
         (context.iter())
             .filter(|(n, c)| above(n, **c))
             .map(|(n, _)| *n)
             .collect()
-    }
-
-    /// Stamps the entries of `actors` with `now_ms` (never back in time):
-    /// the entries a write learned from its context under actors of the
-    /// cluster's nodes, real events whose values other replicas may still
-    /// hold. Only while the clock has fewer than `max_young` entries
-    /// younger than `min_age_ms`: entries a client made up under real
-    /// nodes' prefixes can fill a clock's bound for the minimum age at
-    /// most, and no further by this way; past it they stay at 0, pruned
-    /// first.
-    pub fn vouch<'a>(
-        &mut self,
-        actors: impl IntoIterator<Item = &'a NodeId>,
-        now_ms: u64,
-        min_age_ms: u64,
-        max_young: usize,
-    ) {
-        let young = |ts: u64| now_ms.saturating_sub(ts) < min_age_ms;
-        let mut count = self
-            .clock
-            .values()
-            .filter(|e| young(e.timestamp_ms))
-            .count();
-        for a in actors {
-            let Some(e) = self.clock.get_mut(a) else {
-                continue;
-            };
-            if !young(e.timestamp_ms) {
-                if count >= max_young {
-                    break;
-                }
-                count += 1;
-            }
-            e.timestamp_ms = e.timestamp_ms.max(now_ms);
-        }
     }
 
     /// Drops clock entries that no sibling refers to and `keep` does not

@@ -152,41 +152,48 @@ fn a_forged_counter_at_its_maximum_gets_a_fresh_actor_not_a_panic() {
     worse.insert(c, u64::MAX);
     assert_eq!(o.update(&worse, None, c, 3), None);
     assert_eq!(o.values().collect::<Vec<_>>(), vec![&b"v2"[..]]);
-    // The entries it made up are stamped 0: pruned before real ones.
-    assert_eq!(o.clock()[&node(9)].timestamp_ms, 0);
+    // The entries it learned age from the write (contexts are sealed, so
+    // they are real events').
+    assert_eq!(o.clock()[&node(9)].timestamp_ms, 2);
 }
 
 #[test]
-fn a_write_stamps_the_entries_of_what_it_supersedes_and_what_is_vouched_for() {
+fn a_write_stamps_the_entries_of_what_it_supersedes_and_what_it_learns() {
     let mut o = Object::default();
     o.update(&VersionVector::new(), Some(b"old".to_vec()), node(0), 1);
     o.update(&VersionVector::new(), Some(b"kept".to_vec()), node(1), 1);
+    o.update(&VersionVector::new(), Some(b"other".to_vec()), node(5), 1);
     let mut ctx = VersionVector::from([(node(0), 1)]);
     ctx.insert(node(2), 4);
     ctx.insert(node(3), 5);
+    ctx.insert(node(5), 1);
     o.update(&ctx, None, node(4), 100);
     let at = |o: &Object, n| o.clock()[&node(n)].timestamp_ms;
     assert_eq!(at(&o, 0), 100, "the superseded value's entry");
     assert_eq!(at(&o, 1), 1, "a value the write does not supersede");
-    assert_eq!(
-        (at(&o, 2), at(&o, 3)),
-        (0, 0),
-        "learned: made up until vouched for"
+    assert_eq!((at(&o, 2), at(&o, 3)), (100, 100), "learned");
+    // Superseded, so stamped; an entry the context only matches is not.
+    assert_eq!(at(&o, 5), 100);
+    let mut p = Object::default();
+    p.update(&VersionVector::new(), Some(b"x".to_vec()), node(6), 1);
+    p.update(
+        &VersionVector::from([(node(7), 2)]),
+        Some(b"y".to_vec()),
+        node(8),
+        50,
     );
-    o.vouch([&node(2), &node(7)], 100, 10, 50);
-    assert_eq!((at(&o, 2), at(&o, 3)), (100, 0));
-    assert!(!o.clock().contains_key(&node(7)), "vouching adds nothing");
-    o.vouch([&node(2)], 50, 10, 50);
-    assert_eq!(at(&o, 2), 100, "never back in time");
-    // Young entries: node(0), node(2), node(4). A bound of 3 is reached.
-    o.vouch([&node(3)], 100, 10, 3);
-    assert_eq!(
-        at(&o, 3),
-        0,
-        "vouched for only below the bound of young entries"
+    p.update(
+        &VersionVector::from([(node(7), 2)]),
+        Some(b"z".to_vec()),
+        node(8),
+        70,
     );
-    o.vouch([&node(3), &node(1)], 100, 10, 4);
-    assert_eq!((at(&o, 3), at(&o, 1)), (100, 1));
+    assert_eq!(
+        p.clock()[&node(7)].timestamp_ms,
+        50,
+        "learned once, not again"
+    );
+    assert_eq!(p.clock()[&node(6)].timestamp_ms, 1);
 }
 
 #[test]
