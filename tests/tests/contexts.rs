@@ -24,19 +24,19 @@ const TWO: RequestOptions = RequestOptions {
 const TAG: usize = 32;
 
 /// `ctx` with `actor`'s counter raised to `to`, as a client can write it:
-/// the vector between the format byte and the seal re-encoded, the seal
+/// the entries between the format byte and the seal re-encoded, the seal
 /// kept.
 fn raise(ctx: &CausalContext, actor: NodeId, to: u64) -> CausalContext {
     let (format, rest) = ctx.0.split_first().expect("a context");
-    let (vector, tag) = rest.split_at(rest.len() - TAG);
-    let mut pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(vector).expect("the vector");
-    for (a, c) in &mut pairs {
+    let (entries, tag) = rest.split_at(rest.len() - TAG);
+    let mut triples: Vec<(NodeId, u64, u64)> = rmp_serde::from_slice(entries).expect("entries");
+    for (a, c, _) in &mut triples {
         if *a == actor {
             *c = to;
         }
     }
     let mut forged = vec![*format];
-    rmp_serde::encode::write(&mut forged, &pairs).unwrap();
+    rmp_serde::encode::write(&mut forged, &triples).unwrap();
     forged.extend_from_slice(tag);
     CausalContext(forged)
 }
@@ -105,9 +105,9 @@ async fn a_context_from_another_key_is_refused() {
 async fn a_context_from_another_cluster_is_refused() {
     let c = SimCluster::new(3);
     written(c.put("node1", b"k", b"v1", None, ALL).await);
-    let vv = c.stored("node1", b"k").unwrap().context();
+    let stored = c.stored("node1", b"k").unwrap();
     let other = shoal_node::version::ContextKey::new(&[9; 32]);
-    let ctx = CausalContext(other.seal(b"k", &vv));
+    let ctx = CausalContext(other.seal(b"k", stored.clock()));
     let e = error(c.put("node2", b"k", b"v2", Some(ctx), ALL).await);
     assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}");
     assert_eq!(

@@ -19,11 +19,28 @@ use shoal_node::storage::{MemoryStore, Tree};
 use shoal_node::version::VersionVector;
 use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
 
-/// A context for `k` carrying `vv`, sealed with the cluster's key: what a
-/// client could send were the key to leak, or (for real entries) what a
-/// read hands out. The defenses these tests show stand behind the seal.
+/// A context for `k` carrying `vv`, read just now, sealed with the
+/// cluster's key: what a client could send were the key to leak, or (for
+/// real entries) what a read hands out. The defenses these tests show
+/// stand behind the seal.
 fn sealed(vv: &VersionVector) -> CausalContext {
-    CausalContext(shoal_tests::sim::context_key().seal(b"k", vv))
+    CausalContext(shoal_tests::sim::context_key().seal(b"k", &entries_now(vv)))
+}
+
+/// `vv`'s entries at the wall clock's now.
+fn entries_now(
+    vv: &VersionVector,
+) -> std::collections::BTreeMap<shoal_ring::NodeId, shoal_node::version::ClockEntry> {
+    let now = shoal_node::clock::Clock::system().now_ms();
+    (vv.iter())
+        .map(|(n, c)| {
+            let e = shoal_node::version::ClockEntry {
+                counter: *c,
+                timestamp_ms: now,
+            };
+            (*n, e)
+        })
+        .collect()
 }
 
 const ALL: RequestOptions = RequestOptions {
@@ -225,7 +242,7 @@ async fn a_context_with_thousands_of_made_up_entries_is_refused() {
         .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
         .collect();
     for ctx in [
-        CausalContext(shoal_node::version::ContextKey::new(&[1; 32]).seal(b"k", &vv)),
+        CausalContext(shoal_node::version::ContextKey::new(&[1; 32]).seal(b"k", &entries_now(&vv))),
         sealed(&vv),
     ] {
         let e = error(c.put("node1", b"k", b"v2", Some(ctx), ALL).await);
@@ -655,6 +672,41 @@ async fn an_entry_a_delete_learned_outlives_pruning_when_the_clock_is_full_of_yo
             stored.values().count(),
             0,
             "the deleted value came back on {node}: {stored:?}"
+        );
+    }
+}
+
+/// A context kept longer than the minimum age (review, helper-102): it
+/// carries entries the clock has pruned since, and a write with it learns
+/// them again. Stamped with the write's time, they stayed young for a
+/// day, and such writes could fill the clock past what a context may
+/// carry (read-modify-writes refused). A context carries each entry's time
+/// as the clock that issued it had it: entries that were old then are old
+/// when learned, and the next write prunes them again.
+#[tokio::test]
+async fn entries_from_a_context_older_than_the_minimum_age_do_not_stay() {
+    use shoal_node::version::ClockEntry;
+    use shoal_ring::NodeId;
+    let c = with_clock_bound(3);
+    written(c.put("node1", b"k", b"v1", None, ALL).await);
+    let long_ago: std::collections::BTreeMap<NodeId, ClockEntry> = (0..20)
+        .map(|i| {
+            let e = ClockEntry {
+                counter: 1,
+                timestamp_ms: 1,
+            };
+            (NodeId::from_u128(100 + i), e)
+        })
+        .collect();
+    let ctx = CausalContext(shoal_tests::sim::context_key().seal(b"k", &long_ago));
+    written(c.put("node1", b"k", b"v2", Some(ctx), ALL).await);
+    written(c.put("node1", b"k", b"v3", None, ALL).await);
+    for node in ["node1", "node2", "node3"] {
+        let stored = c.stored(node, b"k").unwrap();
+        assert!(
+            stored.clock().len() <= 3,
+            "{node} kept {} entries: {stored:?}",
+            stored.clock().len()
         );
     }
 }

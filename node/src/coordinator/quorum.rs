@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::net::{PeerError, PeerRequest, PeerResponse, Transport, TransportError};
 use crate::replica::{Replica, ReplicaError};
 use crate::storage::{Store, StoreError};
-use crate::version::{VersionError, VersionVector};
+use crate::version::{Opened, VersionError};
 
 /// Requests never wait longer than this, whatever they ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_millis(crate::config::MAX_REQUEST_MS);
@@ -56,8 +56,9 @@ pub struct Coordinator<T, S> {
     pub(super) spares: super::spare::Spares,
 }
 
-/// Most entries a client's causal context may have: more than any clock
-/// keeps (pruning is lazy, so a clock may exceed its bound for a while).
+/// Most entries a client's causal context may have: far more than a
+/// clock keeps (pruning is lazy, so a clock may exceed its bound for a
+/// while, and entries stay young for the minimum age).
 fn max_context_entries(s: &Settings) -> usize {
     (4 * s.clock_max_entries).max(256)
 }
@@ -389,11 +390,11 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             ));
         }
         let deadline = self.deadline(&options);
-        let ctx: VersionVector = match &context {
+        let ctx = match &context {
             Some(c) => (s.context_key)
                 .open(&key, &c.0, max_context_entries(s))
                 .map_err(|e| WireError::new(ErrorKind::BadRequest, e.to_string()))?,
-            None => VersionVector::new(),
+            None => Opened::default(),
         };
         // One preference list per layout in the history (one, unless a
         // change is in transition): W (PW) of each must hold the write.
@@ -451,7 +452,10 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             Err(e) => return Err(write_error(e)),
         };
         let reply = Response::Written(PutReply {
-            context: CausalContext(s.context_key.seal(&key, &object.reply_context(&ctx, dot))),
+            context: CausalContext(
+                s.context_key
+                    .seal(&key, &object.reply_entries(&ctx.vector, dot)),
+            ),
             siblings: object.values().count() as u32,
         });
         let mut answers = self
@@ -542,7 +546,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             let merged = Heard::merge_all(&heard);
             Response::Value(GetReply {
                 values: merged.values().map(|v| Value(v.to_vec())).collect(),
-                context: CausalContext(s.context_key.seal(key, &merged.context())),
+                context: CausalContext(s.context_key.seal(key, merged.clock())),
             })
         });
         let outstanding = primaries.len() - tally.heard;

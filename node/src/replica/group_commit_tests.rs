@@ -15,7 +15,7 @@ async fn nothing_vouches_for_a_write_whose_sync_failed() {
     let replica = trees::tests::replica_over(store.clone());
     store.fail_syncs();
     let (object, _, durable) = replica
-        .write(b"k", &VersionVector::new(), Some(b"v".to_vec()))
+        .write(b"k", &Default::default(), Some(b"v".to_vec()))
         .unwrap();
     assert!(durable.wait().await.is_err());
     assert!(

@@ -45,9 +45,7 @@ use crate::clock::Clock;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::storage::{Durable, Store, StoreError, Tree, WriteBatch};
-use crate::version::{
-    decode_object, encode_object, Actors, Dot, Object, VersionError, VersionVector,
-};
+use crate::version::{decode_object, encode_object, Actors, Dot, Object, Opened, VersionError};
 use lost::Stored;
 use stripe::{relock, Stripe, LOCK_STRIPES};
 use trees::TreeState;
@@ -452,10 +450,11 @@ impl<S: Store> Replica<S> {
     pub fn write(
         &self,
         key: &[u8],
-        ctx: &VersionVector,
+        ctx: &Opened,
         value: Option<Vec<u8>>,
     ) -> Result<(Object, Dot, Durable), ReplicaError> {
         let now = self.now_ms();
+        let (stamps, ctx) = (&ctx.stamps, &ctx.vector);
         let mut dot = None;
         let (object, durable) = self.apply(key, Commit::Deferred, |before, o| {
             let version = |source| ReplicaError::Version {
@@ -464,11 +463,13 @@ impl<S: Store> Replica<S> {
             };
             let actor = self.actors.for_write(o, ctx).map_err(version)?;
             let learned = o.learned_from(ctx);
-            let minted = o.update(ctx, value, actor, now).ok_or_else(|| {
-                version(VersionError::ContextMalformed(
-                    "it names a counter at its maximum".into(),
-                ))
-            })?;
+            let minted = o
+                .update_from(ctx, stamps, value, actor, now)
+                .ok_or_else(|| {
+                    version(VersionError::ContextMalformed(
+                        "it names a counter at its maximum".into(),
+                    ))
+                })?;
             self.admit(key, before, o)?;
             dot = Some(minted);
             Ok::<Vec<NodeId>, ReplicaError>(learned)

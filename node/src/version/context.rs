@@ -16,15 +16,20 @@
 //! An empty vector is sent as no bytes and needs no seal: it covers
 //! nothing, like no context.
 //!
-//! Layout: format byte, the vector as MessagePack `(actor, counter)`
-//! pairs, the 32-byte tag (over the key, the format byte and the vector).
+//! A context carries each entry's time as the issuing clock had it: the
+//! entries a write learns from it age from then, as a merge of that clock
+//! would have them ([`super::Object::update_from`]).
+//!
+//! Layout: format byte, the entries as MessagePack `(actor, counter,
+//! time)` triples, the 32-byte tag (over the key and all before it).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ring::hmac;
 use shoal_ring::NodeId;
 
-use super::{VersionError, VersionVector};
+use super::{ClockEntry, VersionError, VersionVector};
 
 /// Leading byte of a sealed context, so the format can change later.
 const FORMAT: u8 = 1;
@@ -66,39 +71,41 @@ impl ContextKey {
         data
     }
 
-    /// The context a client gets back for `key`.
-    pub fn seal(&self, key: &[u8], vv: &VersionVector) -> Vec<u8> {
-        if vv.is_empty() {
+    /// The context a client gets back for `key`: these clock entries.
+    pub fn seal(&self, key: &[u8], entries: &BTreeMap<NodeId, ClockEntry>) -> Vec<u8> {
+        if entries.is_empty() {
             return Vec::new();
         }
-        let pairs: Vec<(NodeId, u64)> = vv.iter().map(|(n, c)| (*n, *c)).collect();
-        let vector = rmp_serde::to_vec(&pairs).expect("a version vector always encodes");
-        self.seal_encoded(key, &vector)
+        let triples: Vec<(NodeId, u64, u64)> = (entries.iter())
+            .map(|(n, e)| (*n, e.counter, e.timestamp_ms))
+            .collect();
+        let encoded = rmp_serde::to_vec(&triples).expect("clock entries always encode");
+        self.seal_encoded(key, &encoded)
     }
 
-    /// The context of an encoded vector, sealed for `key` whatever the bytes
+    /// The context of encoded entries, sealed for `key` whatever the bytes
     /// (the fuzz harness seals the fuzzer's bytes, so the decoder behind the
     /// seal is reached).
-    pub fn seal_encoded(&self, key: &[u8], vector: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + vector.len() + TAG_BYTES);
+    pub fn seal_encoded(&self, key: &[u8], entries: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + entries.len() + TAG_BYTES);
         out.push(FORMAT);
-        out.extend_from_slice(vector);
+        out.extend_from_slice(entries);
         let tag = hmac::sign(&self.0, &Self::signed(key, &out));
         out.extend_from_slice(tag.as_ref());
         out
     }
 
-    /// The vector of a context a client sent back for `key`: refused unless
-    /// a node of this cluster sealed it for this key, or if it has more than
-    /// `max_entries` entries (no clock Shoal keeps is that large).
+    /// A context a client sent back for `key`: refused unless a node of
+    /// this cluster sealed it for this key, or if it has more than
+    /// `max_entries` entries (far more than a clock needs).
     pub fn open(
         &self,
         key: &[u8],
         bytes: &[u8],
         max_entries: usize,
-    ) -> Result<VersionVector, VersionError> {
-        let vector = match bytes.split_first() {
-            None => return Ok(VersionVector::new()),
+    ) -> Result<Opened, VersionError> {
+        let entries = match bytes.split_first() {
+            None => return Ok(Opened::default()),
             Some((&FORMAT, body)) if body.len() > TAG_BYTES => &body[..body.len() - TAG_BYTES],
             Some((&FORMAT, _)) => {
                 return Err(VersionError::ContextMalformed(
@@ -114,15 +121,56 @@ impl ContextKey {
         let (signed, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
         hmac::verify(&self.0, &Self::signed(key, signed), tag)
             .map_err(|_| VersionError::ContextNotIssued)?;
-        let pairs: Vec<(NodeId, u64)> = rmp_serde::from_slice(vector)
+        let triples: Vec<(NodeId, u64, u64)> = rmp_serde::from_slice(entries)
             .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
-        if pairs.len() > max_entries {
+        if triples.len() > max_entries {
             return Err(VersionError::ContextTooLarge {
-                entries: pairs.len(),
+                entries: triples.len(),
                 max: max_entries,
             });
         }
-        Ok(pairs.into_iter().collect())
+        let mut opened = Opened::default();
+        for (n, counter, at) in triples {
+            opened.vector.insert(n, counter);
+            opened.stamps.insert(n, at);
+        }
+        Ok(opened)
+    }
+}
+
+/// A context a client sent back, opened: its vector, and each entry's
+/// time on the clock that issued it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Opened {
+    pub vector: VersionVector,
+    pub stamps: BTreeMap<NodeId, u64>,
+}
+
+impl Opened {
+    /// The entries as sealed (an entry without a time at 0).
+    pub fn entries(&self) -> BTreeMap<NodeId, ClockEntry> {
+        (self.vector.iter())
+            .map(|(n, counter)| {
+                let timestamp_ms = self.stamps.get(n).copied().unwrap_or(0);
+                (
+                    *n,
+                    ClockEntry {
+                        counter: *counter,
+                        timestamp_ms,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+impl From<VersionVector> for Opened {
+    /// A vector without times: the entries it brings age from the write.
+    fn from(vector: VersionVector) -> Self {
+        Opened {
+            vector,
+            stamps: BTreeMap::new(),
+        }
     }
 }
 
@@ -137,12 +185,29 @@ mod tests {
             .collect()
     }
 
+    /// `vector`'s entries at time `at`.
+    fn at(vector: &VersionVector, at: u64) -> BTreeMap<NodeId, ClockEntry> {
+        (vector.iter())
+            .map(|(n, c)| {
+                (
+                    *n,
+                    ClockEntry {
+                        counter: *c,
+                        timestamp_ms: at,
+                    },
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn a_sealed_context_opens_for_its_key_only() {
         let k = ContextKey::new(&[7; 32]);
         let v = vv(&[(1, 3), (2, 9)]);
-        let sealed = k.seal(b"k", &v);
-        assert_eq!(k.open(b"k", &sealed, 10).unwrap(), v);
+        let sealed = k.seal(b"k", &at(&v, 1234));
+        let opened = k.open(b"k", &sealed, 10).unwrap();
+        assert_eq!(opened.vector, v);
+        assert!(opened.stamps.values().all(|t| *t == 1234));
         assert_eq!(
             k.open(b"k2", &sealed, 10),
             Err(VersionError::ContextNotIssued)
@@ -161,7 +226,7 @@ mod tests {
     #[test]
     fn an_altered_context_is_refused() {
         let k = ContextKey::new(&[7; 32]);
-        let sealed = k.seal(b"k", &vv(&[(1, 3)]));
+        let sealed = k.seal(b"k", &at(&vv(&[(1, 3)]), 1234));
         for i in 0..sealed.len() {
             let mut altered = sealed.clone();
             altered[i] ^= 1;
@@ -173,7 +238,8 @@ mod tests {
         // A vector re-encoded with a raised counter keeps the old tag.
         let tag = &sealed[sealed.len() - TAG_BYTES..];
         let mut forged = vec![FORMAT];
-        rmp_serde::encode::write(&mut forged, &vec![(NodeId::from_u128(1), 1_000_000u64)]).unwrap();
+        let raised = vec![(NodeId::from_u128(1), 1_000_000u64, 1234u64)];
+        rmp_serde::encode::write(&mut forged, &raised).unwrap();
         forged.extend_from_slice(tag);
         assert_eq!(
             k.open(b"k", &forged, 10),
@@ -184,7 +250,7 @@ mod tests {
     #[test]
     fn an_empty_vector_is_no_context() {
         let k = ContextKey::new(&[7; 32]);
-        assert!(k.seal(b"k", &VersionVector::new()).is_empty());
-        assert_eq!(k.open(b"k", &[], 10).unwrap(), VersionVector::new());
+        assert!(k.seal(b"k", &BTreeMap::new()).is_empty());
+        assert_eq!(k.open(b"k", &[], 10).unwrap(), Opened::default());
     }
 }

@@ -26,10 +26,11 @@
 //!   that arrives later look concurrent (an extra sibling), never hide a
 //!   live one. So an entry is stamped with the last write that needed it:
 //!   its own event, a write that superseded one of its values, or one that
-//!   learned it from its context (contexts are sealed, see [`ContextKey`],
-//!   so each entry a context brings is a real event's). A replica that
-//!   missed such a write and still holds the value needs the entry to drop
-//!   it, and has the minimum age to get it. The write that learns an entry
+//!   learned it from its context (as of the clock that issued the context:
+//!   contexts are sealed, see [`ContextKey`], so each entry a context
+//!   brings was a real event's then; [`Object::update_from`]). A replica that missed such a
+//!   write and still holds the value needs the entry to drop it, and has
+//!   the minimum age to get it. The write that learns an entry
 //!   also keeps it through its own pruning ([`Object::learned_from`]), as
 //!   it must go out covering what its context covered.
 //!
@@ -68,7 +69,7 @@ use shoal_ring::NodeId;
 mod actors;
 mod context;
 pub use actors::{Actors, ActorsState, MAX_RETIRED};
-pub use context::{ContextKey, CONTEXT_SECRET_BYTES};
+pub use context::{ContextKey, Opened, CONTEXT_SECRET_BYTES};
 
 /// One event: the `counter`-th write coordinated by `node`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -94,7 +95,7 @@ pub enum VersionError {
     EpochsExhausted(u64),
     #[error("this node is stopping: it writes nothing more")]
     Sealed,
-    #[error("the causal context has {entries} entries, more than the {max} any Shoal clock keeps")]
+    #[error("the causal context has {entries} entries, more than the {max} a context may carry")]
     ContextTooLarge { entries: usize, max: usize },
     #[error("the causal context is not one this cluster issued ({0}): read the key again and write with the context that read returns")]
     ContextMalformed(String),
@@ -166,13 +167,32 @@ impl Object {
 
     /// Applies a write minted under `actor`: drops the siblings `context`
     /// covers (their entries stamped `now_ms`), joins `context` into the
-    /// clock (the entries it raises stamped `now_ms`, see the module doc),
-    /// and adds `value` (`None`: a tombstone) under the actor's next dot,
-    /// which it returns. The actor
-    /// comes from [`Actors::for_write`]; `None` if its counter is exhausted.
+    /// clock (the entries it raises stamped `now_ms`), and adds `value`
+    /// (`None`: a tombstone) under the actor's next dot, which it returns.
+    /// The actor comes from [`Actors::for_write`]; `None` if its counter is
+    /// exhausted.
     pub fn update(
         &mut self,
         context: &VersionVector,
+        value: Option<Vec<u8>>,
+        actor: NodeId,
+        now_ms: u64,
+    ) -> Option<Dot> {
+        self.update_from(context, &BTreeMap::new(), value, actor, now_ms)
+    }
+
+    /// [`Object::update`] with a context's entry times (`stamps`, as the
+    /// clock that issued it had them, see [`ContextKey`]): the entries the
+    /// context raises age from then (never from after `now_ms`; from
+    /// `now_ms` when it has none), as a merge of that clock would have
+    /// them. They were real events' then (contexts are sealed), and a
+    /// replica that still holds one of their values has the minimum age
+    /// from then to drop it; a context kept longer brings back entries
+    /// pruned since, which go again at once rather than fill the clock.
+    pub fn update_from(
+        &mut self,
+        context: &VersionVector,
+        stamps: &BTreeMap<NodeId, u64>,
         value: Option<Vec<u8>>,
         actor: NodeId,
         now_ms: u64,
@@ -198,7 +218,8 @@ impl Object {
             });
             if *c > entry.counter {
                 entry.counter = *c;
-                entry.timestamp_ms = entry.timestamp_ms.max(now_ms);
+                let at = stamps.get(n).map_or(now_ms, |t| (*t).min(now_ms));
+                entry.timestamp_ms = entry.timestamp_ms.max(at);
             }
         }
         let entry = self.clock.entry(actor).or_insert(ClockEntry {
@@ -243,6 +264,24 @@ impl Object {
             reply.insert(dot.node, dot.counter);
         }
         reply
+    }
+
+    /// [`Object::reply_context`] with this clock's times (0 for an entry it
+    /// no longer holds), to seal for the client.
+    pub fn reply_entries(&self, context: &VersionVector, dot: Dot) -> BTreeMap<NodeId, ClockEntry> {
+        let reply = self.reply_context(context, dot);
+        (reply.into_iter())
+            .map(|(n, counter)| {
+                let timestamp_ms = self.clock.get(&n).map_or(0, |e| e.timestamp_ms);
+                (
+                    n,
+                    ClockEntry {
+                        counter,
+                        timestamp_ms,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Merges `other` into `self` (the join of the two DVV sets).

@@ -197,6 +197,19 @@ fn a_write_stamps_the_entries_of_what_it_supersedes_and_what_it_learns() {
 }
 
 #[test]
+fn entries_learned_from_a_context_age_from_its_clocks_times() {
+    let mut o = Object::default();
+    o.update(&VersionVector::new(), Some(b"v".to_vec()), node(0), 100);
+    let ctx = VersionVector::from([(node(1), 3), (node(2), 4), (node(3), 5)]);
+    let stamps = std::collections::BTreeMap::from([(node(1), 40), (node(2), 500)]);
+    o.update_from(&ctx, &stamps, None, node(4), 200);
+    let at = |o: &Object, n| o.clock()[&node(n)].timestamp_ms;
+    assert_eq!(at(&o, 1), 40, "as old as the issuing clock had it");
+    assert_eq!(at(&o, 2), 200, "never from after the write");
+    assert_eq!(at(&o, 3), 200, "no time: from the write");
+}
+
+#[test]
 fn a_reply_context_covers_the_write_and_nothing_it_did_not_see() {
     let actors = Actors::new(node(0), 1);
     let mut o = Object::default();

@@ -48,7 +48,7 @@ use shoal_node::replica::{
 use shoal_node::server::{decode_node_id, MEMBERS_KEY, NODE_ID_KEY};
 use shoal_node::storage::{record, MemoryStore, Tree};
 use shoal_node::version::{
-    decode_object, encode_object, Actors, ContextKey, Object, VersionVector,
+    decode_object, encode_object, Actors, ContextKey, Object, Opened, VersionVector,
 };
 use shoal_ring::NodeId;
 
@@ -176,7 +176,7 @@ fn after_request(request: &Request) {
             Ok(ctx) => ctx,
             Err(_) => return,
         },
-        None => VersionVector::new(),
+        None => Opened::default(),
     };
     write(&fixed_object(), &ctx, value);
 }
@@ -339,11 +339,11 @@ fn after_object(o: &Object) {
     let _ = Object::merged(&other, o);
     let _ = o.descends(&other);
     let _ = (o.approx_size(), o.values().count(), o.is_deleted());
-    let _ = context_key().seal(b"k", &o.context());
+    let _ = context_key().seal(b"k", o.clock());
     let _ = reapable(o, std::time::Duration::from_secs(3600), NOW_MS);
     let mut pruned = o.clone();
     pruned.prune(2, 0, NOW_MS, |_| false);
-    write(o, &o.context(), Some(b"v".to_vec()));
+    write(o, &o.context().into(), Some(b"v".to_vec()));
 }
 
 /// A causal context a client sent back for key `k`, then a write with it.
@@ -357,7 +357,7 @@ pub fn context(data: &[u8]) {
         return;
     };
     let again = key
-        .open(b"k", &key.seal(b"k", &ctx), MAX_CONTEXT_ENTRIES)
+        .open(b"k", &key.seal(b"k", &ctx.entries()), MAX_CONTEXT_ENTRIES)
         .expect("a sealed context opens");
     assert_eq!(again, ctx, "a context survives its own sealing");
     write(&fixed_object(), &ctx, Some(b"v".to_vec()));
@@ -371,14 +371,14 @@ pub fn context_key() -> ContextKey {
 
 /// A client write onto `object` as the replica applies it: pick the actor,
 /// mint the dot, hand out the reply context.
-fn write(object: &Object, ctx: &VersionVector, value: Option<Vec<u8>>) {
+fn write(object: &Object, ctx: &Opened, value: Option<Vec<u8>>) {
     let actors = Actors::new(NodeId::from_u128(1), 7);
-    let Ok(actor) = actors.for_write(object, ctx) else {
+    let Ok(actor) = actors.for_write(object, &ctx.vector) else {
         return;
     };
     let mut written = object.clone();
-    if let Some(dot) = written.update(ctx, value, actor, NOW_MS) {
-        let _ = context_key().seal(b"k", &written.reply_context(ctx, dot));
+    if let Some(dot) = written.update_from(&ctx.vector, &ctx.stamps, value, actor, NOW_MS) {
+        let _ = context_key().seal(b"k", &written.reply_entries(&ctx.vector, dot));
     }
     let _ = actors.retire(&written);
 }

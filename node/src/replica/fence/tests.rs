@@ -69,7 +69,7 @@ fn a_copy_read_before_a_reap_does_not_bring_the_key_back() {
 fn a_write_after_the_reap_keeps_the_fence() {
     let (r, old, _) = reaped(Arc::new(MemoryStore::new()));
     let _written = r
-        .write(b"k", &VersionVector::new(), Some(b"new".to_vec()))
+        .write(b"k", &Default::default(), Some(b"new".to_vec()))
         .unwrap();
     r.merge(b"k", &old).unwrap();
     assert_eq!(

@@ -17,7 +17,9 @@ fn overwrite(r: &Replica<MemoryStore>, value: &[u8]) -> Object {
         .unwrap()
         .map(|o| o.context())
         .unwrap_or_default();
-    r.write(b"k", &ctx, Some(value.to_vec())).unwrap().0
+    r.write(b"k", &ctx.clone().into(), Some(value.to_vec()))
+        .unwrap()
+        .0
 }
 
 /// A new run of the node over `store` (the old handle fenced).
@@ -89,7 +91,7 @@ fn a_power_loss_that_takes_back_a_write_after_the_seal_keeps_the_seal() {
     // Nothing is minted after the seal; other writes (a merge) go on.
     let ctx = r.get(b"k").unwrap().unwrap().context();
     assert!(matches!(
-        r.write(b"k", &ctx, Some(b"after".to_vec())),
+        r.write(b"k", &ctx.clone().into(), Some(b"after".to_vec())),
         Err(ReplicaError::Version {
             source: crate::version::VersionError::Sealed,
             ..
@@ -131,12 +133,18 @@ fn a_store_that_failed_a_sync_in_this_run_is_not_sealed() {
     let store = open();
     let r = replica_over(store.clone());
     let ctx = VersionVector::new();
-    drop(r.write(b"k", &ctx, Some(b"v1".to_vec())).unwrap());
+    drop(
+        r.write(b"k", &ctx.clone().into(), Some(b"v1".to_vec()))
+            .unwrap(),
+    );
     r.seal().expect("an intact store is sealed");
     drop((r, store));
     let store = open();
     let r = replica_over(store.clone());
-    let second = r.write(b"k", &ctx, Some(b"v2".to_vec())).unwrap().0;
+    let second = r
+        .write(b"k", &ctx.clone().into(), Some(b"v2".to_vec()))
+        .unwrap()
+        .0;
     assert_eq!(second.clock().len(), 1, "went on after the clean stop");
     // A WAL sync fails (the kernel may have dropped WAL pages): the store
     // refuses everything from then on, and the run cannot vouch for what
@@ -147,6 +155,9 @@ fn a_store_that_failed_a_sync_in_this_run_is_not_sealed() {
     assert!(r.seal().is_err(), "sealed a store whose WAL failed");
     drop((r, store));
     let r = replica_over(open());
-    let third = r.write(b"k", &ctx, Some(b"v3".to_vec())).unwrap().0;
+    let third = r
+        .write(b"k", &ctx.clone().into(), Some(b"v3".to_vec()))
+        .unwrap()
+        .0;
     assert_eq!(third.clock().len(), 2, "a new incarnation: {third:?}");
 }
