@@ -270,10 +270,10 @@ pub fn issue(
 mod tests {
     use super::*;
 
-    fn one_entry() -> std::collections::BTreeMap<shoal_ring::NodeId, crate::version::ClockEntry> {
-        let e = crate::version::ClockEntry {
+    fn one_entry() -> std::collections::BTreeMap<shoal_ring::NodeId, crate::version::ContextEntry> {
+        let e = crate::version::ContextEntry {
             counter: 1,
-            timestamp_ms: 5,
+            at: Some(5),
         };
         [(shoal_ring::NodeId::from_u128(1), e)]
             .into_iter()

@@ -29,7 +29,8 @@ const TAG: usize = 32;
 fn raise(ctx: &CausalContext, actor: NodeId, to: u64) -> CausalContext {
     let (format, rest) = ctx.0.split_first().expect("a context");
     let (entries, tag) = rest.split_at(rest.len() - TAG);
-    let mut triples: Vec<(NodeId, u64, u64)> = rmp_serde::from_slice(entries).expect("entries");
+    let mut triples: Vec<(NodeId, u64, Option<u64>)> =
+        rmp_serde::from_slice(entries).expect("entries");
     for (a, c, _) in &mut triples {
         if *a == actor {
             *c = to;
@@ -107,7 +108,7 @@ async fn a_context_from_another_cluster_is_refused() {
     written(c.put("node1", b"k", b"v1", None, ALL).await);
     let stored = c.stored("node1", b"k").unwrap();
     let other = shoal_node::version::ContextKey::new(&[9; 32]);
-    let ctx = CausalContext(other.seal(b"k", stored.clock()));
+    let ctx = CausalContext(other.seal(b"k", &stored.read_entries()));
     let e = error(c.put("node2", b"k", b"v2", Some(ctx), ALL).await);
     assert_eq!(e.kind, ErrorKind::BadRequest, "{e:?}");
     assert_eq!(

@@ -19,29 +19,30 @@ use shoal_node::storage::{MemoryStore, Tree};
 use shoal_node::version::VersionVector;
 use shoal_tests::sim::{error, settings, value, values, written, SimCluster, D};
 
-/// A context for `k` carrying `vv`, read just now, sealed with the
-/// cluster's key: what a client could send were the key to leak, or (for
-/// real entries) what a read hands out. The defenses these tests show
-/// stand behind the seal.
+/// A context for `k` carrying `vv`, sealed with the cluster's key as
+/// naming values (its entries age from the write that learns them): what
+/// a client could send were the key to leak, or (for real entries) what a
+/// read of a copy holding those values hands out. The defenses these tests
+/// show stand behind the seal.
 fn sealed(vv: &VersionVector) -> CausalContext {
-    CausalContext(shoal_tests::sim::context_key().seal(b"k", &entries_now(vv)))
+    CausalContext(shoal_tests::sim::context_key().seal(b"k", &naming_values(vv)))
 }
 
-/// `vv`'s entries at the wall clock's now.
-fn entries_now(
+/// `vv`'s entries, each naming a value.
+fn naming_values(
     vv: &VersionVector,
-) -> std::collections::BTreeMap<shoal_ring::NodeId, shoal_node::version::ClockEntry> {
-    let now = shoal_node::clock::Clock::system().now_ms();
+) -> std::collections::BTreeMap<shoal_ring::NodeId, shoal_node::version::ContextEntry> {
+    let at = None;
     (vv.iter())
-        .map(|(n, c)| {
-            let e = shoal_node::version::ClockEntry {
-                counter: *c,
-                timestamp_ms: now,
-            };
-            (*n, e)
-        })
+        .map(|(n, c)| (*n, shoal_node::version::ContextEntry { counter: *c, at }))
         .collect()
 }
+
+const TWO: RequestOptions = RequestOptions {
+    r: Some(2),
+    w: Some(2),
+    ..D
+};
 
 const ALL: RequestOptions = RequestOptions {
     r: Some(3),
@@ -242,7 +243,9 @@ async fn a_context_with_thousands_of_made_up_entries_is_refused() {
         .map(|i| (shoal_ring::NodeId::from_u128(i + 7), 1))
         .collect();
     for ctx in [
-        CausalContext(shoal_node::version::ContextKey::new(&[1; 32]).seal(b"k", &entries_now(&vv))),
+        CausalContext(
+            shoal_node::version::ContextKey::new(&[1; 32]).seal(b"k", &naming_values(&vv)),
+        ),
         sealed(&vv),
     ] {
         let e = error(c.put("node1", b"k", b"v2", Some(ctx), ALL).await);
@@ -685,15 +688,15 @@ async fn an_entry_a_delete_learned_outlives_pruning_when_the_clock_is_full_of_yo
 /// when learned, and the next write prunes them again.
 #[tokio::test]
 async fn entries_from_a_context_older_than_the_minimum_age_do_not_stay() {
-    use shoal_node::version::ClockEntry;
+    use shoal_node::version::ContextEntry;
     use shoal_ring::NodeId;
     let c = with_clock_bound(3);
     written(c.put("node1", b"k", b"v1", None, ALL).await);
-    let long_ago: std::collections::BTreeMap<NodeId, ClockEntry> = (0..20)
+    let long_ago: std::collections::BTreeMap<NodeId, ContextEntry> = (0..20)
         .map(|i| {
-            let e = ClockEntry {
+            let e = ContextEntry {
                 counter: 1,
-                timestamp_ms: 1,
+                at: Some(1),
             };
             (NodeId::from_u128(100 + i), e)
         })
@@ -709,4 +712,47 @@ async fn entries_from_a_context_older_than_the_minimum_age_do_not_stay() {
             stored.clock().len()
         );
     }
+}
+
+/// The read behind a delete came from replicas that hold a value its
+/// coordinator missed, written long ago (review, helper-103): the
+/// context's entry for that value carried its old time, so the delete's
+/// coordinator learned it old, the replicas that took the delete pruned
+/// it at once, and the value, still on the replica the delete had not
+/// reached yet, came back. An entry naming a value the issuing copy
+/// holds ages from the write that learns it: that write supersedes the
+/// value, as if its coordinator held it.
+#[tokio::test(start_paused = true)]
+async fn a_delete_learning_an_old_values_entry_from_a_read_is_not_undone() {
+    let c = with_clock_bound(2);
+    use shoal_ring::NodeId;
+    let (x1, x2, x3) = (
+        NodeId::from_u128(71),
+        NodeId::from_u128(72),
+        NodeId::from_u128(73),
+    );
+    let seen_by_all = an_old_key(&[x1, x2]);
+    let mut missed_by_node1 = seen_by_all.clone();
+    missed_by_node1.update(&seen_by_all.context(), Some(v("v3")), x3, 1);
+    replica_put(&c, "node1", &seen_by_all).await;
+    for node in ["node2", "node3"] {
+        replica_put(&c, node, &missed_by_node1).await;
+    }
+    // A client reads v3 from node2 and node3 ...
+    c.net.partition("node1", "node2");
+    c.net.partition("node1", "node3");
+    let ctx = value(c.get("node2", b"k", TWO).await).context;
+    c.net.heal();
+    // ... and deletes it through node1 while node3 is out of reach.
+    c.net.partition("node3", "node1");
+    c.net.partition("node3", "node2");
+    written(c.delete("node1", b"k", Some(ctx), TWO).await);
+    // The next write, blind, prunes node1's clock again.
+    written(c.put("node1", b"k", b"v4", None, TWO).await);
+    c.net.heal();
+    assert_eq!(
+        read_all(&c, "node2", b"k").await,
+        [v("v4")],
+        "the deleted value came back"
+    );
 }

@@ -546,7 +546,7 @@ impl<T: Transport, S: Store> Coordinator<T, S> {
             let merged = Heard::merge_all(&heard);
             Response::Value(GetReply {
                 values: merged.values().map(|v| Value(v.to_vec())).collect(),
-                context: CausalContext(s.context_key.seal(key, merged.clock())),
+                context: CausalContext(s.context_key.seal(key, &merged.read_entries())),
             })
         });
         let outstanding = primaries.len() - tally.heard;

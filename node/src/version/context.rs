@@ -16,12 +16,14 @@
 //! An empty vector is sent as no bytes and needs no seal: it covers
 //! nothing, like no context.
 //!
-//! A context carries each entry's time as the issuing clock had it: the
-//! entries a write learns from it age from then, as a merge of that clock
-//! would have them ([`super::Object::update_from`]).
+//! A context carries each entry's time as the issuing copy had it, or none
+//! for an entry naming a value that copy held ([`ContextEntry`]): the
+//! entries a write learns from it age from then, or from the write
+//! ([`super::Object::update_from`]).
 //!
 //! Layout: format byte, the entries as MessagePack `(actor, counter,
-//! time)` triples, the 32-byte tag (over the key and all before it).
+//! time or nil)` triples, the 32-byte tag (over the key and all before
+//! it).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,7 +31,7 @@ use std::fmt;
 use ring::hmac;
 use shoal_ring::NodeId;
 
-use super::{ClockEntry, VersionError, VersionVector};
+use super::{ContextEntry, VersionError, VersionVector};
 
 /// Leading byte of a sealed context, so the format can change later.
 const FORMAT: u8 = 1;
@@ -71,13 +73,13 @@ impl ContextKey {
         data
     }
 
-    /// The context a client gets back for `key`: these clock entries.
-    pub fn seal(&self, key: &[u8], entries: &BTreeMap<NodeId, ClockEntry>) -> Vec<u8> {
+    /// The context a client gets back for `key`: these entries.
+    pub fn seal(&self, key: &[u8], entries: &BTreeMap<NodeId, ContextEntry>) -> Vec<u8> {
         if entries.is_empty() {
             return Vec::new();
         }
-        let triples: Vec<(NodeId, u64, u64)> = (entries.iter())
-            .map(|(n, e)| (*n, e.counter, e.timestamp_ms))
+        let triples: Vec<(NodeId, u64, Option<u64>)> = (entries.iter())
+            .map(|(n, e)| (*n, e.counter, e.at))
             .collect();
         let encoded = rmp_serde::to_vec(&triples).expect("clock entries always encode");
         self.seal_encoded(key, &encoded)
@@ -121,7 +123,7 @@ impl ContextKey {
         let (signed, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
         hmac::verify(&self.0, &Self::signed(key, signed), tag)
             .map_err(|_| VersionError::ContextNotIssued)?;
-        let triples: Vec<(NodeId, u64, u64)> = rmp_serde::from_slice(entries)
+        let triples: Vec<(NodeId, u64, Option<u64>)> = rmp_serde::from_slice(entries)
             .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
         if triples.len() > max_entries {
             return Err(VersionError::ContextTooLarge {
@@ -132,14 +134,17 @@ impl ContextKey {
         let mut opened = Opened::default();
         for (n, counter, at) in triples {
             opened.vector.insert(n, counter);
-            opened.stamps.insert(n, at);
+            if let Some(at) = at {
+                opened.stamps.insert(n, at);
+            }
         }
         Ok(opened)
     }
 }
 
-/// A context a client sent back, opened: its vector, and each entry's
-/// time on the clock that issued it.
+/// A context a client sent back, opened: its vector, and the times its
+/// entries had on the copy that issued it (none for an entry naming a
+/// value that copy held).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Opened {
     pub vector: VersionVector,
@@ -147,16 +152,16 @@ pub struct Opened {
 }
 
 impl Opened {
-    /// The entries as sealed (an entry without a time at 0).
-    pub fn entries(&self) -> BTreeMap<NodeId, ClockEntry> {
+    /// The entries as sealed.
+    pub fn entries(&self) -> BTreeMap<NodeId, ContextEntry> {
         (self.vector.iter())
             .map(|(n, counter)| {
-                let timestamp_ms = self.stamps.get(n).copied().unwrap_or(0);
+                let at = self.stamps.get(n).copied();
                 (
                     *n,
-                    ClockEntry {
+                    ContextEntry {
                         counter: *counter,
-                        timestamp_ms,
+                        at,
                     },
                 )
             })
@@ -186,14 +191,14 @@ mod tests {
     }
 
     /// `vector`'s entries at time `at`.
-    fn at(vector: &VersionVector, at: u64) -> BTreeMap<NodeId, ClockEntry> {
+    fn at(vector: &VersionVector, at: u64) -> BTreeMap<NodeId, ContextEntry> {
         (vector.iter())
             .map(|(n, c)| {
                 (
                     *n,
-                    ClockEntry {
+                    ContextEntry {
                         counter: *c,
-                        timestamp_ms: at,
+                        at: Some(at),
                     },
                 )
             })
@@ -238,7 +243,7 @@ mod tests {
         // A vector re-encoded with a raised counter keeps the old tag.
         let tag = &sealed[sealed.len() - TAG_BYTES..];
         let mut forged = vec![FORMAT];
-        let raised = vec![(NodeId::from_u128(1), 1_000_000u64, 1234u64)];
+        let raised = vec![(NodeId::from_u128(1), 1_000_000u64, Some(1234u64))];
         rmp_serde::encode::write(&mut forged, &raised).unwrap();
         forged.extend_from_slice(tag);
         assert_eq!(

@@ -26,13 +26,14 @@
 //!   that arrives later look concurrent (an extra sibling), never hide a
 //!   live one. So an entry is stamped with the last write that needed it:
 //!   its own event, a write that superseded one of its values, or one that
-//!   learned it from its context (as of the clock that issued the context:
-//!   contexts are sealed, see [`ContextKey`], so each entry a context
-//!   brings was a real event's then; [`Object::update_from`]). A replica that missed such a
-//!   write and still holds the value needs the entry to drop it, and has
-//!   the minimum age to get it. The write that learns an entry
-//!   also keeps it through its own pruning ([`Object::learned_from`]), as
-//!   it must go out covering what its context covered.
+//!   learned it from its context (as the copy that issued the context had
+//!   it, or from the write when it names a value that copy held: contexts
+//!   are sealed, see [`ContextKey`], so each entry a context brings was a
+//!   real event's then; [`Object::update_from`]). A replica that missed
+//!   such a write and still holds the value needs the entry to drop it, and
+//!   has the minimum age to get it. The write that learns an entry also
+//!   keeps it through its own pruning ([`Object::learned_from`]), as it
+//!   must go out covering what its context covered.
 //!
 //! # Actors and epochs: a dot is never minted twice
 //! A dot must name one write: if two different values carried the same dot,
@@ -101,6 +102,16 @@ pub enum VersionError {
     ContextMalformed(String),
     #[error("the causal context was not issued for this key by this cluster (altered, read from another key, or issued by another cluster's nodes; or the nodes hold different context keys: each logs its key's id at start): read the key again and write with the context that read returns")]
     ContextNotIssued,
+}
+
+/// A context's entry as a node seals it (see [`ContextKey`]): its counter,
+/// and its time on the issuing clock; `None` when it names a value the
+/// issuing copy holds, which a write that learns the entry supersedes: it
+/// then ages from that write ([`Object::update_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextEntry {
+    pub counter: u64,
+    pub at: Option<u64>,
 }
 
 /// A live version of a key.
@@ -182,13 +193,16 @@ impl Object {
     }
 
     /// [`Object::update`] with a context's entry times (`stamps`, as the
-    /// clock that issued it had them, see [`ContextKey`]): the entries the
-    /// context raises age from then (never from after `now_ms`; from
-    /// `now_ms` when it has none), as a merge of that clock would have
-    /// them. They were real events' then (contexts are sealed), and a
-    /// replica that still holds one of their values has the minimum age
-    /// from then to drop it; a context kept longer brings back entries
-    /// pruned since, which go again at once rather than fill the clock.
+    /// copy that issued it had them, see [`ContextEntry`]): the entries
+    /// the context raises age from then (never from after `now_ms`), as a
+    /// merge of that copy would have them; those without a time name a
+    /// value the issuing copy held, which this write supersedes, and age
+    /// from now, as do the entries of the values it supersedes here. A
+    /// replica that still holds such a value has the minimum age from this
+    /// write to drop it; entries of values gone already when the context
+    /// was issued keep their old time, so a context kept longer than the
+    /// minimum age brings back entries pruned since only for them to go
+    /// again, rather than fill the clock.
     pub fn update_from(
         &mut self,
         context: &VersionVector,
@@ -266,20 +280,30 @@ impl Object {
         reply
     }
 
-    /// [`Object::reply_context`] with this clock's times (0 for an entry it
-    /// no longer holds), to seal for the client.
-    pub fn reply_entries(&self, context: &VersionVector, dot: Dot) -> BTreeMap<NodeId, ClockEntry> {
-        let reply = self.reply_context(context, dot);
-        (reply.into_iter())
+    /// The context a read hands out, to seal for the client: the whole
+    /// clock (see [`ContextEntry`]).
+    pub fn read_entries(&self) -> BTreeMap<NodeId, ContextEntry> {
+        self.entries_of(self.context())
+    }
+
+    /// [`Object::reply_context`], to seal for the client.
+    pub fn reply_entries(
+        &self,
+        context: &VersionVector,
+        dot: Dot,
+    ) -> BTreeMap<NodeId, ContextEntry> {
+        self.entries_of(self.reply_context(context, dot))
+    }
+
+    /// `vv`'s entries with this copy's times (0 for an entry it no longer
+    /// holds), or none for one that names a value it holds.
+    fn entries_of(&self, vv: VersionVector) -> BTreeMap<NodeId, ContextEntry> {
+        (vv.into_iter())
             .map(|(n, counter)| {
-                let timestamp_ms = self.clock.get(&n).map_or(0, |e| e.timestamp_ms);
-                (
-                    n,
-                    ClockEntry {
-                        counter,
-                        timestamp_ms,
-                    },
-                )
+                let names_value =
+                    (self.siblings.iter()).any(|s| s.dot.node == n && s.dot.counter <= counter);
+                let at = (!names_value).then(|| self.clock.get(&n).map_or(0, |e| e.timestamp_ms));
+                (n, ContextEntry { counter, at })
             })
             .collect()
     }

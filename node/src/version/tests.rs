@@ -210,6 +210,25 @@ fn entries_learned_from_a_context_age_from_its_clocks_times() {
 }
 
 #[test]
+fn a_read_context_names_the_values_held_and_times_the_rest() {
+    let mut o = Object::default();
+    o.update(&VersionVector::new(), Some(b"gone".to_vec()), node(0), 10);
+    o.update(&o.context(), Some(b"held".to_vec()), node(1), 20);
+    let entries = o.read_entries();
+    assert_eq!(
+        entries[&node(0)].at,
+        Some(20),
+        "superseded by the write at 20"
+    );
+    assert_eq!(entries[&node(1)].at, None, "names a value held here");
+    let ctx = o.context();
+    let dot = o.update(&ctx, Some(b"new".to_vec()), node(2), 30).unwrap();
+    let reply = o.reply_entries(&ctx, dot);
+    assert_eq!(reply[&node(2)].at, None, "the write's own value");
+    assert_eq!(reply[&node(1)].at, Some(30), "superseded by the write");
+}
+
+#[test]
 fn a_reply_context_covers_the_write_and_nothing_it_did_not_see() {
     let actors = Actors::new(node(0), 1);
     let mut o = Object::default();

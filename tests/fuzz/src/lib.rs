@@ -339,7 +339,7 @@ fn after_object(o: &Object) {
     let _ = Object::merged(&other, o);
     let _ = o.descends(&other);
     let _ = (o.approx_size(), o.values().count(), o.is_deleted());
-    let _ = context_key().seal(b"k", o.clock());
+    let _ = context_key().seal(b"k", &o.read_entries());
     let _ = reapable(o, std::time::Duration::from_secs(3600), NOW_MS);
     let mut pruned = o.clone();
     pruned.prune(2, 0, NOW_MS, |_| false);

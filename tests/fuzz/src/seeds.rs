@@ -66,7 +66,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     // The target seals its input itself: its seed is the encoded entries
     // (between the format byte and the 32-byte seal); a whole sealed
     // context opens as it is.
-    let sealed = crate::context_key().seal(b"k", object.clock());
+    let sealed = crate::context_key().seal(b"k", &object.read_entries());
     add(
         "context",
         "three-entries",
@@ -205,7 +205,7 @@ fn requests(object: &Object) -> Vec<(&'static str, Request)> {
         timeout_ms: Some(500),
     };
     let context = Some(CausalContext(
-        crate::context_key().seal(b"k", object.clock()),
+        crate::context_key().seal(b"k", &object.read_entries()),
     ));
     vec![
         (
@@ -241,7 +241,7 @@ fn requests(object: &Object) -> Vec<(&'static str, Request)> {
 fn responses(object: &Object, members: &[MemberInfo]) -> Vec<(&'static str, Response)> {
     let ids: BTreeSet<NodeId> = members.iter().map(|m| m.id).collect();
     let ring = Ring::claim(None, &ids, 16, 3).expect("a ring of three");
-    let context = CausalContext(crate::context_key().seal(b"k", object.clock()));
+    let context = CausalContext(crate::context_key().seal(b"k", &object.read_entries()));
     vec![
         (
             "value",
