@@ -508,7 +508,7 @@ async fn a_forward_delivered_twice_runs_once() {
 
 /// A delete's context names a write its coordinator has not seen yet (it
 /// missed that write). The coordinator joins the context's entry for it
-/// into its clock, stamped 0 as entries a context brings are; with the
+/// into its clock, stamped 0 as entries a context brought then; with the
 /// clock over its bound and its other entries older than the minimum age
 /// (the defaults' day), pruning dropped that entry in the very write that
 /// joined it, and the tombstone went out not covering the write its
@@ -518,7 +518,21 @@ async fn a_forward_delivered_twice_runs_once() {
 #[tokio::test(start_paused = true)]
 async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
     let c = with_clock_bound(2);
-    // Writes long ago (1 ms after the epoch) under actors of old runs.
+    let missed_by_node1 = v3_long_ago_missed_by_node1(&c).await;
+    // A client read v3 (from node2 and node3) and deletes it through node1.
+    let ctx = sealed(&missed_by_node1.context());
+    written(c.delete("node1", b"k", Some(ctx), ALL).await);
+    assert_eq!(
+        read_all(&c, "node2", b"k").await,
+        Vec::<Vec<u8>>::new(),
+        "the deleted key came back"
+    );
+}
+
+/// Writes long ago (1 ms after the epoch) under actors of old runs: v1,
+/// v2 superseding it, on every node, then v3 superseding v2, on node2 and
+/// node3 only. Returns node2's and node3's copy.
+async fn v3_long_ago_missed_by_node1(c: &SimCluster) -> shoal_node::version::Object {
     use shoal_ring::NodeId;
     let (x1, x2, x3) = (
         NodeId::from_u128(71),
@@ -528,18 +542,11 @@ async fn a_deletes_context_entry_is_not_pruned_by_the_delete_itself() {
     let seen_by_all = an_old_key(&[x1, x2]);
     let mut missed_by_node1 = seen_by_all.clone();
     missed_by_node1.update(&seen_by_all.context(), Some(v("v3")), x3, 1);
-    replica_put(&c, "node1", &seen_by_all).await;
+    replica_put(c, "node1", &seen_by_all).await;
     for node in ["node2", "node3"] {
-        replica_put(&c, node, &missed_by_node1).await;
+        replica_put(c, node, &missed_by_node1).await;
     }
-    // A client read v3 (from node2 and node3) and deletes it through node1.
-    let ctx = sealed(&missed_by_node1.context());
-    written(c.delete("node1", b"k", Some(ctx), ALL).await);
-    assert_eq!(
-        read_all(&c, "node2", b"k").await,
-        Vec::<Vec<u8>>::new(),
-        "the deleted key came back"
-    );
+    missed_by_node1
 }
 
 /// Three nodes whose key clocks keep `max` entries past the minimum age.
@@ -725,19 +732,7 @@ async fn entries_from_a_context_older_than_the_minimum_age_do_not_stay() {
 #[tokio::test(start_paused = true)]
 async fn a_delete_learning_an_old_values_entry_from_a_read_is_not_undone() {
     let c = with_clock_bound(2);
-    use shoal_ring::NodeId;
-    let (x1, x2, x3) = (
-        NodeId::from_u128(71),
-        NodeId::from_u128(72),
-        NodeId::from_u128(73),
-    );
-    let seen_by_all = an_old_key(&[x1, x2]);
-    let mut missed_by_node1 = seen_by_all.clone();
-    missed_by_node1.update(&seen_by_all.context(), Some(v("v3")), x3, 1);
-    replica_put(&c, "node1", &seen_by_all).await;
-    for node in ["node2", "node3"] {
-        replica_put(&c, node, &missed_by_node1).await;
-    }
+    v3_long_ago_missed_by_node1(&c).await;
     // A client reads v3 from node2 and node3 ...
     c.net.partition("node1", "node2");
     c.net.partition("node1", "node3");
