@@ -626,14 +626,25 @@ async fn an_entry_a_delete_learned_outlives_pruning_on_the_replicas_that_lacked_
     let now = c.node("node2").settings().clock.now_ms();
     let mut newer = old.clone();
     newer.update(&old.context(), Some(v("v3")), node2s, now);
-    replica_put(&c, "node1", &old).await;
-    replica_put(&c, "node3", &old).await;
-    replica_put(&c, "node2", &newer).await;
+    delete_v3_missed_by_node1_and_node3(&c, &old, &newer).await;
+}
+
+/// `before` on node1 and node3, `newer` (v3 on top of it) on node2: a
+/// client deletes v3 through node1 with the context of a read of node2,
+/// then v3's late copies reach node3 and node1 (node2's hint for node3,
+/// anti-entropy). No node may hold a value after.
+async fn delete_v3_missed_by_node1_and_node3(
+    c: &SimCluster,
+    before: &shoal_node::version::Object,
+    newer: &shoal_node::version::Object,
+) {
+    replica_put(c, "node1", before).await;
+    replica_put(c, "node3", before).await;
+    replica_put(c, "node2", newer).await;
     let ctx = sealed(&newer.context());
     written(c.delete("node1", b"k", Some(ctx), ALL).await);
-    // v3's late copies: node2's hint for node3, anti-entropy.
-    replica_put(&c, "node3", &newer).await;
-    replica_put(&c, "node1", &newer).await;
+    replica_put(c, "node3", newer).await;
+    replica_put(c, "node1", newer).await;
     for node in ["node1", "node2", "node3"] {
         let stored = c.stored(node, b"k").unwrap();
         assert_eq!(
@@ -666,24 +677,7 @@ async fn an_entry_a_delete_learned_outlives_pruning_when_the_clock_is_full_of_yo
     let node2s = Actors::new(c.id("node2"), 0).fresh().unwrap();
     let mut newer = young.clone();
     newer.update(&young.context(), Some(v("v3")), node2s, now);
-    replica_put(&c, "node1", &young).await;
-    replica_put(&c, "node3", &young).await;
-    replica_put(&c, "node2", &newer).await;
-    written(
-        c.delete("node1", b"k", Some(sealed(&newer.context())), ALL)
-            .await,
-    );
-    // v3's late copies: node2's hint for node3, anti-entropy.
-    replica_put(&c, "node3", &newer).await;
-    replica_put(&c, "node1", &newer).await;
-    for node in ["node1", "node2", "node3"] {
-        let stored = c.stored(node, b"k").unwrap();
-        assert_eq!(
-            stored.values().count(),
-            0,
-            "the deleted value came back on {node}: {stored:?}"
-        );
-    }
+    delete_v3_missed_by_node1_and_node3(&c, &young, &newer).await;
 }
 
 /// A context kept longer than the minimum age (review, helper-102): it
