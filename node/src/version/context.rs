@@ -63,14 +63,22 @@ impl ContextKey {
         hex::encode(&hmac::sign(&self.0, b"shoal context key id").as_ref()[..6])
     }
 
-    /// What the tag covers: the key (length first, so no key and vector
-    /// can pass for another), the format byte and the encoded vector.
-    fn signed(key: &[u8], context: &[u8]) -> Vec<u8> {
-        let mut data = Vec::with_capacity(4 + key.len() + context.len());
-        data.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        data.extend_from_slice(key);
-        data.extend_from_slice(context);
-        data
+    /// The tag of `signed` (the format byte and the encoded entries) for
+    /// `key`: over the key's length, the key, then `signed`, so no key and
+    /// entries can pass for another.
+    fn tag(&self, key: &[u8], signed: &[u8]) -> hmac::Tag {
+        let mut mac = hmac::Context::with_key(&self.0);
+        mac.update(&(key.len() as u32).to_be_bytes());
+        mac.update(key);
+        mac.update(signed);
+        mac.sign()
+    }
+
+    /// `out` (the format byte and the encoded entries) with its tag.
+    fn sealed(&self, key: &[u8], mut out: Vec<u8>) -> Vec<u8> {
+        let tag = self.tag(key, &out);
+        out.extend_from_slice(tag.as_ref());
+        out
     }
 
     /// The context a client gets back for `key`: these entries.
@@ -81,8 +89,9 @@ impl ContextKey {
         let triples: Vec<(NodeId, u64, Option<u64>)> = (entries.iter())
             .map(|(n, e)| (*n, e.counter, e.at))
             .collect();
-        let encoded = rmp_serde::to_vec(&triples).expect("clock entries always encode");
-        self.seal_encoded(key, &encoded)
+        let mut out = vec![FORMAT];
+        rmp_serde::encode::write(&mut out, &triples).expect("clock entries always encode");
+        self.sealed(key, out)
     }
 
     /// The context of encoded entries, sealed for `key` whatever the bytes
@@ -92,9 +101,7 @@ impl ContextKey {
         let mut out = Vec::with_capacity(1 + entries.len() + TAG_BYTES);
         out.push(FORMAT);
         out.extend_from_slice(entries);
-        let tag = hmac::sign(&self.0, &Self::signed(key, &out));
-        out.extend_from_slice(tag.as_ref());
-        out
+        self.sealed(key, out)
     }
 
     /// A context a client sent back for `key`: refused unless a node of
@@ -121,8 +128,9 @@ impl ContextKey {
             }
         };
         let (signed, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
-        hmac::verify(&self.0, &Self::signed(key, signed), tag)
-            .map_err(|_| VersionError::ContextNotIssued)?;
+        if !same(self.tag(key, signed).as_ref(), tag) {
+            return Err(VersionError::ContextNotIssued);
+        }
         let triples: Vec<(NodeId, u64, Option<u64>)> = rmp_serde::from_slice(entries)
             .map_err(|e| VersionError::ContextMalformed(e.to_string()))?;
         if triples.len() > max_entries {
@@ -140,6 +148,13 @@ impl ContextKey {
         }
         Ok(opened)
     }
+}
+
+/// Whether two tags are equal, in time that does not depend on where they
+/// differ (a forger learns nothing from how long a refusal took).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let diff = (a.iter().zip(b)).fold(0u8, |d, (x, y)| std::hint::black_box(d | (x ^ y)));
+    a.len() == b.len() && diff == 0
 }
 
 /// A context a client sent back, opened: its vector, and the times its
