@@ -119,7 +119,7 @@ fn context_block(ca_dir: &Path) -> Result<String, CertError> {
         &pem::Pem::new(CONTEXT_KEY_LABEL, secret),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     );
-    write(&path, &block, true)?;
+    replace(&path, &block, None)?;
     Ok(block)
 }
 
@@ -151,26 +151,61 @@ pub fn context_key(key_pem: &[u8], path: &Path) -> Result<ContextKey, CertError>
 
 /// Adds the context key of CA directory `ca_dir` to node key file
 /// `key_path` (one issued before key files held it, or by another PKI); a
-/// file holding one is left as it is. The file is replaced whole (written
-/// beside, then renamed), so a crash leaves the old or the new one.
+/// file holding one is left as it is, and one holding a malformed one is
+/// refused. The file keeps its owner and mode, and is replaced whole
+/// ([`replace`]), so a crash leaves the old or the new one.
 pub fn add_context_key(ca_dir: &Path, key_path: &Path) -> Result<(), CertError> {
     let pem = read(key_path)?;
-    if context_key(pem.as_bytes(), key_path).is_ok() {
-        return Ok(());
+    match context_key(pem.as_bytes(), key_path) {
+        Ok(_) => return Ok(()),
+        Err(e) if pem.contains(CONTEXT_KEY_LABEL) => {
+            return Err(CertError::Invalid(format!(
+                "{e}: the file holds a malformed {CONTEXT_KEY_LABEL} block; \
+                 remove it, then run this again"
+            )))
+        }
+        Err(_) => {}
     }
-    let mut temp = key_path.as_os_str().to_owned();
-    temp.push(".new");
-    let temp = PathBuf::from(temp);
-    let sep = if pem.ends_with('\n') { "" } else { "\n" };
-    write(
-        &temp,
-        &format!("{pem}{sep}{}", context_block(ca_dir)?),
-        true,
-    )?;
-    std::fs::rename(&temp, key_path).map_err(|source| CertError::Io {
+    let meta = std::fs::metadata(key_path).map_err(|source| CertError::Io {
         path: key_path.to_path_buf(),
         source,
-    })
+    })?;
+    let sep = if pem.ends_with('\n') { "" } else { "\n" };
+    let contents = format!("{pem}{sep}{}", context_block(ca_dir)?);
+    replace(key_path, &contents, Some(&meta))
+}
+
+/// Writes `path` whole: a file beside it, synced, with `like`'s owner and
+/// mode (0600 without), renamed over it, and the directory synced.
+fn replace(path: &Path, contents: &str, like: Option<&std::fs::Metadata>) -> Result<(), CertError> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".new");
+    let temp = PathBuf::from(temp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io)?;
+    if let Some(m) = like {
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).map_err(io)?;
+        f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))
+            .map_err(io)?;
+    }
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// What a certificate is for.
@@ -333,6 +368,33 @@ mod tests {
         let sealed = key.seal(b"k", &one_entry());
         assert_eq!(fresh.open(b"k", &sealed, 10).unwrap().vector.len(), 1);
         shoal_client::tls::parse_key(&mended).expect("the TLS key still loads");
+    }
+
+    /// The mend keeps the key file's mode (a node reading it through its
+    /// group still can), and refuses a file whose block is malformed
+    /// rather than append a second one the node would never read
+    /// (review, helper-105).
+    #[test]
+    fn the_mend_keeps_the_files_mode_and_refuses_a_malformed_block() {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = tempfile::tempdir().unwrap();
+        create_ca(ca.path()).unwrap();
+        let path = ca.path().join("old.key");
+        std::fs::write(&path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        add_context_key(ca.path(), &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let short = pem::encode(&pem::Pem::new(CONTEXT_KEY_LABEL, vec![1u8; 5]));
+        let bad = ca.path().join("bad.key");
+        let tls = KeyPair::generate().unwrap().serialize_pem();
+        std::fs::write(&bad, format!("{tls}{short}")).unwrap();
+        let e = add_context_key(ca.path(), &bad).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&bad).unwrap(),
+            format!("{tls}{short}")
+        );
     }
 
     #[test]
