@@ -46,6 +46,12 @@ pub struct Config {
     pub zone: Option<String>,
     /// Sync the WAL on every write batch: survive power loss, at a latency cost.
     pub fsync: bool,
+    /// Memtables on huge pages where the machine has some reserved
+    /// (`vm.nr_hugepages`): `"try"` (the default) uses them while free ones
+    /// last, `"off"` never (leave them to another program). A write's
+    /// largest cost is the memtable's skiplist search, a TLB miss at every
+    /// step on ordinary pages; see the README's "Operating".
+    pub huge_pages: HugePages,
     /// Worker threads serving requests; 0 means one per CPU core. Nodes that
     /// share a machine (`shoal dev`) should split its cores between them:
     /// more busy threads than cores only adds switching.
@@ -59,6 +65,17 @@ pub struct Config {
     pub anti_entropy: AntiEntropyConfig,
     /// Prometheus `/metrics` over HTTP; off when unset.
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Whether a node's memtables use the machine's reserved huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HugePages {
+    /// While free ones last (none reserved: ordinary pages).
+    #[default]
+    Try,
+    /// Never.
+    Off,
 }
 
 /// The phi-accrual failure detector (see [`crate::detector`]).
@@ -283,6 +300,7 @@ impl Default for Config {
             peer_addr: "127.0.0.1:7500".parse().expect("literal"),
             zone: None,
             fsync: false,
+            huge_pages: HugePages::Try,
             threads: 0,
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),

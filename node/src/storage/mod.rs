@@ -11,6 +11,8 @@
 
 pub mod group;
 mod memory;
+#[cfg(feature = "rocksdb")]
+mod os;
 pub mod record;
 #[cfg(feature = "rocksdb")]
 mod rocks;
@@ -305,9 +307,10 @@ mod conformance {
     fn rocks_store_conforms() {
         let dir = tempfile::tempdir().unwrap();
         suite(&RocksStore::open(dir.path(), false).unwrap());
-        // The index's reads from the memtable, then from the files.
+        // The index's reads from the memtable, then from the files, with
+        // memtables on huge pages where the machine has them reserved.
         let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), false).unwrap();
+        let store = RocksStore::open_with(dir.path(), false, true).unwrap();
         index_suite(&store, true);
         store.flush().unwrap();
         index_suite(&store, false);

@@ -42,7 +42,7 @@ use rocksdb::{
 };
 
 use super::group::{Durable, GroupCommit};
-use super::{record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
+use super::{os, record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
 
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
@@ -162,6 +162,8 @@ pub struct RocksStore {
     path: PathBuf,
     /// Whether each batch waits for its WAL record to reach the disk.
     fsync: bool,
+    /// The huge page size memtables are mapped with (see [`os`]).
+    huge_pages: Option<usize>,
     /// When a reopen was last tried.
     reopened: Mutex<Option<Instant>>,
     syncs: Arc<Syncs>,
@@ -187,11 +189,19 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
 impl RocksStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: &Path, fsync: bool) -> Result<Self, StoreError> {
+        RocksStore::open_with(path, fsync, false)
+    }
+
+    /// [`Self::open`], the memtables on huge pages if `huge_pages` and the
+    /// machine has some reserved (a node's store: see `config`).
+    pub fn open_with(path: &Path, fsync: bool, huge_pages: bool) -> Result<Self, StoreError> {
         let syncs = Arc::new(Syncs::default());
+        let huge_pages = huge_pages.then(os::reserved_huge_page_bytes).flatten();
         Ok(RocksStore {
-            db: RwLock::new(Some(open_db(path, fsync, &syncs)?)),
+            db: RwLock::new(Some(open_db(path, fsync, huge_pages, &syncs)?)),
             path: path.to_path_buf(),
             fsync,
+            huge_pages,
             reopened: Mutex::new(None),
             syncs,
             heavy_writes: AtomicUsize::new(0),
@@ -244,7 +254,7 @@ impl RocksStore {
     /// Whether the disk has room to reopen the database (or its free
     /// space cannot be read, when trying is all there is).
     fn has_room(&self) -> bool {
-        free_bytes(&self.path).is_none_or(|free| free >= REOPEN_MIN_FREE)
+        os::free_bytes(&self.path).is_none_or(|free| free >= REOPEN_MIN_FREE)
     }
 
     /// Closes the database (`failed`, if it is still the current one) and
@@ -282,7 +292,7 @@ impl RocksStore {
             }
             drop(old);
         }
-        match open_db(&self.path, self.fsync, &self.syncs) {
+        match open_db(&self.path, self.fsync, self.huge_pages, &self.syncs) {
             Ok(db) => {
                 self.syncs.full.store(false, Ordering::Relaxed);
                 tracing::warn!(path = %self.path.display(), "reopened the database after a write error; writes resume");
@@ -295,18 +305,12 @@ impl RocksStore {
     }
 }
 
-/// Bytes available to this process on the file system holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, StoreError> {
+fn open_db(
+    path: &Path,
+    fsync: bool,
+    huge_pages: Option<usize>,
+    syncs: &Arc<Syncs>,
+) -> Result<Arc<Open>, StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -347,6 +351,7 @@ fn open_db(path: &Path, fsync: bool, syncs: &Arc<Syncs>) -> Result<Arc<Open>, St
         cf.set_block_based_table_factory(&table);
         cf.set_memtable_whole_key_filtering(true);
         cf.set_memtable_prefix_bloom_ratio(0.05);
+        cf.set_memtable_huge_page_size(huge_pages.unwrap_or(0)); // 0: off
         cf.set_write_buffer_size(memtable_bytes());
         // Room for three full memtables waiting for their flush, not one
         // (RocksDB's default of two in all): an object of megabytes fills
