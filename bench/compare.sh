@@ -174,3 +174,7 @@ for t in targets:
             row(t, w, mode, None)
     row(t, "w", "durable", "closed, 64 workers, durable")
 PY
+# Shoal's nodes map their memtables on reserved huge pages when the
+# machine has some (README, "Operating a cluster"): say which it was.
+echo
+echo "Huge pages reserved on this machine (vm.nr_hugepages): $(awk '/^HugePages_Total/ {print $2}' /proc/meminfo)"
