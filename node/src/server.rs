@@ -239,9 +239,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         dir: config.data_dir.display().to_string(),
         source,
     };
-    let huge_pages = config.huge_pages == crate::config::HugePages::Try;
     let db = config.data_dir.join("db");
-    let store = Arc::new(RocksStore::open_with(&db, config.fsync, huge_pages).map_err(store_err)?);
+    let store =
+        Arc::new(RocksStore::open_with(&db, config.fsync, config.huge_pages).map_err(store_err)?);
     let id = node_id(&store).map_err(store_err)?;
 
     let idle = Duration::from_millis(config.timeouts.idle_ms);

@@ -46,11 +46,11 @@ pub struct Config {
     pub zone: Option<String>,
     /// Sync the WAL on every write batch: survive power loss, at a latency cost.
     pub fsync: bool,
-    /// Memtables on huge pages where the machine has some reserved
-    /// (`vm.nr_hugepages`): `"try"` (the default) uses them while free ones
-    /// last, `"off"` never (leave them to another program). A write's
-    /// largest cost is the memtable's skiplist search, a TLB miss at every
-    /// step on ordinary pages; see the README's "Operating".
+    /// Memtables on the machine's reserved huge pages: `"try"` uses them
+    /// while free ones last if pages of 2 MiB are reserved
+    /// (`vm.nr_hugepages`) and no cgroup of the node limits them when
+    /// touched; `"off"` (the default) never. See the README's "Operating a
+    /// cluster".
     pub huge_pages: HugePages,
     /// Worker threads serving requests; 0 means one per CPU core. Nodes that
     /// share a machine (`shoal dev`) should split its cores between them:
@@ -71,10 +71,10 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HugePages {
-    /// While free ones last (none reserved: ordinary pages).
-    #[default]
+    /// While free ones last, where safe (else the node logs why not).
     Try,
     /// Never.
+    #[default]
     Off,
 }
 
@@ -300,7 +300,7 @@ impl Default for Config {
             peer_addr: "127.0.0.1:7500".parse().expect("literal"),
             zone: None,
             fsync: false,
-            huge_pages: HugePages::Try,
+            huge_pages: HugePages::Off,
             threads: 0,
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),

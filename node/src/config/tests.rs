@@ -60,13 +60,13 @@ fn spare_reads_is_always_unless_set_and_a_wrong_value_names_the_choices() {
 }
 
 #[test]
-fn huge_pages_are_tried_unless_off_and_a_wrong_value_names_the_choices() {
+fn huge_pages_are_off_unless_tried_and_a_wrong_value_names_the_choices() {
     let dir = tempfile::tempdir().unwrap();
     let load = |extra: &str| Config::load(&write(dir.path(), &format!("{extra}{MINIMAL}")));
-    assert_eq!(load("").unwrap().huge_pages, HugePages::Try);
+    assert_eq!(load("").unwrap().huge_pages, HugePages::Off);
     assert_eq!(
-        load("huge-pages = \"off\"\n").unwrap().huge_pages,
-        HugePages::Off
+        load("huge-pages = \"try\"\n").unwrap().huge_pages,
+        HugePages::Try
     );
     let err = load("huge-pages = \"on\"\n").unwrap_err().to_string();
     assert!(err.contains("try") && err.contains("off"), "{err}");

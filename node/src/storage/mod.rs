@@ -310,7 +310,8 @@ mod conformance {
         // The index's reads from the memtable, then from the files, with
         // memtables on huge pages where the machine has them reserved.
         let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open_with(dir.path(), false, true).unwrap();
+        let store =
+            RocksStore::open_with(dir.path(), false, crate::config::HugePages::Try).unwrap();
         index_suite(&store, true);
         store.flush().unwrap();
         index_suite(&store, false);

@@ -1,7 +1,9 @@
 //! What the RocksDB store reads of the machine: the free space of its file
-//! system, and whether the operator reserved huge pages for its memtables.
+//! system, and whether its memtables can be mapped on reserved huge pages.
 
 use std::path::Path;
+
+use crate::config::HugePages;
 
 /// Bytes available to this process on the file system holding `path`.
 pub(super) fn free_bytes(path: &Path) -> Option<u64> {
@@ -14,49 +16,108 @@ pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// The size of the machine's huge pages if the operator reserved some
-/// (`vm.nr_hugepages`, or `vm.nr_overcommit_hugepages` for pages taken on
-/// demand), from `/proc/meminfo` and `/proc/sys/vm`; `None` otherwise.
+/// The only huge page size memtables are mapped with: RocksDB maps each
+/// arena block and bloom filter on whole pages of the default size, and a
+/// memtable of 1 GiB pages would count as full at its first write.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// The huge page size for the memtables: with `huge-pages = "try"`, if the
+/// operator reserved pages of 2 MiB (`vm.nr_hugepages`, or
+/// `vm.nr_overcommit_hugepages` for pages taken on demand) and no cgroup
+/// of this process limits them when they are touched; logs why not
+/// otherwise.
 ///
-/// Memtables on huge pages: a write's largest cost is the memtable
-/// insert's skiplist search, a miss in the cache and in the TLB at every
-/// node it visits. With its arena on 2 MiB pages the search took 5.7%
-/// of the machine instead of 9.2% in workload a, and the servers' CPU
-/// per operation fell by a tenth (bench/README.md, twenty-sixth look).
-/// RocksDB maps each arena block with `MAP_HUGETLB` and falls back to
-/// ordinary memory for a block when no reserved page is left, so a node
-/// never fails for want of them.
-pub(super) fn reserved_huge_page_bytes() -> Option<usize> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let overcommit = std::fs::read_to_string("/proc/sys/vm/nr_overcommit_hugepages")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+/// A write's largest cost is the memtable insert's skiplist search, a miss
+/// in the cache and in the TLB at every node it visits. On 2 MiB pages the
+/// search took 5.7% of the machine instead of 9.2% in workload a, and the
+/// servers' CPU per operation fell by 5.6% (bench/README.md, twenty-sixth
+/// look). RocksDB reserves each block's pages when it maps them and falls
+/// back to ordinary memory for a block when none is left. What it cannot
+/// fall back from is a page refused when first touched, which a cgroup's
+/// `hugetlb.2MB.max` does (Kubernetes gives pods without a huge page
+/// request a limit of 0): the process is killed (SIGBUS). Hence this check,
+/// and `"off"` as the default.
+pub(super) fn memtable_huge_page_bytes(setting: HugePages) -> Option<usize> {
+    if setting == HugePages::Off {
+        return None;
+    }
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let overcommit = read("/proc/sys/vm/nr_overcommit_hugepages")
+        .trim()
+        .parse()
         .unwrap_or(0);
-    let bytes = huge_pages_in(&meminfo, overcommit);
-    match bytes {
-        Some(bytes) => tracing::info!(
-            bytes,
-            "memtables on reserved huge pages while free ones last"
-        ),
-        None => {
-            tracing::info!("memtables on ordinary pages: no huge pages reserved (vm.nr_hugepages)")
+    let verdict = reserved_in(&read("/proc/meminfo"), overcommit)
+        .and_then(|()| unlimited_in(Path::new("/sys/fs/cgroup"), &read("/proc/self/cgroup")));
+    match verdict {
+        Ok(()) => {
+            tracing::info!("memtables on reserved huge pages of 2 MiB while free ones last");
+            Some(HUGE_PAGE_BYTES)
+        }
+        Err(why) => {
+            tracing::warn!("memtables on ordinary pages (huge-pages = \"try\"): {why}");
+            None
         }
     }
-    bytes
 }
 
-/// [`reserved_huge_page_bytes`] from the text of `/proc/meminfo` and the
-/// number of pages that may be taken on demand.
-fn huge_pages_in(meminfo: &str, overcommit: u64) -> Option<usize> {
+/// Whether `/proc/meminfo` (`meminfo`) shows huge pages of 2 MiB reserved
+/// or `overcommit` of them may be taken on demand.
+fn reserved_in(meminfo: &str, overcommit: u64) -> Result<(), String> {
     let field = |name: &str| {
         meminfo.lines().find_map(|line| {
             let rest = line.strip_prefix(name)?.strip_prefix(':')?;
             rest.split_whitespace().next()?.parse::<u64>().ok()
         })
     };
-    let total = field("HugePages_Total")?;
-    let kib = field("Hugepagesize")?;
-    (total > 0 || overcommit > 0).then_some((kib * 1024) as usize)
+    match (field("HugePages_Total"), field("Hugepagesize")) {
+        (_, Some(kib)) if kib * 1024 != HUGE_PAGE_BYTES as u64 => Err(format!(
+            "the default huge page is {kib} kB, and memtables use pages of 2048 kB only"
+        )),
+        (Some(total), Some(_)) if total > 0 || overcommit > 0 => Ok(()),
+        (Some(_), Some(_)) => Err("no huge pages are reserved (vm.nr_hugepages)".into()),
+        _ => Err("/proc/meminfo shows no huge pages".into()),
+    }
+}
+
+/// Whether no cgroup of this process, as `/proc/self/cgroup` (`cgroups`)
+/// names them under `root`, limits huge pages of 2 MiB when they are
+/// touched (v2's `hugetlb.2MB.max`, v1's `hugetlb.2MB.limit_in_bytes`), in
+/// its own cgroup or any above it that this process can see.
+fn unlimited_in(root: &Path, cgroups: &str) -> Result<(), String> {
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (base, file) = match controllers {
+            "" => (root.to_path_buf(), "hugetlb.2MB.max"),
+            c if c.split(',').any(|c| c == "hugetlb") => {
+                (root.join("hugetlb"), "hugetlb.2MB.limit_in_bytes")
+            }
+            _ => continue,
+        };
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            let limit = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let limit = limit.trim();
+            // v1 writes "no limit" as the largest multiple of the page size.
+            let unlimited = limit.is_empty()
+                || limit == "max"
+                || limit.parse::<u64>().is_ok_and(|l| l >= 1 << 62);
+            if !unlimited {
+                return Err(format!(
+                    "{} is {limit}: a huge page touched past it would kill the node",
+                    dir.join(file).display()
+                ));
+            }
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -69,11 +130,49 @@ mod tests {
         Hugepagesize:       2048 kB\n";
 
     #[test]
-    fn huge_pages_are_used_only_where_some_are_reserved() {
-        assert_eq!(huge_pages_in(MEMINFO, 0), Some(2 << 20));
+    fn huge_pages_of_2_mib_are_used_only_where_some_are_reserved() {
+        assert_eq!(reserved_in(MEMINFO, 0), Ok(()));
         let none = MEMINFO.replace("Total:     400", "Total:       0");
-        assert_eq!(huge_pages_in(&none, 0), None);
-        assert_eq!(huge_pages_in(&none, 64), Some(2 << 20));
-        assert_eq!(huge_pages_in("MemTotal: 1 kB\n", 64), None);
+        assert!(reserved_in(&none, 0)
+            .unwrap_err()
+            .contains("vm.nr_hugepages"));
+        assert_eq!(reserved_in(&none, 64), Ok(()));
+        let gib = MEMINFO.replace("2048 kB", "1048576 kB");
+        assert!(reserved_in(&gib, 0).unwrap_err().contains("1048576 kB"));
+        assert!(reserved_in("MemTotal: 1 kB\n", 64).is_err());
+        assert!(reserved_in("HugePages_Total: x\nHugepagesize: 2048 kB\n", 64).is_err());
+    }
+
+    #[test]
+    fn a_cgroup_limiting_huge_pages_when_touched_rules_them_out() {
+        let root = tempfile::tempdir().unwrap();
+        let limit = |dir: &str, file: &str, value: &str| {
+            let dir = root.path().join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(file), value).unwrap();
+        };
+        let v2 = "0::/pod/app\n";
+        assert_eq!(
+            unlimited_in(root.path(), v2),
+            Ok(()),
+            "no hugetlb controller"
+        );
+        limit("pod/app", "hugetlb.2MB.max", "max\n");
+        assert_eq!(unlimited_in(root.path(), v2), Ok(()));
+        limit("pod", "hugetlb.2MB.max", "0\n");
+        let err = unlimited_in(root.path(), v2).unwrap_err();
+        assert!(err.contains("pod/hugetlb.2MB.max is 0"), "{err}");
+        limit("", "hugetlb.2MB.max", "0\n");
+        assert!(unlimited_in(root.path(), "0::/\n").is_err(), "the root too");
+
+        let v1 = "7:hugetlb:/job\n3:cpu,cpuacct:/job\n";
+        limit(
+            "hugetlb/job",
+            "hugetlb.2MB.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        assert_eq!(unlimited_in(root.path(), v1), Ok(()));
+        limit("hugetlb/job", "hugetlb.2MB.limit_in_bytes", "4194304\n");
+        assert!(unlimited_in(root.path(), v1).is_err());
     }
 }

@@ -43,6 +43,7 @@ use rocksdb::{
 
 use super::group::{Durable, GroupCommit};
 use super::{os, record, BatchOp, Scanned, Store, StoreError, Tree, WriteBatch};
+use crate::config::HugePages;
 
 /// Block cache shared by every column family of a node.
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
@@ -189,14 +190,13 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> StoreError {
 impl RocksStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: &Path, fsync: bool) -> Result<Self, StoreError> {
-        RocksStore::open_with(path, fsync, false)
+        RocksStore::open_with(path, fsync, HugePages::Off)
     }
 
-    /// [`Self::open`], the memtables on huge pages if `huge_pages` and the
-    /// machine has some reserved (a node's store: see `config`).
-    pub fn open_with(path: &Path, fsync: bool, huge_pages: bool) -> Result<Self, StoreError> {
+    /// [`Self::open`], the memtables on reserved huge pages if `Try` and safe (see [`os`]).
+    pub fn open_with(path: &Path, fsync: bool, huge_pages: HugePages) -> Result<Self, StoreError> {
         let syncs = Arc::new(Syncs::default());
-        let huge_pages = huge_pages.then(os::reserved_huge_page_bytes).flatten();
+        let huge_pages = os::memtable_huge_page_bytes(huge_pages);
         Ok(RocksStore {
             db: RwLock::new(Some(open_db(path, fsync, huge_pages, &syncs)?)),
             path: path.to_path_buf(),

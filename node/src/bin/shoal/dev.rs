@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use shoal_client::{Client, ClientConfig};
-use shoal_node::config::{ClusterConfig, Config, MemberConfig, TlsConfig};
+use shoal_node::config::{ClusterConfig, Config, HugePages, MemberConfig, TlsConfig};
 
 /// `$SHOAL_DEV_DIR` is read by clap; otherwise `~/.shoal/dev`.
 pub fn default_dir() -> PathBuf {
@@ -282,6 +282,8 @@ fn prepare(dir: &Path, nodes: usize, fsync: bool) -> anyhow::Result<()> {
             // The nodes share this machine's cores.
             threads: cores.div_ceil(nodes).max(1),
             fsync,
+            // Where the operator reserved huge pages on this machine.
+            huge_pages: HugePages::Try,
             ..Default::default()
         };
         let text = format!(
