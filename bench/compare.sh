@@ -174,7 +174,7 @@ for t in targets:
             row(t, w, mode, None)
     row(t, "w", "durable", "closed, 64 workers, durable")
 PY
-# Shoal's nodes map their memtables on reserved huge pages when the
-# machine has some (README, "Operating a cluster"): say which it was.
+# `shoal dev`'s nodes map their memtables on reserved huge pages of 2 MiB
+# where it is safe (README, "Operating a cluster"): say what there was.
 echo
-echo "Huge pages reserved on this machine (vm.nr_hugepages): $(awk '/^HugePages_Total/ {print $2}' /proc/meminfo)"
+echo "Huge pages on this machine: $(awk '/^HugePages_Total|^Hugepagesize/ {printf "%s %s %s  ", $1, $2, $3}' /proc/meminfo)(vm.nr_hugepages, the default size; nodes log whether they use them)"

@@ -35,8 +35,10 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// back to ordinary memory for a block when none is left. What it cannot
 /// fall back from is a page refused when first touched, which a cgroup's
 /// `hugetlb.2MB.max` does (Kubernetes gives pods without a huge page
-/// request a limit of 0): the process is killed (SIGBUS). Hence this check,
-/// and `"off"` as the default.
+/// request a limit of 0): the process is killed (SIGBUS). Hence the checks
+/// of the cgroups this process can see, then one page touched in a child
+/// process ([`touched_in_a_child`]) for the limits it cannot see (a parent
+/// cgroup hidden by a namespace), and `"off"` as the default.
 pub(super) fn memtable_huge_page_bytes(setting: HugePages) -> Option<usize> {
     if setting == HugePages::Off {
         return None;
@@ -47,7 +49,8 @@ pub(super) fn memtable_huge_page_bytes(setting: HugePages) -> Option<usize> {
         .parse()
         .unwrap_or(0);
     let verdict = reserved_in(&read("/proc/meminfo"), overcommit)
-        .and_then(|()| unlimited_in(Path::new("/sys/fs/cgroup"), &read("/proc/self/cgroup")));
+        .and_then(|()| unlimited_in(Path::new("/sys/fs/cgroup"), &read("/proc/self/cgroup")))
+        .and_then(|()| touched_in_a_child(touch_one_page));
     match verdict {
         Ok(()) => {
             tracing::info!("memtables on reserved huge pages of 2 MiB while free ones last");
@@ -120,6 +123,66 @@ fn unlimited_in(root: &Path, cgroups: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `touch` run in a child process (forked: the same cgroups and limits):
+/// whether it ended well, or was refused without harm (exit code 2, as
+/// a refused `mmap`, which RocksDB falls back from), rather than killed.
+fn touched_in_a_child(touch: fn() -> i32) -> Result<(), String> {
+    // SAFETY: the child only makes system calls and exits, never
+    // allocating or taking a lock another thread may have held at the fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // A child killed here leaves no core file behind.
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            libc::_exit(touch())
+        }
+    }
+    if pid < 0 {
+        return Err(format!(
+            "no child to try a page in: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut status = 0;
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("a child that tried a page was lost: {e}"));
+        }
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0 | 2) => Ok(()),
+        (true, code) => Err(format!("a child that tried a page exited with {code}")),
+        _ if libc::WIFSIGNALED(status) => Err(format!(
+            "touching a huge page killed a child process (signal {}): a limit this \
+             process cannot see",
+            libc::WTERMSIG(status)
+        )),
+        _ => Err("a child that tried a page ended oddly".into()),
+    }
+}
+
+/// Maps one huge page as RocksDB does and writes to it: 0 once written, 2
+/// if the map was refused (a killed process if the write is).
+fn touch_one_page() -> i32 {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh private mapping, written once and unmapped.
+    unsafe {
+        let page = libc::mmap(std::ptr::null_mut(), HUGE_PAGE_BYTES, prot, flags, -1, 0);
+        if page == libc::MAP_FAILED {
+            return 2;
+        }
+        std::ptr::write_volatile(page as *mut u8, 1);
+        libc::munmap(page, HUGE_PAGE_BYTES);
+    }
+    0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,7 +228,7 @@ mod tests {
         limit("", "hugetlb.2MB.max", "0\n");
         assert!(unlimited_in(root.path(), "0::/\n").is_err(), "the root too");
 
-        let v1 = "7:hugetlb:/job\n3:cpu,cpuacct:/job\n";
+        let v1 = "7:cpu,hugetlb:/job\n3:cpu,cpuacct:/job\n";
         limit(
             "hugetlb/job",
             "hugetlb.2MB.limit_in_bytes",
@@ -174,5 +237,37 @@ mod tests {
         assert_eq!(unlimited_in(root.path(), v1), Ok(()));
         limit("hugetlb/job", "hugetlb.2MB.limit_in_bytes", "4194304\n");
         assert!(unlimited_in(root.path(), v1).is_err());
+        limit(
+            "hugetlb/job",
+            "hugetlb.2MB.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        limit("hugetlb", "hugetlb.2MB.limit_in_bytes", "4194304\n");
+        assert!(unlimited_in(root.path(), v1).is_err(), "a parent's limit");
+    }
+
+    #[test]
+    fn a_page_that_kills_the_child_touching_it_rules_huge_pages_out() {
+        assert_eq!(touched_in_a_child(|| 0), Ok(()));
+        assert_eq!(touched_in_a_child(|| 2), Ok(()), "a refused map falls back");
+        fn killed() -> i32 {
+            // As a refused page does: std's handler for SIGBUS (stack
+            // overflows) gives way to the default once the fault repeats.
+            unsafe {
+                libc::signal(libc::SIGBUS, libc::SIG_DFL);
+                libc::raise(libc::SIGBUS)
+            };
+            0
+        }
+        let err = touched_in_a_child(killed).unwrap_err();
+        assert!(err.contains("signal 7"), "{err}");
+        // The real probe, wherever this runs: a machine without reserved
+        // pages refuses the map; one with them lets it be written.
+        assert_eq!(touched_in_a_child(touch_one_page), Ok(()));
+    }
+
+    #[test]
+    fn off_reads_nothing() {
+        assert_eq!(memtable_huge_page_bytes(HugePages::Off), None);
     }
 }
