@@ -92,8 +92,9 @@ down() {
 # Shoal's deployment as the README advises it: memtables on reserved huge
 # pages (`shoal dev` nodes use them where safe). As root, with none
 # reserved, the run reserves HUGE_PAGES of 2 MiB (256: 64 per node and
-# room to spare; not where the default size is another) and gives them back at the end; HUGE_PAGES=0
-# leaves the machine as it is. Redis and etcd do not use them.
+# room to spare; not where the default size is another) and gives them
+# back at the end; HUGE_PAGES=0 leaves the machine as it is. Redis and
+# etcd do not use them.
 HUGE_PAGES=${HUGE_PAGES:-256}
 hugepages_before=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
 if [ "$(id -u)" = 0 ] && [ "$hugepages_before" = 0 ] && [ "$HUGE_PAGES" != 0 ] &&
