@@ -48,16 +48,20 @@ pub(super) fn memtable_huge_page_bytes(setting: HugePages) -> Option<usize> {
         .trim()
         .parse()
         .unwrap_or(0);
-    let verdict = reserved_in(&read("/proc/meminfo"), overcommit)
-        .and_then(|()| unlimited_in(Path::new("/sys/fs/cgroup"), &read("/proc/self/cgroup")))
+    // None reserved is the usual case (every `shoal dev` node tries).
+    if let Err(why) = reserved_in(&read("/proc/meminfo"), overcommit) {
+        tracing::info!("memtables on ordinary pages: {why}");
+        return None;
+    }
+    let safe = unlimited_in(Path::new("/sys/fs/cgroup"), &read("/proc/self/cgroup"))
         .and_then(|()| touched_in_a_child(touch_one_page));
-    match verdict {
+    match safe {
         Ok(()) => {
             tracing::info!("memtables on reserved huge pages of 2 MiB while free ones last");
             Some(HUGE_PAGE_BYTES)
         }
         Err(why) => {
-            tracing::warn!("memtables on ordinary pages (huge-pages = \"try\"): {why}");
+            tracing::warn!("memtables on ordinary pages, though huge pages are reserved: {why}");
             None
         }
     }
