@@ -175,8 +175,9 @@ pub fn add_context_key(ca_dir: &Path, key_path: &Path) -> Result<(), CertError> 
     replace(key_path, &contents, Some(&meta))
 }
 
-/// Writes `path` whole: a file beside it, synced, with `like`'s owner and
-/// mode (0600 without), renamed over it, and the directory synced.
+/// Writes `path` whole: a new file beside it (0600, or `like`'s owner and
+/// mode), synced, renamed over it, and the directory synced. On failure
+/// the file beside it, a copy of key material, is removed.
 fn replace(path: &Path, contents: &str, like: Option<&std::fs::Metadata>) -> Result<(), CertError> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -187,21 +188,26 @@ fn replace(path: &Path, contents: &str, like: Option<&std::fs::Metadata>) -> Res
     let mut temp = path.as_os_str().to_owned();
     temp.push(".new");
     let temp = PathBuf::from(temp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io)?;
-    if let Some(m) = like {
-        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).map_err(io)?;
-        f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))
-            .map_err(io)?;
+    // A stale one (an earlier run cut short) could have another mode.
+    let _ = std::fs::remove_file(&temp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        if let Some(m) = like {
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+            f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        }
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(io(e));
     }
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&temp, path).map_err(io)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     std::fs::File::open(dir.unwrap_or(Path::new(".")))
         .and_then(|d| d.sync_all())
@@ -395,6 +401,28 @@ mod tests {
             std::fs::read_to_string(&bad).unwrap(),
             format!("{tls}{short}")
         );
+    }
+
+    /// A stale file beside the target does not pass its mode on, and a
+    /// replacement that fails leaves no copy of the key beside it
+    /// (review, helper-108).
+    #[test]
+    fn a_replacement_leaves_no_stray_copy_of_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("context.key");
+        let temp = dir.path().join("context.key.new");
+        std::fs::write(&temp, "stale").unwrap();
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        replace(&path, "secret", None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "secret");
+        let blocked = dir.path().join("a-directory");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("inside"), "x").unwrap();
+        assert!(replace(&blocked, "secret", None).is_err());
+        assert!(!dir.path().join("a-directory.new").exists());
     }
 
     #[test]
