@@ -511,11 +511,11 @@ impl<T: Transport, S: Store> Node<T, S> {
         requests: Vec<crate::net::Batched>,
         hand_back: bool,
     ) -> Result<Vec<crate::net::BatchedAnswer>, PeerError> {
-        let (replica, me) = (&self.inner.replica, self.inner.me.id);
+        let replica = &self.inner.replica;
         let answers = if crate::net::is_bulk_batch(&requests) {
-            crate::tasks::heavy(|| replica.answer_batch(me, requests, hand_back))
+            crate::tasks::heavy(|| replica.answer_batch(requests, hand_back))
         } else {
-            replica.answer_batch(me, requests, hand_back)
+            replica.answer_batch(requests, hand_back)
         };
         answers.settled().await
     }

@@ -75,8 +75,9 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use super::seal::next_incarnation;
 use super::stripe::Stripe;
-use super::{corruption, next_incarnation, trees, Commit, Replica};
+use super::{corruption, trees, Commit, Replica};
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{decode_object, encode_object, DecodeError, Object};
 

@@ -26,6 +26,7 @@
 
 mod clocks;
 mod fence;
+mod gather;
 mod handover;
 pub mod hints;
 mod lost;
@@ -33,6 +34,8 @@ mod seal;
 mod serve;
 pub mod stripe;
 pub mod trees;
+
+pub use seal::{decode_incarnation, INCARNATION_KEY};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -70,13 +73,15 @@ pub struct ReplicaSettings {
 }
 
 /// When a change to a stored object must be durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Commit {
+enum Commit<'g> {
     /// Before the call returns (the engine's `fsync` setting).
     Now,
     /// When the returned [`Durable`] resolves: the caller awaits it before
     /// acknowledging, and concurrent writes share a WAL sync.
     Deferred,
+    /// Added to a batch's gathered write, made later in one store write
+    /// (see [`gather`]); what the call returns vouches for nothing.
+    Gather(&'g mut gather::Gathered),
 }
 
 /// Why a replica operation failed.
@@ -105,43 +110,6 @@ pub enum ReplicaError {
         max_siblings: usize,
         max_bytes: usize,
     },
-}
-
-/// Meta-tree key of the incarnation counter, bumped (and synced) on every
-/// start: a run mints under a new incarnation unless the one before stopped
-/// cleanly (see [`seal`]), and no two incarnations share a number.
-pub const INCARNATION_KEY: &[u8] = b"incarnation";
-
-/// Bumps and durably stores this node's incarnation; returns the new one.
-/// An empty store (a first start, or a wiped data directory) starts from
-/// the wall clock's seconds, so that even a node that came back with its
-/// old id (it gets a new random one; this is the second guard) would not
-/// take up an incarnation of its earlier life.
-fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError> {
-    let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
-        None => u32::try_from(now_ms / 1000).unwrap_or(u32::MAX - 1),
-        Some(b) => decode_incarnation(&b)?,
-    };
-    // Wrapping is harmless: an actor also names its epoch, and 2^32 starts
-    // of one node id do not happen.
-    let next = last.wrapping_add(1);
-    let mut batch = WriteBatch::default();
-    batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
-    // A clean stop's record is used once, by the start that reads it first.
-    batch.delete(Tree::Meta, seal::SEALED_KEY);
-    store.write_synced(batch)?;
-    Ok(next)
-}
-
-/// Reads the stored incarnation counter (4 bytes, big-endian).
-pub fn decode_incarnation(bytes: &[u8]) -> Result<u32, StoreError> {
-    <[u8; 4]>::try_from(bytes)
-        .map(u32::from_be_bytes)
-        .map_err(|_| StoreError::Corruption {
-            tree: Tree::Meta.name(),
-            key: hex::encode(INCARNATION_KEY),
-            detail: format!("incarnation is {} bytes, not 4", bytes.len()),
-        })
 }
 
 pub(crate) fn corruption(key: &[u8], detail: impl ToString) -> StoreError {
@@ -263,7 +231,7 @@ impl<S: Store> Replica<S> {
     }
 
     fn stripe_of(&self, key: &[u8]) -> &Mutex<Stripe> {
-        &self.stripes[shoal_ring::key_hash(key) as usize % LOCK_STRIPES]
+        &self.stripes[stripe::index_of(key)]
     }
 
     /// The stored bytes of `key`'s object, from the cache or else the store
@@ -322,7 +290,12 @@ impl<S: Store> Replica<S> {
     /// lost to corruption is an error, so that it never counts as "absent"
     /// towards a read quorum until repair has restored it.
     pub fn read(&self, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
-        match self.stored_record(&mut self.lock_stripe(key), key)? {
+        self.read_in(&mut self.lock_stripe(key), key)
+    }
+
+    /// [`Self::read`], under `stripe`, the key's stripe.
+    fn read_in(&self, stripe: &mut Stripe, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        match self.stored_record(stripe, key)? {
             Stored::Present(b) => Ok(Some(decode_object(&b).map_err(|e| corruption(key, e))?)),
             Stored::Absent => Ok(None),
             Stored::Lost { .. } => Err(ReplicaError::Lost {
@@ -344,8 +317,18 @@ impl<S: Store> Replica<S> {
         commit: Commit,
         change: impl FnOnce(Option<&Object>, &mut Object) -> Result<Vec<NodeId>, E>,
     ) -> Result<(Object, Durable), E> {
-        let mut stripe = self.lock_stripe(key);
-        let record = self.stored_record(&mut stripe, key)?;
+        self.apply_in(&mut self.lock_stripe(key), key, commit, change)
+    }
+
+    /// [`Self::apply`], under `stripe`, the key's stripe.
+    fn apply_in<E: From<StoreError>>(
+        &self,
+        stripe: &mut Stripe,
+        key: &[u8],
+        commit: Commit,
+        change: impl FnOnce(Option<&Object>, &mut Object) -> Result<Vec<NodeId>, E>,
+    ) -> Result<(Object, Durable), E> {
+        let record = self.stored_record(stripe, key)?;
         let raw = record.bytes();
         let modify = || {
             let (before, lost) = match &record {
@@ -392,7 +375,7 @@ impl<S: Store> Replica<S> {
                     None => encode_object(&object),
                 };
                 self.store_object(
-                    &mut stripe,
+                    stripe,
                     key,
                     raw.map(trees::digest),
                     Some(&bytes),
@@ -430,7 +413,18 @@ impl<S: Store> Replica<S> {
         incoming: &Object,
         commit: Commit,
     ) -> Result<(Object, Durable), StoreError> {
-        self.apply(key, commit, |_, o| {
+        self.merge_in(&mut self.lock_stripe(key), key, incoming, commit)
+    }
+
+    /// [`Self::merge_with`], under `stripe`, the key's stripe.
+    fn merge_in(
+        &self,
+        stripe: &mut Stripe,
+        key: &[u8],
+        incoming: &Object,
+        commit: Commit,
+    ) -> Result<(Object, Durable), StoreError> {
+        self.apply_in(stripe, key, commit, |_, o| {
             o.merge(incoming);
             Ok::<Vec<NodeId>, StoreError>(Vec::new())
         })
@@ -545,7 +539,6 @@ impl<S: Store> Replica<S> {
     ) -> Result<Durable, StoreError> {
         let partition = self.partition_of(key);
         let ikey = trees::index_key(partition, key);
-        let new_digest = new.map(trees::digest);
         self.unseal_with(&mut batch);
         match new {
             Some(bytes) => {
@@ -564,6 +557,10 @@ impl<S: Store> Replica<S> {
         let written = match commit {
             Commit::Now => self.store.write(batch).map(|()| Durable::now()),
             Commit::Deferred => self.store.write_deferred(batch),
+            Commit::Gather(gathered) => {
+                gathered.add(batch, partition, key, old_digest, new);
+                return Ok(Durable::now());
+            }
         };
         let durable = match written {
             Ok(d) => d,
@@ -572,8 +569,23 @@ impl<S: Store> Replica<S> {
                 return Err(e);
             }
         };
+        self.learn_written(stripe, partition, key, old_digest, new.map(Arc::from));
+        Ok(durable)
+    }
+
+    /// Tells the object cache and the trees what a write that succeeded
+    /// stored for `key` (`None`: removed), under the key's stripe.
+    fn learn_written(
+        &self,
+        stripe: &mut Stripe,
+        partition: u32,
+        key: &[u8],
+        old_digest: Option<u64>,
+        new: Option<Arc<[u8]>>,
+    ) {
+        let new_digest = new.as_deref().map(trees::digest);
         match new {
-            Some(bytes) => stripe.remember(key, Arc::from(bytes)),
+            Some(bytes) => stripe.remember(key, bytes),
             None => {
                 stripe.forget(key);
                 stripe.sized(key, None);
@@ -581,7 +593,6 @@ impl<S: Store> Replica<S> {
         }
         self.lock_trees()
             .apply(partition, key, old_digest, new_digest);
-        Ok(durable)
     }
 }
 

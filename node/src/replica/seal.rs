@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use shoal_ring::NodeId;
 
 use super::stripe::relock;
-use super::{next_incarnation, Replica};
+use super::Replica;
 use crate::storage::{Store, StoreError, Tree, WriteBatch};
 use crate::version::{Actors, ActorsState};
 
@@ -130,6 +130,43 @@ fn sealed_state<S: Store>(store: &S) -> Result<Option<ActorsState>, StoreError> 
             Ok(None)
         }
     }
+}
+
+/// Meta-tree key of the incarnation counter, bumped (and synced) on every
+/// start: a run mints under a new incarnation unless the one before stopped
+/// cleanly (see [`seal`]), and no two incarnations share a number.
+pub const INCARNATION_KEY: &[u8] = b"incarnation";
+
+/// Bumps and durably stores this node's incarnation; returns the new one.
+/// An empty store (a first start, or a wiped data directory) starts from
+/// the wall clock's seconds, so that even a node that came back with its
+/// old id (it gets a new random one; this is the second guard) would not
+/// take up an incarnation of its earlier life.
+pub(super) fn next_incarnation<S: Store>(store: &S, now_ms: u64) -> Result<u32, StoreError> {
+    let last = match store.get(Tree::Meta, INCARNATION_KEY)? {
+        None => u32::try_from(now_ms / 1000).unwrap_or(u32::MAX - 1),
+        Some(b) => decode_incarnation(&b)?,
+    };
+    // Wrapping is harmless: an actor also names its epoch, and 2^32 starts
+    // of one node id do not happen.
+    let next = last.wrapping_add(1);
+    let mut batch = WriteBatch::default();
+    batch.put(Tree::Meta, INCARNATION_KEY, &next.to_be_bytes());
+    // A clean stop's record is used once, by the start that reads it first.
+    batch.delete(Tree::Meta, SEALED_KEY);
+    store.write_synced(batch)?;
+    Ok(next)
+}
+
+/// Reads the stored incarnation counter (4 bytes, big-endian).
+pub fn decode_incarnation(bytes: &[u8]) -> Result<u32, StoreError> {
+    <[u8; 4]>::try_from(bytes)
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Corruption {
+            tree: Tree::Meta.name(),
+            key: hex::encode(INCARNATION_KEY),
+            detail: format!("incarnation is {} bytes, not 4", bytes.len()),
+        })
 }
 
 #[cfg(test)]

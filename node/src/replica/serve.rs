@@ -6,14 +6,16 @@
 use shoal_ring::NodeId;
 use tracing::error;
 
+use super::gather::Run;
 use super::{Replica, ReplicaError};
 use crate::net::{
     Batched, BatchedAnswer, HandoffEntry, PeerError, PeerRequest, PeerResponse, BATCH_ANSWER_BYTES,
     BATCH_REQUESTS,
 };
 use crate::storage::{Durable, Store, StoreError};
+use crate::version::Object;
 
-fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
+pub(super) fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
     let e = e.into();
     error!(op, key = %hex::encode(key), error = %e, "replica operation failed");
     PeerResponse::Error(PeerError::Replica {
@@ -21,6 +23,18 @@ fn failed(op: &str, key: &[u8], e: impl Into<ReplicaError>) -> PeerResponse {
         key: hex::encode(key),
         detail: e.to_string(),
     })
+}
+
+/// The answer to a replica's read of `key`.
+fn read_answer(key: &[u8], read: Result<Option<Object>, ReplicaError>) -> PeerResponse {
+    match read {
+        Ok(o) => PeerResponse::Object(o),
+        Err(e @ ReplicaError::Lost { .. }) => PeerResponse::Error(PeerError::Corrupt {
+            key: hex::encode(key),
+            detail: e.to_string(),
+        }),
+        Err(e) => failed("read", key, e),
+    }
 }
 
 /// Hints scanned per `HintsIn` request.
@@ -35,10 +49,27 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn ready(response: PeerResponse) -> Answer {
+    pub(super) fn ready(response: PeerResponse) -> Answer {
         Answer {
             response,
             pending: None,
+        }
+    }
+
+    /// "Stored", once `durable` resolves.
+    pub(super) fn stored(key: Vec<u8>, durable: Durable) -> Answer {
+        Answer {
+            response: PeerResponse::Stored,
+            pending: Some((key, durable)),
+        }
+    }
+
+    /// The answer to a coordinator's write of `key` that `merged` into the
+    /// copy here.
+    pub(super) fn merged(key: Vec<u8>, merged: Result<(Object, Durable), StoreError>) -> Answer {
+        match merged {
+            Ok((_, durable)) => Answer::stored(key, durable),
+            Err(e) => Answer::ready(failed("merge", &key, e)),
         }
     }
 
@@ -78,31 +109,22 @@ impl<S: Store> Replica<S> {
     /// meanwhile: send the answer once [`Answer::settled`].
     pub fn answer(&self, me: NodeId, request: PeerRequest) -> Answer {
         if let PeerRequest::ReplicaPut { key, object } = request {
-            return match self.merge_deferred(&key, &object) {
-                Ok((_, durable)) => Answer {
-                    response: PeerResponse::Stored,
-                    pending: Some((key, durable)),
-                },
-                Err(e) => Answer::ready(failed("merge", &key, e)),
-            };
+            let merged = self.merge_deferred(&key, &object);
+            return Answer::merged(key, merged);
         }
         Answer::ready(self.answer_now(me, request))
     }
 
     /// Answers a batch ([`PeerRequest::Spares`] or `Batch`): each request
-    /// as [`Self::answer`] does, the writes sharing their WAL syncs, one
+    /// as [`Self::answer`] does, the writes made in one store write (see
+    /// [`super::gather`]) and sharing their WAL syncs, one
     /// answer per request in order; send them once [`BatchAnswers::settled`].
     /// A batch of more than [`BATCH_REQUESTS`] is refused whole, a write too
     /// large for a batch on its own. With `hand_back`, a read whose object
     /// would take the answers past [`BATCH_ANSWER_BYTES`] is answered
     /// [`BatchedAnswer::Alone`] (never the first: an object larger than
     /// that still moves); writes and reads of absent keys never are.
-    pub fn answer_batch(
-        &self,
-        me: NodeId,
-        requests: Vec<Batched>,
-        hand_back: bool,
-    ) -> BatchAnswers {
+    pub fn answer_batch(&self, requests: Vec<Batched>, hand_back: bool) -> BatchAnswers {
         if requests.len() > BATCH_REQUESTS {
             return BatchAnswers(Err(PeerError::Refused(format!(
                 "a batch of {} requests, over the {BATCH_REQUESTS} allowed",
@@ -111,6 +133,8 @@ impl<S: Store> Replica<S> {
         }
         let mut bytes = 0;
         let mut answers = Vec::with_capacity(requests.len());
+        // The batch's writes are made in one store write (see `gather`).
+        let mut run = Run::new(self);
         for request in requests {
             if !request.fits() {
                 answers.push(Some(Answer::ready(PeerResponse::Error(
@@ -120,8 +144,15 @@ impl<S: Store> Replica<S> {
                 ))));
                 continue;
             }
-            let answer = self.answer(me, request.alone());
-            let size = match &answer.response {
+            let key = match request {
+                Batched::ReplicaPut { key, object } => {
+                    run.put(key, &object, &mut answers);
+                    continue;
+                }
+                Batched::ReplicaGet { key } => key,
+            };
+            let response = read_answer(&key, run.get(&key, &mut answers));
+            let size = match &response {
                 PeerResponse::Object(Some(o)) => o.approx_size(),
                 _ => 0,
             };
@@ -130,21 +161,15 @@ impl<S: Store> Replica<S> {
                 continue;
             }
             bytes += size;
-            answers.push(Some(answer));
+            answers.push(Some(Answer::ready(response)));
         }
+        run.write(&mut answers);
         BatchAnswers(Ok(answers))
     }
 
     fn answer_now(&self, me: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::ReplicaGet { key } => match self.read(&key) {
-                Ok(o) => PeerResponse::Object(o),
-                Err(e @ ReplicaError::Lost { .. }) => PeerResponse::Error(PeerError::Corrupt {
-                    key: hex::encode(&key),
-                    detail: e.to_string(),
-                }),
-                Err(e) => failed("read", &key, e),
-            },
+            PeerRequest::ReplicaGet { key } => read_answer(&key, self.read(&key)),
             PeerRequest::HintPut {
                 key,
                 for_primary,

@@ -59,6 +59,20 @@ pub(crate) fn relock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
     })
 }
 
+/// The stripe `key` is on.
+pub(crate) fn index_of(key: &[u8]) -> usize {
+    shoal_ring::key_hash(key) as usize % LOCK_STRIPES
+}
+
+/// [`relock`], unless another thread holds the stripe: then `None` at once.
+pub(crate) fn try_relock(stripe: &Mutex<Stripe>) -> Option<MutexGuard<'_, Stripe>> {
+    match stripe.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::WouldBlock) => None,
+        Err(TryLockError::Poisoned(_)) => Some(relock(stripe)),
+    }
+}
+
 impl Stripe {
     pub(crate) fn new(budget: usize) -> Self {
         Stripe {

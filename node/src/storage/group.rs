@@ -226,6 +226,7 @@ impl Drop for Ended<'_> {
 /// A written batch's durability: await [`Durable::wait`] before
 /// acknowledging the write.
 #[must_use = "a write is durable only once its Durable resolves"]
+#[derive(Clone)]
 pub struct Durable(Option<(u64, watch::Receiver<Progress>)>);
 
 impl Durable {

@@ -250,8 +250,8 @@ pub fn peer_request(data: &[u8]) {
     let me = NodeId::from_u128(1);
     match request {
         PeerRequest::Spares(requests) | PeerRequest::Batch(requests) => {
-            let _ = replica.answer_batch(me, requests.clone(), true);
-            let _ = replica.answer_batch(me, requests, false);
+            let _ = replica.answer_batch(requests.clone(), true);
+            let _ = replica.answer_batch(requests, false);
         }
         request => {
             let _ = replica.answer(me, request.clone());
