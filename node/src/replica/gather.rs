@@ -136,8 +136,13 @@ impl<'r, S: Store> Run<'r, S> {
         if self.wrote(key) {
             self.write(answers);
         }
-        match take(&mut self.held, self.replica, key) {
-            Some(stripe) => self.replica.read_in(stripe, key),
+        let index = stripe::index_of(key);
+        if let Some((_, held)) = self.held.iter_mut().find(|(i, _)| *i == index) {
+            return self.replica.read_in(held, key);
+        }
+        // Not kept: a read changes nothing the run must hold back.
+        match stripe::try_relock(&self.replica.stripes[index]) {
+            Some(mut stripe) => self.replica.read_in(&mut stripe, key),
             None => {
                 self.write(answers);
                 self.replica.read(key)
@@ -295,6 +300,35 @@ mod tests {
         );
         assert_eq!(r.get(b"a").unwrap(), None, "an unwritten write was cached");
         assert_eq!(r.get(b"b").unwrap(), None);
+    }
+
+    /// A stripe a panic poisoned is taken (and its cache emptied), as
+    /// [`stripe::relock`] does: the batch does not wait for it for ever.
+    #[test]
+    fn a_poisoned_stripe_is_taken_not_waited_for() {
+        let r = Arc::new(replica_over(Arc::new(MemoryStore::new())));
+        let stripe = stripe::index_of(b"a");
+        let poisoner = r.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = poisoner.stripes[stripe].lock().unwrap();
+            panic!("poisons the stripe");
+        })
+        .join();
+        assert!(r.stripes[stripe].is_poisoned());
+        let (done, answers) = std::sync::mpsc::channel();
+        let batching = r.clone();
+        std::thread::spawn(move || {
+            let batch = vec![
+                put(b"a", written(b"a", 7)),
+                Batched::ReplicaGet { key: b"a".to_vec() },
+            ];
+            let _ = done.send(answered(&batching, batch));
+        });
+        let answers = answers
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the batch waited for a stripe it held itself");
+        let stored = BatchedAnswer::Object(Some(written(b"a", 7)));
+        assert_eq!(answers, vec![BatchedAnswer::Stored, stored]);
     }
 
     /// A batch never waits for a stripe while it holds others: it makes

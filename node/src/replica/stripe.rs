@@ -2,7 +2,7 @@
 //! stripes, each a mutex over a byte-bounded cache of stored objects.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 /// The cache's hasher: foldhash, seeded at random per process (as
 /// hashbrown's default), so keys a client chooses cannot be aimed at one
@@ -51,12 +51,19 @@ pub(crate) fn relock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
         Err(TryLockError::Poisoned(poisoned)) => Err(poisoned),
         Err(TryLockError::WouldBlock) => crate::tasks::heavy(|| stripe.lock()),
     };
-    locked.unwrap_or_else(|poisoned| {
-        stripe.clear_poison();
-        let mut guard = poisoned.into_inner();
-        guard.clear();
-        guard
-    })
+    locked.unwrap_or_else(|poisoned| unpoisoned(stripe, poisoned))
+}
+
+/// The guard of a stripe a panic poisoned, its cache emptied (see
+/// [`relock`]).
+fn unpoisoned<'a>(
+    stripe: &Mutex<Stripe>,
+    poisoned: PoisonError<MutexGuard<'a, Stripe>>,
+) -> MutexGuard<'a, Stripe> {
+    stripe.clear_poison();
+    let mut guard = poisoned.into_inner();
+    guard.clear();
+    guard
 }
 
 /// The stripe `key` is on.
@@ -69,7 +76,7 @@ pub(crate) fn try_relock(stripe: &Mutex<Stripe>) -> Option<MutexGuard<'_, Stripe
     match stripe.try_lock() {
         Ok(guard) => Some(guard),
         Err(TryLockError::WouldBlock) => None,
-        Err(TryLockError::Poisoned(_)) => Some(relock(stripe)),
+        Err(TryLockError::Poisoned(poisoned)) => Some(unpoisoned(stripe, poisoned)),
     }
 }
 
