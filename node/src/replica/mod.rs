@@ -12,17 +12,18 @@
 //! - the Merkle trees kept up to date in the write path ([`trees`]);
 //! - the hints kept for other nodes and their counts ([`hints`]).
 //!
-//! Every write of an object goes through one function, `write_object`, which
-//! writes the object and its index entry in one atomic batch, then updates
-//! the cache and the trees, all under the key's stripe lock.
+//! Every write of an object goes through `store_object`: the object and its
+//! index entry in one atomic batch (or a peer batch's one write, [`gather`]),
+//! then the cache and the trees, all under the key's stripe lock.
 //!
 //! # Lock order
-//! stripe lock, then the trees lock (`write_object`, a rebuild's per-key
+//! stripe lock, then the trees lock (`store_object`, a rebuild's per-key
 //! step), or the stripe lock, then the hint counts lock (`store_hint`,
 //! `delete_delivered`), or the stripe lock, then the lost keys lock (a leaf;
-//! see [`lost`]). A rebuild reads its pages of keys without the
-//! trees lock (see `trees::Rebuild`). Only [`seal`] holds more than one
-//! stripe: all of them, taken in order. No lock is held across an await.
+//! see [`lost`]). A rebuild reads its pages of keys without the trees lock
+//! (see `trees::Rebuild`). [`seal`] holds every stripe, taken in order; a
+//! [`gather`] run holds several, taken with `try_lock` only: it never waits
+//! for a lock while it holds them. No lock is held across an await.
 
 mod clocks;
 mod fence;
@@ -510,10 +511,9 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
-    /// Writes (`new` Some) or removes the stored object bytes of `key`, with
-    /// its anti-entropy index entry, and updates the trees and the object
-    /// cache. The caller holds the key's stripe and passes the digest of
-    /// what was stored before (as the trees hold it).
+    /// Writes (`new` Some) or removes `key`'s stored object and index entry,
+    /// then the trees and cache; the caller holds the key's stripe and passes
+    /// the digest of what was stored before (as the trees hold it).
     fn write_object(
         &self,
         stripe: &mut Stripe,
