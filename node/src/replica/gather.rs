@@ -329,6 +329,10 @@ mod tests {
             .expect("the batch waited for a stripe it held itself");
         let stored = BatchedAnswer::Object(Some(written(b"a", 7)));
         assert_eq!(answers, vec![BatchedAnswer::Stored, stored]);
+        assert!(
+            !r.stripes[stripe].is_poisoned(),
+            "the poison was not cleared"
+        );
     }
 
     /// A batch never waits for a stripe while it holds others: it makes

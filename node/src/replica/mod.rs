@@ -23,7 +23,7 @@
 //! see [`lost`]). A rebuild reads its pages of keys without the trees lock
 //! (see `trees::Rebuild`). [`seal`] holds every stripe, taken in order; a
 //! [`gather`] run holds several, taken with `try_lock` only: it never waits
-//! for a lock while it holds them. No lock is held across an await.
+//! for a stripe while it holds any. No lock is held across an await.
 
 mod clocks;
 mod fence;
