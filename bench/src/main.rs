@@ -140,8 +140,13 @@ struct Args {
     /// (else it is named by its target's kind: SHOAL, REDIS, ETCD).
     #[arg(long, value_delimiter = ',')]
     curves: Vec<String>,
-    /// Threads of the load generator (1: a single-threaded runtime).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Threads of the load generator (1: a single-threaded runtime). One
+    /// took a fifth to a third less of the generator's CPU per operation
+    /// than two, against Shoal and Redis alike, and gave Redis 9-23% more
+    /// operations a second and Shoal's open loop a lower tail: two threads
+    /// woke each other across the cores the servers share (bench/README.md,
+    /// twenty-seventh look).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     generator_threads: u16,
     /// Where the JSON report goes.
     #[arg(long, default_value = "shoal-bench-out")]
